@@ -1,0 +1,32 @@
+# Targets README names. PYTHON can point at another interpreter (CI uses its own fresh venv).
+PYTHON ?= .venv/bin/python
+.DEFAULT_GOAL := help
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
+
+venv:  ## create .venv and install trainwatch with dev extras
+	python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[dev]'
+
+demo: venv  ## the main job on the embedded default (no Kafka server)
+	.venv/bin/trainwatch demo
+
+test:  ## run the test suite (starts the local Kafka broker if none is running)
+	$(PYTHON) -m pytest
+
+lint:  ## ruff
+	$(PYTHON) -m ruff check .
+
+kafka-start:  ## start the local Kafka broker
+	bash deploy/local/kafka.sh start
+
+kafka-stop:  ## stop the local Kafka broker
+	bash deploy/local/kafka.sh stop
+
+bench:  ## full benchmarks -> benchmarks/results/latest.json
+	$(PYTHON) -m benchmarks.run
+
+bench-quick:  ## benchmarks in under 3 minutes
+	$(PYTHON) -m benchmarks.run --quick
+
+.PHONY: help venv demo test lint kafka-start kafka-stop bench bench-quick

@@ -1,0 +1,89 @@
+"""The accelerator catalog: peak dense throughput per precision, TDP and memory, each row with its source.
+
+Data lives in `detectors/data/accelerators.csv` (figures from shared reference/accelerators.md and the vendors'
+datasheets named in its `source` column). Models the catalog does not know are kept and flagged, never dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+PRECISIONS = ("fp8", "bf16", "tf32", "fp32", "fp64")
+
+
+@dataclass(frozen=True, slots=True)
+class Accelerator:
+    key: str
+    vendor: str
+    name: str
+    peak_flops: dict[str, float]  # precision -> dense FLOP/s; absent = not supported / not found
+    tdp_w: float | None
+    memory_gib: float | None
+    source: str
+
+    @property
+    def low_precision_band(self) -> tuple[float, float]:
+        """(BF16, FP8-or-BF16) peak: the band used when the run's precision is unknown."""
+        bf16 = self.peak_flops["bf16"]
+        return bf16, self.peak_flops.get("fp8", bf16)
+
+    def peak(self, precision: str | None) -> float:
+        """Peak at `precision`; unknown precision -> BF16, the common training precision (the point estimate)."""
+        p = precision or "bf16"
+        if p == "fp16":
+            p = "bf16"
+        return self.peak_flops.get(p, self.peak_flops["bf16"])
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_]+", " ", name.strip().lower().removeprefix("nvidia ").removeprefix("amd ").strip())
+
+
+@cache
+def load_catalog() -> dict[str, Accelerator]:
+    rows = csv.DictReader(resources.files("detectors.data").joinpath("accelerators.csv").open())
+    out = {}
+    for r in rows:
+        peaks = {p: float(r[f"{p}_tflops"]) * 1e12 for p in PRECISIONS if r[f"{p}_tflops"]}
+        out[r["key"]] = Accelerator(
+            key=r["key"],
+            vendor=r["vendor"],
+            name=r["name"],
+            peak_flops=peaks,
+            tdp_w=float(r["tdp_w"]) if r["tdp_w"] else None,
+            memory_gib=float(r["memory_gib"]) if r["memory_gib"] else None,
+            source=r["source"],
+        )
+    return out
+
+
+@cache
+def _alias_index() -> dict[str, str]:
+    idx: dict[str, str] = {}
+    for r in csv.DictReader(resources.files("detectors.data").joinpath("accelerators.csv").open()):
+        for a in [r["key"], r["name"], *r["aliases"].split("|")]:
+            idx[_norm(a)] = r["key"]
+    return idx
+
+
+@cache
+def resolve(model_name: str | None) -> Accelerator | None:
+    """Map a reported model name (DCGM modelName, inventory key) to a catalog entry; None when unknown."""
+    if not model_name:
+        return None
+    n = _norm(model_name)
+    idx = _alias_index()
+    if n in idx:
+        return load_catalog()[idx[n]]
+    # Longest alias contained in the reported name, e.g. "NVIDIA H100 80GB HBM3" -> h100.
+    best = max((a for a in idx if re.search(rf"(^|[^a-z0-9]){re.escape(a)}([^a-z0-9]|$)", n)), key=len, default=None)
+    if best is None:
+        return None
+    key = idx[best]
+    if key == "H100" and "pcie" in n:
+        key = "H100-PCIE"
+    return load_catalog()[key]

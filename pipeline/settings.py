@@ -1,0 +1,113 @@
+"""The one Settings object: environment (prefix TRAINWATCH_, `__` nesting) over an optional TOML file.
+
+This is the only module that reads the environment, and only when `load_settings()` is called at an entry point.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+
+from schemas.errors import TrainwatchError
+
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("trainwatch_config_file", default=None)
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = None
+    ssl_certificate_location: str | None = None
+    ssl_key_location: str | None = None
+    #: Any other librdkafka property, passed through as is (e.g. {"linger.ms": "20"}).
+    extra: dict[str, str] = Field(default_factory=dict)
+
+    def client_config(self, **overrides: Any) -> dict[str, Any]:
+        """The librdkafka dict for confluent-kafka clients: the one place it is built."""
+        cfg: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers, "security.protocol": self.security_protocol}
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password.get_secret_value() if self.sasl_password else None,
+            "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+        }
+        cfg.update({k: v for k, v in optional.items() if v is not None})
+        cfg.update(self.extra)
+        cfg.update(overrides)
+        return cfg
+
+
+class TopicSettings(BaseModel):
+    telemetry: str = "gpu.telemetry"
+    allocations: str = "compute.allocations"
+    cip: str = "accounts.cip"
+    windows: str = "workload.windows"
+    detections: str = "detections"
+    cases: str = "compliance.cases"
+    dlq: str = "telemetry.dlq"
+
+
+class IngestSettings(BaseModel):
+    #: Decoder per topic: native | otlp_json | prometheus_json.
+    decoder: str = "native"
+    batch_size: int = Field(default=5000, ge=1)
+    watermark_lag_s: float = Field(default=30.0, ge=0, description="event time trails the newest seen by this much")
+    allowed_lateness_s: float = Field(default=3600.0, ge=0, description="older data is dead-lettered as too late")
+    #: Label names that map to ids, in order of preference.
+    workload_labels: list[str] = Field(default_factory=lambda: ["workload_id", "pod", "hpc_job", "job"])
+    account_labels: list[str] = Field(default_factory=lambda: ["account_id", "namespace"])
+    #: Optional inventory file (JSON: {"nodes": {host: account}, "devices": {uuid: account}, "workloads": {...}}).
+    inventory_path: Path | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRAINWATCH_", env_nested_delimiter="__", extra="forbid")
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    ingest: IngestSettings = IngestSettings()
+    clickhouse_dsn: str = Field(default="chdb://./var/trainwatch.chdb", description="chdb://PATH or http(s)://host:8123")
+    database: str = "trainwatch"
+    window_s: float = Field(default=60.0, gt=0)
+    policy: str = Field(default="bis-2024-proposed", description="shipped profile name or path to a TOML file")
+    model_path: Path | None = Field(default=None, description="classifier artifact; None = the packaged one")
+    data_dir: Path = Path("./var")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments > environment > TOML file (TRAINWATCH_CONFIG) > defaults.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = _CONFIG_FILE.get() or os.environ.get("TRAINWATCH_CONFIG")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings at an entry point. `config_file` beats TRAINWATCH_CONFIG for where the TOML file is."""
+    path = Path(config_file) if config_file is not None else None
+    if path is not None and not path.is_file():
+        raise TrainwatchError(f"{path}: settings file not found")
+    token = _CONFIG_FILE.set(path)
+    try:
+        return Settings(**overrides)
+    finally:
+        _CONFIG_FILE.reset(token)

@@ -1,0 +1,46 @@
+"""Partial window aggregates: what one ingest partition saw of one workload in one event-time window.
+
+Detect merges the partials of a workload (sums add; means combine through their sums and counts), which is why
+every feature travels as sums rather than finished statistics.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from schemas.base import Message
+
+ComputeBasis = Literal["tensor_active", "utilisation_power", "mixed", "none"]
+
+
+class WindowAggregate(Message):
+    TOPIC_KEY: ClassVar[str] = "windows"
+
+    schema_version: Literal[1] = 1
+    window_id: str = Field(description="hash of (workload, window_start, partition, revision)")
+    workload_id: str
+    account_id: str | None = None
+    job_id: str | None = None
+    run_label: str | None = None
+    partition: int = 0
+    revision: int = Field(default=0, ge=0, description="0 = first emission; n > 0 = n-th late-data correction")
+    window_start: float
+    window_end: float
+    sample_count: int = Field(ge=0)
+    device_count: int = Field(ge=0)
+    node_count: int = Field(ge=0)
+    devices: list[str] = Field(default_factory=list)
+    nodes: list[str] = Field(default_factory=list)
+    device_seconds: float = Field(ge=0)
+    flop: float = Field(ge=0, description="point estimate")
+    flop_low: float = Field(ge=0)
+    flop_high: float = Field(ge=0)
+    basis: ComputeBasis
+    accelerators: dict[str, int] = Field(default_factory=dict, description="model -> devices")
+    unknown_accelerators: list[str] = Field(default_factory=list)
+    sums: dict[str, float] = Field(default_factory=dict, description="per metric: sum, sum of squares, count")
+    features: dict[str, float | None] = Field(default_factory=dict)
+    missing_fields: list[str] = Field(default_factory=list)
+    offsets: dict[str, list[int]] = Field(default_factory=dict, description="'topic:partition' -> [first, last]")
