@@ -26,7 +26,11 @@ class Thresholds(_Strict):
     cluster_ops_per_s: float | None = Field(default=None, gt=0, description="computing-cluster theoretical peak")
     cluster_network_gbps: float | None = Field(default=None, ge=0, description="cluster networking must exceed this")
     count_projected: bool = Field(default=True, description="'could result in': compare the projected total too")
-    count_reserved: bool = Field(default=True, description="reserved capacity whose maximum crosses counts")
+    reservation_opens_case: bool = Field(
+        default=False,
+        description="a reservation whose maximum possible compute crosses opens a needs_review case by itself; "
+        "off by default: a reservation says nothing of purpose, so it raises the watch level and feeds change in scope",
+    )
 
 
 class Reporting(_Strict):
