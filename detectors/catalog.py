@@ -43,11 +43,15 @@ def _norm(name: str) -> str:
     return re.sub(r"[\s_]+", " ", name.strip().lower().removeprefix("nvidia ").removeprefix("amd ").strip())
 
 
+def _rows() -> list[dict[str, str]]:
+    with resources.files("detectors.data").joinpath("accelerators.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
 @cache
 def load_catalog() -> dict[str, Accelerator]:
-    rows = csv.DictReader(resources.files("detectors.data").joinpath("accelerators.csv").open())
     out = {}
-    for r in rows:
+    for r in _rows():
         peaks = {p: float(r[f"{p}_tflops"]) * 1e12 for p in PRECISIONS if r[f"{p}_tflops"]}
         out[r["key"]] = Accelerator(
             key=r["key"],
@@ -64,7 +68,7 @@ def load_catalog() -> dict[str, Accelerator]:
 @cache
 def _alias_index() -> dict[str, str]:
     idx: dict[str, str] = {}
-    for r in csv.DictReader(resources.files("detectors.data").joinpath("accelerators.csv").open()):
+    for r in _rows():
         for a in [r["key"], r["name"], *r["aliases"].split("|")]:
             idx[_norm(a)] = r["key"]
     return idx

@@ -13,7 +13,6 @@ from typing import Any
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-
 from schemas.errors import TrainwatchError
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("trainwatch_config_file", default=None)

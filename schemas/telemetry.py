@@ -13,7 +13,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from schemas.base import Message
 
-# dcgm_fields.h: DCGM_INT32_BLANK = 0x7ffffff0, DCGM_INT64_BLANK = 0x7ffffffffffffff0, DCGM_FP64_BLANK = 140737488355328.0;
+# dcgm_fields.h: DCGM_INT32_BLANK = 0x7ffffff0, DCGM_INT64_BLANK = 0x7ffffffffffffff0,
+# DCGM_FP64_BLANK = 140737488355328.0;
 # the NOT_FOUND / NOT_SUPPORTED / NOT_PERMISSIONED variants sit just above each blank.
 _INT32_BLANK = 0x7FFFFFF0
 _INT64_BLANK = 0x7FFFFFFFFFFFFFF0

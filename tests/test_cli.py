@@ -1,0 +1,34 @@
+"""The console script is installed and its foundation commands work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from schemas import MESSAGE_TYPES
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_commands():
+    out = _run("--help")
+    assert out.returncode == 0, out.stderr
+    for cmd in ("schemas", "policy"):
+        assert cmd in out.stdout
+
+
+def test_schemas_export(tmp_path):
+    out = _run("schemas", "export", str(tmp_path / "schemas"))
+    assert out.returncode == 0, out.stderr
+    files = sorted((tmp_path / "schemas").glob("*.schema.json"))
+    assert len(files) == len(MESSAGE_TYPES)
+    assert all(json.loads(f.read_text())["type"] == "object" for f in files)
+
+
+def test_errors_are_one_line_and_exit_2():
+    out = _run("policy", "show", "no-such-profile")
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: no-such-profile: no such policy profile")
