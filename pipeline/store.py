@@ -1,0 +1,380 @@
+"""The ClickHouse knowledge store: cases, their events, windows, detections, dead letters and CIP records.
+
+Reached only through clickhouse-connect, with the same code and DDL for both targets:
+
+- ``chdb://PATH`` — embedded chDB at PATH (``chdb:///abs/path``, ``chdb://./rel/path``; ``chdb://:memory:``).
+  clickhouse-connect (>= 1.x) has a native chDB backend (``get_client(interface="chdb", path=...)``); the DSN is
+  parsed here rather than by clickhouse-connect, which would read ``chdb://./var/x`` as location "." and database
+  "var".
+- ``http(s)://user:pass@host:8123`` — a ClickHouse server.
+
+The database is set on the client (``client.database``), so migrations use unqualified table names; ClickHouse
+qualifies a view's tables with the current database when the view is created.
+
+Migrations: ``pipeline/migrations/NNNN_name.sql``, applied in version order at connect, each recorded in
+``schema_migrations`` (version, name, checksum, applied_at). Already-applied files are skipped; one whose checksum
+changed raises MigrationError (add a new file instead of editing an applied one). Statements are split on ``;`` at
+a line end and use IF NOT EXISTS, so a half-applied file (crash mid-way) is safe to run again. Two processes
+migrating one database at the same moment may both record a version; ``schema_migrations`` is a
+ReplacingMergeTree read with FINAL, so that is harmless.
+
+chDB quirks (chDB 4.4 / engine 26.9, clickhouse-connect 1.12), checked by hand and in tests/test_store.py:
+- One engine path per process. Any number of clients (and so Store objects) may share that path at once, each
+  with its own connection handle and its own current database; they see each other's writes. Opening a different
+  path while any client is open raises ProgrammingError ("EmbeddedServer already initialized with path ...").
+  Once every client is closed the engine can be reopened at another path. A Store that is not closed keeps the
+  engine pinned until garbage collection, so always close() (or use ``with``).
+- Not a process singleton in clickhouse-connect: each get_client() opens a new handle; calls on one handle are
+  serialised by a lock, so share a Store between threads only for light use.
+- Inserts go through a temp file and ``INSERT ... FROM INFILE`` (clickhouse-connect's chdb backend), so batch.
+- ``insert_deduplication_token`` dedups only on tables with ``non_replicated_deduplication_window`` > 0, and
+  only for a byte-identical retry of the same batch; replays that re-batch rows rely on the ReplacingMergeTree
+  keys, so reads use FINAL.
+- No users, roles or grants in chDB: PII separation is by table (cip_identity) and by views that leave PII out;
+  grants for servers ship as pipeline/migrations/grants_server.sql.example, never applied here.
+- A String column holding non-UTF-8 bytes comes back hex-encoded unless read with column_formats {"col": "bytes"}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, TypeVar
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+from pydantic import BaseModel, Field
+
+from schemas import serde
+from schemas.base import Message
+from schemas.case import Case, CaseEvent
+from schemas.cip import CipRecord
+from schemas.detection import Detection
+from schemas.errors import TrainwatchError
+from schemas.ids import content_id
+from schemas.windows import WindowAggregate
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+_MIGRATION_FILE = re.compile(r"^(\d{4})_([A-Za-z0-9_]+)\.sql$")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A statement ends with ';' at the end of a line (after comment lines are dropped).
+_STATEMENT_END = re.compile(r";[ \t]*(?:\n|$)")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StoreError(TrainwatchError):
+    """The store could not be reached or configured."""
+
+
+class MigrationError(StoreError):
+    """A migration file is malformed, or an applied one was changed after the fact."""
+
+
+class DeadLetter(Message):
+    """A message that could not be processed, with where it came from and why."""
+
+    reason: str = Field(description="machine-readable reason, e.g. malformed_json, too_late")
+    detail: str = ""
+    topic: str
+    partition: int = 0
+    offset: int | None = Field(default=None, description="None when the source has no offset")
+    raw: bytes = b""
+    at: float = Field(description="processing time it was dead-lettered")
+
+    def dead_letter_id(self) -> str:
+        return content_id("dlq", self.topic, self.partition, self.offset, hashlib.blake2b(self.raw).hexdigest())
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+    checksum: str
+    statements: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Table:
+    """How one model maps onto one table: its columns and which of them travel as JSON strings."""
+
+    name: str
+    model: type[BaseModel]
+    json_fields: frozenset[str] = frozenset()
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.model.model_fields)
+
+    def row(self, item: BaseModel) -> list[Any]:
+        data = item.model_dump()
+        return [serde.dumps(data[c]).decode() if c in self.json_fields else data[c] for c in self.columns]
+
+    def parse(self, rec: Mapping[str, Any]) -> Any:
+        data = {c: serde.loads(rec[c]) if c in self.json_fields else rec[c] for c in self.columns}
+        return self.model.model_validate(data)
+
+
+_WINDOWS = _Table("windows", WindowAggregate)
+_DETECTIONS = _Table("detections", Detection, frozenset({"evidence"}))
+_CASES = _Table("cases", Case, frozenset({"evidence", "identity"}))
+_CASE_EVENTS = _Table("case_events", CaseEvent, frozenset({"details"}))
+_DEAD_LETTER_COLUMNS = ["dead_letter_id", "reason", "detail", "topic", "partition", "offset", "raw", "at"]
+_CIP_COLUMNS = ["account_id", "updated_at", "updated_us", "record"]
+_OWNER_COLUMNS = ["account_id", "owner_id", "ownership_pct", "control", "updated_at", "updated_us"]
+
+
+def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """The numbered SQL files in `directory`, in version order (other files, e.g. *.sql.example, are ignored)."""
+    found: list[Migration] = []
+    for path in sorted(directory.iterdir()):
+        m = _MIGRATION_FILE.match(path.name)
+        if not m:
+            continue
+        text = path.read_text(encoding="utf-8")
+        found.append(
+            Migration(
+                version=int(m.group(1)),
+                name=m.group(2),
+                path=path,
+                checksum=hashlib.sha256(text.encode()).hexdigest(),
+                statements=tuple(split_statements(text)),
+            )
+        )
+    versions = [m.version for m in found]
+    dupes = sorted({v for v in versions if versions.count(v) > 1})
+    if dupes:
+        raise MigrationError(f"{directory}: more than one migration file for version(s) {dupes}")
+    return found
+
+
+def split_statements(sql: str) -> list[str]:
+    """SQL text -> statements: full-line `--` comments dropped, split on ';' at a line end."""
+    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in _STATEMENT_END.split(body) if s.strip()]
+
+
+def chdb_path(dsn: str) -> str | None:
+    """The engine path of a chdb:// DSN: everything after the scheme; None for in-memory."""
+    location = dsn.removeprefix("chdb://")
+    return None if location in ("", "memory", ":memory:") else location
+
+
+def _client_for(dsn: str) -> Client:
+    if dsn.startswith("chdb://"):
+        return clickhouse_connect.get_client(interface="chdb", path=chdb_path(dsn))
+    if dsn.startswith(("http://", "https://")):
+        return clickhouse_connect.get_client(dsn=dsn)
+    raise StoreError(f"unsupported ClickHouse DSN {dsn!r}: expected chdb://PATH or http(s)://user:pass@host:8123")
+
+
+def _micros(t: float) -> int:
+    return round(t * 1_000_000)
+
+
+class Store:
+    """Typed access to the knowledge store. Build with `Store.connect`; close with `close()` or `with`."""
+
+    SCHEMA_TABLE: ClassVar[str] = "schema_migrations"
+
+    def __init__(self, client: Client, database: str, applied: list[str]):
+        self.client = client
+        self.database = database
+        #: Migrations this connect applied ("0001_core_tables", ...); empty when the schema was already current.
+        self.applied = applied
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, dsn: str, database: str, *, migrations_dir: Path = MIGRATIONS_DIR) -> Store:
+        """Open the store, create `database` if missing and apply pending migrations."""
+        if not _IDENTIFIER.match(database):
+            raise StoreError(f"database name {database!r} must match {_IDENTIFIER.pattern}")
+        migrations = load_migrations(migrations_dir)
+        client = _client_for(dsn)
+        try:
+            client.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+            client.database = database
+            applied = cls._migrate(client, migrations)
+        except BaseException:
+            client.close()
+            raise
+        return cls(client, database, applied)
+
+    @classmethod
+    def _migrate(cls, client: Client, migrations: Sequence[Migration]) -> list[str]:
+        client.command(
+            f"CREATE TABLE IF NOT EXISTS {cls.SCHEMA_TABLE} (version UInt32, name String, checksum String,"
+            " applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) ENGINE = ReplacingMergeTree ORDER BY version"
+        )
+        done = {
+            r["version"]: r
+            for r in client.query(f"SELECT version, name, checksum FROM {cls.SCHEMA_TABLE} FINAL").named_results()
+        }
+        applied: list[str] = []
+        for mig in migrations:
+            prior = done.get(mig.version)
+            if prior is not None:
+                if prior["checksum"] != mig.checksum:
+                    raise MigrationError(
+                        f"migration {mig.path.name} was changed after it was applied (recorded as "
+                        f"{prior['version']:04d}_{prior['name']}, checksum {prior['checksum'][:12]}…, file now "
+                        f"{mig.checksum[:12]}…): never edit an applied migration, add a new numbered file instead"
+                    )
+                continue
+            for statement in mig.statements:
+                client.command(statement)
+            client.insert(
+                cls.SCHEMA_TABLE, [[mig.version, mig.name, mig.checksum]], column_names=["version", "name", "checksum"]
+            )
+            applied.append(f"{mig.version:04d}_{mig.name}")
+        return applied
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def drop_database(self) -> None:
+        """Drop this store's whole database (tests, demo resets). The store is unusable afterwards."""
+        self.client.command(f"DROP DATABASE IF EXISTS `{self.database}` SYNC")
+
+    # ---- writes (batched: one client.insert per call) ----------------------------------------------------------
+
+    def _insert(self, table: _Table, items: Sequence[BaseModel], settings: dict[str, Any] | None = None) -> int:
+        if not items:
+            return 0
+        self.client.insert(table.name, [table.row(i) for i in items], column_names=table.columns, settings=settings)
+        return len(items)
+
+    def insert_windows(self, windows: Sequence[WindowAggregate]) -> int:
+        return self._insert(_WINDOWS, windows)
+
+    def insert_detections(self, detections: Sequence[Detection]) -> int:
+        return self._insert(_DETECTIONS, detections)
+
+    def upsert_cases(self, cases: Sequence[Case]) -> int:
+        """Insert case versions; readers see the highest version of each case_id."""
+        return self._insert(_CASES, cases)
+
+    def append_case_events(self, events: Sequence[CaseEvent]) -> int:
+        """Append events; a replay (same event_id) adds nothing visible. A retry of the same set of events, in any
+        order, is dropped at insert time by its dedup token (the sorted event ids); a replay that batches events
+        differently is collapsed by event_id in FINAL reads."""
+        if not events:
+            return 0
+        token = content_id("events", *sorted(e.event_id for e in events))
+        return self._insert(_CASE_EVENTS, events, settings={"insert_deduplication_token": token})
+
+    def insert_dead_letters(self, rows: Iterable[DeadLetter | Mapping[str, Any]]) -> int:
+        letters = [r if isinstance(r, DeadLetter) else DeadLetter.model_validate(r) for r in rows]
+        if not letters:
+            return 0
+        data = [
+            [
+                d.dead_letter_id(),
+                d.reason,
+                d.detail,
+                d.topic,
+                d.partition,
+                -1 if d.offset is None else d.offset,
+                d.raw,
+                d.at,
+            ]
+            for d in letters
+        ]
+        self.client.insert("dead_letters", data, column_names=_DEAD_LETTER_COLUMNS)
+        return len(letters)
+
+    def upsert_cip(self, records: Sequence[CipRecord]) -> int:
+        """Write CIP records (PII, cip_identity) and their ownership projection (account_owners)."""
+        if not records:
+            return 0
+        self.client.insert(
+            "cip_identity",
+            [[r.account_id, r.updated_at, _micros(r.updated_at), serde.encode(r).decode()] for r in records],
+            column_names=_CIP_COLUMNS,
+        )
+        owners: list[list[Any]] = []
+        for r in records:
+            us = _micros(r.updated_at)
+            owners += [
+                [r.account_id, o.owner_id, o.ownership_pct, o.control, r.updated_at, us] for o in r.beneficial_owners
+            ]
+            if not r.beneficial_owners:  # marks "latest record has no owners" (see 0002_identity.sql)
+                owners.append([r.account_id, "", None, False, r.updated_at, us])
+        self.client.insert("account_owners", owners, column_names=_OWNER_COLUMNS)
+        return len(records)
+
+    # ---- reads -------------------------------------------------------------------------------------------------
+
+    def _select(self, table: _Table, where: str = "", order: str = "", params: dict[str, Any] | None = None) -> list:
+        cols = ", ".join(f"`{c}`" for c in table.columns)
+        sql = f"SELECT {cols} FROM {table.name} FINAL {where} {order}"
+        return [table.parse(r) for r in self.client.query(sql, parameters=params or {}).named_results()]
+
+    def get_case(self, case_id: str) -> Case | None:
+        """The latest version of a case, or None."""
+        found = self._select(_CASES, "WHERE case_id = {case_id:String}", params={"case_id": case_id})
+        return found[0] if found else None
+
+    def list_cases(self, status: list[str] | None = None, policy_id: str | None = None) -> list[Case]:
+        """Latest versions, soonest due first (no due date last), optionally filtered by status and policy."""
+        conds, params = [], {}
+        if status is not None:
+            conds.append("status IN {status:Array(String)}")
+            params["status"] = list(status)
+        if policy_id is not None:
+            conds.append("policy_id = {policy_id:String}")
+            params["policy_id"] = policy_id
+        where = f"WHERE {' AND '.join(conds)}" if conds else ""
+        return self._select(_CASES, where, "ORDER BY due_at ASC NULLS LAST, case_id", params)
+
+    def case_events(self, case_id: str) -> list[CaseEvent]:
+        """A case's events in event-time order."""
+        return self._select(
+            _CASE_EVENTS, "WHERE case_id = {case_id:String}", "ORDER BY at, recorded_at, event_id", {"case_id": case_id}
+        )
+
+    def list_windows(self, account_id: str | None = None) -> list[WindowAggregate]:
+        """Stored partial windows (every revision), by event time."""
+        where = "WHERE account_id = {a:String}" if account_id is not None else ""
+        return self._select(
+            _WINDOWS, where, "ORDER BY window_start, workload_id, `partition`, revision", {"a": account_id}
+        )
+
+    def list_detections(self, account_id: str | None = None) -> list[Detection]:
+        """Stored detections, by event time."""
+        where = "WHERE account_id = {a:String}" if account_id is not None else ""
+        return self._select(_DETECTIONS, where, "ORDER BY event_time, detection_id", {"a": account_id})
+
+    def get_cip(self, account_id: str) -> CipRecord | None:
+        """The latest CIP record of an account (PII), or None."""
+        rows = self.query("SELECT record FROM cip_identity FINAL WHERE account_id = {a:String}", {"a": account_id})
+        return serde.decode(CipRecord, rows[0]["record"]) if rows else None
+
+    def dead_letters(self, topic: str | None = None) -> list[DeadLetter]:
+        """Dead letters (raw bytes intact), in (topic, partition, offset) order."""
+        where = "WHERE topic = {topic:String}" if topic is not None else ""
+        sql = f"SELECT * FROM dead_letters FINAL {where} ORDER BY topic, `partition`, `offset`, dead_letter_id"
+        result = self.client.query(sql, parameters={"topic": topic} if topic else {}, column_formats={"raw": "bytes"})
+        out = []
+        for r in result.named_results():
+            r.pop("dead_letter_id")
+            out.append(DeadLetter.model_validate({**r, "offset": None if r["offset"] < 0 else r["offset"]}))
+        return out
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Run an analyst query (server-side `{name:Type}` or client-side `%(name)s` parameters) -> row dicts."""
+        return list(self.client.query(sql, parameters=dict(params or {})).named_results())
