@@ -1,0 +1,96 @@
+"""The detector base class and registry, and the read-only context the engine hands every detector.
+
+A detector is a small class with one job: `__init__` stores parameters only; class attributes carry a stable id,
+version, severity, maturity and a one-line description; `detect(state, event)` returns a list of Detections
+(empty for nothing), never None, and never raises on odd-but-valid input. Defining the class registers it; a
+duplicate id fails at import. Which detectors run, and with what parameters, is configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from detectors.classifier_base import Verdict
+from detectors.foreign_person import ForeignDetermination
+from detectors.state import AccountState, OwnerState, RunState
+from schemas.cip import CipRecord
+from schemas.detection import Detection, Outcome, Severity
+from schemas.ids import content_id
+from schemas.policy import Policy
+
+REGISTRY: dict[str, type[Detector]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class DetectContext:
+    """Everything a detector may read about one account at one event. Built by the engine; detectors never mutate."""
+
+    policy: Policy
+    window_s: float
+    account_id: str
+    determination: ForeignDetermination
+    cip: CipRecord | None = None
+    account: AccountState | None = None
+    run: RunState | None = None
+    run_workloads: list[str] = field(default_factory=list)
+    run_stitching: list[dict[str, Any]] = field(default_factory=list)
+    owner: OwnerState | None = None
+    verdict: Verdict | None = None
+    knowledge_floor: float | None = None  # no knowledge before this event time (e.g. the CIP that made them foreign)
+
+
+class Detector:
+    id: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    severity: ClassVar[Severity] = "medium"
+    maturity: ClassVar[str] = "experimental"  # experimental | test | stable
+    description: ClassVar[str] = ""
+    example_params: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("id"):
+            return  # abstract helper classes carry no id
+        if cls.id in REGISTRY and REGISTRY[cls.id] is not cls:
+            raise TypeError(f"detector id {cls.id!r} already registered by {REGISTRY[cls.id].__qualname__}")
+        REGISTRY[cls.id] = cls
+
+    def detect(self, state: DetectContext, event: Any) -> list[Detection]:
+        raise NotImplementedError
+
+    def detection(self, ctx: DetectContext, *, outcome: Outcome, reason: str, event_time: float, summary: str,
+                  evidence: dict[str, Any], run_id: str | None = None, beneficial_owner_id: str | None = None,
+                  workload_ids: list[str] | None = None, source_windows: list[str] | None = None,
+                  severity: Severity | None = None) -> Detection:
+        """A Detection with a content-derived id and the provenance every detection carries."""
+        p = ctx.policy
+        did = content_id("det", self.id, p.id, p.version, ctx.account_id, beneficial_owner_id, run_id, outcome,
+                         reason)
+        ev = {"detector": {"id": self.id, "version": self.version, "maturity": self.maturity},
+              "policy": {"id": p.id, "version": p.version, "demo": p.demo},
+              "foreign_person": ctx.determination.to_dict(), **evidence}
+        if ctx.verdict is not None:
+            ev.setdefault("classifier", ctx.verdict.to_dict())
+        if ctx.account is not None and ctx.account.cip_notes:
+            ev.setdefault("cip_notes", list(ctx.account.cip_notes))
+        return Detection(detection_id=did, detector_id=self.id, detector_version=self.version,
+                         severity=severity or self.severity, policy_id=p.id, policy_version=p.version,
+                         outcome=outcome, reason=reason, account_id=ctx.account_id,
+                         beneficial_owner_id=beneficial_owner_id, run_id=run_id, workload_ids=workload_ids or [],
+                         event_time=float(event_time), summary=summary, evidence=ev,
+                         source_windows=source_windows or [])
+
+
+def registered() -> dict[str, type[Detector]]:
+    """Every registered detector class by id (importing detectors.registry loads the shipped ones)."""
+    return dict(REGISTRY)
+
+
+def inquiry_text(account_id: str, run_id: str | None, used: float, projected: float | None) -> str:
+    """Suggested customer inquiry for a workload of uncertain type: an attestation of its purpose."""
+    proj = f" and is projected to reach {projected:.3g} FLOP under the current reservation" if projected else ""
+    return (f"Account {account_id}: workload {run_id or ''} has used about {used:.3g} operations{proj}. Please attest "
+            "to the purpose of this workload: is it, or could it result in, the training of an AI model (including "
+            "fine-tuning)? If so, state the model's intended use and the total compute planned for the run; "
+            "if not, describe the workload (e.g. inference serving, simulation, rendering, data processing).")

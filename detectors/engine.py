@@ -1,0 +1,314 @@
+"""The pure detect core: state per workload, run, account and owner; detectors decide; ids are content-derived.
+
+Event time only (no clock reads): expiry is driven by `on_time(event_time)`. State is small and bounded, and
+`to_dict` / `from_dict` round-trip it through plain data so a faust table can hold it. Detections already
+emitted are remembered by id forever (cases never expire), so replays and re-evaluations never emit twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from detectors import registry
+from detectors.base import DetectContext, Detector
+from detectors.classifier_base import RuleClassifier, Verdict, WorkloadClassifier
+from detectors.compute_threshold import crossing
+from detectors.foreign_person import ForeignDetermination, determine
+from detectors.owner_aggregate import owner_crossing
+from detectors.reservation_potential import reservation_potential
+from detectors.runs import RunStitcher, footprint_of
+from detectors.state import HISTORY_K, SOURCE_WINDOWS_K, AccountState, OwnerState, RunState
+from schemas.allocation import AllocationEvent
+from schemas.cip import CipRecord
+from schemas.detection import Detection
+from schemas.ids import content_id
+from schemas.policy import Policy
+
+HOLD_KINDS = ("instance_started", "job_started", "reserved", "reservation_changed")
+RELEASE_KINDS = ("instance_stopped", "job_stopped", "reservation_released")
+STOP_KINDS = ("instance_stopped", "job_stopped")
+RESERVATION_KINDS = ("reserved", "reservation_changed")
+IDLE_TTL_S = 6 * 3600.0
+_CIP_FACTS = ("us_person", "country", "beneficial_owners", "reseller", "customer_name")
+
+
+def _g(obj: Any, name: str, default: Any = None) -> Any:
+    return obj.get(name, default) if isinstance(obj, Mapping) else getattr(obj, name, default)
+
+
+def _num(v: Any) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return 0.0
+    return f if f == f and f not in (float("inf"), float("-inf")) else 0.0
+
+
+class DetectEngine:
+    def __init__(self, policy: Policy, classifier: WorkloadClassifier | None = None, window_s: float = 60.0,
+                 detectors: Iterable[Detector] | None = None, idle_ttl_s: float = IDLE_TTL_S):
+        self.policy = policy
+        u = policy.uncertainty
+        self.classifier = classifier or RuleClassifier(u.p_training_high, u.p_training_low)
+        self.window_s = window_s
+        self.detectors = list(detectors) if detectors is not None else registry.build()
+        self.idle_ttl_s = idle_ttl_s
+        self.stitcher = RunStitcher(window_s)
+        self.runs: dict[str, RunState] = {}
+        self.accounts: dict[str, AccountState] = {}
+        self.cips: dict[str, CipRecord] = {}
+        self.owners: dict[str, OwnerState] = {}
+        self.emitted: set[str] = set()
+        self.watermark = 0.0
+        self.errors: dict[str, int] = {}
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _account(self, account_id: str) -> AccountState:
+        acct = self.accounts.get(account_id)
+        if acct is None:
+            acct = self.accounts[account_id] = AccountState(account_id)
+        return acct
+
+    def determination(self, account_id: str) -> ForeignDetermination:
+        return determine(self.cips.get(account_id), self.policy)
+
+    def _ctx(self, account_id: str, *, run: RunState | None = None, verdict: Verdict | None = None,
+             owner: OwnerState | None = None) -> DetectContext:
+        acct = self._account(account_id)
+        rec = self.stitcher.runs.get(run.run_id) if run is not None else None
+        return DetectContext(self.policy, self.window_s, account_id, self.determination(account_id),
+                             self.cips.get(account_id), acct, run, list(rec.workloads) if rec else [],
+                             list(rec.stitched) if rec else [], owner, verdict, acct.foreign_since)
+
+    def _run(self, ctx: DetectContext, event: Any, only: str | None = None) -> list[Detection]:
+        """Every detector (or one) over (ctx, event); one detector's exception is counted and the rest still run."""
+        out: list[Detection] = []
+        for d in self.detectors:
+            if (only is not None and d.id != only) or (only is None and d.id == "owner_aggregate"):
+                continue
+            try:
+                found = d.detect(ctx, event)
+            except Exception:  # errors are data: count it per detector, never stop the stream
+                self.errors[d.id] = self.errors.get(d.id, 0) + 1
+                continue
+            for det in found:
+                if det.detection_id not in self.emitted:
+                    self.emitted.add(det.detection_id)
+                    out.append(det)
+        return out
+
+    def _note_own_case(self, run: RunState, dets: list[Detection]) -> None:
+        if any(d.run_id == run.run_id and d.detector_id == "compute_threshold"
+               and d.outcome in ("reportable", "needs_review") for d in dets):
+            run.own_case = True
+
+    # -- inputs ----------------------------------------------------------------------------------------------
+
+    def on_cip(self, cip: CipRecord) -> list[Detection]:
+        """Latest updated_at wins (a conflict is noted); accounts are re-evaluated, since CIP may come late."""
+        aid = cip.account_id
+        acct = self._account(aid)
+        prev = self.cips.get(aid)
+        if prev is not None:
+            changed = [f for f in _CIP_FACTS if getattr(prev, f) != getattr(cip, f)]
+            newer = (cip.updated_at, cip.model_dump_json()) > (prev.updated_at, prev.model_dump_json())
+            if changed:
+                acct.cip_notes.append({"conflict": "superseded" if newer else "stale_record_ignored",
+                                       "kept_updated_at": max(cip.updated_at, prev.updated_at),
+                                       "other_updated_at": min(cip.updated_at, prev.updated_at),
+                                       "fields": changed})
+                del acct.cip_notes[:-8]
+            if not newer:
+                return []
+        before = self.determination(aid)
+        self.cips[aid] = cip
+        after = self.determination(aid)
+        if not after.is_foreign:
+            acct.foreign_since = None
+        elif not before.is_foreign:
+            acct.foreign_since = cip.updated_at  # the provider could not know before this record
+        for oid, owner in self.owners.items():
+            if aid in owner.accounts and oid not in after.foreign_owners:
+                owner.accounts.remove(aid)
+                owner.runs = {k: r for k, r in owner.runs.items() if r["account_id"] != aid}
+        out = self._run(self._ctx(aid), cip)
+        for run in [r for r in self.runs.values() if r.account_id == aid]:
+            verdict = Verdict.from_dict(run.verdict) if run.verdict else None
+            ctx = self._ctx(aid, run=run, verdict=verdict)
+            dets = self._run(ctx, cip, only="compute_threshold")
+            self._note_own_case(run, dets)
+            out += dets
+            out += self._owners_after(aid, run, run.last_end, None)
+        return out
+
+    def on_allocation(self, ev: AllocationEvent) -> list[Detection]:
+        acct = self._account(ev.account_id)
+        acct.note_event(ev.ts)
+        self.watermark = max(self.watermark, ev.ts)
+        is_resv = ev.kind in RESERVATION_KINDS or ev.kind == "reservation_released"
+        key = ev.workload_id or ev.job_id or ("reservation" if is_resv else ev.event_id)
+        for ref in (ev.workload_id, ev.job_id):
+            if ref and ev.run_label:
+                acct.labels[ref] = ev.run_label
+            if ref and ev.kind in ("job_started", "instance_started") and ev.accelerator and ev.count:
+                acct.footprints[ref] = [list(x) for x in footprint_of({ev.accelerator: ev.count}, ev.count)]
+            if ref and ev.kind in STOP_KINDS:
+                self.stitcher.note_stop(ref, ev.ts)
+        if ev.kind in HOLD_KINDS:
+            acct.held[key] = {"accelerator": ev.accelerator, "count": ev.count,
+                              "interconnect_gbps": ev.interconnect_gbps,
+                              "datacenter": ev.datacenter, "nodes": len(ev.nodes), "since": ev.ts}
+        elif ev.kind in RELEASE_KINDS:
+            acct.held.pop(key, None)
+        if is_resv:
+            if ev.kind == "reservation_released":
+                acct.reservations.pop(key, None)
+            else:
+                pot = reservation_potential(ev)
+                acct.reservations[key] = {"ts": ev.ts, "until": ev.reserved_until, "count": ev.count,
+                                          "accelerator": ev.accelerator, "potential": pot[0] if pot else 0.0}
+            acct.potential_prev = acct.potential
+            acct.potential = sum(r["potential"] for r in acct.reservations.values())
+            acct.potential_at = ev.ts
+        return self._run(self._ctx(ev.account_id), ev)
+
+    def on_window(self, w: Any) -> list[Detection]:
+        """One merged workload window (detectors/windows.py WorkloadWindow, or anything with its fields)."""
+        aid = _g(w, "account_id")
+        wid = _g(w, "workload_id")
+        start, end = _num(_g(w, "window_start")), _num(_g(w, "window_end"))
+        if not aid or not wid or end <= 0:
+            self.errors["window_unattributed"] = self.errors.get("window_unattributed", 0) + 1
+            return []
+        acct = self._account(aid)
+        acct.note_event(start)
+        self.watermark = max(self.watermark, end)
+        job = _g(w, "job_id")
+        label = _g(w, "run_label") or acct.labels.get(wid) or (acct.labels.get(job) if job else None)
+        fp = acct.footprints.get(wid) or (acct.footprints.get(job) if job else None)
+        footprint = tuple(tuple(x) for x in fp) if fp else footprint_of(_g(w, "accelerators"), _g(w, "device_count", 0))
+        rid = self.stitcher.assign(aid, wid, label, footprint, start, end)
+        run = self.runs.get(rid)
+        if run is None:
+            run = self.runs[rid] = RunState(rid, aid, started_at=start)
+        run.started_at = start if run.started_at is None else min(run.started_at, start)
+        used_before = run.used
+        latest = end >= run.last_end
+        flop = (_num(_g(w, "flop")), _num(_g(w, "flop_low")), _num(_g(w, "flop_high")))
+        run.add_window(f"{wid}|{start!r}", end, flop, self.window_s)
+        basis = str(_g(w, "basis") or "none")
+        run.basis[basis] = run.basis.get(basis, 0) + 1
+        for win_id in list(_g(w, "window_ids") or ()) or [_g(w, "window_id") or content_id("win", wid, start)]:
+            if win_id not in run.source_windows:
+                run.source_windows.append(win_id)
+        del run.source_windows[:-SOURCE_WINDOWS_K]
+        feats = _g(w, "features")
+        run.history.append({"workload_id": wid, "window_start": start, "window_end": end,
+                            "device_count": _g(w, "device_count", 0), "node_count": _g(w, "node_count") or
+                            len(_g(w, "nodes") or ()), "basis": basis,
+                            "features": dict(feats) if isinstance(feats, Mapping) else {}})
+        del run.history[:-HISTORY_K]
+        verdict = self._classify(run, start, end)
+        if run.crossed is None:
+            run.crossed = crossing(used_before, run.used, start, end, latest=latest, rate=run.rate,
+                                   reserved_until=acct.reserved_until, threshold=self.policy.thresholds.training_ops,
+                                   count_projected=self.policy.thresholds.count_projected, last_end=run.last_end)
+        runs_seen = acct.activity.setdefault("runs", {})
+        runs_seen[rid] = {"first": run.started_at, "last": run.last_end, "used": run.used, "band": verdict.band,
+                          "crossed": run.crossed is not None}
+        for old in sorted(runs_seen, key=lambda k: runs_seen[k]["last"])[:-16]:
+            runs_seen.pop(old)
+        out = self._run(self._ctx(aid, run=run, verdict=verdict), w)
+        self._note_own_case(run, out)
+        out += self._owners_after(aid, run, end, start)
+        return out
+
+    def _classify(self, run: RunState, start: float, end: float) -> Verdict:
+        try:
+            verdict = self.classifier.predict(run.history)
+        except Exception:  # a classifier failure is uncertainty, never a crash
+            self.errors["classifier"] = self.errors.get("classifier", 0) + 1
+            verdict = Verdict(0.5, "uncertain", [], "error", "")
+        prev = run.verdict or {}
+        since = prev.get("since") if prev.get("band") == verdict.band else (start if not prev else end)
+        run.verdict = {**verdict.to_dict(), "since": since}
+        run.bands_seen[verdict.band] = run.bands_seen.get(verdict.band, 0) + 1
+        return verdict
+
+    def _owners_after(self, aid: str, run: RunState, end: float, start: float | None) -> list[Detection]:
+        """Update the foreign owners' sums with this run; an owner case opens when a sum first crosses."""
+        out: list[Detection] = []
+        th = self.policy.thresholds
+        acct = self._account(aid)
+        rec = self.stitcher.runs.get(run.run_id)
+        for oid in self.determination(aid).foreign_owners:
+            owner = self.owners.get(oid)
+            if owner is None:
+                owner = self.owners[oid] = OwnerState(oid)
+            if aid not in owner.accounts:
+                owner.accounts.append(aid)
+                owner.accounts.sort()
+            before = sum(r["used"] for r in owner.runs.values() if not r.get("own_case"))
+            owner.runs[run.run_id] = {"account_id": aid, "used": run.used, "used_low": run.used_low,
+                                      "used_high": run.used_high, "rate": run.rate, "t": run.last_end,
+                                      "reserved_until": acct.reserved_until, "own_case": run.own_case,
+                                      "band": (run.verdict or {}).get("band", "uncertain"),
+                                      "workloads": list(rec.workloads) if rec else []}
+            if owner.crossed is not None:
+                continue
+            c = owner_crossing(owner, threshold=th.training_ops, count_projected=th.count_projected, t=end,
+                               account_id=aid)
+            if c is None:
+                continue
+            if c["basis"] == "used" and start is not None and c["used"] > before:
+                frac = min(1.0, max(0.0, (th.training_ops - before) / (c["used"] - before)))
+                c["at"] = start + frac * (end - start)
+            if acct.foreign_since is not None:
+                c["at"] = max(c["at"], acct.foreign_since)
+            owner.crossed = c
+            out += self._run(self._ctx(aid, run=run, owner=owner), None, only="owner_aggregate")
+        return out
+
+    def on_time(self, event_time: float) -> list[Detection]:
+        """Expire idle run and account state (emitted detection ids are kept: cases never expire)."""
+        cutoff = event_time - self.idle_ttl_s
+        for rid in self.stitcher.expire(cutoff):
+            self.runs.pop(rid, None)
+        for rid in [r for r, s in self.runs.items() if s.last_end < cutoff]:
+            self.runs.pop(rid)
+        for aid in [a for a, s in self.accounts.items() if s.last_event < cutoff and not s.reservations
+                    and not s.held and not any(r.account_id == a for r in self.runs.values())]:
+            self.accounts.pop(aid)
+        return []
+
+    def on_windows(self, windows: Iterable[Any]) -> list[Detection]:
+        out: list[Detection] = []
+        for w in windows:
+            out += self.on_window(w)
+        return out
+
+    # -- state as plain data ---------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"window_s": self.window_s, "watermark": self.watermark, "stitcher": self.stitcher.to_dict(),
+                "runs": {k: v.to_dict() for k, v in self.runs.items()},
+                "accounts": {k: v.to_dict() for k, v in self.accounts.items()},
+                "cips": {k: v.model_dump(mode="json") for k, v in self.cips.items()},
+                "owners": {k: v.to_dict() for k, v in self.owners.items()},
+                "emitted": sorted(self.emitted), "errors": dict(self.errors)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], policy: Policy, classifier: WorkloadClassifier | None = None,
+                  detectors: Iterable[Detector] | None = None) -> DetectEngine:
+        e = cls(policy, classifier, d.get("window_s", 60.0), detectors)
+        e.watermark = d.get("watermark", 0.0)
+        e.stitcher = RunStitcher.from_dict(d.get("stitcher", {}))
+        e.runs = {k: RunState.from_dict(v) for k, v in d.get("runs", {}).items()}
+        e.accounts = {k: AccountState.from_dict(v) for k, v in d.get("accounts", {}).items()}
+        e.cips = {k: CipRecord.model_validate(v) for k, v in d.get("cips", {}).items()}
+        e.owners = {k: OwnerState.from_dict(v) for k, v in d.get("owners", {}).items()}
+        e.emitted = set(d.get("emitted", []))
+        e.errors = dict(d.get("errors", {}))
+        return e

@@ -1,0 +1,107 @@
+"""Detect state per account, run and beneficial owner: small, bounded, and plain-dict serialisable (faust tables).
+
+Every list or map that grows with time is capped; the totals (used FLOP) are running sums, so forgetting old
+windows costs only the ability to recognise a duplicate of a very old window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+HISTORY_K = 16  # windows the classifier sees
+SEEN_K = 256  # (workload, window) keys remembered so a re-delivered or corrected window replaces, not adds
+RECENT_EVENTS_K = 64
+SOURCE_WINDOWS_K = 32
+
+
+def _cap_dict(d: dict[str, Any], k: int) -> None:
+    while len(d) > k:
+        d.pop(next(iter(d)))
+
+
+class _Plain:
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):  # type: ignore[no-untyped-def]
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(slots=True)
+class RunState(_Plain):
+    run_id: str
+    account_id: str
+    used: float = 0.0
+    used_low: float = 0.0
+    used_high: float = 0.0
+    started_at: float | None = None
+    last_end: float = 0.0
+    rate: float = 0.0  # FLOP/s in the window ending at last_end (contract rule 3)
+    window_flop: dict[str, float] = field(default_factory=dict)  # str(window_end) -> run FLOP in that window
+    seen: dict[str, list[float]] = field(default_factory=dict)  # "workload|start" -> [flop, low, high]
+    basis: dict[str, int] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    verdict: dict[str, Any] | None = None
+    bands_seen: dict[str, int] = field(default_factory=dict)
+    crossed: dict[str, Any] | None = None  # first crossing: at, reason, figures (whatever the person's status)
+    source_windows: list[str] = field(default_factory=list)
+    own_case: bool = False  # a reportable / needs_review detection of its own was emitted
+
+    def add_window(self, key: str, window_end: float, flop: tuple[float, float, float], window_s: float) -> None:
+        """Add (or, for a re-delivered window, replace) one workload-window's FLOP."""
+        old = self.seen.get(key, [0.0, 0.0, 0.0])
+        d = [flop[i] - old[i] for i in range(3)]
+        self.seen[key] = list(flop)
+        _cap_dict(self.seen, SEEN_K)
+        self.used += d[0]
+        self.used_low += d[1]
+        self.used_high += d[2]
+        wk = repr(float(window_end))
+        self.window_flop[wk] = self.window_flop.get(wk, 0.0) + d[0]
+        _cap_dict(self.window_flop, 8)
+        if window_end >= self.last_end:
+            self.last_end = window_end
+            self.rate = self.window_flop[wk] / window_s
+
+
+@dataclass(slots=True)
+class AccountState(_Plain):
+    account_id: str
+    held: dict[str, dict[str, Any]] = field(default_factory=dict)  # allocation key -> model, count, network
+    reservations: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> ts, until, count, model
+    labels: dict[str, str] = field(default_factory=dict)  # workload/job id -> scheduler run_label
+    footprints: dict[str, list[Any]] = field(default_factory=dict)  # workload id -> [[model, count]]
+    recent_events: list[float] = field(default_factory=list)
+    first_event: float | None = None
+    last_event: float = 0.0
+    potential: float = 0.0  # maximum possible compute of the reservations now held
+    potential_prev: float = 0.0
+    potential_at: float | None = None
+    activity: dict[str, Any] = field(default_factory=dict)  # below-threshold history for change in scope
+    cip_notes: list[dict[str, Any]] = field(default_factory=list)
+    foreign_since: float | None = None
+
+    @property
+    def reserved_until(self) -> float | None:
+        ends = [r["until"] for r in self.reservations.values() if r.get("until") is not None]
+        return max(ends) if ends else None
+
+    def note_event(self, t: float) -> None:
+        self.first_event = t if self.first_event is None else min(self.first_event, t)
+        self.last_event = max(self.last_event, t)
+        self.recent_events.append(t)
+        if len(self.recent_events) > RECENT_EVENTS_K:
+            self.recent_events.sort()
+            del self.recent_events[: len(self.recent_events) - RECENT_EVENTS_K]
+
+
+@dataclass(slots=True)
+class OwnerState(_Plain):
+    owner_id: str
+    accounts: list[str] = field(default_factory=list)
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # run id -> account, used, rate, ..., band
+    crossed: dict[str, Any] | None = None

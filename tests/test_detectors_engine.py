@@ -1,0 +1,274 @@
+"""The detect core end to end over hand-built inputs: outcomes, knowledge times, stitching, owners, determinism."""
+
+from __future__ import annotations
+
+import pytest
+
+from detectors.engine import DetectEngine
+from schemas.detection import Detection
+from tests.detector_builders import INFERENCE, SMI_ONLY, T0, TRAINING, W, alloc, cip, demo, owner, window, with_foreign
+
+T = 1e18  # demo policy training threshold
+
+
+def by(dets: list[Detection], detector: str) -> list[Detection]:
+    return [d for d in dets if d.detector_id == detector]
+
+
+def feed(engine: DetectEngine, windows) -> list[Detection]:
+    out: list[Detection] = []
+    for w in windows:
+        out += engine.on_window(w)
+    return out
+
+
+def expected_crossing(flop: float, n: int) -> float:
+    """Event time at which n windows of `flop` each, uniform within each window, first reach T."""
+    k = int(T // flop)  # full windows before the crossing window
+    return T0 + k * W + (T - k * flop) / flop * W
+
+
+def test_used_crossing_of_a_foreign_training_run_is_reportable():
+    eng = DetectEngine(demo())
+    eng.on_cip(cip("acct-f"))
+    dets = feed(eng, [window("wl-1", "acct-f", i, flop=3e17) for i in range(8)])
+    ct = by(dets, "compute_threshold")
+    assert [(d.outcome, d.reason) for d in ct] == [("reportable", "compute_used")]
+    d = ct[0]
+    assert d.event_time == pytest.approx(expected_crossing(3e17, 8))
+    ev = d.evidence
+    assert ev["used_flop"] >= T and ev["used_flop_low"] < ev["used_flop"] < ev["used_flop_high"]
+    assert ev["policy"] == {"id": "demo", "version": "1.0.0", "demo": True}
+    assert ev["classifier"]["band"] == "training" and ev["classifier"]["top_features"]
+    assert ev["foreign_person"]["is_foreign"] and "customer_not_us_person" in ev["foreign_person"]["reasons"]
+    assert d.run_id and d.workload_ids == ["wl-1"] and d.source_windows
+
+
+def test_projected_crossing_with_a_reservation():
+    eng = DetectEngine(demo())
+    eng.on_cip(cip("acct-p"))
+    res = eng.on_allocation(alloc("acct-p", "reserved", T0, reserved_until=T0 + 3600))
+    assert [(d.detector_id, d.outcome) for d in res] == [("reservation_potential", "info")]
+    dets = feed(eng, [window("wl-p", "acct-p", i, flop=1e17) for i in range(3)])
+    ct = by(dets, "compute_threshold")
+    assert [(d.outcome, d.reason) for d in ct] == [("reportable", "compute_projected")]
+    # used 1e17 after one window; rate 1e17/60 over the remaining 3540 s reserved -> projected >> T at the first end
+    assert ct[0].event_time == T0 + W
+    assert ct[0].evidence["projected_flop"] == pytest.approx(1e17 + 1e17 / W * (3600 - W))
+
+
+def test_no_reservation_means_no_projection():
+    eng = DetectEngine(demo())
+    eng.on_cip(cip("acct-np"))
+    assert by(feed(eng, [window("wl", "acct-np", i, flop=1e17) for i in range(5)]), "compute_threshold") == []
+
+
+def test_us_person_over_threshold_is_monitored():
+    eng = DetectEngine(demo())
+    eng.on_cip(cip("acct-us", us_person=True, country="US"))
+    ct = by(feed(eng, [window("wl-us", "acct-us", i, flop=5e17) for i in range(4)]), "compute_threshold")
+    assert [d.outcome for d in ct] == ["monitored"]
+
+
+def test_non_training_workload_opens_no_compute_case():
+    eng = DetectEngine(demo())
+    eng.on_cip(cip("acct-inf"))
+    assert feed(eng, [window("wl-i", "acct-inf", i, flop=5e17, features=INFERENCE) for i in range(6)]) == []
+
+
+def test_uncertain_workload_over_threshold_needs_review_with_an_inquiry():
+    eng = DetectEngine(demo())
+    eng.on_cip(cip("acct-u"))
+    ct = by(feed(eng, [window("wl-u", "acct-u", i, flop=4e17, features=SMI_ONLY) for i in range(4)]),
+            "compute_threshold")
+    assert [d.outcome for d in ct] == ["needs_review"]
+    assert "attest" in ct[0].evidence["suggested_inquiry"] and ct[0].evidence["classifier"]["band"] == "uncertain"
+
+
+def test_owner_split_across_two_accounts_is_caught():
+    eng = DetectEngine(demo())
+    for a in ("acct-a", "acct-b"):  # U.S.-incorporated customers, each 50 % owned by one foreign owner
+        eng.on_cip(cip(a, us_person=True, country="US", owners=[owner("own-x", 50.0)]))
+    dets = feed(eng, [window("wl-a", "acct-a", i, flop=1e17) for i in range(6)])
+    dets += feed(eng, [window("wl-b", "acct-b", i, flop=1e17) for i in range(6)])
+    assert by(dets, "compute_threshold") == []  # each account alone stays below T
+    oa = by(dets, "owner_aggregate")
+    assert len(oa) == 1
+    d = oa[0]
+    assert (d.reason, d.beneficial_owner_id, d.account_id, d.outcome) == (
+        "owner_aggregate", "own-x", "acct-b", "reportable")
+    assert d.evidence["used_flop"] >= T and sorted(d.workload_ids) == ["wl-a", "wl-b"]
+    assert d.event_time == pytest.approx(T0 + 3 * W + W)  # 6 + 4 windows of 1e17: the 4th of wl-b crosses at its end
+
+
+def test_owner_below_min_pct_is_not_aggregated():
+    eng = DetectEngine(demo())
+    for a in ("acct-c", "acct-d"):
+        eng.on_cip(cip(a, us_person=True, country="US", owners=[owner("own-y", 10.0)]))
+    dets = feed(eng, [window("wl-c", "acct-c", i, flop=1e17) for i in range(6)])
+    dets += feed(eng, [window("wl-d", "acct-d", i, flop=1e17) for i in range(6)])
+    assert by(dets, "owner_aggregate") == []
+
+
+def test_special_measures_once_at_first_event_after_the_cip_record():
+    eng = DetectEngine(demo())  # jurisdictions KP, IR
+    eng.on_cip(cip("acct-kp", country="KP", updated_at=T0 + 30))
+    assert eng.on_allocation(alloc("acct-kp", "job_started", T0, workload="wl-kp")) == []  # before the record
+    dets = feed(eng, [window("wl-kp", "acct-kp", i, flop=1e10, features=INFERENCE) for i in range(3)])
+    sm = by(dets, "special_measures")
+    assert len(sm) == 1 and sm[0].outcome == "reportable" and sm[0].run_id is None
+    assert sm[0].event_time == T0 + 30  # the first window covers the record's time
+    assert "customer_country:KP" in sm[0].evidence["matches"]
+
+
+def test_special_measures_by_owner_residence_when_cip_arrives_late():
+    eng = DetectEngine(demo())
+    feed(eng, [window("wl-ir", "acct-ir", i, flop=1e10, features=INFERENCE) for i in range(5)])
+    late = eng.on_cip(cip("acct-ir", updated_at=T0 + 2 * W + 5, owners=[owner("own-ir", 30, nationality="IR")]))
+    sm = by(late, "special_measures")
+    assert len(sm) == 1 and sm[0].event_time == T0 + 2 * W + 5
+
+
+def test_cip_missing_is_foreign_by_default_and_a_late_cip_adds_nothing():
+    eng = DetectEngine(demo())
+    ct = by(feed(eng, [window("wl-m", "acct-m", i, flop=3e17) for i in range(5)]), "compute_threshold")
+    assert [d.outcome for d in ct] == ["reportable"]
+    assert ct[0].evidence["flags"] == ["cip_missing"] and ct[0].evidence["foreign_person"]["status"] == "unknown"
+    assert by(eng.on_cip(cip("acct-m", updated_at=T0 + 10 * W)), "compute_threshold") == []
+
+
+def test_cip_late_knowledge_is_when_the_record_made_them_foreign():
+    eng = DetectEngine(with_foreign(demo(), unknown_is_foreign=False))
+    ct = by(feed(eng, [window("wl-l", "acct-l", i, flop=3e17) for i in range(5)]), "compute_threshold")
+    assert [d.outcome for d in ct] == ["monitored"]  # unknown, and unknown is not foreign under this policy
+    crossing = expected_crossing(3e17, 5)
+    late = by(eng.on_cip(cip("acct-l", updated_at=T0 + 20 * W)), "compute_threshold")
+    assert [d.outcome for d in late] == ["reportable"]
+    assert late[0].event_time == T0 + 20 * W and late[0].event_time > crossing
+    assert late[0].evidence["knowledge_at_from"]["crossing"] == pytest.approx(crossing)
+
+
+def test_cip_record_older_than_the_crossing_but_delivered_late_keeps_the_crossing_time():
+    eng = DetectEngine(with_foreign(demo(), unknown_is_foreign=False))
+    feed(eng, [window("wl-o", "acct-o", i, flop=3e17) for i in range(5)])
+    late = by(eng.on_cip(cip("acct-o", updated_at=T0 - 100)), "compute_threshold")
+    assert [d.event_time for d in late] == [pytest.approx(expected_crossing(3e17, 5))]
+
+
+def test_conflicting_cip_latest_wins_and_the_conflict_is_noted():
+    eng = DetectEngine(demo())
+    eng.on_cip(cip("acct-k", us_person=True, country="US", updated_at=T0 + 10))
+    eng.on_cip(cip("acct-k", us_person=False, country="DE", updated_at=T0 - 10))  # older: ignored
+    assert eng.determination("acct-k").status == "us_person"
+    ct = by(feed(eng, [window("wl-k", "acct-k", i, flop=5e17) for i in range(3)]), "compute_threshold")
+    assert ct[0].outcome == "monitored"
+    assert ct[0].evidence["cip_notes"][0]["conflict"] == "stale_record_ignored"
+
+
+def run_of(dets_or_engine: DetectEngine, workload: str) -> str:
+    return dets_or_engine.stitcher.workload_run[workload]
+
+
+@pytest.mark.parametrize("gap_windows, same", [(10, True), (40, False)])
+def test_restart_under_a_new_job_id_without_label_is_stitched_by_footprint(gap_windows, same):
+    eng = DetectEngine(demo())
+    eng.on_cip(cip("acct-r"))
+    feed(eng, [window("job-1", "acct-r", i, flop=1e16, job="j1") for i in range(5)])
+    feed(eng, [window("job-2", "acct-r", 5 + gap_windows + i, flop=1e16, job="j2") for i in range(3)])
+    assert (run_of(eng, "job-1") == run_of(eng, "job-2")) is same
+
+
+def test_restart_with_a_different_footprint_or_concurrent_lookalike_is_a_new_run():
+    eng = DetectEngine(demo())
+    feed(eng, [window("job-1", "acct-s", i, flop=1e16) for i in range(5)])
+    feed(eng, [window("job-2", "acct-s", 6 + i, flop=1e16, devices=16) for i in range(3)])
+    assert run_of(eng, "job-1") != run_of(eng, "job-2")
+    feed(eng, [window("job-3", "acct-s", 8 + i, flop=1e16, devices=16) for i in range(2)])  # beside job-2
+    assert run_of(eng, "job-3") != run_of(eng, "job-2")
+
+
+def test_restart_with_run_label_is_stitched_across_a_long_gap_and_sums_compute():
+    eng = DetectEngine(demo())
+    eng.on_cip(cip("acct-lb"))
+    d1 = feed(eng, [window("job-a", "acct-lb", i, flop=2e17, label="llm-7") for i in range(3)])
+    d2 = feed(eng, [window("job-b", "acct-lb", 200 + i, flop=2e17, label="llm-7", devices=16) for i in range(3)])
+    assert run_of(eng, "job-a") == run_of(eng, "job-b")
+    ct = by(d1 + d2, "compute_threshold")
+    assert len(ct) == 1 and sorted(ct[0].workload_ids) == ["job-a", "job-b"]
+    assert ct[0].evidence["run"]["stitching"][0]["by"] == "run_label"
+
+
+def test_label_from_allocation_stitches_unlabeled_telemetry():
+    eng = DetectEngine(demo())
+    eng.on_allocation(alloc("acct-al", "job_started", T0, workload="job-x", label="big"))
+    eng.on_allocation(alloc("acct-al", "job_started", T0 + 9000, workload="job-y", label="big"))
+    feed(eng, [window("job-x", "acct-al", 0, flop=1e16), window("job-y", "acct-al", 150, flop=1e16)])
+    assert run_of(eng, "job-x") == run_of(eng, "job-y")
+
+
+def test_change_in_scope_from_inference_to_training():
+    eng = DetectEngine(demo())
+    eng.on_cip(cip("acct-cs"))
+    dets = feed(eng, [window("serve", "acct-cs", i, flop=1e15, features=INFERENCE, devices=2) for i in range(5)])
+    dets += feed(eng, [window("train", "acct-cs", 100 + i, flop=4e17) for i in range(4)])
+    cs = by(dets, "change_in_scope")
+    assert len(cs) == 1 and cs[0].outcome == "info" and cs[0].reason == "scope_grew"
+    assert cs[0].evidence["before"]["runs"][0]["band"] == "not_training"
+    assert cs[0].run_id == by(dets, "compute_threshold")[0].run_id
+
+
+def test_change_in_scope_when_a_reservation_grows_past_the_threshold_potential():
+    eng = DetectEngine(demo())
+    eng.on_cip(cip("acct-rg"))
+    assert eng.on_allocation(alloc("acct-rg", "reserved", T0, count=1, reserved_until=T0 + 60)) == []
+    dets = eng.on_allocation(alloc("acct-rg", "reservation_changed", T0 + 60, count=64, reserved_until=T0 + 7200))
+    cs = by(dets, "change_in_scope")
+    assert len(cs) == 1 and cs[0].reason == "reservation_grew" and cs[0].event_time == T0 + 60
+    assert cs[0].evidence["before"]["max_possible_flop"] < T <= cs[0].evidence["after"]["max_possible_flop"]
+
+
+def test_redelivered_window_does_not_double_count():
+    eng = DetectEngine(demo())
+    eng.on_cip(cip("acct-dup"))
+    w = window("wl-dup", "acct-dup", 0, flop=6e17)
+    assert feed(eng, [w, w, w]) == []
+    assert eng.runs[run_of(eng, "wl-dup")].used == pytest.approx(6e17)
+
+
+def scenario(eng: DetectEngine, split_at: int | None = None) -> list[Detection]:
+    """A mixed stream; with split_at, the engine is serialised to plain data and rebuilt half-way."""
+    events = [("cip", cip("acct-1")), ("cip", cip("acct-2", us_person=True, country="US",
+                                                  owners=[owner("own-z", 60)])),
+              ("cip", cip("acct-3", us_person=True, country="US", owners=[owner("own-z", 60)])),
+              ("alloc", alloc("acct-1", "reserved", T0, reserved_until=T0 + 1800))]
+    for i in range(8):
+        events += [("win", window("w1", "acct-1", i, flop=5e16)), ("win", window("w2", "acct-2", i, flop=7e16)),
+                   ("win", window("w3", "acct-3", i, flop=6e16, features=SMI_ONLY))]
+    out: list[Detection] = []
+    for n, (kind, ev) in enumerate(events):
+        if split_at is not None and n == split_at:
+            eng = DetectEngine.from_dict(eng.to_dict(), eng.policy)
+        out += {"cip": eng.on_cip, "alloc": eng.on_allocation, "win": eng.on_window}[kind](ev)
+    return out
+
+
+def test_same_inputs_give_the_same_detections_and_state_round_trips():
+    a = scenario(DetectEngine(demo()))
+    b = scenario(DetectEngine(demo()))
+    c = scenario(DetectEngine(demo()), split_at=13)
+    assert a, "the scenario must detect something"
+    key = [(d.detection_id, d.event_time, d.outcome) for d in a]
+    assert key == [(d.detection_id, d.event_time, d.outcome) for d in b]
+    assert key == [(d.detection_id, d.event_time, d.outcome) for d in c]
+    assert {d.detector_id for d in a} >= {"compute_threshold", "owner_aggregate", "reservation_potential"}
+
+
+def test_odd_input_never_raises_and_state_expires():
+    eng = DetectEngine(demo())
+    assert eng.on_window(window("orphan", None, 0)) == []
+    assert eng.on_window(window("nofeat", "acct-z", 0, features=None, flop=float("nan"))) == []
+    assert eng.on_window({"workload_id": "dictwin", "account_id": "acct-z", "window_start": T0,
+                          "window_end": T0 + W}) == []
+    eng.on_time(T0 + 10 * 86400)
+    assert not eng.runs and "acct-z" not in eng.accounts
+    assert TRAINING  # the builders' training features stay the default
