@@ -1,0 +1,443 @@
+"""The case book: detections in, case versions and audit events out. Pure: no I/O, no clock reads.
+
+Processing time (`now`, an analyst's `at`) is passed in; knowledge and due dates come from event time only.
+
+Rules (ARCHITECTURE.md "Case semantics" 6-7):
+
+- **Identity of a case.** case_id = content_id over (policy id, subject, run): subject = the beneficial owner for
+  an owner case (the detection names one), else the account; run = the detection's run_id, or its reason for
+  run-less cases (special measures, owner aggregates). Every detector's finding on one run lands on one case.
+- **Opening.** reportable -> open, needs_review -> needs_review, monitored -> monitored; `info` never opens a case
+  (it is recorded as evidence on a case that exists).
+- **Knowledge.** knowledge_at = the earliest event_time of any applied detection that met the standard: outcome
+  reportable, or needs_review when `policy.uncertainty.needs_review_is_knowledge`. A late, out-of-order detection
+  with an earlier event time moves it earlier. due_at follows from knowledge_at (`due_at()` below).
+- **Upgrades.** needs_review + reportable -> open ("confirmed"); monitored + needs_review/reportable -> that status
+  ("escalated", e.g. a CIP update showed a foreign owner). The pipeline never downgrades a case: only an analyst
+  dismisses. acknowledged and reported cases take new evidence without a status change.
+- **Dismissed cases reopen only on new, stronger evidence**: a detection not applied before, whose outcome ranks
+  above every outcome the analyst saw when dismissing (info < monitored < needs_review < reportable), or that has
+  the top outcome seen with a reason not seen then (e.g. compute_used after a dismissed compute_projected).
+  Updated figures of a detector and reason already seen are kept as evidence but reopen nothing. A reopened
+  case's clock restarts at the reopening detection's event time (the dismissal said the earlier evidence was not
+  knowledge).
+- **Idempotence.** Each applied detection's content fingerprint is kept in the case's evidence (`applied`, the
+  newest MAX_APPLIED). A replayed detection is skipped, so replays yield no new version and no event; any new
+  content (a new detection, or new figures under an old detection id) bumps the version once per batch.
+- **Business days** (`reporting.day_kind = "business"`): UTC calendar, Saturdays and Sundays skipped, no public
+  holidays; knowledge on a weekend starts counting at the next Monday 00:00 UTC; the due time keeps the time of
+  day of knowledge. Reminders are in calendar days before that due time.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from schemas import serde
+from schemas.case import REPORTABLE_STATUSES, Case, CaseEvent
+from schemas.cip import CipRecord
+from schemas.detection import Detection
+from schemas.errors import TrainwatchError
+from schemas.ids import content_id
+from schemas.policy import Policy, Reporting
+
+#: How strong an outcome is, for "stronger evidence" and for upgrades.
+OUTCOME_RANK: dict[str, int] = {"info": 0, "monitored": 1, "needs_review": 2, "reportable": 3}
+_STATUS_FOR_OUTCOME: dict[str, str] = {"reportable": "open", "needs_review": "needs_review", "monitored": "monitored"}
+#: Fingerprints kept per case for replay detection; a replay of something older than this re-applies as evidence.
+MAX_APPLIED = 512
+PIPELINE_ACTOR = "pipeline"
+DEFAULT_INQUIRY = (
+    "Telemetry alone cannot tell whether this workload trains a model. Ask the customer what the workload on "
+    "account {account} does (training, fine-tuning, inference, other) and, if it trains a model, its planned "
+    "total compute."
+)
+
+
+class CaseError(TrainwatchError):
+    """A case action could not be carried out."""
+
+
+class UnknownCase(CaseError):
+    """No case with that id."""
+
+
+class IllegalTransition(CaseError):
+    """The action is not allowed from the case's current status."""
+
+
+@dataclass
+class CaseChanges:
+    """What to write: the new version of each changed case, and the audit events in event-time order."""
+
+    cases: list[Case] = field(default_factory=list)
+    events: list[CaseEvent] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.cases or self.events)
+
+    def extend(self, other: CaseChanges) -> None:
+        self.cases += other.cases
+        self.events += other.events
+
+
+# ---- pure helpers ------------------------------------------------------------------------------------------------
+
+
+def case_id_for(det: Detection) -> str:
+    """The case a detection belongs to (see module docstring)."""
+    subject = f"owner:{det.beneficial_owner_id}" if det.beneficial_owner_id else f"account:{det.account_id}"
+    run = f"run:{det.run_id}" if det.run_id else f"reason:{det.reason}"
+    return content_id("case", det.policy_id, subject, run)
+
+
+def fingerprint(det: Detection) -> str:
+    """Content hash of a whole detection: equal for a replay, different for any new figure."""
+    return content_id("det", serde.dumps(det.model_dump(mode="json"), sort_keys=True).decode())
+
+
+def due_at(knowledge_at: float | None, reporting: Reporting) -> float | None:
+    """knowledge_at + the policy's window, in calendar days or business days (module docstring)."""
+    if knowledge_at is None:
+        return None
+    if reporting.day_kind == "calendar":
+        return knowledge_at + reporting.window_days * 86_400.0
+    return add_business_days(knowledge_at, reporting.window_days)
+
+
+def add_business_days(t: float, days: float) -> float:
+    """Add `days` business days (Mon-Fri, UTC, no holidays) to epoch time t; a fraction is added as hours after."""
+    dt = datetime.fromtimestamp(t, UTC)
+    if dt.weekday() >= 5:  # knowledge on a weekend: count from the next Monday 00:00
+        dt = (dt + timedelta(days=7 - dt.weekday())).replace(hour=0, minute=0, second=0, microsecond=0)
+    whole = int(days)
+    for _ in range(whole):
+        dt += timedelta(days=1)
+        while dt.weekday() >= 5:
+            dt += timedelta(days=1)
+    return dt.timestamp() + (days - whole) * 86_400.0
+
+
+def identity_snapshot(cip: CipRecord | None, owner_id: str | None = None) -> dict[str, Any]:
+    """The report's identity block from the latest CIP record: customer, owners, reseller, and for an owner case the
+    owner the case is about. Missing fields stay None / empty and are listed under `missing`."""
+    if cip is None:
+        return {"cip_on_file": False, "missing": ["cip_record"]}
+    snap: dict[str, Any] = {
+        "cip_on_file": True,
+        "cip_updated_at": cip.updated_at,
+        "account_id": cip.account_id,
+        "name": cip.customer_name,
+        "customer_type": cip.customer_type,
+        "country": cip.country,
+        "address": cip.address,
+        "us_person": cip.us_person,
+        "payment_means": cip.payment_means,
+        "payment_source": cip.payment_source,
+        "emails": list(cip.emails),
+        "phones": list(cip.phones),
+        "ip_addresses": [ip.model_dump(mode="json") for ip in cip.ip_addresses],
+        "national_id": cip.national_id,
+        "beneficial_owners": [o.model_dump(mode="json") for o in cip.beneficial_owners],
+        "reseller": cip.reseller.model_dump(mode="json") if cip.reseller else None,
+        "verification_status": cip.verification_status,
+        "verified_at": cip.verified_at,
+    }
+    if owner_id is not None:
+        owner = next((o for o in cip.beneficial_owners if o.owner_id == owner_id), None)
+        snap["subject_owner"] = owner.model_dump(mode="json") if owner else {"owner_id": owner_id}
+    required = ("name", "address", "payment_means", "payment_source", "emails", "phones", "ip_addresses")
+    snap["missing"] = [k for k in required if snap[k] in (None, [], "")]
+    return snap
+
+
+def _dismissal_allows_reopen(dismissal: Mapping[str, Any], det: Detection) -> bool:
+    rank = OUTCOME_RANK[det.outcome]
+    seen_rank = int(dismissal.get("max_rank", -1))
+    return rank > seen_rank or (rank == seen_rank and det.reason not in dismissal.get("reasons", []))
+
+
+def _detection_entry(det: Detection, fp: str) -> dict[str, Any]:
+    return {
+        "detector_id": det.detector_id,
+        "detector_version": det.detector_version,
+        "severity": det.severity,
+        "outcome": det.outcome,
+        "reason": det.reason,
+        "event_time": det.event_time,
+        "summary": det.summary,
+        "workload_ids": list(det.workload_ids),
+        "source_windows": list(det.source_windows),
+        "policy_version": det.policy_version,
+        "evidence": det.evidence,
+        "fingerprint": fp,
+    }
+
+
+def _content(case: Case) -> dict[str, Any]:
+    # What counts as a change: everything but the bookkeeping a change itself sets.
+    return case.model_dump(exclude={"updated_at", "version"})
+
+
+# ---- the book ----------------------------------------------------------------------------------------------------
+
+
+class CaseBook:
+    """Holds the latest version of each case and turns detections and analyst actions into CaseChanges.
+
+    Every method returns the changes and also keeps them, so the book stays the state the caller is writing.
+    """
+
+    def __init__(self, policy: Policy, cases: Iterable[Case] = ()):
+        self.policy = policy
+        self._cases: dict[str, Case] = {}
+        self.load(cases)
+
+    def load(self, cases: Iterable[Case]) -> None:
+        """Replace the book's copy of these cases (e.g. the store's latest, which an analyst may have changed)."""
+        for c in cases:
+            self._cases[c.case_id] = c
+
+    def get(self, case_id: str) -> Case | None:
+        return self._cases.get(case_id)
+
+    @property
+    def cases(self) -> list[Case]:
+        return list(self._cases.values())
+
+    def _knowledge(self, det: Detection) -> bool:
+        return det.outcome == "reportable" or (
+            det.outcome == "needs_review" and self.policy.uncertainty.needs_review_is_knowledge
+        )
+
+    # ---- detections ----------------------------------------------------------------------------------------------
+
+    def apply(self, detections: Iterable[Detection], cips: Mapping[str, CipRecord], now: float) -> CaseChanges:
+        """Apply detections (any order; sorted by event time for determinism). `cips`: latest record per account."""
+        working: dict[str, Case] = {}
+        events: list[CaseEvent] = []
+        for det in sorted(detections, key=lambda d: (d.event_time, d.detection_id)):
+            cid = case_id_for(det)
+            current = working.get(cid) or self._cases.get(cid)
+            fp = fingerprint(det)
+            if current is None:
+                if det.outcome == "info":
+                    continue
+                case, event = self._open(cid, det, fp, cips.get(det.account_id), now)
+            elif fp in current.evidence.get("applied", ()):
+                continue  # a replay
+            else:
+                case, event = self._merge(current, det, fp, now)
+            working[cid] = case
+            events.append(event)
+        out = CaseChanges(events=events)
+        for cid, case in working.items():
+            prior = self._cases.get(cid)
+            if prior is not None and _content(prior) == _content(case):
+                continue
+            case = case.model_copy(update={"version": prior.version + 1 if prior else 1, "updated_at": now})
+            self._cases[cid] = case
+            out.cases.append(case)
+        return out
+
+    def _open(
+        self, cid: str, det: Detection, fp: str, cip: CipRecord | None, now: float
+    ) -> tuple[Case, CaseEvent]:
+        status = _STATUS_FOR_OUTCOME[det.outcome]
+        knowledge = det.event_time if self._knowledge(det) else None
+        case = Case(
+            case_id=cid,
+            account_id=det.account_id,
+            beneficial_owner_id=det.beneficial_owner_id,
+            run_id=det.run_id,
+            policy_id=det.policy_id,
+            policy_version=det.policy_version,
+            reason=det.reason,
+            status=status,
+            knowledge_at=knowledge,
+            detected_at=now,
+            due_at=due_at(knowledge, self.policy.reporting),
+            updated_at=now,
+            detectors=[det.detector_id],
+            evidence={"detections": {det.detection_id: _detection_entry(det, fp)}, "applied": [fp]},
+            identity=identity_snapshot(cip, det.beneficial_owner_id),
+            suggested_inquiry=self._inquiry(det) if status == "needs_review" else None,
+        )
+        event = self._event(case, det, fp, "opened", None, status, now, {"knowledge_at": knowledge})
+        return case, event
+
+    def _merge(self, case: Case, det: Detection, fp: str, now: float) -> tuple[Case, CaseEvent]:
+        evidence = copy.deepcopy(case.evidence)
+        evidence.setdefault("detections", {})[det.detection_id] = _detection_entry(det, fp)
+        evidence["applied"] = [*evidence.get("applied", []), fp][-MAX_APPLIED:]
+        status, knowledge, action = case.status, case.knowledge_at, "evidence_added"
+        updates: dict[str, Any] = {}
+        if case.status == "dismissed":
+            if det.outcome != "info" and _dismissal_allows_reopen(evidence.get("dismissal", {}), det):
+                status, action = _STATUS_FOR_OUTCOME[det.outcome], "reopened"
+                knowledge = None  # the dismissal said the earlier evidence was not knowledge
+                updates["dismiss_reason"] = None
+        elif case.status == "needs_review" and det.outcome == "reportable":
+            status, action = "open", "confirmed"
+        elif case.status == "monitored" and det.outcome in ("reportable", "needs_review"):
+            status, action = _STATUS_FOR_OUTCOME[det.outcome], "escalated"
+        if status in REPORTABLE_STATUSES and self._knowledge(det):
+            knowledge = det.event_time if knowledge is None else min(knowledge, det.event_time)
+        if status == "needs_review" and case.suggested_inquiry is None:
+            updates["suggested_inquiry"] = self._inquiry(det)
+        new = case.model_copy(
+            update={
+                **updates,
+                "status": status,
+                "knowledge_at": knowledge,
+                "due_at": due_at(knowledge, self.policy.reporting),
+                "detectors": sorted({*case.detectors, det.detector_id}),
+                "evidence": evidence,
+            }
+        )
+        details: dict[str, Any] = {}
+        if knowledge != case.knowledge_at:
+            details["knowledge_at"] = {"from": case.knowledge_at, "to": knowledge}
+        return new, self._event(new, det, fp, action, case.status, status, now, details)
+
+    def _inquiry(self, det: Detection) -> str:
+        return str(det.evidence.get("suggested_inquiry") or DEFAULT_INQUIRY.format(account=det.account_id))
+
+    @staticmethod
+    def _event(
+        case: Case, det: Detection, fp: str, action: str, from_status: str | None, to_status: str, now: float,
+        extra: dict[str, Any],
+    ) -> CaseEvent:
+        return CaseEvent(
+            event_id=content_id("cev", case.case_id, action, det.event_time, fp),
+            case_id=case.case_id,
+            at=det.event_time,
+            recorded_at=now,
+            actor=PIPELINE_ACTOR,
+            action=action,
+            from_status=from_status,
+            to_status=to_status,
+            details={
+                "detection_id": det.detection_id,
+                "detector_id": det.detector_id,
+                "outcome": det.outcome,
+                "reason": det.reason,
+                "summary": det.summary,
+                **extra,
+            },
+        )
+
+    def refresh_identity(self, cip: CipRecord, now: float) -> CaseChanges:
+        """A newer CIP record updates the identity snapshot of the account's cases not yet reported or dismissed."""
+        out = CaseChanges()
+        for case in list(self._cases.values()):
+            if case.account_id != cip.account_id or case.status in ("reported", "dismissed"):
+                continue
+            if (case.identity.get("cip_updated_at") or float("-inf")) >= cip.updated_at:
+                continue
+            snap = identity_snapshot(cip, case.beneficial_owner_id)
+            new = case.model_copy(update={"identity": snap, "version": case.version + 1, "updated_at": now})
+            self._cases[case.case_id] = new
+            out.cases.append(new)
+            out.events.append(self._action_event(new, PIPELINE_ACTOR, cip.updated_at, now, "identity_updated",
+                                                 case.status, case.status, {"cip_updated_at": cip.updated_at}))
+        return out
+
+    # ---- analyst actions -----------------------------------------------------------------------------------------
+
+    def ack(self, case_id: str, actor: str, at: float) -> CaseChanges:
+        """An analyst takes the case: open -> acknowledged."""
+        return self._transition(case_id, actor, at, "acknowledged", ("open",), "acknowledged", {})
+
+    def report(self, case_id: str, actor: str, at: float, filing_reference: str) -> CaseChanges:
+        """The report was filed: open | needs_review | acknowledged -> reported, with the filing reference."""
+        if not filing_reference.strip():
+            raise CaseError(f"{case_id}: a filing reference is required to mark a case reported")
+        return self._transition(
+            case_id, actor, at, "reported", ("open", "needs_review", "acknowledged"), "reported",
+            {"filing_reference": filing_reference},
+        )
+
+    def dismiss(self, case_id: str, actor: str, at: float, reason: str) -> CaseChanges:
+        """Not a reportable matter: any status but reported/dismissed -> dismissed, with the reason."""
+        if not reason.strip():
+            raise CaseError(f"{case_id}: a reason is required to dismiss a case")
+        return self._transition(
+            case_id, actor, at, "dismissed", ("open", "needs_review", "acknowledged", "monitored"), "dismissed",
+            {"dismiss_reason": reason},
+        )
+
+    def decide_review(self, case_id: str, actor: str, at: float, is_training: bool, note: str) -> CaseChanges:
+        """Close a needs_review case: training -> open (knowledge at the latest now, if not counted before), not
+        training -> dismissed (a later stronger detection reopens it)."""
+        if is_training:
+            case = self._require(case_id)
+            knowledge = case.knowledge_at if case.knowledge_at is not None else at
+            return self._transition(
+                case_id, actor, at, "review_training", ("needs_review",), "open",
+                {"knowledge_at": knowledge, "due_at": due_at(knowledge, self.policy.reporting)}, note=note,
+            )
+        return self._transition(
+            case_id, actor, at, "review_not_training", ("needs_review",), "dismissed",
+            {"dismiss_reason": f"review: not training: {note}"}, note=note,
+        )
+
+    def _require(self, case_id: str) -> Case:
+        case = self._cases.get(case_id)
+        if case is None:
+            raise UnknownCase(f"{case_id}: no such case")
+        return case
+
+    def _transition(
+        self, case_id: str, actor: str, at: float, action: str, allowed: tuple[str, ...], to: str,
+        updates: dict[str, Any], note: str | None = None,
+    ) -> CaseChanges:
+        case = self._require(case_id)
+        if not actor.strip():
+            raise CaseError(f"{case_id}: an actor is required")
+        if case.status not in allowed:
+            raise IllegalTransition(
+                f"{case_id}: action '{action}' is not allowed on a case that is {case.status} "
+                f"(allowed from: {', '.join(allowed)})"
+            )
+        if to == "dismissed":
+            updates = {**updates, "evidence": self._with_dismissal(case, at)}
+        new = case.model_copy(update={**updates, "status": to, "version": case.version + 1, "updated_at": at})
+        self._cases[case_id] = new
+        details = {k: v for k, v in updates.items() if k != "evidence"}
+        if note is not None:
+            details["note"] = note
+        return CaseChanges([new], [self._action_event(new, actor, at, at, action, case.status, to, details)])
+
+    @staticmethod
+    def _with_dismissal(case: Case, at: float) -> dict[str, Any]:
+        # The baseline "stronger evidence" is measured against: everything applied up to the dismissal.
+        entries = case.evidence.get("detections", {}).values()
+        evidence = copy.deepcopy(case.evidence)
+        evidence["dismissal"] = {
+            "at": at,
+            "max_rank": max((OUTCOME_RANK[e["outcome"]] for e in entries), default=-1),
+            "reasons": sorted({e["reason"] for e in entries}),
+        }
+        return evidence
+
+    @staticmethod
+    def _action_event(
+        case: Case, actor: str, at: float, recorded_at: float, action: str, from_status: str, to_status: str,
+        details: dict[str, Any],
+    ) -> CaseEvent:
+        return CaseEvent(
+            event_id=content_id("cev", case.case_id, action, at, actor, case.version),
+            case_id=case.case_id,
+            at=at,
+            recorded_at=recorded_at,
+            actor=actor,
+            action=action,
+            from_status=from_status,
+            to_status=to_status,
+            details=details,
+        )

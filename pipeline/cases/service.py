@@ -1,0 +1,95 @@
+"""Glue between the pure CaseBook / DeadlineMonitor and the ClickHouse store, used by the runner and the CLI.
+
+The store is the source of truth: analysts change cases from other processes (the CLI), so before each batch
+the cases it touches are re-read from the store, and the book never writes over an analyst's newer version.
+At start every case and every deadline event id already stored is loaded, so a restart re-derives the same
+ids and writes nothing twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from pipeline.cases.core import CaseBook, CaseChanges, UnknownCase, case_id_for
+from pipeline.cases.deadline import OVERDUE, PENDING_STATUSES, REMINDER, DeadlineMonitor
+from pipeline.cases.feed import CaseFeedMessage, feed_messages
+from pipeline.store import Store
+from schemas.case import Case
+from schemas.cip import CipRecord
+from schemas.detection import Detection
+from schemas.policy import Policy
+
+
+class CaseService:
+    def __init__(self, store: Store, policy: Policy, *, preload: bool = True):
+        """`preload=False` (the CLI's one-off actions) skips loading every case; actions re-read theirs anyway."""
+        self.store = store
+        self.policy = policy
+        self.book = CaseBook(policy, store.list_cases() if preload else ())
+        emitted = store.query(
+            "SELECT DISTINCT event_id FROM case_events WHERE action IN {actions:Array(String)}",
+            {"actions": [REMINDER, OVERDUE]},
+        )
+        self.monitor = DeadlineMonitor(policy, (r["event_id"] for r in emitted))
+
+    def _write(self, changes: CaseChanges) -> list[CaseFeedMessage]:
+        # Cases first: an event never points at a case version the store does not have yet.
+        self.store.upsert_cases(changes.cases)
+        self.store.append_case_events(changes.events)
+        touched = {e.case_id for e in changes.events}
+        latest = [c for cid in touched if (c := self.book.get(cid)) is not None]
+        return feed_messages(latest, changes.events, self.policy)
+
+    def _refresh(self, case_ids: Iterable[str]) -> None:
+        self.book.load(c for cid in set(case_ids) if (c := self.store.get_case(cid)) is not None)
+
+    def process(
+        self, detections: Iterable[Detection], now: float, cips: Mapping[str, CipRecord] | None = None
+    ) -> list[CaseFeedMessage]:
+        """Apply a batch of detections at processing time `now`; returns the feed messages to publish.
+        `cips`: latest CIP record per account where the caller has it; the rest are read from the store."""
+        dets = list(detections)
+        if not dets:
+            return []
+        self._refresh(case_id_for(d) for d in dets)
+        known = dict(cips or {})
+        for acct in {d.account_id for d in dets} - known.keys():
+            if (rec := self.store.get_cip(acct)) is not None:
+                known[acct] = rec
+        return self._write(self.book.apply(dets, known, now))
+
+    def update_identity(self, cip: CipRecord, now: float) -> list[CaseFeedMessage]:
+        """A newer CIP record refreshes the identity snapshot of the account's pending cases."""
+        self._refresh(c.case_id for c in self.store.list_cases() if c.account_id == cip.account_id)
+        return self._write(self.book.refresh_identity(cip, now))
+
+    def tick(self, event_now: float, recorded_at: float) -> list[CaseFeedMessage]:
+        """Run the deadline monitor at event time `event_now` (the watermark)."""
+        pending = self.store.list_cases(status=list(PENDING_STATUSES))
+        self.book.load(pending)
+        return self._write(CaseChanges(events=self.monitor.due(pending, event_now, recorded_at)))
+
+    # ---- analyst actions (each re-reads the case first: the store is the truth) ----------------------------------
+
+    def _fresh(self, case_id: str) -> Case:
+        case = self.store.get_case(case_id)
+        if case is None:
+            raise UnknownCase(f"{case_id}: no such case in database {self.store.database}")
+        self.book.load([case])
+        return case
+
+    def ack(self, case_id: str, actor: str, at: float) -> list[CaseFeedMessage]:
+        self._fresh(case_id)
+        return self._write(self.book.ack(case_id, actor, at))
+
+    def report(self, case_id: str, actor: str, at: float, filing_reference: str) -> list[CaseFeedMessage]:
+        self._fresh(case_id)
+        return self._write(self.book.report(case_id, actor, at, filing_reference))
+
+    def dismiss(self, case_id: str, actor: str, at: float, reason: str) -> list[CaseFeedMessage]:
+        self._fresh(case_id)
+        return self._write(self.book.dismiss(case_id, actor, at, reason))
+
+    def decide_review(self, case_id: str, actor: str, at: float, is_training: bool, note: str) -> list[CaseFeedMessage]:
+        self._fresh(case_id)
+        return self._write(self.book.decide_review(case_id, actor, at, is_training, note))

@@ -1,0 +1,208 @@
+"""`trainwatch cases list|show|ack|report|dismiss|review` and `trainwatch report CASE [--markdown|--json]`.
+
+Every command reads and writes the ClickHouse store named by --store/--database (default: Settings). Actions
+re-read the case, validate the transition (an illegal one exits 2 with the reason) and append an audit event.
+"""
+
+from __future__ import annotations
+
+import getpass
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+
+from pipeline.cases.core import UnknownCase
+from pipeline.cases.feed import CaseFeedMessage
+from pipeline.cases.report import draft_report, render_markdown, utc
+from pipeline.cases.service import CaseService
+from pipeline.settings import load_settings
+from pipeline.store import Store
+from schemas.case import Case
+from schemas.errors import PolicyError
+from schemas.policy import Policy, load_policy
+from schemas.serde import dumps
+
+cases_app = typer.Typer(help="Cases in the knowledge store: list, inspect, and act on them.", no_args_is_help=True)
+
+_STORE = typer.Option(None, "--store", help="ClickHouse DSN (chdb://PATH or http(s)://...); default from settings")
+_DATABASE = typer.Option(None, "--database", help="database name; default from settings")
+_JSON = typer.Option(False, "--json", help="print JSON")
+_ACTOR = typer.Option(None, "--actor", help="who acts (default: the login name)")
+_AT = typer.Option(None, "--at", help="time of the action, epoch seconds (default: now)")
+
+
+@contextmanager
+def _store(dsn: str | None, database: str | None) -> Iterator[Store]:
+    settings = load_settings()
+    with Store.connect(dsn or settings.clickhouse_dsn, database or settings.database) as store:
+        yield store
+
+
+def _policy_of(case: Case) -> Policy:
+    """The policy that decided the case (shipped profile by id), else the configured one."""
+    try:
+        return load_policy(case.policy_id)
+    except PolicyError:
+        return load_policy(load_settings().policy)
+
+
+def _echo_json(data: Any) -> None:
+    typer.echo(dumps(data).decode())
+
+
+def _summary(case: Case) -> dict[str, Any]:
+    return case.model_dump(mode="json", exclude={"evidence", "identity"})
+
+
+def _get(store: Store, case_id: str) -> Case:
+    case = store.get_case(case_id)
+    if case is None:
+        raise UnknownCase(f"{case_id}: no such case in database {store.database}")
+    return case
+
+
+@cases_app.command("list")
+def list_(
+    status: list[str] = typer.Option(None, "--status", help="only these statuses (repeatable)"),
+    as_json: bool = _JSON,
+    store_dsn: str | None = _STORE,
+    database: str | None = _DATABASE,
+) -> None:
+    """Cases, soonest due first (identity and evidence left out; see `cases show`)."""
+    with _store(store_dsn, database) as store:
+        cases = store.list_cases(status=status or None)
+    if as_json:
+        _echo_json([_summary(c) for c in cases])
+        return
+    for c in cases:
+        typer.echo(f"{c.case_id}\t{c.status}\t{c.reason}\t{c.account_id}\tdue {utc(c.due_at) or '-'}\t"
+                   f"{c.policy_id}@{c.policy_version}")
+
+
+@cases_app.command("show")
+def show(
+    case_id: str = typer.Argument(..., help="case id"),
+    as_json: bool = _JSON,
+    store_dsn: str | None = _STORE,
+    database: str | None = _DATABASE,
+) -> None:
+    """One case with its audit trail."""
+    with _store(store_dsn, database) as store:
+        case = _get(store, case_id)
+        events = store.case_events(case_id)
+    if as_json:
+        _echo_json({"case": case.model_dump(mode="json"), "events": [e.model_dump(mode="json") for e in events]})
+        return
+    typer.echo(f"{case.case_id}  {case.status}  v{case.version}  {case.reason}  policy {case.policy_id}@"
+               f"{case.policy_version}")
+    typer.echo(f"account {case.account_id}  owner {case.beneficial_owner_id or '-'}  run {case.run_id or '-'}")
+    typer.echo(f"knowledge {utc(case.knowledge_at) or '-'}  due {utc(case.due_at) or '-'}  "
+               f"detectors {', '.join(case.detectors)}")
+    for e in events:
+        typer.echo(f"  {utc(e.at)}  {e.actor}  {e.action}  {e.from_status or '-'} -> {e.to_status or '-'}")
+
+
+def _act(
+    store_dsn: str | None, database: str | None, case_id: str, as_json: bool, method: str, *args: Any
+) -> None:
+    with _store(store_dsn, database) as store:
+        service = CaseService(store, _policy_of(_get(store, case_id)), preload=False)
+        messages: list[CaseFeedMessage] = getattr(service, method)(case_id, *args)
+    case = messages[-1].case
+    if as_json:
+        events = [m.change.model_dump(mode="json") for m in messages]
+        _echo_json({"case": case.model_dump(mode="json"), "events": events})
+        return
+    for m in messages:
+        typer.echo(f"{case_id}: {m.change.from_status} -> {m.change.to_status} ({m.change.action} by {m.change.actor})")
+
+
+def _who(actor: str | None) -> str:
+    return actor or getpass.getuser()
+
+
+def _when(at: float | None) -> float:
+    return time.time() if at is None else at
+
+
+@cases_app.command("ack")
+def ack(
+    case_id: str = typer.Argument(..., help="case id"),
+    actor: str | None = _ACTOR,
+    at: float | None = _AT,
+    as_json: bool = _JSON,
+    store_dsn: str | None = _STORE,
+    database: str | None = _DATABASE,
+) -> None:
+    """Take an open case (open -> acknowledged)."""
+    _act(store_dsn, database, case_id, as_json, "ack", _who(actor), _when(at))
+
+
+@cases_app.command("report")
+def report(
+    case_id: str = typer.Argument(..., help="case id"),
+    reference: str = typer.Option(..., "--reference", help="the filing's reference number"),
+    actor: str | None = _ACTOR,
+    at: float | None = _AT,
+    as_json: bool = _JSON,
+    store_dsn: str | None = _STORE,
+    database: str | None = _DATABASE,
+) -> None:
+    """Record that the report was filed (open | needs_review | acknowledged -> reported)."""
+    _act(store_dsn, database, case_id, as_json, "report", _who(actor), _when(at), reference)
+
+
+@cases_app.command("dismiss")
+def dismiss(
+    case_id: str = typer.Argument(..., help="case id"),
+    reason: str = typer.Option(..., "--reason", help="why this is not a reportable matter"),
+    actor: str | None = _ACTOR,
+    at: float | None = _AT,
+    as_json: bool = _JSON,
+    store_dsn: str | None = _STORE,
+    database: str | None = _DATABASE,
+) -> None:
+    """Dismiss a case (any status but reported/dismissed); only new, stronger evidence reopens it."""
+    _act(store_dsn, database, case_id, as_json, "dismiss", _who(actor), _when(at), reason)
+
+
+@cases_app.command("review")
+def review(
+    case_id: str = typer.Argument(..., help="case id"),
+    training: bool = typer.Option(..., "--training/--not-training", help="the review's finding"),
+    note: str = typer.Option("", "--note", help="what the review found (e.g. the customer's answer)"),
+    actor: str | None = _ACTOR,
+    at: float | None = _AT,
+    as_json: bool = _JSON,
+    store_dsn: str | None = _STORE,
+    database: str | None = _DATABASE,
+) -> None:
+    """Decide a needs_review case: --training opens it, --not-training dismisses it."""
+    _act(store_dsn, database, case_id, as_json, "decide_review", _who(actor), _when(at), training, note)
+
+
+def report_cmd(
+    case_id: str = typer.Argument(..., help="case id"),
+    markdown: bool = typer.Option(False, "--markdown", help="print Markdown (the default)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    store_dsn: str | None = _STORE,
+    database: str | None = _DATABASE,
+) -> None:
+    """Print a case's DRAFT report."""
+    if markdown and as_json:
+        raise typer.BadParameter("choose one of --markdown and --json")
+    with _store(store_dsn, database) as store:
+        case = _get(store, case_id)
+    rep = draft_report(case, _policy_of(case))
+    if as_json:
+        _echo_json(rep)
+    else:
+        typer.echo(render_markdown(rep), nl=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(cases_app, name="cases")
+    app.command("report")(report_cmd)

@@ -1,0 +1,321 @@
+"""The pure case book and deadline monitor: knowledge and due dates in event time, idempotent replays, lifecycle."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from pipeline.cases.core import (
+    CaseBook,
+    CaseError,
+    IllegalTransition,
+    UnknownCase,
+    add_business_days,
+    case_id_for,
+)
+from pipeline.cases.deadline import OVERDUE, REMINDER, DeadlineMonitor
+from schemas.cip import BeneficialOwner, CipRecord, IpAccess
+from schemas.detection import Detection
+from schemas.ids import content_id
+from schemas.policy import Policy, load_policy
+
+BIS = load_policy("bis-2024-proposed")
+EU = load_policy("eu-ai-act")  # needs_review is not knowledge there
+DAY = 86_400.0
+MONDAY = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)  # a Monday
+T0 = MONDAY.timestamp()
+NOW = T0 + 120.0  # processing time, a little after the event time
+
+
+def det(
+    outcome: str = "reportable",
+    *,
+    t: float = T0,
+    run: str | None = "run-1",
+    account: str = "acct-1",
+    reason: str = "compute_used",
+    detector: str = "compute_threshold",
+    owner: str | None = None,
+    policy: Policy = BIS,
+    evidence: dict[str, Any] | None = None,
+) -> Detection:
+    return Detection(
+        detection_id=content_id("det", detector, policy.id, owner or account, run, reason),
+        detector_id=detector,
+        detector_version=1,
+        severity="high",
+        policy_id=policy.id,
+        policy_version=policy.version,
+        outcome=outcome,
+        reason=reason,
+        account_id=account,
+        beneficial_owner_id=owner,
+        run_id=run,
+        workload_ids=[f"{account}-wl-1"],
+        event_time=t,
+        summary=f"{reason} at {t}",
+        evidence={"flop_used": 1.2e26, "flop_low": 1.0e26, "flop_high": 2.4e26, "basis": "tensor_active"}
+        if evidence is None
+        else evidence,
+        source_windows=[f"w-{int(t)}"],
+    )
+
+
+def cip(account: str = "acct-1") -> CipRecord:
+    return CipRecord(
+        account_id=account,
+        updated_at=T0 - 30 * DAY,
+        customer_name="Example Labs Ltd",
+        customer_type="entity",
+        country="SG",
+        address="1 Example Road, Singapore",
+        us_person=False,
+        beneficial_owners=[BeneficialOwner(owner_id="own-1", name="A. Owner", ownership_pct=60, nationality="SG")],
+        payment_means="credit card ending 4242",
+        payment_source="Example Labs Ltd operating account, DBS Bank",
+        emails=["ops@example.sg"],
+        phones=["+65 5555 0100"],
+        ip_addresses=[IpAccess(ip="203.0.113.7", accessed_at=T0 - DAY, purpose="administration")],
+        verification_status="verified",
+    )
+
+
+def only(changes):
+    assert len(changes.cases) == 1
+    return changes.cases[0]
+
+
+# ---- opening, knowledge, due dates -------------------------------------------------------------------------------
+
+
+def test_reportable_opens_case_due_15_days_after_knowledge():
+    book = CaseBook(BIS)
+    d = det(t=T0)
+    out = book.apply([d], {"acct-1": cip()}, NOW)
+    case = only(out)
+    assert case.case_id == case_id_for(d) == CaseBook(BIS).apply([d], {}, NOW + 99).cases[0].case_id
+    assert (case.status, case.version, case.policy_id, case.policy_version) == ("open", 1, BIS.id, BIS.version)
+    assert case.knowledge_at == T0 and case.detected_at == NOW  # event time vs processing time
+    assert case.due_at == T0 + 15 * DAY
+    assert case.identity["name"] == "Example Labs Ltd"
+    assert [(e.action, e.from_status, e.to_status, e.at) for e in out.events] == [("opened", None, "open", T0)]
+
+
+def test_owner_and_runless_cases_have_their_own_ids():
+    by_account = case_id_for(det())
+    by_owner = case_id_for(det(owner="own-1", reason="owner_aggregate", run=None))
+    special = case_id_for(det(reason="special_measures", run=None))
+    other_policy = case_id_for(det(policy=EU))
+    assert len({by_account, by_owner, special, other_policy}) == 4
+    # the same run seen by another detector lands on the same case
+    assert case_id_for(det(detector="projection", reason="compute_projected")) == by_account
+
+
+def test_late_detection_with_earlier_event_time_moves_knowledge_earlier():
+    book = CaseBook(BIS)
+    book.apply([det(t=T0)], {}, NOW)
+    earlier = det(t=T0 - 3600, detector="projection", reason="compute_projected")
+    case = only(book.apply([earlier], {}, NOW + 10))
+    assert case.knowledge_at == T0 - 3600 and case.due_at == T0 - 3600 + 15 * DAY
+    assert case.version == 2 and case.detectors == ["compute_threshold", "projection"]
+
+
+def test_business_days_skip_weekends():
+    friday = MONDAY + timedelta(days=4)
+    saturday = MONDAY + timedelta(days=5)
+    assert add_business_days(friday.timestamp(), 1) == (MONDAY + timedelta(days=7)).timestamp()
+    # 15 business days from a Monday = three weeks later, same time of day
+    assert add_business_days(T0, 15) == (MONDAY + timedelta(days=21)).timestamp()
+    # knowledge on a weekend counts from Monday 00:00
+    next_monday = datetime(2026, 3, 9, tzinfo=UTC)
+    assert add_business_days(saturday.timestamp(), 1) == (next_monday + timedelta(days=1)).timestamp()
+
+    business = BIS.model_copy(update={"reporting": BIS.reporting.model_copy(update={"day_kind": "business"})})
+    case = only(CaseBook(business).apply([det(t=friday.timestamp())], {}, NOW))
+    due = datetime.fromtimestamp(case.due_at, UTC)
+    assert due == friday + timedelta(days=21) and due.weekday() == 4  # 15 business days = 3 weeks
+
+
+# ---- idempotence -------------------------------------------------------------------------------------------------
+
+
+def test_replay_produces_no_new_version_and_no_events():
+    batch = [det(t=T0), det(t=T0 + 60, detector="projection", reason="compute_projected"), det(account="acct-2")]
+    book = CaseBook(BIS)
+    first = book.apply(batch, {}, NOW)
+    assert len(first.cases) == 2 and len(first.events) == 3
+    assert not book.apply(batch, {}, NOW + 3600)
+    assert not book.apply(list(reversed(batch)), {}, NOW + 7200)
+    # a restarted book loaded from the written cases replays to nothing as well
+    restarted = CaseBook(BIS, first.cases)
+    assert not restarted.apply(batch[:1], {}, NOW + 9999)
+    # the same inputs on a fresh book give the same ids
+    again = CaseBook(BIS).apply(list(reversed(batch)), {}, NOW)
+    assert {c.case_id for c in again.cases} == {c.case_id for c in first.cases}
+    assert {e.event_id for e in again.events} == {e.event_id for e in first.events}
+
+
+def test_new_figures_update_evidence_and_bump_version():
+    book = CaseBook(BIS)
+    book.apply([det()], {}, NOW)
+    updated = det(evidence={"flop_used": 3e26, "basis": "tensor_active"})
+    case = only(book.apply([updated], {}, NOW + 60))
+    assert case.version == 2 and case.status == "open" and case.updated_at == NOW + 60
+    assert case.evidence["detections"][updated.detection_id]["evidence"]["flop_used"] == 3e26
+    assert not book.apply([updated], {}, NOW + 120)
+
+
+# ---- status rules ------------------------------------------------------------------------------------------------
+
+
+def test_needs_review_confirmed_by_reportable_becomes_open_keeping_earliest_knowledge():
+    book = CaseBook(BIS)
+    review = only(book.apply([det("needs_review", t=T0, reason="compute_used_uncertain")], {}, NOW))
+    assert review.status == "needs_review" and review.knowledge_at == T0 and review.suggested_inquiry
+    out = book.apply([det("reportable", t=T0 + 5 * 3600)], {}, NOW + 10)
+    case = only(out)
+    assert case.status == "open" and case.knowledge_at == T0 and case.due_at == T0 + 15 * DAY
+    assert [(e.action, e.from_status, e.to_status) for e in out.events] == [("confirmed", "needs_review", "open")]
+
+
+def test_needs_review_is_not_knowledge_when_the_policy_says_so():
+    book = CaseBook(EU)
+    review = only(book.apply([det("needs_review", policy=EU, reason="uncertain")], {}, NOW))
+    assert review.status == "needs_review" and review.knowledge_at is None and review.due_at is None
+    case = only(book.apply([det("reportable", t=T0 + 3600, policy=EU)], {}, NOW + 10))
+    assert case.status == "open" and case.knowledge_at == T0 + 3600 and case.due_at == T0 + 3600 + 14 * DAY
+
+
+def test_monitored_has_no_clock_and_info_opens_nothing():
+    book = CaseBook(BIS)
+    assert not book.apply([det("info")], {}, NOW)
+    case = only(book.apply([det("monitored")], {}, NOW))
+    assert case.status == "monitored" and case.knowledge_at is None and case.due_at is None
+    # a later CIP change makes the same run reportable: escalated, clock starts at that detection
+    esc = only(book.apply([det("reportable", t=T0 + 600, detector="foreign_run")], {}, NOW + 5))
+    assert esc.status == "open" and esc.knowledge_at == T0 + 600
+
+
+# ---- analyst lifecycle -------------------------------------------------------------------------------------------
+
+
+def test_lifecycle_ack_then_report_is_audited():
+    book = CaseBook(BIS)
+    cid = only(book.apply([det()], {}, NOW)).case_id
+    acked = book.ack(cid, "alice", NOW + 100)
+    assert only(acked).status == "acknowledged" and only(acked).version == 2
+    ev = acked.events[0]
+    assert (ev.actor, ev.action, ev.from_status, ev.to_status, ev.at) == ("alice", "acknowledged", "open",
+                                                                         "acknowledged", NOW + 100)
+    filed = book.report(cid, "bob", NOW + 200, "BIS-2026-0001")
+    case = only(filed)
+    assert case.status == "reported" and case.filing_reference == "BIS-2026-0001"
+    assert filed.events[0].details["filing_reference"] == "BIS-2026-0001"
+    # new evidence on a reported case is recorded but does not change the status
+    later = only(book.apply([det(evidence={"flop_used": 5e26})], {}, NOW + 300))
+    assert later.status == "reported" and later.version == 4
+
+
+def test_illegal_transitions_raise_clear_errors():
+    book = CaseBook(BIS)
+    cid = only(book.apply([det()], {}, NOW)).case_id
+    with pytest.raises(UnknownCase, match="no such case"):
+        book.ack("case-nope", "alice", NOW)
+    with pytest.raises(IllegalTransition, match="allowed from: needs_review"):
+        book.decide_review(cid, "alice", NOW, True, "n/a")
+    with pytest.raises(CaseError, match="filing reference is required"):
+        book.report(cid, "alice", NOW, "  ")
+    with pytest.raises(CaseError, match="reason is required"):
+        book.dismiss(cid, "alice", NOW, "")
+    book.report(cid, "alice", NOW + 1, "REF-1")
+    with pytest.raises(IllegalTransition, match="'acknowledged' is not allowed on a case that is reported"):
+        book.ack(cid, "alice", NOW + 2)
+    with pytest.raises(IllegalTransition, match="that is reported"):
+        book.dismiss(cid, "alice", NOW + 2, "changed my mind")
+    assert book.get(cid).status == "reported" and book.get(cid).version == 2  # failed actions changed nothing
+
+
+def test_review_decisions():
+    book = CaseBook(EU)
+    a = only(book.apply([det("needs_review", policy=EU, run="r-a")], {}, NOW)).case_id
+    b = only(book.apply([det("needs_review", policy=EU, run="r-b")], {}, NOW)).case_id
+    opened = only(book.decide_review(a, "carol", NOW + 50, True, "customer confirmed pre-training"))
+    # EU profile: needs_review was no knowledge, so the analyst's decision starts the clock
+    assert opened.status == "open" and opened.knowledge_at == NOW + 50 and opened.due_at == NOW + 50 + 14 * DAY
+    dismissed = only(book.decide_review(b, "carol", NOW + 60, False, "inference service"))
+    assert dismissed.status == "dismissed" and "inference service" in dismissed.dismiss_reason
+
+
+def test_dismissed_case_reopens_only_on_new_stronger_evidence():
+    book = CaseBook(BIS)
+    cid = only(book.apply([det("needs_review", reason="uncertain")], {}, NOW)).case_id
+    book.decide_review(cid, "carol", NOW + 10, False, "customer says fine-tuning eval only")
+    # new figures at the same strength: kept as evidence, still dismissed
+    same = book.apply([det("needs_review", reason="uncertain", evidence={"flop_used": 2e26})], {}, NOW + 20)
+    assert only(same).status == "dismissed" and same.events[0].action == "evidence_added"
+    # stronger (reportable) evidence reopens; the clock restarts at that detection
+    out = book.apply([det("reportable", t=T0 + DAY)], {}, NOW + 30)
+    case = only(out)
+    assert case.status == "open" and case.knowledge_at == T0 + DAY and case.dismiss_reason is None
+    assert (out.events[0].action, out.events[0].from_status) == ("reopened", "dismissed")
+
+    # a dismissed projection reopens on actual use (new reason at the top outcome), not on new projection figures
+    cid2 = only(book.apply([det(run="r2", reason="compute_projected")], {}, NOW)).case_id
+    book.dismiss(cid2, "dave", NOW + 5, "reservation cancelled")
+    assert only(book.apply([det(run="r2", reason="compute_projected", evidence={"x": 1})], {}, NOW + 6)).status \
+        == "dismissed"
+    assert only(book.apply([det(run="r2", reason="compute_used", detector="used")], {}, NOW + 7)).status == "open"
+
+
+# ---- deadline monitor (event time) -------------------------------------------------------------------------------
+
+
+def test_reminders_fire_at_7_3_1_days_and_overdue_at_due_once_each():
+    book = CaseBook(BIS)
+    case = only(book.apply([det()], {}, NOW))
+    due = case.due_at
+    mon = DeadlineMonitor(BIS)
+    fired: list[tuple[str, float | None, float]] = []
+    # step event time in 1-hour ticks plus the exact milestone instants, twice over each instant
+    ticks = sorted({*(case.knowledge_at + h * 3600 for h in range((16 * 24) + 2)),
+                    due - 7 * DAY - 1, due - 7 * DAY, due - 3 * DAY, due - DAY, due})
+    for t in ticks:
+        for _ in range(2):
+            for e in mon.due([case], t, recorded_at=NOW):
+                assert e.at <= t and e.recorded_at == NOW
+                fired.append((e.action, e.details.get("lead_days"), e.at))
+        if t == due - 7 * DAY - 1:
+            assert not fired
+    assert fired == [(REMINDER, 7.0, due - 7 * DAY), (REMINDER, 3.0, due - 3 * DAY), (REMINDER, 1.0, due - DAY),
+                     (OVERDUE, None, due)]
+    assert not mon.due([case], due - 7 * DAY - 1, NOW) and not DeadlineMonitor(BIS).due([case], due - 7 * DAY - 1, NOW)
+
+
+def test_milestone_ids_are_deterministic_and_reported_cases_get_none():
+    book = CaseBook(BIS)
+    case = only(book.apply([det()], {}, NOW))
+    late = DeadlineMonitor(BIS).due([case], case.due_at + DAY, NOW)  # jumped past everything: each fires once
+    assert [e.action for e in late] == [REMINDER, REMINDER, REMINDER, OVERDUE]
+    step = DeadlineMonitor(BIS)
+    stepped = [e for t in (case.due_at - 7 * DAY, case.due_at) for e in step.due([case], t, NOW + 1)]
+    assert [e.event_id for e in stepped] == [e.event_id for e in late]
+    assert not DeadlineMonitor(BIS, emitted=[e.event_id for e in late]).due([case], case.due_at + DAY, NOW)
+    reported = only(book.report(case.case_id, "alice", NOW + 5, "REF-9"))
+    assert not DeadlineMonitor(BIS).due([reported], reported.due_at + DAY, NOW)
+    monitored = only(book.apply([det("monitored", run="us-run")], {}, NOW))
+    assert not DeadlineMonitor(BIS).due([monitored], T0 + 100 * DAY, NOW)
+
+
+def test_newer_cip_record_refreshes_identity_of_pending_cases_only():
+    book = CaseBook(BIS)
+    open_id = only(book.apply([det()], {"acct-1": cip()}, NOW)).case_id
+    filed_id = only(book.apply([det(run="r-filed")], {"acct-1": cip()}, NOW)).case_id
+    book.report(filed_id, "alice", NOW + 1, "REF-2")
+    newer = cip().model_copy(update={"updated_at": T0, "phones": ["+65 5555 0199"]})
+    out = book.refresh_identity(newer, NOW + 2)
+    assert [c.case_id for c in out.cases] == [open_id] and out.cases[0].identity["phones"] == ["+65 5555 0199"]
+    assert out.events[0].action == "identity_updated" and out.cases[0].version == 2
+    assert not book.refresh_identity(newer, NOW + 3)  # same record again: nothing
+    assert book.get(filed_id).identity["phones"] == ["+65 5555 0100"]  # the filed report's snapshot stays

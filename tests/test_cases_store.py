@@ -1,0 +1,154 @@
+"""The case service on a real (embedded chDB) store, and the `trainwatch cases` / `report` CLI against it."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import typer
+from confluent_kafka import Consumer
+from typer.testing import CliRunner
+
+from pipeline.cases.core import IllegalTransition
+from pipeline.cases.deadline import OVERDUE, REMINDER
+from pipeline.cases.feed import CaseFeedMessage, CaseFeedProducer
+from pipeline.cases.service import CaseService
+from pipeline.commands import cases_cmd
+from pipeline.settings import KafkaSettings
+from pipeline.store import Store
+from schemas import serde
+from tests.test_cases_core import BIS, DAY, NOW, T0, cip, det
+
+
+@pytest.fixture
+def where(store: Store, store_path: Path) -> list[str]:
+    """CLI options naming the fixture's database on the process's one chDB engine path."""
+    return ["--store", f"chdb://{store_path}", "--database", store.database]
+
+
+@pytest.fixture
+def cli_app() -> typer.Typer:
+    app = typer.Typer()
+    cases_cmd.register(app)
+    return app
+
+
+def test_apply_and_replay_keep_one_case_and_no_duplicate_events(store: Store):
+    store.upsert_cip([cip()])
+    batch = [det(t=T0), det(t=T0 + 60, detector="projection", reason="compute_projected")]
+    svc = CaseService(store, BIS)
+    msgs = svc.process(batch, NOW)
+    assert len(msgs) == 2 and {m.key for m in msgs} == {b"acct-1"}
+    case = store.get_case(msgs[0].case.case_id)
+    assert case.status == "open" and case.version == 1 and case.knowledge_at == T0
+    assert case.identity["name"] == "Example Labs Ltd"  # CIP read from the store
+    assert msgs[-1].report["draft"] is True
+
+    assert svc.process(batch, NOW + 60) == []  # replay in the same process
+    restarted = CaseService(store, BIS)  # restart: loads the store's cases
+    assert restarted.process(batch, NOW + 120) == []
+    assert len(store.list_cases()) == 1 and store.get_case(case.case_id).version == 1
+    assert [e.action for e in store.case_events(case.case_id)] == ["opened", "evidence_added"]
+
+    # an analyst change made elsewhere is not overwritten by the runner's next evidence
+    other = CaseService(store, BIS, preload=False)
+    other.ack(case.case_id, "alice", NOW + 200)
+    svc.process([det(t=T0, evidence={"flop_used": 9e26})], NOW + 300)
+    latest = store.get_case(case.case_id)
+    assert latest.status == "acknowledged" and latest.version == 3
+
+
+def test_deadline_events_are_stored_once_across_restarts(store: Store):
+    svc = CaseService(store, BIS)
+    case = svc.process([det()], NOW)[0].case
+    first = svc.tick(case.due_at - 3 * DAY, recorded_at=NOW + 1)
+    assert [(m.change.action, m.change.details.get("lead_days")) for m in first] == [(REMINDER, 7.0), (REMINDER, 3.0)]
+    assert svc.tick(case.due_at - 3 * DAY, recorded_at=NOW + 2) == []
+    again = CaseService(store, BIS)  # restart: knows what was emitted
+    assert [m.change.action for m in again.tick(case.due_at, recorded_at=NOW + 3)] == [REMINDER, OVERDUE]
+    actions = [e.action for e in store.case_events(case.case_id)]
+    assert actions.count(REMINDER) == 3 and actions.count(OVERDUE) == 1
+
+
+def test_cli_list_show_ack_report_dismiss(store: Store, cli_app: typer.Typer, where: list[str]):
+    svc = CaseService(store, BIS)
+    store.upsert_cip([cip(), cip("acct-2")])
+    a = svc.process([det()], NOW)[0].case.case_id
+    b = svc.process([det(account="acct-2", t=T0 + DAY)], NOW)[0].case.case_id
+    runner = CliRunner()
+
+    res = runner.invoke(cli_app, ["cases", "list", "--json", *where])
+    assert res.exit_code == 0, res.output
+    listed = json.loads(res.output)
+    assert [c["case_id"] for c in listed] == [a, b]  # soonest due first
+    assert all("identity" not in c for c in listed)
+
+    res = runner.invoke(cli_app, ["cases", "ack", a, "--actor", "alice", "--at", str(NOW + 10), "--json", *where])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["case"]["status"] == "acknowledged"
+    assert [(e["actor"], e["from_status"], e["to_status"]) for e in out["events"]] == [
+        ("alice", "open", "acknowledged")]
+
+    res = runner.invoke(cli_app, ["cases", "report", a, "--reference", "BIS-1", "--actor", "bob", "--json", *where])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["case"]["filing_reference"] == "BIS-1"
+
+    res = runner.invoke(cli_app, ["cases", "dismiss", b, "--reason", "US subsidiary", "--actor", "c", "--json", *where])
+    assert res.exit_code == 0, res.output
+    assert store.get_case(b).status == "dismissed"
+
+    res = runner.invoke(cli_app, ["cases", "show", a, "--json", *where])
+    shown = json.loads(res.output)
+    assert [e["action"] for e in shown["events"]] == ["opened", "acknowledged", "reported"]
+    assert shown["case"]["identity"]["emails"] == ["ops@example.sg"]
+
+    res = runner.invoke(cli_app, ["cases", "list", "--status", "reported", "--json", *where])
+    assert [c["case_id"] for c in json.loads(res.output)] == [a]
+
+    # an illegal action fails with the reason and changes nothing
+    res = runner.invoke(cli_app, ["cases", "ack", a, "--actor", "alice", *where])
+    assert res.exit_code != 0 and isinstance(res.exception, IllegalTransition)
+    assert store.get_case(a).status == "reported"
+
+
+def test_cli_report_markdown_and_json(store: Store, cli_app: typer.Typer, where: list[str]):
+    store.upsert_cip([cip()])
+    case = CaseService(store, BIS).process([det()], NOW)[0].case
+    runner = CliRunner()
+    res = runner.invoke(cli_app, ["report", case.case_id, "--json", *where])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["draft"] and rep["foreign_person"]["name"] == "Example Labs Ltd"
+    assert rep["dates"]["due_at"] == case.due_at
+    res = runner.invoke(cli_app, ["report", case.case_id, "--markdown", *where])
+    assert res.exit_code == 0 and res.output.startswith("> **DRAFT") and "Example Labs Ltd" in res.output
+
+
+@pytest.mark.kafka
+def test_feed_messages_reach_kafka_keyed_by_account(store: Store, kafka_bootstrap: str, unique_topic):
+    topic = unique_topic("compliance-cases", partitions=2)
+    msgs = CaseService(store, BIS).process([det(), det(account="acct-2", run="r-2")], NOW)
+    producer = CaseFeedProducer(KafkaSettings(bootstrap_servers=kafka_bootstrap), topic)
+    assert producer.publish(msgs) == 2
+    producer.close()
+    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"feed-{uuid.uuid4().hex}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    got: list[CaseFeedMessage] = []
+    try:
+        consumer.subscribe([topic])
+        deadline = time.monotonic() + 30.0
+        while len(got) < 2 and time.monotonic() < deadline:
+            m = consumer.poll(0.5)
+            if m is None:
+                continue
+            assert m.error() is None, m.error()
+            got.append(serde.decode(CaseFeedMessage, m.value()))
+            assert m.key() == got[-1].case.account_id.encode()
+    finally:
+        consumer.close()
+    assert sorted(g.message_id for g in got) == sorted(m.message_id for m in msgs)
+    assert all(g.report["banner"].startswith("DRAFT") and g.change.action == "opened" for g in got)
