@@ -10,14 +10,16 @@ Benchmarks are not tests: nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.metadata as md
+import importlib.util
 import os
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import orjson
 
 from schemas.serde import dumps
 
@@ -127,19 +129,20 @@ def main(argv: list[str] | None = None) -> int:
         "errors": {},
     }
     for name in names:
-        try:
-            mod = importlib.import_module(f"benchmarks.bench_{name}")
-        except ModuleNotFoundError as exc:
-            results["errors"][name] = f"not available: {exc}"
+        if importlib.util.find_spec(f"benchmarks.bench_{name}") is None:
+            results["errors"][name] = "not available"
             continue
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
-        try:
-            r = mod.run(quick=args.quick)
-        except Exception as exc:  # one failing benchmark must not hide the others' figures
-            results["errors"][name] = f"{type(exc).__name__}: {exc}"
-            print(f"   failed: {exc}", flush=True)
+        # Each benchmark runs in its own process: its RSS figures are its own, and chDB's one-path-per-process
+        # rule cannot make one benchmark break the next.
+        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", "--json", *(["--quick"] if args.quick else [])]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:  # one failing benchmark must not hide the others' figures
+            results["errors"][name] = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+            print(f"   failed: {results['errors'][name]}", flush=True)
             continue
+        r = orjson.loads(proc.stdout.strip().splitlines()[-1])
         results["params"][name] = r.get("params", {}) | {"seconds": round(time.perf_counter() - t0, 1)}
         results["figures"].update(r["figures"])
         results["notes"].extend(r.get("notes", []))
