@@ -77,8 +77,7 @@ class ComputeThreshold(Detector):
             "crossing": dict(c), "knowledge_at_from": times,
             "knowledge_note": "knowledge_at = the latest of: the crossing, the classification as training, and the "
                               "time the CIP record made the customer foreign (the provider could not know earlier)",
-            "run": {"run_id": run.run_id, "started_at": run.started_at, "last_end": run.last_end,
-                    "workloads": list(state.run_workloads), "stitching": list(state.run_stitching)},
+            "run": {**run.describe(), "stitching": list(state.run_stitching)},
             "windows": list(run.source_windows),
             "needs_review_is_knowledge": policy.uncertainty.needs_review_is_knowledge,
         }

@@ -210,6 +210,9 @@ class DetectEngine:
                             len(_g(w, "nodes") or ()), "basis": basis,
                             "features": dict(feats) if isinstance(feats, Mapping) else {}})
         del run.history[:-HISTORY_K]
+        run.describe_window(workload_id=wid, job_id=job, accelerators=_g(w, "accelerators"),
+                            device_count=_g(w, "device_count") or len(_g(w, "devices") or ()),
+                            node_count=_g(w, "node_count") or len(_g(w, "nodes") or ()))
         verdict = self._classify(run, start, end)
         if run.crossed is None:
             run.crossed = crossing(used_before, run.used, start, end, latest=latest, rate=run.rate,
@@ -255,7 +258,8 @@ class DetectEngine:
                                       "used_high": run.used_high, "rate": run.rate, "t": run.last_end,
                                       "reserved_until": acct.reserved_until, "own_case": run.own_case,
                                       "band": (run.verdict or {}).get("band", "uncertain"),
-                                      "workloads": list(rec.workloads) if rec else []}
+                                      "workloads": list(rec.workloads) if rec else [],
+                                      "run": run.describe(), "basis": dict(run.basis)}
             if owner.crossed is not None:
                 continue
             c = owner_crossing(owner, threshold=th.training_ops, count_projected=th.count_projected, t=end,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from detectors.base import DetectContext, Detector, inquiry_text
-from detectors.state import OwnerState
+from detectors.state import RUN_IDS_K, OwnerState
 from schemas.detection import Detection
 
 
@@ -34,6 +34,32 @@ def owner_crossing(owner: OwnerState, *, threshold: float, count_projected: bool
             "all_training": all(r.get("band") == "training" for r in runs.values())}
 
 
+def combined_run(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The owner's runs described as one (evidence key `run`): footprints add up (the runs may overlap in time),
+    the span is first start to last end, the id lists are bounded."""
+    descs = [r.get("run") or {} for r in runs.values()]
+    accel: dict[str, int] = {}
+    for d in descs:
+        for m, n in (d.get("accelerators") or {}).items():
+            accel[m] = accel.get(m, 0) + n
+    starts = [d["start"] for d in descs if d.get("start") is not None]
+    ends = [d["end"] for d in descs if d.get("end") is not None]
+    return {"run_id": None, "run_ids": sorted(runs), "accelerators": accel,
+            "device_count": sum(d.get("device_count") or 0 for d in descs) or None,
+            "node_count": sum(d.get("node_count") or 0 for d in descs) or None,
+            "start": min(starts) if starts else None, "end": max(ends) if ends else None,
+            "job_ids": sorted({j for d in descs for j in d.get("job_ids") or []})[:RUN_IDS_K],
+            "workload_ids": sorted({w for d in descs for w in d.get("workload_ids") or []})[:RUN_IDS_K]}
+
+
+def combined_basis(runs: dict[str, dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in runs.values():
+        for b, n in (r.get("basis") or {}).items():
+            out[b] = out.get(b, 0) + n
+    return out
+
+
 class OwnerAggregate(Detector):
     id = "owner_aggregate"
     version = 1
@@ -51,7 +77,7 @@ class OwnerAggregate(Detector):
             "threshold_ops": state.policy.thresholds.training_ops, "beneficial_owner_id": owner.owner_id,
             "accounts": list(owner.accounts), "used_flop": c["used"], "used_flop_low": c["used_low"],
             "used_flop_high": c["used_high"], "projected_flop": c["projected"], "crossing": c["basis"],
-            "runs": c["runs"],
+            "basis": combined_basis(c["runs"]), "run": combined_run(c["runs"]), "runs": c["runs"],
         }
         if outcome == "needs_review":
             evidence["suggested_inquiry"] = inquiry_text(state.account_id, None, c["used"], c["projected"])

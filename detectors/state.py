@@ -14,11 +14,19 @@ HISTORY_K = 16  # windows the classifier sees
 SEEN_K = 256  # (workload, window) keys remembered so a re-delivered or corrected window replaces, not adds
 RECENT_EVENTS_K = 64
 SOURCE_WINDOWS_K = 32
+RUN_IDS_K = 16  # job / workload ids (and accelerator models) kept in a run's description: the newest
 
 
 def _cap_dict(d: dict[str, Any], k: int) -> None:
     while len(d) > k:
         d.pop(next(iter(d)))
+
+
+def _int(v: Any) -> int:
+    try:
+        return max(0, int(v))
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 class _Plain:
@@ -50,6 +58,32 @@ class RunState(_Plain):
     crossed: dict[str, Any] | None = None  # first crossing: at, reason, figures (whatever the person's status)
     source_windows: list[str] = field(default_factory=list)
     own_case: bool = False  # a reportable / needs_review detection of its own was emitted
+    # The run's description for the report: the largest footprint seen in one window, and the ids it ran under.
+    accelerators: dict[str, int] = field(default_factory=dict)  # model -> device count (max in one window)
+    device_count: int = 0
+    node_count: int = 0
+    job_ids: list[str] = field(default_factory=list)
+    workload_ids: list[str] = field(default_factory=list)
+
+    def describe_window(self, *, workload_id: str, job_id: str | None, accelerators: Mapping[str, Any] | None,
+                        device_count: Any, node_count: Any) -> None:
+        """Fold one window's footprint and ids into the run's description (maxima, bounded id lists)."""
+        for model, n in (accelerators.items() if isinstance(accelerators, Mapping) else ()):
+            self.accelerators[str(model)] = max(self.accelerators.get(str(model), 0), _int(n))
+        _cap_dict(self.accelerators, RUN_IDS_K)
+        self.device_count = max(self.device_count, _int(device_count))
+        self.node_count = max(self.node_count, _int(node_count))
+        for ids, ref in ((self.workload_ids, workload_id), (self.job_ids, job_id)):
+            if ref and ref not in ids:
+                ids.append(str(ref))
+                del ids[:-RUN_IDS_K]
+
+    def describe(self) -> dict[str, Any]:
+        """The run as the case report reads it (evidence key `run`)."""
+        return {"run_id": self.run_id, "accelerators": dict(self.accelerators),
+                "device_count": self.device_count or None, "node_count": self.node_count or None,
+                "start": self.started_at, "end": self.last_end or None,
+                "job_ids": list(self.job_ids), "workload_ids": list(self.workload_ids)}
 
     def add_window(self, key: str, window_end: float, flop: tuple[float, float, float], window_s: float) -> None:
         """Add (or, for a re-delivered window, replace) one workload-window's FLOP."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from detectors.engine import DetectEngine
+from detectors.state import RUN_IDS_K
 from schemas.detection import Detection
 from tests.detector_builders import INFERENCE, SMI_ONLY, T0, TRAINING, W, alloc, cip, demo, owner, window, with_foreign
 
@@ -42,6 +43,10 @@ def test_used_crossing_of_a_foreign_training_run_is_reportable():
     assert ev["classifier"]["band"] == "training" and ev["classifier"]["top_features"]
     assert ev["foreign_person"]["is_foreign"] and "customer_not_us_person" in ev["foreign_person"]["reasons"]
     assert d.run_id and d.workload_ids == ["wl-1"] and d.source_windows
+    assert ev["basis"] == {"tensor_active": 4}  # 4 windows of 3e17 reach T = 1e18
+    run = ev["run"]
+    assert (run["run_id"], run["accelerators"], run["device_count"], run["node_count"]) == (d.run_id, {"H100": 8}, 8, 2)
+    assert (run["start"], run["end"], run["workload_ids"], run["job_ids"]) == (T0, T0 + 4 * W, ["wl-1"], [])
 
 
 def test_projected_crossing_with_a_reservation():
@@ -98,6 +103,8 @@ def test_owner_split_across_two_accounts_is_caught():
     assert (d.reason, d.beneficial_owner_id, d.account_id, d.outcome) == (
         "owner_aggregate", "own-x", "acct-b", "reportable")
     assert d.evidence["used_flop"] >= T and sorted(d.workload_ids) == ["wl-a", "wl-b"]
+    assert d.evidence["basis"] == {"tensor_active": 10}
+    assert d.evidence["run"]["device_count"] == 16 and d.evidence["run"]["workload_ids"] == ["wl-a", "wl-b"]
     assert d.event_time == pytest.approx(T0 + 3 * W + W)  # 6 + 4 windows of 1e17: the 4th of wl-b crosses at its end
 
 
@@ -195,7 +202,11 @@ def test_restart_with_run_label_is_stitched_across_a_long_gap_and_sums_compute()
     assert run_of(eng, "job-a") == run_of(eng, "job-b")
     ct = by(d1 + d2, "compute_threshold")
     assert len(ct) == 1 and sorted(ct[0].workload_ids) == ["job-a", "job-b"]
-    assert ct[0].evidence["run"]["stitching"][0]["by"] == "run_label"
+    run = ct[0].evidence["run"]
+    assert run["stitching"][0]["by"] == "run_label"
+    # the description spans both jobs: the larger footprint, first start to last end
+    assert (run["accelerators"], run["device_count"], run["workload_ids"]) == ({"H100": 16}, 16, ["job-a", "job-b"])
+    assert run["start"] == T0 and T0 + 200 * W < run["end"] <= T0 + 203 * W
 
 
 def test_label_from_allocation_stitches_unlabeled_telemetry():
@@ -271,4 +282,8 @@ def test_odd_input_never_raises_and_state_expires():
                           "window_end": T0 + W}) == []
     eng.on_time(T0 + 10 * 86400)
     assert not eng.runs and "acct-z" not in eng.accounts
+    many = [window(f"job-{i}", "acct-m", i, flop=1e10, label="same") for i in range(3 * RUN_IDS_K)]
+    feed(eng, many)
+    (run,) = eng.runs.values()
+    assert len(run.workload_ids) == RUN_IDS_K and run.workload_ids[-1] == f"job-{3 * RUN_IDS_K - 1}"  # bounded
     assert TRAINING  # the builders' training features stay the default

@@ -7,10 +7,10 @@ defend it: the run's description, the compute estimate with its band and basis, 
 windows, the classifier's verdict, knowledge and due dates, and the policy id and version. Always a DRAFT; a
 DEMO banner too when the policy is a scaled-down demonstration profile.
 
-Detector evidence is read by these keys (the first found, newest detection first; absent = "not in evidence"):
-  accelerators (model -> count), device_count, devices, node_count, nodes, run_start | first_seen | start,
-  run_end | last_seen | end, duration_s, jobs | job_ids, workloads, flop_used | flop, flop_low, flop_high,
-  flop_projected, basis, classifier (dict) | p_training | verdict.
+Detector evidence is read by the detectors' own names (the first found, latest figures first; absent = "not in
+evidence"): `run` = {run_id, accelerators (model -> devices), device_count, node_count, start, end, job_ids,
+workload_ids}, `used_flop`, `used_flop_low`, `used_flop_high`, `projected_flop`, `rate_flops`, `reserved_until`,
+`basis` (basis -> window count, or one basis name), `classifier`.
 """
 
 from __future__ import annotations
@@ -43,10 +43,18 @@ def _policy_for(case: Case, policy: Policy | None) -> Policy | None:
         return policy
 
 
+def _as_of(entry: dict[str, Any]) -> float:
+    """When the entry's figures were taken: its run's last window end, else its event time (two detections of one
+    run can share a crossing time while one of them saw many more windows)."""
+    run = (entry.get("evidence") or {}).get("run")
+    end = run.get("end") if isinstance(run, dict) else None
+    return float(end) if isinstance(end, int | float) else float(entry["event_time"])
+
+
 def _entries(case: Case) -> list[dict[str, Any]]:
-    """The case's detection entries, newest event first (latest figures win)."""
+    """The case's detection entries, latest figures first (ties: newest event first)."""
     found = [{"detection_id": k, **v} for k, v in case.evidence.get("detections", {}).items()]
-    return sorted(found, key=lambda e: (-e["event_time"], e["detection_id"]))
+    return sorted(found, key=lambda e: (-_as_of(e), -e["event_time"], e["detection_id"]))
 
 
 def _first(entries: list[dict[str, Any]], *keys: str) -> Any:
@@ -76,29 +84,47 @@ def _identity(case: Case) -> dict[str, Any]:
     return out
 
 
+#: Readable names of the compute bases (detectors/compute.py).
+BASIS_TEXT = {
+    "tensor_active": "tensor-pipe activity x peak",
+    "utilisation_power": "utilisation and power (weaker)",
+    "mixed": "mixed bases within a window",
+    "none": "no usable activity field (not counted)",
+}
+
+
+def basis_text(basis: Any) -> str:
+    """'tensor-pipe activity x peak (3 windows); utilisation and power (weaker) (1 window)', most windows first."""
+    if not basis:
+        return _ABSENT
+    if isinstance(basis, str):
+        return BASIS_TEXT.get(basis, basis)
+    if not isinstance(basis, dict):
+        return str(basis)
+    parts = sorted(basis.items(), key=lambda kv: (-kv[1], kv[0]))
+    return "; ".join(f"{BASIS_TEXT.get(b, b)} ({n} window{'s' if n != 1 else ''})" for b, n in parts)
+
+
 def _training_run(case: Case, entries: list[dict[str, Any]]) -> dict[str, Any]:
-    start = _first(entries, "run_start", "first_seen", "start")
-    end = _first(entries, "run_end", "last_seen", "end")
-    duration = _first(entries, "duration_s")
-    if duration is None and start is not None and end is not None:
-        duration = end - start
+    desc = _first(entries, "run") or {}
+    start, end = desc.get("start"), desc.get("end")
+    duration = end - start if start is not None and end is not None else None
     workloads = sorted(
-        {w for e in entries for w in e.get("workload_ids") or []} | set(_first(entries, "workloads") or [])
+        {w for e in entries for w in e.get("workload_ids") or []} | set(desc.get("workload_ids") or [])
     )
     run = {
-        "run_id": case.run_id,
-        "accelerators": _first(entries, "accelerators") or {},
-        "device_count": _first(entries, "device_count"),
-        "devices": _first(entries, "devices") or [],
-        "node_count": _first(entries, "node_count"),
-        "nodes": _first(entries, "nodes") or [],
+        "run_id": case.run_id or desc.get("run_id"),
+        "run_ids": desc.get("run_ids") or [],
+        "accelerators": desc.get("accelerators") or {},
+        "device_count": desc.get("device_count"),
+        "node_count": desc.get("node_count"),
         "start": start,
         "start_utc": utc(start),
         "end": end,
         "end_utc": utc(end),
         "duration_s": duration,
         "workloads": workloads,
-        "jobs": _first(entries, "jobs", "job_ids") or [],
+        "jobs": desc.get("job_ids") or [],
     }
     accel = ", ".join(f"{n} x {m}" for m, n in sorted(run["accelerators"].items())) or "accelerators " + _ABSENT
     hours = f"{duration / 3600:.1f} h" if duration is not None else "duration " + _ABSENT
@@ -117,12 +143,16 @@ def _training_run(case: Case, entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _compute(entries: list[dict[str, Any]], policy: Policy | None) -> dict[str, Any]:
+    basis = _first(entries, "basis")
     return {
-        "estimate_flop": _first(entries, "flop_used", "flop"),
-        "band_low_flop": _first(entries, "flop_low"),
-        "band_high_flop": _first(entries, "flop_high"),
-        "projected_flop": _first(entries, "flop_projected"),
-        "basis": _first(entries, "basis") or _ABSENT,
+        "estimate_flop": _first(entries, "used_flop"),
+        "band_low_flop": _first(entries, "used_flop_low"),
+        "band_high_flop": _first(entries, "used_flop_high"),
+        "projected_flop": _first(entries, "projected_flop"),
+        "rate_flops": _first(entries, "rate_flops"),
+        "reserved_until": _first(entries, "reserved_until"),
+        "basis": basis_text(basis),
+        "basis_windows": basis if isinstance(basis, dict) else {},
         "threshold_flop": policy.thresholds.training_ops if policy else None,
     }
 
@@ -265,11 +295,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         + (f" ({run['duration_s'] / 3600:.1f} h)" if run["duration_s"] is not None else ""),
         f"- Workloads: {_v(', '.join(run['workloads']))}",
         f"- Jobs: {_v(', '.join(map(str, run['jobs'])))}",
+    ]
+    if run["run_ids"]:
+        lines.append(f"- Runs summed: {', '.join(run['run_ids'])}")
+    lines += [
         "",
         "## Compute estimate",
         f"- Estimate: {_v(comp['estimate_flop'])} FLOP (band {_v(comp['band_low_flop'])} – "
         f"{_v(comp['band_high_flop'])}); basis: {comp['basis']}",
-        f"- Projected total: {_v(comp['projected_flop'])} FLOP; policy threshold: {_v(comp['threshold_flop'])} FLOP",
+        f"- Projected total: {_v(comp['projected_flop'])} FLOP"
+        + (f" (at {comp['rate_flops']:.4g} FLOP/s until {utc(comp['reserved_until'])})"
+           if comp["rate_flops"] and comp["reserved_until"] and comp["projected_flop"] else "")
+        + f"; policy threshold: {_v(comp['threshold_flop'])} FLOP",
         "",
         "## Evidence",
     ]
