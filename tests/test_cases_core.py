@@ -157,6 +157,21 @@ def test_replay_produces_no_new_version_and_no_events():
     assert {e.event_id for e in again.events} == {e.event_id for e in first.events}
 
 
+def test_info_before_its_case_opens_is_attached_then_and_a_replay_changes_nothing():
+    info = det("info", t=T0, detector="change_in_scope", reason="scope_grew")
+    opener = det(t=T0 + 60)
+    book = CaseBook(BIS)
+    assert not book.apply([info], {}, NOW)  # info alone opens nothing
+    first = book.apply([opener], {}, NOW)
+    (case,) = first.cases
+    assert [e.action for e in first.events] == ["opened", "evidence_added"]
+    assert info.detection_id in case.evidence["detections"]
+    # a restart loads the stored case and replays the same detections in the same batches: no change at all
+    restarted = CaseBook(BIS, first.cases)
+    assert not restarted.apply([info], {}, NOW + 10)
+    assert not restarted.apply([opener], {}, NOW + 20)
+
+
 def test_new_figures_update_evidence_and_bump_version():
     book = CaseBook(BIS)
     book.apply([det()], {}, NOW)

@@ -186,6 +186,10 @@ def _content(case: Case) -> dict[str, Any]:
 # ---- the book ----------------------------------------------------------------------------------------------------
 
 
+_PENDING_INFO_PER_CASE = 16
+_PENDING_INFO_CASES = 10_000
+
+
 class CaseBook:
     """Holds the latest version of each case and turns detections and analyst actions into CaseChanges.
 
@@ -195,6 +199,7 @@ class CaseBook:
     def __init__(self, policy: Policy, cases: Iterable[Case] = ()):
         self.policy = policy
         self._cases: dict[str, Case] = {}
+        self._pending_info: dict[str, list[Detection]] = {}  # case id -> info detections awaiting their case
         self.load(cases)
 
     def load(self, cases: Iterable[Case]) -> None:
@@ -220,14 +225,26 @@ class CaseBook:
         """Apply detections (any order; sorted by event time for determinism). `cips`: latest record per account."""
         working: dict[str, Case] = {}
         events: list[CaseEvent] = []
-        for det in sorted(detections, key=lambda d: (d.event_time, d.detection_id)):
+        # Info after the detections that open cases at the same event time, so it can attach to them.
+        for det in sorted(detections, key=lambda d: (d.event_time, d.outcome == "info", d.detection_id)):
             cid = case_id_for(det)
             current = working.get(cid) or self._cases.get(cid)
             fp = fingerprint(det)
             if current is None:
                 if det.outcome == "info":
+                    # Info never opens a case, but it explains one that opens later: keep it until then, so a
+                    # replay (which finds the case already open) attaches exactly what the first run did.
+                    pending = self._pending_info.setdefault(cid, [])
+                    if all(fingerprint(p) != fp for p in pending):
+                        pending[:] = [*pending, det][-_PENDING_INFO_PER_CASE:]
+                    while len(self._pending_info) > _PENDING_INFO_CASES:
+                        self._pending_info.pop(next(iter(self._pending_info)))
                     continue
                 case, event = self._open(cid, det, fp, cips.get(det.account_id), now)
+                for info in self._pending_info.pop(cid, []):
+                    working[cid] = case
+                    events.append(event)
+                    case, event = self._merge(case, info, fingerprint(info), now)
             elif fp in current.evidence.get("applied", ()):
                 continue  # a replay
             else:
