@@ -1,0 +1,238 @@
+"""Merge the partial window aggregates of one workload and finish the classifier's features. Pure.
+
+Ingest emits one partial per (workload, window, partition, revision); every statistic travels as an additive sum
+(`WindowAggregate.sums`), so partials from different partitions and late-data corrections simply add. Means are
+time-weighted (sum of value x interval / seconds covered), so no feature depends on the sampling interval.
+Missing inputs give None, never 0. Each feature is documented in docs/ingest.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from schemas.windows import WindowAggregate
+
+_MEAN_FIELDS = (
+    ("tensor", "tensor_active"),
+    ("sm", "sm_active"),
+    ("sm_occupancy", "sm_occupancy"),
+    ("dram", "dram_active"),
+    ("gr_engine", "gr_engine_active"),
+    ("gpu_util", "util_frac"),
+    ("mem_copy_util", "mem_copy_util"),
+    ("power", "power_frac"),
+    ("fb_used", "fb_frac"),
+    ("sm_clock", "sm_clock_mhz"),
+    ("mem_clock", "mem_clock_mhz"),
+)
+_SYNC = (("tensor", "tensor_active"), ("util", "util_frac"), ("power", "power_frac"))
+_RATES = (
+    ("nvlink_bps", ("nvlink_tx_bytes", "nvlink_rx_bytes")),
+    ("net_bps", ("net_tx_bytes", "net_rx_bytes")),
+    ("pcie_bps", ("pcie_tx_bytes", "pcie_rx_bytes")),
+)
+#: Raw fields whose presence `fields_present` measures (as schemas.telemetry.METRIC_FIELDS).
+_PRESENCE_FIELDS = (
+    "gr_engine_active", "sm_active", "sm_occupancy", "tensor_active", "dram_active", "fp64_active", "fp32_active",
+    "fp16_active", "gpu_util", "mem_copy_util", "fb_used_mib", "fb_free_mib", "power_w", "sm_clock_mhz",
+    "mem_clock_mhz", "pcie_tx_bytes", "pcie_rx_bytes", "nvlink_tx_bytes", "nvlink_rx_bytes", "net_tx_bytes",
+    "net_rx_bytes", "energy_mj",
+)
+
+#: The classifier's input, in a stable order.
+FEATURE_NAMES: tuple[str, ...] = (
+    *(f"{p}_{name}" for name, _ in _MEAN_FIELDS for p in ("mean", "std")),
+    *(f"sync_{scope}_{name}" for name, _ in _SYNC for scope in ("devices", "nodes")),
+    *(f"{stat}_{name}" for name, _ in _SYNC for stat in ("profile_cv", "profile_ac1")),
+    "mem_occupancy",
+    *(name for name, _ in _RATES),
+    "fp64_share",
+    "device_count",
+    "node_count",
+    "devices_per_node",
+    "log10_flop_rate",
+    "tensor_basis_share",
+    "fields_present",
+)
+
+_PROF_KEY = re.compile(r"^prof\.([a-z_]+)\.(\d+)\.(sum|n)$")
+
+
+@dataclass(slots=True)
+class WorkloadWindow:
+    """One workload's window after merging every partition's partial and every correction."""
+
+    workload_id: str
+    account_id: str | None
+    job_id: str | None
+    run_label: str | None
+    window_start: float
+    window_end: float
+    devices: list[str]
+    nodes: list[str]
+    device_count: int
+    node_count: int
+    flop: float
+    flop_low: float
+    flop_high: float
+    basis: str
+    device_seconds: float
+    sample_count: int
+    accelerators: dict[str, int]
+    unknown_accelerators: list[str]
+    window_ids: list[str]
+    sums: dict[str, float]
+    features: dict[str, float | None] = field(default_factory=dict)
+
+    def feature_vector(self) -> list[float | None]:
+        return [self.features.get(n) for n in FEATURE_NAMES]
+
+
+def merge_partials(partials: Iterable[WindowAggregate]) -> WorkloadWindow:
+    """Merge partials of ONE workload and window (any partitions, any revisions); duplicates by window_id count
+    once. Raises ValueError on an empty list or mixed workloads/windows."""
+    uniq: dict[str, WindowAggregate] = {}
+    for p in partials:
+        uniq.setdefault(p.window_id, p)
+    parts = sorted(uniq.values(), key=lambda p: (p.partition, p.revision))
+    if not parts:
+        raise ValueError("merge_partials needs at least one partial")
+    first = parts[0]
+    if any(p.workload_id != first.workload_id or p.window_start != first.window_start for p in parts):
+        raise ValueError("partials of different workloads or windows")
+    sums: dict[str, float] = {}
+    devices: set[str] = set()
+    nodes: set[str] = set()
+    unknown: set[str] = set()
+    for p in parts:
+        for k, v in p.sums.items():
+            sums[k] = sums.get(k, 0.0) + v
+        devices.update(p.devices)
+        nodes.update(p.nodes)
+        unknown.update(p.unknown_accelerators)
+    # devices per model: a device lives on one partition, so first emissions (revision 0) add up
+    accelerators: dict[str, int] = {}
+    for p in parts:
+        if p.revision == 0:
+            for model, n in p.accelerators.items():
+                accelerators[model] = accelerators.get(model, 0) + n
+    bases = {p.basis for p in parts if p.sample_count}
+    basis = bases.pop() if len(bases) == 1 else ("mixed" if bases else "none")
+    ww = WorkloadWindow(
+        workload_id=first.workload_id,
+        account_id=next((p.account_id for p in parts if p.account_id), None),
+        job_id=next((p.job_id for p in parts if p.job_id), None),
+        run_label=next((p.run_label for p in parts if p.run_label), None),
+        window_start=first.window_start,
+        window_end=first.window_end,
+        devices=sorted(devices),
+        nodes=sorted(nodes),
+        device_count=len(devices),
+        node_count=len(nodes),
+        flop=sum(p.flop for p in parts),
+        flop_low=sum(p.flop_low for p in parts),
+        flop_high=sum(p.flop_high for p in parts),
+        basis=basis,
+        device_seconds=sum(p.device_seconds for p in parts),
+        sample_count=sum(p.sample_count for p in parts),
+        accelerators=accelerators,
+        unknown_accelerators=sorted(unknown),
+        window_ids=[p.window_id for p in parts],
+        sums=sums,
+    )
+    ww.features = window_features(sums, ww.device_count, ww.node_count, ww.flop, ww.window_end - ww.window_start)
+    return ww
+
+
+def _mean_std(sums: dict[str, float], name: str) -> tuple[float | None, float | None]:
+    n = sums.get(f"{name}.n", 0.0)
+    if n <= 0:
+        return None, None
+    mean = sums[f"{name}.sum"] / n
+    var = sums[f"{name}.sumsq"] / n - mean * mean
+    if var <= 1e-9 * max(mean * mean, 1e-12):  # rounding of E[x^2] - E[x]^2 on a constant signal
+        var = 0.0
+    return mean, math.sqrt(var)
+
+
+def _profile(sums: dict[str, float], name: str) -> list[float]:
+    """The workload-mean profile over the window's sub-buckets, non-empty buckets in time order."""
+    acc: dict[int, list[float]] = {}
+    for k, v in sums.items():
+        m = _PROF_KEY.match(k)
+        if m and m.group(1) == name:
+            acc.setdefault(int(m.group(2)), [0.0, 0.0])[0 if m.group(3) == "sum" else 1] += v
+    return [s / c for _, (s, c) in sorted(acc.items()) if c > 0]
+
+
+def _var(xs: list[float]) -> float:
+    mu = sum(xs) / len(xs)
+    return sum((x - mu) ** 2 for x in xs) / len(xs)
+
+
+def _synchrony(sums: dict[str, float], name: str, scope: str, prof: list[float]) -> float | None:
+    """var(workload-mean profile) / mean var(each device's or node's own profile): ~1 when they move together,
+    ~1/N when independent. None when undefined (too few buckets, or no variation at all)."""
+    n = sums.get(f"{name}.{scope}_var.n", 0.0)
+    if n <= 0 or len(prof) < 2:
+        return None
+    within = sums[f"{name}.{scope}_var.sum"] / n
+    if within <= 1e-12:
+        return None
+    return _var(prof) / within
+
+
+def _ac1(prof: list[float]) -> float | None:
+    if len(prof) < 3:
+        return None
+    mu = sum(prof) / len(prof)
+    den = sum((x - mu) ** 2 for x in prof)
+    if den <= 1e-18:
+        return None
+    return sum((a - mu) * (b - mu) for a, b in itertools.pairwise(prof)) / den
+
+
+def window_features(sums: dict[str, float], device_count: int, node_count: int, flop: float,
+                    window_s: float) -> dict[str, float | None]:
+    f: dict[str, float | None] = {}
+    for name, field_ in _MEAN_FIELDS:
+        f[f"mean_{name}"], f[f"std_{name}"] = _mean_std(sums, field_)
+    for name, field_ in _SYNC:
+        prof = _profile(sums, field_)
+        f[f"sync_devices_{name}"] = _synchrony(sums, field_, "dev", prof)
+        f[f"sync_nodes_{name}"] = _synchrony(sums, field_, "node", prof)
+        if len(prof) >= 2:
+            mu = sum(prof) / len(prof)
+            f[f"profile_cv_{name}"] = math.sqrt(_var(prof)) / mu if mu > 1e-12 else None
+        else:
+            f[f"profile_cv_{name}"] = None
+        f[f"profile_ac1_{name}"] = _ac1(prof)
+    f["mem_occupancy"] = f["mean_fb_used"]
+    for name, fields in _RATES:
+        means = [_mean_std(sums, x)[0] for x in fields]
+        known = [m for m in means if m is not None]
+        f[name] = sum(known) if known else None
+    pipes = {x: _mean_std(sums, x)[0] for x in ("fp64_active", "fp32_active", "fp16_active", "tensor_active")}
+    if pipes["fp64_active"] is None:
+        f["fp64_share"] = None
+    else:
+        total = sum(v for v in pipes.values() if v is not None)
+        f["fp64_share"] = pipes["fp64_active"] / total if total > 1e-12 else None
+    f["device_count"] = float(device_count)
+    f["node_count"] = float(node_count)
+    f["devices_per_node"] = device_count / node_count if node_count else None
+    basis_total = sum(sums.get(f"basis.{b}", 0.0) for b in ("none", "utilisation_power", "tensor_active"))
+    known_basis = basis_total - sums.get("basis.none", 0.0)
+    f["log10_flop_rate"] = math.log10(flop / window_s) if flop > 0 and known_basis > 0 else None
+    f["tensor_basis_share"] = sums.get("basis.tensor_active", 0.0) / basis_total if basis_total else None
+    samples = sums.get("samples", 0.0)
+    if samples > 0:
+        have = sum(sums.get(f"{x}.count", 0.0) for x in _PRESENCE_FIELDS)
+        f["fields_present"] = have / (samples * len(_PRESENCE_FIELDS))
+    else:
+        f["fields_present"] = None
+    return {k: f.get(k) for k in FEATURE_NAMES}

@@ -1,0 +1,89 @@
+"""`trainwatch model train|evaluate`: fit the workload classifier on simulated data and measure it honestly."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from detectors.model_artifact import load_artifact
+from pipeline.model_eval import format_table, loso_simulated, migprofiler_cross_hardware, score_dataset
+from pipeline.model_train import (
+    MIGPROFILER_DIR,
+    TRAIN_SCENARIO,
+    dataset_summary,
+    migprofiler_dataset,
+    simulated_dataset,
+    train_and_save,
+    train_model,
+)
+from schemas.serde import dumps
+
+model_app = typer.Typer(help="The workload classifier: train and evaluate.", no_args_is_help=True)
+
+
+@model_app.command("train")
+def train(
+    out: Path | None = typer.Option(None, "--out", help="artifact directory (default: the packaged one)"),
+    seed: int = typer.Option(7, help="simulator seed of the eval scenario"),
+    scenario_scale: float = typer.Option(TRAIN_SCENARIO["scale"], "--scenario-scale",
+                                         help="scale of the eval scenario"),
+) -> None:
+    """Simulate the `eval` scenario, train on all of it and save a versioned artifact."""
+    t0 = time.perf_counter()
+    params = {"scale": scenario_scale}
+    path, model, ds = train_and_save(out, seed=seed, scenario_params=params)
+    typer.echo(f"trained on {len(ds.y)} histories ({int(ds.y.sum())} training) in {time.perf_counter() - t0:.1f} s")
+    for tier, t in model.explain_tiers().items():
+        typer.echo(f"  tier {tier:5} bands: not_training <= {t['t_low']:.3f} < uncertain < {t['t_high']:.3f} <= "
+                   f"training  (out-of-fold Brier {t['oof_brier']:.3f}, n={t['n_train']})")
+    typer.echo(f"artifact: {path}")
+
+
+def run_evaluation(scenario_scale: float, seed: int, mig_dir: Path, model_dir: Path | None) -> dict[str, Any]:
+    """All evaluation figures as one JSON-able dict."""
+    ds = simulated_dataset("eval", seed, scale=scenario_scale)
+    results: dict[str, Any] = {"scenario": "eval", "seed": seed, "scenario_scale": scenario_scale,
+                               "data": dataset_summary(ds), "simulated": loso_simulated(ds)}
+    mig = migprofiler_dataset(mig_dir)
+    if mig is None:
+        results["migprofiler"] = {"skipped": f"{mig_dir}/sessions_index.csv not found"}
+        return results
+    # The real runs are never trained on: score them with a model fitted on all simulated data.
+    model = train_model(ds) if model_dir is None else load_artifact(model_dir)[0]
+    results["migprofiler"] = {
+        "sim_trained": score_dataset(model, mig),
+        "cross_hardware": migprofiler_cross_hardware(mig),
+    }
+    return results
+
+
+@model_app.command("evaluate")
+def evaluate(
+    json_out: bool = typer.Option(False, "--json", help="print the results JSON instead of the table"),
+    scenario_scale: float = typer.Option(3.0, "--scenario-scale", help="scale of the simulated eval scenario"),
+    seed: int = typer.Option(11, help="simulator seed (differs from training's)"),
+    out: Path = typer.Option(Path("var/model_eval.json"), "--out", help="where the results JSON is written"),
+    mig_dir: Path = typer.Option(MIGPROFILER_DIR, "--migprofiler", help="MIGProfiler data folder"),
+    model_dir: Path | None = typer.Option(None, "--model", help="score real runs with this artifact, not a refit"),
+) -> None:
+    """Leave-one-source-out on simulated data (full DCGM and nvidia-smi only) and the real MIGProfiler runs."""
+    t0 = time.perf_counter()
+    results = run_evaluation(scenario_scale, seed, mig_dir, model_dir)
+    results["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(dumps(results) + b"\n")
+    if json_out:
+        typer.echo(dumps(results).decode())
+        return
+    typer.echo(format_table(results))
+    skipped = (results.get("migprofiler") or {}).get("skipped")
+    if skipped:
+        typer.echo(f"MIGProfiler: skipped ({skipped})")
+    typer.echo(f"results: {out}  ({results['elapsed_s']} s)")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(model_app, name="model")

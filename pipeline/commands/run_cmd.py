@@ -1,0 +1,63 @@
+"""`trainwatch run [--stage ingest|detect|all]`: the streaming stages on Kafka until SIGTERM / Ctrl-C.
+
+ingest: pipeline/ingest/kafka_stage.py (confluent-kafka). detect: the faust app (pipeline/detect/faust_app.py),
+which also runs the cases stage. `all` runs ingest in a thread beside the faust worker (which owns the signals).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+
+from pipeline.settings import Settings, load_settings
+
+
+class StageName(StrEnum):
+    ingest = "ingest"
+    detect = "detect"
+    all = "all"
+
+
+def _ingest(settings: Settings, group: str, stop: threading.Event) -> None:
+    from pipeline.ingest.kafka_stage import KafkaIngestStage
+
+    KafkaIngestStage(settings, group_id=group).run(stop=stop.is_set)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run(
+        stage: StageName = typer.Option(StageName.all, "--stage", help="which stage(s) to run"),
+        app_id: str = typer.Option("trainwatch-detect", "--app-id", help="faust app id (= its consumer group)"),
+        ingest_group: str = typer.Option("trainwatch-ingest", "--ingest-group", help="ingest consumer group"),
+        partitions: int = typer.Option(1, "--partitions", min=1,
+                                       help="partitions for topics that do not exist yet (inputs decide otherwise)"),
+        loglevel: str = typer.Option("WARNING", "--loglevel"),
+        config: Path | None = typer.Option(None, "--config", help="settings TOML file"),
+    ) -> None:
+        """Run the stages over Kafka until SIGTERM or Ctrl-C."""
+        logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        settings = load_settings(config)
+        stop = threading.Event()
+        if stage is StageName.ingest:
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            _ingest(settings, ingest_group, stop)
+            return
+        from pipeline.detect.worker import run_detect
+
+        thread = None
+        if stage is StageName.all:
+            thread = threading.Thread(target=_ingest, args=(settings, ingest_group, stop), name="ingest", daemon=True)
+            thread.start()
+        try:
+            run_detect(settings, app_id=app_id, partitions=partitions, loglevel=loglevel)
+        finally:
+            stop.set()
+            if thread is not None:
+                thread.join(timeout=60)

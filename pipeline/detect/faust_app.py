@@ -1,0 +1,298 @@
+"""The detect and cases stages on Kafka as a faust-streaming app: thin adapters around DetectStage and CaseService.
+
+`make_app(settings)` builds the app; nothing happens at import. Delivery is at-least-once (docs/faust.md):
+- One agent reads windows, CIP and allocations (co-partitioned, keyed by account) in batches (`take_events`). Per
+  partition it drives one DetectEngine; after each batch it writes the touched window partials (table `partials`,
+  key partition|workload|window_start) and the engine checkpoint (table `engine`, key = partition) to their
+  changelogs, and only then are the batch's offsets acked. faust flushes the producer before it commits, so a
+  committed offset never runs ahead of the state; the state may run ahead of the offset, and replaying a window
+  into an engine that has seen it is a no-op (the engine replaces a workload-window; detection ids are deduped).
+- Detections go to `topics.detections` keyed by account. A second agent applies them with CaseService (the store
+  is the truth, ids are deterministic) and publishes the case feed.
+- A timer runs the deadline monitor at the event-time watermark.
+- At start the cases agent republishes case events the store has but the feed lacks (a crash between the store
+  write and the publish would otherwise lose them); consumers dedup on message_id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+from confluent_kafka import Consumer, TopicPartition
+
+from detectors.classifier_base import WorkloadClassifier
+from detectors.windows import merge_partials
+from pipeline.cases.feed import CaseFeedMessage, feed_messages
+from pipeline.cases.service import CaseService
+from pipeline.detect.stage import DetectStage
+from pipeline.settings import Settings
+from pipeline.store import DeadLetter, Store
+from schemas.allocation import AllocationEvent
+from schemas.cip import CipRecord
+from schemas.detection import Detection
+from schemas.errors import InvalidMessage
+from schemas.policy import Policy, load_policy
+from schemas.serde import decode, encode, loads
+from schemas.windows import WindowAggregate
+
+log = logging.getLogger(__name__)
+
+BATCH = 500  # events per take; a batch is the unit of checkpoint and ack
+BATCH_WITHIN_S = 1.0
+TICK_EVERY_S = 5.0
+
+
+def _pack(d: dict[str, Any]) -> bytes:
+    # stdlib json: the state holds ±inf (an unset watermark), which orjson would turn into null.
+    return zlib.compress(json.dumps(d, separators=(",", ":")).encode(), 1)
+
+
+def _unpack(raw: bytes) -> dict[str, Any]:
+    return json.loads(zlib.decompress(raw))
+
+
+@dataclass
+class DetectRuntime:
+    """What the agents share inside one worker process: live engines per partition, the store, the case service."""
+
+    settings: Settings
+    policy: Policy
+    classifier: WorkloadClassifier | None = None
+    stages: dict[int, DetectStage] = field(default_factory=dict)
+    _store: Store | None = None
+    _cases: CaseService | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:  # opened in the worker, never at import or app build
+            self._store = Store.connect(self.settings.clickhouse_dsn, self.settings.database)
+        return self._store
+
+    @property
+    def cases(self) -> CaseService:
+        if self._cases is None:
+            self._cases = CaseService(self.store, self.policy)
+        return self._cases
+
+    def watermark(self) -> float:
+        """Event time every local partition has reached (the slowest one)."""
+        marks = [s.watermark for s in self.stages.values()]
+        return min(marks) if marks else float("-inf")
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+def _published_ids(settings: Settings, topic: str, timeout_s: float = 30.0) -> set[str]:
+    """message_ids already on the feed topic (read from the beginning to the high watermark)."""
+    c = Consumer(settings.kafka.client_config(**{"group.id": "trainwatch-feed-audit", "enable.auto.commit": False}))
+    try:
+        meta = c.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return set()
+        ends: dict[int, int] = {}
+        for p in meta.partitions:
+            lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+            if hi > lo:
+                ends[p] = hi
+        if not ends:
+            return set()
+        c.assign([TopicPartition(topic, p, 0) for p in ends])
+        seen: set[str] = set()
+        deadline = time.monotonic() + timeout_s
+        while ends and time.monotonic() < deadline:
+            for m in c.consume(1000, 1.0):
+                if m.error() is not None:
+                    continue
+                if m.offset() + 1 >= ends.get(m.partition(), 0):
+                    ends.pop(m.partition(), None)
+                try:
+                    seen.add(loads(m.value())["message_id"])
+                except Exception:  # a foreign message on the feed: not ours to republish
+                    continue
+        if ends:
+            raise TimeoutError(f"{topic}: could not read the feed to its end within {timeout_s} s")
+        return seen
+    finally:
+        c.close()
+
+
+def unpublished(rt: DetectRuntime) -> list[CaseFeedMessage]:
+    """Feed messages for case events in the store that the feed topic does not hold."""
+    have = _published_ids(rt.settings, rt.settings.topics.cases)
+    rows = rt.store.query("SELECT DISTINCT case_id, event_id FROM case_events")
+    missing: dict[str, set[str]] = {}
+    for r in rows:
+        if r["event_id"] not in have:
+            missing.setdefault(r["case_id"], set()).add(r["event_id"])
+    out: list[CaseFeedMessage] = []
+    for cid, ids in missing.items():
+        case = rt.store.get_case(cid)
+        if case is not None:
+            evs = [e for e in rt.store.case_events(cid) if e.event_id in ids]
+            out += feed_messages([case], evs, rt.policy)
+    return out
+
+
+def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partitions: int = 1,
+             classifier: WorkloadClassifier | None = None) -> tuple[faust.App, DetectRuntime]:
+    """Build the faust app and its runtime. `partitions` = the (shared) partition count of the input topics."""
+    kafka = settings.kafka
+    if kafka.security_protocol.upper() != "PLAINTEXT":
+        raise NotImplementedError("faust app: only PLAINTEXT brokers are wired up so far (docs/faust.md)")
+    app = faust.App(
+        app_id,
+        broker=[f"kafka://{b.strip()}" for b in kafka.bootstrap_servers.split(",")],
+        store="memory://",
+        processing_guarantee="at_least_once",
+        web_enabled=False,
+        autodiscover=False,
+        topic_partitions=partitions,
+        topic_replication_factor=1,
+        topic_allow_declare=True,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        # A killed worker's partitions move after the session timeout: faust's 60 s default stalls a restart.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=3.0,
+        stream_wait_empty=False,
+        table_standby_replicas=0,
+    )
+    rt = DetectRuntime(settings, load_policy(settings.policy), classifier)
+    topics = settings.topics
+    raw = {"key_serializer": "raw", "value_serializer": "raw"}
+    inputs = app.topic(topics.windows, topics.cip, topics.allocations, **raw)
+    detections = app.topic(topics.detections, **raw)
+    feed = app.topic(topics.cases, **raw)
+    engine_table = app.Table("engine", partitions=partitions, key_type=bytes, value_type=bytes)
+    partials = app.Table("partials", partitions=partitions, key_type=bytes, value_type=bytes)
+
+    def stage_for(p: int) -> DetectStage:
+        st = rt.stages.get(p)
+        if st is None:  # first use in this process: from the recovered checkpoint, or empty
+            packed = engine_table.data.get(str(p).encode())
+            st = DetectStage(rt.policy, rt.classifier, settings.window_s, settings.ingest.allowed_lateness_s)
+            if packed is not None:
+                d = _unpack(packed)
+                st = DetectStage.from_dict({"engine": d["engine"], "merger": {}, "watermark": d["watermark"]},
+                                           rt.policy, rt.classifier, settings.window_s)
+            rt.stages[p] = st
+        return st
+
+    def on_window(p: int, w: WindowAggregate, touched: dict[bytes, dict]) -> list[Detection]:
+        key = f"{p}|{w.workload_id}|{w.window_start!r}".encode()
+        parts = touched.get(key)
+        if parts is None:
+            packed = partials.data.get(key)
+            parts = json.loads(packed) if packed is not None else {}
+        parts[w.window_id] = w.model_dump(mode="json")
+        touched[key] = parts
+        st = stage_for(p)
+        st.watermark = max(st.watermark, w.window_end)
+        # Always hand over the merge of every partial: a replayed partial re-sends the same cumulative window,
+        # which the engine replaces (DetectStage's own merger would drop it, but its state is not in this batch).
+        return st.engine.on_window(merge_partials([WindowAggregate.model_validate(x) for x in parts.values()]))
+
+    def dead_letter(exc: InvalidMessage, ev: Any) -> None:
+        m = ev.message
+        rt.store.insert_dead_letters([DeadLetter(reason=exc.reason or "schema_violation", detail=str(exc)[:1000],
+                                                 topic=m.topic, partition=m.partition, offset=m.offset,
+                                                 raw=ev.value, at=time.time())])
+
+    def expire(p: int, st: DetectStage, touched: dict[bytes, dict | None]) -> None:
+        # Partials older than the allowed lateness can no longer change a window: drop them (tombstones).
+        horizon = st.watermark - settings.ingest.allowed_lateness_s - settings.window_s
+        prefix = f"{p}|".encode()
+        for key in [k for k in partials.data if k.startswith(prefix)]:
+            if float(key.rsplit(b"|", 1)[1]) < horizon:
+                touched[key] = None
+
+    @app.agent(inputs, concurrency=1)
+    async def detect(stream: Any) -> None:
+        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+            by_part: dict[int, list[Any]] = {}
+            for ev in events:
+                by_part.setdefault(ev.message.partition, []).append(ev)
+            out: list[Detection] = []
+            feed_out: list[CaseFeedMessage] = []
+            for p, evs in by_part.items():
+                touched: dict[bytes, dict | None] = {}
+                windows: list[WindowAggregate] = []
+                for ev in evs:
+                    topic = ev.message.topic
+                    try:
+                        if topic == topics.windows:
+                            w = decode(WindowAggregate, ev.value)
+                            windows.append(w)
+                            out += on_window(p, w, touched)
+                        elif topic == topics.cip:
+                            cip = decode(CipRecord, ev.value)
+                            rt.store.upsert_cip([cip])
+                            out += stage_for(p).on_cip(cip)
+                            feed_out += rt.cases.update_identity(cip, time.time())
+                        else:
+                            out += stage_for(p).on_allocation(decode(AllocationEvent, ev.value))
+                    except InvalidMessage as exc:
+                        dead_letter(exc, ev)
+                st = stage_for(p)
+                st.engine.on_time(st.watermark)  # idle run/account state expires (event time)
+                expire(p, st, touched)
+                if windows:
+                    rt.store.insert_windows(windows)
+                for key, parts in touched.items():
+                    if parts is None:  # a tombstone in the changelog deletes the key on recovery too
+                        partials.data.pop(key, None)
+                        partials.send_changelog(p, key, None)
+                    else:
+                        val = json.dumps(parts, separators=(",", ":")).encode()
+                        partials.data[key] = val
+                        partials.send_changelog(p, key, val)
+                packed = _pack({"engine": st.engine.to_dict(), "watermark": st.watermark})
+                engine_table.data[str(p).encode()] = packed
+                engine_table.send_changelog(p, str(p).encode(), packed)
+            for d in out:
+                await detections.send(key=d.account_id.encode(), value=encode(d))
+            for m in feed_out:
+                await feed.send(key=m.key, value=encode(m))
+            # take_events acks the batch after this body: the checkpoint above is already queued before it.
+
+    @app.agent(detections, concurrency=1)
+    async def cases(stream: Any) -> None:
+        for m in unpublished(rt):
+            await feed.send(key=m.key, value=encode(m))
+        async for events in stream.take_events(BATCH, within=0.5):
+            dets = []
+            for ev in events:
+                try:
+                    dets.append(decode(Detection, ev.value))
+                except InvalidMessage as exc:
+                    dead_letter(exc, ev)
+            if not dets:
+                continue
+            rt.store.insert_detections(dets)
+            for m in rt.cases.process(dets, time.time()):
+                await feed.send(key=m.key, value=encode(m))
+
+    @app.timer(TICK_EVERY_S)
+    async def deadlines() -> None:
+        wm = rt.watermark()
+        if wm == float("-inf"):
+            return
+        for m in rt.cases.tick(wm, time.time()):
+            await feed.send(key=m.key, value=encode(m))
+
+    return app, rt
+
+
+def input_topics(settings: Settings) -> Iterable[str]:
+    t = settings.topics
+    return (t.windows, t.cip, t.allocations)

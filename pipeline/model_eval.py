@@ -1,0 +1,207 @@
+"""Evaluation of the workload classifier (`trainwatch model evaluate`).
+
+- Simulated data, leave-one-source-out: each fold holds out whole `source_family` groups (one family at a time
+  when there are few, else GroupKFold over families), trains on the rest, and scores the held-out histories
+  twice: as sent (full DCGM where the node had it) and as an nvidia-smi-only provider would have sent them.
+- Real data: the MIGProfiler A100 runs, never trained on, scored by a model trained on all simulated data; and a
+  cross-hardware check inside MIGProfiler (train on the A100-80GB runs, score the A100-40GB runs, and back).
+
+Every figure comes with n, coverage (share of confident calls), the uncertain share, Brier score and a
+reliability table. "Positive" means a confident `training` band: an uncertain verdict is *not* a catch, so
+recall and F1 are charged for uncertainty; the same figures over p >= 0.5 are given beside them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from detectors.classifier import GbmWorkloadClassifier
+from pipeline.model_train import Dataset, build_model
+
+RELIABILITY_BINS = 10
+
+
+def _safe_div(a: float, b: float) -> float | None:
+    return round(a / b, 4) if b else None
+
+
+def binary_metrics(y: np.ndarray, positive: np.ndarray) -> dict[str, Any]:
+    tp = int((positive & (y == 1)).sum())
+    fp = int((positive & (y == 0)).sum())
+    fn = int((~positive & (y == 1)).sum())
+    tn = int((~positive & (y == 0)).sum())
+    prec = _safe_div(tp, tp + fp)
+    rec = _safe_div(tp, tp + fn)
+    f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
+    return {"precision": prec, "recall": rec, "f1": f1, "fpr": _safe_div(fp, fp + tn),
+            "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+
+def reliability(p: np.ndarray, y: np.ndarray, bins: int = RELIABILITY_BINS) -> list[dict[str, Any]]:
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    out = []
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            out.append({"bin": f"{edges[b]:.1f}-{edges[b + 1]:.1f}", "n": int(m.sum()),
+                        "mean_p": round(float(p[m].mean()), 4), "observed": round(float(y[m].mean()), 4)})
+    return out
+
+
+def score_block(y: np.ndarray, p: np.ndarray, band: np.ndarray, archetypes: np.ndarray) -> dict[str, Any]:
+    """Every figure for one set of verdicts."""
+    n = len(y)
+    if n == 0:
+        return {"n": 0}
+    confident = band != "uncertain"
+    res: dict[str, Any] = {
+        "n": n,
+        "positives": int(y.sum()),
+        "coverage": round(float(confident.mean()), 4),
+        "uncertain_share": round(float((~confident).mean()), 4),
+        "confident": binary_metrics(y, band == "training"),
+        "p_ge_0_5": binary_metrics(y, p >= 0.5),
+        "on_covered": binary_metrics(y[confident], band[confident] == "training") if confident.any() else None,
+        "brier": round(float(np.mean((p - y) ** 2)), 4),
+        "auc": round(float(roc_auc_score(y, p)), 4) if 0 < y.sum() < n else None,
+        "confusion": {
+            truth: {b: int(((y == tv) & (band == b)).sum()) for b in ("training", "uncertain", "not_training")}
+            for truth, tv in (("training", 1), ("not_training", 0))
+        },
+        "reliability": reliability(p, y),
+    }
+    per: dict[str, Any] = {}
+    for a in sorted(set(archetypes.tolist())):
+        m = archetypes == a
+        per[a] = {
+            "n": int(m.sum()),
+            "is_training": bool(y[m].mean() >= 0.5),
+            "called_training": round(float((band[m] == "training").mean()), 4),
+            "uncertain": round(float((band[m] == "uncertain").mean()), 4),
+            "called_not_training": round(float((band[m] == "not_training").mean()), 4),
+            "mean_p": round(float(p[m].mean()), 4),
+        }
+    res["per_archetype"] = per
+    return res
+
+
+def _smi_view(model: GbmWorkloadClassifier, X: np.ndarray) -> np.ndarray:
+    Xs = X.copy()
+    Xs[:, model.featurizer_.dcgm_columns_] = np.nan
+    return Xs
+
+
+def _fold_plan(groups: np.ndarray, max_folds: int) -> list[list[str]]:
+    fams = sorted(set(groups.tolist()))
+    if len(fams) <= max_folds:
+        return [[f] for f in fams]
+    # More families than folds: deal them round robin into max_folds held-out sets (still whole families).
+    plan: list[list[str]] = [[] for _ in range(max_folds)]
+    for i, f in enumerate(fams):
+        plan[i % max_folds].append(f)
+    return plan
+
+
+def loso_simulated(ds: Dataset, params: dict[str, Any] | None = None, max_folds: int = 8) -> dict[str, Any]:
+    """Leave-one-source-out over source families. Returns figures per tier, overall and per archetype."""
+    n = len(ds.y)
+    p_full, b_full, t_full = np.full(n, np.nan), np.full(n, "uncertain", dtype=object), np.full(n, "", dtype=object)
+    p_smi, b_smi = np.full(n, np.nan), np.full(n, "uncertain", dtype=object)
+    folds = []
+    for held in _fold_plan(ds.groups, max_folds):
+        test = np.isin(ds.groups, held)
+        train = ds.subset(~test)
+        if len(set(train.y.tolist())) < 2:
+            continue
+        model = build_model(params).fit(train.histories, train.y, train.groups)
+        X = model.featurizer_.transform([ds.histories[i] for i in np.flatnonzero(test)])
+        p, b, t = model.score_matrix(X)
+        p_full[test], b_full[test], t_full[test] = p, b, t
+        ps, bs, _ = model.score_matrix(_smi_view(model, X))
+        p_smi[test], b_smi[test] = ps, bs
+        folds.append({"held_out": held, "n": int(test.sum())})
+    done = ~np.isnan(p_full)
+    full_rows = done & (t_full == "full")
+    return {
+        "folds": folds,
+        "as_sent": score_block(ds.y[done], p_full[done], b_full[done].astype(str), ds.archetypes[done]),
+        "full_dcgm": score_block(ds.y[full_rows], p_full[full_rows], b_full[full_rows].astype(str),
+                                 ds.archetypes[full_rows]),
+        "smi_only": score_block(ds.y[done], p_smi[done], b_smi[done].astype(str), ds.archetypes[done]),
+    }
+
+
+def score_dataset(model: GbmWorkloadClassifier, ds: Dataset) -> dict[str, Any]:
+    X = model.featurizer_.transform(ds.histories)
+    p, b, t = model.score_matrix(X)
+    res = score_block(ds.y, p, b, ds.archetypes)
+    res["tiers_used"] = {str(k): int(v) for k, v in zip(*np.unique(t, return_counts=True), strict=True)}
+    return res
+
+
+def migprofiler_cross_hardware(mig: Dataset, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Inside the real data, hold out one A100 variant at a time (each has training and inference runs)."""
+    hw = np.array(["80g" if "80g" in a else "40g" for a in mig.archetypes])
+    out: dict[str, Any] = {}
+    small = {**(params or {}), "min_samples_leaf": 10, "cv_folds": 3}
+    for held in ("80g", "40g"):
+        tr, te = mig.subset(hw != held), mig.subset(hw == held)
+        # groups inside the training half: the four (label, hardware) files would each be one class; use runs.
+        model = build_model(small).fit(tr.histories, tr.y, np.arange(len(tr.y)))
+        out[f"held_out_A100_{held}"] = score_dataset(model, te)
+    return out
+
+
+def summary_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, block) pairs for the printed table."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    sim = results.get("simulated") or {}
+    for key in ("as_sent", "full_dcgm", "smi_only"):
+        if key in sim and sim[key].get("n"):
+            rows.append((f"sim LOSO {key}", sim[key]))
+    mig = results.get("migprofiler") or {}
+    for key, block in mig.items():
+        if isinstance(block, dict) and block.get("n"):
+            rows.append((f"MIGProfiler {key}", block))
+        elif isinstance(block, dict):
+            for k2, b2 in block.items():
+                if isinstance(b2, dict) and b2.get("n"):
+                    rows.append((f"MIGProfiler {key} {k2}", b2))
+    return rows
+
+
+def format_table(results: dict[str, Any]) -> str:
+    head = f"{'set':44} {'n':>6} {'prec':>6} {'recall':>6} {'F1':>6} {'FPR':>6} {'uncert':>6} {'cover':>6} " \
+           f"{'Brier':>6} {'AUC':>6}"
+    lines = [head, "-" * len(head)]
+
+    def f(v: Any) -> str:
+        return "   -  " if v is None else f"{v:6.3f}"
+
+    for label, b in summary_rows(results):
+        c = b["confident"]
+        lines.append(f"{label:44} {b['n']:>6} {f(c['precision'])} {f(c['recall'])} {f(c['f1'])} {f(c['fpr'])} "
+                     f"{f(b['uncertain_share'])} {f(b['coverage'])} {f(b['brier'])} {f(b.get('auc'))}")
+    sim = results.get("simulated") or {}
+    for key in ("full_dcgm", "smi_only"):
+        per = (sim.get(key) or {}).get("per_archetype") or {}
+        if per:
+            lines.append("")
+            lines.append(f"per archetype ({key}): called training / uncertain / called not training")
+            for a, r in per.items():
+                tag = "train" if r["is_training"] else "neg  "
+                lines.append(f"  {a:24} {tag} n={r['n']:>5}  {r['called_training']:.3f} / {r['uncertain']:.3f} / "
+                             f"{r['called_not_training']:.3f}")
+    return "\n".join(lines)
+
+
+def group_counts(ds: Dataset) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = defaultdict(dict)
+    for g, a in zip(ds.groups, ds.archetypes, strict=True):
+        out[str(g)][str(a)] = out[str(g)].get(str(a), 0) + 1
+    return dict(out)

@@ -1,0 +1,318 @@
+"""Training data and training for the workload classifier (`trainwatch model train`).
+
+Data path, the one the detect stage runs: telemetry samples -> the ingest stage's windowing core
+(pipeline/ingest: partial window aggregates, late-data corrections included) -> the detect stage's merger
+(pipeline/detect/merger.py: merge_partials of every partial seen so far, per delivery) -> history entries shaped
+exactly as detectors/engine.py builds them (`history_entry`), the last HISTORY_K kept. So the features a model is
+trained on are the features it is asked about at detect time. Labels come from the simulator's ground truth
+(`is_training`), groups from its `source_family` (a whole family is held out per calibration fold and per
+evaluation fold). Histories are kept per workload (the engine's are per stitched run; in the eval scenario every
+run is one workload).
+
+Real data: the MIGProfiler A100 traces (../shared/data/migprofiler_a100), cut into runs by sessions_index.csv.
+They are used for *evaluation only* (leave-one-source-out means a model never sees the dataset it is scored on;
+and in them the label is confounded with the file each run came from, so training on them would teach the file).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detectors.classifier import GbmWorkloadClassifier, history_entry
+from detectors.model_artifact import ArtifactMeta, packaged_dir, save_artifact
+from detectors.state import HISTORY_K
+from detectors.windows import WorkloadWindow
+from pipeline.detect.merger import WindowMerger
+from pipeline.ingest.aggregate import Batch, WindowConfig
+from pipeline.ingest.stage import IngestCore, SourceMessage
+from schemas.serde import dumps
+from schemas.telemetry import METRIC_FIELDS, SMI_FIELDS
+from schemas.windows import WindowAggregate
+
+WINDOW_S = 60.0
+TOPIC = "gpu.telemetry"
+#: Histories taken per workload (ending at random deliveries), so training sees young and old workloads.
+HISTORIES_PER_WORKLOAD = 8
+MIGPROFILER_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "migprofiler_a100"
+#: Training parameters of the shipped model (few minutes on 2 cores).
+DEFAULT_PARAMS: dict[str, Any] = {
+    "history_k": 5,
+    "max_iter": 150,
+    "learning_rate": 0.08,
+    "max_leaf_nodes": 15,
+    "min_samples_leaf": 40,
+    "l2_regularization": 1.0,
+    "cv_folds": 4,
+    "target_precision": 0.95,
+    "threshold_margin": 0.02,
+    "augment_copies": 1,
+}
+#: The eval scenario at this scale: ~260 workloads over 12 h, ~7M samples.
+TRAIN_SCENARIO: dict[str, Any] = {"scale": 3.0}
+MODEL_ID = "trainwatch-workload-gbm"
+MODEL_VERSION = "2"
+#: Fields written as whole numbers by the simulator's line writer (MiB, MHz, bytes, mJ).
+_INT_FIELDS = frozenset(("fb_used_mib", "fb_free_mib", "sm_clock_mhz", "mem_clock_mhz", "pcie_tx_bytes",
+                         "pcie_rx_bytes", "nvlink_tx_bytes", "nvlink_rx_bytes", "net_tx_bytes", "net_rx_bytes",
+                         "energy_mj"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# partial aggregates -> merged windows -> engine-shaped history entries
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class HistoryBuilder:
+    """Drives the detect stage's merger over partial aggregates and records, per workload, every history entry in
+    delivery order (as the engine appends them). `keep_windows` also keeps each window's latest merge."""
+
+    window: WindowConfig = field(default_factory=WindowConfig)
+    keep_windows: bool = False
+    entries: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    windows: dict[tuple[str, float], WorkloadWindow] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.merger = WindowMerger(self.window.allowed_lateness_s)
+        self.watermark = float("-inf")
+
+    def add(self, partials: Iterable[WindowAggregate]) -> None:
+        for p in partials:
+            merged = self.merger.add(p)
+            if merged is None:
+                continue
+            self.watermark = max(self.watermark, p.window_end)
+            self.entries[merged.workload_id].append(history_entry(merged))
+            if self.keep_windows:
+                self.windows[(merged.workload_id, merged.window_start)] = merged
+        self.merger.expire(self.watermark)
+
+
+def histories_from_messages(values: Iterable[bytes], now: float, window: WindowConfig | None = None,
+                            keep_windows: bool = False, batch: int = 5000) -> tuple[HistoryBuilder, int]:
+    """Native telemetry messages (one partition, in order) through IngestCore -> (builder, dead-lettered count)."""
+    window = window or WindowConfig()
+    core = IngestCore(window)
+    hb = HistoryBuilder(window, keep_windows)
+    dead = 0
+    msgs: list[SourceMessage] = []
+
+    def flush() -> None:
+        nonlocal dead, msgs
+        dead += len(core.process(TOPIC, 0, msgs, now))
+        msgs = []
+        hb.add(core.ready())
+
+    for off, v in enumerate(values):
+        msgs.append(SourceMessage(off, v))
+        if len(msgs) >= batch:
+            flush()
+    if msgs:
+        flush()
+    hb.add(core.drain())
+    return hb, dead
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# histories
+# ---------------------------------------------------------------------------------------------------------------
+def sample_histories(entries: Sequence[Any], rng: np.random.Generator, n: int) -> list[list[Any]]:
+    """Up to `n` histories of one workload, each what the engine held after a random delivery (the last always
+    kept): the HISTORY_K entries up to it."""
+    if not entries:
+        return []
+    ends = {len(entries)}
+    if len(entries) > 1:
+        extra = rng.choice(np.arange(1, len(entries)), size=min(n - 1, len(entries) - 1), replace=False)
+        ends.update(int(e) for e in extra)
+    return [list(entries[max(0, e - HISTORY_K) : e]) for e in sorted(ends)]
+
+
+@dataclass
+class Dataset:
+    histories: list[list[Any]]
+    y: np.ndarray
+    groups: np.ndarray  # source family
+    archetypes: np.ndarray
+    workloads: np.ndarray
+    digest: str  # sha256 of the telemetry it came from
+
+    def subset(self, mask: np.ndarray) -> Dataset:
+        idx = np.flatnonzero(mask)
+        return Dataset(
+            [self.histories[i] for i in idx], self.y[idx], self.groups[idx], self.archetypes[idx],
+            self.workloads[idx], self.digest,
+        )
+
+
+def dataset_from_entries(
+    entries: dict[str, list[dict[str, Any]]], truth: dict[str, dict[str, Any]], digest: str, seed: int,
+    per_workload: int,
+) -> Dataset:
+    rng = np.random.default_rng(seed)
+    H: list[list[Any]] = []
+    y, g, a, wl = [], [], [], []
+    for w in sorted(entries):
+        t = truth.get(w)
+        if t is None:
+            continue
+        for h in sample_histories(entries[w], rng, per_workload):
+            H.append(h)
+            y.append(int(bool(t["is_training"])))
+            g.append(str(t.get("source_family") or t.get("archetype") or "unknown"))
+            a.append(str(t.get("archetype") or "unknown"))
+            wl.append(w)
+    return Dataset(H, np.array(y, dtype=int), np.array(g), np.array(a), np.array(wl), digest)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# simulator data
+# ---------------------------------------------------------------------------------------------------------------
+def _block_batch(sc: Any, blk: Any, first_offset: int) -> Batch:
+    """A simulator block's delivered samples as the ingest stage decodes them from the written lines: malformed
+    lines dropped (dead letters), duplicates and late rows kept (the windowing core handles them), each sample one
+    message, nvidia-smi-only nodes without profiling fields, PCIe parts without NVLink, whole-unit fields rounded."""
+    from pipeline.simulator.engine import MAL_NONE  # the simulator is owned elsewhere; imported on use
+
+    keep = np.flatnonzero(blk.mal == MAL_NONE)
+    wl, dev = blk.wl[keep], blk.dev[keep]
+    node = dev // 8
+    smi = sc.fleet.smi_only[node]
+    pcie = np.array([n.model in ("L40S", "L4") for n in sc.fleet.nodes])[node]
+    metrics = np.full((keep.size, len(METRIC_FIELDS)), np.nan)
+    for j, m in enumerate(METRIC_FIELDS):
+        if m not in blk.cols:
+            continue
+        col = blk.cols[m][keep].copy()
+        if m not in SMI_FIELDS:
+            col[smi] = np.nan
+        if m.startswith("nvlink"):
+            col[pcie] = np.nan
+        metrics[:, j] = np.rint(col) if m in _INT_FIELDS else col
+    wls = sc.workloads
+    ids = [(w.workload_id, sc.accounts[w.account].account_id, w.job_id, w.run_label,
+            w.precision if w.precision_reported else None, sc.fleet.nodes[w.nodes[0]].reported_name) for w in wls]
+    rows = [ids[i] for i in wl.tolist()]
+    return Batch(ts=blk.ts[keep], interval=sc.interval_by_wl[wl].astype(float), metrics=metrics,
+                 offset=np.arange(first_offset, first_offset + keep.size, dtype=np.int64),
+                 device=sc.fleet.device_uuid[dev].tolist(), node=sc.fleet.node_name[node].tolist(),
+                 accelerator=[r[5] for r in rows], workload=[r[0] for r in rows], account=[r[1] for r in rows],
+                 job=[r[2] for r in rows], run_label=[r[3] for r in rows], precision=[r[4] for r in rows])
+
+
+def simulated_entries(scenario: str, seed: int, **params: Any) -> tuple[dict[str, list[dict[str, Any]]],
+                                                                         dict[str, dict[str, Any]], str]:
+    """(history entries per workload, ground truth per workload, digest) for one simulated scenario, straight
+    from the simulator's block generator into the ingest stage's windowing core (no JSON round trip: the eval
+    scenario is millions of samples)."""
+    from pipeline.simulator.engine import iter_blocks
+    from pipeline.simulator.scenarios import build
+
+    sc = build(scenario, seed, **params)
+    window = WindowConfig(window_s=sc.window_s)
+    core = IngestCore(window)
+    hb = HistoryBuilder(window)
+    h = hashlib.sha256(f"{scenario}/{seed}/{sorted(params.items())}".encode())
+    offset = 0
+    for blk, _truth, _gaps in iter_blocks(sc):
+        b = _block_batch(sc, blk, offset)
+        offset += len(b.ts)
+        h.update(b.ts.tobytes())
+        core.agg.add(TOPIC, 0, b)  # the windowing core of IngestCore.process, minus decoding
+        hb.add(core.ready())
+    hb.add(core.drain())
+    truth = {w.workload_id: {"is_training": w.is_training, "archetype": w.archetype,
+                             "source_family": w.source_family} for w in sc.workloads}
+    return dict(hb.entries), truth, h.hexdigest()
+
+
+def simulated_dataset(scenario: str, seed: int, per_workload: int = HISTORIES_PER_WORKLOAD,
+                      **params: Any) -> Dataset:
+    entries, truth, digest = simulated_entries(scenario, seed, **params)
+    return dataset_from_entries(entries, truth, digest, seed, per_workload)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MIGProfiler real runs
+# ---------------------------------------------------------------------------------------------------------------
+def migprofiler_dataset(data_dir: Path = MIGPROFILER_DIR) -> Dataset | None:
+    """One workload per benchmark run (sessions_index.csv), samples from its dcgm.csv, through the ingest stage
+    as native JSON messages; None when absent. Runs are scored on their last history (whole run)."""
+    index = data_dir / "sessions_index.csv"
+    if not index.is_file():
+        return None
+    with index.open() as f:
+        rows = list(csv.DictReader(f))
+    traces: dict[str, np.ndarray] = {}
+    h = hashlib.sha256()
+    msgs: list[tuple[float, bytes]] = []
+    truth: dict[str, dict[str, Any]] = {}
+    for i, r in enumerate(rows):
+        path = data_dir / r["dcgm_file"]
+        if r["dcgm_file"] not in traces:
+            h.update(path.read_bytes())
+            traces[r["dcgm_file"]] = np.genfromtxt(path, delimiter=",", skip_header=1, usecols=(1, 2, 3))
+        t = traces[r["dcgm_file"]]
+        start, end = float(r["start_epoch_s"]), float(r["end_epoch_s"])
+        seg = t[(t[:, 2] >= start) & (t[:, 2] < end)]
+        w = f"mig-{i:03d}"
+        hw = "A100 80GB" if "80g" in r["dcgm_file"] else "A100 40GB"
+        for gract, fb, ts in seg:
+            msgs.append((float(ts), dumps({"ts": float(ts), "device": f"GPU-mig-{hw}-{i}", "node": "migprofiler",
+                                           "workload_id": w, "account_id": "migprofiler", "accelerator": hw,
+                                           "interval_s": 1.0, "gr_engine_active": float(gract),
+                                           "fb_used_mib": float(fb)})))
+        is_training = r["label"].startswith("training")
+        truth[w] = {"is_training": is_training, "source_family": "migprofiler",
+                    "archetype": ("train" if is_training else "infer") + "_" + r["dcgm_file"].split("/")[1]}
+    msgs.sort(key=lambda m: m[0])  # one stream in event time, as a collector would send it
+    # `now` only bounds future timestamps: the traces are historical, so their own last time is a valid clock.
+    now = max((m[0] for m in msgs), default=0.0) + 3600.0
+    hb, _ = histories_from_messages((m[1] for m in msgs), now)
+    return dataset_from_entries(dict(hb.entries), truth, h.hexdigest(), 0, per_workload=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------------------------
+def build_model(params: dict[str, Any] | None = None) -> GbmWorkloadClassifier:
+    p = {**DEFAULT_PARAMS, **(params or {})}
+    return GbmWorkloadClassifier(model_id=MODEL_ID, model_version=MODEL_VERSION, **p)
+
+
+def train_model(ds: Dataset, params: dict[str, Any] | None = None) -> GbmWorkloadClassifier:
+    return build_model(params).fit(ds.histories, ds.y, ds.groups)
+
+
+def train_and_save(
+    out_dir: Path | None = None, *, seed: int = 7, scenario_params: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+) -> tuple[Path, GbmWorkloadClassifier, Dataset]:
+    """Simulate the `eval` scenario, train on all of it, save the artifact (default: the packaged one)."""
+    ds = simulated_dataset("eval", seed, **{**TRAIN_SCENARIO, **(scenario_params or {})})
+    model = train_model(ds, params)
+    meta = ArtifactMeta(
+        model_id=MODEL_ID,
+        model_version=MODEL_VERSION,
+        training_data_sha256=ds.digest,
+        params={**DEFAULT_PARAMS, **(params or {}), "scenario": "eval", "seed": seed,
+                "scenario_params": {**TRAIN_SCENARIO, **(scenario_params or {})}, "histories": len(ds.y),
+                "workloads": len(set(ds.workloads.tolist()))},
+        metrics={"tiers": model.explain_tiers(), **(metrics or {})},
+    )
+    path = save_artifact(model, meta, out_dir or packaged_dir())
+    return path, model, ds
+
+
+def dataset_summary(ds: Dataset) -> dict[str, Any]:
+    fam: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for g, y in zip(ds.groups, ds.y, strict=True):
+        fam[str(g)][int(y)] += 1
+    return {"histories": len(ds.y), "training": int(ds.y.sum()),
+            "families": {k: {"not_training": v[0], "training": v[1]} for k, v in sorted(fam.items())}}

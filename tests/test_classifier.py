@@ -1,0 +1,242 @@
+"""The workload classifier: feature extraction, tiers and degraded fields, artifact versioning."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import sklearn
+
+from detectors.classifier import STATS, GbmWorkloadClassifier, HistoryFeaturizer, feature_tier
+from detectors.classifier_base import Verdict, WorkloadClassifier
+from detectors.model_artifact import ARTIFACT_FORMAT, SIDECAR_FILE, ArtifactMeta, load_artifact, save_artifact
+from schemas.errors import ArtifactError
+from schemas.serde import dumps, loads
+
+DCGM = ("tensor_active", "dram_active", "fp64_active")
+SMI = ("gpu_util", "power_w", "fb_used_mib")
+
+
+def _window(i: int, feats: dict[str, float | None], devices: int = 8, nodes: int = 1) -> dict:
+    return {"workload_id": "w", "account_id": "a", "window_start": 60.0 * i, "window_end": 60.0 * (i + 1),
+            "device_count": devices, "node_count": nodes, "device_seconds": 60.0 * devices, "features": feats}
+
+
+def synthetic_histories(n: int, seed: int, smi_share: float = 0.3) -> tuple[list[list[dict]], np.ndarray, np.ndarray]:
+    """Training: tensor busy + multi-node; negatives: inference (low tensor), HPC (fp64), mining (dram).
+    nvidia-smi-level fields overlap between classes, as in reality."""
+    rng = np.random.default_rng(seed)
+    H, y, g = [], [], []
+    for k in range(n):
+        kind = k % 4
+        is_train = kind == 0
+        tensor = {0: 0.6, 1: 0.15, 2: 0.02, 3: 0.01}[kind] + rng.normal(0, 0.05)
+        fp64 = 0.5 if kind == 2 else 0.01
+        dram = 0.8 if kind == 3 else 0.3
+        nodes = int(rng.integers(2, 9)) if is_train else int(rng.integers(1, 3))
+        smi = rng.random() < smi_share
+        hist = []
+        for i in range(int(rng.integers(1, 7))):
+            f: dict[str, float | None] = {
+                "gpu_util_mean": float(np.clip(rng.normal(0.75, 0.15), 0, 1)),
+                "power_w_mean": float(rng.normal(400, 80)),
+                "fb_used_mib_mean": float(rng.normal(50_000, 15_000)),
+            }
+            if not smi:
+                f.update({"tensor_active_mean": float(np.clip(tensor + rng.normal(0, 0.03), 0, 1)),
+                          "dram_active_mean": dram + rng.normal(0, 0.05), "fp64_active_mean": fp64})
+            hist.append(_window(i, f, devices=8 * nodes, nodes=nodes))
+        H.append(hist)
+        y.append(int(is_train))
+        g.append(f"fam{k % 5}")
+    return H, np.array(y), np.array(g)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> GbmWorkloadClassifier:
+    H, y, g = synthetic_histories(600, seed=1)
+    return GbmWorkloadClassifier(max_iter=40, min_samples_leaf=10, cv_folds=3).fit(H, y, g)
+
+
+def test_featurizer_statistics_over_history():
+    hist = [_window(i, {"tensor_active_mean": v, "sample_count": 60.0, "interval_s": 1.0})
+            for i, v in enumerate([0.2, 0.4, 0.6, None])]
+    hist[-1]["features"]["tensor_active_mean"] = None
+    f = HistoryFeaturizer(history_k=5).fit([hist])
+    assert f.window_features_ == ("tensor_active_mean",)  # interval-bearing features are dropped by name
+    x = dict(zip(f.feature_names_out_, f.transform_one(hist), strict=True))
+    assert x["tensor_active_mean__mean"] == pytest.approx(0.4)
+    assert x["tensor_active_mean__std"] == pytest.approx(np.std([0.2, 0.4, 0.6]))
+    assert x["tensor_active_mean__trend"] == pytest.approx(0.2)  # per window
+    assert x["tensor_active_mean__last"] == pytest.approx(0.6)  # last *present* value, never a filled zero
+    assert x["scale_devices"] == 8 and x["history_windows"] == 4
+    assert x["duration_log_s"] == pytest.approx(math.log10(1 + 240.0))
+
+
+def test_featurizer_missing_stays_missing_and_history_is_cut_to_k():
+    hist = [_window(i, {"tensor_active_mean": float(i), "gpu_util_mean": None}) for i in range(10)]
+    f = HistoryFeaturizer(history_k=3).fit([hist])
+    x = dict(zip(f.feature_names_out_, f.transform_one(hist), strict=True))
+    assert x["tensor_active_mean__mean"] == pytest.approx(8.0)  # windows 7, 8, 9 only
+    assert all(math.isnan(x[f"gpu_util_mean__{s}"]) for s in STATS)
+    assert x["duration_log_s"] == pytest.approx(math.log10(1 + 600.0))  # duration spans the whole history
+
+
+def test_feature_tiers_by_name():
+    assert feature_tier("tensor_active_mean") == "dcgm"
+    assert feature_tier("power_w_std") == "smi"
+    assert feature_tier("gpu_util_mean") == "smi"
+    assert feature_tier("sample_count") == "interval"
+    assert feature_tier("sync_corr") == "dcgm"  # unknown provenance never feeds the nvidia-smi tier
+
+
+def test_model_implements_protocol_and_separates_with_dcgm(tiny_model):
+    as_protocol: WorkloadClassifier = tiny_model  # the detect stage holds it through the protocol
+    H, y, _ = synthetic_histories(200, seed=2, smi_share=0.0)
+    verdicts = [as_protocol.predict(h) for h in H]
+    assert all(isinstance(v, Verdict) and v.band in ("training", "not_training", "uncertain") for v in verdicts)
+    called = np.array([v.band == "training" for v in verdicts])
+    assert called.sum() > 0.8 * y.sum()
+    assert (called & (y == 0)).sum() == 0
+    assert all(v.model_id.endswith("/full") for v in verdicts)
+    top = verdicts[0].top_features
+    assert 0 < len(top) <= tiny_model.top_k and all(isinstance(n, str) and isinstance(c, float) for n, c in top)
+
+
+def test_smi_only_routes_to_smi_tier_with_wider_uncertainty(tiny_model):
+    H, y, _ = synthetic_histories(300, seed=3, smi_share=0.0)
+    full = [tiny_model.predict(h) for h in H]
+    stripped = [[{**w, "features": {k: v for k, v in w["features"].items() if not k.startswith(DCGM)}} for w in h]
+                for h in H]
+    smi = [tiny_model.predict(h) for h in stripped]
+    assert all(v.model_id.endswith("/smi") for v in smi)
+    called = np.array([v.band == "training" for v in smi])
+    # Only scale separates the classes without DCGM: confident calls stay right, and many more are left open.
+    assert (called & (y == 0)).sum() <= 0.05 * max(called.sum(), 1)
+    assert np.mean([v.band == "uncertain" for v in smi]) > np.mean([v.band == "uncertain" for v in full]) + 0.2
+
+
+def test_no_activity_signal_is_uncertain(tiny_model):
+    hist = [_window(i, {"fb_used_mib_mean": 70_000.0}, devices=512, nodes=64) for i in range(5)]
+    v = tiny_model.predict(hist)
+    assert v.band == "uncertain"
+    assert tiny_model.predict([]).band == "uncertain"
+
+
+def test_artifact_roundtrip(tmp_path, tiny_model):
+    meta = ArtifactMeta(model_id="m", model_version="3", training_data_sha256="ab" * 32, params={"a": 1},
+                        metrics={"f1": 0.9})
+    save_artifact(tiny_model, meta, tmp_path)
+    est, got = load_artifact(tmp_path, expect_version="3")
+    assert got.model_id == "m" and got.sklearn_version == sklearn.__version__ and got.artifact_format == ARTIFACT_FORMAT
+    H, _, _ = synthetic_histories(20, seed=4)
+    assert [est.predict(h) for h in H] == [tiny_model.predict(h) for h in H]
+
+
+def test_artifact_errors_are_clear(tmp_path, tiny_model):
+    with pytest.raises(ArtifactError, match="not found"):
+        load_artifact(tmp_path / "nowhere")
+    save_artifact(tiny_model, ArtifactMeta("m", "1", "00"), tmp_path)
+    with pytest.raises(ArtifactError, match="version 1 found, 2 expected"):
+        load_artifact(tmp_path, expect_version="2")
+    side = tmp_path / SIDECAR_FILE
+    doc = loads(side.read_bytes())
+    side.write_bytes(dumps({**doc, "artifact_format": ARTIFACT_FORMAT + 1}))
+    with pytest.raises(ArtifactError, match="artifact format"):
+        load_artifact(tmp_path)
+    side.write_bytes(dumps({**doc, "sklearn_version": "0.1"}))
+    with pytest.raises(ArtifactError, match="scikit-learn"):
+        load_artifact(tmp_path)
+    side.write_bytes(dumps({**doc, "model_sha256": "0" * 64}))
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_artifact(tmp_path)
+
+
+def test_packaged_artifact_loads():
+    est, meta = load_artifact()
+    assert meta.model_id and meta.training_data_sha256 and meta.metrics
+    assert isinstance(est.predict([]), Verdict)
+
+
+# --- the detect engine's history shape, and the loader ------------------------------------------------------------
+def _messages(t0: float) -> list[bytes]:
+    """Two workloads on 60 s windows, 10 s samples, plus late samples that make ingest emit a correction."""
+    out = []
+    for wl, n_dev, tensor in (("wl-train", 8, 0.5), ("wl-serve", 2, 0.05)):
+        for i in range(30):
+            for d in range(n_dev):
+                out.append(dumps({"ts": t0 + 10.0 * i, "node": f"n-{wl}-{d // 4}", "device": f"GPU-{wl}-{d}",
+                                  "accelerator": "NVIDIA H100 80GB HBM3", "workload_id": wl, "account_id": "a-1",
+                                  "interval_s": 10.0, "tensor_active": tensor, "gpu_util": 90.0, "power_w": 500.0}))
+    late = {"ts": t0 + 5.0, "node": "n-wl-train-0", "device": "GPU-wl-train-0", "accelerator": "NVIDIA H100 80GB HBM3",
+            "workload_id": "wl-train", "account_id": "a-1", "interval_s": 10.0, "tensor_active": 0.9}
+    return [*out, dumps(late)]
+
+
+def test_training_histories_are_the_engines_histories():
+    from detectors.classifier import history_entry, normalise_history
+    from detectors.state import HISTORY_K
+    from pipeline.detect.stage import DetectStage
+    from pipeline.ingest.stage import IngestCore, SourceMessage
+    from pipeline.model_train import HistoryBuilder
+    from schemas.policy import load_policy
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.seen: list[list[dict]] = []
+
+        def predict(self, history):
+            self.seen.append([dict(h) for h in history])
+            return Verdict(0.5, "uncertain")
+
+    t0 = 1_767_225_600.0
+    core = IngestCore()
+    core.process("t", 0, [SourceMessage(i, v) for i, v in enumerate(_messages(t0))], now=t0 + 3600)
+    partials = core.ready() + core.drain()
+    assert any(p.revision > 0 for p in partials)  # the late samples came as a correction
+    rec = Recorder()
+    stage = DetectStage(load_policy("demo"), rec)
+    hb = HistoryBuilder()
+    for p in partials:
+        stage.on_window(p)
+    hb.add(partials)
+    # Each engine call saw exactly the entries the training path records, in the same order.
+    for wid in ("wl-train", "wl-serve"):
+        calls = [h for h in rec.seen if h[-1]["workload_id"] == wid]
+        assert calls and calls[-1] == hb.entries[wid][-HISTORY_K:]
+        assert [c[-1] for c in calls] == hb.entries[wid]
+    # A correction is a second delivery of a window: the model counts the window once, at its latest merge.
+    train = hb.entries["wl-train"]
+    assert len(train) > len({e["window_start"] for e in train})
+    norm = normalise_history(train)
+    assert [e["window_start"] for e in norm] == sorted({e["window_start"] for e in train})
+    first = min(e["window_start"] for e in train)
+    assert norm[0] is [e for e in train if e["window_start"] == first][-1]
+    merged = stage.merger.add(partials[0])  # a replayed partial: nothing new, so rebuild from the builder's input
+    assert merged is None and set(history_entry(train[0])) == set(train[0])
+
+
+def test_real_feature_names_are_tiered_for_routing():
+    from detectors.windows import FEATURE_NAMES
+
+    tiers = {n: feature_tier(n) for n in FEATURE_NAMES}
+    # provenance features would let the model learn the provider, and would send nvidia-smi rows to the full tier
+    assert tiers["fields_present"] == tiers["tensor_basis_share"] == tiers["log10_flop_rate"] == "interval"
+    assert tiers["mean_tensor"] == tiers["sync_devices_tensor"] == tiers["fp64_share"] == "dcgm"
+    assert tiers["mean_gpu_util"] == tiers["sync_devices_power"] == tiers["devices_per_node"] == "smi"
+
+
+def test_load_classifier_packaged_rule_and_errors(tmp_path):
+    from detectors.classifier_base import RuleClassifier
+    from pipeline.classifier_loader import load_classifier
+    from schemas.policy import load_policy
+
+    policy = load_policy("demo")
+    assert isinstance(load_classifier(None, policy), GbmWorkloadClassifier)
+    rule = load_classifier("rule", policy)
+    assert isinstance(rule, RuleClassifier) and rule.p_training_high == policy.uncertainty.p_training_high
+    with pytest.raises(ArtifactError, match="not found"):
+        load_classifier(tmp_path / "nowhere", policy)  # never a silent fall back to the rule
+    with pytest.raises(ArtifactError):
+        load_classifier(tmp_path, policy)

@@ -1,0 +1,167 @@
+"""The faust detect + cases app on the real broker: kill -9 mid-stream, restart, same cases as in process, no dups."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from pipeline.ingest.aggregate import WindowConfig
+from pipeline.ingest.stage import IngestCore, SourceMessage
+from pipeline.runner import InProcessPipeline
+from pipeline.simulator import simulate
+from pipeline.sources import read_folder
+from pipeline.store import Store
+from schemas.policy import load_policy
+from schemas.serde import encode
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+DEADLINE_S = 60.0
+BATCH = 5000  # the runner's default telemetry batch: the same windows close at the same places
+
+
+def delivery_order(folder: Path) -> list[tuple[str, bytes, bytes]]:
+    """(stream, key, value) for windows, CIP and allocations in the order the in-process runner meets them."""
+    core = IngestCore(WindowConfig(), "native")
+    out: list[tuple[str, bytes, bytes]] = []
+    buf: list[SourceMessage] = []
+
+    def flush() -> None:
+        if buf:
+            core.process("telemetry", 0, list(buf), now=time.time())
+            buf.clear()
+        out.extend(("windows", (w.account_id or w.workload_id).encode(), encode(w)) for w in core.ready())
+
+    for rec in read_folder(folder):
+        if rec.stream == "telemetry":
+            buf.append(SourceMessage(rec.offset, rec.value))
+            if len(buf) >= BATCH:
+                flush()
+            continue
+        flush()
+        acct = orjson.loads(rec.value).get("account_id", "") if rec.value.startswith(b"{") else ""
+        out.append((rec.stream, str(acct).encode(), rec.value))
+    flush()
+    out.extend(("windows", (w.account_id or w.workload_id).encode(), encode(w)) for w in core.drain())
+    return out
+
+
+def produce(bootstrap: str, topics: dict[str, str], items: list[tuple[str, bytes, bytes]]) -> None:
+    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    for stream, key, value in items:
+        p.produce(topics[stream], value, key)
+        p.poll(0)
+    assert p.flush(30) == 0
+
+
+def lag(bootstrap: str, group: str, topics: list[str]) -> int:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        tps = [TopicPartition(t, 0) for t in topics]
+        total = 0
+        for tp in c.committed(tps, timeout=10):
+            _, hi = c.get_watermark_offsets(tp, timeout=10)
+            total += hi - max(tp.offset, 0)
+        return total
+    finally:
+        c.close()
+
+
+def read_topic(bootstrap: str, topic: str) -> list[dict]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}", "enable.auto.commit": False})
+    try:
+        _, hi = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+        if hi == 0:
+            return []
+        c.assign([TopicPartition(topic, 0, 0)])
+        out: list[dict] = []
+        deadline = time.monotonic() + DEADLINE_S
+        while len(out) < hi:
+            assert time.monotonic() < deadline, f"read {len(out)}/{hi} of {topic}"
+            out += [orjson.loads(m.value()) for m in c.consume(500, 1.0) if m.error() is None]
+        return out
+    finally:
+        c.close()
+
+
+def wait_for(cond: Callable[[], bool], what: str, proc: subprocess.Popen, log: Path,
+             deadline_s: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not cond():
+        tail = log.read_text(errors="replace")[-3000:]
+        assert proc.poll() is None, f"worker exited ({proc.returncode}) while waiting for {what}:\n{tail}"
+        assert time.monotonic() < deadline, f"no {what} within {deadline_s} s:\n{tail}"
+        time.sleep(0.5)
+
+
+def case_rows(store: Store) -> set[tuple]:
+    return {(c.case_id, c.status, c.reason, c.beneficial_owner_id or c.account_id, c.knowledge_at)
+            for c in store.list_cases()}
+
+
+def test_kill_and_restart_gives_the_same_cases_once(tmp_path: Path, kafka_bootstrap: str, unique_topic, store,
+                                                    store_path: Path) -> None:
+    folder = simulate("demo", tmp_path / "demo")
+    items = delivery_order(folder)
+    topics = {s: unique_topic(f"fd-{s}") for s in ("windows", "cip", "allocations", "detections", "cases")}
+    app_id = f"fd-{uuid.uuid4().hex[:10]}"
+    db = f"faust_{uuid.uuid4().hex[:10]}"
+    env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "TRAINWATCH_POLICY": "demo",
+           "TRAINWATCH_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'worker-store'}", "TRAINWATCH_DATABASE": db,
+           **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
+    env.pop("TRAINWATCH_CONFIG", None)
+    cmd = [sys.executable, "-m", "pipeline", "run", "--stage", "detect", "--app-id", app_id]
+    log_path = tmp_path / "worker.log"
+    log = log_path.open("wb")
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+    half = len(items) // 2
+    produce(kafka_bootstrap, topics, items[:half])
+    proc = start()
+    try:
+        # Mid-stream: some detections are out, the second half is not even produced yet.
+        wait_for(lambda: bool(read_topic(kafka_bootstrap, topics["detections"])), "detections", proc, log_path)
+        proc.kill()
+        proc.wait(10)
+        produce(kafka_bootstrap, topics, items[half:])
+        proc = start()
+        inputs = [topics["windows"], topics["cip"], topics["allocations"], topics["detections"]]
+        wait_for(lambda: lag(kafka_bootstrap, app_id, inputs) == 0, "consumer lag 0", proc, log_path, 2 * DEADLINE_S)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+    # The reference: the same folder in process, in this process's own chDB path.
+    InProcessPipeline(store, load_policy("demo")).run(read_folder(folder))
+    expected = case_rows(store)
+    assert expected, "the demo scenario opens cases"
+    feed = read_topic(kafka_bootstrap, topics["cases"])
+    # The worker's store: a subprocess, since chDB allows one path per process.
+    script = ("import sys, orjson; from pipeline.store import Store\n"
+              "s = Store.connect(sys.argv[1], sys.argv[2])\n"
+              "cs = [[c.case_id, c.status, c.reason, c.beneficial_owner_id or c.account_id, c.knowledge_at]"
+              " for c in s.list_cases()]\n"
+              "ev = s.query('SELECT count() n, uniqExact(event_id) u, groupArray(event_id) ids FROM case_events')[0]\n"
+              "print(orjson.dumps({'cases': cs, 'n': ev['n'], 'u': ev['u'], 'ids': ev['ids']}).decode())\n")
+    got = orjson.loads(subprocess.run([sys.executable, "-c", script, env["TRAINWATCH_CLICKHOUSE_DSN"], db],
+                                      cwd=REPO, capture_output=True, check=True, timeout=60).stdout)
+    assert {tuple(c) for c in got["cases"]} == expected, log_path.read_text(errors="replace")[-3000:]
+    assert got["n"] == got["u"], "a case event was written twice"
+    assert {m["message_id"] for m in feed} == set(got["ids"]), "feed (after dedup) != case events"

@@ -1,0 +1,245 @@
+"""The ingest core without Kafka: decoding, validation, windows, corrections, dedup, replay after a crash."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+
+import numpy as np
+import orjson
+import pytest
+
+from detectors.catalog import resolve
+from pipeline.ingest import synth
+from pipeline.ingest.aggregate import WindowConfig
+from pipeline.ingest.stage import IngestCore, SourceMessage
+from schemas.windows import WindowAggregate
+
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z, a window boundary
+NOW = T0 + 10_000
+
+
+def run(core: IngestCore, values: list[bytes], batch: int = 100, partition: int = 0, start: int = 0):
+    """Feed messages in batches like the Kafka adapter does; returns (windows, dead letters)."""
+    wins: list[WindowAggregate] = []
+    dead = []
+    for i in range(0, len(values), batch):
+        msgs = [SourceMessage(start + i + j, v) for j, v in enumerate(values[i : i + batch])]
+        dead += core.process("telemetry", partition, msgs, NOW)
+        wins += core.ready()
+    return wins, dead
+
+
+def totals(wins: list[WindowAggregate]) -> dict:
+    by_id = {w.window_id: w for w in wins}  # downstream dedups by window_id
+    return {
+        "flop": sum(w.flop for w in by_id.values()),
+        "flop_high": sum(w.flop_high for w in by_id.values()),
+        "device_seconds": sum(w.device_seconds for w in by_id.values()),
+        "samples": sum(w.sample_count for w in by_id.values()),
+    }
+
+
+def expected_flop(rows: list[dict]) -> float:
+    peak = resolve(rows[0]["accelerator"]).peak(None)
+    return sum(r["interval_s"] * peak * r["tensor_active"] for r in rows)
+
+
+SPEC = synth.WorkloadSpec("wl-a", nodes=2, gpus_per_node=4)
+
+
+def test_windows_add_up_to_the_per_sample_formula() -> None:
+    rows = synth.samples([SPEC], T0, 300, 5.0)
+    core = IngestCore()
+    wins, dead = run(core, [v for _, v in synth.native(rows)])
+    wins += core.drain()
+    assert dead == []
+    t = totals(wins)
+    assert t["samples"] == len(rows)
+    assert t["flop"] == pytest.approx(expected_flop(rows), rel=1e-9)
+    assert t["device_seconds"] == pytest.approx(5.0 * len(rows))
+    assert {w.window_start for w in wins} == {T0 + 60 * k for k in range(5)}
+    w0 = wins[0]
+    assert (w0.device_count, w0.node_count, w0.basis, w0.accelerators) == (8, 2, "tensor_active", {
+        "NVIDIA H100 80GB HBM3": 8})
+    assert w0.flop_low == pytest.approx(w0.flop) and w0.flop_high == pytest.approx(2 * w0.flop, rel=0.01)  # BF16..FP8
+    assert w0.offsets["telemetry:0"][0] == 0
+
+
+@pytest.mark.parametrize("fmt", ["columnar", "otlp", "prometheus"])
+def test_every_format_gives_the_native_totals(fmt: str) -> None:
+    rows = synth.samples([SPEC], T0, 180, 10.0, with_interval=fmt == "columnar")
+    cfg = WindowConfig(default_interval_s=10.0)
+    ref = IngestCore(cfg)
+    ref_w, _ = run(ref, [v for _, v in synth.native(rows)])
+    ref_w += ref.drain()
+    decoder = {"columnar": "native", "otlp": "otlp_json", "prometheus": "prometheus_json"}[fmt]
+    core = IngestCore(cfg, decoder=decoder)
+    values = [v for _, v in getattr(synth, fmt)(rows)]
+    wins, dead = run(core, values, batch=7 if fmt == "prometheus" else 3)  # fragments straddle batches
+    wins += core.drain()
+    assert dead == []
+    assert totals(wins) == pytest.approx(totals(ref_w), rel=1e-9)
+    assert {w.account_id for w in wins} == {"acct-1"}
+    util = defaultdict(float)
+    for w in wins:
+        util[w.window_start] += w.sums["gpu_util.sum"]
+    for w in ref_w:
+        assert util[w.window_start] == pytest.approx(w.sums["gpu_util.sum"])
+
+
+def test_late_data_becomes_corrections_that_sum_to_the_in_order_totals() -> None:
+    rows = synth.samples([SPEC], T0, 600, 5.0)
+    values = [v for _, v in synth.native(rows)]
+    ordered = IngestCore()
+    ref, _ = run(ordered, values)
+    ref += ordered.drain()
+    # Hold back every 7th message and deliver them 3 minutes late (after their windows closed).
+    late = [v for i, v in enumerate(values) if i % 7 == 0 and i < len(values) // 2]
+    on_time = [v for i, v in enumerate(values) if not (i % 7 == 0 and i < len(values) // 2)]
+    cut = len(on_time) * 3 // 4
+    shuffled = on_time[:cut] + late + on_time[cut:]
+    core = IngestCore()
+    wins, dead = run(core, shuffled)
+    wins += core.drain()
+    assert dead == []
+    assert any(w.revision > 0 for w in wins)
+    assert totals(wins) == pytest.approx(totals(ref), rel=1e-9)
+    assert len({w.window_id for w in wins}) == len(wins)
+    per_window = defaultdict(float)
+    for w in wins:
+        per_window[w.window_start] += w.flop
+    for w in ref:
+        assert per_window[w.window_start] == pytest.approx(w.flop, rel=1e-9)
+
+
+def test_too_late_data_is_dead_lettered() -> None:
+    rows = synth.samples([SPEC], T0, 400, 10.0)
+    values = [v for _, v in synth.native(rows)]
+    core = IngestCore(WindowConfig(allowed_lateness_s=60))
+    _, dead = run(core, values[80:] + values[:8])  # first 10 s arrive after the watermark is far past them
+    assert [d.reason for d in dead] == ["too_late"] * 8
+    assert core.counters["dlq.too_late"] == 8
+    assert dead[0].offset == len(values) - 80
+
+
+def test_duplicates_count_once_within_and_across_batches() -> None:
+    rows = synth.samples([SPEC], T0, 240, 5.0)
+    values = [v for _, v in synth.native(rows)]
+    ref = IngestCore()
+    r, _ = run(ref, values)
+    r += ref.drain()
+    dup = values + values[:50] + values[100:130]  # a retried producer resends
+    random.Random(1).shuffle(dup[len(values) - 40 :])
+    core = IngestCore()
+    wins, _ = run(core, dup, batch=64)
+    wins += core.drain()
+    assert core.counters["duplicates"] == 80
+    assert totals(wins) == pytest.approx(totals(r), rel=1e-9)
+
+
+def test_bad_rows_are_dead_lettered_alone_and_the_stream_goes_on() -> None:
+    rows = synth.samples([SPEC], T0, 30, 10.0)
+    cols = [orjson.loads(v) for _, v in synth.columnar(rows)]
+    cols[0]["metrics"]["tensor_active"][1] = 1.7  # out of range: only this row goes
+    cols[0]["metrics"]["power_w"][2] = 9223372036854775794  # sentinel: missing, not an error
+    sample = dict(rows[0], ts=NOW + 2 * 86_400, device="GPU-future")
+    values = [b"{not json", orjson.dumps(cols[0]), orjson.dumps({"ts": "x", "node": "n", "device": "d"}),
+              orjson.dumps(sample), orjson.dumps(dict(rows[0], tensor_active=-0.1, device="GPU-neg")),
+              orjson.dumps({k: v for k, v in rows[0].items() if k != "workload_id"} | {"device": "GPU-anon"})]
+    core = IngestCore()
+    dead = core.process("telemetry", 3, [SourceMessage(100 + i, v) for i, v in enumerate(values)], NOW)
+    reasons = sorted((d.offset, d.reason, d.row) for d in dead)
+    assert reasons == [(100, "malformed_json", None), (101, "out_of_range", 1), (102, "schema_violation", None),
+                       (103, "future_timestamp", None), (104, "out_of_range", None), (105, "missing_id", None)]
+    assert dead[0].value == b"{not json"  # whole bad messages keep their bytes
+    row_letter = next(d for d in dead if d.row == 1)
+    assert orjson.loads(row_letter.value)["tensor_active"] == 1.7
+    assert dict(row_letter.headers())["dlq.partition"] == b"3"
+    wins = core.drain()
+    kept = len(cols[0]["ts"]) - 1
+    assert sum(w.sample_count for w in wins) == kept
+    assert sum(w.sums.get("power_w.count", 0) for w in wins) == kept - 1
+
+
+@pytest.mark.parametrize("fmt", ["native", "columnar"])
+def test_clean_batches_take_the_fast_path_and_still_dead_letter_single_rows(fmt: str) -> None:
+    rows = synth.samples([SPEC], T0, 60, 10.0)
+    rows[9]["gpu_util"] = 101.0
+    rows[11]["power_w"] = 9223372036854775794  # sentinel: missing, kept
+    values = [v for _, v in getattr(synth, fmt)(rows)]
+    core = IngestCore()
+    dead = core.process("telemetry", 0, [SourceMessage(i, v) for i, v in enumerate(values)], NOW)
+    assert [d.reason for d in dead] == ["out_of_range"]
+    if fmt == "native":
+        assert dead[0].offset == 9 and dead[0].row is None and dead[0].value == values[9]
+    else:
+        assert dead[0].offset == 9 // 4 and dead[0].row == 9 % 4 and orjson.loads(dead[0].value)["gpu_util"] == 101.0
+    wins = core.drain()
+    assert sum(w.sample_count for w in wins) == len(rows) - 1
+    assert sum(w.sums["power_w.count"] for w in wins) == len(rows) - 2
+
+
+def test_unknown_accelerator_is_kept_and_flagged_and_smi_only_uses_the_weaker_basis() -> None:
+    specs = [synth.WorkloadSpec("wl-x", accelerator="Mystery X9"), synth.WorkloadSpec("wl-smi", smi_only=True)]
+    rows = synth.samples(specs, T0, 60, 10.0)
+    core = IngestCore()
+    run(core, [v for _, v in synth.native(rows)])
+    wins = {w.workload_id: w for w in core.drain()}
+    x, smi = wins["wl-x"], wins["wl-smi"]
+    assert x.unknown_accelerators == ["Mystery X9"] and x.basis == "none" and x.flop == 0 and x.device_count == 8
+    assert smi.basis == "utilisation_power" and smi.flop > 0 and smi.flop_low < smi.flop < smi.flop_high
+    assert "tensor_active" in smi.missing_fields
+
+
+def test_interval_defaults_to_the_gap_capped() -> None:
+    rows = synth.samples([synth.WorkloadSpec("wl-g", nodes=1, gpus_per_node=1)], T0, 60, 10.0, with_interval=False)
+    del rows[3]  # a 20 s gap
+    core = IngestCore(WindowConfig(default_interval_s=7.0, max_interval_s=15.0))
+    run(core, [v for _, v in synth.native(rows)])
+    (w,) = core.drain()
+    assert w.device_seconds == pytest.approx(7.0 + 10 + 10 + 15 + 10)
+
+
+@pytest.mark.parametrize("crash_after", [7, 13, 21])
+def test_replay_from_the_commit_point_loses_nothing_and_counts_nothing_twice(crash_after: int) -> None:
+    specs = [SPEC, synth.WorkloadSpec("wl-b", nodes=1, gpus_per_node=2)]
+    rows = synth.samples(specs, T0, 600, 5.0)
+    values = [v for _, v in synth.native(rows)]
+    late = values[40:60]
+    values = values[:40] + values[60:300] + late + values[300:]  # some late data too
+    ref = IngestCore()
+    ref_w, _ = run(ref, values, batch=50)
+    ref_w += ref.drain()
+
+    first = IngestCore()
+    written: list[WindowAggregate] = []
+    for i in range(0, crash_after * 50, 50):
+        first.process("telemetry", 0, [SourceMessage(i + j, v) for j, v in enumerate(values[i : i + 50])], NOW)
+        written += first.ready()
+    (offset, max_ts), = first.agg.commit_points().values()
+    assert offset < crash_after * 50
+    second = IngestCore()  # the restarted process: nothing but what the commit recorded
+    second.agg.restore("telemetry", 0, max_ts)
+    more, _ = run(second, values[offset:], batch=37, start=offset)
+    written += more + second.drain()
+    assert totals(written) == pytest.approx(totals(ref_w), rel=1e-9)
+    by_id: dict[str, WindowAggregate] = {}
+    for w in written:  # a re-emitted window is identical to the first emission
+        if w.window_id in by_id:
+            assert w.flop == pytest.approx(by_id[w.window_id].flop) and w.sample_count == by_id[
+                w.window_id].sample_count
+        by_id[w.window_id] = w
+
+
+def test_commit_point_never_passes_an_open_window() -> None:
+    rows = synth.samples([SPEC], T0, 100, 5.0)
+    values = [v for _, v in synth.native(rows)]
+    core = IngestCore()
+    run(core, values)
+    (offset, _), = core.agg.commit_points().values()
+    open_first = min(u.f for p in core.agg.parts.values() for u in p.units.values())
+    assert offset == open_first
+    assert math.isfinite(offset)
+    assert np.all(np.array([w.offsets["telemetry:0"][1] for w in core.ready()]) >= 0)

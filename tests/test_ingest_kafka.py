@@ -1,0 +1,238 @@
+"""The ingest stage on the real broker: every decoder end to end, dead letters, late data, duplicates, kill -9."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from detectors.catalog import resolve
+from pipeline.ingest import synth
+from pipeline.ingest.aggregate import WindowConfig
+from pipeline.ingest.kafka_stage import KafkaIngestStage
+from pipeline.ingest.stage import IngestCore, SourceMessage
+from pipeline.settings import IngestSettings, KafkaSettings, Settings, TopicSettings
+from schemas.serde import decode
+from schemas.windows import WindowAggregate
+
+pytestmark = pytest.mark.kafka
+
+DEADLINE_S = 60.0
+REPO = Path(__file__).resolve().parent.parent
+T0 = math.floor(time.time() / 60) * 60 - 3600.0  # an hour ago, on a window boundary
+SPECS = [synth.WorkloadSpec("wl-a", nodes=3, gpus_per_node=4), synth.WorkloadSpec("wl-b", nodes=2, gpus_per_node=2,
+                                                                                  account_id="acct-2")]
+
+
+def produce(bootstrap: str, topic: str, pairs: list[tuple[bytes | None, bytes]], partition: int | None = None) -> None:
+    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    for k, v in pairs:
+        while True:
+            try:
+                if partition is None:
+                    p.produce(topic, v, k)
+                else:
+                    p.produce(topic, v, k, partition=partition)
+                break
+            except BufferError:
+                p.poll(0.1)
+        p.poll(0)
+    assert p.flush(30) == 0
+
+
+def close_windows(bootstrap: str, topic: str, partitions: int, after: float, fmt: str = "native") -> None:
+    """One sample of a 'tick' workload per partition, far enough ahead that the watermark passes every window."""
+    for part in range(partitions):
+        tick = {"ts": after + 120.0, "node": f"tick-{part}", "device": f"tick-{part}", "workload_id": "tick",
+                "accelerator": "tick", "gpu_util": 0.0}
+        produce(bootstrap, topic, getattr(synth, fmt)([tick]), partition=part)
+
+
+def read_all(bootstrap: str, topic: str) -> list:
+    """Every message now in `topic` (up to the high watermarks), with a deadline."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
+                  "enable.auto.commit": False})
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        highs = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        got, pos = [], dict.fromkeys(parts, 0)
+        deadline = time.monotonic() + DEADLINE_S
+        while any(pos[p] < highs[p] for p in parts):
+            assert time.monotonic() < deadline, f"read {len(got)} of {sum(highs.values())} from {topic}"
+            for m in c.consume(500, 0.5):
+                if m.error() is None:
+                    got.append(m)
+                    pos[m.partition()] = m.offset() + 1
+        return got
+    finally:
+        c.close()
+
+
+def windows(bootstrap: str, topic: str) -> list[WindowAggregate]:
+    return [decode(WindowAggregate, m.value()) for m in read_all(bootstrap, topic)]
+
+
+def totals(wins: list[WindowAggregate]) -> dict:
+    by_id = {w.window_id: w for w in wins if w.workload_id != "tick"}
+    return {k: sum(getattr(w, k) for w in by_id.values()) for k in ("flop", "flop_high", "device_seconds",
+                                                                     "sample_count")}
+
+
+def reference(values: list[bytes], decoder: str) -> dict:
+    core = IngestCore(WindowConfig(), decoder=decoder)
+    core.process("ref", 0, [SourceMessage(i, v) for i, v in enumerate(values)], time.time())
+    return totals(core.drain())
+
+
+def make_settings(bootstrap: str, telemetry: str, out: str, dlq: str, decoder: str = "native",
+                  batch: int = 500) -> Settings:
+    return Settings(kafka=KafkaSettings(bootstrap_servers=bootstrap),
+                    topics=TopicSettings(telemetry=telemetry, windows=out, dlq=dlq),
+                    ingest=IngestSettings(decoder=decoder, batch_size=batch))
+
+
+def run_stage(settings: Settings, n_messages: int, group: str | None = None) -> KafkaIngestStage:
+    stage = KafkaIngestStage(settings, group_id=group or f"ingest-{uuid.uuid4().hex}")
+    stage.run(max_seconds=DEADLINE_S, stop=lambda: stage.stats.messages >= n_messages)
+    assert stage.stats.messages == n_messages
+    return stage
+
+
+@pytest.fixture
+def topics(unique_topic):
+    return unique_topic("telemetry", partitions=3), unique_topic("windows", partitions=2), unique_topic("dlq")
+
+
+@pytest.mark.parametrize("fmt", ["native", "columnar", "otlp", "prometheus"])
+def test_each_decoder_end_to_end(kafka_bootstrap: str, topics, fmt: str) -> None:
+    tel, out, dlq = topics
+    rows = synth.samples(SPECS, T0, 240, 10.0, with_interval=fmt in ("native", "columnar"))
+    pairs = getattr(synth, fmt)(rows)
+    decoder = {"otlp": "otlp_json", "prometheus": "prometheus_json"}.get(fmt, "native")
+    produce(kafka_bootstrap, tel, pairs)
+    close_windows(kafka_bootstrap, tel, 3, T0 + 240, fmt)
+    stage = run_stage(make_settings(kafka_bootstrap, tel, out, dlq, decoder), len(pairs) + 3)
+    wins = windows(kafka_bootstrap, out)
+    got = totals(wins)
+    assert got == pytest.approx(reference([v for _, v in pairs], decoder), rel=1e-9)
+    assert got["sample_count"] == len(rows)
+    if fmt in ("native", "columnar"):  # intervals given: the per-sample formula exactly
+        peak = resolve(SPECS[0].accelerator).peak(None)
+        assert got["flop"] == pytest.approx(sum(10.0 * peak * r["tensor_active"] for r in rows), rel=1e-9)
+    assert {w.account_id for w in wins if w.workload_id != "tick"} == {"acct-1", "acct-2"}
+    assert read_all(kafka_bootstrap, dlq) == []
+    assert stage.stats.commits >= 1
+
+
+def test_dead_letters_carry_reason_and_provenance(kafka_bootstrap: str, topics) -> None:
+    tel, out, dlq = topics
+    rows = synth.samples(SPECS[:1], T0, 30, 10.0)
+    cols = [orjson.loads(v) for _, v in synth.columnar(rows)]
+    cols[0]["metrics"]["gpu_util"][0] = 250.0
+    bad = [b"\x00garbage", orjson.dumps(cols[0]), orjson.dumps(dict(rows[0], ts=time.time() + 5 * 86_400)),
+           orjson.dumps({k: v for k, v in rows[1].items() if k != "workload_id"}),
+           orjson.dumps(dict(rows[2], surprise=1))]
+    produce(kafka_bootstrap, tel, [(b"n", v) for v in bad], partition=1)
+    stage = run_stage(make_settings(kafka_bootstrap, tel, out, dlq), len(bad))
+    letters = read_all(kafka_bootstrap, dlq)
+    got = sorted((dict(m.headers())["dlq.reason"].decode(), int(dict(m.headers())["dlq.offset"])) for m in letters)
+    assert got == sorted([("malformed_json", 0), ("out_of_range", 1), ("future_timestamp", 2), ("missing_id", 3),
+                          ("schema_violation", 4)])
+    for m in letters:
+        h = {k: v.decode() for k, v in m.headers()}
+        assert h["dlq.topic"] == tel and h["dlq.partition"] == "1" and h["dlq.detail"]
+        if h["dlq.reason"] == "malformed_json":
+            assert m.value() == b"\x00garbage"
+        if h["dlq.reason"] == "out_of_range":
+            assert h["dlq.row"] == "0" and orjson.loads(m.value())["gpu_util"] == 250.0
+    assert stage.core.counters["dlq.out_of_range"] == 1 and stage.core.counters["dlq.malformed_json"] == 1
+
+
+def test_late_data_corrections_sum_to_the_in_order_run(kafka_bootstrap: str, topics) -> None:
+    tel, out, dlq = topics
+    rows = synth.samples(SPECS, T0, 480, 10.0)
+    pairs = synth.native(rows)
+    late = pairs[: len(pairs) // 5]
+    shuffled = pairs[len(pairs) // 5 : len(pairs) // 2] + late + pairs[len(pairs) // 2 :]
+    produce(kafka_bootstrap, tel, shuffled)
+    close_windows(kafka_bootstrap, tel, 3, T0 + 480)
+    run_stage(make_settings(kafka_bootstrap, tel, out, dlq, batch=200), len(pairs) + 3)
+    wins = windows(kafka_bootstrap, out)
+    assert any(w.revision > 0 for w in wins)
+    assert totals(wins) == pytest.approx(reference([v for _, v in pairs], "native"), rel=1e-9)
+
+
+def test_duplicates_are_counted_once(kafka_bootstrap: str, topics) -> None:
+    tel, out, dlq = topics
+    rows = synth.samples(SPECS, T0, 240, 10.0)
+    pairs = synth.native(rows)
+    resent = pairs + pairs[50:350]  # an at-least-once producer retried a stretch
+    produce(kafka_bootstrap, tel, resent)
+    close_windows(kafka_bootstrap, tel, 3, T0 + 240)
+    stage = run_stage(make_settings(kafka_bootstrap, tel, out, dlq), len(resent) + 3)
+    assert stage.core.counters["duplicates"] == 300
+    assert totals(windows(kafka_bootstrap, out)) == pytest.approx(reference([v for _, v in pairs], "native"),
+                                                                  rel=1e-9)
+
+
+def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return sum(max(tp.offset, 0) for tp in tps)
+    finally:
+        c.close()
+
+
+def test_killed_and_restarted_stage_loses_nothing_and_counts_nothing_twice(kafka_bootstrap: str, topics) -> None:
+    tel, out, dlq = topics
+    rows = synth.samples(SPECS, T0, 1200, 5.0)
+    pairs = synth.native(rows)
+    late = pairs[200:500]
+    pairs_sent = pairs[:200] + pairs[500:3000] + late + pairs[3000:]  # late data across the kill, too
+    produce(kafka_bootstrap, tel, pairs_sent)
+    close_windows(kafka_bootstrap, tel, 3, T0 + 1200)
+    group = f"ingest-kill-{uuid.uuid4().hex}"
+    env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "TRAINWATCH_TOPICS__TELEMETRY": tel,
+           "TRAINWATCH_TOPICS__WINDOWS": out, "TRAINWATCH_TOPICS__DLQ": dlq, "TRAINWATCH_INGEST__BATCH_SIZE": "40",
+           # static membership: the restarted process takes over the killed one's partitions without waiting for
+           # its session to expire
+           "TRAINWATCH_KAFKA__EXTRA": '{"group.instance.id": "ingest-0", "session.timeout.ms": "10000"}'}
+    cmd = [sys.executable, "-m", "pipeline", "ingest", "run", "--group", group]
+    first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while _committed(kafka_bootstrap, group, tel, 3) < 600:  # some batches written and committed
+            assert first.poll() is None, first.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the stage committed nothing"
+            time.sleep(0.05)  # polling interval of a wait that has a deadline
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+        first.stderr.close()
+    assert _committed(kafka_bootstrap, group, tel, 3) < len(pairs_sent), "killed too late to test anything"
+    second = subprocess.run([*cmd, "--idle-exit", "3", "--max-seconds", str(DEADLINE_S)], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=DEADLINE_S + 30)
+    assert second.returncode == 0, second.stderr[-2000:]
+    wins = windows(kafka_bootstrap, out)
+    by_id: dict[str, WindowAggregate] = {}
+    for w in wins:
+        if w.window_id in by_id:  # a re-emitted window is the same window
+            prev = by_id[w.window_id]
+            assert (w.sample_count, w.flop) == pytest.approx((prev.sample_count, prev.flop))
+        by_id[w.window_id] = w
+    assert totals(wins) == pytest.approx(reference([v for _, v in pairs], "native"), rel=1e-9)
+    assert read_all(kafka_bootstrap, dlq) == []
