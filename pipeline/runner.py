@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from detectors.classifier_base import WorkloadClassifier
 from pipeline.cases.feed import CaseFeedMessage
 from pipeline.cases.service import CaseService
+from pipeline.classifier_loader import load_classifier
 from pipeline.detect.stage import DetectStage
 from pipeline.ingest.aggregate import WindowConfig
 from pipeline.ingest.stage import IngestCore, SourceMessage
@@ -51,7 +52,9 @@ class InProcessPipeline:
         self.topics = {"telemetry": "gpu.telemetry", "allocations": "compute.allocations", "cip": "accounts.cip"}
         self.topics.update(topics or {})
         self.ingest = IngestCore(self.window, decoder)
-        self.detect = DetectStage(policy, classifier, self.window.window_s, self.window.allowed_lateness_s)
+        # The packaged classifier unless one is given; a missing or mismatched artifact is an error, not a fallback.
+        clf = classifier if classifier is not None else load_classifier(None, policy)
+        self.detect = DetectStage(policy, clf, self.window.window_s, self.window.allowed_lateness_s)
         self.cases = CaseService(store, policy)
         self.result = RunResult()
         self._telemetry: list[SourceMessage] = []

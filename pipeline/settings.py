@@ -80,7 +80,9 @@ class Settings(BaseSettings):
     database: str = "trainwatch"
     window_s: float = Field(default=60.0, gt=0)
     policy: str = Field(default="bis-2024-proposed", description="shipped profile name or path to a TOML file")
-    model_path: Path | None = Field(default=None, description="classifier artifact; None = the packaged one")
+    model_path: str | None = Field(
+        default=None, description="classifier artifact directory; None = the packaged one; 'rule' = the interim rule"
+    )
     data_dir: Path = Path("./var")
 
     @classmethod

@@ -10,6 +10,7 @@ import orjson
 import typer
 from tqdm import tqdm
 
+from pipeline.classifier_loader import load_classifier
 from pipeline.runner import InProcessPipeline, RunResult
 from pipeline.settings import Settings, load_settings
 from pipeline.sources import read_folder
@@ -30,7 +31,9 @@ def replay_folder(folder: Path, store: Store, policy_name: str, settings: Settin
 
     window = WindowConfig(window_s=settings.window_s, watermark_lag_s=settings.ingest.watermark_lag_s,
                           allowed_lateness_s=settings.ingest.allowed_lateness_s)
-    pipe = InProcessPipeline(store, load_policy(policy_name), window=window, batch_size=settings.ingest.batch_size)
+    policy = load_policy(policy_name)
+    pipe = InProcessPipeline(store, policy, load_classifier(settings.model_path, policy), window=window,
+                             batch_size=settings.ingest.batch_size)
     manifest = folder / "manifest.json"
     total = orjson.loads(manifest.read_bytes()).get("counts", {}).get("lines") if manifest.exists() else None
     with tqdm(total=total, unit="msg", disable=not progress, desc="replay", leave=False) as bar:

@@ -31,6 +31,7 @@ from detectors.classifier_base import WorkloadClassifier
 from detectors.windows import merge_partials
 from pipeline.cases.feed import CaseFeedMessage, feed_messages
 from pipeline.cases.service import CaseService
+from pipeline.classifier_loader import load_classifier
 from pipeline.detect.stage import DetectStage
 from pipeline.settings import Settings
 from pipeline.store import DeadLetter, Store
@@ -167,7 +168,10 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         stream_wait_empty=False,
         table_standby_replicas=0,
     )
-    rt = DetectRuntime(settings, load_policy(settings.policy), classifier)
+    policy = load_policy(settings.policy)
+    if classifier is None:
+        classifier = load_classifier(settings.model_path, policy)
+    rt = DetectRuntime(settings, policy, classifier)
     topics = settings.topics
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     inputs = app.topic(topics.windows, topics.cip, topics.allocations, **raw)
