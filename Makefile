@@ -5,10 +5,13 @@ PYTHON ?= .venv/bin/python
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
-venv:  ## create .venv and install trainwatch with dev extras
-	python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[dev]'
+venv: .venv/.installed  ## create .venv and install trainwatch with dev extras
 
-demo: venv  ## the main job on the embedded default (no Kafka server)
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[dev]'
+	touch $@
+
+demo: venv  ## the main job on the embedded default (no Kafka server): simulate, detect, print cases
 	.venv/bin/trainwatch demo
 
 test:  ## run the test suite (starts the local Kafka broker if none is running)

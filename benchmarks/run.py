@@ -81,6 +81,15 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _update_readme(table: str) -> None:
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- bench:start -->\n", "<!-- bench:end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        readme.write_text(head + start + table + rest[rest.index(end):])
+
+
 def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
@@ -154,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_bytes(dumps(results, sort_keys=True))
     (args.out / "latest.md").write_text(render_markdown(results))
+    if not args.only:  # only a run of every benchmark may replace the README's table
+        _update_readme(render_markdown(results))
     print(render_markdown(results))
     return 1 if results["errors"] and not results["figures"] else 0
 
