@@ -4,28 +4,104 @@ Two developments count: a reservation that grows from below to past the threshol
 crosses while the account's earlier use was below (inference, small or non-training work). The detection says
 what changed and when; it explains a case rather than opening one (outcome 'info'), except that a grown
 reservation of a foreign account opens needs_review when the policy says `reservation_opens_case`.
+
+Beside those threshold rules, a per-account baseline of use (detectors/scope_baseline.py: device scale,
+P(training), compute rate) reports a change of use before any threshold is near: reason `use_changed` (what
+moved, x-fold, dated to when it began) and `reservation_outgrew_use`. Both are always 'info'. The baseline is
+the one piece of state this detector keeps, in AccountState.activity["scope_baseline"], updated as it reads.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any, ClassVar
 
 from detectors.base import DetectContext, Detector
+from detectors.scope_baseline import Change, ScopeBaseline, ScopeParams
 from schemas.allocation import AllocationEvent
 from schemas.detection import Detection
+from schemas.ids import content_id
+
+BASELINE_KEY = "scope_baseline"
+_RESERVATION_KINDS = ("reserved", "reservation_changed", "reservation_released")
+
+
+def _g(obj: Any, name: str, default: Any = None) -> Any:
+    return obj.get(name, default) if isinstance(obj, Mapping) else getattr(obj, name, default)
+
+
+def _num(v: Any) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return 0.0
+    return f if math.isfinite(f) else 0.0
 
 
 class ChangeInScope(Detector):
     id = "change_in_scope"
-    version = 1
+    version = 2
     severity = "medium"
     maturity = "experimental"
-    description = "An account's use grows from below the training threshold to above it."
+    description = "An account's use grows from below the training threshold to above it, or leaves its baseline."
+    example_params: ClassVar[dict[str, Any]] = {"min_baseline_s": 1800.0, "dwell": 3}
+
+    def __init__(self, **params: Any) -> None:
+        self.params = ScopeParams(**params)
 
     def detect(self, state: DetectContext, event: Any) -> list[Detection]:
         acct = state.account
         if acct is None:
             return []
+        return self._baseline(state, event) + self._threshold(state, event)
+
+    # -- the baseline of use ----------------------------------------------------------------------------------
+
+    def _baseline(self, state: DetectContext, event: Any) -> list[Detection]:
+        acct = state.account
+        assert acct is not None
+        u = state.policy.uncertainty
+        params = replace(self.params, p_high=u.p_training_high, p_low=u.p_training_low)
+        base = ScopeBaseline.from_dict(acct.activity.get(BASELINE_KEY))
+        changes: list[Change] = []
+        if isinstance(event, AllocationEvent):
+            if event.kind not in _RESERVATION_KINDS:
+                return []
+            reserved = sum(_num(r.get("count")) for r in acct.reservations.values())
+            c = base.observe_reservation(t=event.ts, reserved_devices=reserved, params=params)
+            changes = [c] if c else []
+        elif state.run is not None and _g(event, "window_end") is not None:
+            verdict = state.verdict
+            p = verdict.p_training if verdict is not None else _num((state.run.verdict or {}).get("p_training", 0.5))
+            devices = _num(_g(event, "device_count")) or float(len(_g(event, "devices") or ()))
+            changes = base.observe_window(end=_num(_g(event, "window_end")), window_s=state.window_s,
+                                          workload_id=str(_g(event, "workload_id")), devices=devices,
+                                          flop=_num(_g(event, "flop")), p_training=p, params=params)
+        else:
+            return []
+        acct.activity[BASELINE_KEY] = base.to_dict()
+        return [self._change_detection(state, c) for c in changes]
+
+    def _change_detection(self, state: DetectContext, c: Change) -> Detection:
+        run = state.run if c.kind == "use" else None
+        reason = "use_changed" if c.kind == "use" else "reservation_outgrew_use"
+        evidence = {"what": c.summary(), "changes": c.changes, "from": c.at, "confirmed_at": c.confirmed_at,
+                    "before": {"baseline": c.before}, "after": c.after,
+                    "reservations": dict(state.account.reservations) if state.account else {}}
+        det = self.detection(state, outcome="info", reason=reason, event_time=c.at, evidence=evidence,
+                             run_id=run.run_id if run else None,
+                             workload_ids=list(state.run_workloads) if run else None,
+                             summary=f"account {state.account_id}: use changed from {c.at:.0f}: {c.summary()}")
+        # One account may change more than once (and a reservation has no run): the start time keeps ids apart.
+        return det.model_copy(update={"detection_id": content_id("det", det.detection_id, c.kind, c.at)})
+
+    # -- threshold crossings ----------------------------------------------------------------------------------
+
+    def _threshold(self, state: DetectContext, event: Any) -> list[Detection]:
+        acct = state.account
+        assert acct is not None
         th = state.policy.thresholds.training_ops
         if isinstance(event, AllocationEvent):
             if not (0.0 < acct.potential_prev < th <= acct.potential):

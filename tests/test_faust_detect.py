@@ -58,7 +58,9 @@ def delivery_order(folder: Path) -> list[tuple[str, bytes, bytes]]:
 
 
 def produce(bootstrap: str, topics: dict[str, str], items: list[tuple[str, bytes, bytes]]) -> None:
-    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    # lz4, as the ingest stage's producer writes windows: faust (aiokafka) must be able to read it.
+    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5,
+                  "compression.type": "lz4"})
     for stream, key, value in items:
         p.produce(topics[stream], value, key)
         p.poll(0)

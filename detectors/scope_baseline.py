@@ -1,0 +1,201 @@
+"""A per-account baseline of use and a change test that says what changed and from when (change in scope).
+
+Per account, the workload-windows of one window end are folded into one bucket: device scale (devices in use),
+P(training) (device-weighted mean of the runs' classifier verdicts) and compute rate (FLOP/s). The baseline is an
+exponentially weighted mean of buckets (log scale, log rate, linear P). Once it covers `min_baseline_s` of use,
+a bucket that is training-like (P >= p_low) and moves away from it (scale x-fold, rate x-fold, or P from below
+one half into the training band) starts a candidate change; `dwell` such buckets in a row confirm it, and the
+change is dated to the first of them. A confirmed change re-baselines to the new level, so one development
+alarms once. Candidate buckets are kept out of the baseline, so it stays the "before" of the report. Reservations
+are compared with the baseline's scale: reserved devices x-fold the devices in use is a change too.
+
+Pure, event time only; state is plain data (to_dict / from_dict) kept in AccountState.activity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+RATE_FLOOR = 1e12  # FLOP/s: below this a rate is "idle", so x-fold from nothing is not a change
+PENDING_K = 4  # open buckets kept; older ones are folded (a window later than that is dropped as late)
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeParams:
+    min_baseline_s: float = 1800.0  # use the baseline must cover before it judges (30 min)
+    dwell: int = 3  # consecutive buckets over the bar to confirm a change
+    alpha: float = 0.05  # EWMA weight of one bucket
+    scale_factor: float = 4.0
+    min_devices_added: int = 4  # 1 -> 4 devices is not a change of scope; 2 -> 16 is
+    rate_factor: float = 10.0
+    p_high: float = 0.8  # the training band (the policy's p_training_high)
+    p_low: float = 0.2  # below this the new level is clearly not training: no alarm
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One confirmed change: what moved (dimension, before, after, factor) and from when."""
+
+    kind: str  # use | reservation
+    at: float  # event time the change began
+    confirmed_at: float  # event time at which the change was known (the window end that closed its last bucket)
+    changes: list[dict[str, Any]]
+    before: dict[str, float]
+    after: dict[str, float]
+
+    def summary(self) -> str:
+        parts = []
+        for c in self.changes:
+            if c["what"] == "p_training":
+                parts.append(f"from inference-like to training-like (P(training) {c['before']:.2f} -> "
+                             f"{c['after']:.2f})")
+            else:
+                parts.append(f"{c['what']} {c['factor']:.1f}x ({c['before']:.3g} -> {c['after']:.3g})")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _bucket_of(wins: dict[str, list[float]], window_s: float) -> tuple[float, float, float]:
+    """(devices, P(training) device-weighted, FLOP/s) of one account-window."""
+    devices = sum(w[0] for w in wins.values())
+    flop = sum(w[1] for w in wins.values())
+    weights = [max(w[0], 1.0) for w in wins.values()]
+    p = sum(wt * w[2] for wt, w in zip(weights, wins.values(), strict=True)) / sum(weights)
+    return devices, p, flop / window_s
+
+
+@dataclass(slots=True)
+class ScopeBaseline:
+    covered_s: float = 0.0  # use folded into the baseline (seconds of windows)
+    since: float | None = None  # start of the baseline's use
+    log_scale: float = 0.0
+    p_training: float = 0.0
+    log_rate: float = 0.0
+    pending: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # repr(end) -> wid -> [dev, flop, p]
+    candidate: list[list[float]] = field(default_factory=list)  # [start, end, devices, p, rate] over the bar
+    latest_end: float = 0.0
+    reserved: float = 0.0  # devices reserved now
+    changes: int = 0
+
+    # -- plain data ------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> ScopeBaseline:
+        if not d:
+            return cls()
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    # -- views ----------------------------------------------------------------------------------------------
+
+    @property
+    def scale(self) -> float:
+        return math.exp(self.log_scale)
+
+    @property
+    def rate(self) -> float:
+        return math.exp(self.log_rate)
+
+    def established(self, p: ScopeParams) -> bool:
+        return self.covered_s >= p.min_baseline_s
+
+    def level(self) -> dict[str, float]:
+        return {"devices": self.scale, "p_training": self.p_training, "flop_per_s": self.rate,
+                "covered_s": self.covered_s, "since": self.since if self.since is not None else 0.0}
+
+    # -- inputs ---------------------------------------------------------------------------------------------
+
+    def observe_window(self, *, end: float, window_s: float, workload_id: str, devices: float, flop: float,
+                       p_training: float, params: ScopeParams) -> list[Change]:
+        """One workload-window of the account (a re-delivered one replaces); closed buckets are judged."""
+        key = repr(float(end))
+        if key not in self.pending and end <= self.latest_end - PENDING_K * window_s:
+            return []  # too late: its bucket was judged already
+        self.pending.setdefault(key, {})[workload_id] = [max(0.0, devices), max(0.0, flop),
+                                                         min(1.0, max(0.0, p_training))]
+        self.latest_end = max(self.latest_end, end)
+        out: list[Change] = []
+        # A bucket is closed once a later window end is seen (the ingest emits windows in watermark order).
+        for k in sorted((k for k in self.pending if float(k) < self.latest_end), key=float):
+            out += self._judge(float(k), window_s, self.pending.pop(k), params, known_at=self.latest_end)
+        return out
+
+    def observe_reservation(self, *, t: float, reserved_devices: float, params: ScopeParams) -> Change | None:
+        """Reserved devices now; a reservation x-fold the established use (and the previous reservation)."""
+        before = self.reserved
+        self.reserved = max(0.0, reserved_devices)
+        if not self.established(params):
+            return None
+        ref = max(before, self.scale, 1.0)
+        if self.reserved < params.scale_factor * ref or self.reserved - ref < params.min_devices_added:
+            return None
+        self.changes += 1
+        change = {"what": "reserved_devices", "before": ref, "after": self.reserved, "factor": self.reserved / ref}
+        return Change("reservation", t, t, [change], self.level(), {"reserved_devices": self.reserved})
+
+    # -- the change test ------------------------------------------------------------------------------------
+
+    def _fold(self, start: float, window_s: float, devices: float, p: float, rate: float, a: float) -> None:
+        ls, lr = math.log(max(devices, 1.0)), math.log(max(rate, RATE_FLOOR))
+        if self.covered_s == 0.0:
+            self.log_scale, self.p_training, self.log_rate, self.since = ls, p, lr, start
+        else:
+            self.log_scale += a * (ls - self.log_scale)
+            self.p_training += a * (p - self.p_training)
+            self.log_rate += a * (lr - self.log_rate)
+        self.covered_s += window_s
+
+    def _judge(self, end: float, window_s: float, wins: dict[str, list[float]], params: ScopeParams, *,
+               known_at: float) -> list[Change]:
+        devices, p, rate = _bucket_of(wins, window_s)
+        start = end - window_s
+        if not self.established(params):
+            # While the baseline is young, adapt fast (a plain mean) so it is the level of use, not of its start.
+            self._fold(start, window_s, devices, p, rate, max(params.alpha, window_s / max(self.covered_s +
+                                                                                           window_s, window_s)))
+            return []
+        moved = self._moved(devices, p, rate, params)
+        if not moved:
+            self.candidate = []
+            self._fold(start, window_s, devices, p, rate, params.alpha)
+            return []
+        self.candidate.append([start, end, devices, p, rate])
+        if len(self.candidate) < params.dwell:
+            return []
+        cand, self.candidate = self.candidate, []
+        n = len(cand)
+        # Scale and rate: the dwell's mean; P(training): its latest (a verdict firms up as the run's history grows).
+        after = {"devices": sum(c[2] for c in cand) / n, "p_training": cand[-1][3],
+                 "flop_per_s": sum(c[4] for c in cand) / n}
+        what = self._moved(after["devices"], after["p_training"], after["flop_per_s"], params) or moved
+        change = Change("use", cand[0][0], known_at, what, self.level(), after)  # known once its bucket closed
+        # Re-baseline at the new level: the same development alarms once.
+        self.log_scale = math.log(max(after["devices"], 1.0))
+        self.p_training = after["p_training"]
+        self.log_rate = math.log(max(after["flop_per_s"], RATE_FLOOR))
+        self.since = cand[0][0]
+        self.changes += 1
+        return [change]
+
+    def _moved(self, devices: float, p: float, rate: float, params: ScopeParams) -> list[dict[str, Any]]:
+        """The dimensions in which a training-like level left the baseline (empty: no change)."""
+        if p < params.p_low:
+            return []  # clearly not training: growth of inference is not a change of scope
+        out: list[dict[str, Any]] = []
+        scale = self.scale
+        if devices >= params.scale_factor * scale and devices - scale >= params.min_devices_added:
+            out.append({"what": "devices", "before": scale, "after": devices, "factor": devices / scale})
+        if self.p_training < 0.5 <= params.p_high <= p:
+            out.append({"what": "p_training", "before": self.p_training, "after": p,
+                        "factor": p / max(self.p_training, 1e-3)})
+        base_rate = self.rate
+        if rate >= params.rate_factor * base_rate:
+            out.append({"what": "flop_per_s", "before": base_rate, "after": rate, "factor": rate / base_rate})
+        return out
