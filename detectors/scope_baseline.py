@@ -3,11 +3,12 @@
 Per account, the workload-windows of one window end are folded into one bucket: device scale (devices in use),
 P(training) (device-weighted mean of the runs' classifier verdicts) and compute rate (FLOP/s). The baseline is an
 exponentially weighted mean of buckets (log scale, log rate, linear P). Once it covers `min_baseline_s` of use,
-a bucket that is training-like (P >= p_low) and moves away from it (scale x-fold, rate x-fold, or P from below
-one half into the training band) starts a candidate change; `dwell` such buckets in a row confirm it, and the
-change is dated to the first of them. A confirmed change re-baselines to the new level, so one development
-alarms once. Candidate buckets are kept out of the baseline, so it stays the "before" of the report. Reservations
-are compared with the baseline's scale: reserved devices x-fold the devices in use is a change too.
+a bucket that is training-like (P >= p_low) and moves away from it (scale x-fold, P from below one half into
+the training band, or rate x-fold from a baseline that was not training-like) starts a candidate change;
+`dwell` such buckets in a row confirm it, and the change is dated to the first of them. A confirmed change
+re-baselines to the new level, so one development alarms once. Candidate buckets are kept out of the baseline,
+so it stays the "before" of the report. Reservations are compared with the baseline's scale: reserved devices
+x-fold the devices in use is a change too.
 
 Pure, event time only; state is plain data (to_dict / from_dict) kept in AccountState.activity.
 """
@@ -196,6 +197,8 @@ class ScopeBaseline:
             out.append({"what": "p_training", "before": self.p_training, "after": p,
                         "factor": p / max(self.p_training, 1e-3)})
         base_rate = self.rate
-        if rate >= params.rate_factor * base_rate:
+        # Rate alone moves with duty cycles and checkpoints of training already under way: it counts only when
+        # the baseline was not training-like (idle or inference becoming busy).
+        if self.p_training < 0.5 and rate >= params.rate_factor * base_rate:
             out.append({"what": "flop_per_s", "before": base_rate, "after": rate, "factor": rate / base_rate})
         return out
