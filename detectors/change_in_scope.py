@@ -13,12 +13,12 @@ the one piece of state this detector keeps, in AccountState.activity["scope_base
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, ClassVar
 
 from detectors.base import DetectContext, Detector
+from detectors.fields import field_of as _g
+from detectors.fields import finite_or_zero as _num
 from detectors.scope_baseline import Change, ScopeBaseline, ScopeParams
 from schemas.allocation import AllocationEvent
 from schemas.detection import Detection
@@ -26,18 +26,6 @@ from schemas.ids import content_id
 
 BASELINE_KEY = "scope_baseline"
 _RESERVATION_KINDS = ("reserved", "reservation_changed", "reservation_released")
-
-
-def _g(obj: Any, name: str, default: Any = None) -> Any:
-    return obj.get(name, default) if isinstance(obj, Mapping) else getattr(obj, name, default)
-
-
-def _num(v: Any) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return 0.0
-    return f if math.isfinite(f) else 0.0
 
 
 class ChangeInScope(Detector):

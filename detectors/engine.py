@@ -14,6 +14,8 @@ from detectors import registry
 from detectors.base import DetectContext, Detector
 from detectors.classifier_base import RuleClassifier, Verdict, WorkloadClassifier
 from detectors.compute_threshold import crossing
+from detectors.fields import field_of as _g
+from detectors.fields import finite_or_zero as _num
 from detectors.foreign_person import ForeignDetermination, determine
 from detectors.owner_aggregate import owner_crossing
 from detectors.reservation_potential import reservation_potential
@@ -31,18 +33,6 @@ STOP_KINDS = ("instance_stopped", "job_stopped")
 RESERVATION_KINDS = ("reserved", "reservation_changed")
 IDLE_TTL_S = 6 * 3600.0
 _CIP_FACTS = ("us_person", "country", "beneficial_owners", "reseller", "customer_name")
-
-
-def _g(obj: Any, name: str, default: Any = None) -> Any:
-    return obj.get(name, default) if isinstance(obj, Mapping) else getattr(obj, name, default)
-
-
-def _num(v: Any) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return 0.0
-    return f if f == f and f not in (float("inf"), float("-inf")) else 0.0
 
 
 class DetectEngine:
