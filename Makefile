@@ -29,7 +29,7 @@ kafka-stop:  ## stop the local Kafka broker
 bench:  ## full benchmarks -> benchmarks/results/latest.json
 	$(PYTHON) -m benchmarks.run
 
-bench-quick:  ## benchmarks in under 3 minutes
+bench-quick:  ## benchmarks in under 3 minutes -> benchmarks/results/quick.json
 	$(PYTHON) -m benchmarks.run --quick
 
 .PHONY: help venv demo test lint kafka-start kafka-stop bench bench-quick

@@ -1,4 +1,4 @@
-"""Run the benchmarks and write `benchmarks/results/latest.json` and `latest.md`.
+"""Run the benchmarks and write `benchmarks/results/latest.json` and `latest.md` (`quick.*` with --quick).
 
 `python -m benchmarks.run [--quick] [--only NAME ...]`. Each module `benchmarks/bench_<name>.py` exposes
 `run(quick: bool) -> dict` returning {"figures": {key: value}, "targets": [{"key", "baseline"?, "min" | "max",
@@ -161,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {k} = {_fmt(v)}", flush=True)
     results["targets"] = {k: _judge(results["figures"], s) for k, s in results["targets"].items()}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latest.json").write_bytes(dumps(results, sort_keys=True))
-    (args.out / "latest.md").write_text(render_markdown(results))
-    if not args.only:  # only a run of every benchmark may replace the README's table
+    # A quick run is a smoke check of the scripts: it never replaces the full figures or the README's table.
+    stem = "quick" if args.quick else "latest"
+    (args.out / f"{stem}.json").write_bytes(dumps(results, sort_keys=True))
+    (args.out / f"{stem}.md").write_text(render_markdown(results))
+    if not args.only and not args.quick:  # only a full run of every benchmark may replace the README's table
         _update_readme(render_markdown(results))
     print(render_markdown(results))
     return 1 if results["errors"] and not results["figures"] else 0
