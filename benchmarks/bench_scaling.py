@@ -116,6 +116,8 @@ class _Worker:
             return
         line = self.proc.stdout.readline()
         if not line:
+            if self.result is not None:  # it said its result and exited: fine while the others finish
+                return
             raise RuntimeError(f"worker exited ({self.proc.poll()})")
         if not line.startswith("{"):
             return
