@@ -17,7 +17,7 @@ from detectors.compute_threshold import crossing
 from detectors.fields import field_of as _g
 from detectors.fields import finite_or_zero as _num
 from detectors.foreign_person import ForeignDetermination, determine
-from detectors.owner_aggregate import owner_crossing
+from detectors.owner_aggregate import OwnerAggregator, contribution, retraction
 from detectors.reservation_potential import reservation_potential
 from detectors.runs import RunStitcher, footprint_of
 from detectors.state import HISTORY_K, SOURCE_WINDOWS_K, AccountState, OwnerState, RunState
@@ -48,10 +48,18 @@ class DetectEngine:
         self.runs: dict[str, RunState] = {}
         self.accounts: dict[str, AccountState] = {}
         self.cips: dict[str, CipRecord] = {}
-        self.owners: dict[str, OwnerState] = {}
-        self.emitted: set[str] = set()
+        self.emitted: dict[str, str] = {}  # detection id -> account id (for the per-account split of the state)
         self.watermark = 0.0
         self.errors: dict[str, int] = {}
+        self.owner_agg = OwnerAggregator(policy, window_s, next((d for d in self.detectors
+                                                                 if d.id == "owner_aggregate"), None), self.errors)
+        #: True: owner contributions are queued in `owner_outbox` for an aggregator elsewhere, not applied here.
+        self.external_owners = False
+        self.owner_outbox: list[dict[str, Any]] = []
+
+    @property
+    def owners(self) -> dict[str, OwnerState]:
+        return self.owner_agg.owners
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -85,7 +93,7 @@ class DetectEngine:
                 continue
             for det in found:
                 if det.detection_id not in self.emitted:
-                    self.emitted.add(det.detection_id)
+                    self.emitted[det.detection_id] = det.account_id
                     out.append(det)
         return out
 
@@ -119,10 +127,10 @@ class DetectEngine:
             acct.foreign_since = None
         elif not before.is_foreign:
             acct.foreign_since = cip.updated_at  # the provider could not know before this record
-        for oid, owner in self.owners.items():
-            if aid in owner.accounts and oid not in after.foreign_owners:
-                owner.accounts.remove(aid)
-                owner.runs = {k: r for k, r in owner.runs.items() if r["account_id"] != aid}
+        if self.external_owners:  # the owners this account counted for are those its previous record named
+            self.owner_outbox += [retraction(o, aid) for o in before.foreign_owners if o not in after.foreign_owners]
+        for oid in [o for o, st in self.owners.items() if aid in st.accounts and o not in after.foreign_owners]:
+            self.owner_agg.apply(retraction(oid, aid))
         out = self._run(self._ctx(aid), cip)
         for run in [r for r in self.runs.values() if r.account_id == aid]:
             verdict = Verdict.from_dict(run.verdict) if run.verdict else None
@@ -231,38 +239,27 @@ class DetectEngine:
         return verdict
 
     def _owners_after(self, aid: str, run: RunState, end: float, start: float | None) -> list[Detection]:
-        """Update the foreign owners' sums with this run; an owner case opens when a sum first crosses."""
+        """This run's latest figures as a contribution to each foreign owner's sum (OwnerAggregator): applied here,
+        or queued in `owner_outbox` when the owners live elsewhere (`external_owners`, the faust app)."""
         out: list[Detection] = []
-        th = self.policy.thresholds
         acct = self._account(aid)
         rec = self.stitcher.runs.get(run.run_id)
-        for oid in self.determination(aid).foreign_owners:
-            owner = self.owners.get(oid)
-            if owner is None:
-                owner = self.owners[oid] = OwnerState(oid)
-            if aid not in owner.accounts:
-                owner.accounts.append(aid)
-                owner.accounts.sort()
-            before = sum(r["used"] for r in owner.runs.values() if not r.get("own_case"))
-            owner.runs[run.run_id] = {"account_id": aid, "used": run.used, "used_low": run.used_low,
-                                      "used_high": run.used_high, "rate": run.rate, "t": run.last_end,
-                                      "reserved_until": acct.reserved_until, "own_case": run.own_case,
-                                      "band": (run.verdict or {}).get("band", "uncertain"),
-                                      "workloads": list(rec.workloads) if rec else [],
-                                      "run": run.describe(), "basis": dict(run.basis)}
-            if owner.crossed is not None:
+        det = self.determination(aid)
+        for oid in det.foreign_owners:
+            entry = {"account_id": aid, "used": run.used, "used_low": run.used_low, "used_high": run.used_high,
+                     "rate": run.rate, "t": run.last_end, "reserved_until": acct.reserved_until,
+                     "own_case": run.own_case, "band": (run.verdict or {}).get("band", "uncertain"),
+                     "workloads": list(rec.workloads) if rec else [], "run": run.describe(),
+                     "basis": dict(run.basis)}
+            c = contribution(oid, aid, run.run_id, entry, t=end, start=start, foreign_since=acct.foreign_since,
+                             determination=det.to_dict(), cip_notes=list(acct.cip_notes))
+            if self.external_owners:
+                self.owner_outbox.append(c)
                 continue
-            c = owner_crossing(owner, threshold=th.training_ops, count_projected=th.count_projected, t=end,
-                               account_id=aid)
-            if c is None:
-                continue
-            if c["basis"] == "used" and start is not None and c["used"] > before:
-                frac = min(1.0, max(0.0, (th.training_ops - before) / (c["used"] - before)))
-                c["at"] = start + frac * (end - start)
-            if acct.foreign_since is not None:
-                c["at"] = max(c["at"], acct.foreign_since)
-            owner.crossed = c
-            out += self._run(self._ctx(aid, run=run, owner=owner), None, only="owner_aggregate")
+            for d in self.owner_agg.apply(c):
+                if d.detection_id not in self.emitted:
+                    self.emitted[d.detection_id] = d.account_id
+                    out.append(d)
         return out
 
     def on_time(self, event_time: float) -> list[Detection]:
@@ -290,8 +287,8 @@ class DetectEngine:
                 "runs": {k: v.to_dict() for k, v in self.runs.items()},
                 "accounts": {k: v.to_dict() for k, v in self.accounts.items()},
                 "cips": {k: v.model_dump(mode="json") for k, v in self.cips.items()},
-                "owners": {k: v.to_dict() for k, v in self.owners.items()},
-                "emitted": sorted(self.emitted), "errors": dict(self.errors)}
+                "owners": self.owner_agg.to_dict(),
+                "emitted": dict(sorted(self.emitted.items())), "errors": dict(self.errors)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], policy: Policy, classifier: WorkloadClassifier | None = None,
@@ -302,7 +299,68 @@ class DetectEngine:
         e.runs = {k: RunState.from_dict(v) for k, v in d.get("runs", {}).items()}
         e.accounts = {k: AccountState.from_dict(v) for k, v in d.get("accounts", {}).items()}
         e.cips = {k: CipRecord.model_validate(v) for k, v in d.get("cips", {}).items()}
-        e.owners = {k: OwnerState.from_dict(v) for k, v in d.get("owners", {}).items()}
-        e.emitted = set(d.get("emitted", []))
-        e.errors = dict(d.get("errors", {}))
+        e.owner_agg.load(d.get("owners", {}))
+        em = d.get("emitted", {})
+        e.emitted = dict(em) if isinstance(em, Mapping) else dict.fromkeys(em, "")  # a list: the older format
+        e.errors.update(d.get("errors", {}))  # the aggregator shares this dict
         return e
+
+    # -- state split by account (faust: one table entry per account instead of one per partition) --------------
+
+    def split(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """The state as (shared part, {account id: that account's part}); `from_split` reverses it. An account's
+        part holds its account state, CIP, runs with their stitching, and the detection ids emitted for it (kept
+        after the account state expires: detections are never emitted twice)."""
+        d = self.to_dict()
+        st = d["stitcher"]
+        acct_of_run = {rid: r["account_id"] for rid, r in st["runs"].items()}
+        parts: dict[str, dict[str, Any]] = {}
+
+        def part(aid: str) -> dict[str, Any]:
+            p = parts.get(aid)
+            if p is None:
+                p = parts[aid] = {"account": None, "cip": None, "runs": {}, "stitched": {}, "workload_run": {},
+                                  "workload_end": {}, "stopped": {}, "emitted": []}
+            return p
+
+        for aid, a in d["accounts"].items():
+            part(aid)["account"] = a
+        for aid, c in d["cips"].items():
+            part(aid)["cip"] = c
+        for rid, r in d["runs"].items():
+            part(r["account_id"])["runs"][rid] = r
+        for rid, r in st["runs"].items():
+            part(r["account_id"])["stitched"][rid] = r
+        # Workload entries whose run is unknown (a stop before the first window; a run that expired) stay shared.
+        rest: dict[str, dict[str, Any]] = {"workload_run": {}, "workload_end": {}, "stopped": {}}
+        for key in rest:
+            for wid, v in st[key].items():
+                aid = acct_of_run.get(st["workload_run"].get(wid, ""))
+                (part(aid)[key] if aid is not None else rest[key])[wid] = v
+        for did, aid in d["emitted"].items():
+            part(aid)["emitted"].append(did)
+        shared = {"window_s": d["window_s"], "watermark": d["watermark"], "errors": d["errors"],
+                  "owners": d["owners"], "stitcher": {"window_s": st["window_s"], "gap_s": st["gap_s"], **rest}}
+        return shared, parts
+
+    @classmethod
+    def from_split(cls, shared: Mapping[str, Any], parts: Mapping[str, Mapping[str, Any]], policy: Policy,
+                   classifier: WorkloadClassifier | None = None,
+                   detectors: Iterable[Detector] | None = None) -> DetectEngine:
+        sh = shared.get("stitcher", {})
+        st: dict[str, Any] = {**sh, "runs": {}, **{k: dict(sh.get(k, {})) for k in
+                                                    ("workload_run", "workload_end", "stopped")}}
+        d: dict[str, Any] = {"window_s": shared.get("window_s", 60.0), "watermark": shared.get("watermark", 0.0),
+                             "errors": shared.get("errors", {}), "owners": shared.get("owners", {}),
+                             "stitcher": st, "runs": {}, "accounts": {}, "cips": {}, "emitted": {}}
+        for aid, p in parts.items():
+            if p.get("account") is not None:
+                d["accounts"][aid] = p["account"]
+            if p.get("cip") is not None:
+                d["cips"][aid] = p["cip"]
+            d["runs"].update(p.get("runs", {}))
+            st["runs"].update(p.get("stitched", {}))
+            for key in ("workload_run", "workload_end", "stopped"):
+                st[key].update(p.get(key, {}))
+            d["emitted"].update(dict.fromkeys(p.get("emitted", []), aid))
+        return cls.from_dict(d, policy, classifier, detectors)

@@ -1,12 +1,24 @@
-"""Owner aggregation (case semantics rule 4): one foreign beneficial owner's runs summed across its accounts."""
+"""Owner aggregation (case semantics rule 4): one foreign beneficial owner's runs summed across its accounts.
+
+The engine describes each run of an account with foreign owners as a *contribution* per owner: the run's latest
+cumulative figures (replacing, never adding to, what the owner had for that run, so a replay is harmless), plus
+what the detection needs about the account (its foreign-person determination and CIP notes). `OwnerAggregator`
+applies contributions and retractions (the CIP no longer names the owner) to per-owner state and emits the
+owner-aggregate detection when the sum first crosses. In process the engine calls it directly; on Kafka the
+contributions travel on a topic keyed by owner to an agent that holds the owners (pipeline/detect/faust_app.py),
+so accounts of one owner on different partitions are summed all the same.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from detectors.base import DetectContext, Detector, inquiry_text
-from detectors.state import RUN_IDS_K, OwnerState
+from detectors.foreign_person import ForeignDetermination
+from detectors.state import RUN_IDS_K, AccountState, OwnerState
 from schemas.detection import Detection
+from schemas.policy import Policy
 
 
 def owner_crossing(owner: OwnerState, *, threshold: float, count_projected: bool, t: float,
@@ -87,3 +99,77 @@ class OwnerAggregate(Detector):
                    f">= {state.policy.thresholds.training_ops:.3g} FLOP -> {outcome}")
         return [self.detection(state, outcome=outcome, reason="owner_aggregate", event_time=c["at"], summary=summary,
                                evidence=evidence, beneficial_owner_id=owner.owner_id, workload_ids=workloads)]
+
+
+def contribution(owner_id: str, account_id: str, run_id: str, entry: dict[str, Any], *, t: float,
+                 start: float | None, foreign_since: float | None, determination: dict[str, Any],
+                 cip_notes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's latest cumulative figures (`entry`, as OwnerState.runs holds them) for one owner, as plain data."""
+    return {"owner_id": owner_id, "account_id": account_id, "run_id": run_id, "entry": entry, "t": t,
+            "start": start, "foreign_since": foreign_since, "determination": determination,
+            "cip_notes": cip_notes}
+
+
+def retraction(owner_id: str, account_id: str) -> dict[str, Any]:
+    """The account no longer counts for the owner (its CIP stopped naming it as a foreign owner)."""
+    return {"owner_id": owner_id, "account_id": account_id, "run_id": None}
+
+
+class OwnerAggregator:
+    """Per-owner sums of contributions; the owner-aggregate detection when one first crosses. Pure, event time."""
+
+    def __init__(self, policy: Policy, window_s: float = 60.0, detector: Detector | None = None,
+                 errors: dict[str, int] | None = None) -> None:
+        self.policy = policy
+        self.window_s = window_s
+        self.detector = detector  # None: owner sums are kept, no detection (the detector is not configured)
+        self.owners: dict[str, OwnerState] = {}
+        self.errors = errors if errors is not None else {}
+
+    def apply(self, c: Mapping[str, Any]) -> list[Detection]:
+        """Apply one contribution or retraction; the detection when this owner's sum first crosses."""
+        oid, aid = c["owner_id"], c["account_id"]
+        if c.get("run_id") is None:
+            owner = self.owners.get(oid)
+            if owner is not None and aid in owner.accounts:
+                owner.accounts.remove(aid)
+                owner.runs = {k: r for k, r in owner.runs.items() if r["account_id"] != aid}
+            return []
+        th = self.policy.thresholds
+        owner = self.owners.get(oid)
+        if owner is None:
+            owner = self.owners[oid] = OwnerState(oid)
+        if aid not in owner.accounts:
+            owner.accounts.append(aid)
+            owner.accounts.sort()
+        before = sum(r["used"] for r in owner.runs.values() if not r.get("own_case"))
+        owner.runs[c["run_id"]] = dict(c["entry"])
+        if owner.crossed is not None:
+            return []
+        end, start = c["t"], c.get("start")
+        x = owner_crossing(owner, threshold=th.training_ops, count_projected=th.count_projected, t=end,
+                           account_id=aid)
+        if x is None:
+            return []
+        if x["basis"] == "used" and start is not None and x["used"] > before:
+            frac = min(1.0, max(0.0, (th.training_ops - before) / (x["used"] - before)))
+            x["at"] = start + frac * (end - start)
+        if c.get("foreign_since") is not None:
+            x["at"] = max(x["at"], c["foreign_since"])
+        owner.crossed = x
+        if self.detector is None:
+            return []
+        ctx = DetectContext(self.policy, self.window_s, aid, ForeignDetermination(**c["determination"]),
+                            account=AccountState(aid, cip_notes=list(c.get("cip_notes") or [])), owner=owner,
+                            knowledge_floor=c.get("foreign_since"))
+        try:
+            return self.detector.detect(ctx, None)
+        except Exception:  # errors are data, as in the engine: count it, never stop the stream
+            self.errors[self.detector.id] = self.errors.get(self.detector.id, 0) + 1
+            return []
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v.to_dict() for k, v in self.owners.items()}
+
+    def load(self, d: Mapping[str, Any]) -> None:
+        self.owners = {k: OwnerState.from_dict(v) for k, v in d.items()}

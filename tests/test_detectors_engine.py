@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from detectors.engine import DetectEngine
+from detectors.owner_aggregate import OwnerAggregate, OwnerAggregator, retraction
 from detectors.state import RUN_IDS_K
 from schemas.detection import Detection
 from tests.detector_builders import INFERENCE, SMI_ONLY, T0, TRAINING, W, alloc, cip, demo, owner, window, with_foreign
@@ -106,6 +108,46 @@ def test_owner_split_across_two_accounts_is_caught():
     assert d.evidence["basis"] == {"tensor_active": 10}
     assert d.evidence["run"]["device_count"] == 16 and d.evidence["run"]["workload_ids"] == ["wl-a", "wl-b"]
     assert d.event_time == pytest.approx(T0 + 3 * W + W)  # 6 + 4 windows of 1e17: the 4th of wl-b crosses at its end
+
+
+def test_owner_contributions_from_separate_engines_give_the_in_process_detection():
+    """Two engines (two partitions), one account each, owners aggregated elsewhere from their contributions."""
+    def cips(eng: DetectEngine, accts: tuple[str, ...]) -> None:
+        for a in accts:
+            eng.on_cip(cip(a, us_person=True, country="US", owners=[owner("own-x", 50.0)]))
+
+    ref = DetectEngine(demo())
+    cips(ref, ("acct-a", "acct-b"))
+    ws = [window(f"wl-{a[-1]}", a, i, flop=1e17) for i in range(6) for a in ("acct-a", "acct-b")]
+    expected = by(feed(ref, ws), "owner_aggregate")
+    assert len(expected) == 1
+
+    parts = {a: DetectEngine(demo()) for a in ("acct-a", "acct-b")}
+    agg = OwnerAggregator(demo(), detector=OwnerAggregate())
+    got: list[Detection] = []
+    sent: list[dict] = []
+    for a, eng in parts.items():
+        eng.external_owners = True
+        cips(eng, (a,))
+    for w in ws:
+        eng = parts[w.account_id]
+        assert by(eng.on_window(w), "owner_aggregate") == []  # never decided inside a partition's engine
+        sent += [orjson.loads(orjson.dumps(c)) for c in eng.owner_outbox]  # as plain data over a topic
+        eng.owner_outbox.clear()
+    for c in sent:
+        got += agg.apply(c)
+    assert got == expected
+    # Replaying the contributions (at-least-once) changes nothing: cumulative figures replace, never add.
+    before = agg.to_dict()
+    assert [d for c in sent for d in agg.apply(c)] == []
+    assert agg.to_dict() == before
+    # A CIP that stops naming the owner retracts that account's runs from the owner's sum.
+    eng_a = parts["acct-a"]
+    eng_a.on_cip(cip("acct-a", us_person=True, country="US", owners=[], updated_at=T0 + 10 * W))
+    assert eng_a.owner_outbox == [retraction("own-x", "acct-a")]
+    agg.apply(eng_a.owner_outbox[0])
+    assert agg.owners["own-x"].accounts == ["acct-b"]
+    assert {r["account_id"] for r in agg.owners["own-x"].runs.values()} == {"acct-b"}
 
 
 def test_owner_below_min_pct_is_not_aggregated():
@@ -246,19 +288,27 @@ def test_redelivered_window_does_not_double_count():
     assert eng.runs[run_of(eng, "wl-dup")].used == pytest.approx(6e17)
 
 
-def scenario(eng: DetectEngine, split_at: int | None = None) -> list[Detection]:
-    """A mixed stream; with split_at, the engine is serialised to plain data and rebuilt half-way."""
+def rebuilt_from_split(eng: DetectEngine) -> DetectEngine:
+    """Through the per-account split and JSON (as the faust tables hold it)."""
+    shared, parts = orjson.loads(orjson.dumps(eng.split()))
+    return DetectEngine.from_split(shared, parts, eng.policy)
+
+
+def scenario(eng: DetectEngine, split_at: int | None = None, by_account: bool = False) -> list[Detection]:
+    """A mixed stream; with split_at, the engine is serialised to plain data and rebuilt half-way (by_account:
+    through its per-account split)."""
     events = [("cip", cip("acct-1")), ("cip", cip("acct-2", us_person=True, country="US",
                                                   owners=[owner("own-z", 60)])),
               ("cip", cip("acct-3", us_person=True, country="US", owners=[owner("own-z", 60)])),
-              ("alloc", alloc("acct-1", "reserved", T0, reserved_until=T0 + 1800))]
+              ("alloc", alloc("acct-1", "reserved", T0, reserved_until=T0 + 1800)),
+              ("alloc", alloc("acct-2", "job_stopped", T0 - 60, workload="w-never-seen"))]
     for i in range(8):
         events += [("win", window("w1", "acct-1", i, flop=5e16)), ("win", window("w2", "acct-2", i, flop=7e16)),
                    ("win", window("w3", "acct-3", i, flop=6e16, features=SMI_ONLY))]
     out: list[Detection] = []
     for n, (kind, ev) in enumerate(events):
         if split_at is not None and n == split_at:
-            eng = DetectEngine.from_dict(eng.to_dict(), eng.policy)
+            eng = rebuilt_from_split(eng) if by_account else DetectEngine.from_dict(eng.to_dict(), eng.policy)
         out += {"cip": eng.on_cip, "alloc": eng.on_allocation, "win": eng.on_window}[kind](ev)
     return out
 
@@ -267,11 +317,28 @@ def test_same_inputs_give_the_same_detections_and_state_round_trips():
     a = scenario(DetectEngine(demo()))
     b = scenario(DetectEngine(demo()))
     c = scenario(DetectEngine(demo()), split_at=13)
+    s = scenario(DetectEngine(demo()), split_at=13, by_account=True)
     assert a, "the scenario must detect something"
     key = [(d.detection_id, d.event_time, d.outcome) for d in a]
     assert key == [(d.detection_id, d.event_time, d.outcome) for d in b]
     assert key == [(d.detection_id, d.event_time, d.outcome) for d in c]
+    assert key == [(d.detection_id, d.event_time, d.outcome) for d in s]
     assert {d.detector_id for d in a} >= {"compute_threshold", "owner_aggregate", "reservation_potential"}
+
+
+def test_state_split_by_account_round_trips():
+    eng = DetectEngine(demo())
+    scenario(eng)
+    shared, _ = eng.split()
+    assert "w-never-seen" in shared["stitcher"]["stopped"]  # no run yet: no account to file it under
+    assert rebuilt_from_split(eng).to_dict() == eng.to_dict()
+    eng.on_time(T0 + 5 * 86400)  # some state expires; emitted ids stay, with their account
+    eng.on_window(window("w-late", "acct-4", 0, flop=6e17))
+    shared, parts = eng.split()
+    assert set(parts) == {"acct-1", "acct-2", "acct-3", "acct-4"}
+    # An expired account keeps its emitted ids (never emitted twice) and nothing else.
+    assert any(p["emitted"] and p["account"] is None and not p["runs"] for p in parts.values())
+    assert rebuilt_from_split(eng).to_dict() == eng.to_dict()
 
 
 def test_odd_input_never_raises_and_state_expires():

@@ -7,6 +7,9 @@
   changelogs, and only then are the batch's offsets acked. faust flushes the producer before it commits, so a
   committed offset never runs ahead of the state; the state may run ahead of the offset, and replaying a window
   into an engine that has seen it is a no-op (the engine replaces a workload-window; detection ids are deduped).
+- Owners are summed by their own agent: each partition's engine queues per-owner contributions (a run's latest
+  cumulative figures) that go to a repartition topic keyed by owner; the `owners` agent applies them with
+  OwnerAggregator (table `owners`, key = owner id), so an owner's accounts on different partitions are summed.
 - Detections go to `topics.detections` keyed by account. A second agent applies them with CaseService (the store
   is the truth, ids are deterministic) and publishes the case feed.
 - A timer runs the deadline monitor at the event-time watermark.
@@ -27,11 +30,16 @@ from typing import Any
 import faust
 from confluent_kafka import Consumer, TopicPartition
 
+from detectors import registry
 from detectors.classifier_base import WorkloadClassifier
+from detectors.engine import DetectEngine
+from detectors.owner_aggregate import OwnerAggregator
+from detectors.state import OwnerState
 from detectors.windows import merge_partials
 from pipeline.cases.feed import CaseFeedMessage, feed_messages
 from pipeline.cases.service import CaseService
 from pipeline.classifier_loader import load_classifier
+from pipeline.detect.security import faust_credentials
 from pipeline.detect.stage import DetectStage
 from pipeline.settings import Settings
 from pipeline.store import DeadLetter, Store
@@ -50,13 +58,19 @@ BATCH_WITHIN_S = 1.0
 TICK_EVERY_S = 5.0
 
 
-def _pack(d: dict[str, Any]) -> bytes:
-    # stdlib json: the state holds ±inf (an unset watermark), which orjson would turn into null.
-    return zlib.compress(json.dumps(d, separators=(",", ":")).encode(), 1)
-
-
 def _unpack(raw: bytes) -> dict[str, Any]:
+    """A legacy engine checkpoint (one zlib(JSON) entry per partition), read once and then superseded."""
     return json.loads(zlib.decompress(raw))
+
+
+def _dumps(d: dict[str, Any]) -> bytes:
+    # stdlib json: the state holds ±inf (an unset watermark), which orjson would turn into null.
+    return json.dumps(d, separators=(",", ":")).encode()
+
+
+def owners_topic(app_id: str) -> str:
+    """The app's repartition topic of owner contributions (keyed by beneficial owner id)."""
+    return f"{app_id}-owners-repartition"
 
 
 @dataclass
@@ -67,6 +81,9 @@ class DetectRuntime:
     policy: Policy
     classifier: WorkloadClassifier | None = None
     stages: dict[int, DetectStage] = field(default_factory=dict)
+    owners: OwnerAggregator | None = None
+    #: Engine table entries as last written (key -> value): a batch writes only the entries that changed.
+    written: dict[bytes, bytes] = field(default_factory=dict)
     _store: Store | None = None
     _cases: CaseService | None = None
 
@@ -148,12 +165,12 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
              classifier: WorkloadClassifier | None = None) -> tuple[faust.App, DetectRuntime]:
     """Build the faust app and its runtime. `partitions` = the (shared) partition count of the input topics."""
     kafka = settings.kafka
-    if kafka.security_protocol.upper() != "PLAINTEXT":
-        raise NotImplementedError("faust app: only PLAINTEXT brokers are wired up so far (docs/faust.md)")
     app = faust.App(
         app_id,
         broker=[f"kafka://{b.strip()}" for b in kafka.bootstrap_servers.split(",")],
+        broker_credentials=faust_credentials(kafka),  # None = PLAINTEXT
         store="memory://",
+        datadir=str(settings.data_dir / f"{app_id}-data"),  # not the working directory
         processing_guarantee="at_least_once",
         web_enabled=False,
         autodiscover=False,
@@ -176,19 +193,35 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     inputs = app.topic(topics.windows, topics.cip, topics.allocations, **raw)
     detections = app.topic(topics.detections, **raw)
+    # Owner contributions, repartitioned by beneficial owner: one owner's accounts may sit on any input partition.
+    owner_topic = app.topic(owners_topic(app_id), partitions=partitions, internal=True, **raw)
     feed = app.topic(topics.cases, **raw)
     engine_table = app.Table("engine", partitions=partitions, key_type=bytes, value_type=bytes)
     partials = app.Table("partials", partitions=partitions, key_type=bytes, value_type=bytes)
+    owners_table = app.Table("owners", partitions=partitions, key_type=bytes, value_type=bytes)
+    owner_det = next((d for d in registry.build() if d.id == "owner_aggregate"), None)
+    rt.owners = OwnerAggregator(rt.policy, settings.window_s, owner_det)
 
     def stage_for(p: int) -> DetectStage:
         st = rt.stages.get(p)
-        if st is None:  # first use in this process: from the recovered checkpoint, or empty
-            packed = engine_table.data.get(str(p).encode())
+        if st is None:  # first use in this process: from the recovered entries, or empty
             st = DetectStage(rt.policy, rt.classifier, settings.window_s, settings.ingest.allowed_lateness_s)
-            if packed is not None:
-                d = _unpack(packed)
+            prefix = f"{p}|".encode()
+            mine = {k: v for k, v in engine_table.data.items() if k.startswith(prefix)}
+            shared = mine.pop(prefix + b"shared", None)
+            legacy = engine_table.data.get(str(p).encode())  # one checkpoint per partition (before the split)
+            if shared is not None:
+                sh = json.loads(shared)
+                parts = {k[len(prefix) + 2:].decode(): json.loads(v) for k, v in mine.items()}
+                st.engine = DetectEngine.from_split(sh, parts, rt.policy, rt.classifier)
+                st.watermark = sh["stage_watermark"]
+                rt.written.update(mine)
+                rt.written[prefix + b"shared"] = shared
+            elif legacy is not None:
+                d = _unpack(legacy)
                 st = DetectStage.from_dict({"engine": d["engine"], "merger": {}, "watermark": d["watermark"]},
                                            rt.policy, rt.classifier, settings.window_s)
+            st.engine.external_owners = True  # owners are summed by the `owners` agent, across partitions
             rt.stages[p] = st
         return st
 
@@ -220,6 +253,25 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             if float(key.rsplit(b"|", 1)[1]) < horizon:
                 touched[key] = None
 
+    def checkpoint(p: int, st: DetectStage) -> None:
+        """The engine's state as table entries `p|shared` and `p|a|<account>`: only changed ones are written,
+        accounts gone from the state are tombstoned (no entry grows with the partition's account count)."""
+        prefix = f"{p}|".encode()
+        shared, parts = st.engine.split()
+        entries = {prefix + b"shared": _dumps({**shared, "stage_watermark": st.watermark})}
+        entries |= {prefix + b"a|" + aid.encode(): _dumps(part) for aid, part in parts.items()}
+        gone = [k for k in rt.written if k.startswith(prefix) and k not in entries]
+        if str(p).encode() in engine_table.data:
+            gone.append(str(p).encode())  # the legacy whole-partition checkpoint, superseded
+        for k in gone:
+            rt.written.pop(k, None)
+            engine_table.data.pop(k, None)
+            engine_table.send_changelog(p, k, None)
+        for k, v in entries.items():
+            if rt.written.get(k) != v:
+                rt.written[k] = engine_table.data[k] = v
+                engine_table.send_changelog(p, k, v)
+
     @app.agent(inputs, concurrency=1)
     async def detect(stream: Any) -> None:
         async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
@@ -228,6 +280,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                 by_part.setdefault(ev.message.partition, []).append(ev)
             out: list[Detection] = []
             feed_out: list[CaseFeedMessage] = []
+            contribs: list[dict[str, Any]] = []
             for p, evs in by_part.items():
                 touched: dict[bytes, dict | None] = {}
                 windows: list[WindowAggregate] = []
@@ -249,6 +302,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                         dead_letter(exc, ev)
                 st = stage_for(p)
                 st.engine.on_time(st.watermark)  # idle run/account state expires (event time)
+                contribs += st.engine.owner_outbox
+                st.engine.owner_outbox.clear()
                 expire(p, st, touched)
                 if windows:
                     rt.store.insert_windows(windows)
@@ -260,14 +315,45 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                         val = json.dumps(parts, separators=(",", ":")).encode()
                         partials.data[key] = val
                         partials.send_changelog(p, key, val)
-                packed = _pack({"engine": st.engine.to_dict(), "watermark": st.watermark})
-                engine_table.data[str(p).encode()] = packed
-                engine_table.send_changelog(p, str(p).encode(), packed)
+                checkpoint(p, st)
             for d in out:
                 await detections.send(key=d.account_id.encode(), value=encode(d))
+            for c in contribs:  # in order: per owner, the owners agent applies them as the engine made them
+                await owner_topic.send(key=c["owner_id"].encode(), value=_dumps(c))
             for m in feed_out:
                 await feed.send(key=m.key, value=encode(m))
             # take_events acks the batch after this body: the checkpoint above is already queued before it.
+
+    @app.agent(owner_topic, concurrency=1)
+    async def owners(stream: Any) -> None:
+        agg = rt.owners
+        assert agg is not None
+        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+            agg.owners.clear()  # this batch's owners, from the table (recovered from its changelog)
+            touched: dict[str, int] = {}
+            out: list[Detection] = []
+            for ev in events:
+                try:
+                    c = json.loads(ev.value)
+                    oid = c["owner_id"]
+                    if oid not in agg.owners:
+                        packed = owners_table.data.get(oid.encode())
+                        if packed is not None:
+                            agg.owners[oid] = OwnerState.from_dict(json.loads(packed))
+                    out += agg.apply(c)
+                except (ValueError, KeyError, TypeError) as exc:  # not a contribution: keep it, carry on
+                    dead_letter(InvalidMessage(f"owner contribution: {exc!r}", reason="schema_violation"), ev)
+                    continue
+                touched[oid] = ev.message.partition
+            for oid, p in touched.items():
+                val = _dumps(agg.owners[oid].to_dict()) if oid in agg.owners else None
+                if val is None:
+                    owners_table.data.pop(oid.encode(), None)
+                else:
+                    owners_table.data[oid.encode()] = val
+                owners_table.send_changelog(p, oid.encode(), val)
+            for d in out:
+                await detections.send(key=d.account_id.encode(), value=encode(d))
 
     @app.agent(detections, concurrency=1)
     async def cases(stream: Any) -> None:

@@ -60,6 +60,7 @@ def run_detect(settings: Settings, *, app_id: str = "trainwatch-detect", partiti
     from pipeline.detect.faust_app import make_app
 
     n = ensure_topics(settings, partitions)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # faust creates only its own folder in it
     app, rt = make_app(settings, app_id=app_id, partitions=n)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     log.info("detect app %s: %d partition(s), store %s/%s", app_id, n, settings.clickhouse_dsn, settings.database)
