@@ -38,6 +38,8 @@ _COL = {f: i for i, f in enumerate(STAT_FIELDS)}
 _SYNC_COLS = [_COL[f] for f in SYNC_FIELDS]
 _BASIS_KEYS = ("none", "utilisation_power", "tensor_active")  # index = detectors.compute basis code
 _NO_EPOCH = -(2**40)
+_N_STATS = 4 * len(STAT_FIELDS)
+_N_SUMS = _N_STATS + 7  # + FLOP point/low/high, device-seconds, samples per basis code (3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,8 @@ class Batch:
     precision: list[str | None]
     #: for rows merged from several messages (OTLP / prometheus fragments): the last fragment's offset
     last_offset: np.ndarray | None = None
+    #: ids other than device are constant within a message (rows of one message share one offset)
+    ids_per_message: bool = False
 
 
 @dataclass(slots=True)
@@ -99,8 +103,8 @@ def _device_params(accelerator: str | None, precision: str | None) -> tuple[floa
 class _Unit:
     """State of one (workload, window, revision) on one partition: additive sums plus per-device profiles."""
 
-    __slots__ = ("account", "basis", "dev_acc", "dev_index", "dev_node", "device_seconds", "f", "first_ts_max",
-                 "flop", "job", "l", "prof_cnt", "prof_sum", "r", "run_label", "samples", "stats", "unknown", "w",
+    __slots__ = ("account", "basis", "dev_acc", "dev_index", "dev_name", "dev_node", "f", "first_ts_max", "flop",
+                 "job", "l", "prof_cnt", "prof_sum", "r", "run_label", "samples", "stats", "sums", "unknown", "w",
                  "workload")
 
     def __init__(self, workload: str, w: int, r: int, f: int, first_ts_max: float, buckets: int) -> None:
@@ -109,24 +113,48 @@ class _Unit:
         self.first_ts_max = first_ts_max  # partition's max event time before the message of the first row
         self.account = self.job = self.run_label = None
         self.samples = 0
-        self.flop = np.zeros(3)
-        self.basis = np.zeros(3, dtype=np.int64)
-        self.device_seconds = 0.0
-        self.stats = np.zeros((4, len(STAT_FIELDS)))  # sum v*dt, sum v^2*dt, sum dt (present), count
-        self.dev_index: dict[str, int] = {}
+        # Every additive quantity in one vector, so that a batch adds to a unit in one operation; named views:
+        self.sums = np.zeros(_N_SUMS)
+        self.stats = self.sums[:_N_STATS].reshape(4, len(STAT_FIELDS))  # sum v*dt, sum v^2*dt, sum dt, count
+        self.flop = self.sums[_N_STATS : _N_STATS + 3]  # point, low, high
+        self.basis = self.sums[_N_STATS + 4 :]  # samples per basis code
+        self.dev_index: dict[int, int] = {}  # aggregator device id -> row of the profiles
+        self.dev_name: list[str] = []
         self.dev_node: list[str] = []
         self.dev_acc: list[str | None] = []
         self.prof_sum = np.zeros((len(SYNC_FIELDS), 8, buckets))
         self.prof_cnt = np.zeros((len(SYNC_FIELDS), 8, buckets))
         self.unknown: set[str] = set()
 
-    def grow(self, n: int) -> None:
+    def add_devices(self, gids: list[int], rows: list[int], b: Batch, known: np.ndarray) -> list[int]:
+        """Devices of a unit that has none yet; `rows`: each one's first row in the batch."""
+        k = len(gids)
+        self.dev_index = dict(zip(gids, range(k), strict=True))
+        self.dev_name = [b.device[i] for i in rows]
+        self.dev_node = [b.node[i] for i in rows]
+        self.dev_acc = [b.accelerator[i] for i in rows]
+        if not known.all():
+            self.unknown.update(self.dev_acc[j] or "unknown" for j in np.flatnonzero(~known).tolist())
+        cap = max(k, 8)
+        self.prof_sum = np.zeros((len(SYNC_FIELDS), cap, self.prof_sum.shape[2]))
+        self.prof_cnt = np.zeros_like(self.prof_sum)
+        return list(range(k))
+
+    def add_device(self, gid: int, name: str, node: str, accelerator: str | None, known: bool) -> int:
+        li = self.dev_index[gid] = len(self.dev_name)
+        self.dev_name.append(name)
+        self.dev_node.append(node)
+        self.dev_acc.append(accelerator)
+        if not known:
+            self.unknown.add(accelerator or "unknown")
         cap = self.prof_sum.shape[1]
-        if n > cap:
-            new = max(n, 2 * cap)
-            pad = ((0, 0), (0, new - cap), (0, 0))
-            self.prof_sum = np.pad(self.prof_sum, pad)
-            self.prof_cnt = np.pad(self.prof_cnt, pad)
+        if li >= cap:  # double the profile rows (np.pad would cost more than the copy)
+            for name_ in ("prof_sum", "prof_cnt"):
+                old = getattr(self, name_)
+                grown = np.zeros((old.shape[0], 2 * cap, old.shape[2]))
+                grown[:, :cap] = old
+                setattr(self, name_, grown)
+        return li
 
 
 @dataclass(slots=True)
@@ -135,21 +163,76 @@ class _Partition:
     next_offset: int | None = None
     units: dict[tuple[str, int, int], _Unit] = field(default_factory=dict)
     closed: list[tuple[int, int, float]] = field(default_factory=list)  # (first, last, first_ts_max) of emitted
-    seen: dict[int, np.ndarray] = field(default_factory=dict)  # window -> sorted dedup keys
-    last_ts: dict[str, float] = field(default_factory=dict)  # device -> previous event time
+    seen: dict[int, list[np.ndarray]] = field(default_factory=dict)  # window -> dedup keys, one array per batch
+    #: per aggregator device id: the largest dedup key recorded (a later row above it cannot be a duplicate) ...
+    dev_key: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: ... and the event time of its last-arrived row (NaN: none yet), for intervals
+    dev_last: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def fit(self, n_devices: int) -> None:
+        """Grow the per-device arrays to the aggregator's device count."""
+        have = len(self.dev_key)
+        if n_devices > have:
+            new = max(n_devices, 2 * have)
+            self.dev_key = np.concatenate((self.dev_key, np.arange(have, new, dtype=np.int64) << 41))
+            self.dev_last = np.concatenate((self.dev_last, np.full(new - have, np.nan)))
+
+    def seen_keys(self, window: int) -> np.ndarray | None:
+        """The window's recorded keys as one sorted array (merging the per-batch arrays on demand)."""
+        chunks = self.seen.get(window)
+        if not chunks:
+            return None
+        if len(chunks) > 1:
+            chunks[:] = [np.unique(np.concatenate(chunks))]
+        return chunks[0]
 
 
-def _profile_var(s: np.ndarray, c: np.ndarray) -> tuple[float, int]:
-    """Sum over rows of the population variance of each row's non-empty bucket means; rows with >= 2 buckets."""
+def _codes(values: list) -> tuple[np.ndarray, list]:
+    """Dense integer codes of a list of hashables (first-seen order) and the distinct values."""
+    uniq = list(dict.fromkeys(values))
+    index = {v: i for i, v in enumerate(uniq)}
+    return np.fromiter(map(index.__getitem__, values), dtype=np.int64, count=len(values)), uniq
+
+
+def _dense(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(a, return_inverse=True) for non-negative ints; by a presence table when their range is small."""
+    lo, hi = int(a.min()), int(a.max())
+    if hi - lo > 8 * len(a) + 1024:
+        return np.unique(a, return_inverse=True)
+    present = np.zeros(hi - lo + 1, dtype=bool)
+    present[a - lo] = True
+    uniq = np.flatnonzero(present)
+    rank = np.cumsum(present) - 1
+    return uniq + lo, rank[a - lo]
+
+
+def _profile_var(s: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per metric (axis 0): sum over rows (axis 1) of the population variance of each row's non-empty bucket means
+    (axis 2), over rows with >= 2 buckets; and the number of such rows."""
     have = c > 0
-    nb = have.sum(axis=1)
+    nb = have.sum(axis=2)
     use = nb >= 2
-    if not use.any():
-        return 0.0, 0
     mean_k = np.divide(s, c, out=np.zeros_like(s), where=have)
-    mu = mean_k.sum(axis=1) / np.maximum(nb, 1)
-    var = (np.where(have, (mean_k - mu[:, None]) ** 2, 0.0)).sum(axis=1) / np.maximum(nb, 1)
-    return float(var[use].sum()), int(use.sum())
+    nb1 = np.maximum(nb, 1)
+    mu = mean_k.sum(axis=2) / nb1
+    dev = np.where(have, mean_k - mu[..., None], 0.0)
+    var = np.einsum("ijk,ijk->ij", dev, dev) / nb1
+    return np.where(use, var, 0.0).sum(axis=1), use.sum(axis=1)
+
+
+#: emitted key names, built once: per statistic column and per (sync metric, sub-window bucket)
+_STAT_KEYS = [(f"{n}.sum", f"{n}.sumsq", f"{n}.n", f"{n}.count") for n in STAT_FIELDS]
+_PROF_KEYS: dict[int, list[list[tuple[str, str]]]] = {}
+_SYNC_VAR_KEYS = [(f"{n}.dev_var.sum", f"{n}.dev_var.n", f"{n}.node_var.sum", f"{n}.node_var.n")
+                  for n in SYNC_FIELDS]
+
+
+def _prof_keys(buckets: int) -> list[list[tuple[str, str]]]:
+    keys = _PROF_KEYS.get(buckets)
+    if keys is None:
+        keys = _PROF_KEYS[buckets] = [[(f"prof.{n}.{k}.sum", f"prof.{n}.{k}.n") for k in range(buckets)]
+                                      for n in SYNC_FIELDS]
+    return keys
 
 
 class WindowAggregator:
@@ -224,32 +307,52 @@ class WindowAggregator:
         r = np.maximum(epoch - w, 0)
         too_late = (wm - (w + 1) * W) > cfg.allowed_lateness_s
 
-        # Duplicates of (device, ts): within the batch, then against the window's earlier rows.
         ids = self._dev_ids
-        g = [ids.get(d) for d in b.device]
+        g = list(map(ids.get, b.device))  # C-level lookups; the comprehension below only when a device is new
         if None in g:
             g = [ids.setdefault(d, len(ids)) for d in b.device]
         gid = np.array(g, dtype=np.int64)
+        p.fit(len(ids))
         keys = (gid << 41) | np.round(ts * 1000).astype(np.int64)
-        dup = np.ones(n, dtype=bool)
-        dup[np.unique(keys, return_index=True)[1]] = False
-        dup |= too_late
-        for wv in np.unique(w[~dup]).tolist():
-            sel = np.flatnonzero((w == wv) & ~dup)
-            k = keys[sel]
-            old = p.seen.get(wv)
-            if old is not None:
-                hit = np.isin(k, old, assume_unique=False)
-                dup[sel[hit]] = True
-                k = k[~hit]
-                p.seen[wv] = np.union1d(old, k)
-            else:
-                p.seen[wv] = np.unique(k)
+        # Rows grouped by device, arrival order inside (stable): shared by the duplicate check and the intervals.
+        order = np.argsort(gid, kind="stable")
+        ks = keys[order]
+        # A row can repeat an earlier (device, ts) only if its key is not above every key of that device seen
+        # before it (earlier rows of this batch: running max; earlier batches: dev_key). Device ids are the keys'
+        # high bits, so the running max never carries over from one device's rows to the next one's.
+        prior = np.maximum(np.concatenate(([np.iinfo(np.int64).min], np.maximum.accumulate(ks)[:-1])),
+                           p.dev_key[ks >> 41])
+        suspect = np.empty(n, dtype=bool)
+        suspect[order] = ks <= prior
+        np.maximum.at(p.dev_key, gid, keys)
+        if suspect.any():  # out-of-order or repeated rows: the exact check against the windows' recorded keys
+            dup = np.ones(n, dtype=bool)
+            dup[np.unique(keys, return_index=True)[1]] = False
+            dup |= too_late
+            check = suspect & ~dup
+            for wv in np.unique(w[check]).tolist():
+                old = p.seen_keys(wv)
+                if old is not None:
+                    sel = np.flatnonzero(check & (w == wv))
+                    dup[sel[np.isin(keys[sel], old)]] = True
+        else:
+            dup = too_late.copy()
         duplicates = int((dup & ~too_late).sum())
-        keep = np.flatnonzero(~dup)
+        new = ~dup
+        wn = w[new]
+        if len(wn):
+            kn = keys[new]
+            w0, w1 = int(wn.min()), int(wn.max())
+            if w0 == w1:
+                p.seen.setdefault(w0, []).append(kn)
+            else:
+                for wv in np.unique(wn).tolist():
+                    p.seen.setdefault(wv, []).append(kn[wn == wv])
+        keep = np.flatnonzero(new)
         self._expire(p)
         if len(keep):
-            self._accumulate(p, b, keep, w, r, before_msg, gid)
+            dt = self._intervals(p, b, keep, order[new[order]], gid)
+            self._accumulate(p, b, keep, w, r, before_msg, gid, dt)
         return AddResult(np.flatnonzero(too_late), duplicates)
 
     def _expire(self, p: _Partition) -> None:
@@ -257,45 +360,48 @@ class WindowAggregator:
         for wv in [wv for wv in p.seen if (wv + 1) * self.cfg.window_s < horizon]:
             del p.seen[wv]
 
-    def _intervals(self, p: _Partition, b: Batch, idx: np.ndarray, gid: np.ndarray) -> np.ndarray:
-        """interval_s if given; else the gap to the device's previous sample (capped); else the default."""
+    def _intervals(self, p: _Partition, b: Batch, idx: np.ndarray, by_dev: np.ndarray, gid: np.ndarray) -> np.ndarray:
+        """interval_s if given; else the gap to the device's previous sample (capped); else the default.
+        `by_dev`: the kept rows grouped by device, in arrival order inside each device."""
         cfg = self.cfg
-        ts, g = b.ts[idx], gid[idx]
-        order = np.lexsort((np.arange(len(idx)), g))
-        gs, tss = g[order], ts[order]
+        gs, tss = gid[by_dev], b.ts[by_dev]
         first = np.concatenate(([True], gs[1:] != gs[:-1]))
+        last = np.concatenate((first[1:], [True]))
         prev = np.concatenate(([np.nan], tss[:-1]))
-        firsts = np.flatnonzero(first)
-        prev[firsts] = [p.last_ts.get(b.device[idx[order[i]]], math.nan) for i in firsts.tolist()]
-        lasts = np.concatenate((firsts[1:] - 1, [len(gs) - 1]))
-        for i in lasts.tolist():
-            p.last_ts[b.device[idx[order[i]]]] = float(tss[i])
+        prev[first] = p.dev_last[gs[first]]
+        p.dev_last[gs[last]] = tss[last]
         gap = tss - prev
         with np.errstate(invalid="ignore"):
             derived = np.where(gap > 0, np.minimum(gap, cfg.max_interval_s), cfg.default_interval_s)
-        out = np.empty(len(idx))
-        out[order] = derived
+        out = np.empty(len(b.ts))
+        out[by_dev] = derived
         given = b.interval[idx]
-        return np.where(np.isnan(given), out, given)
+        return np.where(np.isnan(given), out[idx], given)
 
     def _accumulate(self, p: _Partition, b: Batch, idx: np.ndarray, w_all: np.ndarray, r_all: np.ndarray,
-                    before_msg: np.ndarray, gid: np.ndarray) -> None:
+                    before_msg: np.ndarray, gid: np.ndarray, dt: np.ndarray) -> None:
         W, S = self.cfg.window_s, self.cfg.profile_buckets
         n = len(idx)
-        dt = self._intervals(p, b, idx, gid)
         ts, w, r, off = b.ts[idx], w_all[idx], r_all[idx], b.offset[idx]
         last_off = off if b.last_offset is None else b.last_offset[idx]
         il = idx.tolist()
-        whole = n == len(b.ts)
-        acc = b.accelerator if whole else [b.accelerator[i] for i in il]
-        prec = b.precision if whole else [b.precision[i] for i in il]
-        codes: dict = {}
-        if prec.count(None) == n:  # precision rarely reported: key by model alone
-            code = np.array([codes.setdefault(a, len(codes)) for a in acc], dtype=np.int64)
-            table = np.array([_device_params(a, None) for a in codes], dtype=np.float64).reshape(len(codes), 5)
+        if b.ids_per_message:  # string ids are coded on each message's first row, then spread to its rows
+            m0 = np.flatnonzero(np.concatenate(([True], b.offset[1:] != b.offset[:-1])))
+            spread = np.repeat(np.arange(len(m0)), np.diff(np.append(m0, len(b.ts))))[idx]
+            pick = m0.tolist()
         else:
-            code = np.array([codes.setdefault(k, len(codes)) for k in zip(acc, prec, strict=True)], dtype=np.int64)
-            table = np.array([_device_params(a, pr) for a, pr in codes], dtype=np.float64).reshape(len(codes), 5)
+            spread, pick = None, il
+
+        def coded(values: list) -> tuple[np.ndarray, list]:
+            code, uniq = _codes([values[i] for i in pick] if len(pick) != len(values) else values)
+            return (code if spread is None else code[spread]), uniq
+
+        if b.precision.count(None) == len(b.precision):  # precision rarely reported: key by model alone
+            code, uniq = coded(b.accelerator)
+            table = np.array([_device_params(a, None) for a in uniq], dtype=np.float64).reshape(len(uniq), 5)
+        else:
+            code, uniq = coded(list(zip(b.accelerator, b.precision, strict=True)))
+            table = np.array([_device_params(a, pr) for a, pr in uniq], dtype=np.float64).reshape(len(uniq), 5)
         params = table[code]
         known = ~np.isnan(params[:, 0])
 
@@ -327,75 +433,79 @@ class WindowAggregator:
         tail[:, 4:] = 0.0
         tail[np.arange(n), 4 + basis] = 1.0
 
-        wl_codes: dict[str, int] = {}
-        wls = b.workload if whole else [b.workload[i] for i in il]
-        wl = np.array([wl_codes.setdefault(x, len(wl_codes)) for x in wls], dtype=np.int64)
+        wl, wl_names = coded(b.workload)
         wmin = int(w.min())
         span_w, span_r = int(w.max()) - wmin + 1, int(r.max()) + 1
-        ukey = (wl * span_w + (w - wmin)) * span_r + r
-        # Units (workload, window, revision) present in this batch: one reduction per statistic over all of them.
-        uniq_u, urow = np.unique(ukey, return_inverse=True)
+        # Units (workload, window, revision) present in this batch, numbered 0.. in key order.
+        uniq_u, urow = _dense(wl * (span_w * span_r) + (w - wmin) * span_r + r)
         n_units = len(uniq_u)
-        order = np.argsort(urow, kind="stable")
-        starts = np.searchsorted(urow[order], np.arange(n_units))
-        red = np.add.reduceat(per_row[order], starts, axis=0)
-        last_u = np.maximum.reduceat(last_off[order], starts)
-        first_u = order[starts]  # each unit's first row in arrival order (stable sort)
-        count_u = np.diff(np.append(starts, n))
-        # (unit, device) pairs and their sub-window profiles, all units at once.
-        g = gid[idx]
-        n_dev = int(g.max()) + 1
-        upk, pair_first, pinv = np.unique(urow * n_dev + g, return_index=True, return_inverse=True)
-        n_pairs = len(upk)
-        pstarts = np.searchsorted(upk // n_dev, np.arange(n_units + 1))
+        # A unit's rows come in runs (a message is one node, one workload): sum each run, then runs into units.
+        run0 = np.flatnonzero(np.concatenate(([True], urow[1:] != urow[:-1])))
+        run_u = urow[run0]
+        red = np.zeros((n_units, per_row.shape[1]))
+        np.add.at(red, run_u, np.add.reduceat(per_row, run0, axis=0))
+        last_u = np.zeros(n_units, dtype=np.int64)
+        np.maximum.at(last_u, run_u, np.maximum.reduceat(last_off, run0))
+        first_u = np.full(n_units, n, dtype=np.int64)
+        np.minimum.at(first_u, run_u, run0)  # each unit's first row in arrival order
+        count_u = np.bincount(urow, minlength=n_units)
+        # (unit, device) pairs and their sub-window profiles, all units at once; pairs ordered by unit.
+        ldev_u, ldev = _dense(gid[idx])
+        pk_u, pinv = _dense(urow * len(ldev_u) + ldev)
+        n_pairs = len(pk_u)
+        pair_first = np.full(n_pairs, n, dtype=np.int64)
+        np.minimum.at(pair_first, pinv, np.arange(n))
+        pair_gid = ldev_u[pk_u % len(ldev_u)]
+        pstarts = np.searchsorted(pk_u // len(ldev_u), np.arange(n_units + 1))
         k_bucket = np.clip(((ts - w * W) / (W / S)).astype(np.int64), 0, S - 1)
         flat = pinv * S + k_bucket
         psum = np.zeros((len(SYNC_FIELDS), n_pairs, S))
         pcnt = np.zeros((len(SYNC_FIELDS), n_pairs, S))
         for si, col in enumerate(_SYNC_COLS):
             pres = present[:, col]
-            if pres.any():
+            if pres.all():
+                psum[si] = np.bincount(flat, xz[:, col], minlength=n_pairs * S).reshape(n_pairs, S)
+                pcnt[si] = np.bincount(flat, minlength=n_pairs * S).reshape(n_pairs, S)
+            elif pres.any():
                 psum[si] = np.bincount(flat[pres], xz[pres, col], minlength=n_pairs * S).reshape(n_pairs, S)
                 pcnt[si] = np.bincount(flat[pres], minlength=n_pairs * S).reshape(n_pairs, S)
-        wl_names = list(wl_codes)
-        rows_orig = idx.tolist()
-        pair_first_l = pair_first.tolist()
+        add_u = np.zeros((n_units, _N_SUMS))  # in the units' layout (all statistics, not only this batch's)
+        add_u[:, :_N_STATS].reshape(n_units, 4, len(STAT_FIELDS))[:, :, act] = red[:, : 4 * m_act].reshape(
+            n_units, 4, m_act)
+        add_u[:, _N_STATS:] = red[:, 4 * m_act :]
+        first_l, last_l, count_l = first_u.tolist(), last_u.tolist(), count_u.tolist()
+        pstarts_l, pair_gid_l = pstarts.tolist(), pair_gid.tolist()
         for u in range(n_units):
-            i0 = int(first_u[u])
-            kk = int(uniq_u[u])
-            key = (wl_names[kk // (span_w * span_r)], int(w[i0]), int(r[i0]))
+            i0 = first_l[u]
+            key = (wl_names[int(wl[i0])], int(w[i0]), int(r[i0]))
             unit = p.units.get(key)
             if unit is None:
                 unit = p.units[key] = _Unit(key[0], key[1], key[2], int(off[i0]), float(before_msg[idx[i0]]), S)
-            unit.l = max(unit.l, int(last_u[u]))
-            ri = rows_orig[i0]
+            unit.l = max(unit.l, last_l[u])
             if unit.account is None:
-                unit.account = b.account[ri]
+                unit.account = b.account[il[i0]]
             if unit.job is None:
-                unit.job = b.job[ri]
+                unit.job = b.job[il[i0]]
             if unit.run_label is None:
-                unit.run_label = b.run_label[ri]
-            v = red[u]
-            unit.stats[:, act] += v[: 4 * m_act].reshape(4, m_act)
-            unit.flop += v[4 * m_act : 4 * m_act + 3]
-            unit.device_seconds += float(v[4 * m_act + 3])
-            unit.basis += v[4 * m_act + 4 :].astype(np.int64)
-            unit.samples += int(count_u[u])
-            p0, p1 = int(pstarts[u]), int(pstarts[u + 1])
-            loc = []
-            for j in range(p0, p1):
-                kr = pair_first_l[j]
-                row = rows_orig[kr]
-                dev = b.device[row]
-                li = unit.dev_index.get(dev)
-                if li is None:
-                    li = unit.dev_index[dev] = len(unit.dev_node)
-                    unit.dev_node.append(b.node[row])
-                    unit.dev_acc.append(b.accelerator[row])
-                    if not known[kr]:
-                        unit.unknown.add(b.accelerator[row] or "unknown")
-                loc.append(li)
-            unit.grow(len(unit.dev_node))
+                unit.run_label = b.run_label[il[i0]]
+            unit.sums += add_u[u]
+            unit.samples += count_l[u]
+            p0, p1 = pstarts_l[u], pstarts_l[u + 1]
+            if not unit.dev_index:  # a unit's first rows (every window starts so): all its devices at once
+                loc = unit.add_devices(pair_gid_l[p0:p1], [il[i] for i in pair_first[p0:p1].tolist()], b,
+                                       known[pair_first[p0:p1]])
+            else:
+                loc = list(map(unit.dev_index.get, pair_gid_l[p0:p1]))
+            if None in loc:  # devices new to this unit: remember their node and model from their first row
+                for j, li in enumerate(loc):
+                    if li is None:
+                        row = il[int(pair_first[p0 + j])]
+                        loc[j] = unit.add_device(pair_gid_l[p0 + j], b.device[row], b.node[row], b.accelerator[row],
+                                                 bool(known[pair_first[p0 + j]]))
+            if loc[-1] - loc[0] == p1 - p0 - 1 and (p1 - p0 == 1 or loc[1] == loc[0] + 1):
+                sl = slice(loc[0], loc[-1] + 1)  # the same devices in the same order as the unit's first rows
+                if loc == list(range(loc[0], loc[-1] + 1)):
+                    loc = sl
             unit.prof_sum[:, loc] += psum[:, p0:p1]
             unit.prof_cnt[:, loc] += pcnt[:, p0:p1]
 
@@ -427,34 +537,34 @@ class WindowAggregator:
         start = u.w * W
         st = u.stats
         sums: dict[str, float] = {"samples": float(u.samples)}
-        for j, name in enumerate(STAT_FIELDS):
-            if st[3, j] > 0:
-                sums[f"{name}.sum"] = float(st[0, j])
-                sums[f"{name}.sumsq"] = float(st[1, j])
-                sums[f"{name}.n"] = float(st[2, j])
-                sums[f"{name}.count"] = float(st[3, j])
+        stl = st.tolist()
+        for j in np.flatnonzero(st[3] > 0).tolist():
+            k_sum, k_sq, k_n, k_c = _STAT_KEYS[j]
+            sums[k_sum], sums[k_sq], sums[k_n], sums[k_c] = stl[0][j], stl[1][j], stl[2][j], stl[3][j]
         for bi, bname in enumerate(_BASIS_KEYS):
             if u.basis[bi]:
                 sums[f"basis.{bname}"] = float(u.basis[bi])
         nd = len(u.dev_node)
-        node_names = sorted(set(u.dev_node))
-        node_code = np.array([node_names.index(x) for x in u.dev_node]) if nd else np.zeros(0, dtype=np.int64)
-        for si, name in enumerate(SYNC_FIELDS):
-            s, c = u.prof_sum[si, :nd], u.prof_cnt[si, :nd]
-            if not c.any():
-                continue
-            ps, pc = s.sum(axis=0), c.sum(axis=0)
-            for k in np.flatnonzero(pc).tolist():
-                sums[f"prof.{name}.{k}.sum"] = float(ps[k])
-                sums[f"prof.{name}.{k}.n"] = float(pc[k])
+        node_index = {x: i for i, x in enumerate(sorted(set(u.dev_node)))}
+        s, c = u.prof_sum[:, :nd], u.prof_cnt[:, :nd]
+        have = np.flatnonzero(c.any(axis=(1, 2))).tolist()
+        if have:
+            ps, pc = s.sum(axis=1).tolist(), c.sum(axis=1).tolist()
             dv, dn = _profile_var(s, c)
-            sums[f"{name}.dev_var.sum"], sums[f"{name}.dev_var.n"] = dv, float(dn)
-            ns = np.zeros((len(node_names), s.shape[1]))
-            nc = np.zeros_like(ns)
-            np.add.at(ns, node_code, s)
-            np.add.at(nc, node_code, c)
-            nv, nn = _profile_var(ns, nc)
-            sums[f"{name}.node_var.sum"], sums[f"{name}.node_var.n"] = nv, float(nn)
+            # per node: the devices' bucket sums added up (a one-hot product: nodes x devices)
+            onehot = np.zeros((len(node_index), nd))
+            onehot[list(map(node_index.__getitem__, u.dev_node)), np.arange(nd)] = 1.0
+            nv, nn = _profile_var(np.matmul(onehot, s), np.matmul(onehot, c))
+            pkeys = _prof_keys(s.shape[2])
+            for si in have:
+                keys, psi, pci = pkeys[si], ps[si], pc[si]
+                for k, cnt in enumerate(pci):
+                    if cnt:
+                        sums[keys[k][0]], sums[keys[k][1]] = psi[k], cnt
+                k_dv, k_dn, k_nv, k_nn = _SYNC_VAR_KEYS[si]
+                sums[k_dv], sums[k_dn] = float(dv[si]), float(dn[si])
+                sums[k_nv], sums[k_nn] = float(nv[si]), float(nn[si])
+        node_names = list(node_index)
         present_basis = [BASIS_NAMES[i] for i in range(3) if u.basis[i]]
         basis = present_basis[0] if len(present_basis) == 1 else "mixed"
         accelerators: dict[str, int] = {}
@@ -474,9 +584,9 @@ class WindowAggregator:
             sample_count=u.samples,
             device_count=nd,
             node_count=len(node_names),
-            devices=sorted(u.dev_index),
+            devices=sorted(u.dev_name),
             nodes=node_names,
-            device_seconds=u.device_seconds,
+            device_seconds=float(u.sums[_N_STATS + 3]),
             flop=float(u.flop[0]),
             flop_low=float(u.flop[1]),
             flop_high=float(u.flop[2]),

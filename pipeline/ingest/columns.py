@@ -34,6 +34,9 @@ class Rows:
     run_label: list[str | None]
     precision: list[str | None]
     gpu_index: list[int | None]
+    #: every id column but device is constant within a message (columnar messages): lets the aggregator code
+    #: strings per message instead of per row
+    ids_per_message: bool = False
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -49,6 +52,7 @@ class Rows:
             metrics=self.metrics[idx],
             msg=self.msg[idx],
             **{name: [getattr(self, name)[i] for i in il] for name in _STR_COLUMNS},
+            ids_per_message=self.ids_per_message,
         )
 
     def row_dict(self, i: int) -> dict:

@@ -218,7 +218,8 @@ class NativeDecoder:
                             msg=np.repeat(np.arange(len(ds), dtype=np.int64), ks), device=dev_l, node=per_row("node"),
                             accelerator=per_row("accelerator"), workload=per_row("workload_id"),
                             account=per_row("account_id"), job=per_row("job_id"), run_label=per_row("run_label"),
-                            precision=per_row("precision"), gpu_index=[None] * n)
+                            precision=per_row("precision"), gpu_index=[None] * n,
+                            ids_per_message=True)
         return True
 
     @staticmethod

@@ -126,7 +126,8 @@ class IngestCore:
                 row_offsets = np.asarray(offsets, dtype=np.int64)[r.msg]
                 batch = Batch(ts=r.ts, interval=r.interval, metrics=r.metrics, offset=row_offsets, device=r.device,
                               node=r.node, accelerator=r.accelerator, workload=r.workload, account=r.account, job=r.job,
-                              run_label=r.run_label, precision=r.precision)
+                              run_label=r.run_label, precision=r.precision,
+                              ids_per_message=r.ids_per_message)
                 if self.merges_rows:
                     batch = self._merge(topic, partition, batch, drain=False)
                 self._add(topic, partition, batch, dead)
