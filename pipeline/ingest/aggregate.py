@@ -18,6 +18,7 @@ offset with the watermark recorded there rebuilds identical units, hence identic
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -211,13 +212,12 @@ def _profile_var(s: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     (axis 2), over rows with >= 2 buckets; and the number of such rows."""
     have = c > 0
     nb = have.sum(axis=2)
-    use = nb >= 2
-    mean_k = np.divide(s, c, out=np.zeros_like(s), where=have)
+    m = np.divide(s, c, out=np.zeros_like(s), where=have)
     nb1 = np.maximum(nb, 1)
-    mu = mean_k.sum(axis=2) / nb1
-    dev = np.where(have, mean_k - mu[..., None], 0.0)
-    var = np.einsum("ijk,ijk->ij", dev, dev) / nb1
-    return np.where(use, var, 0.0).sum(axis=1), use.sum(axis=1)
+    mu = m.sum(axis=2) / nb1
+    var = np.maximum(np.einsum("ijk,ijk->ij", m, m) / nb1 - mu * mu, 0.0)  # E[m^2] - E[m]^2, rounding clamped
+    use = nb >= 2
+    return (var * use).sum(axis=1), use.sum(axis=1)
 
 
 #: emitted key names, built once: per statistic column and per (sync metric, sub-window bucket)
@@ -567,9 +567,9 @@ class WindowAggregator:
         node_names = list(node_index)
         present_basis = [BASIS_NAMES[i] for i in range(3) if u.basis[i]]
         basis = present_basis[0] if len(present_basis) == 1 else "mixed"
-        accelerators: dict[str, int] = {}
-        for a in u.dev_acc:
-            accelerators[a or "unknown"] = accelerators.get(a or "unknown", 0) + 1
+        accelerators = Counter(u.dev_acc)
+        if None in accelerators:
+            accelerators["unknown"] = accelerators.get("unknown", 0) + accelerators.pop(None)
         # model_construct: every field is built right here from typed state; validation would only cost time
         return WindowAggregate.model_construct(
             window_id=content_id("win", u.workload, start, partition, u.r),
@@ -591,7 +591,7 @@ class WindowAggregator:
             flop_low=float(u.flop[1]),
             flop_high=float(u.flop[2]),
             basis=basis,  # type: ignore[arg-type]
-            accelerators=accelerators,
+            accelerators=dict(accelerators),
             unknown_accelerators=sorted(u.unknown),
             sums=sums,
             missing_fields=[f for j, f in enumerate(METRIC_FIELDS) if st[3, j] == 0],
