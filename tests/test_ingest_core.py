@@ -139,6 +139,31 @@ def test_duplicates_count_once_within_and_across_batches() -> None:
     assert totals(wins) == pytest.approx(totals(r), rel=1e-9)
 
 
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_dedup_under_disorder_equals_a_set_of_device_timestamps(seed: int) -> None:
+    """Out-of-order rows that are new, repeats inside one batch and repeats batches later: the fast path (a row
+    above its device's largest key is new) and the exact check together must count each (device, ts) once."""
+    rng = random.Random(seed)
+    rows = synth.samples([SPEC, synth.WorkloadSpec("wl-b", nodes=1, gpus_per_node=8)], T0, 300, 5.0)
+    stream = list(rows)
+    for i in range(0, len(stream) - 40, 40):  # local disorder: shuffle blocks of 40 (late but not too late)
+        block = stream[i : i + 40]
+        rng.shuffle(block)
+        stream[i : i + 40] = block
+    repeats = rng.sample(range(len(rows)), 120)
+    for k in repeats:  # resend a row somewhere after its first copy: same batch or much later
+        pos = stream.index(rows[k])
+        stream.insert(min(len(stream), pos + rng.choice([1, 5, 300, 2000])), rows[k])
+    core = IngestCore()
+    wins, dead = run(core, [orjson.dumps(r) for r in stream], batch=rng.choice([50, 97, 256]))
+    wins += core.drain()
+    assert dead == []
+    assert core.counters["duplicates"] == len(stream) - len(rows)
+    t = totals(wins)
+    assert t["samples"] == len(rows)
+    assert t["flop"] == pytest.approx(sum(expected_flop([r]) for r in rows), rel=1e-9)
+
+
 def test_bad_rows_are_dead_lettered_alone_and_the_stream_goes_on() -> None:
     rows = synth.samples([SPEC], T0, 30, 10.0)
     cols = [orjson.loads(v) for _, v in synth.columnar(rows)]
