@@ -8,7 +8,9 @@ reservation of a foreign account opens needs_review when the policy says `reserv
 Beside those threshold rules, a per-account baseline of use (detectors/scope_baseline.py: device scale,
 P(training), compute rate) reports a change of use before any threshold is near: reason `use_changed` (what
 moved, x-fold, dated to when it began) and `reservation_outgrew_use`. Both are always 'info'. The baseline is
-the one piece of state this detector keeps, in AccountState.activity["scope_baseline"], updated as it reads.
+the one piece of state this detector keeps, in AccountState.activity["scope_baseline"]. The engine's update step
+calls `update(state, event)` before any detector reads the event: it applies the pure transition
+(scope_baseline.step) and keeps the changes that event confirmed, tagged with the event. `detect` only reads.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from typing import Any, ClassVar
 from detectors.base import DetectContext, Detector
 from detectors.fields import field_of as _g
 from detectors.fields import finite_or_zero as _num
-from detectors.scope_baseline import Change, ScopeBaseline, ScopeParams
+from detectors.scope_baseline import Change, Observation, Reserved, ScopeParams, WindowUse, step
 from schemas.allocation import AllocationEvent
 from schemas.detection import Detection
 from schemas.ids import content_id
 
 BASELINE_KEY = "scope_baseline"
+CONFIRMED_KEY = "confirmed"  # in the baseline's dict: {"event": key, "changes": [Change dicts]}
 _RESERVATION_KINDS = ("reserved", "reservation_changed", "reservation_released")
 
 
@@ -39,6 +42,16 @@ class ChangeInScope(Detector):
     def __init__(self, **params: Any) -> None:
         self.params = ScopeParams(**params)
 
+    def update(self, state: DetectContext, event: Any) -> None:
+        """The engine's update step: fold `event` into the account's baseline and keep what it confirmed."""
+        acct = state.account
+        obs = self._observation(state, event)
+        if acct is None or obs is None:
+            return
+        new, changes = step(acct.activity.get(BASELINE_KEY), obs, self._params(state))
+        new[CONFIRMED_KEY] = {"event": obs.key(), "changes": [c.to_dict() for c in changes]}
+        acct.activity[BASELINE_KEY] = new
+
     def detect(self, state: DetectContext, event: Any) -> list[Detection]:
         acct = state.account
         if acct is None:
@@ -47,30 +60,37 @@ class ChangeInScope(Detector):
 
     # -- the baseline of use ----------------------------------------------------------------------------------
 
-    def _baseline(self, state: DetectContext, event: Any) -> list[Detection]:
-        acct = state.account
-        assert acct is not None
+    def _params(self, state: DetectContext) -> ScopeParams:
         u = state.policy.uncertainty
-        params = replace(self.params, p_high=u.p_training_high, p_low=u.p_training_low)
-        base = ScopeBaseline.from_dict(acct.activity.get(BASELINE_KEY))
-        changes: list[Change] = []
+        return replace(self.params, p_high=u.p_training_high, p_low=u.p_training_low)
+
+    @staticmethod
+    def _observation(state: DetectContext, event: Any) -> Observation | None:
+        """What `event` says about the account's use (None: nothing for the baseline)."""
+        acct = state.account
+        if acct is None:
+            return None
         if isinstance(event, AllocationEvent):
             if event.kind not in _RESERVATION_KINDS:
-                return []
-            reserved = sum(_num(r.get("count")) for r in acct.reservations.values())
-            c = base.observe_reservation(t=event.ts, reserved_devices=reserved, params=params)
-            changes = [c] if c else []
-        elif state.run is not None and _g(event, "window_end") is not None:
-            verdict = state.verdict
-            p = verdict.p_training if verdict is not None else _num((state.run.verdict or {}).get("p_training", 0.5))
-            devices = _num(_g(event, "device_count")) or float(len(_g(event, "devices") or ()))
-            changes = base.observe_window(end=_num(_g(event, "window_end")), window_s=state.window_s,
-                                          workload_id=str(_g(event, "workload_id")), devices=devices,
-                                          flop=_num(_g(event, "flop")), p_training=p, params=params)
-        else:
+                return None
+            return Reserved(event.ts, sum(_num(r.get("count")) for r in acct.reservations.values()), event.event_id)
+        if state.run is None or _g(event, "window_end") is None:
+            return None
+        verdict = state.verdict
+        p = verdict.p_training if verdict is not None else _num((state.run.verdict or {}).get("p_training", 0.5))
+        devices = _num(_g(event, "device_count")) or float(len(_g(event, "devices") or ()))
+        return WindowUse(end=_num(_g(event, "window_end")), window_s=state.window_s,
+                         workload_id=str(_g(event, "workload_id")), devices=devices, flop=_num(_g(event, "flop")),
+                         p_training=p)
+
+    def _baseline(self, state: DetectContext, event: Any) -> list[Detection]:
+        """The changes the update step confirmed for this very event (pure: reads the account, writes nothing)."""
+        assert state.account is not None
+        obs = self._observation(state, event)
+        confirmed = (state.account.activity.get(BASELINE_KEY) or {}).get(CONFIRMED_KEY) or {}
+        if obs is None or confirmed.get("event") != obs.key():
             return []
-        acct.activity[BASELINE_KEY] = base.to_dict()
-        return [self._change_detection(state, c) for c in changes]
+        return [self._change_detection(state, Change(**c)) for c in confirmed["changes"]]
 
     def _change_detection(self, state: DetectContext, c: Change) -> Detection:
         run = state.run if c.kind == "use" else None

@@ -87,6 +87,9 @@ class DetectEngine:
             if (only is not None and d.id != only) or (only is None and d.id == "owner_aggregate"):
                 continue
             try:
+                update = getattr(d, "update", None)  # state a detector keeps is folded in first; detect only reads
+                if update is not None:
+                    update(ctx, event)
                 found = d.detect(ctx, event)
             except Exception:  # errors are data: count it per detector, never stop the stream
                 self.errors[d.id] = self.errors.get(d.id, 0) + 1

@@ -10,7 +10,8 @@ re-baselines to the new level, so one development alarms once. Candidate buckets
 so it stays the "before" of the report. Reservations are compared with the baseline's scale: reserved devices
 x-fold the devices in use is a change too.
 
-Pure, event time only; state is plain data (to_dict / from_dict) kept in AccountState.activity.
+Event time only; state is plain data (to_dict / from_dict) kept in AccountState.activity. `step()` is the pure
+transition the engine's update step applies: (state, one observation) -> (next state, the changes it confirmed).
 """
 
 from __future__ import annotations
@@ -69,6 +70,48 @@ def _bucket_of(wins: dict[str, list[float]], window_s: float) -> tuple[float, fl
     return devices, p, flop / window_s
 
 
+@dataclass(frozen=True, slots=True)
+class WindowUse:
+    """One workload-window of the account: its end, devices, FLOP and the run's P(training)."""
+
+    end: float
+    window_s: float
+    workload_id: str
+    devices: float
+    flop: float
+    p_training: float
+
+    def key(self) -> str:
+        return f"w|{self.workload_id}|{self.end!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    """Devices the account holds reserved after one reservation event."""
+
+    t: float
+    devices: float
+    event_id: str
+
+    def key(self) -> str:
+        return f"r|{self.event_id}"
+
+
+Observation = WindowUse | Reserved
+
+
+def step(state: dict[str, Any] | None, obs: Observation, params: ScopeParams) -> tuple[dict[str, Any], list[Change]]:
+    """The baseline after `obs` (a new dict; `state` is left as it was) and the changes `obs` confirmed."""
+    base = ScopeBaseline.from_dict(state)
+    if isinstance(obs, WindowUse):
+        changes = base.observe_window(end=obs.end, window_s=obs.window_s, workload_id=obs.workload_id,
+                                      devices=obs.devices, flop=obs.flop, p_training=obs.p_training, params=params)
+    else:
+        c = base.observe_reservation(t=obs.t, reserved_devices=obs.devices, params=params)
+        changes = [c] if c else []
+    return base.to_dict(), changes
+
+
 @dataclass(slots=True)
 class ScopeBaseline:
     covered_s: float = 0.0  # use folded into the baseline (seconds of windows)
@@ -92,7 +135,13 @@ class ScopeBaseline:
         if not d:
             return cls()
         names = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in names})
+        # Copies of the nested containers: the caller's dict (engine state) is never changed through this object.
+        kw = {k: v for k, v in d.items() if k in names}
+        if "pending" in kw:
+            kw["pending"] = {k: {w: list(x) for w, x in v.items()} for k, v in kw["pending"].items()}
+        if "candidate" in kw:
+            kw["candidate"] = [list(c) for c in kw["candidate"]]
+        return cls(**kw)
 
     # -- views ----------------------------------------------------------------------------------------------
 

@@ -1,22 +1,29 @@
-"""Change in scope, measured: run the simulator's scenario through ingest and detect (no store), and judge the
-`change_in_scope` baseline detections against the ground truth's workloads.
+"""Change in scope, measured: run a simulator scenario through ingest and detect (no store), and judge the
+`change_in_scope` baseline alarms against the ground truth.
 
-Ground truth has no scope label; it is read from each account's workloads (docs/simulator.md):
-- scope change: the account's first training workload starts at t_c while a non-training workload of the account
+Labels: a folder whose ground truth has `scope_changes` (the `scope` scenario, docs/simulator.md) is judged on
+them: per account a kind, `change` (true: a deliberate change at `t_change`; false: a control that never changes).
+An older folder has no such key; then the label is inferred from each account's workloads, as before:
+- scope_change: the account's first training workload starts at t_c while a non-training workload of the account
   began at least `min_baseline_s` before t_c and was running within the engine's idle TTL of t_c (a baseline
   existed to change from). `demo`'s acct-scope: serving on 2 L40S, then 16 B200 pretraining.
-- no training: the account never trains; every `use_changed` detection there is a false alarm.
+- no_training: the account never trains (a control).
 - other: training from the account's first use (no "before" to change from); reported, not scored.
-Per scope-change account: delay = confirmation time (evidence `confirmed_at`, when the detector knew) minus t_c,
-and the dating error = the detection's event_time (when it says the change began) minus t_c. A `use_changed`
-before t_c - one window is a false alarm too. False alarms are per account-day of observed use.
+Alarms are the baseline's detections: `use_changed` and, with explicit labels, `reservation_outgrew_use` (a
+label may be a reservation that grows; inferred labels count `use_changed` only, so `demo`'s reservation warning
+15 min before its training is not a false alarm). Per change account: the first alarm dated at or after
+t_c - one window is the hit; delay = its confirmation time (evidence `confirmed_at`, when the detector knew)
+minus t_c, dating error = its event_time (when it says the change began) minus t_c; earlier alarms are false
+alarms, later ones are counted as `after_hit`. Every alarm on a control is a false alarm. False alarms are per
+account-day of steady use: a control's whole span of workloads, a change account's span before t_c.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +45,7 @@ from schemas.policy import load_policy
 from schemas.serde import decode
 
 DETECTOR = "change_in_scope"
+ALARM_REASONS = ("use_changed", "reservation_outgrew_use")
 DAY = 86_400.0
 BATCH = 5000
 
@@ -81,81 +89,123 @@ def detect_folder(folder: Path, policy_name: str = "demo", model: str | None = N
 
 
 def truth_by_account(truth: dict[str, Any], params: ScopeParams) -> dict[str, dict[str, Any]]:
-    """Per account with workloads: kind (scope_change | no_training | other), t_change, observed days."""
+    """Per account with workloads: kind, group (change | control | other), t_change, first use, observed days."""
     wls: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for w in truth["workloads"]:
         wls[w["account_id"]].append(w)
+    labels = {x["account_id"]: x for x in truth.get("scope_changes") or ()}
     out: dict[str, dict[str, Any]] = {}
     for aid, ws in sorted(wls.items()):
-        span = (max(w["end"] for w in ws) - min(w["start"] for w in ws)) / DAY
-        training = sorted(w["start"] for w in ws if w["is_training"])
-        rec: dict[str, Any] = {"kind": "no_training", "t_change": None, "days": span,
-                               "first_use": min(w["start"] for w in ws),
+        first = min(w["start"] for w in ws)
+        rec: dict[str, Any] = {"kind": "no_training", "group": "control", "t_change": None,
+                               "days": (max(w["end"] for w in ws) - first) / DAY, "first_use": first,
                                "archetypes": [w["archetype"] for w in sorted(ws, key=lambda w: w["start"])]}
+        if truth.get("scope_changes") is not None:
+            lab = labels.get(aid)
+            if lab is None:
+                rec.update(kind="unlabelled", group="other")
+            else:
+                rec.update(kind=lab["kind"], group="change" if lab["change"] else "control",
+                           t_change=lab["t_change"])
+            out[aid] = rec
+            continue
+        training = sorted(w["start"] for w in ws if w["is_training"])
         if training:
             t_c = training[0]
             before = [w for w in ws if not w["is_training"] and w["start"] <= t_c - params.min_baseline_s
                       and w["end"] >= t_c - IDLE_TTL_S]
-            rec["kind"] = "scope_change" if before else "other"
-            rec["t_change"] = t_c
+            rec.update(kind="scope_change" if before else "other", group="change" if before else "other",
+                       t_change=t_c)
         out[aid] = rec
     return out
 
 
-def score(dets: list[Detection], truth: dict[str, Any], window_s: float,
-          params: ScopeParams | None = None) -> dict[str, Any]:
-    params = params or ScopeParams()
+def score(dets: list[Detection], truth: dict[str, Any], window_s: float, params: ScopeParams | None = None,
+          policy_name: str = "demo") -> dict[str, Any]:
+    """Figures per kind and overall (see the module docstring), with the thresholds the detector used."""
+    u = load_policy(policy_name).uncertainty
+    params = replace(params or ScopeParams(), p_high=u.p_training_high, p_low=u.p_training_low)
+    explicit = truth.get("scope_changes") is not None
+    reasons = ALARM_REASONS if explicit else ("use_changed",)
     accts = truth_by_account(truth, params)
     by_acct: dict[str, list[Detection]] = defaultdict(list)
     for d in dets:
         if d.detector_id == DETECTOR:
             by_acct[d.account_id].append(d)
     per: dict[str, Any] = {}
-    delays: list[float] = []
-    dating: list[float] = []
-    false_alarms = 0
-    fa_days = 0.0
+    kinds: dict[str, dict[str, Any]] = {}
     for aid, t in accts.items():
         mine = sorted(by_acct.get(aid, []), key=lambda d: d.event_time)
-        use = [d for d in mine if d.reason == "use_changed"]
+        alarms = [d for d in mine if d.reason in reasons]
         row: dict[str, Any] = {**t, "reasons": sorted({d.reason for d in mine}),
                                "use_changed": [{"event_time": d.event_time, "confirmed_at": d.evidence["confirmed_at"],
-                                                "what": d.evidence["what"]} for d in use]}
-        if t["kind"] == "no_training":
-            row["false_alarms"] = len(use)
-            false_alarms += len(use)
-            fa_days += t["days"]
-        elif t["kind"] == "scope_change":
+                                                "reason": d.reason, "what": d.evidence["what"]} for d in alarms]}
+        k = kinds.setdefault(t["kind"], {"group": t["group"], "accounts": 0, "false_alarms": 0, "fa_days": 0.0,
+                                         "delays": [], "dating": [], "missed": [], "after_hit": 0, "alarmed": 0})
+        k["accounts"] += 1
+        if t["group"] == "control":
+            row["false_alarms"] = len(alarms)
+            k["false_alarms"] += len(alarms)
+            k["alarmed"] += bool(alarms)
+            k["fa_days"] += t["days"]
+        elif t["group"] == "change":
             t_c = t["t_change"]
-            early = [d for d in use if d.event_time < t_c - window_s]
-            hit = next((d for d in use if d.event_time >= t_c - window_s), None)
+            early = [d for d in alarms if d.event_time < t_c - window_s]
+            late = [d for d in alarms if d.event_time >= t_c - window_s]
             row["false_alarms"] = len(early)
-            false_alarms += len(early)
-            fa_days += max(0.0, t_c - t["first_use"]) / DAY  # before the change, the account was steady
-            if hit is not None:
+            k["false_alarms"] += len(early)
+            k["alarmed"] += bool(early)
+            k["fa_days"] += max(0.0, t_c - t["first_use"]) / DAY  # before the change, the account was steady
+            if late:
+                hit = late[0]
                 row["delay_s"] = hit.evidence["confirmed_at"] - t_c
                 row["dating_error_s"] = hit.event_time - t_c
                 row["what"] = hit.evidence["what"]
-                delays.append(row["delay_s"])
-                dating.append(row["dating_error_s"])
+                k["delays"].append(row["delay_s"])
+                k["dating"].append(row["dating_error_s"])
+                k["after_hit"] += len(late) - 1
             else:
                 row["delay_s"] = None
+                k["missed"].append(aid)
         per[aid] = row
-    changes = [a for a, t in accts.items() if t["kind"] == "scope_change"]
+    by_kind = {name: _kind_figures(k) for name, k in sorted(kinds.items(), key=lambda kv: (kv[1]["group"], kv[0]))}
+    change = [k for k in kinds.values() if k["group"] == "change"]
+    delays = [x for k in change for x in k["delays"]]
+    dating = [x for k in change for x in k["dating"]]
+    scored = [k for k in kinds.values() if k["group"] in ("change", "control")]
+    fa = sum(k["false_alarms"] for k in scored)
+    fa_days = sum(k["fa_days"] for k in scored)
     return {
+        "labels": "explicit" if explicit else "inferred",
         "window_s": window_s,
-        "params": {"min_baseline_s": params.min_baseline_s, "dwell": params.dwell,
-                   "scale_factor": params.scale_factor, "rate_factor": params.rate_factor},
-        "accounts": {k: sum(1 for t in accts.values() if t["kind"] == k) for k in ("scope_change", "no_training",
-                                                                                    "other")},
-        "scope_change": {"n": len(changes), "detected": len(delays),
+        "params": {"min_baseline_s": params.min_baseline_s, "dwell": params.dwell, "alpha": params.alpha,
+                   "scale_factor": params.scale_factor, "min_devices_added": params.min_devices_added,
+                   "rate_factor": params.rate_factor, "p_high": params.p_high, "p_low": params.p_low,
+                   "policy": policy_name},
+        "alarm_reasons": list(reasons),
+        "accounts": dict(Counter(t["group"] if explicit else t["kind"] for t in accts.values())),
+        "by_kind": by_kind,
+        "scope_change": {"n": sum(k["accounts"] for k in change), "detected": len(delays),
                          "delay_s": {"median": _median(delays), "max": max(delays) if delays else None},
                          "dating_error_s": {"median": _median(dating),
                                             "max_abs": max((abs(x) for x in dating), default=None)}},
-        "false_alarms": {"n": false_alarms, "account_days": round(fa_days, 3),
-                         "per_account_day": round(false_alarms / fa_days, 3) if fa_days else None},
+        "false_alarms": {"n": fa, "account_days": round(fa_days, 3),
+                         "per_account_day": round(fa / fa_days, 3) if fa_days else None},
         "per_account": per,
     }
+
+
+def _kind_figures(k: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"group": k["group"], "accounts": k["accounts"], "false_alarms": k["false_alarms"],
+                           "accounts_with_false_alarms": k["alarmed"], "account_days": round(k["fa_days"], 3),
+                           "false_alarms_per_account_day": round(k["false_alarms"] / k["fa_days"], 3)
+                           if k["fa_days"] else None}
+    if k["group"] == "change":
+        d, e = k["delays"], k["dating"]
+        out.update(detected=len(d), missed=k["missed"], after_hit=k["after_hit"],
+                   delay_s={"median": _median(d), "max": max(d) if d else None},
+                   dating_error_s={"median": _median(e), "max_abs": max((abs(x) for x in e), default=None)})
+    return out
 
 
 def _median(xs: list[float]) -> float | None:
@@ -167,15 +217,20 @@ def _median(xs: list[float]) -> float | None:
 
 
 def evaluate(scenario: str = "demo", *, scale: float = 1.0, seed: int = 0, model: str | None = None,
-             folder: Path | None = None) -> dict[str, Any]:
-    """Simulate (unless `folder` holds the scenario already), detect, and score. Figures as one JSON-able dict."""
+             folder: Path | None = None, policy_name: str = "demo") -> dict[str, Any]:
+    """Simulate (unless `folder` holds a simulator folder already), detect, and score. Figures as one JSON-able
+    dict; with `folder`, scenario, seed and scale are the folder's."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="scope-eval-") as tmp:
         if folder is None:
             params = {"scale": scale} if scenario != "demo" else {}
             folder = simulate(scenario, Path(tmp) / scenario, seed=seed, **params)
+        else:
+            manifest = orjson.loads((folder / "manifest.json").read_bytes())
+            scenario, seed = manifest["scenario"], manifest["seed"]
+            scale = float(manifest.get("parameters", {}).get("scale", scale))
         truth = orjson.loads((folder / "ground_truth.json").read_bytes())
-        dets = detect_folder(folder, model=model)
-    res = score(dets, truth, float(truth.get("window_s", 60.0)))
+        dets = detect_folder(folder, policy_name, model=model)
+    res = score(dets, truth, float(truth.get("window_s", 60.0)), policy_name=policy_name)
     res.update({"scenario": scenario, "seed": seed, "scale": scale, "elapsed_s": round(time.perf_counter() - t0, 1)})
     return res

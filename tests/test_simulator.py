@@ -239,3 +239,49 @@ def test_kafka_output_keys_telemetry_by_node(kafka_bootstrap: str, unique_topic,
     finally:
         consumer.close()
     assert got == manifest["counts"]["lines"]
+
+
+def test_scope_scenario_labels_are_deterministic_and_well_formed(tmp_path: Path) -> None:
+    from pipeline.simulator.scope_scenario import CHANGE_KINDS, CONTROL_KINDS, DURATION_S
+
+    sc = build("scope", seed=0)
+    assert build("scope", seed=0).scope_labels == sc.scope_labels
+    assert build("scope", seed=1).scope_labels != sc.scope_labels
+    labels = {x["account_id"]: x for x in sc.scope_labels or ()}
+    assert sorted(labels) == sorted(a.account_id for a in sc.accounts)  # every account labelled, once
+    kinds = [x["kind"] for x in labels.values()]
+    want = {**dict.fromkeys(CHANGE_KINDS, 3), **dict.fromkeys(CONTROL_KINDS, 2)}
+    assert {k: kinds.count(k) for k in set(kinds)} == want
+    node = sc.fleet.nodes
+    for aid, lab in labels.items():
+        ws = [w for w in sc.workloads if sc.accounts[w.account].account_id == aid]
+        assert ws and lab["first_use"] == min(w.start for w in ws)
+        smi = {node[n].smi_only for w in ws for n in w.nodes}
+        assert smi == {lab["tier"] == "smi"}, aid  # the tier in the label is the tier of every node used
+        t_c = lab["t_change"]
+        assert lab["change"] == (t_c is not None) == (lab["kind"] in CHANGE_KINDS)
+        if t_c is None:
+            training = {w.is_training for w in ws}
+            assert training == {lab["kind"] == "steady_training"}, aid
+            continue
+        assert lab["first_use"] + 3600 <= t_c <= T0 + DURATION_S - 3600  # a baseline before, time to see after
+        if lab["kind"] == "reservation_growth":
+            assert not any(w.is_training for w in ws)
+            grow = [e for e in sc.allocations if e.account_id == aid and e.kind == "reservation_changed"]
+            held = sum(w.device_count for w in ws)
+            assert [e.ts for e in grow] == [t_c] and grow[0].count >= 4 * held
+        elif lab["kind"] == "inference_to_finetune":  # same order of size: 4 GPUs serving, then 8 fine-tuning
+            assert [(w.archetype, w.device_count, w.start == t_c) for w in sorted(ws, key=lambda w: w.start)] == [
+                ("serving", 4, False), ("finetune_full", 8, True)]
+        else:  # pretraining begins at t_change, >= 4x the devices in use before (serving, or fine-tuning)
+            big = min((w for w in ws if w.archetype == "pretrain"), key=lambda w: w.start)
+            prior = [w for w in ws if w.start < t_c]
+            assert big.start == t_c and prior and big.device_count >= 4 * sum(w.device_count for w in prior)
+            want_prior = {"finetune_full"} if lab["kind"] == "finetune_to_pretrain" else {"serving"}
+            assert {w.archetype for w in prior} == want_prior, aid
+    # Written to ground_truth.json; the other scenarios carry no such key (their files are unchanged).
+    gt = orjson.loads((simulate("scope", tmp_path / "s", seed=0, scale=0.25) / "ground_truth.json").read_bytes())
+    assert {x["account_id"] for x in gt["scope_changes"]} == {w["account_id"] for w in gt["workloads"]}
+    assert len(gt["scope_changes"]) == len(CHANGE_KINDS) + len(CONTROL_KINDS)
+    assert "scope_changes" not in orjson.loads((simulate("demo", tmp_path / "d", seed=0) / "ground_truth.json"
+                                                ).read_bytes())

@@ -68,6 +68,11 @@ class Fleet:
         for n in self.nodes:
             self._free.setdefault(n.model, []).append(n.index)
 
+    def free_count(self, model: str, start: float, end: float, smi_only: bool) -> int:
+        """Nodes of `model` and of that telemetry tier free during [start, end)."""
+        return sum(1 for i in self._free.get(model, ()) if self.nodes[i].smi_only == smi_only
+                   and all(e <= start or s >= end for s, e in self._busy.get(i, ())))
+
     def take(self, model: str, count: int, start: float, end: float, smi_only: bool | None = None) -> list[int]:
         """`count` whole nodes of `model` free during [start, end): of the preferred telemetry tier first, then any.
         A device never reports two workloads at one time (ingest de-duplicates on device and timestamp)."""

@@ -40,6 +40,8 @@ class Scenario:
     block_s: float = 1800.0
     params: dict[str, Any] = field(default_factory=dict)
     window_s: float = WINDOW_S
+    # Per account {account_id, kind, change, t_change, ...} where a scenario labels change in scope (`scope`).
+    scope_labels: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         assert self.block_s % self.window_s == 0, "blocks must hold whole windows"

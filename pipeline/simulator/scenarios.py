@@ -1,5 +1,6 @@
 """Named scenarios: `demo` (small, hand-placed cases), `eval` (every archetype, both tiers, several source
-families) and `bench` (large, for throughput). Each is a function of (seed, parameters) only."""
+families), `bench` (large, for throughput) and `scope` (labelled changes in scope and steady controls,
+scope_scenario.py). Each is a function of (seed, parameters) only."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pipeline.simulator.accounts import make_cip, owner
 from pipeline.simulator.builder import Builder
 from pipeline.simulator.fleet import build_fleet
 from pipeline.simulator.scenario import Faults, Scenario
+from pipeline.simulator.scope_scenario import build_scope
 from pipeline.simulator.workload import ARCHETYPES
 from schemas.cip import Reseller
 
@@ -188,7 +190,13 @@ def bench(seed: int, p: dict[str, Any]) -> Scenario:
     return _random_mix("bench", seed, p, max(n, 22), 24 * H, max(8, int(40 * p["scale"])), 3600.0)
 
 
-SCENARIOS: dict[str, Callable[[int, dict[str, Any]], Scenario]] = {"demo": demo, "eval": eval_, "bench": bench}
+def scope(seed: int, p: dict[str, Any]) -> Scenario:
+    """Labelled changes in scope (4 kinds) and steady controls (4 kinds), 6 h; see scope_scenario.py."""
+    return build_scope(seed, p, T0, _faults(p))
+
+
+SCENARIOS: dict[str, Callable[[int, dict[str, Any]], Scenario]] = {"demo": demo, "eval": eval_, "bench": bench,
+                                                                    "scope": scope}
 DEFAULTS: dict[str, Any] = {"scale": 1.0, "smi_share": 0.25, "malformed_share": 0.001}
 
 

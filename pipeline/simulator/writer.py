@@ -108,7 +108,9 @@ def ground_truth(sc: Scenario, truth: TruthAccumulator, counts: Counts) -> dict[
         "foreign": {n: is_foreign(a.cip, p) for n, p in pols.items()},
         "special_measures": {n: under_special_measures(a.cip, p) for n, p in pols.items()},
     } for a in sc.accounts]
-    return {"layout_version": LAYOUT_VERSION, "scenario": sc.name, "seed": sc.seed, "window_s": sc.window_s,
+    # Only scenarios that label change in scope carry the key: the other scenarios' files stay byte-identical.
+    labels = {"scope_changes": sc.scope_labels} if sc.scope_labels is not None else {}
+    return {**labels, "layout_version": LAYOUT_VERSION, "scenario": sc.name, "seed": sc.seed, "window_s": sc.window_s,
             "workloads": workloads, "accounts": accounts,
             "fleet": [{"node": n.name, "model": n.model, "accelerator": n.reported_name, "region": n.region,
                        "datacenter": n.datacenter, "interconnect_gbps": n.interconnect_gbps, "smi_only": n.smi_only}
