@@ -61,6 +61,8 @@ class IngestSettings(BaseModel):
     #: Decoder per topic: native | otlp_json | prometheus_json.
     decoder: str = "native"
     batch_size: int = Field(default=5000, ge=1)
+    #: A batch is processed when full or after this wait: at low traffic it is the latency ingest adds.
+    max_wait_s: float = Field(default=0.2, gt=0, le=10)
     watermark_lag_s: float = Field(default=30.0, ge=0, description="event time trails the newest seen by this much")
     allowed_lateness_s: float = Field(default=3600.0, ge=0, description="older data is dead-lettered as too late")
     #: Label names that map to ids, in order of preference.

@@ -70,6 +70,7 @@ class KafkaIngestStage:
         self.settings = settings
         self.topics = settings.topics
         self.batch_size = settings.ingest.batch_size
+        self.max_wait_s = settings.ingest.max_wait_s
         self.clock = clock  # the reference clock for the future-skew check: wall clock in production
         self.max_queued = max_queued
         self.core = IngestCore(config_from_settings(settings), decoder or settings.ingest.decoder,
@@ -213,7 +214,7 @@ class KafkaIngestStage:
         last_data = None  # idle time counts from the first assignment (joining a group can take a while)
         try:
             while not (stop and stop()):
-                n = self.step(0.5)
+                n = self.step(self.max_wait_s)
                 now = time.monotonic()
                 if n or (last_data is None and self.consumer.assignment()):
                     last_data = now
