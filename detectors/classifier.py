@@ -6,8 +6,9 @@ detectors/windows.py `WorkloadWindow.features` (FEATURE_NAMES). `history_entry` 
 window, so training and `trainwatch classify` feed the model the same shape. A window delivered again (a late-data
 correction re-merged) replaces its earlier entry; entries are ordered by window start.
 
-Features (`HistoryFeaturizer`): over the last `history_k` windows each per-window feature becomes mean, spread,
-trend and last value; beside them come scale (devices, nodes, device-seconds) and duration. Anything that encodes
+Features (`HistoryFeaturizer`): over the last `history_k` windows each per-window feature (plus a few ratios of
+them, `DERIVED`) becomes mean, spread, trend, last value, max and min; beside them come scale (devices, nodes,
+device-seconds) and duration. Anything that encodes
 the sampling interval (sample counts, interval fields) or the telemetry provenance rather than the work
 (`fields_present`, `tensor_basis_share`, the basis-dependent `log10_flop_rate`) is dropped by name. Missing stays
 NaN: HistGradientBoosting routes missing values natively; nothing is ever filled with zero.
@@ -75,8 +76,20 @@ SMI_TOKENS = ("gpu_util", "mem_copy", "fb_used", "fb_free", "fb_", "memory", "me
 ACTIVITY_TOKENS = ("gpu_util", "gr_engine", "sm_active", "tensor", "power")
 #: nvidia-smi's core readings (utilisation, power): without either, no confident call (see score_matrix).
 SMI_CORE_TOKENS = ("gpu_util", "power")
-#: Per-window aggregation over the history.
-STATS = ("mean", "std", "trend", "last")
+#: Per-window aggregation over the history. max/min keep a phase that the mean would average away (training
+#: interleaved with serving, duty-cycled training: the busy windows are the evidence).
+STATS = ("mean", "std", "trend", "last", "max", "min")
+#: Per-window ratios of features the windows already carry: name -> (numerator, denominator, smallest denominator).
+#: Trees split one feature at a time, so a ratio that means something physically is worth spelling out:
+#: share of engine-busy time spent in tensor cores (matrix math), breathing of framebuffer use (a KV cache grows
+#: with load; a training allocation is static), power per unit of busy time (memory-hard hashing vs compute).
+DERIVED: dict[str, tuple[str, str, float]] = {
+    "tensor_per_gr_engine": ("mean_tensor", "mean_gr_engine", 0.02),
+    "fb_used_cv": ("std_fb_used", "mean_fb_used", 0.01),
+    "power_per_util": ("mean_power", "mean_gpu_util", 0.02),
+}
+#: Calibrated P a confident band needs at least (training: P >= it; not_training: P <= 1 - it).
+BAND_FLOOR = 0.5
 SCALE_FEATURES = ("scale_devices", "scale_nodes", "scale_log_device_seconds", "duration_log_s", "history_windows")
 
 
@@ -146,8 +159,9 @@ def _trend(vals: np.ndarray) -> float:
 class HistoryFeaturizer(BaseEstimator):
     """Turns window histories into a fixed feature matrix. fit learns the per-window feature names."""
 
-    def __init__(self, history_k: int = 5):
+    def __init__(self, history_k: int = 5, derived: bool = True):
         self.history_k = history_k
+        self.derived = derived
 
     def fit(self, histories: Sequence[Sequence[Any]], y: Any = None) -> HistoryFeaturizer:
         names: set[str] = set()
@@ -156,6 +170,9 @@ class HistoryFeaturizer(BaseEstimator):
                 for k, v in (_attr(w, "features") or {}).items():
                     if feature_tier(k) != "interval" and not isinstance(v, (str, bytes, list, dict)):
                         names.add(k)
+        # derived ratios whose parts the data carries (their tier follows their name, like any feature)
+        self.derived_ = {d: spec for d, spec in DERIVED.items() if self.derived and {spec[0], spec[1]} <= names}
+        names.update(self.derived_)
         self.window_features_ = tuple(sorted(names))
         cols: list[str] = [f"{f}__{s}" for f in self.window_features_ for s in STATS]
         cols += list(SCALE_FEATURES)
@@ -179,6 +196,10 @@ class HistoryFeaturizer(BaseEstimator):
                 i = pos.get(k)
                 if i is not None:
                     m[r, i] = _num(v)
+        for d, (num, den, floor) in self.derived_.items():
+            a, b = m[:, pos[num]], m[:, pos[den]]
+            with np.errstate(all="ignore"):
+                m[:, pos[d]] = np.where(b >= floor, a / b, np.nan)  # NaN stays NaN; an idle window has no ratio
         return m
 
     def transform_one(self, history: Sequence[Any]) -> np.ndarray:
@@ -192,6 +213,8 @@ class HistoryFeaturizer(BaseEstimator):
                 cnt = present.sum(axis=0)
                 mean = np.where(cnt > 0, np.nanmean(np.where(present, wm, np.nan), axis=0), np.nan)
                 std = np.where(cnt > 1, np.nanstd(wm, axis=0), np.nan)
+                hi = np.where(cnt > 0, np.nanmax(wm, axis=0), np.nan)
+                lo = np.where(cnt > 0, np.nanmin(wm, axis=0), np.nan)
             last = np.full(nf, np.nan)
             for j in range(nf):
                 col = wm[:, j]
@@ -199,7 +222,7 @@ class HistoryFeaturizer(BaseEstimator):
                 if idx.size:
                     last[j] = col[idx[-1]]
             trend = np.array([_trend(wm[:, j]) for j in range(nf)])
-            block = np.stack([mean, std, trend, last], axis=1)  # order follows STATS
+            block = np.stack([mean, std, trend, last, hi, lo], axis=1)  # order follows STATS
             out[: nf * len(STATS)] = block.reshape(-1)
         recent = history[-self.history_k :]
         devs = [_num(_attr(w, "device_count")) for w in recent]
@@ -274,6 +297,7 @@ class TierModel(BaseEstimator):
         max_leaf_nodes: int = 15,
         min_samples_leaf: int = 40,
         l2_regularization: float = 1.0,
+        max_features: float = 1.0,
         cv_folds: int = 4,
         target_precision: float = 0.95,
         threshold_margin: float = 0.02,
@@ -285,6 +309,7 @@ class TierModel(BaseEstimator):
         self.max_leaf_nodes = max_leaf_nodes
         self.min_samples_leaf = min_samples_leaf
         self.l2_regularization = l2_regularization
+        self.max_features = max_features
         self.cv_folds = cv_folds
         self.target_precision = target_precision
         self.threshold_margin = threshold_margin
@@ -298,6 +323,7 @@ class TierModel(BaseEstimator):
             max_leaf_nodes=self.max_leaf_nodes,
             min_samples_leaf=self.min_samples_leaf,
             l2_regularization=self.l2_regularization,
+            max_features=self.max_features,
             early_stopping=False,
             random_state=self.random_state,
         )
@@ -320,8 +346,11 @@ class TierModel(BaseEstimator):
         self.calibrator_ = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(oof, y)
         cal = self.calibrator_.predict(oof)
         target = min(self.target_precision + self.threshold_margin, 0.999)
-        self.t_high_ = _upper_threshold(cal, y, target, self.min_band_calls)
-        self.t_low_ = min(_lower_threshold(cal, y, target, self.min_band_calls), self.t_high_ - 1e-6)
+        # A band never contradicts its own probability: the cumulative-precision cut alone can fall below 0.5 when
+        # the tier separates well out of fold, and then a history with calibrated P = 0.33 would be "training".
+        self.t_high_ = max(_upper_threshold(cal, y, target, self.min_band_calls), BAND_FLOOR)
+        self.t_low_ = min(_lower_threshold(cal, y, target, self.min_band_calls), 1.0 - BAND_FLOOR,
+                          self.t_high_ - 1e-6)
         self.oof_brier_ = float(np.mean((cal - y) ** 2))
         self.gbm_ = self._gbm().fit(X, y) if len(np.unique(y)) == 2 else None
         self.prior_ = float(y.mean())
@@ -356,11 +385,13 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
     def __init__(
         self,
         history_k: int = 5,
+        derived: bool = True,
         max_iter: int = 150,
         learning_rate: float = 0.08,
         max_leaf_nodes: int = 15,
         min_samples_leaf: int = 40,
         l2_regularization: float = 1.0,
+        max_features: float = 1.0,
         cv_folds: int = 4,
         target_precision: float = 0.95,
         threshold_margin: float = 0.02,
@@ -371,11 +402,13 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         model_version: str = "1",
     ):
         self.history_k = history_k
+        self.derived = derived
         self.max_iter = max_iter
         self.learning_rate = learning_rate
         self.max_leaf_nodes = max_leaf_nodes
         self.min_samples_leaf = min_samples_leaf
         self.l2_regularization = l2_regularization
+        self.max_features = max_features
         self.cv_folds = cv_folds
         self.target_precision = target_precision
         self.threshold_margin = threshold_margin
@@ -393,6 +426,7 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
             max_leaf_nodes=self.max_leaf_nodes,
             min_samples_leaf=self.min_samples_leaf,
             l2_regularization=self.l2_regularization,
+            max_features=self.max_features,
             cv_folds=self.cv_folds,
             target_precision=self.target_precision,
             threshold_margin=self.threshold_margin,
@@ -405,7 +439,7 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         dcgm_metrics = sorted({m for m, d in zip(f.column_metric_, f.dcgm_columns_, strict=True) if d})
         if not dcgm_metrics:
             return X[:0]
-        metric_cols = {m: np.array([cm == m for cm in f.column_metric_]) for m in dcgm_metrics}
+        metric_cols = {m: np.array([cm == m for cm in f.column_metric_]) for m in {*dcgm_metrics, *f.derived_}}
         out = X.copy()
         for r in range(len(out)):
             keep = rng.random(len(dcgm_metrics)) < rng.uniform(0.15, 0.85)
@@ -413,15 +447,17 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
                 keep[rng.integers(len(keep))] = False
             if not keep.any():  # keep at least one profiling field, else the row belongs to the smi tier
                 keep[rng.integers(len(keep))] = True
-            for m, k in zip(dcgm_metrics, keep, strict=True):
-                if not k:
+            hidden = {m for m, k in zip(dcgm_metrics, keep, strict=True) if not k}
+            hidden |= {d for d, (a, b, _) in f.derived_.items() if a in hidden or b in hidden}
+            for m in hidden:
+                if m in metric_cols:
                     out[r, metric_cols[m]] = np.nan
         return out
 
     def fit(self, histories: Sequence[Sequence[Any]], y: Sequence[int], groups: Sequence[Any] | None = None):
         y_arr = np.asarray(y, dtype=int)
         g = np.asarray(groups if groups is not None else np.arange(len(y_arr)))
-        self.featurizer_ = HistoryFeaturizer(self.history_k).fit(histories)
+        self.featurizer_ = HistoryFeaturizer(self.history_k, self.derived).fit(histories)
         X = self.featurizer_.transform(histories)
         self.classes_ = np.array([0, 1])
         self.n_features_in_ = X.shape[1]

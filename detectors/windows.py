@@ -29,6 +29,8 @@ _MEAN_FIELDS = (
     ("sm_clock", "sm_clock_mhz"),
     ("mem_clock", "mem_clock_mhz"),
 )
+#: Fields the collector reports in percent (DCGM/nvidia-smi 0-100); their features are fractions like the others.
+_PERCENT_FIELDS = frozenset(("mem_copy_util",))
 _SYNC = (("tensor", "tensor_active"), ("util", "util_frac"), ("power", "power_frac"))
 _RATES = (
     ("nvlink_bps", ("nvlink_tx_bytes", "nvlink_rx_bytes")),
@@ -200,7 +202,10 @@ def window_features(sums: dict[str, float], device_count: int, node_count: int, 
                     window_s: float) -> dict[str, float | None]:
     f: dict[str, float | None] = {}
     for name, field_ in _MEAN_FIELDS:
-        f[f"mean_{name}"], f[f"std_{name}"] = _mean_std(sums, field_)
+        mean, std = _mean_std(sums, field_)
+        if field_ in _PERCENT_FIELDS and mean is not None and std is not None:
+            mean, std = mean / 100.0, std / 100.0
+        f[f"mean_{name}"], f[f"std_{name}"] = mean, std
     for name, field_ in _SYNC:
         prof = _profile(sums, field_)
         f[f"sync_devices_{name}"] = _synchrony(sums, field_, "dev", prof)

@@ -3,8 +3,10 @@
 - Simulated data, leave-one-source-out: each fold holds out whole `source_family` groups (one family at a time
   when there are few, else GroupKFold over families), trains on the rest, and scores the held-out histories
   twice: as sent (full DCGM where the node had it) and as an nvidia-smi-only provider would have sent them.
-- Real data: the MIGProfiler A100 runs, never trained on, scored by a model trained on all simulated data; and a
-  cross-hardware check inside MIGProfiler (train on the A100-80GB runs, score the A100-40GB runs, and back).
+- Real data: the MIGProfiler A100 runs, never trained on, scored by a model trained on all simulated data; the
+  same simulated data seen only through the fields the traces carry (what a sim-trained model would say without
+  the guard); and checks inside MIGProfiler that hold out one A100 variant at a time (a refit classifier, and
+  whether any run-level signal - GRACT level, GRACT spread, FB occupancy - transfers across the two sources).
 
 Every figure comes with n, coverage (share of confident calls), the uncertain share, Brier score and a
 reliability table. "Positive" means a confident `training` band: an uncertain verdict is *not* a catch, so
@@ -17,9 +19,10 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from detectors.classifier import GbmWorkloadClassifier
+from detectors.classifier import GbmWorkloadClassifier, TierModel
 from pipeline.model_train import Dataset, build_model
 
 RELIABILITY_BINS = 10
@@ -157,6 +160,61 @@ def migprofiler_cross_hardware(mig: Dataset, params: dict[str, Any] | None = Non
     return out
 
 
+def migprofiler_sim_real_fields(model: GbmWorkloadClassifier, sim: Dataset, mig: Dataset,
+                                params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Simulated data seen only through the columns the real traces fill (GRACT, FB used, scale, duration), fitted
+    and calibrated like a tier and scored on the real runs without the no-utilisation/power guard: what the
+    simulator teaches about such traces."""
+    f = model.featurizer_
+    Xm = f.transform(mig.histories)
+    keep = (~np.isnan(Xm)).any(axis=0)
+    Xs = f.transform(sim.histories)
+    gract = f.feature_names_out_.index("mean_gr_engine__mean")
+    rows = ~np.isnan(Xs[:, gract])  # histories whose provider sent GRACT (the full-tier rows)
+    tier_params = {k: v for k, v in (params or {}).items() if k in TierModel().get_params()}
+    tm = TierModel(**tier_params).fit(Xs[rows][:, keep], sim.y[rows], sim.groups[rows])
+    p = tm.predict_proba(Xm[:, keep])
+    res = score_block(mig.y, p, tm.band(p).astype(str), mig.archetypes)
+    res["columns"] = [c for c, k in zip(f.feature_names_out_, keep, strict=True) if k]
+    res["bands"] = {"t_low": round(float(tm.t_low_), 4), "t_high": round(float(tm.t_high_), 4)}
+    return res
+
+
+#: Run-level signals the MIGProfiler traces carry (featurizer columns: whole-run means of per-window features).
+RUN_SIGNALS = {"fb_occupancy": "mean_fb_used__mean", "gract_level": "mean_gr_engine__mean",
+               "gract_spread": "std_gr_engine__mean"}
+
+
+def migprofiler_signal_transfer(model: GbmWorkloadClassifier, mig: Dataset, max_fpr: float = 0.05) -> dict[str, Any]:
+    """Is there a signal in GRACT + FB that transfers between the two MIGProfiler sources? Per held-out A100
+    variant: each run-level signal (and a logistic regression on all of them) gets its direction and threshold
+    from the other variant (threshold = the score its inference runs exceed at most `max_fpr` of the time), then
+    recall and FPR on the held-out variant, with the held-out AUC (direction fixed by the other variant)."""
+    names = model.featurizer_.feature_names_out_
+    Z = model.featurizer_.transform(mig.histories)[:, [names.index(c) for c in RUN_SIGNALS.values()]]
+    hw = np.array(["80g" if "80g" in a else "40g" for a in mig.archetypes])
+    out: dict[str, Any] = {}
+    for held in ("80g", "40g"):
+        tr, te = (hw != held) & ~np.isnan(Z).any(axis=1), (hw == held) & ~np.isnan(Z).any(axis=1)
+        ytr, yte = mig.y[tr], mig.y[te]
+        scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for j, name in enumerate(RUN_SIGNALS):
+            sign = 1.0 if roc_auc_score(ytr, Z[tr, j]) >= 0.5 else -1.0
+            scores[name] = (sign * Z[tr, j], sign * Z[te, j])
+        mu, sd = Z[tr].mean(axis=0), Z[tr].std(axis=0) + 1e-12
+        lr = LogisticRegression().fit((Z[tr] - mu) / sd, ytr)
+        scores["logistic_all"] = (lr.decision_function((Z[tr] - mu) / sd), lr.decision_function((Z[te] - mu) / sd))
+        block: dict[str, Any] = {"n": int(te.sum()), "positives": int(yte.sum())}
+        for name, (s_tr, s_te) in scores.items():
+            neg = np.sort(s_tr[ytr == 0])
+            t = neg[min(len(neg) - 1, int(np.ceil((1.0 - max_fpr) * len(neg))) - 1)]
+            block[name] = {"recall": round(float((s_te[yte == 1] > t).mean()), 4),
+                           "fpr": round(float((s_te[yte == 0] > t).mean()), 4),
+                           "auc": round(float(roc_auc_score(yte, s_te)), 4)}
+        out[f"held_out_A100_{held}"] = block
+    return out
+
+
 def summary_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(label, block) pairs for the printed table."""
     rows: list[tuple[str, dict[str, Any]]] = []
@@ -166,6 +224,8 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             rows.append((f"sim LOSO {key}", sim[key]))
     mig = results.get("migprofiler") or {}
     for key, block in mig.items():
+        if key == "signal_transfer":
+            continue  # not verdicts: printed as its own table
         if isinstance(block, dict) and block.get("n"):
             rows.append((f"MIGProfiler {key}", block))
         elif isinstance(block, dict):
@@ -187,6 +247,15 @@ def format_table(results: dict[str, Any]) -> str:
         c = b["confident"]
         lines.append(f"{label:44} {b['n']:>6} {f(c['precision'])} {f(c['recall'])} {f(c['f1'])} {f(c['fpr'])} "
                      f"{f(b['uncertain_share'])} {f(b['coverage'])} {f(b['brier'])} {f(b.get('auc'))}")
+    transfer = (results.get("migprofiler") or {}).get("signal_transfer") or {}
+    if transfer:
+        lines.append("")
+        lines.append("MIGProfiler run-level signals, threshold at <= 5 % FPR on the other A100 variant: "
+                     "recall / FPR / AUC on the held-out one")
+        for held, block in transfer.items():
+            cells = [f"{k} {v['recall']:.2f}/{v['fpr']:.2f}/{v['auc']:.2f}" for k, v in block.items()
+                     if isinstance(v, dict)]
+            lines.append(f"  {held:20} " + "  ".join(cells))
     sim = results.get("simulated") or {}
     for key in ("full_dcgm", "smi_only"):
         per = (sim.get(key) or {}).get("per_archetype") or {}

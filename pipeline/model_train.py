@@ -44,7 +44,8 @@ HISTORIES_PER_WORKLOAD = 8
 MIGPROFILER_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "migprofiler_a100"
 #: Training parameters of the shipped model (few minutes on 2 cores).
 DEFAULT_PARAMS: dict[str, Any] = {
-    "history_k": 5,
+    "history_k": 16,
+    "derived": True,
     "max_iter": 150,
     "learning_rate": 0.08,
     "max_leaf_nodes": 15,
@@ -58,7 +59,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
 #: The eval scenario at this scale: ~260 workloads over 12 h, ~7M samples.
 TRAIN_SCENARIO: dict[str, Any] = {"scale": 3.0}
 MODEL_ID = "trainwatch-workload-gbm"
-MODEL_VERSION = "2"
+MODEL_VERSION = "3"
 #: Fields written as whole numbers by the simulator's line writer (MiB, MHz, bytes, mJ).
 _INT_FIELDS = frozenset(("fb_used_mib", "fb_free_mib", "sm_clock_mhz", "mem_clock_mhz", "pcie_tx_bytes",
                          "pcie_rx_bytes", "nvlink_tx_bytes", "nvlink_rx_bytes", "net_tx_bytes", "net_rx_bytes",

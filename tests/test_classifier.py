@@ -70,6 +70,7 @@ def test_featurizer_statistics_over_history():
     assert x["tensor_active_mean__std"] == pytest.approx(np.std([0.2, 0.4, 0.6]))
     assert x["tensor_active_mean__trend"] == pytest.approx(0.2)  # per window
     assert x["tensor_active_mean__last"] == pytest.approx(0.6)  # last *present* value, never a filled zero
+    assert x["tensor_active_mean__max"] == pytest.approx(0.6) and x["tensor_active_mean__min"] == pytest.approx(0.2)
     assert x["scale_devices"] == 8 and x["history_windows"] == 4
     assert x["duration_log_s"] == pytest.approx(math.log10(1 + 240.0))
 
@@ -81,6 +82,56 @@ def test_featurizer_missing_stays_missing_and_history_is_cut_to_k():
     assert x["tensor_active_mean__mean"] == pytest.approx(8.0)  # windows 7, 8, 9 only
     assert all(math.isnan(x[f"gpu_util_mean__{s}"]) for s in STATS)
     assert x["duration_log_s"] == pytest.approx(math.log10(1 + 600.0))  # duration spans the whole history
+
+
+def test_derived_ratios_follow_their_parts():
+    feats = [{"mean_tensor": 0.3, "mean_gr_engine": 0.6, "mean_power": 0.5, "mean_gpu_util": 0.01},
+             {"mean_tensor": 0.1, "mean_gr_engine": 0.005, "mean_power": 0.4, "mean_gpu_util": 0.8},
+             {"mean_tensor": None, "mean_gr_engine": 0.5, "mean_power": 0.6, "mean_gpu_util": 0.6}]
+    hist = [_window(i, f) for i, f in enumerate(feats)]
+    f = HistoryFeaturizer(history_k=5).fit([hist])
+    assert "tensor_per_gr_engine" in f.window_features_ and "fb_used_cv" not in f.window_features_  # parts absent
+    m = f.window_matrix(hist)
+    col = {n: m[:, i] for i, n in enumerate(f.window_features_)}
+    assert col["tensor_per_gr_engine"][0] == pytest.approx(0.5)
+    assert math.isnan(col["tensor_per_gr_engine"][1])  # an idle engine has no ratio, not a huge one
+    assert math.isnan(col["tensor_per_gr_engine"][2])  # a missing part stays missing
+    assert math.isnan(col["power_per_util"][0]) and col["power_per_util"][2] == pytest.approx(1.0)
+    assert feature_tier("tensor_per_gr_engine") == "dcgm"  # built from profiling fields: never in the smi tier
+    assert feature_tier("fb_used_cv") == feature_tier("power_per_util") == "smi"
+    assert HistoryFeaturizer(history_k=5, derived=False).fit([hist]).derived_ == {}
+
+
+def test_hiding_a_metric_hides_the_ratios_built_from_it():
+    rng = np.random.default_rng(0)
+    H = [[_window(i, {"mean_tensor": float(rng.random()), "mean_gr_engine": 0.5 + 0.1 * float(rng.random()),
+                      "mean_dram": 0.3, "mean_gpu_util": 0.7}) for i in range(3)] for _ in range(60)]
+    y = np.arange(60) % 2
+    model = GbmWorkloadClassifier(max_iter=5, min_samples_leaf=5, cv_folds=2).fit(H, y, np.arange(60) % 3)
+    f = model.featurizer_
+    X = f.transform(H)
+    masked = model._mask_random_metrics(X, np.random.default_rng(1))
+    names = f.feature_names_out_
+    tensor, gract = names.index("mean_tensor__mean"), names.index("mean_gr_engine__mean")
+    ratio = names.index("tensor_per_gr_engine__mean")
+    hidden = np.isnan(masked[:, tensor]) | np.isnan(masked[:, gract])
+    assert hidden.any() and (~hidden).any()
+    assert np.isnan(masked[hidden, ratio]).all()
+
+
+def test_bands_never_contradict_their_probability():
+    """1000 clear positives beside a small cluster that is training 1 time in 3: the cumulative precision of
+    P >= 1/3 still beats the target, but a history with P = 1/3 is no confident training call."""
+    from detectors.classifier import TierModel
+
+    x = np.concatenate([np.ones(1000), np.full(30, 0.5), np.zeros(1000)])[:, None]
+    y = np.concatenate([np.ones(1000), (np.arange(30) % 3 == 0).astype(float), np.zeros(1000)]).astype(int)
+    tm = TierModel(max_iter=10, min_samples_leaf=5, cv_folds=2).fit(x, y, np.arange(len(y)) % 4)
+    p_mid = tm.predict_proba(np.array([[0.5]]))
+    assert 0.2 < p_mid[0] < 0.5
+    assert tm.t_high_ >= 0.5 >= tm.t_low_
+    assert tm.band(p_mid)[0] != "training"  # more likely not training, so never called training
+    assert tm.band(tm.predict_proba(np.array([[1.0], [0.0]]))).tolist() == ["training", "not_training"]
 
 
 def test_feature_tiers_by_name():
@@ -240,3 +291,33 @@ def test_load_classifier_packaged_rule_and_errors(tmp_path):
         load_classifier(tmp_path / "nowhere", policy)  # never a silent fall back to the rule
     with pytest.raises(ArtifactError):
         load_classifier(tmp_path, policy)
+
+
+def test_migprofiler_signal_transfer_keeps_direction_from_the_other_source():
+    """A signal that points the same way on both hardware variants transfers; one that flips does not."""
+    from types import SimpleNamespace
+
+    from pipeline.model_eval import migprofiler_signal_transfer
+    from pipeline.model_train import Dataset
+
+    rng = np.random.default_rng(5)
+    H, y, arch = [], [], []
+    for hw in ("80g", "40g"):
+        for k in range(80):
+            train = k % 4 == 0
+            flip = 1.0 if (hw == "80g") == train else -1.0  # GRACT spread: higher for training on one variant only
+            # the same spread of inference FB on both variants, so a threshold at 5 % FPR on one is one on the other
+            feats = {"mean_fb_used": 0.06 + 0.001 * float(rng.standard_normal()) if train else 0.02 + 0.0001 * k,
+                     "mean_gr_engine": 0.8 + 0.05 * float(rng.standard_normal()),
+                     "std_gr_engine": 0.05 + 0.02 * flip + 0.002 * float(rng.standard_normal())}
+            H.append([_window(i, feats, devices=1) for i in range(3)])
+            y.append(int(train))
+            arch.append(("train_" if train else "infer_") + hw)
+    ds = Dataset(H, np.array(y), np.array(["mig"] * len(y)), np.array(arch), np.array(arch), "x")
+    model = SimpleNamespace(featurizer_=HistoryFeaturizer(history_k=16).fit(H))
+    res = migprofiler_signal_transfer(model, ds)
+    for held in ("held_out_A100_80g", "held_out_A100_40g"):
+        block = res[held]
+        assert block["n"] == 80 and block["positives"] == 20
+        assert block["fb_occupancy"]["recall"] == 1.0 and block["fb_occupancy"]["fpr"] <= 0.05
+        assert block["gract_spread"]["auc"] < 0.1  # direction learnt on the other variant is backwards here

@@ -87,3 +87,29 @@ def test_corrections_merge_into_the_same_window() -> None:
     assert sorted(p.revision for p in first)[0] == 0 and max(p.revision for p in first) > 0
     ww = merge_partials(first)
     assert ww.sample_count == 8 * 12 and ww.device_seconds == pytest.approx(8 * 60)
+
+
+def _hand_window(sums: dict[str, float]) -> WindowAggregate:
+    return WindowAggregate(window_id="w-0", workload_id="wl", window_start=T0, window_end=T0 + 60.0, sample_count=6,
+                           device_count=1, node_count=1, devices=["GPU-0"], nodes=["n-0"], device_seconds=60.0,
+                           flop=0.0, flop_low=0.0, flop_high=0.0, basis="utilisation_power", sums=sums)
+
+
+def _weighted(name: str, values: list[float], interval: float) -> dict[str, float]:
+    """The additive sums ingest sends for one metric: time-weighted sum, sum of squares, seconds, sample count."""
+    return {f"{name}.sum": sum(v * interval for v in values), f"{name}.sumsq": sum(v * v * interval for v in values),
+            f"{name}.n": interval * len(values), f"{name}.count": float(len(values))}
+
+
+def test_mem_copy_util_is_a_fraction_like_the_other_utilisations() -> None:
+    # DCGM's MEM_COPY_UTIL and nvidia-smi's utilisation arrive in percent; gpu_util is already a fraction
+    # (ingest derives util_frac), mem_copy_util must become one where the feature is computed.
+    copy_pct = [20.0, 40.0, 60.0, 20.0, 40.0, 60.0]
+    util_frac = [0.5, 0.7, 0.9, 0.5, 0.7, 0.9]
+    ww = merge_partials([_hand_window({**_weighted("mem_copy_util", copy_pct, 10.0),
+                                       **_weighted("util_frac", util_frac, 10.0), "samples": 6.0})])
+    f = ww.features
+    assert f["mean_mem_copy_util"] == pytest.approx(0.40)
+    assert f["std_mem_copy_util"] == pytest.approx(0.163299, rel=1e-4)  # population std of 0.2/0.4/0.6
+    assert f["mean_gpu_util"] == pytest.approx(0.70)
+    assert 0.0 <= f["mean_mem_copy_util"] <= 1.0 and f["std_tensor"] is None  # absent stays None, never 0

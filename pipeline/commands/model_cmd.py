@@ -9,8 +9,16 @@ from typing import Any
 import typer
 
 from detectors.model_artifact import load_artifact
-from pipeline.model_eval import format_table, loso_simulated, migprofiler_cross_hardware, score_dataset
+from pipeline.model_eval import (
+    format_table,
+    loso_simulated,
+    migprofiler_cross_hardware,
+    migprofiler_signal_transfer,
+    migprofiler_sim_real_fields,
+    score_dataset,
+)
 from pipeline.model_train import (
+    DEFAULT_PARAMS,
     MIGPROFILER_DIR,
     TRAIN_SCENARIO,
     dataset_summary,
@@ -55,7 +63,9 @@ def run_evaluation(scenario_scale: float, seed: int, mig_dir: Path, model_dir: P
     model = train_model(ds) if model_dir is None else load_artifact(model_dir)[0]
     results["migprofiler"] = {
         "sim_trained": score_dataset(model, mig),
+        "sim_trained_real_fields_no_guard": migprofiler_sim_real_fields(model, ds, mig, DEFAULT_PARAMS),
         "cross_hardware": migprofiler_cross_hardware(mig),
+        "signal_transfer": migprofiler_signal_transfer(model, mig),
     }
     return results
 
