@@ -17,7 +17,7 @@ from detectors.compute_threshold import crossing
 from detectors.fields import field_of as _g
 from detectors.fields import finite_or_zero as _num
 from detectors.foreign_person import ForeignDetermination, determine
-from detectors.owner_aggregate import OwnerAggregator, contribution, retraction
+from detectors.owner_aggregate import OwnerAggregator, contribution, membership, retraction
 from detectors.reservation_potential import reservation_potential
 from detectors.runs import RunStitcher, footprint_of
 from detectors.state import HISTORY_K, SOURCE_WINDOWS_K, AccountState, OwnerState, RunState
@@ -56,6 +56,9 @@ class DetectEngine:
         #: True: owner contributions are queued in `owner_outbox` for an aggregator elsewhere, not applied here.
         self.external_owners = False
         self.owner_outbox: list[dict[str, Any]] = []
+        #: account -> every owner its CIPs have named as a foreign owner here: a removal can be re-sent after a crash.
+        self.named_owners: dict[str, list[str]] = {}
+        self._owner_index: dict[str, list[str]] | None = None  # owner -> accounts its current CIP names (a cache)
 
     @property
     def owners(self) -> dict[str, OwnerState]:
@@ -130,8 +133,12 @@ class DetectEngine:
             acct.foreign_since = None
         elif not before.is_foreign:
             acct.foreign_since = cip.updated_at  # the provider could not know before this record
+        self._owner_index = None
+        if after.foreign_owners:
+            self.named_owners[aid] = sorted({*self.named_owners.get(aid, []), *after.foreign_owners})
         if self.external_owners:  # the owners this account counted for are those its previous record named
             self.owner_outbox += [retraction(o, aid) for o in before.foreign_owners if o not in after.foreign_owners]
+            self.owner_outbox += [membership(o, aid) for o in after.foreign_owners if o not in before.foreign_owners]
         for oid in [o for o, st in self.owners.items() if aid in st.accounts and o not in after.foreign_owners]:
             self.owner_agg.apply(retraction(oid, aid))
         out = self._run(self._ctx(aid), cip)
@@ -245,17 +252,7 @@ class DetectEngine:
         """This run's latest figures as a contribution to each foreign owner's sum (OwnerAggregator): applied here,
         or queued in `owner_outbox` when the owners live elsewhere (`external_owners`, the faust app)."""
         out: list[Detection] = []
-        acct = self._account(aid)
-        rec = self.stitcher.runs.get(run.run_id)
-        det = self.determination(aid)
-        for oid in det.foreign_owners:
-            entry = {"account_id": aid, "used": run.used, "used_low": run.used_low, "used_high": run.used_high,
-                     "rate": run.rate, "t": run.last_end, "reserved_until": acct.reserved_until,
-                     "own_case": run.own_case, "band": (run.verdict or {}).get("band", "uncertain"),
-                     "workloads": list(rec.workloads) if rec else [], "run": run.describe(),
-                     "basis": dict(run.basis)}
-            c = contribution(oid, aid, run.run_id, entry, t=end, start=start, foreign_since=acct.foreign_since,
-                             determination=det.to_dict(), cip_notes=list(acct.cip_notes))
+        for c in self._contributions(aid, run, end, start):
             if self.external_owners:
                 self.owner_outbox.append(c)
                 continue
@@ -263,6 +260,54 @@ class DetectEngine:
                 if d.detection_id not in self.emitted:
                     self.emitted[d.detection_id] = d.account_id
                     out.append(d)
+        return out
+
+    def _contributions(self, aid: str, run: RunState, end: float, start: float | None) -> list[dict[str, Any]]:
+        acct = self._account(aid)
+        rec = self.stitcher.runs.get(run.run_id)
+        det = self.determination(aid)
+        out: list[dict[str, Any]] = []
+        for oid in det.foreign_owners:
+            entry = {"account_id": aid, "used": run.used, "used_low": run.used_low, "used_high": run.used_high,
+                     "rate": run.rate, "t": run.last_end, "reserved_until": acct.reserved_until,
+                     "own_case": run.own_case, "band": (run.verdict or {}).get("band", "uncertain"),
+                     "workloads": list(rec.workloads) if rec else [], "run": run.describe(),
+                     "basis": dict(run.basis)}
+            out.append(contribution(oid, aid, run.run_id, entry, t=end, start=start, foreign_since=acct.foreign_since,
+                                    determination=det.to_dict(), cip_notes=list(acct.cip_notes)))
+        return out
+
+    def owner_accounts(self) -> dict[str, list[str]]:
+        """Owner id -> the accounts here whose current CIP names it as a foreign owner."""
+        if self._owner_index is None:
+            idx: dict[str, list[str]] = {}
+            for aid in sorted(self.cips):
+                for oid in self.determination(aid).foreign_owners:
+                    idx.setdefault(oid, []).append(aid)
+            self._owner_index = idx
+        return self._owner_index
+
+    def account_progress(self) -> dict[str, float]:
+        """Account -> the latest window end of its live runs (how far this engine has seen it in event time)."""
+        out: dict[str, float] = {}
+        for r in self.runs.values():
+            out[r.account_id] = max(out.get(r.account_id, r.last_end), r.last_end)
+        return out
+
+    def owner_snapshot(self) -> list[dict[str, Any]]:
+        """Every owner message this state implies, re-derived (an aggregator elsewhere, after a restart): a
+        membership and each live run's latest figures for the owners an account's CIP names, a retraction for
+        those it named before. All replace or are no-ops where already applied, so re-sending them is harmless and
+        covers messages lost between the checkpoint and the publish."""
+        out: list[dict[str, Any]] = []
+        current = {aid: set(self.determination(aid).foreign_owners) for aid in self.cips}
+        for aid in sorted(set(current) | set(self.named_owners)):
+            now = current.get(aid, set())
+            out += [retraction(o, aid) for o in self.named_owners.get(aid, []) if o not in now]
+            out += [membership(o, aid) for o in sorted(now)]
+            if now:
+                for run in sorted((r for r in self.runs.values() if r.account_id == aid), key=lambda r: r.run_id):
+                    out += self._contributions(aid, run, run.last_end, None)
         return out
 
     def on_time(self, event_time: float) -> list[Detection]:
@@ -291,7 +336,8 @@ class DetectEngine:
                 "accounts": {k: v.to_dict() for k, v in self.accounts.items()},
                 "cips": {k: v.model_dump(mode="json") for k, v in self.cips.items()},
                 "owners": self.owner_agg.to_dict(),
-                "emitted": dict(sorted(self.emitted.items())), "errors": dict(self.errors)}
+                "emitted": dict(sorted(self.emitted.items())), "errors": dict(self.errors),
+                "named_owners": {k: list(v) for k, v in sorted(self.named_owners.items())}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], policy: Policy, classifier: WorkloadClassifier | None = None,
@@ -306,6 +352,7 @@ class DetectEngine:
         em = d.get("emitted", {})
         e.emitted = dict(em) if isinstance(em, Mapping) else dict.fromkeys(em, "")  # a list: the older format
         e.errors.update(d.get("errors", {}))  # the aggregator shares this dict
+        e.named_owners = {k: list(v) for k, v in d.get("named_owners", {}).items()}
         return e
 
     # -- state split by account (faust: one table entry per account instead of one per partition) --------------
@@ -323,7 +370,7 @@ class DetectEngine:
             p = parts.get(aid)
             if p is None:
                 p = parts[aid] = {"account": None, "cip": None, "runs": {}, "stitched": {}, "workload_run": {},
-                                  "workload_end": {}, "stopped": {}, "emitted": []}
+                                  "workload_end": {}, "stopped": {}, "emitted": [], "named_owners": []}
             return p
 
         for aid, a in d["accounts"].items():
@@ -342,6 +389,8 @@ class DetectEngine:
                 (part(aid)[key] if aid is not None else rest[key])[wid] = v
         for did, aid in d["emitted"].items():
             part(aid)["emitted"].append(did)
+        for aid, owners in d["named_owners"].items():
+            part(aid)["named_owners"] = owners
         shared = {"window_s": d["window_s"], "watermark": d["watermark"], "errors": d["errors"],
                   "owners": d["owners"], "stitcher": {"window_s": st["window_s"], "gap_s": st["gap_s"], **rest}}
         return shared, parts
@@ -355,7 +404,8 @@ class DetectEngine:
                                                     ("workload_run", "workload_end", "stopped")}}
         d: dict[str, Any] = {"window_s": shared.get("window_s", 60.0), "watermark": shared.get("watermark", 0.0),
                              "errors": shared.get("errors", {}), "owners": shared.get("owners", {}),
-                             "stitcher": st, "runs": {}, "accounts": {}, "cips": {}, "emitted": {}}
+                             "stitcher": st, "runs": {}, "accounts": {}, "cips": {}, "emitted": {},
+                             "named_owners": {}}
         for aid, p in parts.items():
             if p.get("account") is not None:
                 d["accounts"][aid] = p["account"]
@@ -366,4 +416,6 @@ class DetectEngine:
             for key in ("workload_run", "workload_end", "stopped"):
                 st[key].update(p.get(key, {}))
             d["emitted"].update(dict.fromkeys(p.get("emitted", []), aid))
+            if p.get("named_owners"):
+                d["named_owners"][aid] = list(p["named_owners"])
         return cls.from_dict(d, policy, classifier, detectors)

@@ -11,7 +11,7 @@ so accounts of one owner on different partitions are summed all the same.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from detectors.base import DetectContext, Detector, inquiry_text
@@ -115,6 +115,38 @@ def retraction(owner_id: str, account_id: str) -> dict[str, Any]:
     return {"owner_id": owner_id, "account_id": account_id, "run_id": None}
 
 
+def membership(owner_id: str, account_id: str) -> dict[str, Any]:
+    """The account's CIP names the owner: an aggregator in event time waits for the account's partition."""
+    return {"kind": "member", "owner_id": owner_id, "account_id": account_id, "run_id": None}
+
+
+def tick(owner_id: str) -> dict[str, Any]:
+    """Processing time passed (sent by the faust app's timer): EventTimeOwners re-checks the owner's held messages."""
+    return {"kind": "tick", "owner_id": owner_id}
+
+
+def message_kind(c: Mapping[str, Any]) -> str:
+    """contribution | retract | member | mark (accounts' times on a source partition) | tick (processing time
+    passed); the last two are sent by the faust app."""
+    return c.get("kind") or ("retract" if c.get("run_id") is None else "contribution")
+
+
+def stamped(messages: list[dict[str, Any]], partition: int, reached: dict[str, float],
+            floor: float) -> list[dict[str, Any]]:
+    """Owner messages as one source partition sends them to EventTimeOwners, in the order the engine made them:
+    each with `wm`, how far its account had got in the partition's stream at that point (`reached`, account ->
+    latest window end already sent, advanced here by each contribution's `t`; floored at `floor`, the partition's
+    watermark minus the allowed lateness). Stamp each message when it is made, not with the time at the end of a
+    batch: that claim would reach the owners agent before the batch's later messages of the account."""
+    out: list[dict[str, Any]] = []
+    for c in messages:
+        aid = c["account_id"]
+        if message_kind(c) == "contribution":
+            reached[aid] = max(reached.get(aid, c["t"]), c["t"])
+        out.append({**c, "partition": partition, "wm": max(reached.get(aid, floor), floor)})
+    return out
+
+
 class OwnerAggregator:
     """Per-owner sums of contributions; the owner-aggregate detection when one first crosses. Pure, event time."""
 
@@ -128,8 +160,11 @@ class OwnerAggregator:
 
     def apply(self, c: Mapping[str, Any]) -> list[Detection]:
         """Apply one contribution or retraction; the detection when this owner's sum first crosses."""
+        kind = message_kind(c)
+        if kind not in ("contribution", "retract"):  # memberships, marks, ticks only matter to EventTimeOwners
+            return []
         oid, aid = c["owner_id"], c["account_id"]
-        if c.get("run_id") is None:
+        if kind == "retract":
             owner = self.owners.get(oid)
             if owner is not None and aid in owner.accounts:
                 owner.accounts.remove(aid)
@@ -173,3 +208,118 @@ class OwnerAggregator:
 
     def load(self, d: Mapping[str, Any]) -> None:
         self.owners = {k: OwnerState.from_dict(v) for k, v in d.items()}
+
+
+PENDING_MAX = 2000  # per owner: held contributions beyond this are applied oldest first, as they come (counted)
+#: Processing seconds after which a member account whose time has not moved stops holding the others' messages back
+#: (its partition idle, its account silent). Above the window period: a live account moves once per window.
+OWNER_IDLE_S = 120.0
+
+
+class EventTimeOwners:
+    """OwnerAggregator fed from several source partitions (the faust `owners` agent), in event time.
+
+    Every message carries its source `partition` and `wm`, the event time its account had reached in that
+    partition's stream *where the message was made* (the faust app: the account's latest window end so far, floored
+    at the partition's watermark minus the allowed lateness). A claim made at the end of a detect batch would be
+    false for the batch's own messages still on their way behind it: the owner would be decided past windows of the
+    account not yet in. A mark carries `marks`, account -> that time, for the owner's accounts on a partition, sent
+    after the batch's other messages. Per owner the member accounts (named by a CIP: memberships, contributions) are
+    waited on: contributions and retractions are held and applied in event-time order once every member's time has
+    reached them. A message's place (`at`) is its `t` (a retraction's: its `wm`), never before what its account had
+    already reached: a later revision of an older window carries the run's newer cumulative figures and must not be
+    overwritten by messages it followed. The sum then crosses in the window the in-process runner sees.
+
+    Liveness: with a processing-time clock `now`, a member whose time has not moved for `idle_s` holds nothing
+    back; the app sends `tick` messages for owners with held messages so they are released without new data.
+    """
+
+    def __init__(self, agg: OwnerAggregator, pending_max: int = PENDING_MAX, idle_s: float = OWNER_IDLE_S,
+                 now: Callable[[], float] | None = None) -> None:
+        self.agg = agg
+        self.pending_max = pending_max
+        self.idle_s = idle_s
+        #: processing time (the faust app: wall clock, as the moved times live in the `owners` table across
+        #: restarts); None: no processing time here (pure replays), every member is waited on
+        self.now = now
+        #: owner id -> {"members": {account: partition}, "marks": {account: event time},
+        #:              "moved": {account: processing time its mark last advanced}, "pending": [message]}
+        self.clocks: dict[str, dict[str, Any]] = {}
+
+    def receive(self, m: Mapping[str, Any]) -> list[Detection]:
+        oid, kind = m["owner_id"], message_kind(m)
+        if kind == "tick":  # processing time passed: idle members may no longer hold anything back
+            clock = self.clocks.get(oid)
+            return self._release(clock) if clock is not None else []
+        if "wm" not in m:  # from an app without the clock: applied as it comes
+            return self.agg.apply(m)
+        clock = self.clocks.setdefault(oid, {"members": {}, "marks": {}, "moved": {}, "pending": []})
+        moved = clock.setdefault("moved", {})  # absent in clocks written before the idle rule
+        part, wm, now = str(m["partition"]), float(m["wm"]), self.now() if self.now is not None else 0.0
+        aid = m.get("account_id")
+        if kind in ("contribution", "retract"):
+            at = max(float(m.get("t", wm)), clock["marks"].get(aid, float("-inf")))
+            clock["pending"].append({**m, "t": m.get("t", wm), "at": at})
+        for a, t in (m.get("marks") or {aid: wm}).items():
+            if float(t) > clock["marks"].get(a, float("-inf")):
+                clock["marks"][a] = float(t)
+                moved[a] = now
+        if kind in ("member", "contribution"):
+            if aid not in clock["members"]:
+                moved.setdefault(aid, now)
+            clock["members"][aid] = part
+        elif kind == "retract":
+            clock["members"].pop(aid, None)
+            clock["marks"].pop(aid, None)
+            moved.pop(aid, None)
+        return self._release(clock)
+
+    def horizon(self, clock: Mapping[str, Any]) -> float:
+        """Event time every live member account has reached (+inf without one: nothing to wait for). A member
+        idle for `idle_s` of processing time is not waited on until its time moves again."""
+        members, moved = clock["members"], clock.get("moved", {})
+        if self.now is None:
+            live = list(members)
+        else:
+            now = self.now()
+            live = [a for a in members if now - moved.get(a, now) < self.idle_s]
+        return min(clock["marks"].get(a, float("-inf")) for a in live) if live else float("inf")
+
+    def _release(self, clock: dict[str, Any]) -> list[Detection]:
+        h = self.horizon(clock)
+        # stable: arrival order among equal places (`at` is absent in messages held before it existed)
+        pending = sorted(clock["pending"], key=lambda c: c.get("at", c["t"]))
+        n_ready = sum(1 for c in pending if c.get("at", c["t"]) <= h)
+        over = len(pending) - n_ready - self.pending_max
+        if over > 0:  # a partition far behind: bound the state, fall back to arrival order for the oldest
+            n_ready += over
+            self.agg.errors["owner_pending_overflow"] = self.agg.errors.get("owner_pending_overflow", 0) + over
+        clock["pending"] = pending[n_ready:]
+        out: list[Detection] = []
+        for c in pending[:n_ready]:
+            out += self.agg.apply(c)
+        return out
+
+    def held(self, oid: str) -> bool:
+        """Whether the owner has messages waiting (the app ticks it so idle members cannot hold them forever)."""
+        clock = self.clocks.get(oid)
+        return bool(clock and clock["pending"])
+
+    def owner_to_dict(self, oid: str) -> dict[str, Any] | None:
+        owner, clock = self.agg.owners.get(oid), self.clocks.get(oid)
+        if owner is None and clock is None:
+            return None
+        return {"owner": owner.to_dict() if owner is not None else None, "clock": clock}
+
+    def load_owner(self, oid: str, d: Mapping[str, Any]) -> None:
+        if "clock" not in d:  # an OwnerState alone (written before the event-time clock)
+            self.agg.owners[oid] = OwnerState.from_dict(d)
+            return
+        if d.get("owner") is not None:
+            self.agg.owners[oid] = OwnerState.from_dict(d["owner"])
+        if d.get("clock") is not None:
+            self.clocks[oid] = d["clock"]
+
+    def clear(self) -> None:
+        self.agg.owners.clear()
+        self.clocks.clear()

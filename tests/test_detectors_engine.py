@@ -6,7 +6,15 @@ import orjson
 import pytest
 
 from detectors.engine import DetectEngine
-from detectors.owner_aggregate import OwnerAggregate, OwnerAggregator, retraction
+from detectors.owner_aggregate import (
+    EventTimeOwners,
+    OwnerAggregate,
+    OwnerAggregator,
+    membership,
+    retraction,
+    stamped,
+    tick,
+)
 from detectors.state import RUN_IDS_K
 from schemas.detection import Detection
 from tests.detector_builders import INFERENCE, SMI_ONLY, T0, TRAINING, W, alloc, cip, demo, owner, window, with_foreign
@@ -148,6 +156,170 @@ def test_owner_contributions_from_separate_engines_give_the_in_process_detection
     agg.apply(eng_a.owner_outbox[0])
     assert agg.owners["own-x"].accounts == ["acct-b"]
     assert {r["account_id"] for r in agg.owners["own-x"].runs.values()} == {"acct-b"}
+
+
+def _partition_engine(accts: tuple[str, ...], owners: list | None = None) -> DetectEngine:
+    eng = DetectEngine(demo())
+    eng.external_owners = True
+    for a in accts:
+        eng.on_cip(cip(a, us_person=True, country="US", owners=owners or [owner("own-x", 50.0)]))
+    return eng
+
+
+def _drain(eng: DetectEngine, part: int) -> list[dict]:
+    """The outbox as the faust app sends it: plain data, with the partition and its watermark (after the batch)."""
+    out = [orjson.loads(orjson.dumps({**c, "partition": part, "wm": eng.watermark})) for c in eng.owner_outbox]
+    eng.owner_outbox.clear()
+    return out
+
+
+def test_owner_crossing_in_event_time_whatever_the_partitions_interleaving():
+    """Partition A's windows all arrive before partition B's: summed as they come, the owner would cross at B's first
+    window (A's 9 windows plus 1 of B's); held until both partitions' watermarks pass them, it crosses where the
+    in-process runner (one stream, in event time) sees it: at the end of the 5th window."""
+    ws = [window(f"wl-{a[-1]}", a, i, flop=1e17) for i in range(9) for a in ("acct-a", "acct-b")]
+    ref = DetectEngine(demo())
+    for a in ("acct-a", "acct-b"):
+        ref.on_cip(cip(a, us_person=True, country="US", owners=[owner("own-x", 50.0)]))
+    (expected,) = by(feed(ref, ws), "owner_aggregate")
+
+    parts = {"acct-a": _partition_engine(("acct-a",)), "acct-b": _partition_engine(("acct-b",))}
+    pno = {"acct-a": 0, "acct-b": 1}
+    msgs = [m for a, eng in parts.items() for m in _drain(eng, pno[a])]  # the memberships (CIP first)
+    assert [(m["kind"], m["account_id"]) for m in msgs] == [("member", "acct-a"), ("member", "acct-b")]
+    for a in ("acct-a", "acct-b"):  # skewed: one batch per window, all of A's before any of B's
+        for w in (w for w in ws if w.account_id == a):
+            parts[a].on_window(w)
+            msgs += _drain(parts[a], pno[a])
+
+    naive = OwnerAggregator(demo(), detector=OwnerAggregate())
+    (arrival,) = [d for m in msgs for d in naive.apply(m)]
+    assert expected.event_time == pytest.approx(T0 + 5 * W)
+    assert arrival.event_time == pytest.approx(T0 + W)  # arrival order: the gap this clock closes
+
+    timed = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()))
+    got: list[Detection] = []
+    for m in msgs:
+        got += timed.receive(m)
+        if m["partition"] == 0:
+            assert got == []  # A alone runs ahead: nothing is decided past B's watermark
+    assert got == [expected]
+    # Through plain data (the faust table) and a replay of everything: nothing new.
+    again = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()))
+    again.load_owner("own-x", orjson.loads(orjson.dumps(timed.owner_to_dict("own-x"))))
+    assert [d for m in msgs for d in again.receive(m)] == []
+    assert again.owner_to_dict("own-x")["owner"] == timed.owner_to_dict("own-x")["owner"]
+
+
+def _batch(eng: DetectEngine, part: int, ws: list, reached: dict[str, float]) -> list[dict]:
+    """One detect batch of a partition, its owner messages stamped as the faust app does (`stamped`)."""
+    for w in ws:
+        eng.on_window(w)
+    out = stamped(eng.owner_outbox, part, reached, floor=T0 - 3600.0)
+    eng.owner_outbox.clear()
+    return orjson.loads(orjson.dumps(out))
+
+
+def test_owner_time_is_claimed_where_each_message_was_made_not_at_the_batch_end():
+    """Partition A sends its 9 windows first; then partition B sends its 9 in ONE batch. Were B's messages stamped
+    with B's time at the batch end (T0 + 9 W), its first one would let the owners agent apply all of A's, and the
+    sum would cross on A's 9th window (the 60 s-late Kafka case). Stamped where made, each of B's messages lets
+    only A's windows up to its own through: the in-process crossing (end of the 5th window)."""
+    ws = [window(f"wl-{a[-1]}", a, i, flop=1e17) for i in range(9) for a in ("acct-a", "acct-b")]
+    ref = DetectEngine(demo())
+    for a in ("acct-a", "acct-b"):
+        ref.on_cip(cip(a, us_person=True, country="US", owners=[owner("own-x", 50.0)]))
+    (expected,) = by(feed(ref, ws), "owner_aggregate")
+
+    parts = {"acct-a": _partition_engine(("acct-a",)), "acct-b": _partition_engine(("acct-b",))}
+    reached: dict[int, dict[str, float]] = {0: {}, 1: {}}
+    msgs = _batch(parts["acct-a"], 0, [], reached[0]) + _batch(parts["acct-b"], 1, [], reached[1])
+    msgs += _batch(parts["acct-a"], 0, [w for w in ws if w.account_id == "acct-a"], reached[0])
+    msgs += _batch(parts["acct-b"], 1, [w for w in ws if w.account_id == "acct-b"], reached[1])
+    b_claims = [m["wm"] for m in msgs if m["partition"] == 1 and m.get("kind") != "member"]
+    assert b_claims == sorted(b_claims) and b_claims[0] < b_claims[-1]  # not one batch-end time
+
+    timed = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()))
+    assert [d for m in msgs for d in timed.receive(m)] == [expected]
+
+    at_batch_end = [{**m, "wm": max(b_claims)} if m["partition"] == 1 and m.get("kind") != "member" else m
+                    for m in msgs]
+    late = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()))
+    (wrong,) = [d for m in at_batch_end for d in late.receive(m)]
+    assert wrong.event_time > expected.event_time + W  # the cause of the gap, shown
+
+
+def test_idle_member_stops_holding_the_others_back_after_owner_idle_s():
+    """acct-b's partition goes silent after one window. acct-a's windows are held (acct-b could still send earlier
+    ones) until acct-b has not moved for idle_s of processing time; then a tick releases them and the owner
+    crosses. When acct-b moves again it is waited on again."""
+    clock = [1000.0]
+    timed = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()), idle_s=30.0, now=lambda: clock[0])
+    eng_a, eng_b = _partition_engine(("acct-a",)), _partition_engine(("acct-b",))
+    reached: dict[int, dict[str, float]] = {0: {}, 1: {}}
+    got: list[Detection] = []
+    for m in _batch(eng_b, 1, [window("wl-b", "acct-b", 0, flop=1e17)], reached[1]):
+        got += timed.receive(m)
+    for i in range(10):
+        clock[0] += 2.0
+        for m in _batch(eng_a, 0, [window("wl-a", "acct-a", i, flop=1e17)], reached[0]):
+            got += timed.receive(m)
+    assert got == [] and len(timed.clocks["own-x"]["pending"]) == 9  # all of A's after B's one window: held
+    assert timed.held("own-x")
+    clock[0] = 1000.0 + 29.0
+    assert timed.receive(tick("own-x")) == []  # not idle yet
+    clock[0] = 1000.0 + 31.0
+    (det,) = timed.receive(tick("own-x"))  # B idle: A's held windows are applied, the owner crosses
+    assert by([det], "owner_aggregate") == [det] and det.beneficial_owner_id == "own-x"
+    assert not timed.held("own-x")
+    # B moves again: live again, A's newer windows wait for it.
+    for m in _batch(eng_b, 1, [window("wl-b", "acct-b", 1, flop=1e17)], reached[1]):
+        timed.receive(m)
+    for m in _batch(eng_a, 0, [window("wl-a", "acct-a", 10, flop=1e17)], reached[0]):
+        timed.receive(m)
+    assert [c["account_id"] for c in timed.clocks["own-x"]["pending"]] == ["acct-a"]
+
+
+def test_owner_removal_lost_in_a_crash_is_re_derived_from_the_restored_state():
+    """A CIP stops naming the owner; the engine checkpoint holds it but the retraction was never sent (crash). The
+    replayed CIP is a no-op, yet the restored engine's owner_snapshot re-sends the retraction (and re-sending the
+    snapshot again changes nothing)."""
+    eng_a, eng_b = _partition_engine(("acct-a",)), _partition_engine(("acct-b",))
+    agg = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()))
+    for i in range(3):
+        for p, (a, eng) in enumerate((("acct-a", eng_a), ("acct-b", eng_b))):
+            eng.on_window(window(f"wl-{a[-1]}", a, i, flop=1e17))
+            for m in _drain(eng, p):
+                agg.receive(m)
+    assert agg.clocks["own-x"]["members"] == {"acct-a": "0", "acct-b": "1"}
+    removal = cip("acct-a", us_person=True, country="US", owners=[], updated_at=T0 + 10 * W)
+    eng_a.on_cip(removal)
+    assert eng_a.owner_outbox == [retraction("own-x", "acct-a")]
+    shared, parts = orjson.loads(orjson.dumps(eng_a.split()))  # checkpoint written; the outbox is lost
+    eng_a = DetectEngine.from_split(shared, parts, demo())
+    eng_a.external_owners = True
+    assert eng_a.on_cip(removal) == [] and eng_a.owner_outbox == []  # the replay alone re-sends nothing
+    assert "acct-a" in agg.agg.owners["own-x"].accounts
+    snap = eng_a.owner_snapshot()
+    assert retraction("own-x", "acct-a") in snap
+    eng_a.owner_outbox += snap
+    sent = _drain(eng_a, 0)
+    for m in sent:
+        agg.receive(m)
+    for m in _drain(eng_b, 1) or [{"kind": "mark", "owner_id": "own-x", "partition": 1, "wm": eng_b.watermark,
+                                     "marks": {"acct-b": eng_b.watermark}}]:
+        agg.receive(m)
+    assert agg.agg.owners["own-x"].accounts == ["acct-b"]
+    assert {r["account_id"] for r in agg.agg.owners["own-x"].runs.values()} == {"acct-b"}
+    assert agg.clocks["own-x"]["members"] == {"acct-b": "1"}
+    before = agg.owner_to_dict("own-x")
+    for m in sent:  # idempotent: a second restart re-sends the same
+        agg.receive(m)
+    assert agg.owner_to_dict("own-x") == before
+    # An account that still names its owner re-sends its membership and each live run's latest figures.
+    snap_b = eng_b.owner_snapshot()
+    assert snap_b[0] == membership("own-x", "acct-b")
+    assert [(c["run_id"], c["entry"]["used"]) for c in snap_b[1:]] == [(r.run_id, r.used) for r in eng_b.runs.values()]
 
 
 def test_owner_below_min_pct_is_not_aggregated():

@@ -230,7 +230,8 @@ def test_owner_accounts_on_different_partitions_are_summed(tmp_path: Path, kafka
     (want,) = owner_case(expected)
     (have,) = owner_case(got)  # absent when only each partition's own accounts were summed
     assert have[:4] == want[:4], tail
-    # Which account's window tips the sum follows the arrival order across partitions, so the crossing time may
-    # differ from the in-process one; it stays inside the demo's split run (T0 + 40 min .. T0 + 2 h).
-    assert 1_740_960_000.0 + 40 * 60 <= have[4] <= 1_740_960_000.0 + 2 * 3600, have
+    # The owners agent decides in event time (contributions held until every member partition's watermark has
+    # passed them), so the knowledge time is the in-process one, to within one window (60 s).
+    print("owner case knowledge_at: kafka", have[4], "in process", want[4])
+    assert abs(have[4] - want[4]) <= 60.0, (have, want)
     assert got - {have} == expected - {want}, tail

@@ -8,8 +8,11 @@
   committed offset never runs ahead of the state; the state may run ahead of the offset, and replaying a window
   into an engine that has seen it is a no-op (the engine replaces a workload-window; detection ids are deduped).
 - Owners are summed by their own agent: each partition's engine queues per-owner contributions (a run's latest
-  cumulative figures) that go to a repartition topic keyed by owner; the `owners` agent applies them with
-  OwnerAggregator (table `owners`, key = owner id), so an owner's accounts on different partitions are summed.
+  cumulative figures), memberships and retractions that go, each with its account's event time where it was made
+  (`stamped`), to a repartition topic keyed by owner (plus marks after each batch, and ticks for held owners); the
+  `owners` agent applies them in event time with EventTimeOwners (table `owners`, key = owner id), so an owner's
+  accounts on different partitions are summed as in process.
+  A restored engine re-sends everything its state implies (`owner_snapshot`): a publish lost in a crash is re-sent.
 - Detections go to `topics.detections` keyed by account. A second agent applies them with CaseService (the store
   is the truth, ids are deterministic) and publishes the case feed.
 - A timer runs the deadline monitor at the event-time watermark.
@@ -23,7 +26,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,14 +36,14 @@ from confluent_kafka import Consumer, TopicPartition
 from detectors import registry
 from detectors.classifier_base import WorkloadClassifier
 from detectors.engine import DetectEngine
-from detectors.owner_aggregate import OwnerAggregator
-from detectors.state import OwnerState
+from detectors.owner_aggregate import OWNER_IDLE_S, EventTimeOwners, OwnerAggregator, stamped, tick
 from detectors.windows import merge_partials
 from pipeline.cases.feed import CaseFeedMessage, feed_messages
 from pipeline.cases.service import CaseService
 from pipeline.classifier_loader import load_classifier
 from pipeline.detect.security import faust_credentials
 from pipeline.detect.stage import DetectStage
+from pipeline.detect.topics import owners_topic
 from pipeline.settings import Settings
 from pipeline.store import DeadLetter, Store
 from schemas.allocation import AllocationEvent
@@ -52,10 +55,12 @@ from schemas.serde import decode, encode, loads
 from schemas.windows import WindowAggregate
 
 log = logging.getLogger(__name__)
+__all__ = ["DetectRuntime", "make_app", "owners_topic"]
 
 BATCH = 500  # events per take; a batch is the unit of checkpoint and ack
 BATCH_WITHIN_S = 1.0
 TICK_EVERY_S = 5.0
+OWNER_TICK_EVERY_S = OWNER_IDLE_S / 4  # ticks for owners with held messages: released within 1.25 x OWNER_IDLE_S
 
 
 def _unpack(raw: bytes) -> dict[str, Any]:
@@ -68,11 +73,6 @@ def _dumps(d: dict[str, Any]) -> bytes:
     return json.dumps(d, separators=(",", ":")).encode()
 
 
-def owners_topic(app_id: str) -> str:
-    """The app's repartition topic of owner contributions (keyed by beneficial owner id)."""
-    return f"{app_id}-owners-repartition"
-
-
 @dataclass
 class DetectRuntime:
     """What the agents share inside one worker process: live engines per partition, the store, the case service."""
@@ -81,7 +81,11 @@ class DetectRuntime:
     policy: Policy
     classifier: WorkloadClassifier | None = None
     stages: dict[int, DetectStage] = field(default_factory=dict)
-    owners: OwnerAggregator | None = None
+    owners: EventTimeOwners | None = None
+    #: partition -> the watermark last sent to its owners as a mark (marks are throttled to one per window)
+    marked: dict[int, float] = field(default_factory=dict)
+    #: owners of this worker's `owners` agent with held messages: ticked so that an idle member cannot hold them
+    held: set[str] = field(default_factory=set)
     #: Engine table entries as last written (key -> value): a batch writes only the entries that changed.
     written: dict[bytes, bytes] = field(default_factory=dict)
     _store: Store | None = None
@@ -200,7 +204,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     partials = app.Table("partials", partitions=partitions, key_type=bytes, value_type=bytes)
     owners_table = app.Table("owners", partitions=partitions, key_type=bytes, value_type=bytes)
     owner_det = next((d for d in registry.build() if d.id == "owner_aggregate"), None)
-    rt.owners = OwnerAggregator(rt.policy, settings.window_s, owner_det)
+    rt.owners = EventTimeOwners(OwnerAggregator(rt.policy, settings.window_s, owner_det), now=time.time)
 
     def stage_for(p: int) -> DetectStage:
         st = rt.stages.get(p)
@@ -222,6 +226,9 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                 st = DetectStage.from_dict({"engine": d["engine"], "merger": {}, "watermark": d["watermark"]},
                                            rt.policy, rt.classifier, settings.window_s)
             st.engine.external_owners = True  # owners are summed by the `owners` agent, across partitions
+            # Re-derive what this state implies for the owners: a publish lost between checkpoint and send (a
+            # retraction above all: its CIP replays as a no-op) goes out again; the rest replaces or is a no-op.
+            st.engine.owner_outbox += st.engine.owner_snapshot()
             rt.stages[p] = st
         return st
 
@@ -272,6 +279,32 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                 rt.written[k] = engine_table.data[k] = v
                 engine_table.send_changelog(p, k, v)
 
+    def account_marks(st: DetectStage) -> Callable[[str], float]:
+        """Account -> event time it has reached here: its latest window end, floored at the partition's watermark
+        minus the allowed lateness (no window of it can come later; covers accounts with no live run)."""
+        seen = st.engine.account_progress()
+        floor = st.watermark - settings.ingest.allowed_lateness_s
+        return lambda aid: max(seen.get(aid, floor), floor)
+
+    def stamp(p: int, st: DetectStage, reached: dict[str, float]) -> list[dict[str, Any]]:
+        """The engine's queued owner messages, stamped where they were made in the partition's stream."""
+        out = stamped(st.engine.owner_outbox, p, reached, st.watermark - settings.ingest.allowed_lateness_s)
+        st.engine.owner_outbox.clear()
+        return out
+
+    def marks(p: int, st: DetectStage, progress: Callable[[str], float], caught_up: bool) -> list[dict[str, Any]]:
+        """Each owner its accounts name gets their times (`account_marks`), so the owners agent can decide up to
+        them even when this partition sends that owner nothing. Throttled: once per window of the partition's
+        progress, or when the stream has caught up."""
+        last = rt.marked.get(p, float("-inf"))
+        wm = st.watermark
+        if wm == float("-inf") or wm <= last or (wm < last + settings.window_s and not caught_up):
+            return []
+        rt.marked[p] = wm
+        return [{"kind": "mark", "owner_id": oid, "partition": p, "wm": wm,
+                 "marks": {aid: progress(aid) for aid in accts}}
+                for oid, accts in st.engine.owner_accounts().items()]
+
     @app.agent(inputs, concurrency=1)
     async def detect(stream: Any) -> None:
         async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
@@ -284,6 +317,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             for p, evs in by_part.items():
                 touched: dict[bytes, dict | None] = {}
                 windows: list[WindowAggregate] = []
+                reached = stage_for(p).engine.account_progress()  # each account's time as already sent
                 for ev in evs:
                     topic = ev.message.topic
                     try:
@@ -300,10 +334,11 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                             out += stage_for(p).on_allocation(decode(AllocationEvent, ev.value))
                     except InvalidMessage as exc:
                         dead_letter(exc, ev)
+                    contribs += stamp(p, stage_for(p), reached)
                 st = stage_for(p)
                 st.engine.on_time(st.watermark)  # idle run/account state expires (event time)
-                contribs += st.engine.owner_outbox
-                st.engine.owner_outbox.clear()
+                contribs += stamp(p, st, reached)
+                contribs += marks(p, st, account_marks(st), len(events) < BATCH)
                 expire(p, st, touched)
                 if windows:
                     rt.store.insert_windows(windows)
@@ -329,24 +364,29 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         agg = rt.owners
         assert agg is not None
         async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
-            agg.owners.clear()  # this batch's owners, from the table (recovered from its changelog)
+            agg.clear()  # this batch's owners, from the table (recovered from its changelog)
             touched: dict[str, int] = {}
             out: list[Detection] = []
             for ev in events:
                 try:
                     c = json.loads(ev.value)
                     oid = c["owner_id"]
-                    if oid not in agg.owners:
+                    if oid not in touched:
                         packed = owners_table.data.get(oid.encode())
                         if packed is not None:
-                            agg.owners[oid] = OwnerState.from_dict(json.loads(packed))
-                    out += agg.apply(c)
+                            agg.load_owner(oid, json.loads(packed))
+                    touched[oid] = ev.message.partition
+                    out += agg.receive(c)
                 except (ValueError, KeyError, TypeError) as exc:  # not a contribution: keep it, carry on
                     dead_letter(InvalidMessage(f"owner contribution: {exc!r}", reason="schema_violation"), ev)
                     continue
-                touched[oid] = ev.message.partition
             for oid, p in touched.items():
-                val = _dumps(agg.owners[oid].to_dict()) if oid in agg.owners else None
+                if agg.held(oid):
+                    rt.held.add(oid)
+                else:
+                    rt.held.discard(oid)
+                d = agg.owner_to_dict(oid)
+                val = _dumps(d) if d is not None else None
                 if val is None:
                     owners_table.data.pop(oid.encode(), None)
                 else:
@@ -371,6 +411,12 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             rt.store.insert_detections(dets)
             for m in rt.cases.process(dets, time.time()):
                 await feed.send(key=m.key, value=encode(m))
+
+    @app.timer(OWNER_TICK_EVERY_S)
+    async def owner_ticks() -> None:
+        # Through the owners topic, not by touching the owners here: the agent stays the only writer of its table.
+        for oid in sorted(rt.held):
+            await owner_topic.send(key=oid.encode(), value=_dumps(tick(oid)))
 
     @app.timer(TICK_EVERY_S)
     async def deadlines() -> None:
