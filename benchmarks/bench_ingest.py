@@ -7,6 +7,8 @@ Same messages, same run, one core each:
   nothing else.
 - `ingest.<fmt>.faust_samples_per_s`: a faust-streaming agent (aiokafka, concurrency 1) doing the same windowed
   aggregation one event at a time, in a subprocess with a deadline.
+Both are timed from the end of their first batch to the arrival of the last message, and never ask for more
+messages than are left (a consume call short of its batch waits out its timeout, which is not work).
 Formats: `native` (one TelemetrySample JSON per message) and `columnar` (TelemetryColumns, one per node per 30 s).
 Memory (in process, no broker): `ingest.rss_growth_mb` over a long run at a steady fleet (flat = ~0), and
 `ingest.bytes_per_device` = RSS difference between two fleet sizes / device difference.
@@ -109,7 +111,9 @@ def _ceiling(topic: str, n_messages: int, columnar: bool, batch: int) -> float:
     deadline = time.monotonic() + DEADLINE_S
     try:
         while seen < n_messages and time.monotonic() < deadline:
-            msgs = c.consume(batch, 0.5)
+            # Never ask for more than is left: the last call would wait its whole timeout for a full batch, and
+            # that wait (0.5 s) would be timed as if it were work.
+            msgs = c.consume(min(batch, n_messages - seen), 0.5)
             k = 0
             for m in msgs:
                 d = orjson.loads(m.value())
@@ -141,6 +145,7 @@ def _stage(topic: str, n_messages: int, batch: int, admin: AdminClient) -> float
     deadline = time.monotonic() + DEADLINE_S
     try:
         while stage.stats.messages < n_messages and time.monotonic() < deadline:
+            stage.batch_size = min(batch, n_messages - stage.stats.messages)  # as the ceiling: no timed end wait
             before = stage.core.counters["samples_in"]
             n = stage.step(0.5)
             if n and t_first is None:
