@@ -194,8 +194,9 @@ def run(quick: bool = False) -> dict:
                   f"accounts at 1 sample/s each ({rate:,.0f} samples/s, real time), crossings ~{stagger_s:g} s apart; "
                   f"{len(feed_lat)} cases on the feed, {len(store_lat)} in the store. Latency = feed arrival (or "
                   "store detected_at) - produce time of the first sample at or after the case's knowledge_at; it "
-                  "includes the rest of the window, the watermark lag and faust's 1 s batching. Few cases: p99 is "
-                  "the worst case of a handful. Classifier: the interim rule (TRAINWATCH_MODEL_PATH=rule); the "
+                  "includes the rest of the window, the watermark lag, ingest's batch wait (0.2 s) and faust's two "
+                  "batch waits (0.25 s each). Few cases: p99 is the worst case of a handful. Classifier: the "
+                  "interim rule (TRAINWATCH_MODEL_PATH=rule); the "
                   "packaged model, trained on 60 s windows of the simulator's archetypes, calls these synthetic 5 s "
                   "windows not-training, so no case would open."]
     }
