@@ -173,17 +173,22 @@ def _drain(eng: DetectEngine, part: int) -> list[dict]:
     return out
 
 
-def test_owner_crossing_in_event_time_whatever_the_partitions_interleaving():
-    """Partition A's windows all arrive before partition B's: summed as they come, the owner would cross at B's first
-    window (A's 9 windows plus 1 of B's); held until both partitions' watermarks pass them, it crosses where the
-    in-process runner (one stream, in event time) sees it: at the end of the 5th window."""
+def _split_owner() -> tuple[list, Detection, dict[str, DetectEngine]]:
+    """Owner own-x's two accounts, 9 windows each: the windows, the in-process owner detection, one engine per
+    account's partition."""
     ws = [window(f"wl-{a[-1]}", a, i, flop=1e17) for i in range(9) for a in ("acct-a", "acct-b")]
     ref = DetectEngine(demo())
     for a in ("acct-a", "acct-b"):
         ref.on_cip(cip(a, us_person=True, country="US", owners=[owner("own-x", 50.0)]))
     (expected,) = by(feed(ref, ws), "owner_aggregate")
+    return ws, expected, {"acct-a": _partition_engine(("acct-a",)), "acct-b": _partition_engine(("acct-b",))}
 
-    parts = {"acct-a": _partition_engine(("acct-a",)), "acct-b": _partition_engine(("acct-b",))}
+
+def test_owner_crossing_in_event_time_whatever_the_partitions_interleaving():
+    """Partition A's windows all arrive before partition B's: summed as they come, the owner would cross at B's first
+    window (A's 9 windows plus 1 of B's); held until both partitions' watermarks pass them, it crosses where the
+    in-process runner (one stream, in event time) sees it: at the end of the 5th window."""
+    ws, expected, parts = _split_owner()
     pno = {"acct-a": 0, "acct-b": 1}
     msgs = [m for a, eng in parts.items() for m in _drain(eng, pno[a])]  # the memberships (CIP first)
     assert [(m["kind"], m["account_id"]) for m in msgs] == [("member", "acct-a"), ("member", "acct-b")]
@@ -225,13 +230,7 @@ def test_owner_time_is_claimed_where_each_message_was_made_not_at_the_batch_end(
     with B's time at the batch end (T0 + 9 W), its first one would let the owners agent apply all of A's, and the
     sum would cross on A's 9th window (the 60 s-late Kafka case). Stamped where made, each of B's messages lets
     only A's windows up to its own through: the in-process crossing (end of the 5th window)."""
-    ws = [window(f"wl-{a[-1]}", a, i, flop=1e17) for i in range(9) for a in ("acct-a", "acct-b")]
-    ref = DetectEngine(demo())
-    for a in ("acct-a", "acct-b"):
-        ref.on_cip(cip(a, us_person=True, country="US", owners=[owner("own-x", 50.0)]))
-    (expected,) = by(feed(ref, ws), "owner_aggregate")
-
-    parts = {"acct-a": _partition_engine(("acct-a",)), "acct-b": _partition_engine(("acct-b",))}
+    ws, expected, parts = _split_owner()
     reached: dict[int, dict[str, float]] = {0: {}, 1: {}}
     msgs = _batch(parts["acct-a"], 0, [], reached[0]) + _batch(parts["acct-b"], 1, [], reached[1])
     msgs += _batch(parts["acct-a"], 0, [w for w in ws if w.account_id == "acct-a"], reached[0])
