@@ -119,7 +119,7 @@ class _Unit:
         self.stats = self.sums[:_N_STATS].reshape(4, len(STAT_FIELDS))  # sum v*dt, sum v^2*dt, sum dt, count
         self.flop = self.sums[_N_STATS : _N_STATS + 3]  # point, low, high
         self.basis = self.sums[_N_STATS + 4 :]  # samples per basis code
-        self.dev_index: dict[int, int] = {}  # aggregator device id -> row of the profiles
+        self.dev_index: dict[int, int] = {}  # the partition's device id -> row of the profiles
         self.dev_name: list[str] = []
         self.dev_node: list[str] = []
         self.dev_acc: list[str | None] = []
@@ -165,13 +165,16 @@ class _Partition:
     units: dict[tuple[str, int, int], _Unit] = field(default_factory=dict)
     closed: list[tuple[int, int, float]] = field(default_factory=list)  # (first, last, first_ts_max) of emitted
     seen: dict[int, list[np.ndarray]] = field(default_factory=dict)  # window -> dedup keys, one array per batch
-    #: per aggregator device id: the largest dedup key recorded (a later row above it cannot be a duplicate) ...
+    #: device name -> small integer id, per partition (a device lives on one partition: the arrays below stay
+    #: as long as the partition's own fleet, not the whole stage's)
+    dev_ids: dict[str, int] = field(default_factory=dict)
+    #: per device id: the largest dedup key recorded (a later row above it cannot be a duplicate) ...
     dev_key: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     #: ... and the event time of its last-arrived row (NaN: none yet), for intervals
     dev_last: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def fit(self, n_devices: int) -> None:
-        """Grow the per-device arrays to the aggregator's device count."""
+        """Grow the per-device arrays to the partition's device count."""
         have = len(self.dev_key)
         if n_devices > have:
             new = max(n_devices, 2 * have)
@@ -241,7 +244,6 @@ class WindowAggregator:
     def __init__(self, cfg: WindowConfig | None = None) -> None:
         self.cfg = cfg or WindowConfig()
         self.parts: dict[tuple[str, int], _Partition] = {}
-        self._dev_ids: dict[str, int] = {}
 
     # --- state across restarts -------------------------------------------------------------------------------
     def restore(self, topic: str, partition: int, max_ts: float) -> None:
@@ -307,7 +309,7 @@ class WindowAggregator:
         r = np.maximum(epoch - w, 0)
         too_late = (wm - (w + 1) * W) > cfg.allowed_lateness_s
 
-        ids = self._dev_ids
+        ids = p.dev_ids
         g = list(map(ids.get, b.device))  # C-level lookups; the comprehension below only when a device is new
         if None in g:
             g = [ids.setdefault(d, len(ids)) for d in b.device]
