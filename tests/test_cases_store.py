@@ -61,6 +61,37 @@ def test_apply_and_replay_keep_one_case_and_no_duplicate_events(store: Store):
     assert latest.status == "acknowledged" and latest.version == 3
 
 
+def test_a_crash_between_the_event_and_the_case_write_loses_no_event(store: Store, monkeypatch):
+    """A change is two inserts (its events, its case). Killed after the first, the replayed detection (its offset
+    was not committed) must leave the case and every event stored, once."""
+    store.upsert_cip([cip()])
+    batch = [det(t=T0)]
+    svc = CaseService(store, BIS)
+    writes: list[str] = []
+
+    def first_write_only(name: str):
+        real = getattr(store, name)
+
+        def write(items):
+            if writes:
+                raise RuntimeError("killed between the two inserts")
+            writes.append(name)
+            return real(items)
+        return write
+
+    for name in ("upsert_cases", "append_case_events"):
+        monkeypatch.setattr(store, name, first_write_only(name))
+    with pytest.raises(RuntimeError):
+        svc.process(batch, NOW)
+    monkeypatch.undo()
+    assert len(writes) == 1
+
+    CaseService(store, BIS).process(batch, NOW + 5)  # restart, replay
+    (case,) = store.list_cases()
+    assert [e.action for e in store.case_events(case.case_id)] == ["opened"] and case.version == 1
+    assert len(store.query("SELECT event_id FROM case_events")) == 1  # stored once, not only collapsed on read
+
+
 def test_deadline_events_are_stored_once_across_restarts(store: Store):
     svc = CaseService(store, BIS)
     case = svc.process([det()], NOW)[0].case
