@@ -164,6 +164,35 @@ def test_dedup_under_disorder_equals_a_set_of_device_timestamps(seed: int) -> No
     assert t["flop"] == pytest.approx(sum(expected_flop([r]) for r in rows), rel=1e-9)
 
 
+def test_partitions_interleaved_in_one_core_give_each_partitions_own_totals() -> None:
+    """Device ids, dedup keys and intervals are per partition: two partitions fed alternately to one core give the
+    windows each gives alone, even when they hold devices of the same name."""
+    a = synth.samples([SPEC], T0, 300, 5.0)
+    b = synth.samples([synth.WorkloadSpec("wl-b", nodes=1, gpus_per_node=8)], T0, 300, 5.0)
+    for r in b:  # the same device names and timestamps as partition 0: not duplicates of each other
+        r["device"] = r["device"].replace("GPU-wl-b-0", "GPU-wl-a-0")
+    va, vb = [orjson.dumps(r) for r in a], [orjson.dumps(r) for r in b]
+
+    def alone(values: list[bytes], partition: int) -> list[tuple]:
+        core = IngestCore()
+        wins, _ = run(core, values, batch=64, partition=partition)
+        return sorted((w.window_id, w.sample_count, round(w.flop), round(w.device_seconds, 6)) for w in
+                      wins + core.drain())
+
+    core = IngestCore()
+    wins = []
+    for i in range(0, max(len(va), len(vb)), 64):
+        for part, values in ((0, va), (1, vb)):
+            msgs = [SourceMessage(i + j, v) for j, v in enumerate(values[i : i + 64])]
+            if msgs:
+                assert core.process("telemetry", part, msgs, NOW) == []
+            wins += core.ready()
+    wins += core.drain()
+    both = sorted((w.window_id, w.sample_count, round(w.flop), round(w.device_seconds, 6)) for w in wins)
+    assert both == sorted(alone(va, 0) + alone(vb, 1))
+    assert core.counters["duplicates"] == 0
+
+
 def test_bad_rows_are_dead_lettered_alone_and_the_stream_goes_on() -> None:
     rows = synth.samples([SPEC], T0, 30, 10.0)
     cols = [orjson.loads(v) for _, v in synth.columnar(rows)]
