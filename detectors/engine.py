@@ -3,11 +3,15 @@
 Event time only (no clock reads): expiry is driven by `on_time(event_time)`. State is small and bounded, and
 `to_dict` / `from_dict` round-trip it through plain data so a faust table can hold it. Detections already
 emitted are remembered by id forever (cases never expire), so replays and re-evaluations never emit twice.
+Every path that changes an account's part of the state (`split`) marks that account, so a checkpoint can serialise
+only those (`split_dirty`); a new mutation path must mark too (tests check the sum of the parts against `split`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 from detectors import registry
@@ -59,6 +63,11 @@ class DetectEngine:
         #: account -> every owner its CIPs have named as a foreign owner here: a removal can be re-sent after a crash.
         self.named_owners: dict[str, list[str]] = {}
         self._owner_index: dict[str, list[str]] | None = None  # owner -> accounts its current CIP names (a cache)
+        # Checkpoint bookkeeping (split_dirty): accounts whose part may have changed since the last split_dirty,
+        # detection ids per account (built on first use), and the shared part as last returned (JSON).
+        self._dirty: set[str] = set()
+        self._emitted_by: dict[str, list[str]] | None = None
+        self._shared_sent: str | None = None
 
     @property
     def owners(self) -> dict[str, OwnerState]:
@@ -70,7 +79,30 @@ class DetectEngine:
         acct = self.accounts.get(account_id)
         if acct is None:
             acct = self.accounts[account_id] = AccountState(account_id)
+            self._dirty.add(account_id)
         return acct
+
+    def _mark_run(self, rid: str) -> None:
+        """Dirty the account(s) a run's parts are filed under: its RunState's and its stitching record's."""
+        for holder in (self.runs.get(rid), self.stitcher.runs.get(rid)):
+            if holder is not None:
+                self._dirty.add(holder.account_id)
+
+    def _mark_workload(self, wid: str) -> None:
+        """Dirty the account a workload's stitcher entries are filed under (none: they are shared)."""
+        rid = self.stitcher.workload_run.get(wid)
+        if rid is not None:
+            self._mark_run(rid)
+
+    def _emit(self, det: Detection) -> bool:
+        """Remember a detection id (False: emitted before). Its id goes into its account's checkpoint part."""
+        if det.detection_id in self.emitted:
+            return False
+        self.emitted[det.detection_id] = det.account_id
+        if self._emitted_by is not None:
+            self._emitted_by.setdefault(det.account_id, []).append(det.detection_id)
+        self._dirty.add(det.account_id)
+        return True
 
     def determination(self, account_id: str) -> ForeignDetermination:
         return determine(self.cips.get(account_id), self.policy)
@@ -86,6 +118,9 @@ class DetectEngine:
     def _run(self, ctx: DetectContext, event: Any, only: str | None = None) -> list[Detection]:
         """Every detector (or one) over (ctx, event); one detector's exception is counted and the rest still run."""
         out: list[Detection] = []
+        self._dirty.add(ctx.account_id)  # update() may write the account's state (e.g. change-in-scope baselines)
+        if ctx.run is not None:
+            self._dirty.add(ctx.run.account_id)
         for d in self.detectors:
             if (only is not None and d.id != only) or (only is None and d.id == "owner_aggregate"):
                 continue
@@ -97,10 +132,7 @@ class DetectEngine:
             except Exception:  # errors are data: count it per detector, never stop the stream
                 self.errors[d.id] = self.errors.get(d.id, 0) + 1
                 continue
-            for det in found:
-                if det.detection_id not in self.emitted:
-                    self.emitted[det.detection_id] = det.account_id
-                    out.append(det)
+            out += [det for det in found if self._emit(det)]
         return out
 
     def _note_own_case(self, run: RunState, dets: list[Detection]) -> None:
@@ -114,6 +146,7 @@ class DetectEngine:
         """Latest updated_at wins (a conflict is noted); accounts are re-evaluated, since CIP may come late."""
         aid = cip.account_id
         acct = self._account(aid)
+        self._dirty.add(aid)  # notes, CIP, foreign_since, named owners, its runs' own_case
         prev = self.cips.get(aid)
         if prev is not None:
             changed = [f for f in _CIP_FACTS if getattr(prev, f) != getattr(cip, f)]
@@ -153,6 +186,7 @@ class DetectEngine:
 
     def on_allocation(self, ev: AllocationEvent) -> list[Detection]:
         acct = self._account(ev.account_id)
+        self._dirty.add(ev.account_id)
         acct.note_event(ev.ts)
         self.watermark = max(self.watermark, ev.ts)
         is_resv = ev.kind in RESERVATION_KINDS or ev.kind == "reservation_released"
@@ -164,6 +198,7 @@ class DetectEngine:
                 acct.footprints[ref] = [list(x) for x in footprint_of({ev.accelerator: ev.count}, ev.count)]
             if ref and ev.kind in STOP_KINDS:
                 self.stitcher.note_stop(ref, ev.ts)
+                self._mark_workload(ref)  # filed under the account of the workload's run, maybe not this one
         if ev.kind in HOLD_KINDS:
             acct.held[key] = {"accelerator": ev.accelerator, "count": ev.count,
                               "interconnect_gbps": ev.interconnect_gbps,
@@ -191,6 +226,7 @@ class DetectEngine:
             self.errors["window_unattributed"] = self.errors.get("window_unattributed", 0) + 1
             return []
         acct = self._account(aid)
+        self._dirty.add(aid)
         acct.note_event(start)
         self.watermark = max(self.watermark, end)
         job = _g(w, "job_id")
@@ -201,6 +237,7 @@ class DetectEngine:
         run = self.runs.get(rid)
         if run is None:
             run = self.runs[rid] = RunState(rid, aid, started_at=start)
+        self._mark_run(rid)  # a workload id already placed may belong to another account's run
         run.started_at = start if run.started_at is None else min(run.started_at, start)
         used_before = run.used
         latest = end >= run.last_end
@@ -256,10 +293,7 @@ class DetectEngine:
             if self.external_owners:
                 self.owner_outbox.append(c)
                 continue
-            for d in self.owner_agg.apply(c):
-                if d.detection_id not in self.emitted:
-                    self.emitted[d.detection_id] = d.account_id
-                    out.append(d)
+            out += [d for d in self.owner_agg.apply(c) if self._emit(d)]
         return out
 
     def _contributions(self, aid: str, run: RunState, end: float, start: float | None) -> list[dict[str, Any]]:
@@ -313,13 +347,19 @@ class DetectEngine:
     def on_time(self, event_time: float) -> list[Detection]:
         """Expire idle run and account state (emitted detection ids are kept: cases never expire)."""
         cutoff = event_time - self.idle_ttl_s
+        for rec in self.stitcher.runs.values():
+            if rec.last_end < cutoff:  # expire() drops it with its workload entries
+                self._dirty.add(rec.account_id)
         for rid in self.stitcher.expire(cutoff):
+            self._mark_run(rid)
             self.runs.pop(rid, None)
         for rid in [r for r, s in self.runs.items() if s.last_end < cutoff]:
-            self.runs.pop(rid)
+            self._dirty.add(self.runs.pop(rid).account_id)
+        with_runs = {r.account_id for r in self.runs.values()}
         for aid in [a for a, s in self.accounts.items() if s.last_event < cutoff and not s.reservations
-                    and not s.held and not any(r.account_id == a for r in self.runs.values())]:
+                    and not s.held and a not in with_runs]:
             self.accounts.pop(aid)
+            self._dirty.add(aid)
         return []
 
     def on_windows(self, windows: Iterable[Any]) -> list[Detection]:
@@ -394,6 +434,73 @@ class DetectEngine:
         shared = {"window_s": d["window_s"], "watermark": d["watermark"], "errors": d["errors"],
                   "owners": d["owners"], "stitcher": {"window_s": st["window_s"], "gap_s": st["gap_s"], **rest}}
         return shared, parts
+
+    def split_shared(self) -> dict[str, Any]:
+        """The shared part of `split()` alone (built from the live state, without serialising the accounts)."""
+        st = self.stitcher
+        known = st.runs
+        rest = {key: {w: v for w, v in getattr(st, key).items() if st.workload_run.get(w) not in known}
+                for key in ("workload_run", "workload_end", "stopped")}
+        return {"window_s": self.window_s, "watermark": self.watermark, "errors": dict(self.errors),
+                "owners": self.owner_agg.to_dict(), "stitcher": {"window_s": st.window_s, "gap_s": st.gap_s, **rest}}
+
+    def split_dirty(self) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]], list[str]]:
+        """What changed since the last call, as `split()` would write it: (the shared part, or None when it is as
+        last returned; {account id: its part} for the accounts marked since; the marked accounts that no longer
+        have a part). Applying these to the previous entries gives exactly `split()`; only the marked accounts are
+        serialised. Marks are cleared. Invariant relied on: a workload's run (`workload_run`) lists it."""
+        dirty, self._dirty = self._dirty, set()
+        shared: dict[str, Any] | None = self.split_shared()
+        text = json.dumps(shared, sort_keys=True)
+        if text == self._shared_sent:
+            shared = None
+        self._shared_sent = text
+        if self._emitted_by is None:
+            self._emitted_by = {}
+            for did, aid in self.emitted.items():
+                self._emitted_by.setdefault(aid, []).append(did)
+        st = self.stitcher
+        parts: dict[str, dict[str, Any]] = {}
+
+        def part(aid: str) -> dict[str, Any]:
+            p = parts.get(aid)
+            if p is None:
+                p = parts[aid] = {"account": None, "cip": None, "runs": {}, "stitched": {}, "workload_run": {},
+                                  "workload_end": {}, "stopped": {}, "emitted": [], "named_owners": []}
+            return p
+
+        for aid in dirty:
+            if aid in self.accounts:
+                part(aid)["account"] = self.accounts[aid].to_dict()
+            if aid in self.cips:
+                part(aid)["cip"] = self.cips[aid].model_dump(mode="json")
+        for rid, r in self.runs.items():  # a pass over the live runs, serialising only the dirty accounts' runs
+            if r.account_id in dirty:
+                part(r.account_id)["runs"][rid] = r.to_dict()
+        for rid, rec in st.runs.items():
+            if rec.account_id in dirty:
+                p = part(rec.account_id)
+                p["stitched"][rid] = asdict(rec)
+                for w in rec.workloads:
+                    if st.workload_run.get(w) != rid:
+                        continue
+                    for key in ("workload_run", "workload_end", "stopped"):
+                        entries = getattr(st, key)
+                        if w in entries:
+                            p[key][w] = entries[w]
+        for aid in dirty:
+            if aid in self._emitted_by:
+                part(aid)["emitted"] = sorted(self._emitted_by[aid])
+            if aid in self.named_owners:
+                part(aid)["named_owners"] = list(self.named_owners[aid])
+        return shared, parts, sorted(dirty - set(parts))
+
+    def mark_all_dirty(self) -> None:
+        """The next `split_dirty` returns every part and the shared one (e.g. nothing of this state is written)."""
+        self._dirty |= (set(self.accounts) | set(self.cips) | {r.account_id for r in self.runs.values()}
+                        | {r.account_id for r in self.stitcher.runs.values()} | set(self.emitted.values())
+                        | set(self.named_owners))
+        self._shared_sent = None
 
     @classmethod
     def from_split(cls, shared: Mapping[str, Any], parts: Mapping[str, Mapping[str, Any]], policy: Policy,

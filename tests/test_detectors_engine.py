@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import orjson
 import pytest
 
@@ -16,7 +19,16 @@ from detectors.owner_aggregate import (
     tick,
 )
 from detectors.state import RUN_IDS_K
+from pipeline.detect.stage import DetectStage
+from pipeline.ingest.aggregate import WindowConfig
+from pipeline.ingest.stage import IngestCore, SourceMessage
+from pipeline.simulator import simulate
+from pipeline.sources import read_folder
+from schemas.allocation import AllocationEvent
+from schemas.cip import CipRecord
 from schemas.detection import Detection
+from schemas.errors import InvalidMessage
+from schemas.serde import decode
 from tests.detector_builders import INFERENCE, SMI_ONLY, T0, TRAINING, W, alloc, cip, demo, owner, window, with_foreign
 
 T = 1e18  # demo policy training threshold
@@ -525,3 +537,140 @@ def test_odd_input_never_raises_and_state_expires():
     (run,) = eng.runs.values()
     assert len(run.workload_ids) == RUN_IDS_K and run.workload_ids[-1] == f"job-{3 * RUN_IDS_K - 1}"  # bounded
     assert TRAINING  # the builders' training features stay the default
+
+
+# -- incremental checkpoints (split_dirty): the marked parts, applied to the last ones, are the whole split -------
+
+
+def _canon(d: object) -> str:
+    return json.dumps(d, sort_keys=True)  # stdlib: the shared part may hold ±inf
+
+
+def full_entries(eng: DetectEngine) -> dict[str, str]:
+    shared, parts = eng.split()
+    return {"shared": _canon(shared)} | {aid: _canon(p) for aid, p in parts.items()}
+
+
+def apply_dirty(entries: dict[str, str], eng: DetectEngine) -> tuple[set[str], bool]:
+    """Write what split_dirty returns into `entries` (as the faust agent does); returns (accounts, shared?)."""
+    shared, parts, deleted = eng.split_dirty()
+    assert not set(parts) & set(deleted)
+    if shared is not None:
+        entries["shared"] = _canon(shared)
+    entries |= {aid: _canon(p) for aid, p in parts.items()}
+    for aid in deleted:
+        entries.pop(aid, None)
+    return set(parts), shared is not None
+
+
+@pytest.fixture(scope="module")
+def demo_inputs(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, Any]]:
+    """The demo scenario's detect inputs in delivery order: windows as ingest closes them, CIP, allocations."""
+    folder = simulate("demo", tmp_path_factory.mktemp("demo") / "demo", seed=0)
+    ingest = IngestCore(WindowConfig(), "native")
+    out: list[tuple[str, Any]] = []
+    telemetry: list[SourceMessage] = []
+    now = 4e9  # processing time after the simulated period: nothing depends on when the test runs
+
+    def flush() -> None:
+        if telemetry:
+            ingest.process("gpu.telemetry", 0, telemetry, now=now)
+            telemetry.clear()
+            out.extend(("win", w) for w in ingest.ready())
+
+    for rec in read_folder(folder):
+        if rec.stream == "telemetry":
+            telemetry.append(SourceMessage(rec.offset, rec.value))
+            if len(telemetry) >= 5000:
+                flush()
+            continue
+        flush()
+        try:
+            out.append(("cip", decode(CipRecord, rec.value)) if rec.stream == "cip"
+                       else ("alloc", decode(AllocationEvent, rec.value)))
+        except InvalidMessage:
+            continue  # the demo's deliberately bad records
+    flush()
+    out.extend(("win", w) for w in ingest.drain())
+    return out
+
+
+@pytest.mark.parametrize("batch", [10, 100])
+def test_dirty_checkpoints_of_the_demo_add_up_to_the_full_split(demo_inputs: list[tuple[str, Any]], batch: int):
+    stage = DetectStage(demo())
+    entries: dict[str, str] = {}
+    kinds = {"win": stage.on_window, "cip": stage.on_cip, "alloc": stage.on_allocation}
+    wrote = 0  # account parts serialised
+    for i in range(0, len(demo_inputs), batch):
+        for kind, ev in demo_inputs[i:i + batch]:
+            kinds[kind](ev)
+        stage.on_time()  # as the faust agent: idle state expires at the batch's watermark
+        accounts, _ = apply_dirty(entries, stage.engine)
+        wrote += len(accounts)
+        assert entries == full_entries(stage.engine), f"batch at event {i}"
+        if i == len(demo_inputs) // 2:  # a restart from the entries: nothing is marked, and it carries on alike
+            restored = json.loads(json.dumps(stage.engine.split()))
+            stage.engine = DetectEngine.from_split(*restored, stage.policy)
+            assert stage.engine.split_dirty()[1:] == ({}, [])
+    assert len(full_entries(stage.engine)) > 5
+    stage.engine.on_time(stage.watermark + 30 * 86400)  # everything idle expires: emitted ids stay
+    apply_dirty(entries, stage.engine)
+    assert entries == full_entries(stage.engine)
+    assert wrote > 0
+
+
+def test_dirty_checkpoints_cover_owners_stops_expiry_and_deletion():
+    """In-process owners (shared), a stop before any window (shared, then the run's account), a workload id
+    reused by another account, a restored engine, idle expiry, and accounts that vanish entirely."""
+    eng = DetectEngine(demo())
+    entries: dict[str, str] = {}
+    events = [("cip", cip("acct-1")), ("cip", cip("acct-2", us_person=True, country="US",
+                                                  owners=[owner("own-z", 60)])),
+              ("cip", cip("acct-3", us_person=True, country="US", owners=[owner("own-z", 60)])),
+              ("alloc", alloc("acct-1", "reserved", T0, reserved_until=T0 + 1800)),
+              ("cip", cip("acct-1", updated_at=T0 - 7200, country="FR")),  # stale: only a note on the account
+              ("alloc", alloc("acct-2", "job_stopped", T0 - 60, workload="w-later")),
+              ("win", window("w-later", "acct-2", 0, flop=1e10, features=INFERENCE)),
+              ("win", window("w-tiny", "acct-5", 0, flop=1e3, features=INFERENCE))]
+    for i in range(8):
+        events += [("win", window("w1", "acct-1", i, flop=5e16)), ("win", window("w2", "acct-2", i, flop=7e16)),
+                   ("win", window("w3", "acct-3", i, flop=6e16, features=SMI_ONLY))]
+    events += [("alloc", alloc("acct-9", "job_stopped", T0 + 9 * W, workload="w1")),  # another account stops w1
+               ("win", window("w1", "acct-9", 9, flop=5e16))]  # and sends a window under it
+    for n, (kind, ev) in enumerate(events):
+        {"cip": eng.on_cip, "alloc": eng.on_allocation, "win": eng.on_window}[kind](ev)
+        apply_dirty(entries, eng)
+        assert entries == full_entries(eng), f"after event {n}"
+        if n == 12:
+            eng = rebuilt_from_split(eng)
+    assert json.loads(entries["shared"])["owners"], "owners are summed in process here"
+    deleted: list[str] = []
+    for t in (T0 + 3 * 3600, T0 + 7 * 3600, T0 + 30 * 86400):
+        eng.on_time(t)
+        shared, parts, gone = eng.split_dirty()
+        entries |= {aid: _canon(p) for aid, p in parts.items()} | ({"shared": _canon(shared)} if shared else {})
+        for aid in gone:
+            entries.pop(aid)
+        deleted += gone
+        assert entries == full_entries(eng)
+    assert "acct-5" in deleted  # no detection ids: nothing of it is kept
+
+
+def test_a_batch_touching_one_account_serialises_only_that_account(demo_inputs: list[tuple[str, Any]]):
+    stage = DetectStage(demo())
+    for kind, ev in demo_inputs:
+        {"win": stage.on_window, "cip": stage.on_cip, "alloc": stage.on_allocation}[kind](ev)
+    stage.on_time()
+    entries: dict[str, str] = {}
+    apply_dirty(entries, stage.engine)
+    assert len(entries) > 5 and apply_dirty(entries, stage.engine) == (set(), False)  # nothing new: nothing
+    aid = sorted(stage.engine.accounts)[0]
+    t = stage.watermark
+    stage.engine.on_window(window("w-one", aid, 0, flop=1e12, t0=t))
+    stage.engine.on_allocation(alloc(aid, "reserved", t + 30, reserved_until=t + 3600))
+    accounts, _ = apply_dirty(entries, stage.engine)
+    assert accounts == {aid}
+    assert entries == full_entries(stage.engine)
+    stage.engine.on_cip(cip(aid, updated_at=t))  # a CIP record alone: its account (and shared if owners move)
+    assert apply_dirty(entries, stage.engine)[0] == {aid}
+    assert entries == full_entries(stage.engine)

@@ -90,6 +90,8 @@ class DetectRuntime:
     held: set[str] = field(default_factory=set)
     #: Engine table entries as last written (key -> value): a batch writes only the entries that changed.
     written: dict[bytes, bytes] = field(default_factory=dict)
+    #: partition -> its engine's shared checkpoint part as last split (`split_dirty` returns it only on change)
+    shared: dict[int, dict[str, Any]] = field(default_factory=dict)
     _store: Store | None = None
     _cases: CaseService | None = None
 
@@ -227,6 +229,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                 d = _unpack(legacy)
                 st = DetectStage.from_dict({"engine": d["engine"], "merger": {}, "watermark": d["watermark"]},
                                            rt.policy, rt.classifier, settings.window_s)
+                st.engine.mark_all_dirty()  # none of it is in the per-account entries yet
             st.engine.external_owners = True  # owners are summed by the `owners` agent, across partitions
             # Re-derive what this state implies for the owners: a publish lost between checkpoint and send (a
             # retraction above all: its CIP replays as a no-op) goes out again; the rest replaces or is a no-op.
@@ -263,13 +266,17 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                 touched[key] = None
 
     def checkpoint(p: int, st: DetectStage) -> None:
-        """The engine's state as table entries `p|shared` and `p|a|<account>`: only changed ones are written,
-        accounts gone from the state are tombstoned (no entry grows with the partition's account count)."""
+        """The engine's state as table entries `p|shared` and `p|a|<account>`: only the accounts the engine marked
+        since the last checkpoint are serialised (`split_dirty`), and written where their bytes changed; accounts
+        gone from the state are tombstoned (no entry grows with the partition's account count)."""
         prefix = f"{p}|".encode()
-        shared, parts = st.engine.split()
-        entries = {prefix + b"shared": _dumps({**shared, "stage_watermark": st.watermark})}
+        shared, parts, deleted = st.engine.split_dirty()
+        if shared is not None or p not in rt.shared:
+            rt.shared[p] = shared if shared is not None else st.engine.split_shared()
+        entries = {prefix + b"shared": _dumps({**rt.shared[p], "stage_watermark": st.watermark})}
         entries |= {prefix + b"a|" + aid.encode(): _dumps(part) for aid, part in parts.items()}
-        gone = [k for k in rt.written if k.startswith(prefix) and k not in entries]
+        gone = [k for k in (prefix + b"a|" + aid.encode() for aid in deleted)
+                if k in rt.written or k in engine_table.data]
         if str(p).encode() in engine_table.data:
             gone.append(str(p).encode())  # the legacy whole-partition checkpoint, superseded
         for k in gone:
