@@ -10,6 +10,7 @@ only those (`split_dirty`); a new mutation path must mark too (tests check the s
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from typing import Any
@@ -37,6 +38,12 @@ STOP_KINDS = ("instance_stopped", "job_stopped")
 RESERVATION_KINDS = ("reserved", "reservation_changed")
 IDLE_TTL_S = 6 * 3600.0
 _CIP_FACTS = ("us_person", "country", "beneficial_owners", "reseller", "customer_name")
+
+
+def _empty_part() -> dict[str, Any]:
+    """One account's entry of `DetectEngine.split()` before it is filled."""
+    return {"account": None, "cip": None, "runs": {}, "stitched": {}, "workload_run": {}, "workload_end": {},
+            "stopped": {}, "emitted": [], "named_owners": []}
 
 
 class DetectEngine:
@@ -404,14 +411,8 @@ class DetectEngine:
         d = self.to_dict()
         st = d["stitcher"]
         acct_of_run = {rid: r["account_id"] for rid, r in st["runs"].items()}
-        parts: dict[str, dict[str, Any]] = {}
-
-        def part(aid: str) -> dict[str, Any]:
-            p = parts.get(aid)
-            if p is None:
-                p = parts[aid] = {"account": None, "cip": None, "runs": {}, "stitched": {}, "workload_run": {},
-                                  "workload_end": {}, "stopped": {}, "emitted": [], "named_owners": []}
-            return p
+        parts: defaultdict[str, dict[str, Any]] = defaultdict(_empty_part)
+        part = parts.__getitem__
 
         for aid, a in d["accounts"].items():
             part(aid)["account"] = a
@@ -433,7 +434,7 @@ class DetectEngine:
             part(aid)["named_owners"] = owners
         shared = {"window_s": d["window_s"], "watermark": d["watermark"], "errors": d["errors"],
                   "owners": d["owners"], "stitcher": {"window_s": st["window_s"], "gap_s": st["gap_s"], **rest}}
-        return shared, parts
+        return shared, dict(parts)
 
     def split_shared(self) -> dict[str, Any]:
         """The shared part of `split()` alone (built from the live state, without serialising the accounts)."""
@@ -460,14 +461,8 @@ class DetectEngine:
             for did, aid in self.emitted.items():
                 self._emitted_by.setdefault(aid, []).append(did)
         st = self.stitcher
-        parts: dict[str, dict[str, Any]] = {}
-
-        def part(aid: str) -> dict[str, Any]:
-            p = parts.get(aid)
-            if p is None:
-                p = parts[aid] = {"account": None, "cip": None, "runs": {}, "stitched": {}, "workload_run": {},
-                                  "workload_end": {}, "stopped": {}, "emitted": [], "named_owners": []}
-            return p
+        parts: defaultdict[str, dict[str, Any]] = defaultdict(_empty_part)
+        part = parts.__getitem__
 
         for aid in dirty:
             if aid in self.accounts:
@@ -493,7 +488,7 @@ class DetectEngine:
                 part(aid)["emitted"] = sorted(self._emitted_by[aid])
             if aid in self.named_owners:
                 part(aid)["named_owners"] = list(self.named_owners[aid])
-        return shared, parts, sorted(dirty - set(parts))
+        return shared, dict(parts), sorted(dirty - set(parts))
 
     def mark_all_dirty(self) -> None:
         """The next `split_dirty` returns every part and the shared one (e.g. nothing of this state is written)."""
