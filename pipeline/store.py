@@ -289,14 +289,6 @@ class Store:
         token = content_id("events", *sorted(e.event_id for e in events))
         return self._insert(_CASE_EVENTS, events, settings={"insert_deduplication_token": token})
 
-    def existing_event_ids(self, event_ids: Sequence[str]) -> set[str]:
-        """Which of these case event ids the store already has."""
-        if not event_ids:
-            return set()
-        rows = self.client.query("SELECT DISTINCT event_id FROM case_events WHERE event_id IN {ids:Array(String)}",
-                                 parameters={"ids": list(event_ids)}).result_rows
-        return {r[0] for r in rows}
-
     def insert_dead_letters(self, rows: Iterable[DeadLetter | Mapping[str, Any]]) -> int:
         letters = [r if isinstance(r, DeadLetter) else DeadLetter.model_validate(r) for r in rows]
         if not letters:

@@ -34,10 +34,9 @@ class CaseService:
 
     def _write(self, changes: CaseChanges) -> list[CaseFeedMessage]:
         # Events first, then cases. A crash between the two leaves events whose case version is not stored yet;
-        # the replayed input re-derives the same event ids (content ids), skips those already stored and writes
-        # the case. The other order lost events: the replay found the case already updated and derived none.
-        stored = self.store.existing_event_ids([e.event_id for e in changes.events])
-        self.store.append_case_events([e for e in changes.events if e.event_id not in stored])
+        # the replayed input re-derives the same event ids (content ids), which the store's event dedup absorbs,
+        # and writes the case. The other order lost events: the replay found the case updated and derived none.
+        self.store.append_case_events(changes.events)
         self.store.upsert_cases(changes.cases)
         touched = {e.case_id for e in changes.events}
         latest = [c for cid in touched if (c := self.book.get(cid)) is not None]
