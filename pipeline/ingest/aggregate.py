@@ -136,9 +136,7 @@ class _Unit:
         self.dev_acc = [b.accelerator[i] for i in rows]
         if not known.all():
             self.unknown.update(self.dev_acc[j] or "unknown" for j in np.flatnonzero(~known).tolist())
-        cap = max(k, 8)
-        self.prof_sum = np.zeros((len(SYNC_FIELDS), cap, self.prof_sum.shape[2]))
-        self.prof_cnt = np.zeros_like(self.prof_sum)
+        self._reserve(k)
         return list(range(k))
 
     def add_device(self, gid: int, name: str, node: str, accelerator: str | None, known: bool) -> int:
@@ -148,14 +146,19 @@ class _Unit:
         self.dev_acc.append(accelerator)
         if not known:
             self.unknown.add(accelerator or "unknown")
-        cap = self.prof_sum.shape[1]
-        if li >= cap:  # double the profile rows (np.pad would cost more than the copy)
-            for name_ in ("prof_sum", "prof_cnt"):
-                old = getattr(self, name_)
-                grown = np.zeros((old.shape[0], 2 * cap, old.shape[2]))
-                grown[:, :cap] = old
-                setattr(self, name_, grown)
+        self._reserve(li + 1)
         return li
+
+    def _reserve(self, n: int) -> None:
+        """At least n profile rows, doubling (np.pad would cost more than the copy)."""
+        cap = self.prof_sum.shape[1]
+        if n > cap:
+            new = max(n, 2 * cap)
+            for name in ("prof_sum", "prof_cnt"):
+                old = getattr(self, name)
+                grown = np.zeros((old.shape[0], new, old.shape[2]))
+                grown[:, :cap] = old
+                setattr(self, name, grown)
 
 
 @dataclass(slots=True)
@@ -225,17 +228,13 @@ def _profile_var(s: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 #: emitted key names, built once: per statistic column and per (sync metric, sub-window bucket)
 _STAT_KEYS = [(f"{n}.sum", f"{n}.sumsq", f"{n}.n", f"{n}.count") for n in STAT_FIELDS]
-_PROF_KEYS: dict[int, list[list[tuple[str, str]]]] = {}
 _SYNC_VAR_KEYS = [(f"{n}.dev_var.sum", f"{n}.dev_var.n", f"{n}.node_var.sum", f"{n}.node_var.n")
                   for n in SYNC_FIELDS]
 
 
+@cache
 def _prof_keys(buckets: int) -> list[list[tuple[str, str]]]:
-    keys = _PROF_KEYS.get(buckets)
-    if keys is None:
-        keys = _PROF_KEYS[buckets] = [[(f"prof.{n}.{k}.sum", f"prof.{n}.{k}.n") for k in range(buckets)]
-                                      for n in SYNC_FIELDS]
-    return keys
+    return [[(f"prof.{n}.{k}.sum", f"prof.{n}.{k}.n") for k in range(buckets)] for n in SYNC_FIELDS]
 
 
 class WindowAggregator:
@@ -504,10 +503,8 @@ class WindowAggregator:
                         row = il[int(pair_first[p0 + j])]
                         loc[j] = unit.add_device(pair_gid_l[p0 + j], b.device[row], b.node[row], b.accelerator[row],
                                                  bool(known[pair_first[p0 + j]]))
-            if loc[-1] - loc[0] == p1 - p0 - 1 and (p1 - p0 == 1 or loc[1] == loc[0] + 1):
-                sl = slice(loc[0], loc[-1] + 1)  # the same devices in the same order as the unit's first rows
-                if loc == list(range(loc[0], loc[-1] + 1)):
-                    loc = sl
+            if loc == list(range(loc[0], loc[0] + len(loc))):  # the unit's devices in their first order
+                loc = slice(loc[0], loc[0] + len(loc))
             unit.prof_sum[:, loc] += psum[:, p0:p1]
             unit.prof_cnt[:, loc] += pcnt[:, p0:p1]
 
