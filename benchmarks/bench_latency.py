@@ -100,7 +100,8 @@ def run(quick: bool = False) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="tw-bench-latency-"))
     dsn = f"chdb://{tmp / 'store'}"
     env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": BOOTSTRAP, "TRAINWATCH_POLICY": "demo",
-           "TRAINWATCH_CLICKHOUSE_DSN": dsn, "TRAINWATCH_DATABASE": db, "TRAINWATCH_WINDOW_S": str(window_s),
+           "TRAINWATCH_CLICKHOUSE_DSN": dsn, "TRAINWATCH_DATABASE": db, "TRAINWATCH_DATA_DIR": str(tmp / "data"),
+           "TRAINWATCH_WINDOW_S": str(window_s),
            "TRAINWATCH_INGEST__WATERMARK_LAG_S": str(lag_s), "TRAINWATCH_MODEL_PATH": "rule",
            **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
     env.pop("TRAINWATCH_CONFIG", None)
