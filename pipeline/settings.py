@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from detectors.owner_aggregate import OWNER_IDLE_S
 from schemas.errors import TrainwatchError
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("trainwatch_config_file", default=None)
@@ -72,12 +73,22 @@ class IngestSettings(BaseModel):
     inventory_path: Path | None = None
 
 
+class DetectSettings(BaseModel):
+    #: A faust take waits this long for a full batch; detect and cases are two takes in a row, so at low traffic a
+    #: case's latency grows by up to twice this (at high traffic batches fill first).
+    batch_within_s: float = Field(default=0.25, gt=0, le=10)
+    #: Processing seconds after which a member account whose event time has not moved stops holding back its
+    #: owner's other members (above the window period: a live account moves once per window).
+    owner_idle_s: float = Field(default=OWNER_IDLE_S, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRAINWATCH_", env_nested_delimiter="__", extra="forbid")
 
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
     ingest: IngestSettings = IngestSettings()
+    detect: DetectSettings = DetectSettings()
     clickhouse_dsn: str = Field(default="chdb://./var/trainwatch.chdb", description="chdb://PATH or http(s)://host:8123")
     database: str = "trainwatch"
     window_s: float = Field(default=60.0, gt=0)

@@ -52,3 +52,17 @@ def test_bad_values_fail_clearly(monkeypatch, tmp_path):
         Settings()
     with pytest.raises(TrainwatchError, match="settings file not found"):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_detect_settings_reach_the_faust_app(monkeypatch):
+    from pipeline.detect.faust_app import make_app
+
+    monkeypatch.setenv("TRAINWATCH_DETECT__OWNER_IDLE_S", "45")
+    monkeypatch.setenv("TRAINWATCH_DETECT__BATCH_WITHIN_S", "0.5")
+    s = load_settings(model_path="rule")
+    assert (s.detect.owner_idle_s, s.detect.batch_within_s) == (45.0, 0.5)
+    _, rt = make_app(s, app_id="settings-test")
+    assert rt.owners.idle_s == 45.0  # the owners' liveness uses the configured idle time, not the default
+    monkeypatch.setenv("TRAINWATCH_DETECT__OWNER_IDLE_S", "0")
+    with pytest.raises(ValueError, match="owner_idle_s"):
+        load_settings()

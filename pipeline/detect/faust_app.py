@@ -36,7 +36,7 @@ from confluent_kafka import Consumer, TopicPartition
 from detectors import registry
 from detectors.classifier_base import WorkloadClassifier
 from detectors.engine import DetectEngine
-from detectors.owner_aggregate import OWNER_IDLE_S, EventTimeOwners, OwnerAggregator, stamped, tick
+from detectors.owner_aggregate import EventTimeOwners, OwnerAggregator, stamped, tick
 from detectors.windows import merge_partials
 from pipeline.cases.feed import CaseFeedMessage, feed_messages
 from pipeline.cases.service import CaseService
@@ -57,12 +57,8 @@ from schemas.windows import WindowAggregate
 log = logging.getLogger(__name__)
 __all__ = ["DetectRuntime", "make_app", "owners_topic"]
 
-BATCH = 500  # events per take; a batch is the unit of checkpoint and ack
-#: A take waits this long for a full batch: detect and cases are two takes in a row, so it adds up to twice this
-#: to a case's latency at low traffic (at high traffic batches fill first).
-BATCH_WITHIN_S = 0.25
+BATCH = 500  # events per take (waiting at most settings.detect.batch_within_s); the unit of checkpoint and ack
 TICK_EVERY_S = 5.0
-OWNER_TICK_EVERY_S = OWNER_IDLE_S / 4  # ticks for owners with held messages: released within 1.25 x OWNER_IDLE_S
 
 
 def _unpack(raw: bytes) -> dict[str, Any]:
@@ -208,7 +204,9 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     partials = app.Table("partials", partitions=partitions, key_type=bytes, value_type=bytes)
     owners_table = app.Table("owners", partitions=partitions, key_type=bytes, value_type=bytes)
     owner_det = next((d for d in registry.build() if d.id == "owner_aggregate"), None)
-    rt.owners = EventTimeOwners(OwnerAggregator(rt.policy, settings.window_s, owner_det), now=time.time)
+    rt.owners = EventTimeOwners(OwnerAggregator(rt.policy, settings.window_s, owner_det),
+                                idle_s=settings.detect.owner_idle_s, now=time.time)
+    within_s = settings.detect.batch_within_s
 
     def stage_for(p: int) -> DetectStage:
         st = rt.stages.get(p)
@@ -316,7 +314,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
 
     @app.agent(inputs, concurrency=1)
     async def detect(stream: Any) -> None:
-        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+        async for events in stream.take_events(BATCH, within=within_s):
             by_part: dict[int, list[Any]] = {}
             for ev in events:
                 by_part.setdefault(ev.message.partition, []).append(ev)
@@ -372,7 +370,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     async def owners(stream: Any) -> None:
         agg = rt.owners
         assert agg is not None
-        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+        async for events in stream.take_events(BATCH, within=within_s):
             agg.clear()  # this batch's owners, from the table (recovered from its changelog)
             touched: dict[str, int] = {}
             out: list[Detection] = []
@@ -408,7 +406,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     async def cases(stream: Any) -> None:
         for m in unpublished(rt):
             await feed.send(key=m.key, value=encode(m))
-        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+        async for events in stream.take_events(BATCH, within=within_s):
             dets = []
             for ev in events:
                 try:
@@ -421,7 +419,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             for m in rt.cases.process(dets, time.time()):
                 await feed.send(key=m.key, value=encode(m))
 
-    @app.timer(OWNER_TICK_EVERY_S)
+    @app.timer(settings.detect.owner_idle_s / 4)  # owners with held messages: released within 1.25 x idle_s
     async def owner_ticks() -> None:
         # Through the owners topic, not by touching the owners here: the agent stays the only writer of its table.
         for oid in sorted(rt.held):
