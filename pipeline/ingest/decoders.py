@@ -35,9 +35,14 @@ _COLUMN_KEYS = frozenset(
     ["schema_version", "node", "accelerator", "account_id", "workload_id", "job_id", "run_label", "interval_s",
      "precision", "ts", "device", "metrics"]
 )
+#: Optional ids that must be strings when present (a number or a list as a workload id would be keyed, sorted and
+#: joined as if it were one, and fail far downstream).
+_STR_IDS = ("accelerator", "workload_id", "account_id", "job_id", "run_label")
 _PRECISIONS = frozenset(PRECISIONS)
 _PRECISIONS_OR_NONE = _PRECISIONS | {None}
 _METRIC_SET = frozenset(METRIC_FIELDS)
+_STR_OR_NONE = frozenset([str, type(None)])
+_INT_OR_NONE = frozenset([int, type(None)])
 
 
 @dataclass(slots=True)
@@ -84,6 +89,18 @@ def _loads(raw: bytes, i: int, errors: list[DecodeError]) -> Any:
 
 def _num(v: Any) -> bool:
     return (type(v) is float or type(v) is int) and v is not True and v is not False
+
+
+def _bad_ids(d: dict) -> str | None:
+    """Why the optional ids of a sample or columnar message have the wrong type, or None."""
+    for k in _STR_IDS:
+        v = d.get(k)
+        if v is not None and type(v) is not str:
+            return f"{k} must be a string"
+    g = d.get("gpu_index")
+    if g is not None and type(g) is not int:
+        return "gpu_index must be an integer"
+    return None
 
 
 class NativeDecoder:
@@ -148,6 +165,11 @@ class NativeDecoder:
         prec = col.get("precision")
         if prec is not None and not set(prec) <= _PRECISIONS_OR_NONE:
             return False
+        for k in _STR_IDS:
+            if k in col and not set(map(type, col[k])) <= _STR_OR_NONE:
+                return False
+        if "gpu_index" in col and not set(map(type, col["gpu_index"])) <= _INT_OR_NONE:
+            return False
         metrics = np.full((n, N_METRICS), np.nan)
         try:
             ts_a = np.array(ts, dtype=np.float64)
@@ -177,7 +199,7 @@ class NativeDecoder:
             if (type(ts) is not list or not d.keys() <= _COLUMN_KEYS or type(node) is not str or not node
                     or type(dev) is not list or len(dev) != len(ts) or type(metrics) is not dict
                     or d.get("precision") not in _PRECISIONS_OR_NONE
-                    or not (d.get("interval_s") is None or _num(d["interval_s"]))):
+                    or not (d.get("interval_s") is None or _num(d["interval_s"])) or _bad_ids(d)):
                 return False
             k = len(ts)
             for col in metrics.values():
@@ -238,6 +260,9 @@ class NativeDecoder:
         prec = d.get("precision")
         if prec is not None and prec not in _PRECISIONS:
             return f"unknown precision {prec!r}"
+        bad = _bad_ids(d)
+        if bad:
+            return bad
         out.add_row(
             i, ts, [d.get(f) for f in METRIC_FIELDS], device=device, node=node, accelerator=d.get("accelerator"),
             workload=d.get("workload_id"), account=d.get("account_id"), job=d.get("job_id"),
@@ -259,6 +284,9 @@ class NativeDecoder:
             return fail("device must be a list as long as ts; metrics a dict")
         if d.get("precision") is not None and d["precision"] not in _PRECISIONS:
             return fail(f"unknown precision {d['precision']!r}")
+        bad = _bad_ids(d)
+        if bad:
+            return fail(bad)
         k = len(ts)
         block = np.full((k, N_METRICS), np.nan)
         try:

@@ -128,9 +128,17 @@ class IngestCore:
                               node=r.node, accelerator=r.accelerator, workload=r.workload, account=r.account, job=r.job,
                               run_label=r.run_label, precision=r.precision,
                               ids_per_message=r.ids_per_message)
+                whole = None
                 if self.merges_rows:
                     batch = self._merge(topic, partition, batch, drain=False)
-                self._add(topic, partition, batch, dead)
+                else:  # a too-late row that is its whole message is dead-lettered as the message itself
+                    per_msg = np.bincount(rows.msg, minlength=len(values))
+                    offs = np.asarray(offsets, dtype=np.int64)
+
+                    def whole(offset: int) -> tuple[bytes, bytes | None] | None:
+                        mi = int(np.searchsorted(offs, offset))
+                        return (values[mi], key_of(mi) if key_of else None) if per_msg[mi] == 1 else None
+                self._add(topic, partition, batch, dead, whole)
                 if self.merges_rows:  # held fragments are at most hold_s behind the newest: let the watermark move
                     self.agg.observe(topic, partition, self._pending[(topic, partition)].max_ts - self.hold_s)
         self.agg.advance(topic, partition, int(offsets[-1]) + 1)
@@ -139,15 +147,21 @@ class IngestCore:
                 self.counters[f"dlq.{d.reason}"] += 1
         return dead
 
-    def _add(self, topic: str, partition: int, batch: Batch | None, dead: list[DeadLetter]) -> None:
+    def _add(self, topic: str, partition: int, batch: Batch | None, dead: list[DeadLetter],
+             whole: Callable[[int], tuple[bytes, bytes | None] | None] | None = None) -> None:
+        """`whole(offset)`: the (value, key) of the message at `offset` if the row is all of it, else None (the
+        letter then carries the row as a native sample)."""
         if batch is None or not len(batch.ts):
             return
         res = self.agg.add(topic, partition, batch)
         self.counters["duplicates"] += res.duplicates
         self.counters["samples_ok"] += len(batch.ts) - res.duplicates - len(res.too_late)
         for j in res.too_late.tolist():
+            offset = int(batch.offset[j])
+            raw = whole(offset) if whole else None
+            value, key = raw if raw is not None else (dumps(_batch_row(batch, j)), None)
             dead.append(DeadLetter("too_late", "window closed longer ago than allowed_lateness_s", topic, partition,
-                                   int(batch.offset[j]), dumps(_batch_row(batch, j))))
+                                   offset, value, key))
             self.counters["dlq.too_late"] += 1
 
     def _merge(self, topic: str, partition: int, b: Batch | None, drain: bool) -> Batch | None:
