@@ -34,10 +34,10 @@ class KafkaOut:
             except BufferError:  # local queue full: let librdkafka drain it (backpressure, not loss)
                 self.p.poll(0.1)
 
-    def telemetry(self, lines: list[str], node: np.ndarray) -> None:
+    def telemetry(self, lines: list[bytes], node: np.ndarray) -> None:
         names = self.sc.fleet.node_name[node].tolist()
         for line, key in zip(lines, names, strict=True):
-            self._produce(self.topics.telemetry, line.encode(), key)
+            self._produce(self.topics.telemetry, line, key)
             self.sent += 1
             if self.rate and self.sent % 1000 == 0:
                 ahead = self.sent / self.rate - (time.monotonic() - self._t0)

@@ -1,8 +1,8 @@
-"""Native TelemetrySample JSON lines, built in bulk: one str.format template per (workload, telemetry tier).
+"""Native TelemetrySample JSON lines, built in bulk as bytes: one list of constant pieces per (workload, tier).
 
-The workload-constant fields (accelerator, ids, interval, precision) are baked into the template, so each line
-costs one C-level format call over pre-converted Python lists. Values are finite floats whose repr is valid JSON;
-ids are plain ASCII (checked when the template is built).
+The workload-constant fields (accelerator, ids, interval, precision) are baked into the pieces, and node, device
+and GPU index into one piece per device, so each line costs one C-level bytes join over pre-converted columns.
+Values are finite floats whose repr is valid JSON; ids are plain ASCII (checked when the pieces are built).
 """
 
 from __future__ import annotations
@@ -22,8 +22,13 @@ class LineFormatter:
     def __init__(self, sc: Scenario) -> None:
         self.sc = sc
         self._templates: dict[tuple[int, bool], tuple[str, tuple[str, ...]]] = {}
-        self._pieces: dict[tuple[int, bool], list[str]] = {}
+        self._pieces: dict[tuple[int, bool], list[bytes]] = {}
         self.node_of_dev = np.repeat(np.arange(len(sc.fleet.nodes)), 8)
+        # The per-device middle of every line: node, device and GPU index (a function of the device alone).
+        fleet = sc.fleet
+        self._dev_text = np.array(
+            [f',"node":"{fleet.node_name[d // 8]}","device":"{uuid}","gpu_index":{d % 8}'.encode()
+             for d, uuid in enumerate(fleet.device_uuid.tolist())], dtype=object)
 
     def _template(self, wl: int, smi: bool) -> tuple[str, tuple[str, ...]]:
         key = (wl, smi)
@@ -42,19 +47,17 @@ class LineFormatter:
             fields = SMI_FIELDS if smi else tuple(f for f in METRIC_FIELDS if not _unsupported(node.model, f))
             tmpl = '{{"ts":{},"node":"{}","device":"{}","gpu_index":{},' + body + "".join(
                 f',"{f}":{{}}' for f in fields) + "}}"
-            # The same line as constant pieces between the values, for ''.join (no format parsing per line).
-            pieces = ['{"ts":', ',"node":"', '","device":"', '","gpu_index":', "," + body + f',"{fields[0]}":',
-                      *(f',"{f}":' for f in fields[1:]), "}"]
+            # The same line as the constant pieces after the device text, one before each value and the end.
+            self._pieces[key] = [f',{body},"{fields[0]}":'.encode(), *(f',"{f}":'.encode() for f in fields[1:]), b"}"]
             self._templates[key] = (tmpl, fields)
-            self._pieces[key] = pieces
         return self._templates[key]
 
-    def format(self, blk: Block) -> tuple[list[str], np.ndarray]:
-        """Lines in the block's (arrival) order, and the node index of each (the Kafka key).
+    def format(self, blk: Block) -> tuple[list[bytes], np.ndarray]:
+        """Lines (bytes, no newline) in the block's (arrival) order, and the node index of each (the Kafka key).
 
-        Numbers are turned into text column by column by orjson (one C call per column), then each
-        (workload, tier) group of rows is formatted with its template; the block is sorted by group for that and
-        put back into arrival order at the end.
+        The block is sorted by (workload, tier) group and put back into arrival order at the end. Within a group,
+        each column's numbers are turned into text by orjson (one C call), then each line is one bytes join of
+        the group's pieces and values.
         """
         n = len(blk)
         node = self.node_of_dev[blk.dev]
@@ -65,38 +68,36 @@ class LineFormatter:
         gs = gkey[perm]
         starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]]) if n else np.empty(0, dtype=np.int64)
         bounds = np.r_[starts, n]
-        text: dict[str, list[str]] = {}
+        sorted_cols: dict[str, np.ndarray] = {}
 
-        def col(name: str) -> list[str]:
-            if name not in text:
+        def col(name: str) -> np.ndarray:
+            if name not in sorted_cols:
                 v = blk.cols[name][perm]
-                if name in _INT_FIELDS:
-                    v = np.nan_to_num(v).astype(np.int64)
-                text[name] = _numbers(v)
-            return text[name]
+                sorted_cols[name] = np.nan_to_num(v).astype(np.int64) if name in _INT_FIELDS else v
+            return sorted_cols[name]
 
         ts_t = _numbers(blk.ts[perm])
-        node_t = self.sc.fleet.node_name[node[perm]].tolist()
-        dev_t = self.sc.fleet.device_uuid[blk.dev[perm]].tolist()
-        gi_t = _numbers((blk.dev[perm] % 8).astype(np.int64))
-        lines: list[str] = []
+        dev_t = self._dev_text[blk.dev[perm]].tolist()
+        lines: list[bytes] = []
         for a, b in pairwise(bounds.tolist()):
             g = int(gs[a])
             if g < 0:
-                lines.extend([""] * (b - a))  # malformed: filled below
+                lines.extend([b""] * (b - a))  # malformed: filled below
                 continue
             _, fields = self._template(g // 2, bool(g % 2))
             pieces = self._pieces[(g // 2, bool(g % 2))]
-            values = [ts_t[a:b], node_t[a:b], dev_t[a:b], gi_t[a:b], *(col(f)[a:b] for f in fields)]
-            args: list[Iterable[str]] = []
-            for p, v in zip(pieces, values, strict=False):
-                args += [repeat(p), v]
-            args.append(repeat(pieces[-1]))
-            lines.extend(map("".join, zip(*args, strict=False)))
+            # A value that is the same on every row of the group (a fixed clock, an idle counter) joins the
+            # constant pieces around it: fewer per-row values to convert and join.
+            parts: list[bytes | list[bytes]] = [b'{"ts":', ts_t[a:b], dev_t[a:b]]
+            for p, f in zip(pieces, fields, strict=False):
+                v = col(f)[a:b]
+                parts += [p + _numbers(v[:1])[0]] if _constant(v) else [p, _numbers(v)]
+            parts.append(pieces[-1])
+            lines.extend(map(b"".join, zip(*_as_columns(parts), strict=False)))
         out = np.empty(n, dtype=object)
         out[perm] = lines
         for i in np.flatnonzero(~ok):
-            out[i] = self._malformed(blk, int(i), bool(smi[i]), int(node[i]))
+            out[i] = self._malformed(blk, int(i), bool(smi[i]), int(node[i])).encode()
         return out.tolist(), node
 
     def _malformed(self, blk: Block, i: int, smi: bool, node: int) -> str:
@@ -122,11 +123,28 @@ _INT_FIELDS = frozenset(("fb_used_mib", "fb_free_mib", "sm_clock_mhz", "mem_cloc
                          "energy_mj"))
 
 
-def _numbers(v: np.ndarray) -> list[str]:
+def _numbers(v: np.ndarray) -> list[bytes]:
     """Shortest round-trip text of each number (orjson's float printer), one C call for the whole column."""
     if v.size == 0:
         return []
-    return orjson.dumps(v, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].decode().split(",")
+    return orjson.dumps(v, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
+
+
+def _constant(v: np.ndarray) -> bool:
+    """Every value has the same bits (so the same text: 0.0 and -0.0 compare equal but print differently)."""
+    u = v.view(f"u{v.itemsize}")
+    return bool((u == u[0]).all())
+
+
+def _as_columns(parts: list[bytes | list[bytes]]) -> list[Iterable[bytes]]:
+    """Per-row columns for zip: adjacent constant pieces merged into one, each constant repeated."""
+    merged: list[bytes | list[bytes]] = []
+    for p in parts:
+        if isinstance(p, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] += p
+        else:
+            merged.append(p)
+    return [repeat(p) if isinstance(p, bytes) else p for p in merged]
 
 
 def _unsupported(model: str, field: str) -> bool:

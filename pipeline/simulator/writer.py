@@ -19,6 +19,7 @@ from schemas.serde import dumps
 from schemas.telemetry import SMI_FIELDS
 
 LAYOUT_VERSION = 1
+_JOIN_LINES = 2048
 
 
 @dataclass
@@ -53,24 +54,41 @@ def _columns_messages(sc: Scenario, blk: Block, node: np.ndarray) -> list[bytes]
     key = (blk.wl[ok].astype(np.int64) * 1_000_003 + node[ok]) * 10_000_000 + np.rint(blk.ts[ok] - sc.t_start
                                                                                        ).astype(np.int64)
     _, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    # Rank the messages by first arrival, then group the rows by message (arrival order kept inside each):
+    # every column is gathered and turned into Python numbers once per block, and each message takes slices.
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+    msg_of_row = rank[inv]
+    rows = ok[np.argsort(msg_of_row, kind="stable")]
+    bounds = np.r_[0, np.cumsum(np.bincount(msg_of_row, minlength=first.size))].tolist()
+    heads = rows[bounds[:-1]]
+    ts, dev = blk.ts[rows].tolist(), sc.fleet.device_uuid[blk.dev[rows]].tolist()
+    cols = {f: v[rows].tolist() for f, v in blk.cols.items()}
+    present = {f: (~np.isnan(v[heads])).tolist() for f, v in blk.cols.items()}  # judged on each message's first row
     out = []
-    for g in np.argsort(first, kind="stable"):
-        idx = ok[inv == g]
-        i0 = idx[0]
-        w = sc.workloads[int(blk.wl[i0])]
-        n = sc.fleet.nodes[int(node[i0])]
-        fields = SMI_FIELDS if n.smi_only else list(blk.cols)
-        metrics = {f: blk.cols[f][idx].tolist() for f in fields if not np.isnan(blk.cols[f][idx[0]])}
+    for k, (wl, nd, a, b) in enumerate(zip(blk.wl[heads].tolist(), node[heads].tolist(), bounds, bounds[1:],
+                                           strict=False)):
+        w = sc.workloads[wl]
+        n = sc.fleet.nodes[nd]
+        fields = SMI_FIELDS if n.smi_only else cols
+        metrics = {f: cols[f][a:b] for f in fields if present[f][k]}
         msg = {"node": n.name, "accelerator": n.reported_name, "account_id": sc.accounts[w.account].account_id,
                "workload_id": w.workload_id, "job_id": w.job_id, "run_label": w.run_label,
                "interval_s": w.interval_s, "precision": w.precision if w.precision_reported else None,
-               "ts": blk.ts[idx].tolist(), "device": sc.fleet.device_uuid[blk.dev[idx]].tolist(), "metrics": metrics}
+               "ts": ts[a:b], "device": dev[a:b], "metrics": metrics}
         out.append(dumps(msg))
     return out
 
 
+def _write_lines(f: IO[bytes], lines: list[bytes]) -> None:
+    """Each line and a newline, joined a few thousand lines (~1 MB) at a time: a join that stays in the CPU
+    cache costs about half of one over the whole block."""
+    for i in range(0, len(lines), _JOIN_LINES):
+        f.write(b"\n".join([*lines[i:i + _JOIN_LINES], b""]))
+
+
 def stream(sc: Scenario, truth: TruthAccumulator | None = None, counts: Counts | None = None
-           ) -> Iterator[tuple[Block, list[str], np.ndarray]]:
+           ) -> Iterator[tuple[Block, list[bytes], np.ndarray]]:
     """Blocks in delivery order with their lines and node indices; feeds the truth and the counters."""
     fmt = LineFormatter(sc)
     for blk, tb, gaps in iter_blocks(sc):
@@ -120,7 +138,7 @@ def ground_truth(sc: Scenario, truth: TruthAccumulator, counts: Counts) -> dict[
 
 
 def write(sc: Scenario, out_dir: Path, *, columnar: bool = False,
-          sink: Callable[[list[str], np.ndarray], None] | None = None) -> tuple[dict[str, Any], float]:
+          sink: Callable[[list[bytes], np.ndarray], None] | None = None) -> tuple[dict[str, Any], float]:
     """Write the folder; `sink` also receives each block's lines (the Kafka producer). Returns (manifest, secs)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     truth, counts = TruthAccumulator(sc), Counts()
@@ -129,11 +147,9 @@ def write(sc: Scenario, out_dir: Path, *, columnar: bool = False,
     try:
         with (out_dir / "telemetry.jsonl").open("wb") as f:
             for blk, lines, node in stream(sc, truth, counts):
-                if lines:
-                    f.write(("\n".join(lines) + "\n").encode())
+                _write_lines(f, lines)
                 if col_f is not None:
-                    for m in _columns_messages(sc, blk, node):
-                        col_f.write(m + b"\n")
+                    _write_lines(col_f, _columns_messages(sc, blk, node))
                 if sink is not None:
                     sink(lines, node)
     finally:
