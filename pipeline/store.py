@@ -27,6 +27,9 @@ chDB quirks (chDB 4.4 / engine 26.9, clickhouse-connect 1.12), checked by hand a
 - Not a process singleton in clickhouse-connect: each get_client() opens a new handle; calls on one handle are
   serialised by a lock, so share a Store between threads only for light use.
 - Inserts go through a temp file and ``INSERT ... FROM INFILE`` (clickhouse-connect's chdb backend), so batch.
+- Windows go in as one Arrow IPC stream (``raw_insert(fmt="ArrowStream")``, built by pipeline/arrow_rows.py from
+  the table's own column types): the engine reads the buffers, so the Python side never encodes the ~50 map entries
+  of a window one by one (~1.4x clickhouse-connect's Native writer, see benchmarks/bench_store.py).
 - ``insert_deduplication_token`` dedups only on tables with ``non_replicated_deduplication_window`` > 0, and
   only for a byte-identical retry of the same batch; replays that re-batch rows rely on the ReplacingMergeTree
   keys, so reads use FINAL.
@@ -49,6 +52,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 from pydantic import BaseModel, Field
 
+from pipeline.arrow_rows import ArrowRows
 from schemas import serde
 from schemas.base import Message
 from schemas.case import Case, CaseEvent
@@ -106,8 +110,8 @@ class _Table:
     name: str
     model: type[BaseModel]
     json_fields: frozenset[str] = frozenset()
-    #: every field is already a plain value the driver takes (str, number, list, dict of those): columns are read
-    #: straight off the models, skipping model_dump's copy (the windows table: the store's widest, busiest rows)
+    #: every field is already a plain value (str, number, list, dict of those): rows go in as Arrow, read straight
+    #: off the models without model_dump's copy (the windows table: the store's widest, busiest rows)
     plain: bool = False
 
     @property
@@ -117,10 +121,6 @@ class _Table:
     def row(self, item: BaseModel) -> list[Any]:
         data = item.model_dump()
         return [serde.dumps(data[c]).decode() if c in self.json_fields else data[c] for c in self.columns]
-
-    def column_data(self, items: Sequence[BaseModel]) -> list[list[Any]]:
-        """The items as columns (for a column-oriented insert); only for `plain` tables."""
-        return [[getattr(i, c) for i in items] for c in self.columns]
 
     def parse(self, rec: Mapping[str, Any]) -> Any:
         data = {c: serde.loads(rec[c]) if c in self.json_fields else rec[c] for c in self.columns}
@@ -194,6 +194,7 @@ class Store:
         self.database = database
         #: Migrations this connect applied ("0001_core_tables", ...); empty when the schema was already current.
         self.applied = applied
+        self._arrow: dict[str, ArrowRows] = {}  # per plain table, built at its first insert
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -263,12 +264,22 @@ class Store:
         if not items:
             return 0
         if table.plain:
-            self.client.insert(table.name, table.column_data(items), column_names=table.columns, settings=settings,
-                               column_oriented=True)
+            payload = self._arrow_rows(table).payload(items)
+            self.client.raw_insert(table.name, table.columns, payload, settings=settings, fmt="ArrowStream")
         else:
             self.client.insert(table.name, [table.row(i) for i in items], column_names=table.columns,
                                settings=settings)
         return len(items)
+
+    def _arrow_rows(self, table: _Table) -> ArrowRows:
+        enc = self._arrow.get(table.name)
+        if enc is None:
+            types = {r[0]: r[1] for r in self.client.query(f"DESCRIBE TABLE `{table.name}`").result_rows}
+            try:
+                enc = self._arrow[table.name] = ArrowRows(table.columns, types)
+            except ValueError as exc:
+                raise StoreError(f"table {table.name}: {exc}") from exc
+        return enc
 
     def insert_windows(self, windows: Sequence[WindowAggregate]) -> int:
         return self._insert(_WINDOWS, windows)
