@@ -1,7 +1,7 @@
 """Models -> one Arrow IPC stream, the store's fast insert format (``raw_insert(fmt="ArrowStream")``).
 
 Why: clickhouse-connect's Native writer encodes wide rows value by value in Python; the windows table's two maps
-(~50 entries a row) made it the store's bottleneck. Here pyarrow's C++ converters build each column from plain
+(~160 entries a row) made it the store's bottleneck. Here pyarrow's C++ converters build each column from plain
 lists and the engine reads the Arrow buffers directly. Arrow carries floats as raw IEEE doubles, so NaN, inf, -0.0
 and every bit of a float arrive exactly as with Native; nulls stay nulls.
 

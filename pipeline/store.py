@@ -28,7 +28,7 @@ chDB quirks (chDB 4.4 / engine 26.9, clickhouse-connect 1.12), checked by hand a
   serialised by a lock, so share a Store between threads only for light use.
 - Inserts go through a temp file and ``INSERT ... FROM INFILE`` (clickhouse-connect's chdb backend), so batch.
 - Windows go in as one Arrow IPC stream (``raw_insert(fmt="ArrowStream")``, built by pipeline/arrow_rows.py from
-  the table's own column types): the engine reads the buffers, so the Python side never encodes the ~50 map entries
+  the table's own column types): the engine reads the buffers, so the Python side never encodes the ~160 map entries
   of a window one by one (~1.4x clickhouse-connect's Native writer, see benchmarks/bench_store.py).
 - ``insert_deduplication_token`` dedups only on tables with ``non_replicated_deduplication_window`` > 0, and
   only for a byte-identical retry of the same batch; replays that re-batch rows rely on the ReplacingMergeTree
