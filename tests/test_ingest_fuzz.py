@@ -122,3 +122,16 @@ def test_columnar_rows_end_in_a_window_a_row_letter_or_the_duplicate_count(seed:
     assert counted + row_letters + core.counters["duplicates"] == rows_in
     assert all(d.value == values[d.offset] for d in dead if d.offset in whole)
     assert {d.reason for d in dead} <= REASONS and all(d.detail for d in dead)
+
+
+@pytest.mark.parametrize("fmt,decoder", [("native", "native"), ("columnar", "native"), ("otlp", "otlp_json"),
+                                         ("prometheus", "prometheus_json")])
+def test_tombstones_and_empty_messages_are_dead_lettered_and_the_rest_kept(fmt: str, decoder: str) -> None:
+    rows = synth.samples([synth.WorkloadSpec("wl-a", nodes=1, gpus_per_node=2)], T0, 120, 10.0)
+    values: list[bytes | None] = [v for _, v in getattr(synth, fmt)(rows)]
+    values[1:1] = [None, b""]  # a null value (compaction tombstone) and an empty one, in the middle of a batch
+    core = IngestCore(decoder=decoder)
+    dead = core.process("telemetry", 0, [SourceMessage(i, v) for i, v in enumerate(values)], NOW)
+    assert [(d.offset, d.reason) for d in dead] == [(1, "malformed_json"), (2, "malformed_json")]
+    assert "no value" in dead[0].detail and dead[0].value == b""
+    assert sum(w.sample_count for w in core.drain()) == len(rows)

@@ -76,10 +76,13 @@ class LabelMap:
 
 
 class Decoder(Protocol):
-    def decode(self, values: list[bytes], out: RowBuilder, errors: list[DecodeError]) -> None: ...
+    def decode(self, values: list[bytes | None], out: RowBuilder, errors: list[DecodeError]) -> None: ...
 
 
-def _loads(raw: bytes, i: int, errors: list[DecodeError]) -> Any:
+def _loads(raw: bytes | None, i: int, errors: list[DecodeError]) -> Any:
+    if not raw:  # a tombstone (null value) or an empty message
+        errors.append(DecodeError(i, "malformed_json", "message has no value (null or empty)"))
+        return None
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -106,8 +109,8 @@ def _bad_ids(d: dict) -> str | None:
 class NativeDecoder:
     """TelemetrySample / TelemetryBatch / TelemetryColumns, told apart by shape."""
 
-    def decode(self, values: list[bytes], out: RowBuilder, errors: list[DecodeError]) -> None:
-        if len(values) > 1 and self._fast(values, out):
+    def decode(self, values: list[bytes | None], out: RowBuilder, errors: list[DecodeError]) -> None:
+        if len(values) > 1 and None not in values and self._fast(values, out):
             return
         for i, raw in enumerate(values):
             d = _loads(raw, i, errors)
@@ -353,7 +356,7 @@ class OtlpJsonDecoder:
         self.labels = labels or LabelMap()
         self.unknown_metrics = 0
 
-    def decode(self, values: list[bytes], out: RowBuilder, errors: list[DecodeError]) -> None:
+    def decode(self, values: list[bytes | None], out: RowBuilder, errors: list[DecodeError]) -> None:
         for i, raw in enumerate(values):
             d = _loads(raw, i, errors)
             if d is None:
@@ -406,7 +409,7 @@ class PrometheusJsonDecoder:
         self.labels = labels or LabelMap()
         self.unknown_metrics = 0
 
-    def decode(self, values: list[bytes], out: RowBuilder, errors: list[DecodeError]) -> None:
+    def decode(self, values: list[bytes | None], out: RowBuilder, errors: list[DecodeError]) -> None:
         rows: dict[tuple[str, float], _PendingRow] = {}
         lm = self.labels
         for i, raw in enumerate(values):

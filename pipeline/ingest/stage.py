@@ -28,7 +28,7 @@ from schemas.windows import WindowAggregate
 @dataclass(slots=True)
 class SourceMessage:
     offset: int
-    value: bytes
+    value: bytes | None  # None: a tombstone (dead-lettered)
     key: bytes | None = None
 
 
@@ -84,7 +84,7 @@ class IngestCore:
         return self.process_raw(topic, partition, [m.value for m in msgs], [m.offset for m in msgs], now,
                                 key_of=lambda i: msgs[i].key)
 
-    def process_raw(self, topic: str, partition: int, values: list[bytes], offsets: list[int], now: float,
+    def process_raw(self, topic: str, partition: int, values: list[bytes | None], offsets: list[int], now: float,
                     key_of: Callable[[int], bytes | None] | None = None) -> list[DeadLetter]:
         """`process` over parallel lists (the hot path: no object per message); keys are fetched only for letters."""
         if not values:
@@ -96,7 +96,7 @@ class IngestCore:
         dead: list[DeadLetter] = []
 
         def letter(mi: int, reason: str, detail: str, row: int | None = None, payload: dict | None = None) -> None:
-            value = values[mi] if payload is None else dumps(payload)
+            value = (values[mi] or b"") if payload is None else dumps(payload)  # a tombstone's letter: empty
             key = key_of(mi) if key_of else None
             dead.append(DeadLetter(reason, detail, topic, partition, offsets[mi], value, key, row))
 
