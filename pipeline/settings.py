@@ -71,6 +71,9 @@ class IngestSettings(BaseModel):
     account_labels: list[str] = Field(default_factory=lambda: ["account_id", "namespace"])
     #: Optional inventory file (JSON: {"nodes": {host: account}, "devices": {uuid: account}, "workloads": {...}}).
     inventory_path: Path | None = None
+    #: Prometheus /metrics of the ingest stage on this port (None: off; 0: any free port) and address.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_addr: str = "127.0.0.1"
 
 
 class DetectSettings(BaseModel):

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
@@ -31,6 +33,7 @@ from pipeline.settings import Settings
 from schemas.serde import dumps, encode, loads
 
 log = logging.getLogger(__name__)
+LAG_EVERY_S = 1.0  # how often the consumer lag (for the metrics endpoint) is refreshed
 
 
 def tune_gc() -> None:
@@ -79,6 +82,10 @@ class KafkaIngestStage:
         self._delivery_errors: list[KafkaError] = []
         self._paused = False
         self._last_commit: dict[tuple[str, int], TopicPartition] = {}
+        #: messages behind each assigned partition's end, refreshed every LAG_EVERY_S (read by the metrics endpoint)
+        self.lag: dict[tuple[str, int], int] = {}
+        self._lag_at = -math.inf
+        self._metrics: WSGIServer | None = None
         kafka = settings.kafka
         self.consumer = Consumer(kafka.client_config(**{
             "group.id": group_id,
@@ -153,7 +160,21 @@ class KafkaIngestStage:
         self.stats.messages += len(msgs)
         self.stats.windows += len(windows)
         self.stats.dead_letters += len(dead)
+        self._refresh_lag()
         return len(msgs)
+
+    def _refresh_lag(self) -> None:
+        """Lag from the high watermarks the fetcher already holds (cached: no broker round trip)."""
+        now = time.monotonic()
+        if now - self._lag_at < LAG_EVERY_S:
+            return
+        self._lag_at = now
+        lag = {}
+        for tp in self.consumer.position(self.consumer.assignment()):
+            high = self.consumer.get_watermark_offsets(tp, cached=True)[1]
+            if tp.offset >= 0 and high >= 0:  # negative: nothing consumed or no fetch yet
+                lag[(tp.topic, tp.partition)] = max(0, high - tp.offset)
+        self.lag = lag
 
     def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list | None = None) -> None:
         while True:
@@ -210,6 +231,12 @@ class KafkaIngestStage:
             stop: Callable[[], bool] | None = None) -> StageStats:
         """Run until `stop()`, or no message for `idle_exit_s`, or `max_seconds` passed."""
         self.subscribe()
+        port = self.settings.ingest.metrics_port
+        if port is not None:
+            from pipeline.ingest.metrics import serve
+
+            self._metrics = serve(self, port, self.settings.ingest.metrics_addr)
+            log.info("metrics on http://%s:%d/metrics", self.settings.ingest.metrics_addr, self._metrics.server_port)
         start = time.monotonic()
         last_data = None  # idle time counts from the first assignment (joining a group can take a while)
         try:
@@ -226,8 +253,17 @@ class KafkaIngestStage:
             self.close()
         return self.stats
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the metrics endpoint listens on (while `run` runs), or None."""
+        return self._metrics.server_port if self._metrics is not None else None
+
     def close(self) -> None:
         # Open windows are left to be re-read from the committed offset (see module docstring).
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
+            self._metrics = None
         self.producer.flush(30)
         if self._last_commit:
             try:  # make the last asynchronous commit durable before leaving the group
