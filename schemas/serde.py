@@ -20,8 +20,10 @@ def dumps(obj: Any, *, sort_keys: bool = False) -> bytes:
     return orjson.dumps(obj, option=_OPTS | (orjson.OPT_SORT_KEYS if sort_keys else 0))
 
 
-def loads(raw: bytes | str) -> Any:
-    """Decode JSON bytes; malformed JSON raises InvalidMessage."""
+def loads(raw: bytes | str | None) -> Any:
+    """Decode JSON bytes; malformed JSON, or no value at all (a tombstone), raises InvalidMessage."""
+    if not raw:
+        raise InvalidMessage("message has no value (null or empty)", field=None, reason="malformed_json")
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -50,6 +52,6 @@ def validate(model: type[M], data: Any, *, context: dict[str, Any] | None = None
         raise validation_error(model, exc) from exc
 
 
-def decode(model: type[M], raw: bytes | str, *, context: dict[str, Any] | None = None) -> M:
+def decode(model: type[M], raw: bytes | str | None, *, context: dict[str, Any] | None = None) -> M:
     """Decode JSON bytes into `model`, raising InvalidMessage for malformed JSON or invalid fields."""
     return validate(model, loads(raw), context=context)

@@ -191,6 +191,10 @@ def test_owner_accounts_on_different_partitions_are_summed(tmp_path: Path, kafka
     for stream, key, value in delivery_order(folder):
         p.produce(topics[stream], value, key, partition=placed.get(key, zlib.crc32(key) % 2))
         p.poll(0)
+    # Bad input on every input topic: a tombstone (null value) and broken JSON must be dead-lettered, not stop it.
+    for stream in ("windows", "cip", "allocations"):
+        p.produce(topics[stream], None, b"acct-x", partition=0)
+        p.produce(topics[stream], b"{not json", b"acct-x", partition=1)
     assert p.flush(30) == 0
     app_id, db = f"fo-{uuid.uuid4().hex[:10]}", f"faust_{uuid.uuid4().hex[:10]}"
     dsn = f"chdb://{tmp_path / 'worker-store'}"
@@ -218,11 +222,15 @@ def test_owner_accounts_on_different_partitions_are_summed(tmp_path: Path, kafka
     expected = case_rows(store)
     script = ("import sys, orjson; from pipeline.store import Store\n"
               "s = Store.connect(sys.argv[1], sys.argv[2])\n"
-              "print(orjson.dumps([[c.case_id, c.status, c.reason, c.beneficial_owner_id or c.account_id,"
-              " c.knowledge_at] for c in s.list_cases()]).decode())\n")
-    got = {tuple(c) for c in orjson.loads(subprocess.run([sys.executable, "-c", script, dsn, db], cwd=REPO,
-                                                         capture_output=True, check=True, timeout=60).stdout)}
+              "print(orjson.dumps({'cases': [[c.case_id, c.status, c.reason, c.beneficial_owner_id or c.account_id,"
+              " c.knowledge_at] for c in s.list_cases()], 'dead': sorted([d.topic, d.reason, d.raw.decode()]"
+              " for d in s.dead_letters())}).decode())\n")
+    worker = orjson.loads(subprocess.run([sys.executable, "-c", script, dsn, db], cwd=REPO, capture_output=True,
+                                         check=True, timeout=60).stdout)
+    got = {tuple(c) for c in worker["cases"]}
     tail = log_path.read_text(errors="replace")[-3000:]
+    assert worker["dead"] == sorted([topics[s], "malformed_json", raw] for s in ("windows", "cip", "allocations")
+                                    for raw in ("", "{not json")), tail
 
     def owner_case(rows: set[tuple]) -> list[tuple]:
         return [r for r in rows if r[2] == "owner_aggregate" and r[3] == "own-shared-7"]

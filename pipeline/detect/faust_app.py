@@ -253,7 +253,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         m = ev.message
         rt.store.insert_dead_letters([DeadLetter(reason=exc.reason or "schema_violation", detail=str(exc)[:1000],
                                                  topic=m.topic, partition=m.partition, offset=m.offset,
-                                                 raw=ev.value, at=time.time())])
+                                                 raw=ev.value or b"", at=time.time())])  # None: a tombstone
 
     def expire(p: int, st: DetectStage, touched: dict[bytes, dict | None]) -> None:
         # Partials older than the allowed lateness can no longer change a window: drop them (tombstones).
