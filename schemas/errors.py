@@ -20,3 +20,7 @@ class PolicyError(TrainwatchError):
 
 class ArtifactError(TrainwatchError):
     """A model artifact is missing or does not match the code's expected version."""
+
+
+class ConfigError(TrainwatchError, ValueError):
+    """A setting or argument names something that does not exist or is out of range (also a ValueError)."""

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from schemas import MESSAGE_TYPES
 
 
@@ -32,3 +34,16 @@ def test_errors_are_one_line_and_exit_2():
     out = _run("policy", "show", "no-such-profile")
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: no-such-profile: no such policy profile")
+
+
+@pytest.mark.parametrize("args,message", [
+    (("simulate", "no-such-scenario", "--out", "{tmp}/x"), "error: unknown scenario 'no-such-scenario'"),
+    (("simulate", "demo", "--out", "{tmp}/x", "--scale", "-1"), "error: scale must be > 0"),
+    (("simulate", "demo", "--out", "{tmp}/x", "--malformed-share", "1.5"), "error: malformed_share must be in [0, 1]"),
+    (("ingest", "run", "--decoder", "bogus", "--max-seconds", "1"), "error: unknown decoder 'bogus'"),
+])
+def test_bad_arguments_are_one_line_errors_not_tracebacks(tmp_path, args, message):
+    out = _run(*(a.format(tmp=tmp_path) for a in args))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().startswith(message) and "Traceback" not in out.stderr
+    assert not (tmp_path / "x").exists()  # nothing half-written

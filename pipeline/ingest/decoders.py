@@ -22,6 +22,7 @@ import numpy as np
 import orjson
 
 from pipeline.ingest.columns import METRIC_INDEX, N_METRICS, PRECISIONS, RowBuilder, Rows
+from schemas.errors import ConfigError
 from schemas.telemetry import DCGM_NAMES, METRIC_FIELDS
 
 #: Metric name on the wire -> our field: dcgm-exporter names and our own field names.
@@ -445,4 +446,4 @@ def make_decoder(name: str, labels: LabelMap | None = None) -> Decoder:
         return OtlpJsonDecoder(labels)
     if name == "prometheus_json":
         return PrometheusJsonDecoder(labels)
-    raise ValueError(f"unknown decoder {name!r} (native | otlp_json | prometheus_json)")
+    raise ConfigError(f"unknown decoder {name!r} (native | otlp_json | prometheus_json)")

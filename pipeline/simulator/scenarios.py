@@ -16,6 +16,7 @@ from pipeline.simulator.scenario import Faults, Scenario
 from pipeline.simulator.scope_scenario import build_scope
 from pipeline.simulator.workload import ARCHETYPES
 from schemas.cip import Reseller
+from schemas.errors import ConfigError
 
 T0 = 1_740_960_000.0  # 2025-03-03T00:00:00Z, a Monday
 H, M = 3600.0, 60.0
@@ -202,6 +203,11 @@ DEFAULTS: dict[str, Any] = {"scale": 1.0, "smi_share": 0.25, "malformed_share": 
 
 def build(name: str, seed: int = 0, **params: Any) -> Scenario:
     if name not in SCENARIOS:
-        raise ValueError(f"unknown scenario {name!r} (known: {', '.join(sorted(SCENARIOS))})")
+        raise ConfigError(f"unknown scenario {name!r} (known: {', '.join(sorted(SCENARIOS))})")
     p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    if not p["scale"] > 0:
+        raise ConfigError(f"scale must be > 0, got {p['scale']}")
+    for share in ("smi_share", "malformed_share"):
+        if not 0 <= p[share] <= 1:
+            raise ConfigError(f"{share} must be in [0, 1], got {p[share]}")
     return SCENARIOS[name](seed, p)
