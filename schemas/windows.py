@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from schemas.base import Message
 
@@ -44,3 +44,10 @@ class WindowAggregate(Message):
     features: dict[str, float | None] = Field(default_factory=dict)
     missing_fields: list[str] = Field(default_factory=list)
     offsets: dict[str, list[int]] = Field(default_factory=dict, description="'topic:partition' -> [first, last]")
+
+    @model_validator(mode="after")
+    def _window_has_length(self) -> WindowAggregate:
+        # Rates and features divide by the window's length: a window that ends where it starts cannot be one.
+        if not self.window_end > self.window_start:
+            raise ValueError(f"window_end {self.window_end} is not after window_start {self.window_start}")
+        return self

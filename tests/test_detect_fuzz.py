@@ -1,0 +1,109 @@
+"""Detect never fails on input its schemas accept: odd but valid windows go through, the rest is refused up front.
+
+The demo's windows, CIP and allocations in delivery order, with a seeded share of windows given odd values (zero
+or huge counts, times moved by a year, empty or inflated device lists, unknown models, extreme sums). A mutation
+the schema refuses is what the stages dead-letter; every accepted one must pass the detect stage without raising.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from pipeline.classifier_loader import load_classifier
+from pipeline.detect.stage import DetectStage
+from pipeline.ingest.aggregate import WindowConfig
+from pipeline.ingest.stage import IngestCore, SourceMessage
+from pipeline.simulator import simulate
+from pipeline.sources import read_folder
+from schemas.allocation import AllocationEvent
+from schemas.cip import CipRecord
+from schemas.errors import InvalidMessage
+from schemas.policy import load_policy
+from schemas.serde import decode, validate
+from schemas.windows import WindowAggregate
+
+ODD = [0.0, -1.0, 1.0, 1e-30, 1e30, -1e12, 5e9]
+
+
+@pytest.fixture(scope="module")
+def demo_items(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, object]]:
+    folder = simulate("demo", tmp_path_factory.mktemp("fuzz") / "demo")
+    core, items, buf = IngestCore(WindowConfig(), "native"), [], []
+
+    def flush() -> None:
+        if buf:
+            core.process("telemetry", 0, buf[:], time.time())
+            buf.clear()
+        items.extend(("window", w) for w in core.ready())
+
+    for rec in read_folder(folder):
+        if rec.stream == "telemetry":
+            buf.append(SourceMessage(rec.offset, rec.value))
+            if len(buf) >= 5000:
+                flush()
+        else:
+            flush()
+            items.append((rec.stream, rec.value))
+    flush()
+    items.extend(("window", w) for w in core.drain())
+    return items
+
+
+def _mutate(rng: random.Random, w: WindowAggregate) -> dict:
+    d = w.model_dump()
+    for _ in range(rng.randint(1, 3)):
+        k = rng.choice(["window_start", "window_end", "sample_count", "device_count", "node_count", "device_seconds",
+                        "flop", "flop_low", "flop_high", "revision", "sums", "devices", "accelerators"])
+        if k == "sums" and d["sums"]:
+            d["sums"][rng.choice(sorted(d["sums"]))] = rng.choice(ODD)
+        elif k == "devices":
+            d["devices"] = rng.choice([[], d["devices"] * 3, ["x"]])
+        elif k == "accelerators":
+            d["accelerators"] = rng.choice([{}, {"Mystery X9": 5}, {"NVIDIA H100 80GB HBM3": 10**6}])
+        elif k in ("sample_count", "device_count", "node_count", "revision"):
+            d[k] = rng.choice([0, 1, 3, 10**9])
+        elif k != "sums":
+            d[k] = rng.choice(ODD) if rng.random() < 0.5 else d[k] + rng.choice([-365 * 86_400, -60, 60, 1e9])
+    return d
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_detect_takes_every_window_its_schema_accepts(demo_items: list, seed: int) -> None:
+    rng = random.Random(seed)
+    policy = load_policy("demo")
+    stage = DetectStage(policy, load_classifier(None, policy), 60.0, 3600.0)
+    accepted = refused = 0
+    for kind, value in demo_items:
+        if kind == "window":
+            w = value
+            if rng.random() < 0.15:
+                try:
+                    w = validate(WindowAggregate, _mutate(rng, value))
+                    accepted += 1
+                except InvalidMessage:
+                    refused += 1
+                    continue
+            stage.on_window(w)
+        elif kind == "cip":
+            stage.on_cip(decode(CipRecord, value))
+        else:
+            stage.on_allocation(decode(AllocationEvent, value))
+    stage.on_time()
+    assert accepted > 20 and refused > 5  # both ways are exercised
+
+
+def test_a_window_without_length_is_refused() -> None:
+    w = {"window_id": "w", "workload_id": "wl", "window_start": 60.0, "window_end": 60.0, "sample_count": 1,
+         "device_count": 1, "node_count": 1, "device_seconds": 1.0, "flop": 0.0, "flop_low": 0.0, "flop_high": 0.0,
+         "basis": "none"}
+    with pytest.raises(InvalidMessage, match=r"window_end 60\.0 is not after window_start 60\.0"):
+        validate(WindowAggregate, w)
+    assert validate(WindowAggregate, w | {"window_end": 120.0}).window_end == 120.0
+
+
+def test_demo_fixture_is_not_empty(demo_items: list) -> None:
+    kinds = {k for k, _ in demo_items}
+    assert kinds == {"window", "cip", "allocations"} and len(demo_items) > 1000
