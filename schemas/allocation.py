@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from schemas.base import Message
+from schemas.base import EpochSeconds, Message
 
 AllocationKind = Literal[
     "instance_started",
@@ -24,7 +24,7 @@ class AllocationEvent(Message):
 
     schema_version: Literal[1] = 1
     event_id: str = Field(min_length=1)
-    ts: float = Field(gt=946_684_800, description="event time, epoch seconds")
+    ts: EpochSeconds = Field(description="event time, epoch seconds")
     kind: AllocationKind
     account_id: str = Field(min_length=1)
     workload_id: str | None = None
@@ -33,7 +33,7 @@ class AllocationEvent(Message):
     accelerator: str | None = None
     count: int = Field(ge=0, description="accelerators held")
     nodes: list[str] = Field(default_factory=list)
-    reserved_until: float | None = None
+    reserved_until: EpochSeconds | None = None
     region: str | None = None
     datacenter: str | None = None
     interconnect_gbps: float | None = Field(default=None, ge=0, description="per-node network bandwidth")

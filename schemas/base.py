@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Epoch seconds a record may carry: after 2000-01-01 (earlier is a unit or clock error) and before the year 10000
+#: (what the store's DateTime64 views and microsecond versions can hold).
+EpochSeconds = Annotated[float, Field(gt=946_684_800, lt=253_402_300_800)]
 
 
 class Message(BaseModel):

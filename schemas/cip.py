@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from schemas.base import Message
+from schemas.base import EpochSeconds, Message
 
 
 class BeneficialOwner(Message):
@@ -26,7 +26,7 @@ class Reseller(Message):
 
 class IpAccess(Message):
     ip: str
-    accessed_at: float
+    accessed_at: EpochSeconds
     purpose: Literal["access", "administration"] = "access"
 
 
@@ -37,7 +37,7 @@ class CipRecord(Message):
 
     schema_version: Literal[1] = 1
     account_id: str = Field(min_length=1)
-    updated_at: float
+    updated_at: EpochSeconds
     customer_name: str | None = None
     customer_type: Literal["individual", "entity"] | None = None
     country: str | None = Field(default=None, description="ISO 3166-1 alpha-2 of incorporation or citizenship")
@@ -52,5 +52,5 @@ class CipRecord(Message):
     ip_addresses: list[IpAccess] = Field(default_factory=list)
     national_id: str | None = None
     verification_status: Literal["verified", "pending", "failed", "unverified"] = "unverified"
-    verified_at: float | None = None
+    verified_at: EpochSeconds | None = None
     special_measures: list[str] = Field(default_factory=list, description="flags set by the provider")

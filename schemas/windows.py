@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from schemas.base import Message
+from schemas.base import EpochSeconds, Message
 
 ComputeBasis = Literal["tensor_active", "utilisation_power", "mixed", "none"]
 
@@ -26,8 +26,8 @@ class WindowAggregate(Message):
     run_label: str | None = None
     partition: int = 0
     revision: int = Field(default=0, ge=0, description="0 = first emission; n > 0 = n-th late-data correction")
-    window_start: float
-    window_end: float
+    window_start: EpochSeconds
+    window_end: EpochSeconds
     sample_count: int = Field(ge=0)
     device_count: int = Field(ge=0)
     node_count: int = Field(ge=0)

@@ -96,12 +96,15 @@ def test_detect_takes_every_window_its_schema_accepts(demo_items: list, seed: in
 
 
 def test_a_window_without_length_is_refused() -> None:
-    w = {"window_id": "w", "workload_id": "wl", "window_start": 60.0, "window_end": 60.0, "sample_count": 1,
+    t = 1_767_225_600.0
+    w = {"window_id": "w", "workload_id": "wl", "window_start": t, "window_end": t, "sample_count": 1,
          "device_count": 1, "node_count": 1, "device_seconds": 1.0, "flop": 0.0, "flop_low": 0.0, "flop_high": 0.0,
          "basis": "none"}
-    with pytest.raises(InvalidMessage, match=r"window_end 60\.0 is not after window_start 60\.0"):
+    with pytest.raises(InvalidMessage, match="is not after window_start"):
         validate(WindowAggregate, w)
-    assert validate(WindowAggregate, w | {"window_end": 120.0}).window_end == 120.0
+    assert validate(WindowAggregate, w | {"window_end": t + 60}).window_end == t + 60
+    with pytest.raises(InvalidMessage, match="window_start"):  # epoch seconds after 2000 and before 10000
+        validate(WindowAggregate, w | {"window_start": 1e30, "window_end": 2e30})
 
 
 def test_demo_fixture_is_not_empty(demo_items: list) -> None:

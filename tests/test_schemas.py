@@ -11,7 +11,7 @@ from schemas.case import Case, CaseEvent
 from schemas.cip import BeneficialOwner, IpAccess, Reseller
 from schemas.detection import Detection
 from schemas.export import export_json_schemas
-from schemas.serde import decode, encode
+from schemas.serde import decode, encode, validate
 from schemas.telemetry import TelemetryBatch, TelemetryColumns
 
 NOW = 1_780_000_000.0
@@ -140,3 +140,15 @@ def test_json_schema_export_writes_one_file_per_type(tmp_path):
         assert "properties" in schema
     sample_schema = json.loads((tmp_path / "telemetry_sample.v1.schema.json").read_text())
     assert sample_schema["properties"]["tensor_active"]["anyOf"][0]["maximum"] == 1
+
+
+@pytest.mark.parametrize("model,data,field", [
+    (CipRecord, {"account_id": "a", "updated_at": 1e300}, "updated_at"),
+    (CipRecord, {"account_id": "a", "updated_at": 1_767_225_600.0, "verified_at": -5.0}, "verified_at"),
+    (AllocationEvent, {"event_id": "e", "ts": 1_767_225_600.0, "kind": "reserved", "account_id": "a", "count": 8,
+                       "reserved_until": 1e300}, "reserved_until"),
+])
+def test_times_outside_2000_to_9999_are_refused(model, data, field) -> None:
+    # 1e300 s once reached the store, overflowed its microsecond version column and stopped the pipeline.
+    with pytest.raises(InvalidMessage, match=field):
+        validate(model, data)

@@ -24,9 +24,9 @@ def odd_windows() -> list[WindowAggregate]:
         unknown_accelerators=[], sums={}, features={}, missing_fields=[], offsets={},
     )
     odd = make_window(
-        # the window's bounds: the most negative float and a denormal (a window must end after it starts)
-        ODD, ODD, -1.7976931348623157e308, revision=2**32 - 1, partition=2**32 - 1, job_id="", run_label=ODD,
-        window_end=5e-324, sample_count=2**64 - 1, device_count=2**32 - 1, node_count=0,
+        # the window's bounds: the first and last floats EpochSeconds allows (2000-01-01 and the year 10000)
+        ODD, ODD, math.nextafter(946_684_800.0, INF), revision=2**32 - 1, partition=2**32 - 1, job_id="",
+        run_label=ODD, window_end=math.nextafter(253_402_300_800.0, 0.0), sample_count=2**64 - 1, device_count=2**32 - 1, node_count=0,
         devices=[ODD, "", "GPU-0"], nodes=[ODD], device_seconds=5e-324, flop=INF, flop_low=0.0,
         flop_high=1.7976931348623157e308, accelerators={ODD: 2**32 - 1, "": 0},
         unknown_accelerators=[ODD], sums={"nan": NAN, "inf": INF, "-inf": -INF, "neg0": -0.0, ODD: 0.1 + 0.2},
