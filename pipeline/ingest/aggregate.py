@@ -41,6 +41,12 @@ _BASIS_KEYS = ("none", "utilisation_power", "tensor_active")  # index = detector
 _NO_EPOCH = -(2**40)
 _N_STATS = 4 * len(STAT_FIELDS)
 _N_SUMS = _N_STATS + 7  # + FLOP point/low/high, device-seconds, samples per basis code (3)
+_TS_BITS = 41  # dedup key = device id << 41 | event time in ms (2**41 ms reaches 2039)
+_TS_MASK = (1 << _TS_BITS) - 1
+#: Devices silent past the dedup horizon are forgotten (ids renumbered) when a check every COMPACT_EVERY batches
+#: finds at least COMPACT_SHARE of at least COMPACT_MIN devices reclaimable: churn (replaced nodes, MIG or
+#: pod-scoped ids) must not grow the per-device state without end.
+COMPACT_EVERY, COMPACT_MIN, COMPACT_SHARE = 256, 1024, 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,14 +181,42 @@ class _Partition:
     dev_key: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     #: ... and the event time of its last-arrived row (NaN: none yet), for intervals
     dev_last: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    adds: int = 0  # batches added (paces the device compaction check)
 
     def fit(self, n_devices: int) -> None:
         """Grow the per-device arrays to the partition's device count."""
         have = len(self.dev_key)
         if n_devices > have:
             new = max(n_devices, 2 * have)
-            self.dev_key = np.concatenate((self.dev_key, np.arange(have, new, dtype=np.int64) << 41))
+            self.dev_key = np.concatenate((self.dev_key, np.arange(have, new, dtype=np.int64) << _TS_BITS))
             self.dev_last = np.concatenate((self.dev_last, np.full(new - have, np.nan)))
+
+    def compact(self, horizon_s: float, share: float) -> int:
+        """Forget devices whose newest row is older than `horizon_s` (no dedup key of theirs is left, no open unit
+        holds them) if at least `share` of the devices are such; the rest are renumbered densely, in order, in every
+        structure that holds an id. Returns the number forgotten. A forgotten device that comes back starts
+        afresh (its first row without interval_s takes the default interval)."""
+        n = len(self.dev_ids)
+        keep = (self.dev_key[:n] & _TS_MASK) >= horizon_s * 1000.0
+        for u in self.units.values():
+            keep[list(u.dev_index)] = True
+        old = np.flatnonzero(keep)
+        if n - len(old) < share * n:
+            return 0
+        remap = np.full(n, -1, dtype=np.int64)
+        remap[old] = np.arange(len(old))  # increasing: sorted key arrays stay sorted
+        names = list(self.dev_ids)  # ids were handed out in insertion order
+        self.dev_ids = {names[g]: i for i, g in enumerate(old.tolist())}
+        self.dev_key = (np.arange(len(old), dtype=np.int64) << _TS_BITS) | (self.dev_key[old] & _TS_MASK)
+        self.dev_last = self.dev_last[old]
+        for chunks in self.seen.values():
+            for j, a in enumerate(chunks):
+                g = remap[a >> _TS_BITS]
+                live = g >= 0  # all of them: a forgotten device's newest key is below every window kept here
+                chunks[j] = (g[live] << _TS_BITS) | (a[live] & _TS_MASK)
+        for u in self.units.values():
+            u.dev_index = {int(remap[g]): li for g, li in u.dev_index.items()}
+        return n - len(old)
 
     def seen_keys(self, window: int) -> np.ndarray | None:
         """The window's recorded keys as one sorted array (merging the per-batch arrays on demand)."""
@@ -314,7 +348,7 @@ class WindowAggregator:
             g = [ids.setdefault(d, len(ids)) for d in b.device]
         gid = np.array(g, dtype=np.int64)
         p.fit(len(ids))
-        keys = (gid << 41) | np.round(ts * 1000).astype(np.int64)
+        keys = (gid << _TS_BITS) | np.round(ts * 1000).astype(np.int64)
         # Rows grouped by device, arrival order inside (stable): shared by the duplicate check and the intervals.
         order = np.argsort(gid, kind="stable")
         ks = keys[order]
@@ -322,7 +356,7 @@ class WindowAggregator:
         # before it (earlier rows of this batch: running max; earlier batches: dev_key). Device ids are the keys'
         # high bits, so the running max never carries over from one device's rows to the next one's.
         prior = np.maximum(np.concatenate(([np.iinfo(np.int64).min], np.maximum.accumulate(ks)[:-1])),
-                           p.dev_key[ks >> 41])
+                           p.dev_key[ks >> _TS_BITS])
         suspect = np.empty(n, dtype=bool)
         suspect[order] = ks <= prior
         np.maximum.at(p.dev_key, gid, keys)
@@ -354,6 +388,10 @@ class WindowAggregator:
         if len(keep):
             dt = self._intervals(p, b, keep, order[new[order]], gid)
             self._accumulate(p, b, keep, w, r, before_msg, gid, dt)
+        p.adds += 1
+        if p.adds % COMPACT_EVERY == 0 and len(p.dev_ids) >= COMPACT_MIN:  # after the batch: its ids are done
+            cfg = self.cfg
+            p.compact(p.max_ts - cfg.watermark_lag_s - cfg.allowed_lateness_s - cfg.window_s, COMPACT_SHARE)
         return AddResult(np.flatnonzero(too_late), duplicates)
 
     def _expire(self, p: _Partition) -> None:
