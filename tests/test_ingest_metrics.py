@@ -1,8 +1,11 @@
-"""The ingest stage's Prometheus endpoint on the real broker: what it reports matches what the stage did."""
+"""The ingest stage's Prometheus endpoint and `ingest status` on the real broker: they report what the stage did."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -13,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.ingest import synth
 from pipeline.ingest.kafka_stage import KafkaIngestStage
+from pipeline.ingest.status import group_status
 from pipeline.settings import IngestSettings, KafkaSettings, Settings, TopicSettings
 from tests.test_ingest_kafka import close_windows, produce
 
@@ -72,3 +76,27 @@ def test_metrics_report_samples_dead_letters_windows_event_time_and_lag(kafka_bo
     assert m[("process_resident_memory_bytes", ())] > 0
     with pytest.raises(OSError):  # closed with the stage
         scrape(port)
+
+
+def test_status_reads_the_groups_commits_lag_and_event_time(kafka_bootstrap: str, unique_topic) -> None:
+    tel, out, dlq = unique_topic("st-tel", partitions=2), unique_topic("st-win"), unique_topic("st-dlq")
+    rows = synth.samples([synth.WorkloadSpec("wl-a", nodes=1, gpus_per_node=2)], T0, 300, 10.0)
+    produce(kafka_bootstrap, tel, synth.native(rows), partition=0)
+    close_windows(kafka_bootstrap, tel, 1, T0 + 300)  # partition 0 only; partition 1 stays empty
+    settings = Settings(kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap),
+                        topics=TopicSettings(telemetry=tel, windows=out, dlq=dlq), ingest=IngestSettings(batch_size=7))
+    group = f"st-{tel}"
+    before = group_status(settings, group)
+    assert [(r.partition, r.committed, r.lag) for r in before] == [(0, None, len(rows) + 1), (1, None, 0)]
+    KafkaIngestStage(settings, group_id=group).run(idle_exit_s=3.0, max_seconds=60)
+    p0, p1 = group_status(settings, group)
+    assert p0.end == len(rows) + 1 and p0.committed is not None and p0.lag == p0.end - p0.committed
+    # The commit sits at the first row of the one window still open (the tick's) and records the event time
+    # reached before it (the last data row's): where a restart resumes.
+    assert (p0.committed, p0.event_time) == (len(rows), T0 + 290)
+    assert (p1.committed, p1.lag, p1.event_time) == (None, 0, None)
+    out_cli = subprocess.run([sys.executable, "-m", "pipeline", "ingest", "status", "--group", group, "--json"],
+                             capture_output=True, text=True, timeout=60, check=True,
+                             env={**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+                                  "TRAINWATCH_TOPICS__TELEMETRY": tel})
+    assert [orjson.loads(line) for line in out_cli.stdout.splitlines()] == [p0.to_dict(), p1.to_dict()]

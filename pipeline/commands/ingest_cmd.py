@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
@@ -39,6 +40,29 @@ def run(
     counters = " ".join(f"{k}={v}" for k, v in sorted(stage.core.counters.items()))
     typer.echo(f"batches={stats.batches} messages={stats.messages} windows={stats.windows} "
                f"dead_letters={stats.dead_letters} commits={stats.commits} pauses={stats.pauses} {counters}")
+
+
+@ingest_app.command("status")
+def status(
+    group: str = typer.Option("trainwatch-ingest", help="consumer group id"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per partition"),
+    config: Path | None = typer.Option(None, "--config", help="settings TOML file"),
+) -> None:
+    """Per partition of the telemetry topic: committed offset, end, lag, and the event time a restart resumes at."""
+    from pipeline.ingest.status import group_status
+    from schemas.serde import dumps
+
+    rows = group_status(load_settings(config), group)
+    if as_json:
+        for r in rows:
+            typer.echo(dumps(r.to_dict()).decode())
+        return
+    typer.echo(f"{'topic':<24} {'part':>4} {'committed':>12} {'end':>12} {'lag':>10}  event time (UTC)")
+    for r in rows:
+        when = datetime.fromtimestamp(r.event_time, UTC).isoformat(timespec="seconds") if r.event_time else "-"
+        committed = "-" if r.committed is None else str(r.committed)
+        typer.echo(f"{r.topic:<24} {r.partition:>4} {committed:>12} {r.end:>12} {r.lag:>10}  {when}")
+    typer.echo(f"group {group}: lag {sum(r.lag for r in rows)} messages over {len(rows)} partition(s)")
 
 
 def register(app: typer.Typer) -> None:
