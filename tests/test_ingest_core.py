@@ -341,3 +341,17 @@ def test_devices_gone_quiet_are_forgotten_without_changing_any_window(monkeypatc
     assert kept[1] and kept[2]  # late rows were dead-lettered and repeats counted: both paths were exercised
     assert kept[3] == 6 * 16
     assert compacted[3] <= 3 * 16  # the current hour's devices, and those still within the dedup horizon
+
+
+def test_dedup_keys_hold_event_times_past_2039() -> None:
+    """Keys carry the event time in ms below the device id; 41 bits of ms end in September 2039."""
+    t2045 = 2_366_841_600.0  # 2045-01-01
+    rows = synth.samples([synth.WorkloadSpec("wl-f", nodes=1, gpus_per_node=3)], t2045, 120, 10.0)
+    values = [orjson.dumps(r) for r in rows]
+    core = IngestCore()
+    dead = core.process("telemetry", 0, [SourceMessage(i, v) for i, v in enumerate(values + values[:4])],
+                        t2045 + 3600)
+    assert not dead
+    assert core.counters["duplicates"] == 4
+    wins = core.drain()
+    assert sum(w.sample_count for w in wins) == len(rows) and all(w.device_count == 3 for w in wins)

@@ -41,8 +41,11 @@ _BASIS_KEYS = ("none", "utilisation_power", "tensor_active")  # index = detector
 _NO_EPOCH = -(2**40)
 _N_STATS = 4 * len(STAT_FIELDS)
 _N_SUMS = _N_STATS + 7  # + FLOP point/low/high, device-seconds, samples per basis code (3)
-_TS_BITS = 41  # dedup key = device id << 41 | event time in ms (2**41 ms reaches 2039)
+#: dedup key = device id << 42 | event time in ms: 2**42 ms reaches the year 2109 (41 bits ended in 2039), and
+#: 63 - 42 = 21 bits leave room for 2M devices per partition within the dedup horizon (see compact)
+_TS_BITS = 42
 _TS_MASK = (1 << _TS_BITS) - 1
+_MAX_DEVICES = 1 << (63 - _TS_BITS)
 #: Devices silent past the dedup horizon are forgotten (ids renumbered) when a check every COMPACT_EVERY batches
 #: finds at least COMPACT_SHARE of at least COMPACT_MIN devices reclaimable: churn (replaced nodes, MIG or
 #: pod-scoped ids) must not grow the per-device state without end.
@@ -186,6 +189,8 @@ class _Partition:
     def fit(self, n_devices: int) -> None:
         """Grow the per-device arrays to the partition's device count."""
         have = len(self.dev_key)
+        if n_devices >= _MAX_DEVICES:  # ids would spill into the keys' sign bit: refuse loudly, never corrupt
+            raise OverflowError(f"{n_devices} devices on one partition; at most {_MAX_DEVICES - 1} fit the dedup keys")
         if n_devices > have:
             new = max(n_devices, 2 * have)
             self.dev_key = np.concatenate((self.dev_key, np.arange(have, new, dtype=np.int64) << _TS_BITS))
