@@ -26,7 +26,8 @@ def odd_windows() -> list[WindowAggregate]:
     odd = make_window(
         # the window's bounds: the first and last floats EpochSeconds allows (2000-01-01 and the year 10000)
         ODD, ODD, math.nextafter(946_684_800.0, INF), revision=2**32 - 1, partition=2**32 - 1, job_id="",
-        run_label=ODD, window_end=math.nextafter(253_402_300_800.0, 0.0), sample_count=2**64 - 1, device_count=2**32 - 1, node_count=0,
+        run_label=ODD, window_end=math.nextafter(253_402_300_800.0, 0.0), sample_count=2**64 - 1,
+        device_count=2**32 - 1, node_count=0,
         devices=[ODD, "", "GPU-0"], nodes=[ODD], device_seconds=5e-324, flop=INF, flop_low=0.0,
         flop_high=1.7976931348623157e308, accelerators={ODD: 2**32 - 1, "": 0},
         unknown_accelerators=[ODD], sums={"nan": NAN, "inf": INF, "-inf": -INF, "neg0": -0.0, ODD: 0.1 + 0.2},
