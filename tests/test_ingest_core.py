@@ -355,3 +355,33 @@ def test_dedup_keys_hold_event_times_past_2039() -> None:
     assert core.counters["duplicates"] == 4
     wins = core.drain()
     assert sum(w.sample_count for w in wins) == len(rows) and all(w.device_count == 3 for w in wins)
+
+
+@pytest.mark.parametrize("fmt,decoder", [("otlp", "otlp_json"), ("prometheus", "prometheus_json")])
+def test_fragment_merging_forgets_quiet_devices_without_changing_any_window(
+        monkeypatch: pytest.MonkeyPatch, fmt: str, decoder: str) -> None:
+    """OTLP and prometheus rows arrive in fragments merged per (device, time); the merger's per-device newest time
+    must not grow with device churn, and forgetting it must not change what is released."""
+    from pipeline.ingest import stage as stage_mod
+
+    rows = []
+    for h in range(4):  # a new set of 8 devices every hour
+        rows += synth.samples([synth.WorkloadSpec(f"wl-h{h}", nodes=1, gpus_per_node=8)], T0 + 3600 * h, 3600, 60.0,
+                              seed=h)
+    values = [v for _, v in getattr(synth, fmt)(rows)]
+
+    def run_with(floor: int) -> tuple[dict, int]:
+        monkeypatch.setattr(stage_mod, "PRUNE_FLOOR", floor)
+        core = IngestCore(decoder=decoder)
+        wins = []
+        for i in range(0, len(values), 50):
+            core.process("telemetry", 0, [SourceMessage(i + j, v) for j, v in enumerate(values[i:i + 50])],
+                         T0 + 6 * 3600)
+            wins += core.ready()
+        tracked = len(core._pending[("telemetry", 0)].dev_latest)
+        wins += core.drain()
+        return {w.window_id: (w.sample_count, w.flop, sorted(w.devices), w.sums) for w in wins}, tracked
+
+    kept, pruned = run_with(10**9), run_with(0)
+    assert pruned[0] == kept[0]
+    assert kept[1] == 4 * 8 and pruned[1] <= 2 * 8

@@ -49,11 +49,27 @@ class _Held:
         self.seq = next(_SEQ)
 
 
+#: `_Pending.dev_latest` is pruned when it doubles past its last pruned size (and this floor): amortised O(1)
+PRUNE_FLOOR = 1024
+
+
 @dataclass(slots=True)
 class _Pending:
     rows: dict[tuple[str, float], _Held] = field(default_factory=dict)
     dev_latest: dict[str, float] = field(default_factory=dict)
     max_ts: float = -math.inf
+    prune_at: int = 0  # size after the last prune, doubled
+
+    def prune(self, hold_s: float) -> None:
+        """Forget the newest reading of devices with nothing held and nothing newer than `hold_s` behind the
+        partition's newest: a fragment of theirs is released at once by the age rule anyway, so only the memory
+        goes (device churn would otherwise grow this without end)."""
+        if len(self.dev_latest) <= max(self.prune_at, PRUNE_FLOOR):
+            return
+        cutoff = self.max_ts - hold_s
+        held = {dev for dev, _ in self.rows}
+        self.dev_latest = {d: t for d, t in self.dev_latest.items() if t >= cutoff or d in held}
+        self.prune_at = 2 * len(self.dev_latest)
 
 
 def _batch_row(b: Batch, j: int) -> dict:
@@ -184,9 +200,11 @@ class IngestCore:
                 pend.max_ts = max(pend.max_ts, ts)
         out = [k for k in pend.rows
                if drain or pend.dev_latest[k[0]] > k[1] or pend.max_ts - k[1] > self.hold_s]
-        if not out:
+        held = [pend.rows.pop(k) for k in out]
+        pend.prune(self.hold_s)
+        if not held:
             return None
-        held = sorted((pend.rows.pop(k) for k in out), key=lambda h: (h.first, h.seq))
+        held.sort(key=lambda h: (h.first, h.seq))
         return Batch(ts=np.array([h.ts for h in held]), interval=np.array([h.interval for h in held]),
                      metrics=np.array([h.metrics for h in held]), offset=np.array([h.first for h in held]),
                      last_offset=np.array([h.last for h in held]), device=[h.ids[0] for h in held],
