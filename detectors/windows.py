@@ -1,8 +1,9 @@
 """Merge the partial window aggregates of one workload and finish the classifier's features. Pure.
 
-Ingest emits one partial per (workload, window, partition, revision); every statistic travels as an additive sum
-(`WindowAggregate.sums`), so partials from different partitions and late-data corrections simply add. Means are
-time-weighted (sum of value x interval / seconds covered), so no feature depends on the sampling interval.
+Ingest emits one partial per (workload, window, source topic and partition, revision); every statistic travels as
+an additive sum (`WindowAggregate.sums`), so partials from different partitions and late-data corrections simply
+add. Means are time-weighted (sum of value x interval / seconds covered), so no feature depends on the sampling
+interval.
 Missing inputs give None, never 0. Each feature is documented in docs/ingest.md.
 """
 

@@ -19,7 +19,7 @@ class WindowAggregate(Message):
     TOPIC_KEY: ClassVar[str] = "windows"
 
     schema_version: Literal[1] = 1
-    window_id: str = Field(description="hash of (workload, window_start, partition, revision)")
+    window_id: str = Field(description="hash of (workload, window_start, source topic, partition, revision)")
     workload_id: str
     account_id: str | None = None
     job_id: str | None = None

@@ -385,3 +385,21 @@ def test_fragment_merging_forgets_quiet_devices_without_changing_any_window(
     kept, pruned = run_with(10**9), run_with(0)
     assert pruned[0] == kept[0]
     assert kept[1] == 4 * 8 and pruned[1] <= 2 * 8
+
+
+def test_one_workload_on_two_topics_gives_partials_that_both_count() -> None:
+    """Two exporters (or a topic migration) can carry one workload on two topics' partition 0: their partials must
+    have different ids, or downstream would take the second for a replay of the first and drop it."""
+    from pipeline.detect.merger import WindowMerger
+
+    rows = synth.samples([synth.WorkloadSpec("wl-a", nodes=2, gpus_per_node=2)], T0, 60, 10.0)
+    node0 = [r for r in rows if r["node"].endswith("node-0")]
+    node1 = [r for r in rows if r["node"].endswith("node-1")]
+    core = IngestCore()
+    for topic, part in (("dcgm.native", node0), ("otel.metrics", node1)):
+        core.process(topic, 0, [SourceMessage(i, v) for i, (_, v) in enumerate(synth.native(part))], NOW)
+    wins = core.drain()
+    assert len(wins) == 2 and len({w.window_id for w in wins}) == 2
+    merger = WindowMerger()
+    merged = [merger.add(w) for w in wins][-1]
+    assert merged is not None and merged.sample_count == len(rows) and merged.device_count == 4

@@ -1,9 +1,9 @@
 """Merging the partial aggregates of one workload-window as they arrive, for the detect engine.
 
-Ingest emits one partial per (workload, window, partition, revision). The engine counts a workload-window once
-and *replaces* it when it is delivered again (detectors/state.py RunState.add_window), so each time a new partial
-arrives the merger hands over the merge of every partial seen so far: the cumulative figures. A partial seen
-before (same window_id: a replay or a duplicate delivery) changes nothing and yields nothing.
+Ingest emits one partial per (workload, window, source topic and partition, revision). The engine counts a
+workload-window once and *replaces* it when it is delivered again (detectors/state.py RunState.add_window), so each
+time a new partial arrives the merger hands over the merge of every partial seen so far: the cumulative figures. A
+partial seen before (same window_id: a replay or a duplicate delivery) changes nothing and yields nothing.
 """
 
 from __future__ import annotations

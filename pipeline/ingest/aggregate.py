@@ -614,7 +614,9 @@ class WindowAggregator:
             accelerators["unknown"] = accelerators.get("unknown", 0) + accelerators.pop(None)
         # model_construct: every field is built right here from typed state; validation would only cost time
         return WindowAggregate.model_construct(
-            window_id=content_id("win", u.workload, start, partition, u.r),
+            # the source topic too: two topics' partition 0 may both carry a workload (two exporters, a topic
+            # migration), and partials sharing an id would be taken for replays of each other downstream
+            window_id=content_id("win", u.workload, start, topic, partition, u.r),
             workload_id=u.workload,
             account_id=u.account,
             job_id=u.job,
