@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from schemas.base import Message
+from schemas.base import EpochSeconds, Message
 
 Severity = Literal["info", "low", "medium", "high", "critical"]
 Outcome = Literal["reportable", "needs_review", "monitored", "info"]
@@ -28,7 +28,7 @@ class Detection(Message):
     beneficial_owner_id: str | None = None
     run_id: str | None = None
     workload_ids: list[str] = Field(default_factory=list)
-    event_time: float = Field(description="event time of the evidence that first met the standard")
+    event_time: EpochSeconds = Field(description="event time of the evidence that first met the standard")
     summary: str = ""
     evidence: dict[str, Any] = Field(default_factory=dict)
     source_windows: list[str] = Field(default_factory=list)

@@ -147,8 +147,12 @@ def test_json_schema_export_writes_one_file_per_type(tmp_path):
     (CipRecord, {"account_id": "a", "updated_at": 1_767_225_600.0, "verified_at": -5.0}, "verified_at"),
     (AllocationEvent, {"event_id": "e", "ts": 1_767_225_600.0, "kind": "reserved", "account_id": "a", "count": 8,
                        "reserved_until": 1e300}, "reserved_until"),
+    (Detection, {"detection_id": "d", "detector_id": "x", "detector_version": 1, "severity": "high",
+                 "policy_id": "demo", "policy_version": "1", "outcome": "reportable", "reason": "compute_used",
+                 "account_id": "a", "event_time": 1e300}, "event_time"),
 ])
 def test_times_outside_2000_to_9999_are_refused(model, data, field) -> None:
-    # 1e300 s once reached the store, overflowed its microsecond version column and stopped the pipeline.
+    # 1e300 s once reached the store, overflowed its microsecond version column and stopped the pipeline; a
+    # detection's time becomes a case's knowledge and due times, which the store's views turn into DateTime64.
     with pytest.raises(InvalidMessage, match=field):
         validate(model, data)
