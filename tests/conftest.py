@@ -6,10 +6,19 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pipeline.ingest.aggregate import WindowConfig
+from pipeline.ingest.stage import IngestCore, SourceMessage
+from pipeline.simulator import simulate
+from pipeline.sources import read_folder
 from pipeline.store import Store
+from schemas.allocation import AllocationEvent
+from schemas.cip import CipRecord
+from schemas.errors import InvalidMessage
+from schemas.serde import decode
 from tests.kafka_fixtures import kafka_bootstrap, unique_topic  # noqa: F401  (fixtures, used by name)
 
 
@@ -44,3 +53,36 @@ def store(store_path: Path) -> Iterator[Store]:
             s.drop_database()
         finally:
             s.close()
+
+
+@pytest.fixture(scope="session")
+def demo_inputs(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, Any]]:
+    """The demo scenario's detect inputs in delivery order: windows as ingest closes them, CIP, allocations (the
+    demo's deliberately bad records left out). Shared by the engine and fuzz tests."""
+    folder = simulate("demo", tmp_path_factory.mktemp("demo") / "demo", seed=0)
+    ingest = IngestCore(WindowConfig(), "native")
+    out: list[tuple[str, Any]] = []
+    telemetry: list[SourceMessage] = []
+    now = 4e9  # processing time after the simulated period: nothing depends on when the test runs
+
+    def flush() -> None:
+        if telemetry:
+            ingest.process("gpu.telemetry", 0, telemetry, now=now)
+            telemetry.clear()
+            out.extend(("win", w) for w in ingest.ready())
+
+    for rec in read_folder(folder):
+        if rec.stream == "telemetry":
+            telemetry.append(SourceMessage(rec.offset, rec.value))
+            if len(telemetry) >= 5000:
+                flush()
+            continue
+        flush()
+        try:
+            out.append(("cip", decode(CipRecord, rec.value)) if rec.stream == "cip"
+                       else ("alloc", decode(AllocationEvent, rec.value)))
+        except InvalidMessage:
+            continue  # the demo's deliberately bad records
+    flush()
+    out.extend(("win", w) for w in ingest.drain())
+    return out

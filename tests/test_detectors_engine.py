@@ -20,15 +20,7 @@ from detectors.owner_aggregate import (
 )
 from detectors.state import RUN_IDS_K
 from pipeline.detect.stage import DetectStage
-from pipeline.ingest.aggregate import WindowConfig
-from pipeline.ingest.stage import IngestCore, SourceMessage
-from pipeline.simulator import simulate
-from pipeline.sources import read_folder
-from schemas.allocation import AllocationEvent
-from schemas.cip import CipRecord
 from schemas.detection import Detection
-from schemas.errors import InvalidMessage
-from schemas.serde import decode
 from tests.detector_builders import INFERENCE, SMI_ONLY, T0, TRAINING, W, alloc, cip, demo, owner, window, with_foreign
 
 T = 1e18  # demo policy training threshold
@@ -561,38 +553,6 @@ def apply_dirty(entries: dict[str, str], eng: DetectEngine) -> tuple[set[str], b
     for aid in deleted:
         entries.pop(aid, None)
     return set(parts), shared is not None
-
-
-@pytest.fixture(scope="module")
-def demo_inputs(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, Any]]:
-    """The demo scenario's detect inputs in delivery order: windows as ingest closes them, CIP, allocations."""
-    folder = simulate("demo", tmp_path_factory.mktemp("demo") / "demo", seed=0)
-    ingest = IngestCore(WindowConfig(), "native")
-    out: list[tuple[str, Any]] = []
-    telemetry: list[SourceMessage] = []
-    now = 4e9  # processing time after the simulated period: nothing depends on when the test runs
-
-    def flush() -> None:
-        if telemetry:
-            ingest.process("gpu.telemetry", 0, telemetry, now=now)
-            telemetry.clear()
-            out.extend(("win", w) for w in ingest.ready())
-
-    for rec in read_folder(folder):
-        if rec.stream == "telemetry":
-            telemetry.append(SourceMessage(rec.offset, rec.value))
-            if len(telemetry) >= 5000:
-                flush()
-            continue
-        flush()
-        try:
-            out.append(("cip", decode(CipRecord, rec.value)) if rec.stream == "cip"
-                       else ("alloc", decode(AllocationEvent, rec.value)))
-        except InvalidMessage:
-            continue  # the demo's deliberately bad records
-    flush()
-    out.extend(("win", w) for w in ingest.drain())
-    return out
 
 
 @pytest.mark.parametrize("batch", [10, 100])
