@@ -11,6 +11,7 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 
@@ -122,24 +123,29 @@ class IngestCore:
         self.counters["messages"] += len(values)
         self.counters["samples_in"] += n
         if n:
+
+            @cache
+            def rows_per_msg() -> np.ndarray:  # only when a letter needs it: rare
+                return np.bincount(rows.msg, minlength=len(values))
+
             self.inventory.fill_accounts(rows.workload, rows.device, rows.node, rows.account)
             ok, problems = validate_rows(rows, now)
             if rb.bad_rows:
                 ok[rb.bad_rows] = False
                 problems += [(i, "schema_violation", "metric value is not a number") for i in rb.bad_rows]
             if problems:
-                per_msg = np.bincount(rows.msg, minlength=len(values))
                 row_in_msg = np.arange(n) - np.searchsorted(rows.msg, rows.msg)
                 for i, reason, detail in problems:
                     mi = int(rows.msg[i])
-                    if per_msg[mi] == 1:  # the whole message is this row: keep its original bytes
+                    if rows_per_msg()[mi] == 1:  # the whole message is this row: keep its original bytes
                         letter(mi, reason, detail)
                     else:
                         letter(mi, reason, detail, int(row_in_msg[i]), rows.row_dict(i))
             idx = np.flatnonzero(ok)
             if len(idx):
                 r = rows.take(idx)
-                row_offsets = np.asarray(offsets, dtype=np.int64)[r.msg]
+                offs = np.asarray(offsets, dtype=np.int64)
+                row_offsets = offs[r.msg]
                 batch = Batch(ts=r.ts, interval=r.interval, metrics=r.metrics, offset=row_offsets, device=r.device,
                               node=r.node, accelerator=r.accelerator, workload=r.workload, account=r.account, job=r.job,
                               run_label=r.run_label, precision=r.precision,
@@ -148,12 +154,10 @@ class IngestCore:
                 if self.merges_rows:
                     batch = self._merge(topic, partition, batch, drain=False)
                 else:  # a too-late row that is its whole message is dead-lettered as the message itself
-                    per_msg = np.bincount(rows.msg, minlength=len(values))
-                    offs = np.asarray(offsets, dtype=np.int64)
 
                     def whole(offset: int) -> tuple[bytes, bytes | None] | None:
                         mi = int(np.searchsorted(offs, offset))
-                        return (values[mi], key_of(mi) if key_of else None) if per_msg[mi] == 1 else None
+                        return (values[mi], key_of(mi) if key_of else None) if rows_per_msg()[mi] == 1 else None
                 self._add(topic, partition, batch, dead, whole)
                 if self.merges_rows:  # held fragments are at most hold_s behind the newest: let the watermark move
                     self.agg.observe(topic, partition, self._pending[(topic, partition)].max_ts - self.hold_s)
