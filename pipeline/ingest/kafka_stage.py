@@ -36,6 +36,24 @@ log = logging.getLogger(__name__)
 LAG_EVERY_S = 1.0  # how often the consumer lag (for the metrics endpoint) is refreshed
 
 
+def commit_metadata(max_ts: float) -> str:
+    """What a commit records beside its offset: the max event time seen before it (null: none yet)."""
+    return dumps({"max_ts": max_ts if math.isfinite(max_ts) else None}).decode()
+
+
+def metadata_max_ts(metadata: str | None) -> float | None:
+    """The max event time a commit recorded (None: none). Raises ValueError on metadata that is not ours."""
+    if not metadata:
+        return None
+    try:
+        v = loads(metadata)["max_ts"]
+    except Exception as exc:
+        raise ValueError(f"not trainwatch commit metadata: {metadata!r}") from exc
+    if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+        raise ValueError(f"not trainwatch commit metadata: {metadata!r}")
+    return None if v is None else float(v)
+
+
 def tune_gc() -> None:
     """For a process that runs the stage: each batch allocates ~10 objects per sample (decoded JSON) that die
     within the batch, and the stage holds no reference cycles, so frequent cyclic collections only cost time
@@ -107,13 +125,12 @@ class KafkaIngestStage:
     # --- partition ownership: restore the watermark recorded with the committed offset --------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in consumer.committed(partitions, timeout=30):
-            max_ts = float("-inf")
-            if tp.metadata:
-                try:
-                    max_ts = float(loads(tp.metadata)["max_ts"])
-                except Exception:  # foreign metadata: start without a watermark (more data counts as on time)
-                    log.warning("ignoring commit metadata %r on %s[%d]", tp.metadata, tp.topic, tp.partition)
-            self.core.agg.restore(tp.topic, tp.partition, max_ts)
+            max_ts = None
+            try:
+                max_ts = metadata_max_ts(tp.metadata)
+            except ValueError:  # foreign metadata: start without a watermark (more data counts as on time)
+                log.warning("ignoring commit metadata %r on %s[%d]", tp.metadata, tp.topic, tp.partition)
+            self.core.agg.restore(tp.topic, tp.partition, max_ts if max_ts is not None else float("-inf"))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The new owner replays from our last safe commit; our open windows for these partitions are dropped.
@@ -215,8 +232,7 @@ class KafkaIngestStage:
             key = f"{topic}:{part}"
             if (topic, part) not in assigned or self.stats.last_commit.get(key) == off:
                 continue
-            meta = dumps({"max_ts": max_ts if max_ts != float("-inf") else None}).decode()
-            offsets.append(TopicPartition(topic, part, off, metadata=meta))
+            offsets.append(TopicPartition(topic, part, off, metadata=commit_metadata(max_ts)))
         if offsets:
             # Asynchronous is still commit-after-write: the outputs are flushed already. A lost commit only means
             # a longer replay, which the deterministic window ids make harmless; the next commit supersedes it.

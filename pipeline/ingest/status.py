@@ -3,14 +3,13 @@ per partition. Works while the stage runs elsewhere (it only reads the group's c
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from confluent_kafka import Consumer, TopicPartition
 
+from pipeline.ingest.kafka_stage import metadata_max_ts
 from pipeline.settings import Settings
 from schemas.errors import ConfigError
-from schemas.serde import loads
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +29,9 @@ class PartitionStatus:
 
 def _event_time(metadata: str | None) -> float | None:
     try:
-        v = loads(metadata)["max_ts"] if metadata else None
-    except Exception:  # another client's metadata: not ours to read
+        return metadata_max_ts(metadata)
+    except ValueError:  # another client's metadata: not ours to read
         return None
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
 def group_status(settings: Settings, group: str, timeout_s: float = 10.0) -> list[PartitionStatus]:
