@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     topics: TopicSettings = TopicSettings()
     ingest: IngestSettings = IngestSettings()
     detect: DetectSettings = DetectSettings()
-    clickhouse_dsn: str = Field(default="chdb://./var/trainwatch.chdb", description="chdb://PATH or http(s)://host:8123")
+    clickhouse_dsn: str = Field(default="chdb:./var/trainwatch.chdb", description="chdb:PATH or http(s)://host:8123")
     database: str = "trainwatch"
     window_s: float = Field(default=60.0, gt=0)
     policy: str = Field(default="bis-2024-proposed", description="shipped profile name or path to a TOML file")

@@ -2,10 +2,11 @@
 
 Reached only through clickhouse-connect, with the same code and DDL for both targets:
 
-- ``chdb://PATH`` — embedded chDB at PATH (``chdb:///abs/path``, ``chdb://./rel/path``; ``chdb://:memory:``).
-  clickhouse-connect (>= 1.x) has a native chDB backend (``get_client(interface="chdb", path=...)``); the DSN is
-  parsed here rather than by clickhouse-connect, which would read ``chdb://./var/x`` as location "." and database
-  "var".
+- ``chdb:PATH`` — embedded chDB at PATH: ``chdb:./var/trainwatch.chdb`` (relative), ``chdb:///abs/path``,
+  ``chdb://:memory:``. These forms mean the same place to ``clickhouse_connect.get_client(dsn=...)``, so an
+  analyst can paste the pipeline's DSN. The older ``chdb://./rel/path`` still opens the relative path here, but
+  clickhouse-connect reads it as location "." and database "rel" (an engine in the working directory, which
+  leaves a tmp/ folder there): do not hand it to other clients.
 - ``http(s)://user:pass@host:8123`` — a ClickHouse server.
 
 The database is set on the client (``client.database``), so migrations use unqualified table names; ClickHouse
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,7 @@ from clickhouse_connect.driver.client import Client
 from pydantic import BaseModel, Field
 
 from pipeline.arrow_rows import ArrowRows
+from pipeline.settings import Settings
 from schemas import serde
 from schemas.base import Message
 from schemas.case import Case, CaseEvent
@@ -60,6 +63,7 @@ from schemas.cip import CipRecord
 from schemas.detection import Detection
 from schemas.errors import TrainwatchError
 from schemas.ids import content_id
+from schemas.policy import Policy, load_policy, shipped_policies
 from schemas.windows import WindowAggregate
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -90,8 +94,11 @@ class DeadLetter(Message):
     raw: bytes = b""
     at: float = Field(description="processing time it was dead-lettered")
 
+    def raw_hash(self) -> str:
+        return hashlib.blake2b(self.raw).hexdigest()
+
     def dead_letter_id(self) -> str:
-        return content_id("dlq", self.topic, self.partition, self.offset, hashlib.blake2b(self.raw).hexdigest())
+        return content_id("dlq", self.topic, self.partition, self.offset, self.raw_hash())
 
 
 @dataclass(frozen=True)
@@ -131,9 +138,15 @@ _WINDOWS = _Table("windows", WindowAggregate, plain=True)
 _DETECTIONS = _Table("detections", Detection, frozenset({"evidence"}))
 _CASES = _Table("cases", Case, frozenset({"evidence", "identity"}))
 _CASE_EVENTS = _Table("case_events", CaseEvent, frozenset({"details"}))
-_DEAD_LETTER_COLUMNS = ["dead_letter_id", "reason", "detail", "topic", "partition", "offset", "raw", "at"]
+_DEAD_LETTER_COLUMNS = ["dead_letter_id", "reason", "detail", "topic", "partition", "offset", "raw", "at", "raw_size",
+                        "raw_blake2b", "raw_restricted"]
+_PAYLOAD_COLUMNS = ["dead_letter_id", "topic", "partition", "offset", "detail", "raw", "at"]
+#: Topics whose messages carry PII (CIP records) when no other list is given: the settings' default CIP topic.
+DEFAULT_PII_TOPICS: frozenset[str] = frozenset({"accounts.cip"})
+_POLICY_COLUMNS = ["policy_id", "policy_version", "check_beneficial_owners", "owner_min_pct", "owner_control_counts",
+                   "unknown_is_foreign", "all_in_scope", "updated_us"]
 _CIP_COLUMNS = ["account_id", "updated_at", "updated_us", "record"]
-_OWNER_COLUMNS = ["account_id", "owner_id", "ownership_pct", "control", "updated_at", "updated_us"]
+_OWNER_COLUMNS = ["account_id", "owner_id", "ownership_pct", "control", "updated_at", "updated_us", "us_person"]
 
 
 def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
@@ -167,17 +180,45 @@ def split_statements(sql: str) -> list[str]:
 
 
 def chdb_path(dsn: str) -> str | None:
-    """The engine path of a chdb:// DSN: everything after the scheme; None for in-memory."""
-    location = dsn.removeprefix("chdb://")
+    """The engine path of a chdb DSN; None for in-memory. ``chdb:PATH`` and ``chdb:///abs`` as clickhouse-connect
+    reads them; ``chdb://PATH`` (legacy) = PATH."""
+    if dsn.startswith("chdb://"):
+        location = dsn.removeprefix("chdb://")
+    elif dsn.startswith("chdb:"):
+        location = dsn.removeprefix("chdb:")
+    else:
+        raise StoreError(f"not a chdb DSN: {dsn!r}")
+    if "?" in location or "#" in location:
+        raise StoreError(f"chdb DSN {dsn!r}: query strings are not supported (the database is a setting)")
     return None if location in ("", "memory", ":memory:") else location
 
 
 def _client_for(dsn: str) -> Client:
-    if dsn.startswith("chdb://"):
+    if dsn.startswith("chdb:"):
         return clickhouse_connect.get_client(interface="chdb", path=chdb_path(dsn))
     if dsn.startswith(("http://", "https://")):
         return clickhouse_connect.get_client(dsn=dsn)
-    raise StoreError(f"unsupported ClickHouse DSN {dsn!r}: expected chdb://PATH or http(s)://user:pass@host:8123")
+    raise StoreError(f"unsupported ClickHouse DSN {dsn!r}: expected chdb:PATH (e.g. chdb:./var/trainwatch.chdb), "
+                     "chdb:///abs/path or http(s)://user:pass@host:8123")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of a driver error, without clickhouse-connect's stack dump."""
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _redact(dsn: str) -> str:
+    """A DSN fit for an error line: no password."""
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", dsn)
+
+
+#: A letter's detail is our own error text, which may quote a value: a PII letter's public detail masks quotes.
+_QUOTED = re.compile(r"('[^']*'|\"[^\"]*\")")
+
+
+def _public_detail(detail: str) -> str:
+    return _QUOTED.sub("'…'", detail)[:300]
 
 
 def _micros(t: float) -> int:
@@ -195,24 +236,47 @@ class Store:
         #: Migrations this connect applied ("0001_core_tables", ...); empty when the schema was already current.
         self.applied = applied
         self._arrow: dict[str, ArrowRows] = {}  # per plain table, built at its first insert
+        self._pii_topics: frozenset[str] = DEFAULT_PII_TOPICS
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
 
     @classmethod
-    def connect(cls, dsn: str, database: str, *, migrations_dir: Path = MIGRATIONS_DIR) -> Store:
-        """Open the store, create `database` if missing and apply pending migrations."""
+    def connect(cls, dsn: str, database: str, *, migrations_dir: Path = MIGRATIONS_DIR,
+                pii_topics: Iterable[str] | None = None) -> Store:
+        """Open the store, create `database` if missing and apply pending migrations. `pii_topics`: topics whose
+        dead letters keep their raw bytes only in the restricted dead_letter_payloads (default: accounts.cip).
+        Any failure to reach or set up the store is one StoreError line."""
         if not _IDENTIFIER.match(database):
             raise StoreError(f"database name {database!r} must match {_IDENTIFIER.pattern}")
         migrations = load_migrations(migrations_dir)
-        client = _client_for(dsn)
+        try:
+            client = _client_for(dsn)
+        except StoreError:
+            raise
+        except Exception as exc:  # driver errors (unreachable server, bad URL, engine path in use): one line
+            raise StoreError(f"cannot open ClickHouse store {_redact(dsn)}: {_one_line(exc)}") from exc
         try:
             client.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
             client.database = database
             applied = cls._migrate(client, migrations)
+            store = cls(client, database, applied)
+            store._pii_topics = frozenset(pii_topics) if pii_topics is not None else DEFAULT_PII_TOPICS
+            store.register_policies(load_policy(name) for name in shipped_policies())
+        except StoreError:
+            client.close()
+            raise
+        except Exception as exc:
+            client.close()
+            raise StoreError(f"ClickHouse store {_redact(dsn)} database {database}: {_one_line(exc)}") from exc
         except BaseException:
             client.close()
             raise
-        return cls(client, database, applied)
+        return store
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        """Store.connect with the settings' DSN and database, and the settings' CIP topic as the PII topic."""
+        return cls.connect(settings.clickhouse_dsn, settings.database, pii_topics={settings.topics.cip})
 
     @classmethod
     def _migrate(cls, client: Client, migrations: Sequence[Migration]) -> list[str]:
@@ -300,25 +364,48 @@ class Store:
         token = content_id("events", *sorted(e.event_id for e in events))
         return self._insert(_CASE_EVENTS, events, settings={"insert_deduplication_token": token})
 
+    @property
+    def pii_topics(self) -> frozenset[str]:
+        return self._pii_topics
+
     def insert_dead_letters(self, rows: Iterable[DeadLetter | Mapping[str, Any]]) -> int:
+        """Store letters; a re-delivered letter (same topic, partition, offset, bytes) lands on its row again.
+        Letters from a PII topic keep reason, provenance, size and hash in dead_letters; their bytes and detail go
+        only to dead_letter_payloads, which the analyst grant cannot read."""
         letters = [r if isinstance(r, DeadLetter) else DeadLetter.model_validate(r) for r in rows]
         if not letters:
             return 0
-        data = [
-            [
-                d.dead_letter_id(),
-                d.reason,
-                d.detail,
-                d.topic,
-                d.partition,
-                -1 if d.offset is None else d.offset,
-                d.raw,
-                d.at,
-            ]
-            for d in letters
-        ]
+        data, payloads = [], []
+        for d in letters:
+            lid, offset, digest = d.dead_letter_id(), -1 if d.offset is None else d.offset, d.raw_hash()
+            if d.topic in self._pii_topics:
+                payloads.append([lid, d.topic, d.partition, offset, d.detail, d.raw, d.at])
+                data.append([lid, d.reason, _public_detail(d.detail), d.topic, d.partition, offset, b"", d.at,
+                             len(d.raw), digest, True])
+            else:
+                data.append([lid, d.reason, d.detail, d.topic, d.partition, offset, d.raw, d.at, len(d.raw), digest,
+                             False])
+        # Payloads first: a crash in between leaves restricted bytes without their public row (the retry adds it),
+        # never a public row whose bytes are lost.
+        if payloads:
+            self.client.insert("dead_letter_payloads", payloads, column_names=_PAYLOAD_COLUMNS)
         self.client.insert("dead_letters", data, column_names=_DEAD_LETTER_COLUMNS)
         return len(letters)
+
+    def register_policies(self, policies: Iterable[Policy]) -> None:
+        """Record each policy's foreign-person test for the views (compute_by_owner); writes only what changed."""
+        have = {(r["policy_id"], r["policy_version"]): r for r in self.query(
+            f"SELECT {', '.join(_POLICY_COLUMNS[:-1])} FROM policy_foreign_tests FINAL")}
+        rows = []
+        for p in policies:
+            fp = p.foreign_person
+            row = [p.id, p.version, fp.check_beneficial_owners, float(fp.owner_min_pct), fp.owner_control_counts,
+                   fp.unknown_is_foreign, not fp.us_countries]
+            prior = have.get((p.id, p.version))
+            if prior is None or [prior[c] for c in _POLICY_COLUMNS[:-1]] != row:
+                rows.append([*row, time.time_ns() // 1000])
+        if rows:
+            self.client.insert("policy_foreign_tests", rows, column_names=_POLICY_COLUMNS)
 
     def upsert_cip(self, records: Sequence[CipRecord]) -> int:
         """Write CIP records (PII, cip_identity) and their ownership projection (account_owners)."""
@@ -333,10 +420,11 @@ class Store:
         for r in records:
             us = _micros(r.updated_at)
             owners += [
-                [r.account_id, o.owner_id, o.ownership_pct, o.control, r.updated_at, us] for o in r.beneficial_owners
+                [r.account_id, o.owner_id, o.ownership_pct, o.control, r.updated_at, us, o.us_person]
+                for o in r.beneficial_owners
             ]
             if not r.beneficial_owners:  # marks "latest record has no owners" (see 0002_identity.sql)
-                owners.append([r.account_id, "", None, False, r.updated_at, us])
+                owners.append([r.account_id, "", None, False, r.updated_at, us, None])
         self.client.insert("account_owners", owners, column_names=_OWNER_COLUMNS)
         return len(records)
 
@@ -387,14 +475,27 @@ class Store:
         rows = self.query("SELECT record FROM cip_identity FINAL WHERE account_id = {a:String}", {"a": account_id})
         return serde.decode(CipRecord, rows[0]["record"]) if rows else None
 
-    def dead_letters(self, topic: str | None = None) -> list[DeadLetter]:
-        """Dead letters (raw bytes intact), in (topic, partition, offset) order."""
+    def dead_letters(self, topic: str | None = None, *, restricted: bool = True) -> list[DeadLetter]:
+        """Dead letters in (topic, partition, offset) order. `restricted=True` (needs the PII table's grant) puts
+        the bytes and detail of PII letters back; False returns what the analyst grant sees (raw empty)."""
         where = "WHERE topic = {topic:String}" if topic is not None else ""
-        sql = f"SELECT * FROM dead_letters FINAL {where} ORDER BY topic, `partition`, `offset`, dead_letter_id"
+        cols = "dead_letter_id, reason, detail, topic, `partition`, `offset`, raw, at, raw_restricted"
+        sql = f"SELECT {cols} FROM dead_letters FINAL {where} ORDER BY topic, `partition`, `offset`, dead_letter_id"
         result = self.client.query(sql, parameters={"topic": topic} if topic else {}, column_formats={"raw": "bytes"})
+        rows = list(result.named_results())
+        hidden = [r["dead_letter_id"] for r in rows if r["raw_restricted"]]
+        payload: dict[str, dict[str, Any]] = {}
+        if restricted and hidden:
+            found = self.client.query(
+                "SELECT dead_letter_id, detail, raw FROM dead_letter_payloads FINAL"
+                " WHERE dead_letter_id IN {ids:Array(String)}",
+                parameters={"ids": hidden}, column_formats={"raw": "bytes"})
+            payload = {p["dead_letter_id"]: p for p in found.named_results()}
         out = []
-        for r in result.named_results():
-            r.pop("dead_letter_id")
+        for r in rows:
+            lid, secret = r.pop("dead_letter_id"), r.pop("raw_restricted")
+            if secret and lid in payload:
+                r["raw"], r["detail"] = payload[lid]["raw"], payload[lid]["detail"]
             out.append(DeadLetter.model_validate({**r, "offset": None if r["offset"] < 0 else r["offset"]}))
         return out
 

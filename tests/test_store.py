@@ -8,7 +8,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-from clickhouse_connect.driver.exceptions import ProgrammingError
 
 from pipeline.store import (
     MIGRATIONS_DIR,
@@ -24,6 +23,7 @@ from schemas.case import REPORTABLE_STATUSES, Case, CaseEvent
 from schemas.cip import BeneficialOwner, CipRecord, IpAccess, Reseller
 from schemas.detection import Detection
 from schemas.ids import content_id
+from schemas.policy import load_policy
 from schemas.windows import WindowAggregate
 
 T0 = 1_718_000_000.123456  # epoch seconds with a fraction, so float round trips are really tested
@@ -148,7 +148,8 @@ def make_cip(account: str, updated_at: float, owners: list[BeneficialOwner]) -> 
     )
 
 
-def owner(owner_id: str, pct: float | None, control: bool = False) -> BeneficialOwner:
+def owner(owner_id: str, pct: float | None, control: bool = False, us_person: bool | None = False
+          ) -> BeneficialOwner:
     return BeneficialOwner(
         owner_id=owner_id,
         name=f"Name {owner_id}",
@@ -156,7 +157,7 @@ def owner(owner_id: str, pct: float | None, control: bool = False) -> Beneficial
         control=control,
         nationality="XX",
         residence="XX",
-        us_person=False,
+        us_person=us_person,
     )
 
 
@@ -189,11 +190,11 @@ def test_changed_migration_is_refused_and_new_one_applied(store_path: Path, tmp_
     db = f"test_{uuid.uuid4().hex[:12]}"
     first = Store.connect(f"chdb://{store_path}", db, migrations_dir=mig_dir)
     try:
-        (mig_dir / "0004_extra.sql").write_text(
+        (mig_dir / "0099_extra.sql").write_text(
             "CREATE TABLE IF NOT EXISTS extra (x UInt8) ENGINE = MergeTree ORDER BY x;\n"
         )
         with Store.connect(f"chdb://{store_path}", db, migrations_dir=mig_dir) as second:
-            assert second.applied == ["0004_extra"]
+            assert second.applied == ["0099_extra"]
             assert second.query("SELECT count() AS n FROM extra") == [{"n": 0}]
 
         edited = mig_dir / "0002_identity.sql"
@@ -218,6 +219,8 @@ def test_dsn_parsing() -> None:
     assert chdb_path("chdb:///abs/path") == "/abs/path"
     assert chdb_path("chdb://./var/trainwatch.chdb") == "./var/trainwatch.chdb"
     assert chdb_path("chdb://:memory:") is None
+    assert chdb_path("chdb:./var/trainwatch.chdb") == "./var/trainwatch.chdb"  # the default's form
+    assert chdb_path("chdb:var/x") == "var/x"
     with pytest.raises(StoreError, match="unsupported ClickHouse DSN"):
         Store.connect("postgres://x", "db")
     with pytest.raises(StoreError, match="database name"):
@@ -229,7 +232,7 @@ def test_two_stores_share_the_one_engine_path_but_not_another(store: Store, stor
         other.upsert_cases([make_case(1)])
         assert store.get_case(make_case(1).case_id) == make_case(1)
     # chDB hosts one engine path per process: a second path is refused while clients are open.
-    with pytest.raises(ProgrammingError, match="already initialized"):
+    with pytest.raises(StoreError, match="already initialized"):
         Store.connect(f"chdb://{tmp_path / 'elsewhere'}", "other")
     assert store.get_case(make_case(1).case_id) == make_case(1)
 
@@ -379,9 +382,11 @@ def test_compute_by_account_sums_every_revision_once(store: Store) -> None:
         e["flop_low"] += w.flop_low
         e["flop_high"] += w.flop_high
         e["device_hours"] += w.device_seconds / 3600
-        seen[w.account_id].add((w.workload_id, w.partition, w.window_start))
+        seen[w.account_id].add((w.workload_id, w.window_start))  # a workload-window, however many partials
+        e["partials"] += 1
     for account, keys in seen.items():
         expected[account]["windows"] = len(keys)
+    assert expected["acct-1"]["windows"] == 3 and expected["acct-1"]["partials"] == 5
 
     rows = store.query("SELECT * FROM compute_by_account ORDER BY account_id")
     assert [r["account_id"] for r in rows] == sorted(expected)
@@ -417,7 +422,8 @@ def test_compute_by_owner_uses_current_owners_and_owner_cases(store: Store) -> N
 
     per_account = {r["account_id"]: r for r in store.query("SELECT * FROM compute_by_account")}
     current = {"own-a": {"acct-1": 60.0, "acct-2": 30.0}, "own-b": {"acct-1": 40.0}}
-    rows = {r["owner_id"]: r for r in store.query("SELECT * FROM compute_by_owner")}
+    rows = {r["owner_id"]: r for r in store.query(
+        "SELECT * FROM compute_by_owner WHERE policy_id = 'bis-2024-proposed'")}
     assert set(rows) == set(current)
     for owner_id, accounts in current.items():
         r = rows[owner_id]
@@ -428,6 +434,31 @@ def test_compute_by_owner_uses_current_owners_and_owner_cases(store: Store) -> N
     assert bool(rows["own-a"]["controls_any"]) and not rows["own-b"]["controls_any"]
     assert (rows["own-a"]["owner_cases"], rows["own-a"]["reportable_owner_cases"]) == (2, 1)
     assert (rows["own-b"]["owner_cases"], rows["own-b"]["reportable_owner_cases"]) == (0, 0)
+
+
+def test_compute_by_owner_applies_each_policys_foreign_person_test(store: Store) -> None:
+    store.insert_windows([make_window("wl-1", "acct-1", T0)])
+    store.upsert_cip([make_cip("acct-1", T0, [
+        owner("own-us", 70.0, us_person=True),  # a U.S. person: never a foreign owner where the U.S. test applies
+        owner("own-small", 10.0),  # foreign, below owner_min_pct, no control
+        owner("own-ctl", 5.0, control=True),  # foreign, in control
+        owner("own-unk", 30.0, us_person=None),  # status unknown
+    ])])
+    strict = load_policy("bis-2024-proposed")
+    lenient = strict.model_copy(update={"id": "lenient", "foreign_person": strict.foreign_person.model_copy(
+        update={"unknown_is_foreign": False, "owner_control_counts": False})})
+    store.register_policies([lenient])
+
+    def owners(policy_id: str) -> set[str]:
+        rows = store.query("SELECT owner_id FROM compute_by_owner WHERE policy_id = {p:String}", {"p": policy_id})
+        return {r["owner_id"] for r in rows}
+
+    assert owners("bis-2024-proposed") == {"own-ctl", "own-unk"}
+    assert owners("lenient") == set()
+    # The EU profile puts everyone in scope: the U.S. owner qualifies by stake, the 10 % owner still does not.
+    assert owners("eu-ai-act") == {"own-us", "own-ctl", "own-unk"}
+    store.register_policies([lenient])  # unchanged: nothing written again
+    assert store.query("SELECT count() AS n FROM policy_foreign_tests WHERE policy_id = 'lenient'") == [{"n": 1}]
 
 
 def test_detections_by_detector_counts_latest_detections(store: Store) -> None:
