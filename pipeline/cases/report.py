@@ -18,7 +18,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.case import Case
+from schemas.case import REPORTABLE_STATUSES, Case
 from schemas.errors import PolicyError
 from schemas.policy import Policy, load_policy
 
@@ -26,6 +26,8 @@ DRAFT_BANNER = "DRAFT - NOT FILED. Prepared automatically for review by complian
 DEMO_BANNER = "DEMO - scaled-down demonstration policy, NOT a compliance determination. Do not file."
 IDENTITY_FIELDS = ("name", "address", "payment_means", "payment_source", "emails", "phones", "ip_addresses")
 _ABSENT = "not in evidence"
+#: The feed message field that holds the identity a feed report refers to (pipeline/cases/feed.py).
+IDENTITY_REF = "identity"
 _TIME_SUFFIXES = ("_at", "_time", "start", "end", "first_seen", "last_seen")
 
 
@@ -66,7 +68,8 @@ def _first(entries: list[dict[str, Any]], *keys: str) -> Any:
     return None
 
 
-def _identity(case: Case) -> dict[str, Any]:
+def identity_block(case: Case) -> dict[str, Any]:
+    """The report's identity of the foreign person (PII), from the case's CIP snapshot."""
     ident = case.identity
     ips = [{**ip, "accessed_at_utc": utc(ip.get("accessed_at"))} for ip in ident.get("ip_addresses") or []]
     out: dict[str, Any] = {k: ident.get(k) for k in IDENTITY_FIELDS}
@@ -178,9 +181,20 @@ def _evidence(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def draft_report(case: Case, policy: Policy | None = None) -> dict[str, Any]:
+def identity_reference(case: Case) -> dict[str, Any]:
+    """What a report carries in place of the identity when the identity travels beside it (the feed): a pointer to
+    the feed message's `identity` field for a reportable case; for any other status, a note that none is sent
+    (a U.S.-person run is monitored, not reported)."""
+    out: dict[str, Any] = {"account_id": case.account_id, "cip_on_file": bool(case.identity.get("cip_on_file"))}
+    if case.status in REPORTABLE_STATUSES:
+        return {"ref": IDENTITY_REF, **out}
+    return {"withheld": f"status {case.status} is not reportable: no identity is sent", **out}
+
+
+def draft_report(case: Case, policy: Policy | None = None, *, identity: bool = True) -> dict[str, Any]:
     """The draft report of `case` as plain JSON-ready data. `policy` (or the shipped profile of the case's policy
-    id) supplies the title, threshold and demo flag."""
+    id) supplies the title, threshold and demo flag. `identity=False` puts `identity_reference` in place of the
+    identity (the feed sends the identity once, beside the report)."""
     pol = _policy_for(case, policy)
     entries = _entries(case)
     demo = bool(pol.demo) if pol else case.policy_id == "demo"
@@ -207,7 +221,7 @@ def draft_report(case: Case, policy: Policy | None = None) -> dict[str, Any]:
             "window_days": pol.reporting.window_days if pol else None,
             "day_kind": pol.reporting.day_kind if pol else None,
         },
-        "foreign_person": _identity(case),
+        "foreign_person": identity_block(case) if identity else identity_reference(case),
         "training_run": _training_run(case, entries),
         "compute": _compute(entries, pol),
         "evidence": _evidence(entries),
@@ -239,27 +253,9 @@ def _figure(key: str, x: Any) -> str:
     return _v(x)
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    """Markdown text of a draft report dict (from `draft_report`)."""
-    c, p, fp, run, comp, d = (report[k] for k in ("case", "policy", "foreign_person", "training_run", "compute",
-                                                    "dates"))
-    lines = [f"> **{report['banner']}**"]
-    if report["demo"]:
-        lines.append(f"> **{report['demo_banner']}**")
+def _identity_lines(fp: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     lines += [
-        "",
-        f"# {report['title']}",
-        "",
-        f"Case `{c['case_id']}` (status {c['status']}, version {c['version']}) · policy `{p['id']}` "
-        f"version {p['version']}" + (f" — {p['title']}" if p["title"] else ""),
-        "",
-        "## Dates",
-        f"- Knowledge (event time): {_v(d['knowledge_at_utc'])}",
-        f"- Report due: {_v(d['due_at_utc'])}"
-        + (f" ({_v(p['window_days'])} {p['day_kind']} days after knowledge)" if p["window_days"] else ""),
-        f"- First recorded by the pipeline: {_v(d['detected_at_utc'])}",
-        "",
-        "## Identity of the foreign person",
         f"- Name: {_v(fp['name'])}",
         f"- Address: {_v(fp['address'])}",
         f"- Means of payment: {_v(fp['payment_means'])}",
@@ -284,6 +280,35 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- Reseller: {_v(fp['reseller'].get('name'))} ({_v(fp['reseller'].get('country'))})")
     if fp["missing"]:
         lines.append(f"- Missing from the CIP record: {', '.join(fp['missing'])}")
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """Markdown text of a draft report dict (from `draft_report`)."""
+    c, p, fp, run, comp, d = (report[k] for k in ("case", "policy", "foreign_person", "training_run", "compute",
+                                                    "dates"))
+    lines = [f"> **{report['banner']}**"]
+    if report["demo"]:
+        lines.append(f"> **{report['demo_banner']}**")
+    lines += [
+        "",
+        f"# {report['title']}",
+        "",
+        f"Case `{c['case_id']}` (status {c['status']}, version {c['version']}) · policy `{p['id']}` "
+        f"version {p['version']}" + (f" — {p['title']}" if p["title"] else ""),
+        "",
+        "## Dates",
+        f"- Knowledge (event time): {_v(d['knowledge_at_utc'])}",
+        f"- Report due: {_v(d['due_at_utc'])}"
+        + (f" ({_v(p['window_days'])} {p['day_kind']} days after knowledge)" if p["window_days"] else ""),
+        f"- First recorded by the pipeline: {_v(d['detected_at_utc'])}",
+        "",
+        "## Identity of the foreign person",
+    ]
+    if "ref" in fp or "withheld" in fp:
+        lines.append(f"- {fp.get('withheld') or 'In the message field `' + fp['ref'] + '` beside this report.'}")
+    else:
+        lines += _identity_lines(fp)
     lines += [
         "",
         "## The training run",
