@@ -34,8 +34,8 @@ def test_analyst_grant_reads_no_pii_table() -> None:
     assert "dead_letters" in tables and "windows" in tables
     assert not tables & {"cip_identity", "dead_letter_payloads"}
     # cases: a column list without identity
-    cases_grant = re.search(r"GRANT SELECT\((.*?)\) ON trainwatch\.cases ", (MIGRATIONS_DIR / "grants_server.sql.example")
-                            .read_text(), re.S)
+    text = (MIGRATIONS_DIR / "grants_server.sql.example").read_text()
+    cases_grant = re.search(r"GRANT SELECT\((.*?)\) ON trainwatch\.cases ", text, re.S)
     assert cases_grant and "identity" not in cases_grant.group(1)
 
 
@@ -71,8 +71,9 @@ def test_pii_topics_follow_settings(store_path, store: Store) -> None:
 
 def test_migration_moves_cip_bytes_stored_before_it(store: Store) -> None:
     # A row as 0001's dead_letters held it, then the 0004 move statements run again (they are re-runnable).
+    cols = ["dead_letter_id", "reason", "detail", "topic", "partition", "offset", "raw", "at"]
     store.client.insert("dead_letters", [["dlq-old", "schema_violation", "d", "accounts.cip", 0, 1, BAD_CIP, 1.0]],
-                        column_names=["dead_letter_id", "reason", "detail", "topic", "partition", "offset", "raw", "at"])
+                        column_names=cols)
     mig = next(m for m in load_migrations() if m.version == 4)
     for st in mig.statements:
         if st.startswith(("INSERT INTO dead_letter_payloads", "ALTER TABLE dead_letters UPDATE")):
