@@ -28,6 +28,12 @@ class KafkaSettings(BaseModel):
     ssl_ca_location: str | None = None
     ssl_certificate_location: str | None = None
     ssl_key_location: str | None = None
+    #: Static group membership: a stable id per worker (e.g. its pod name). A worker restarted with the same id
+    #: takes its partitions back at once instead of after the old member's session times out. Must be unique per
+    #: running worker of a group (a duplicate is fenced). None: dynamic membership.
+    group_instance_id: str | None = None
+    #: A dead consumer's partitions move (or a static member is declared gone) after this many seconds.
+    session_timeout_s: float = Field(default=10.0, ge=6, le=300)
     #: Any other librdkafka property, passed through as is (e.g. {"linger.ms": "20"}).
     extra: dict[str, str] = Field(default_factory=dict)
 
@@ -56,6 +62,24 @@ class TopicSettings(BaseModel):
     detections: str = "detections"
     cases: str = "compliance.cases"
     dlq: str = "telemetry.dlq"
+
+
+class TopicConfigSettings(BaseModel):
+    """How `trainwatch topics create` provisions the topics (pipeline/topics.py); `run` only checks them."""
+
+    #: Partitions of the account-keyed topics (windows, CIP, allocations, the app's owners topic and changelogs),
+    #: which must be co-partitioned, and of the outputs.
+    partitions: int = Field(default=1, ge=1, le=10_000)
+    #: Partitions of the telemetry topic (keyed by node; independent of the others). None: `partitions`.
+    telemetry_partitions: int | None = Field(default=None, ge=1, le=10_000)
+    replication_factor: int = Field(default=1, ge=1, le=16)
+    #: min.insync.replicas of every topic (with acks=all producers: how many copies a write needs). None: broker's.
+    min_insync_replicas: int | None = Field(default=None, ge=1, le=16)
+    retention_ms: int = Field(default=7 * 86_400_000, ge=-1, description="streams (telemetry, windows, ...)")
+    #: The compliance feed and the dead letters are kept longer: people work them.
+    long_retention_ms: int = Field(default=30 * 86_400_000, ge=-1)
+    #: Largest message a topic accepts (columnar telemetry batches are large).
+    max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
 
 
 class IngestSettings(BaseModel):
@@ -90,6 +114,7 @@ class Settings(BaseSettings):
 
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
+    topic_config: TopicConfigSettings = TopicConfigSettings()
     ingest: IngestSettings = IngestSettings()
     detect: DetectSettings = DetectSettings()
     clickhouse_dsn: str = Field(default="chdb:./var/trainwatch.chdb", description="chdb:PATH or http(s)://host:8123")

@@ -47,6 +47,7 @@ def kafka_bootstrap() -> str:
     """Bootstrap servers of a usable broker: the one named by the env var, else the local one (started if needed)."""
     external = os.environ.get("TRAINWATCH_TEST_KAFKA_BOOTSTRAP")
     if external:
+        _provision_defaults(external)
         return external
     port = int(os.environ.get("TRAINWATCH_KAFKA_PORT", "9092"))
     if not _listening("127.0.0.1", port):
@@ -64,7 +65,19 @@ def kafka_bootstrap() -> str:
             pytest.fail(f"{_KAFKA_SH} start did not finish within {_START_TIMEOUT_S}s")
         if proc.returncode != 0:
             pytest.fail(f"{_KAFKA_SH} start failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
-    return f"127.0.0.1:{port}"
+    bootstrap = f"127.0.0.1:{port}"
+    _provision_defaults(bootstrap)
+    return bootstrap
+
+
+def _provision_defaults(bootstrap: str) -> None:
+    """The local broker runs with auto.create.topics.enable=false, as production should: create the topics under
+    their default names (what a test that overrides only some names falls back to, e.g. the DLQ), the way an
+    operator does with `trainwatch topics create`. Tests' own topics come from ``unique_topic``."""
+    from pipeline import topics
+    from pipeline.settings import KafkaSettings, Settings, TopicSettings
+
+    topics.create(Settings(kafka=KafkaSettings(bootstrap_servers=bootstrap), topics=TopicSettings()))
 
 
 def _wait_for_leaders(admin: AdminClient, topic: str, partitions: int, deadline: float) -> None:

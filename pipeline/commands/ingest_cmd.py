@@ -23,10 +23,12 @@ def run(
     config: Path | None = typer.Option(None, "--config", help="settings TOML file"),
 ) -> None:
     """Consume telemetry, emit partial window aggregates; commit after write. Ctrl-C stops cleanly."""
+    from pipeline import topics
     from pipeline.ingest.kafka_stage import KafkaIngestStage, tune_gc
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(config)
+    topics.require(settings, "ingest")  # one line (exit 2) for a missing topic or an unreachable broker
     stage = KafkaIngestStage(settings, group_id=group, decoder=decoder)
     tune_gc()
     stopping = {"now": False}
@@ -49,10 +51,13 @@ def status(
     config: Path | None = typer.Option(None, "--config", help="settings TOML file"),
 ) -> None:
     """Per partition of the telemetry topic: committed offset, end, lag, and the event time a restart resumes at."""
+    from pipeline import topics
     from pipeline.ingest.status import group_status
     from schemas.serde import dumps
 
-    rows = group_status(load_settings(config), group)
+    settings = load_settings(config)
+    topics.probe(settings)  # no broker: one line (exit 2), not librdkafka's connection log and a traceback
+    rows = group_status(settings, group)
     if as_json:
         for r in rows:
             typer.echo(dumps(r.to_dict()).decode())

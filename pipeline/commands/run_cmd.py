@@ -35,14 +35,17 @@ def register(app: typer.Typer) -> None:
         stage: StageName = typer.Option(StageName.all, "--stage", help="which stage(s) to run"),
         app_id: str = typer.Option("trainwatch-detect", "--app-id", help="faust app id (= its consumer group)"),
         ingest_group: str = typer.Option("trainwatch-ingest", "--ingest-group", help="ingest consumer group"),
-        partitions: int = typer.Option(1, "--partitions", min=1,
-                                       help="partitions for topics that do not exist yet (inputs decide otherwise)"),
         loglevel: str = typer.Option("WARNING", "--loglevel"),
         config: Path | None = typer.Option(None, "--config", help="settings TOML file"),
     ) -> None:
         """Run the stages over Kafka until SIGTERM or Ctrl-C."""
         logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         settings = load_settings(config)
+        # Every topic the stage(s) need must exist and be co-partitioned before anything starts (one line, exit 2);
+        # `trainwatch topics create` provisions them. Under `all` ingest would otherwise start and write first.
+        from pipeline import topics
+
+        n = topics.require(settings, stage.value, app_id)
         stop = threading.Event()
         if stage is StageName.ingest:
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -56,7 +59,7 @@ def register(app: typer.Typer) -> None:
             thread = threading.Thread(target=_ingest, args=(settings, ingest_group, stop), name="ingest", daemon=True)
             thread.start()
         try:
-            run_detect(settings, app_id=app_id, partitions=partitions, loglevel=loglevel)
+            run_detect(settings, app_id=app_id, partitions=n, loglevel=loglevel)
         finally:
             stop.set()
             if thread is not None:

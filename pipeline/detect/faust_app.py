@@ -179,13 +179,19 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         web_enabled=False,
         autodiscover=False,
         topic_partitions=partitions,
-        topic_replication_factor=1,
+        # --- topics and group membership (settings; see pipeline/topics.py) ---
+        # Changelogs the app declares get settings' replication (3 on the local cluster), not 1.
+        topic_replication_factor=settings.topic_config.replication_factor,
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
         # A killed worker's partitions move after the session timeout: faust's 60 s default stalls a restart.
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=3.0,
+        # With a group instance id (static membership) a restarted worker takes them back at once.
+        broker_session_timeout=settings.kafka.session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.kafka.session_timeout_s / 3),
+        consumer_group_instance_id=(f"{settings.kafka.group_instance_id}-detect"
+                                    if settings.kafka.group_instance_id else None),
+        # --- end topics and group membership ---
         stream_wait_empty=False,
         table_standby_replicas=0,
     )

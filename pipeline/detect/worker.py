@@ -7,56 +7,23 @@ the producer is flushed. Unfinished batches are simply read again by the next st
 from __future__ import annotations
 
 import logging
-import time
 
-from confluent_kafka.admin import AdminClient, NewTopic
-
-from pipeline.detect.topics import derived_topics
 from pipeline.settings import Settings
-from schemas.errors import TrainwatchError
 
 log = logging.getLogger(__name__)
 
 
-def ensure_topics(settings: Settings, partitions: int, timeout_s: float = 30.0, app_id: str | None = None) -> int:
-    """Create missing stage topics; return the input topics' shared partition count (they must be co-partitioned).
+def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: float = 10.0,
+                  app_id: str | None = None) -> int:
+    """Check (never create) the detect app's topics; return the input topics' shared partition count.
 
-    Existing input topics decide the count; `partitions` is used only when none exists yet. With `app_id`, the
-    app's derived topics (topics.derived_topics: the owners repartition topic) are created with that same count;
-    an existing one with another count is an error (the `owners` table is partitioned like it)."""
-    t = settings.topics
-    admin = AdminClient(settings.kafka.client_config())
-    meta = admin.list_topics(timeout=timeout_s).topics
-    inputs = (t.windows, t.cip, t.allocations)
-    counts = {name: len(meta[name].partitions) for name in inputs if name in meta}
-    n = next(iter(counts.values()), partitions)
-    if any(c != n for c in counts.values()):
-        raise TrainwatchError(f"input topics are not co-partitioned: {counts} (they must share a partition count)")
-    derived = derived_topics(app_id) if app_id else ()
-    wrong = {name: len(meta[name].partitions) for name in derived if name in meta and len(meta[name].partitions) != n}
-    if wrong:
-        raise TrainwatchError(f"derived topics {wrong} do not have the input topics' {n} partition(s)")
-    names = (*inputs, t.detections, t.cases, *derived)
-    missing = [name for name in names if name not in meta]
-    if missing:
-        futures = admin.create_topics([NewTopic(m, num_partitions=n, replication_factor=1) for m in missing],
-                                      operation_timeout=timeout_s, request_timeout=timeout_s)
-        for fut in futures.values():
-            try:
-                fut.result(timeout=timeout_s)
-            except Exception as exc:  # created meanwhile by someone else is fine
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise
-    # Wait until every partition has a leader, so the worker's first fetch does not race metadata.
-    deadline = time.monotonic() + timeout_s
-    while True:
-        meta = admin.list_topics(timeout=timeout_s).topics
-        if all(x in meta and meta[x].error is None and meta[x].partitions
-               and all(p.leader >= 0 for p in meta[x].partitions.values()) for x in names):
-            return n
-        if time.monotonic() > deadline:
-            raise TrainwatchError(f"topics {names} not ready within {timeout_s} s")
-        time.sleep(0.2)
+    Topics are provisioned by `trainwatch topics create` (pipeline/topics.py). A missing topic or broken
+    co-partitioning (inputs, the owners topic and the app's changelogs) is a one-line TrainwatchError here, before
+    faust starts: faust would otherwise fail on every start ("Unrecognized partition"). `partitions` is accepted for
+    the call site only: the existing topics decide the count."""
+    from pipeline import topics
+
+    return topics.require(settings, "detect", app_id or topics.DEFAULT_APP_ID, timeout_s=timeout_s)
 
 
 def run_detect(settings: Settings, *, app_id: str = "trainwatch-detect", partitions: int = 1,

@@ -107,6 +107,10 @@ class KafkaIngestStage:
         kafka = settings.kafka
         self.consumer = Consumer(kafka.client_config(**{
             "group.id": group_id,
+            # Static membership (settings.kafka.group_instance_id): a restarted worker gets its partitions back
+            # at once; otherwise a killed member's partitions wait for its session timeout.
+            **({"group.instance.id": f"{kafka.group_instance_id}-ingest"} if kafka.group_instance_id else {}),
+            "session.timeout.ms": int(kafka.session_timeout_s * 1000),
             # Commit after write: offsets are committed by hand once the outputs are flushed.
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
