@@ -23,8 +23,20 @@ lint:  ## ruff
 kafka-start:  ## start the local Kafka broker
 	bash deploy/local/kafka.sh start
 
-kafka-stop:  ## stop the local Kafka broker
+kafka-stop:  ## stop the local Kafka broker (only if you started it)
 	bash deploy/local/kafka.sh stop
+
+kafka-cluster:  ## start a three-broker local Kafka cluster on 9092/9094/9096 (replication 3, min ISR 2)
+	bash deploy/local/kafka.sh start --brokers 3
+
+topics:  ## create the pipeline's topics from settings (partitions, replication, configs), then check them
+	$(PYTHON) -m pipeline topics create
+
+chaos:  ## kill -9 workers and a broker, stop the store: compare with a clean replay -> benchmarks/results/chaos.json
+	$(PYTHON) -m benchmarks.chaos
+
+chaos-quick:  ## the reduced chaos run (a few kills, one of each outage) -> benchmarks/results/chaos-quick.json
+	$(PYTHON) -m benchmarks.chaos --quick
 
 bench:  ## full benchmarks -> benchmarks/results/latest.json
 	$(PYTHON) -m benchmarks.run
@@ -32,4 +44,4 @@ bench:  ## full benchmarks -> benchmarks/results/latest.json
 bench-quick:  ## benchmarks in under 3 minutes -> benchmarks/results/quick.json
 	$(PYTHON) -m benchmarks.run --quick
 
-.PHONY: help venv demo test lint kafka-start kafka-stop bench bench-quick
+.PHONY: help venv demo test lint kafka-start kafka-stop kafka-cluster topics chaos chaos-quick bench bench-quick

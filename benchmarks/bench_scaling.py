@@ -189,7 +189,11 @@ def run(quick: bool = False) -> dict:
     msgs = _messages(quick)
     admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
     topic = f"bench-scaling-{uuid.uuid4().hex[:8]}"
-    admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)])[topic].result(30)
+    # The broker does not auto-create topics: the stage's outputs are created here too.
+    made = admin.create_topics([NewTopic(t, num_partitions=PARTITIONS if t == topic else 1, replication_factor=1)
+                                for t in (topic, f"{topic}-windows", f"{topic}-dlq")])
+    for fut in made.values():
+        fut.result(30)
     try:
         p = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 20, "batch.size": 1_000_000,
                       "queue.buffering.max.messages": 1_000_000})

@@ -9,9 +9,22 @@ from confluent_kafka import Producer
 
 from pipeline.settings import Settings
 from pipeline.simulator.scenario import Scenario
+from schemas.errors import TrainwatchError
 from schemas.serde import dumps
 
 _FLUSH_TIMEOUT_S = 60.0
+
+
+def _require_inputs(settings: Settings) -> None:
+    """The three input topics must exist (the broker does not auto-create): one line instead of a produce that
+    waits out its delivery timeout on an unknown topic."""
+    from pipeline import topics
+
+    t = settings.topics
+    state = topics.check(settings, "ingest", configs=False).state
+    for name in (t.telemetry, t.cip, t.allocations):
+        if name not in state:
+            raise TrainwatchError(f"topic {name!r}: missing; create the topics first: trainwatch topics create")
 
 
 class KafkaOut:
@@ -22,7 +35,10 @@ class KafkaOut:
 
     def __init__(self, settings: Settings, sc: Scenario, rate: float | None = None) -> None:
         self.topics, self.sc, self.rate = settings.topics, sc, rate
-        self.p = Producer(settings.kafka.client_config(**{"linger.ms": 20, "compression.type": "lz4"}))
+        _require_inputs(settings)
+        # Idempotent (acks=all): a retried batch is neither duplicated nor reordered.
+        self.p = Producer(settings.kafka.client_config(**{"linger.ms": 20, "compression.type": "lz4",
+                                                          "enable.idempotence": True}))
         self.sent = 0
         self._t0 = time.monotonic()
 
