@@ -183,3 +183,47 @@ def test_feed_messages_reach_kafka_keyed_by_account(store: Store, kafka_bootstra
         consumer.close()
     assert sorted(g.message_id for g in got) == sorted(m.message_id for m in msgs)
     assert all(g.report["banner"].startswith("DRAFT") and g.change.action == "opened" for g in got)
+
+
+def test_action_times_must_be_finite_and_within_the_case_life(store: Store):
+    from pipeline.cases.actions import CaseActionError, CaseActions
+
+    store.upsert_cip([cip()])
+    case = CaseService(store, BIS).process([det()], NOW)[0].case
+    opened = store.case_events(case.case_id)[0].at
+    actions = CaseActions(store, "bis-2024-proposed", clock=lambda: NOW + 100)
+    for bad, why in [(float("nan"), "finite"), (float("inf"), "finite"), (float("-inf"), "finite"),
+                     (0.0, "before case"), (opened - 1, "before case"), (NOW + 100 + 3600, "in the future")]:
+        with pytest.raises(CaseActionError, match=why):
+            actions.ack(case.case_id, "alice", bad)
+    assert store.get_case(case.case_id).status == "open" and len(store.case_events(case.case_id)) == 1
+    with pytest.raises(CaseActionError, match="actor"):
+        actions.ack(case.case_id, "  ", NOW)
+    with pytest.raises(CaseActionError, match="--reason"):
+        actions.dismiss(case.case_id, "alice", NOW, " ")
+
+    actions.ack(case.case_id, "alice", NOW + 50)
+    with pytest.raises(CaseActionError, match="latest status change"):  # the trail stays in order
+        actions.report(case.case_id, "bob", NOW + 40, "BIS-1")
+    assert actions.report(case.case_id, "bob", None, "BIS-1")[-1].change.at == NOW + 100  # default: the clock
+    with pytest.raises(CaseActionError, match="not a case status"):
+        actions.list(["open", "bogus"])
+    assert [c.case_id for c in actions.list(["reported"])] == [case.case_id]
+
+
+def test_cli_rejects_nan_and_bogus_status_and_show_survives_a_stored_nan(store: Store, cli_app: typer.Typer,
+                                                                          where: list[str]):
+    from pipeline.cases.actions import CaseActionError
+
+    store.upsert_cip([cip()])
+    case = CaseService(store, BIS).process([det()], NOW)[0].case
+    runner = CliRunner()
+    res = runner.invoke(cli_app, ["cases", "ack", case.case_id, "--at", "nan", *where])
+    assert res.exit_code != 0 and isinstance(res.exception, CaseActionError)
+    res = runner.invoke(cli_app, ["cases", "list", "--status", "bogus", *where])
+    assert isinstance(res.exception, CaseActionError) and "bogus" in str(res.exception)
+    # A NaN written before this check existed must not stop `cases show`.
+    bad = store.case_events(case.case_id)[0].model_copy(update={"event_id": "cev-nan", "at": float("nan")})
+    store.append_case_events([bad])
+    res = runner.invoke(cli_app, ["cases", "show", case.case_id, *where])
+    assert res.exit_code == 0 and "invalid time (nan)" in res.output

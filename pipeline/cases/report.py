@@ -32,8 +32,14 @@ _TIME_SUFFIXES = ("_at", "_time", "start", "end", "first_seen", "last_seen")
 
 
 def utc(t: float | None) -> str | None:
-    """ISO 8601 UTC text of an epoch time (None stays None)."""
-    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
+    """ISO 8601 UTC text of an epoch time (None stays None; a time no calendar holds, e.g. NaN, says so instead of
+    raising, so one bad stored value cannot stop `cases show`)."""
+    if t is None:
+        return None
+    try:
+        return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
+    except (ValueError, OverflowError, OSError):
+        return f"invalid time ({t!r})"
 
 
 def _policy_for(case: Case, policy: Policy | None) -> Policy | None:

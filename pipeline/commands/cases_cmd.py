@@ -7,46 +7,36 @@ re-read the case, validate the transition (an illegal one exits 2 with the reaso
 from __future__ import annotations
 
 import getpass
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import typer
 
-from pipeline.cases.core import UnknownCase
+from pipeline.cases.actions import STATUSES, CaseActions, policy_of
 from pipeline.cases.feed import CaseFeedMessage
 from pipeline.cases.report import draft_report, render_markdown, utc
-from pipeline.cases.service import CaseService
 from pipeline.settings import load_settings
 from pipeline.store import Store
 from schemas.case import Case
-from schemas.errors import PolicyError
-from schemas.policy import Policy, load_policy
 from schemas.serde import dumps
 
 cases_app = typer.Typer(help="Cases in the knowledge store: list, inspect, and act on them.", no_args_is_help=True)
 
-_STORE = typer.Option(None, "--store", help="ClickHouse DSN (chdb://PATH or http(s)://...); default from settings")
+_STORE = typer.Option(None, "--store", help="ClickHouse DSN (chdb:PATH or http(s)://...); default from settings")
 _DATABASE = typer.Option(None, "--database", help="database name; default from settings")
 _JSON = typer.Option(False, "--json", help="print JSON")
+_STATUS = typer.Option(None, "--status", help=f"only these statuses (repeatable): {', '.join(STATUSES)}")
 _ACTOR = typer.Option(None, "--actor", help="who acts (default: the login name)")
-_AT = typer.Option(None, "--at", help="time of the action, epoch seconds (default: now)")
+_AT = typer.Option(None, "--at", help="time of the action, epoch seconds (default: now); finite, not before the case "
+                   "opened or its latest status change, not in the future")
 
 
 @contextmanager
-def _store(dsn: str | None, database: str | None) -> Iterator[Store]:
+def _actions(dsn: str | None, database: str | None) -> Iterator[CaseActions]:
     settings = load_settings()
     with Store.connect(dsn or settings.clickhouse_dsn, database or settings.database) as store:
-        yield store
-
-
-def _policy_of(case: Case) -> Policy:
-    """The policy that decided the case (shipped profile by id), else the configured one."""
-    try:
-        return load_policy(case.policy_id)
-    except PolicyError:
-        return load_policy(load_settings().policy)
+        yield CaseActions(store, settings.policy)
 
 
 def _echo_json(data: Any) -> None:
@@ -57,23 +47,16 @@ def _summary(case: Case) -> dict[str, Any]:
     return case.model_dump(mode="json", exclude={"evidence", "identity"})
 
 
-def _get(store: Store, case_id: str) -> Case:
-    case = store.get_case(case_id)
-    if case is None:
-        raise UnknownCase(f"{case_id}: no such case in database {store.database}")
-    return case
-
-
 @cases_app.command("list")
 def list_(
-    status: list[str] = typer.Option(None, "--status", help="only these statuses (repeatable)"),
+    status: list[str] = _STATUS,
     as_json: bool = _JSON,
     store_dsn: str | None = _STORE,
     database: str | None = _DATABASE,
 ) -> None:
     """Cases, soonest due first (identity and evidence left out; see `cases show`)."""
-    with _store(store_dsn, database) as store:
-        cases = store.list_cases(status=status or None)
+    with _actions(store_dsn, database) as actions:
+        cases = actions.list(status or None)
     if as_json:
         _echo_json([_summary(c) for c in cases])
         return
@@ -90,9 +73,8 @@ def show(
     database: str | None = _DATABASE,
 ) -> None:
     """One case with its audit trail."""
-    with _store(store_dsn, database) as store:
-        case = _get(store, case_id)
-        events = store.case_events(case_id)
+    with _actions(store_dsn, database) as actions:
+        case, events = actions.show(case_id)
     if as_json:
         _echo_json({"case": case.model_dump(mode="json"), "events": [e.model_dump(mode="json") for e in events]})
         return
@@ -105,27 +87,17 @@ def show(
         typer.echo(f"  {utc(e.at)}  {e.actor}  {e.action}  {e.from_status or '-'} -> {e.to_status or '-'}")
 
 
-def _act(
-    store_dsn: str | None, database: str | None, case_id: str, as_json: bool, method: str, *args: Any
-) -> None:
-    with _store(store_dsn, database) as store:
-        service = CaseService(store, _policy_of(_get(store, case_id)), preload=False)
-        messages: list[CaseFeedMessage] = getattr(service, method)(case_id, *args)
-    case = messages[-1].case
+def _act(store_dsn: str | None, database: str | None, as_json: bool, method: str, case_id: str, actor: str | None,
+         *args: Any) -> None:
+    with _actions(store_dsn, database) as actions:
+        messages: list[CaseFeedMessage] = getattr(actions, method)(case_id, actor or getpass.getuser(), *args)
+        case = actions.get(case_id)  # the stored case: feed messages leave the identity out
     if as_json:
         events = [m.change.model_dump(mode="json") for m in messages]
         _echo_json({"case": case.model_dump(mode="json"), "events": events})
         return
     for m in messages:
         typer.echo(f"{case_id}: {m.change.from_status} -> {m.change.to_status} ({m.change.action} by {m.change.actor})")
-
-
-def _who(actor: str | None) -> str:
-    return actor or getpass.getuser()
-
-
-def _when(at: float | None) -> float:
-    return time.time() if at is None else at
 
 
 @cases_app.command("ack")
@@ -138,7 +110,7 @@ def ack(
     database: str | None = _DATABASE,
 ) -> None:
     """Take an open case (open -> acknowledged)."""
-    _act(store_dsn, database, case_id, as_json, "ack", _who(actor), _when(at))
+    _act(store_dsn, database, as_json, "ack", case_id, actor, at)
 
 
 @cases_app.command("report")
@@ -152,7 +124,7 @@ def report(
     database: str | None = _DATABASE,
 ) -> None:
     """Record that the report was filed (open | needs_review | acknowledged -> reported)."""
-    _act(store_dsn, database, case_id, as_json, "report", _who(actor), _when(at), reference)
+    _act(store_dsn, database, as_json, "report", case_id, actor, at, reference)
 
 
 @cases_app.command("dismiss")
@@ -166,7 +138,7 @@ def dismiss(
     database: str | None = _DATABASE,
 ) -> None:
     """Dismiss a case (any status but reported/dismissed); only new, stronger evidence reopens it."""
-    _act(store_dsn, database, case_id, as_json, "dismiss", _who(actor), _when(at), reason)
+    _act(store_dsn, database, as_json, "dismiss", case_id, actor, at, reason)
 
 
 @cases_app.command("review")
@@ -181,7 +153,7 @@ def review(
     database: str | None = _DATABASE,
 ) -> None:
     """Decide a needs_review case: --training opens it, --not-training dismisses it."""
-    _act(store_dsn, database, case_id, as_json, "decide_review", _who(actor), _when(at), training, note)
+    _act(store_dsn, database, as_json, "review", case_id, actor, at, training, note)
 
 
 def report_cmd(
@@ -194,9 +166,9 @@ def report_cmd(
     """Print a case's DRAFT report."""
     if markdown and as_json:
         raise typer.BadParameter("choose one of --markdown and --json")
-    with _store(store_dsn, database) as store:
-        case = _get(store, case_id)
-    rep = draft_report(case, _policy_of(case))
+    with _actions(store_dsn, database) as actions:
+        case = actions.get(case_id)
+        rep = draft_report(case, policy_of(case, actions.default_policy))
     if as_json:
         _echo_json(rep)
     else:

@@ -1,0 +1,121 @@
+"""Analyst actions on cases with their arguments validated: the one core the CLI (and a web console) calls.
+
+Every bad argument is a `CaseActionError` (a TrainwatchError: one line, exit 2 at the CLI), raised before anything
+is written:
+
+- `at` (the action's time, epoch seconds) must be finite, not before the case opened (its `opened` event, else
+  its earliest event) nor before its latest status change (the audit trail stays in order), and not more than
+  `FUTURE_SKEW_S` ahead of the clock. `--at nan` used to be stored and then crash `cases show`; `--at 0` recorded
+  an acknowledgement in 1970.
+- statuses must be case statuses; actor, filing reference and dismissal reason must not be blank.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import get_args
+
+from pipeline.cases.core import CaseError, UnknownCase
+from pipeline.cases.feed import CaseFeedMessage
+from pipeline.cases.report import utc
+from pipeline.cases.service import CaseService
+from pipeline.store import Store
+from schemas.case import Case, CaseEvent, CaseStatus
+from schemas.errors import PolicyError
+from schemas.policy import Policy, load_policy
+
+STATUSES: tuple[str, ...] = get_args(CaseStatus)
+#: How far ahead of this machine's clock an action's time may be (clock skew between analysts' machines).
+FUTURE_SKEW_S = 300.0
+
+
+class CaseActionError(CaseError):
+    """An action's argument is not acceptable (the message says which and why)."""
+
+
+def check_statuses(statuses: Iterable[str] | None) -> list[str] | None:
+    """The statuses to filter on (None: all); an unknown one is an error naming the choices."""
+    if statuses is None:
+        return None
+    out = list(statuses)
+    bad = [s for s in out if s not in STATUSES]
+    if bad:
+        raise CaseActionError(f"--status {bad[0]!r}: not a case status (choose from {', '.join(STATUSES)})")
+    return out or None
+
+
+def _text(name: str, value: str) -> str:
+    if not value or not value.strip():
+        raise CaseActionError(f"{name} must not be blank")
+    return value.strip()
+
+
+def check_at(case: Case, events: Sequence[CaseEvent], at: float, now: float) -> float:
+    """`at` if it is a time this action could have happened at on `case` (see the module doc)."""
+    if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
+        raise CaseActionError(f"--at {at!r}: must be a finite time in epoch seconds")
+    opened = [e.at for e in events if e.action == "opened"] or [e.at for e in events]
+    start = min(opened) if opened else min(t for t in (case.knowledge_at, case.detected_at) if t is not None)
+    if at < start:
+        raise CaseActionError(f"--at {at!r} ({utc(at)}) is before case {case.case_id} opened ({utc(start)})")
+    changes = [e.at for e in events if e.to_status != e.from_status]
+    if changes and at < max(changes):
+        raise CaseActionError(f"--at {at!r} ({utc(at)}) is before the case's latest status change "
+                              f"({utc(max(changes))})")
+    if at > now + FUTURE_SKEW_S:
+        raise CaseActionError(f"--at {at!r} ({utc(at)}) is in the future (now {utc(now)})")
+    return float(at)
+
+
+def policy_of(case: Case, fallback: str) -> Policy:
+    """The policy that decided the case (shipped profile by id), else `fallback` (a name or TOML path)."""
+    try:
+        return load_policy(case.policy_id)
+    except PolicyError:
+        return load_policy(fallback)
+
+
+class CaseActions:
+    """List, show and act on cases in `store`. `clock` gives processing time (the default `at`)."""
+
+    def __init__(self, store: Store, default_policy: str = "bis-2024-proposed",
+                 clock: Callable[[], float] = time.time):
+        self.store = store
+        self.default_policy = default_policy
+        self.clock = clock
+
+    def list(self, statuses: Iterable[str] | None = None, policy_id: str | None = None) -> list[Case]:
+        return self.store.list_cases(status=check_statuses(statuses), policy_id=policy_id)
+
+    def get(self, case_id: str) -> Case:
+        case = self.store.get_case(_text("case id", case_id))
+        if case is None:
+            raise UnknownCase(f"{case_id}: no such case in database {self.store.database}")
+        return case
+
+    def show(self, case_id: str) -> tuple[Case, list[CaseEvent]]:
+        case = self.get(case_id)
+        return case, self.store.case_events(case.case_id)
+
+    def _act(self, case_id: str, actor: str, at: float | None, method: str, *args: object) -> list[CaseFeedMessage]:
+        case, events = self.show(case_id)
+        who = _text("--actor", actor)
+        now = self.clock()
+        when = check_at(case, events, now if at is None else at, now)
+        service = CaseService(self.store, policy_of(case, self.default_policy), preload=False)
+        return getattr(service, method)(case.case_id, who, when, *args)
+
+    def ack(self, case_id: str, actor: str, at: float | None = None) -> list[CaseFeedMessage]:
+        return self._act(case_id, actor, at, "ack")
+
+    def report(self, case_id: str, actor: str, at: float | None, filing_reference: str) -> list[CaseFeedMessage]:
+        return self._act(case_id, actor, at, "report", _text("--reference", filing_reference))
+
+    def dismiss(self, case_id: str, actor: str, at: float | None, reason: str) -> list[CaseFeedMessage]:
+        return self._act(case_id, actor, at, "dismiss", _text("--reason", reason))
+
+    def review(self, case_id: str, actor: str, at: float | None, training: bool, note: str = ""
+               ) -> list[CaseFeedMessage]:
+        return self._act(case_id, actor, at, "decide_review", training, note)
