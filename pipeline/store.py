@@ -93,12 +93,15 @@ class DeadLetter(Message):
     offset: int | None = Field(default=None, description="None when the source has no offset")
     raw: bytes = b""
     at: float = Field(description="processing time it was dead-lettered")
+    row: int | None = Field(default=None, description="row index inside the source message (one bad row of many)")
 
     def raw_hash(self) -> str:
         return hashlib.blake2b(self.raw).hexdigest()
 
     def dead_letter_id(self) -> str:
-        return content_id("dlq", self.topic, self.partition, self.offset, self.raw_hash())
+        # The row joins the id only when known, so ids of whole-message letters stay what they were.
+        parts = (self.topic, self.partition, self.offset, self.raw_hash())
+        return content_id("dlq", *parts) if self.row is None else content_id("dlq", *parts, self.row)
 
 
 @dataclass(frozen=True)
@@ -378,6 +381,8 @@ class Store:
         data, payloads = [], []
         for d in letters:
             lid, offset, digest = d.dead_letter_id(), -1 if d.offset is None else d.offset, d.raw_hash()
+            if d.row is not None and not d.detail.startswith("row "):
+                d = d.model_copy(update={"detail": f"row {d.row}: {d.detail}"})
             if d.topic in self._pii_topics:
                 payloads.append([lid, d.topic, d.partition, offset, d.detail, d.raw, d.at])
                 data.append([lid, d.reason, _public_detail(d.detail), d.topic, d.partition, offset, b"", d.at,

@@ -1,7 +1,8 @@
-"""`trainwatch run [--stage ingest|detect|all]`: the streaming stages on Kafka until SIGTERM / Ctrl-C.
+"""`trainwatch run [--stage ingest|detect|dlq|all]`: the streaming stages on Kafka until SIGTERM / Ctrl-C.
 
 ingest: pipeline/ingest/kafka_stage.py (confluent-kafka). detect: the faust app (pipeline/detect/faust_app.py),
-which also runs the cases stage. `all` runs ingest in a thread beside the faust worker (which owns the signals).
+which also runs the cases stage. dlq: the dead-letter sink (pipeline/dlq_sink.py), DLQ topic -> the store's
+dead_letters. `all` runs ingest and the sink in threads beside the faust worker (which owns the signals).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pipeline.settings import Settings, load_settings
 class StageName(StrEnum):
     ingest = "ingest"
     detect = "detect"
+    dlq = "dlq"
     all = "all"
 
 
@@ -27,6 +29,12 @@ def _ingest(settings: Settings, group: str, stop: threading.Event) -> None:
     from pipeline.ingest.kafka_stage import KafkaIngestStage
 
     KafkaIngestStage(settings, group_id=group).run(stop=stop.is_set)
+
+
+def _dlq(settings: Settings, stop: threading.Event) -> None:
+    from pipeline.dlq_sink import run_dlq_sink
+
+    run_dlq_sink(settings, stop=stop.is_set)
 
 
 def register(app: typer.Typer) -> None:
@@ -41,6 +49,12 @@ def register(app: typer.Typer) -> None:
         """Run the stages over Kafka until SIGTERM or Ctrl-C."""
         logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         settings = load_settings(config)
+        if stage is StageName.dlq:  # needs only the DLQ topic, which the sink checks itself (one line)
+            dlq_stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: dlq_stop.set())
+            signal.signal(signal.SIGINT, lambda *_: dlq_stop.set())
+            _dlq(settings, dlq_stop)
+            return
         # Every topic the stage(s) need must exist and be co-partitioned before anything starts (one line, exit 2);
         # `trainwatch topics create` provisions them. Under `all` ingest would otherwise start and write first.
         from pipeline import topics
@@ -58,6 +72,7 @@ def register(app: typer.Typer) -> None:
         if stage is StageName.all:
             thread = threading.Thread(target=_ingest, args=(settings, ingest_group, stop), name="ingest", daemon=True)
             thread.start()
+            threading.Thread(target=_dlq, args=(settings, stop), name="dlq", daemon=True).start()
         try:
             run_detect(settings, app_id=app_id, partitions=n, loglevel=loglevel)
         finally:

@@ -1,0 +1,125 @@
+"""The dead-letter sink: `telemetry.dlq` -> the store's `dead_letters` (the Kafka path's counterpart of what the
+in-process runner writes directly).
+
+Ingest produces each letter with the original bytes (or the bad row) as VALUE and its provenance in headers
+(pipeline/ingest/dlq.py: dlq.reason, dlq.detail, dlq.topic, dlq.partition, dlq.offset, dlq.row). The sink reads
+them with a consumer group, inserts a batch, and commits the group's offsets only after the insert returned:
+at-least-once, made exactly-once in effect by the store, whose letter id is a content hash of (source topic,
+partition, offset, row, bytes): a letter ingest re-emits after a restart, or one the sink reads twice, lands on
+its row again. Letters from a PII topic (the settings' CIP topic) keep their bytes only in the restricted
+`dead_letter_payloads` (Store.insert_dead_letters). A message with no provenance headers is stored as
+`unlabelled` with the DLQ topic's own coordinates, never dropped.
+
+Started by `trainwatch run --stage dlq` (or as a thread of `--stage all`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import Message as KafkaMessage
+
+from pipeline.settings import Settings
+from pipeline.store import DeadLetter, Store
+from schemas.errors import TrainwatchError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GROUP = "trainwatch-dlq-sink"
+UNLABELLED = "unlabelled"
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def letter_from(msg: KafkaMessage, now: float) -> DeadLetter:
+    """A store letter from one DLQ record (headers as ingest writes them; missing ones fall back to the record)."""
+    headers: dict[str, str] = {}
+    for k, v in msg.headers() or []:
+        if k.startswith("dlq.") and v is not None:
+            headers[k] = v.decode("utf-8", "replace")
+    labelled = "dlq.reason" in headers and "dlq.topic" in headers
+    ts_type, ts_ms = msg.timestamp()
+    partition = _int(headers.get("dlq.partition"))
+    return DeadLetter(
+        reason=headers.get("dlq.reason", UNLABELLED),
+        detail=headers.get("dlq.detail", "" if labelled else f"no dlq.* headers on {msg.topic()}"),
+        topic=headers["dlq.topic"] if labelled else msg.topic(),
+        partition=(partition if partition is not None else 0) if labelled else msg.partition(),
+        offset=_int(headers.get("dlq.offset")) if labelled else msg.offset(),
+        row=_int(headers.get("dlq.row")),
+        raw=msg.value() or b"",
+        at=ts_ms / 1000.0 if ts_type != 0 and ts_ms > 0 else now,  # 0 = TIMESTAMP_NOT_AVAILABLE
+    )
+
+
+class DlqSink:
+    """Consume the DLQ topic into the store. `step()` handles one batch; `run()` loops until `stop()`."""
+
+    def __init__(self, settings: Settings, store: Store, *, group_id: str = DEFAULT_GROUP, batch_size: int = 1000,
+                 clock: Callable[[], float] = time.time):
+        self.settings = settings
+        self.store = store
+        self.topic = settings.topics.dlq
+        self.batch_size = batch_size
+        self.clock = clock
+        self.stored = 0
+        self.consumer = Consumer(settings.kafka.client_config(**{
+            "group.id": group_id,
+            "enable.auto.commit": False,  # commit after the insert
+            "auto.offset.reset": "earliest",
+        }))
+        meta = self.consumer.list_topics(timeout=10)
+        if self.topic not in meta.topics or meta.topics[self.topic].error is not None:
+            self.consumer.close()
+            raise TrainwatchError(f"topic {self.topic!r} does not exist; create it with `trainwatch topics create`")
+        self.consumer.subscribe([self.topic])
+
+    def step(self, timeout: float = 1.0) -> int:
+        """Read up to batch_size letters, store them, then commit. Returns how many were stored."""
+        msgs = self.consumer.consume(self.batch_size, timeout)
+        good = []
+        for m in msgs:
+            err = m.error()
+            if err is None:
+                good.append(m)
+            elif err.code() != KafkaError._PARTITION_EOF:
+                log.warning("%s: consume error: %s", self.topic, err)
+        if not good:
+            return 0
+        now = self.clock()
+        n = self.store.insert_dead_letters([letter_from(m, now) for m in good])
+        self.consumer.commit(asynchronous=False)
+        self.stored += n
+        return n
+
+    def run(self, *, stop: Callable[[], bool] | None = None, idle_exit_s: float | None = None) -> int:
+        """Until `stop()` (or, for tests and one-off drains, no letter for `idle_exit_s`). Returns letters stored."""
+        last = time.monotonic()
+        try:
+            while not (stop and stop()):
+                if self.step():
+                    last = time.monotonic()
+                elif idle_exit_s is not None and time.monotonic() - last >= idle_exit_s:
+                    break
+        finally:
+            self.close()
+        return self.stored
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def run_dlq_sink(settings: Settings, *, stop: Callable[[], bool] | None = None, group_id: str = DEFAULT_GROUP) -> int:
+    """The `run --stage dlq` entry: the settings' store and DLQ topic until `stop()`."""
+    with Store.from_settings(settings) as store:
+        sink = DlqSink(settings, store, group_id=group_id)
+        log.info("dlq sink: %s -> %s/%s", sink.topic, settings.clickhouse_dsn, settings.database)
+        return sink.run(stop=stop)
