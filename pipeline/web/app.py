@@ -77,15 +77,18 @@ def page_viewer(request: Request) -> Viewer:
 
 def api_viewer(request: Request) -> Viewer:
     auth: Authenticator = request.app.state.auth
-    viewer = auth.proxied(request.headers, client_of(request))
-    via = "proxy"
-    if viewer is None:
-        viewer, via = auth.session_viewer(request.session), "session"
-    if viewer is None:
-        found = auth.basic(request.headers.get("authorization"), client_of(request))
+    viewer, via = auth.proxied(request.headers, client_of(request)), "proxy"
+    header = request.headers.get("authorization")
+    if viewer is None and header:
+        # Credentials sent explicitly win over a session cookie, and wrong ones fail (never fall back to it).
+        found = auth.basic(header, client_of(request))
         if found is False:
             raise HTTPException(429, "too many failed logins; wait and retry")
         viewer, via = (found or None), "basic"
+        if viewer is None:
+            raise HTTPException(401, "wrong credentials", headers={"WWW-Authenticate": 'Basic realm="trainwatch"'})
+    if viewer is None:
+        viewer, via = auth.session_viewer(request.session), "session"
     if viewer is None:
         raise HTTPException(401, "authentication required", headers={"WWW-Authenticate": 'Basic realm="trainwatch"'})
     # Cookie- and proxy-authenticated writes come from a browser: they need the CSRF header too.
@@ -302,9 +305,10 @@ def create_app(console: Console, settings: ConsoleSettings, as_of: str = "now") 
         """The plot's data: cumulative FLOP (estimate, low, high) at each window end, threshold, markers."""
         return console.series(case_id).as_json()
 
-    @app.post("/api/cases/{case_id}/actions/{action}", response_model=ActionOut, tags=["actions"],
-              responses={404: {"description": "no such case"}, 409: {"description": "not allowed in this status"},
-                         422: {"description": "reason or reference missing"}})
+    @app.post("/api/cases/{case_id}/actions/{action}", response_model=ActionOut, tags=["actions"], responses={
+        403: {"description": "the role may not do this"}, 404: {"description": "no such case"},
+        409: {"description": "not allowed in this status"}, 422: {"description": "reason or reference missing"},
+    })
     def api_act(case_id: str, action: ActionName, body: ActionIn, viewer: ApiViewer) -> dict[str, Any]:
         """Act on a case: acknowledge (reason), review (training + reason), report (reference), dismiss (reason).
         Validated by the same case rules as `trainwatch cases`; each appends an audit event."""

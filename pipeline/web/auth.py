@@ -93,6 +93,8 @@ class Authenticator:
             return None
         account = self.settings.users.get(user)
         tag = hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).hexdigest()
+        if self.throttle.blocked(user, client):  # before the cache: a throttled name is refused outright
+            return False
         if account is not None and self._verified.get(tag, 0.0) > time.monotonic():
             return Viewer(user, account.role)
         found = self.check_password(user, password, client)

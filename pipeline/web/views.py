@@ -1,5 +1,5 @@
 """What the console shows and does, independent of the web framework: the queue, one case, its draft report and
-plot, and the actions (through the same CaseService the CLI uses, so validation and audit are the CLI's).
+plot, and the actions (through pipeline/cases/actions.py, the CLI's own core, so validation and audit are the CLI's).
 
 Every read takes the viewer's role; for `analyst` the result goes through pipeline/web/redact.py before it leaves
 this module, so templates, the JSON API and the PDF all get the same redacted data.
@@ -13,16 +13,15 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.cases.actions import CaseActions, policy_of
 from pipeline.cases.core import CaseError, IllegalTransition, UnknownCase
 from pipeline.cases.report import draft_report, utc
-from pipeline.cases.service import CaseService
 from pipeline.store import Store
 from pipeline.web import plot
 from pipeline.web.config import Role
 from pipeline.web.redact import identity_values, redact_case, redact_report, scrub
 from schemas.case import Case
-from schemas.errors import PolicyError
-from schemas.policy import Policy, load_policy
+from schemas.policy import Policy
 
 DAY = 86_400.0
 #: Statuses whose report is still to be filed: the ones a deadline applies to.
@@ -36,6 +35,14 @@ ACTIONS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "review": (("needs_review",), "reason", "what the review found"),
     "report": (("open", "needs_review", "acknowledged"), "reference", "the filing's reference number"),
     "dismiss": (("open", "needs_review", "acknowledged", "monitored"), "reason", "why it is not reportable"),
+}
+
+
+#: Filing and dismissing are decisions on the foreign person's report, which only `compliance` sees in full;
+#: analysts can take a case and decide a classifier review (a technical finding).
+ACTION_ROLES: dict[str, tuple[Role, ...]] = {
+    "acknowledge": ("analyst", "compliance"), "review": ("analyst", "compliance"),
+    "report": ("compliance",), "dismiss": ("compliance",),
 }
 
 
@@ -132,10 +139,7 @@ class Console:
 
     def policy_of(self, case: Case) -> Policy:
         """The policy that decided the case (shipped profile by id), else the configured one (as the CLI does)."""
-        try:
-            return load_policy(case.policy_id)
-        except PolicyError:
-            return load_policy(self.default_policy)
+        return policy_of(case, self.default_policy)
 
     def case(self, viewer: Viewer, case_id: str, as_of: float) -> dict[str, Any]:
         with self._lock:
@@ -158,7 +162,8 @@ class Console:
             "foreign_person_test": latest.get("foreign_person"),
             "events": [e.model_dump(mode="json") | {"at_utc": utc(e.at), "recorded_at_utc": utc(e.recorded_at)}
                        for e in events],
-            "actions": [a for a, (allowed, _, _) in ACTIONS.items() if case.status in allowed],
+            "actions": [a for a, (allowed, _, _) in ACTIONS.items()
+                        if case.status in allowed and viewer.role in ACTION_ROLES[a]],
         }
         if viewer.sees_identity:
             return out
@@ -193,32 +198,35 @@ class Console:
         """Apply an action as `viewer`; returns the events it appended. Raises ActionRejected with the reason."""
         if action not in ACTIONS:
             raise ActionRejected(f"unknown action {action!r} (one of {', '.join(ACTIONS)})", 404)
+        if viewer.role not in ACTION_ROLES[action]:
+            raise ActionRejected(f"{action}: the {viewer.role} role may not {action} cases", 403)
         _, field, what = ACTIONS[action]
         text = (text or "").strip()
         if not text:
             raise ActionRejected(f"{action}: a {field} is required ({what})", 422)
         if action == "review" and training is None:
             raise ActionRejected("review: the finding is required (training or not training)", 422)
-        at = self.clock()
+        # The CLI's validating core (pipeline/cases/actions.py): it re-reads the case, checks the actor, the text
+        # and the time, applies the transition rules and appends the audit event; at = its clock (processing time).
+        actions = CaseActions(self.store, self.default_policy, clock=self.clock)
         with self._lock:
             case = self.store.get_case(case_id)
             if case is None:
                 raise ActionRejected(f"{case_id}: no such case", 404)
-            service = CaseService(self.store, self.policy_of(case), preload=False)
             try:
                 if action == "acknowledge":
-                    messages = service.ack(case_id, viewer.name, at)
+                    messages = actions.ack(case_id, viewer.name)
                 elif action == "review":
-                    messages = service.decide_review(case_id, viewer.name, at, bool(training), text)
+                    messages = actions.review(case_id, viewer.name, None, bool(training), text)
                 elif action == "report":
-                    messages = service.report(case_id, viewer.name, at, text)
+                    messages = actions.report(case_id, viewer.name, None, text)
                 else:
-                    messages = service.dismiss(case_id, viewer.name, at, text)
+                    messages = actions.dismiss(case_id, viewer.name, None, text)
             except UnknownCase as exc:
                 raise ActionRejected(str(exc), 404) from exc
             except IllegalTransition as exc:
                 raise ActionRejected(str(exc), 409) from exc
-            except CaseError as exc:
+            except CaseError as exc:  # CaseActionError too: a bad argument, nothing written
                 raise ActionRejected(str(exc), 422) from exc
         events = [m.change.model_dump(mode="json") for m in messages]
         new = messages[-1].case if messages else case
