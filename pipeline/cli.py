@@ -6,6 +6,7 @@ import importlib
 import sys
 
 import typer
+from typer._click import exceptions as cli_exc  # what typer raises (its vendored click), not click's own
 
 from schemas.errors import TrainwatchError
 
@@ -20,7 +21,7 @@ app = typer.Typer(
 # One module per command group; each defines `register(app)`.
 COMMAND_MODULES = (
     "schemas_cmd", "policy_cmd", "simulate_cmd", "ingest_cmd", "pipeline_cmd", "cases_cmd", "model_cmd", "scope_cmd",
-    "classify_cmd", "run_cmd", "topics_cmd",
+    "classify_cmd", "run_cmd", "topics_cmd", "serve_cmd",
 )
 
 
@@ -29,10 +30,29 @@ def _register_all() -> None:
         importlib.import_module(f"pipeline.commands.{name}").register(app)
 
 
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho("error: " + " ".join(message.split()), fg="red", err=True)  # one line, whatever the message
+    sys.exit(code)
+
+
 def main() -> None:
+    from pipeline import log_setup
+
+    log_setup.configure_from_settings()  # every command logs one way (TRAINWATCH_LOG_FORMAT, TRAINWATCH_LOG_LEVEL)
     _register_all()
     try:
-        app()
+        rv = app(standalone_mode=False)  # usage errors come here, to be one line instead of a framed box
     except TrainwatchError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        sys.exit(2)
+        _fail(str(exc))
+    except cli_exc.NoArgsIsHelpError as exc:  # a bare command group: its help, as before
+        exc.show()
+        sys.exit(exc.exit_code)
+    except cli_exc.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "trainwatch"
+        _fail(f"{exc.format_message()} (see '{where} --help')", exc.exit_code)
+    except cli_exc.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except cli_exc.Abort:
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import Message as KafkaMessage
 
 from pipeline.settings import Settings
@@ -76,7 +76,12 @@ class DlqSink:
             "enable.auto.commit": False,  # commit after the insert
             "auto.offset.reset": "earliest",
         }))
-        meta = self.consumer.list_topics(timeout=10)
+        try:
+            meta = self.consumer.list_topics(timeout=10)
+        except KafkaException as exc:
+            self.consumer.close()
+            raise TrainwatchError(f"Kafka at {settings.kafka.bootstrap_servers} did not answer: "
+                                  f"{exc.args[0].str() if exc.args else exc}") from exc
         if self.topic not in meta.topics or meta.topics[self.topic].error is not None:
             self.consumer.close()
             raise TrainwatchError(f"topic {self.topic!r} does not exist; create it with `trainwatch topics create`")

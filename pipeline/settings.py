@@ -5,10 +5,11 @@ This is the only module that reads the environment, and only when `load_settings
 
 from __future__ import annotations
 
+import logging
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -49,6 +50,9 @@ class KafkaSettings(BaseModel):
             "ssl.key.location": self.ssl_key_location,
         }
         cfg.update({k: v for k, v in optional.items() if v is not None})
+        # librdkafka's own lines through Python logging (pipeline/log_setup.py: structured, rate-limited), not raw
+        # stderr; served by the clients' poll/consume/flush.
+        cfg["logger"] = logging.getLogger("librdkafka")
         cfg.update(self.extra)
         cfg.update(overrides)
         return cfg
@@ -125,6 +129,9 @@ class Settings(BaseSettings):
         default=None, description="classifier artifact directory; None = the packaged one; 'rule' = the interim rule"
     )
     data_dir: Path = Path("./var")
+    #: Log lines of every command (pipeline/log_setup.py): text (people; colour only on a terminal), json, logfmt.
+    log_format: Literal["text", "json", "logfmt"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "WARNING"
 
     @classmethod
     def settings_customise_sources(

@@ -42,9 +42,11 @@ chDB quirks (chDB 4.4 / engine 26.9, clickhouse-connect 1.12), checked by hand a
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -193,7 +195,12 @@ def chdb_path(dsn: str) -> str | None:
         raise StoreError(f"not a chdb DSN: {dsn!r}")
     if "?" in location or "#" in location:
         raise StoreError(f"chdb DSN {dsn!r}: query strings are not supported (the database is a setting)")
-    return None if location in ("", "memory", ":memory:") else location
+    if location in ("", "memory", ":memory:"):
+        return None
+    if dsn.startswith("chdb://") and not location.startswith(("/", "./", "../")):
+        # clickhouse-connect reads chdb://NAME/DB as location NAME, database DB: refuse what means two things.
+        raise StoreError(f"chdb DSN {dsn!r} is ambiguous: write chdb:{location} (relative) or chdb:///abs/path")
+    return location
 
 
 def _client_for(dsn: str) -> Client:
@@ -203,6 +210,19 @@ def _client_for(dsn: str) -> Client:
         return clickhouse_connect.get_client(dsn=dsn)
     raise StoreError(f"unsupported ClickHouse DSN {dsn!r}: expected chdb:PATH (e.g. chdb:./var/trainwatch.chdb), "
                      "chdb:///abs/path or http(s)://user:pass@host:8123")
+
+
+@contextmanager
+def _quiet_driver() -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in ("urllib3", "clickhouse_connect")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -253,7 +273,8 @@ class Store:
             raise StoreError(f"database name {database!r} must match {_IDENTIFIER.pattern}")
         migrations = load_migrations(migrations_dir)
         try:
-            client = _client_for(dsn)
+            with _quiet_driver():  # its retry warnings would precede our one-line error
+                client = _client_for(dsn)
         except StoreError:
             raise
         except Exception as exc:  # driver errors (unreachable server, bad URL, engine path in use): one line

@@ -27,6 +27,7 @@ def run(
     from pipeline.ingest.kafka_stage import KafkaIngestStage, tune_gc
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.INFO)  # basicConfig is a no-op under the CLI's log_setup handler
     settings = load_settings(config)
     topics.require(settings, "ingest")  # one line (exit 2) for a missing topic or an unreachable broker
     stage = KafkaIngestStage(settings, group_id=group, decoder=decoder)

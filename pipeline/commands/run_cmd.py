@@ -48,6 +48,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the stages over Kafka until SIGTERM or Ctrl-C."""
         logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger().setLevel(loglevel.upper())  # basicConfig is a no-op under the CLI's log_setup handler
         settings = load_settings(config)
         if stage is StageName.dlq:  # needs only the DLQ topic, which the sink checks itself (one line)
             dlq_stop = threading.Event()

@@ -36,7 +36,9 @@ def run_detect(settings: Settings, *, app_id: str = "trainwatch-detect", partiti
     n = ensure_topics(settings, partitions, app_id=app_id)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # faust creates only its own folder in it
     app, rt = make_app(settings, app_id=app_id, partitions=n)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    # override_logging=False: keep the CLI's structured handler (pipeline/log_setup.py); mode's own replaces it with
+    # a colour handler on stdout and turns stderr writes (thread tracebacks) into one WARNING record per token.
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, override_logging=False)
     log.info("detect app %s: %d partition(s), store %s/%s", app_id, n, settings.clickhouse_dsn, settings.database)
     try:
         worker.execute_from_commandline()

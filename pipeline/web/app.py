@@ -113,6 +113,13 @@ def _fmt_days(d: float | None) -> str:
     return f"{d:.1f} d overdue" if d < 0 else f"{d:.1f} d"
 
 
+def _fmt_detail(x: Any, key: str) -> str:
+    """An audit detail value: epoch times (keys ending in _at) as UTC text, the rest as is."""
+    if key.endswith("_at") and isinstance(x, int | float) and not isinstance(x, bool):
+        return utc(float(x)) or ""
+    return str(x)
+
+
 def _parse_as_of(value: str | None) -> float | None:
     if value is None or value.strip() == "":
         return None
@@ -142,7 +149,7 @@ def create_app(console: Console, settings: ConsoleSettings, as_of: str = "now") 
                        max_age=settings.session_max_age_s, same_site="lax", https_only=settings.secure_cookies)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
-    templates.env.filters.update(flop=_fmt_flop, days=_fmt_days, utc=utc, basis=basis_text)
+    templates.env.filters.update(flop=_fmt_flop, days=_fmt_days, utc=utc, basis=basis_text, detail=_fmt_detail)
     app.state.console = console
     app.state.auth = auth
 
