@@ -8,7 +8,7 @@ from fastapi import HTTPException
 from prometheus_client import generate_latest
 
 from pipeline.stage_metrics import StageMetrics, registry_for
-from pipeline.web.app import _parse_as_of
+from pipeline.web.app import _local, _parse_as_of
 from pipeline.web.auth import LoginThrottle
 from pipeline.web.config import hash_password, verify_password
 from pipeline.web.redact import WITHHELD, identity_values, redact_case, redact_report, scrub
@@ -112,3 +112,22 @@ def test_stage_metrics_count_detections_and_report_event_time_lag() -> None:
     assert 'trainwatch_detections_total{detector="special_measures",outcome="info"} 1.0' in text
     assert 'trainwatch_stage_event_time_lag_seconds{stage="detect"} 100.0' in text
     assert 'stage="cases"' not in text.split("trainwatch_stage_event_time_seconds")[-1]
+
+
+def test_login_redirects_stay_on_this_site() -> None:
+    assert _local("/cases/c1?as_of=1") == "/cases/c1?as_of=1"
+    for evil in ("//evil.example/", "/\\evil.example", "https://evil.example/", "evil", "/\r\nSet-Cookie: x"):
+        assert _local(evil) == "/", evil
+
+
+def test_serve_refuses_to_start_without_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import _register_all, app
+
+    monkeypatch.delenv("TRAINWATCH_CONSOLE__USERS", raising=False)
+    monkeypatch.delenv("TRAINWATCH_CONSOLE__PROXY_AUTH", raising=False)
+    _register_all()
+    result = CliRunner().invoke(app, ["serve", "--store", "chdb://:memory:"])
+    assert result.exit_code == 2
+    assert "no console users configured" in result.output

@@ -120,6 +120,12 @@ def _fmt_detail(x: Any, key: str) -> str:
     return str(x)
 
 
+def _local(path: str) -> str:
+    """`path` if it stays on this site, else "/": no open redirect through ?next= ("//host", "/\\host", "https:")."""
+    ok = path.startswith("/") and not path.startswith(("//", "/\\")) and not any(c in path for c in "\r\n\t")
+    return path if ok else "/"
+
+
 def _parse_as_of(value: str | None) -> float | None:
     if value is None or value.strip() == "":
         return None
@@ -189,8 +195,7 @@ def create_app(console: Console, settings: ConsoleSettings, as_of: str = "now") 
 
     @app.get("/login", include_in_schema=False)
     def login_page(request: Request, next: str = "/") -> Response:
-        return render(request, "login.html", None, next=next if next.startswith("/") and not next.startswith("//")
-                      else "/")
+        return render(request, "login.html", None, next=_local(next))
 
     @app.post("/login", include_in_schema=False)
     def login(
@@ -209,7 +214,7 @@ def create_app(console: Console, settings: ConsoleSettings, as_of: str = "now") 
         request.session["user"] = found.name
         csrf_token(request.session)
         log.info("console login: user=%r role=%s client=%s", found.name, found.role, client_of(request))
-        return RedirectResponse(next if next.startswith("/") and not next.startswith("//") else "/", status_code=303)
+        return RedirectResponse(_local(next), status_code=303)
 
     @app.post("/logout", include_in_schema=False)
     def logout(request: Request, csrf_token_: Annotated[str, Form(alias="csrf_token")] = "") -> Response:
