@@ -94,6 +94,12 @@ class IngestSettings(BaseModel):
     max_wait_s: float = Field(default=0.2, gt=0, le=10)
     watermark_lag_s: float = Field(default=30.0, ge=0, description="event time trails the newest seen by this much")
     allowed_lateness_s: float = Field(default=3600.0, ge=0, description="older data is dead-lettered as too late")
+    #: A sample further ahead than this of its arrival (Kafka timestamp) or of the partition's confirmed event time
+    #: is dead-lettered `clock_ahead` (a bad clock must not move the watermark).
+    max_clock_skew_s: float = Field(default=300.0, gt=0)
+    #: A telemetry message larger than this is dead-lettered `oversized` unread; letters keep this much of a value.
+    max_message_bytes: int = Field(default=1_048_576, ge=1)
+    dlq_max_value_bytes: int = Field(default=65_536, ge=1)
     #: Label names that map to ids, in order of preference.
     workload_labels: list[str] = Field(default_factory=lambda: ["workload_id", "pod", "hpc_job", "job"])
     account_labels: list[str] = Field(default_factory=lambda: ["account_id", "namespace"])

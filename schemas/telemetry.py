@@ -82,12 +82,38 @@ DCGM_NAMES: dict[str, str] = {
 #: Telemetry further ahead of the reference clock than this is rejected as a broken clock.
 MAX_FUTURE_SKEW_S = 86_400.0
 
+#: The exact DCGM blank markers (dcgm_fields.h: each BLANK and its NOT_FOUND / NOT_SUPPORTED / NOT_PERMISSIONED
+#: successors, +1..+3). The INT64 ones are not representable in float64: they all read as 2**63 once parsed.
+INT32_BLANKS = tuple(float(_INT32_BLANK + k) for k in range(4))
+FP64_BLANKS = tuple(_FP64_BLANK + k for k in range(4))
+INT64_BLANKS = tuple(sorted({float(_INT64_BLANK + k) for k in range(4)}))
+#: Byte fields are 64-bit in DCGM: an INT32 marker there (~2.1 GB/s) is a plausible reading, not a blank.
+SENTINELS_ALL = FP64_BLANKS + INT64_BLANKS
+SENTINELS_NON_BYTE = INT32_BLANKS + SENTINELS_ALL
+
+#: Largest plausible reading per field; above is `out_of_range` (an absurd magnitude is an error, not a blank).
+#: Memory: 4 TiB in MiB (B200: 192 GB); clocks: 10 GHz; rates: 1e13 B/s (NVLink 5 is 1.8 TB/s per GPU);
+#: energy since driver load: 1e16 mJ (1 kW for 300 years).
+MAX_VALUES: dict[str, float] = {
+    **{f: 1.0 for f in FRACTION_FIELDS},
+    **{f: 100.0 for f in PERCENT_FIELDS},
+    "fb_used_mib": 4 * 1024 * 1024.0,
+    "fb_free_mib": 4 * 1024 * 1024.0,
+    "power_w": 5000.0,
+    "sm_clock_mhz": 10_000.0,
+    "mem_clock_mhz": 10_000.0,
+    **{f: 1e13 for f in BYTE_FIELDS if f != "energy_mj"},
+    "energy_mj": 1e16,
+}
+#: gpu_index: a node's accelerator index (MIG instances included) stays below this.
+MAX_GPU_INDEX = 4096
+#: ids (device, node, workload, account, ...) longer than this are refused: they travel in every window.
+MAX_ID_CHARS = 256
+
 
 def is_sentinel(value: float, field: str) -> bool:
-    """True when a raw DCGM value is one of its 'blank / not supported' markers."""
-    if value >= _INT64_BLANK or value == _FP64_BLANK:
-        return True
-    return field not in BYTE_FIELDS and (_INT32_BLANK <= value <= 0x7FFFFFFF or value >= _FP64_BLANK)
+    """True when a raw DCGM value is exactly one of its 'blank / not supported' markers."""
+    return value in (SENTINELS_ALL if field in BYTE_FIELDS else SENTINELS_NON_BYTE)
 
 
 class TelemetrySample(Message):
@@ -99,7 +125,7 @@ class TelemetrySample(Message):
     ts: float = Field(description="event time, epoch seconds (UTC)")
     node: str = Field(min_length=1, description="host name (DCGM label Hostname)")
     device: str = Field(min_length=1, description="accelerator UUID")
-    gpu_index: int | None = Field(default=None, ge=0)
+    gpu_index: int | None = Field(default=None, ge=0, lt=MAX_GPU_INDEX)
     accelerator: str | None = Field(default=None, description="model name as reported (DCGM label modelName)")
     account_id: str | None = None
     workload_id: str | None = None
@@ -118,18 +144,19 @@ class TelemetrySample(Message):
     fp16_active: float | None = Field(default=None, ge=0, le=1)
     gpu_util: float | None = Field(default=None, ge=0, le=100)
     mem_copy_util: float | None = Field(default=None, ge=0, le=100)
-    fb_used_mib: float | None = Field(default=None, ge=0)
-    fb_free_mib: float | None = Field(default=None, ge=0)
+    fb_used_mib: float | None = Field(default=None, ge=0, le=MAX_VALUES["fb_used_mib"])
+    fb_free_mib: float | None = Field(default=None, ge=0, le=MAX_VALUES["fb_free_mib"])
     power_w: float | None = Field(default=None, ge=0, le=5000)
-    sm_clock_mhz: float | None = Field(default=None, ge=0)
-    mem_clock_mhz: float | None = Field(default=None, ge=0)
-    pcie_tx_bytes: float | None = Field(default=None, ge=0)
-    pcie_rx_bytes: float | None = Field(default=None, ge=0)
-    nvlink_tx_bytes: float | None = Field(default=None, ge=0)
-    nvlink_rx_bytes: float | None = Field(default=None, ge=0)
-    net_tx_bytes: float | None = Field(default=None, ge=0, description="node NIC bytes/s attributed to this device")
-    net_rx_bytes: float | None = Field(default=None, ge=0)
-    energy_mj: float | None = Field(default=None, ge=0)
+    sm_clock_mhz: float | None = Field(default=None, ge=0, le=MAX_VALUES["sm_clock_mhz"])
+    mem_clock_mhz: float | None = Field(default=None, ge=0, le=MAX_VALUES["mem_clock_mhz"])
+    pcie_tx_bytes: float | None = Field(default=None, ge=0, le=MAX_VALUES["pcie_tx_bytes"])
+    pcie_rx_bytes: float | None = Field(default=None, ge=0, le=MAX_VALUES["pcie_rx_bytes"])
+    nvlink_tx_bytes: float | None = Field(default=None, ge=0, le=MAX_VALUES["nvlink_tx_bytes"])
+    nvlink_rx_bytes: float | None = Field(default=None, ge=0, le=MAX_VALUES["nvlink_rx_bytes"])
+    net_tx_bytes: float | None = Field(default=None, ge=0, le=MAX_VALUES["net_tx_bytes"],
+                                       description="node NIC bytes/s attributed to this device")
+    net_rx_bytes: float | None = Field(default=None, ge=0, le=MAX_VALUES["net_rx_bytes"])
+    energy_mj: float | None = Field(default=None, ge=0, le=MAX_VALUES["energy_mj"])
 
     @model_validator(mode="before")
     @classmethod

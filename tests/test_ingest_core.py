@@ -205,7 +205,7 @@ def test_bad_rows_are_dead_lettered_alone_and_the_stream_goes_on() -> None:
     core = IngestCore()
     dead = core.process("telemetry", 3, [SourceMessage(100 + i, v) for i, v in enumerate(values)], NOW)
     reasons = sorted((d.offset, d.reason, d.row) for d in dead)
-    assert reasons == [(100, "malformed_json", None), (101, "out_of_range", 1), (102, "schema_violation", None),
+    assert reasons == [(100, "malformed_json", None), (101, "out_of_range", 1), (102, "wrong_type", None),
                        (103, "future_timestamp", None), (104, "out_of_range", None), (105, "missing_id", None)]
     assert dead[0].value == b"{not json"  # whole bad messages keep their bytes
     row_letter = next(d for d in dead if d.row == 1)

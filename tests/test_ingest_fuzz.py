@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from pipeline.ingest import synth
+from pipeline.ingest.dlq import REASONS as DLQ_REASONS
 from pipeline.ingest.stage import IngestCore, SourceMessage
 from schemas.telemetry import METRIC_FIELDS
 
@@ -23,8 +24,7 @@ ODD_VALUES = [None, "x", "", -1, -1e-9, 0, 2**70, 1e308, -1e308, True, False, []
               "NaN", "0.5", 9223372036854775794, 4294967295]
 FIELDS = ["ts", "node", "device", "accelerator", "workload_id", "account_id", "interval_s", "precision",
           *METRIC_FIELDS]
-REASONS = {"malformed_json", "schema_violation", "out_of_range", "bad_timestamp", "future_timestamp", "missing_id",
-           "too_late", "unknown_message"}
+REASONS = set(DLQ_REASONS)
 
 
 def _corrupt(rng: random.Random, sample: dict) -> bytes:

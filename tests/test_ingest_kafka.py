@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from detectors.catalog import resolve
 from pipeline.ingest import synth
@@ -49,12 +51,17 @@ def produce(bootstrap: str, topic: str, pairs: list[tuple[bytes | None, bytes]],
     assert p.flush(30) == 0
 
 
-def close_windows(bootstrap: str, topic: str, partitions: int, after: float, fmt: str = "native") -> None:
-    """One sample of a 'tick' workload per partition, far enough ahead that the watermark passes every window."""
+def close_windows(bootstrap: str, topic: str, partitions: int, after: float, fmt: str = "native") -> int:
+    """Samples of a 'tick' workload on two nodes per partition, far enough ahead that the watermark passes every
+    window (the watermark follows the time two nodes confirm: one node alone does not move it)."""
+    n = 0
     for part in range(partitions):
-        tick = {"ts": after + 120.0, "node": f"tick-{part}", "device": f"tick-{part}", "workload_id": "tick",
-                "accelerator": "tick", "gpu_util": 0.0}
-        produce(bootstrap, topic, getattr(synth, fmt)([tick]), partition=part)
+        ticks = [{"ts": after + 120.0, "node": f"tick-{part}-{k}", "device": f"tick-{part}-{k}", "workload_id": "tick",
+                  "accelerator": "tick", "gpu_util": 0.0} for k in range(2)]
+        msgs = getattr(synth, fmt)(ticks)
+        produce(bootstrap, topic, msgs, partition=part)
+        n += len(msgs)
+    return n
 
 
 def read_all(bootstrap: str, topic: str) -> list:
@@ -120,8 +127,8 @@ def test_each_decoder_end_to_end(kafka_bootstrap: str, topics, fmt: str) -> None
     pairs = getattr(synth, fmt)(rows)
     decoder = {"otlp": "otlp_json", "prometheus": "prometheus_json"}.get(fmt, "native")
     produce(kafka_bootstrap, tel, pairs)
-    close_windows(kafka_bootstrap, tel, 3, T0 + 240, fmt)
-    stage = run_stage(make_settings(kafka_bootstrap, tel, out, dlq, decoder), len(pairs) + 3)
+    ticks = close_windows(kafka_bootstrap, tel, 3, T0 + 240, fmt)
+    stage = run_stage(make_settings(kafka_bootstrap, tel, out, dlq, decoder), len(pairs) + ticks)
     wins = windows(kafka_bootstrap, out)
     got = totals(wins)
     assert got == pytest.approx(reference([v for _, v in pairs], decoder), rel=1e-9)
@@ -165,8 +172,8 @@ def test_late_data_corrections_sum_to_the_in_order_run(kafka_bootstrap: str, top
     late = pairs[: len(pairs) // 5]
     shuffled = pairs[len(pairs) // 5 : len(pairs) // 2] + late + pairs[len(pairs) // 2 :]
     produce(kafka_bootstrap, tel, shuffled)
-    close_windows(kafka_bootstrap, tel, 3, T0 + 480)
-    run_stage(make_settings(kafka_bootstrap, tel, out, dlq, batch=200), len(pairs) + 3)
+    ticks = close_windows(kafka_bootstrap, tel, 3, T0 + 480)
+    run_stage(make_settings(kafka_bootstrap, tel, out, dlq, batch=200), len(pairs) + ticks)
     wins = windows(kafka_bootstrap, out)
     assert any(w.revision > 0 for w in wins)
     assert totals(wins) == pytest.approx(reference([v for _, v in pairs], "native"), rel=1e-9)
@@ -178,8 +185,8 @@ def test_duplicates_are_counted_once(kafka_bootstrap: str, topics) -> None:
     pairs = synth.native(rows)
     resent = pairs + pairs[50:350]  # an at-least-once producer retried a stretch
     produce(kafka_bootstrap, tel, resent)
-    close_windows(kafka_bootstrap, tel, 3, T0 + 240)
-    stage = run_stage(make_settings(kafka_bootstrap, tel, out, dlq), len(resent) + 3)
+    ticks = close_windows(kafka_bootstrap, tel, 3, T0 + 240)
+    stage = run_stage(make_settings(kafka_bootstrap, tel, out, dlq), len(resent) + ticks)
     assert stage.core.counters["duplicates"] == 300
     assert totals(windows(kafka_bootstrap, out)) == pytest.approx(reference([v for _, v in pairs], "native"),
                                                                   rel=1e-9)
@@ -236,3 +243,47 @@ def test_killed_and_restarted_stage_loses_nothing_and_counts_nothing_twice(kafka
         by_id[w.window_id] = w
     assert totals(wins) == pytest.approx(reference([v for _, v in pairs], "native"), rel=1e-9)
     assert read_all(kafka_bootstrap, dlq) == []
+
+
+def test_a_5mb_message_is_dead_lettered_cut_and_ingest_commits_past_it(kafka_bootstrap: str, unique_topic) -> None:
+    """The poison pill of issue 13: a 5 MB message used to kill the stage (its raw bytes too large for the DLQ).
+    Now it is lettered unread (size, hash, headers, a 64 KiB prefix), keyed by its own id, and the stage goes on
+    and commits past it."""
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    tel = f"big-tel-{uuid.uuid4().hex[:12]}"
+    fut = admin.create_topics([NewTopic(tel, num_partitions=1, replication_factor=1,
+                                        config={"max.message.bytes": str(8 * 2**20)})])
+    fut[tel].result(timeout=30)
+    out, dlq = unique_topic("big-win"), unique_topic("big-dlq")  # the DLQ keeps the broker's default 1 MB limit
+    try:
+        rows = synth.samples(SPECS[:1], T0, 120, 10.0)
+        pairs = synth.native(rows)
+        big = b'{"ts": 1, "pad": "' + b"x" * (5 * 2**20) + b'"}'
+        p = Producer({"bootstrap.servers": kafka_bootstrap, "message.max.bytes": 8 * 2**20})
+        for k, v in pairs[:20]:
+            p.produce(tel, v, k)
+        p.produce(tel, big, b"node-x", headers=[("origin", b"exporter-7")])
+        for k, v in pairs[20:]:
+            p.produce(tel, v, k)
+        assert p.flush(30) == 0
+        ticks = close_windows(kafka_bootstrap, tel, 1, T0 + 120)
+        n = len(pairs) + 1 + ticks
+        group = f"big-{uuid.uuid4().hex}"
+        stage = run_stage(make_settings(kafka_bootstrap, tel, out, dlq), n, group=group)
+        letters = read_all(kafka_bootstrap, dlq)
+        assert len(letters) == 1
+        m = letters[0]
+        h = dict(m.headers())
+        assert h["dlq.reason"] == b"oversized" and int(h["dlq.offset"]) == 20
+        assert int(h["dlq.size"]) == len(big) and h["dlq.sha256"].decode() == hashlib.sha256(big).hexdigest()
+        assert h["src.origin"] == b"exporter-7" and h["dlq.key"] == b"node-x"
+        assert m.value() == big[:65_536] and m.key() == f"{tel}:0:20:oversized".encode()
+        assert totals(windows(kafka_bootstrap, out))["sample_count"] == len(rows)  # nothing else lost
+        assert stage.core.counters["dlq.oversized"] == 1
+        assert _committed(kafka_bootstrap, group, tel, 1) > 20  # past the poison pill
+        # A second run over the same input (a restart without commits) re-emits the same letter under the same key.
+        run_stage(make_settings(kafka_bootstrap, tel, out, dlq), n)
+        again = read_all(kafka_bootstrap, dlq)
+        assert len(again) == 2 and {x.key() for x in again} == {m.key()}
+    finally:
+        admin.delete_topics([tel])

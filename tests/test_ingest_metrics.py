@@ -38,8 +38,8 @@ def test_metrics_report_samples_dead_letters_windows_event_time_and_lag(kafka_bo
     rows = synth.samples([synth.WorkloadSpec("wl-a", nodes=2, gpus_per_node=2)], T0, 300, 10.0)
     bad = [(b"n", b"{not json"), (b"n", orjson.dumps(dict(rows[0], tensor_active=7.0, ts=T0 + 1)))]
     produce(kafka_bootstrap, tel, synth.native(rows) + bad + synth.native(rows[:5]))  # the last 5: repeats
-    close_windows(kafka_bootstrap, tel, 1, T0 + 300)
-    n_messages = len(rows) + len(bad) + 5 + 1
+    ticks = close_windows(kafka_bootstrap, tel, 1, T0 + 300)  # two samples: two nodes confirm the time
+    n_messages = len(rows) + len(bad) + 5 + ticks
     settings = Settings(kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap),
                         topics=TopicSettings(telemetry=tel, windows=out, dlq=dlq),
                         ingest=IngestSettings(metrics_port=0, batch_size=50))
@@ -65,9 +65,9 @@ def test_metrics_report_samples_dead_letters_windows_event_time_and_lag(kafka_bo
         stop.set()
         worker.join(30)
 
-    assert m[("trainwatch_ingest_samples_total", (("outcome", "decoded"),))] == len(rows) + 1 + 5 + 1
+    assert m[("trainwatch_ingest_samples_total", (("outcome", "decoded"),))] == len(rows) + 1 + 5 + ticks
     assert m[("trainwatch_ingest_samples_total", (("outcome", "duplicate"),))] == 5
-    assert m[("trainwatch_ingest_samples_total", (("outcome", "kept"),))] == len(rows) + 1  # + the tick
+    assert m[("trainwatch_ingest_samples_total", (("outcome", "kept"),))] == len(rows) + ticks  # + the ticks
     assert m[("trainwatch_ingest_dead_letters_total", (("reason", "malformed_json"),))] == 1
     assert m[("trainwatch_ingest_dead_letters_total", (("reason", "out_of_range"),))] == 1
     assert m[("trainwatch_ingest_windows_total", ())] == stage.stats.windows > 0
@@ -82,15 +82,15 @@ def test_status_reads_the_groups_commits_lag_and_event_time(kafka_bootstrap: str
     tel, out, dlq = unique_topic("st-tel", partitions=2), unique_topic("st-win"), unique_topic("st-dlq")
     rows = synth.samples([synth.WorkloadSpec("wl-a", nodes=1, gpus_per_node=2)], T0, 300, 10.0)
     produce(kafka_bootstrap, tel, synth.native(rows), partition=0)
-    close_windows(kafka_bootstrap, tel, 1, T0 + 300)  # partition 0 only; partition 1 stays empty
+    ticks = close_windows(kafka_bootstrap, tel, 1, T0 + 300)  # partition 0 only; partition 1 stays empty
     settings = Settings(kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap),
                         topics=TopicSettings(telemetry=tel, windows=out, dlq=dlq), ingest=IngestSettings(batch_size=7))
     group = f"st-{tel}"
     before = group_status(settings, group)
-    assert [(r.partition, r.committed, r.lag) for r in before] == [(0, None, len(rows) + 1), (1, None, 0)]
+    assert [(r.partition, r.committed, r.lag) for r in before] == [(0, None, len(rows) + ticks), (1, None, 0)]
     KafkaIngestStage(settings, group_id=group).run(idle_exit_s=3.0, max_seconds=60)
     p0, p1 = group_status(settings, group)
-    assert p0.end == len(rows) + 1 and p0.committed is not None and p0.lag == p0.end - p0.committed
+    assert p0.end == len(rows) + ticks and p0.committed is not None and p0.lag == p0.end - p0.committed
     # The commit sits at the first row of the one window still open (the tick's) and records the event time
     # reached before it (the last data row's): where a restart resumes.
     assert (p0.committed, p0.event_time) == (len(rows), T0 + 290)

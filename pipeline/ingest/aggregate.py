@@ -1,8 +1,10 @@
 """The pure windowing core: valid rows of one Kafka partition -> partial window aggregates per workload.
 
-Event-time tumbling windows of `window_s`, aligned to epoch multiples. Per partition the watermark is the largest
-event time seen minus `watermark_lag_s`. Every row is assigned, from the watermark *before* it, to a unit
-(workload, window w, revision r):
+Event-time tumbling windows of `window_s`, aligned to epoch multiples. Per partition the watermark is the
+partition's *confirmed* event time minus `watermark_lag_s`: the newest time that two sources have reached (the
+second largest of the nodes' newest event times; of the devices' while the partition has seen one node only), so
+one bad clock cannot move it. A row further ahead of that than `max_clock_skew_s` is returned as clock-ahead (DLQ).
+Every row is assigned, from the watermark *before* it, to a unit (workload, window w, revision r):
 
 - r = 0 while window w is still open (watermark < its end); the unit is emitted when the watermark passes the end.
 - late rows (window already closed) go to r = (index of the window epoch the watermark is in) - w >= 1, a
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -63,6 +66,8 @@ class WindowConfig:
     max_interval_s: float = 60.0
     #: ... or this for a device's first sample (dcgm-exporter's default collection interval)
     default_interval_s: float = 30.0
+    #: a row further ahead of the partition's confirmed event time than this is dead-lettered `clock_ahead`
+    max_clock_skew_s: float = 300.0
 
 
 @dataclass(slots=True)
@@ -85,12 +90,93 @@ class Batch:
     last_offset: np.ndarray | None = None
     #: ids other than device are constant within a message (rows of one message share one offset)
     ids_per_message: bool = False
+    #: every row passed the clock check against its message's arrival time (Kafka timestamp): then a source
+    #: alone on its partition may move the watermark; without an arrival clock it never does (nothing vouches)
+    arrival_checked: bool = False
 
 
 @dataclass(slots=True)
 class AddResult:
     too_late: np.ndarray  # row indices into the batch
     duplicates: int
+    #: rows further ahead of the partition's confirmed event time than max_clock_skew_s (row indices)
+    ahead: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+#: ids kept in a Progress snapshot are cut to this (commit metadata is small: 4 KiB by default on the broker)
+_NAME_MAX = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A partition's event-time state at one point of its stream, enough to continue exactly from there: the
+    watermark basis (`max_ts`, monotone) and the top two newest event times per device and per node."""
+
+    max_ts: float = -math.inf
+    dev: tuple[float, str | None, float] = (-math.inf, None, -math.inf)  # (top time, its device, second time)
+    node: tuple[float, str | None, float] = (-math.inf, None, -math.inf)
+    first_node: str | None = None
+    multi_node: bool = False
+
+    def to_json(self) -> dict:
+        def f(x: float) -> float | None:
+            return x if math.isfinite(x) else None
+
+        def cut(n: str | None) -> str | None:
+            return n if n is None or len(n) <= _NAME_MAX else None
+
+        return {"max_ts": f(self.max_ts), "dev": [f(self.dev[0]), cut(self.dev[1]), f(self.dev[2])],
+                "node": [f(self.node[0]), cut(self.node[1]), f(self.node[2])], "first_node": cut(self.first_node),
+                "multi_node": self.multi_node}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Progress:
+        """Raises ValueError on anything else than `to_json`'s output (or its older form, `max_ts` alone)."""
+        def t(x: object) -> float:
+            if x is None:
+                return -math.inf
+            if type(x) not in (int, float) or not math.isfinite(x):  # type: ignore[arg-type]
+                raise ValueError(f"not a time: {x!r}")
+            return float(x)  # type: ignore[arg-type]
+
+        def top(v: object) -> tuple[float, str | None, float]:
+            if v is None:
+                return (-math.inf, None, -math.inf)
+            if not (isinstance(v, list) and len(v) == 3 and (v[1] is None or isinstance(v[1], str))):
+                raise ValueError(f"not a top-two record: {v!r}")
+            return (t(v[0]), v[1], t(v[2]))
+
+        if not isinstance(d, dict) or "max_ts" not in d:
+            raise ValueError("no max_ts")
+        first = d.get("first_node")
+        if first is not None and not isinstance(first, str):
+            raise ValueError("first_node is not a string")
+        mts = t(d["max_ts"])
+        if "dev" not in d:  # older metadata: the watermark basis alone; both trackers start from it
+            return cls(mts, (mts, None, mts), (mts, None, mts), None, False)
+        return cls(mts, top(d.get("dev")), top(d.get("node")), first, bool(d.get("multi_node")))
+
+
+def _top2(ts: np.ndarray, ids: np.ndarray, t1: float, g1: int, t2: float
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The top two of the sources' newest event times, after each row (vectorised; a source = a device or a node).
+
+    State before the batch: top time `t1` of source `g1`, and `t2` the largest newest time of any other source.
+    Returns per row (top time, top source, second time) after the row. The second time never decreases (it is the
+    second largest of non-decreasing values); it only grows when a row of a source other than the top one arrives,
+    or when a new source takes the top (the old top's time becomes the second)."""
+    n = len(ts)
+    cm = np.maximum.accumulate(np.concatenate(([t1], ts)))
+    prev_top = cm[:-1]
+    newtop = ts > prev_top
+    last = np.maximum.accumulate(np.where(newtop, np.arange(n), -1))
+    top_src = np.where(last >= 0, ids[np.maximum(last, 0)], g1)
+    prev_src = np.concatenate(([g1], top_src[:-1]))
+    a = np.where(ids != top_src, ts, -math.inf)
+    change = newtop & (ids != prev_src)
+    a[change] = prev_top[change]
+    second = np.maximum.accumulate(np.concatenate(([t2], a)))[1:]
+    return cm[1:], top_src, second
 
 
 @cache
@@ -117,10 +203,10 @@ class _Unit:
                  "job", "l", "prof_cnt", "prof_sum", "r", "run_label", "samples", "stats", "sums", "unknown", "w",
                  "workload")
 
-    def __init__(self, workload: str, w: int, r: int, f: int, first_ts_max: float, buckets: int) -> None:
+    def __init__(self, workload: str, w: int, r: int, f: int, first_ts_max: Progress, buckets: int) -> None:
         self.workload, self.w, self.r = workload, w, r
         self.f = self.l = f
-        self.first_ts_max = first_ts_max  # partition's max event time before the message of the first row
+        self.first_ts_max = first_ts_max  # partition's event-time state before the message of the first row
         self.account = self.job = self.run_label = None
         self.samples = 0
         # Every additive quantity in one vector, so that a batch adds to a unit in one operation; named views:
@@ -172,10 +258,19 @@ class _Unit:
 
 @dataclass(slots=True)
 class _Partition:
+    #: the watermark basis: the partition's confirmed event time (never decreases; see the module docstring)
     max_ts: float = -math.inf
     next_offset: int | None = None
     units: dict[tuple[str, int, int], _Unit] = field(default_factory=dict)
-    closed: list[tuple[int, int, float]] = field(default_factory=list)  # (first, last, first_ts_max) of emitted
+    closed: list[tuple[int, int, Progress]] = field(default_factory=list)  # (first, last, first_progress) of emitted
+    #: top two newest event times per device (time, device id, second time) and per node (time, node id, second)
+    dev_top: tuple[float, int, float] = (-math.inf, -1, -math.inf)
+    node_top: tuple[float, int, float] = (-math.inf, -1, -math.inf)
+    first_node: int = -1  # the partition's first node id (-1: none yet) ...
+    multi_node: bool = False  # ... and whether another node has been seen since (then nodes confirm each other)
+    node_ids: dict[str, int] = field(default_factory=dict)
+    #: per device id: its node's id (the node of its first row)
+    dev_node: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     seen: dict[int, list[np.ndarray]] = field(default_factory=dict)  # window -> dedup keys, one array per batch
     #: device name -> small integer id, per partition (a device lives on one partition: the arrays below stay
     #: as long as the partition's own fleet, not the whole stage's)
@@ -195,6 +290,34 @@ class _Partition:
             new = max(n_devices, 2 * have)
             self.dev_key = np.concatenate((self.dev_key, np.arange(have, new, dtype=np.int64) << _TS_BITS))
             self.dev_last = np.concatenate((self.dev_last, np.full(new - have, np.nan)))
+            self.dev_node = np.concatenate((self.dev_node, np.full(new - have, -1, dtype=np.int64)))
+
+    def progress(self) -> Progress:
+        """The event-time state now, with names instead of ids (ids are renumbered by compact)."""
+        dnames, nnames = list(self.dev_ids), list(self.node_ids)
+
+        def name(names: list[str], g: int) -> str | None:
+            return names[g] if 0 <= g < len(names) else None
+
+        d, nd = self.dev_top, self.node_top
+        return Progress(self.max_ts, (d[0], name(dnames, d[1]), d[2]), (nd[0], name(nnames, nd[1]), nd[2]),
+                        name(nnames, self.first_node), self.multi_node)
+
+    @classmethod
+    def restored(cls, pr: Progress) -> _Partition:
+        p = cls(max_ts=pr.max_ts, multi_node=pr.multi_node)
+
+        def node_id(name: str | None) -> int:
+            return -1 if name is None else p.node_ids.setdefault(name, len(p.node_ids))
+
+        p.first_node = node_id(pr.first_node)
+        p.node_top = (pr.node[0], node_id(pr.node[1]), pr.node[2])
+        g = -1
+        if pr.dev[1] is not None:
+            g = p.dev_ids[pr.dev[1]] = 0
+            p.fit(1)
+        p.dev_top = (pr.dev[0], g, pr.dev[2])
+        return p
 
     def compact(self, horizon_s: float, share: float) -> int:
         """Forget devices whose newest row is older than `horizon_s` (no dedup key of theirs is left, no open unit
@@ -214,6 +337,17 @@ class _Partition:
         self.dev_ids = {names[g]: i for i, g in enumerate(old.tolist())}
         self.dev_key = (np.arange(len(old), dtype=np.int64) << _TS_BITS) | (self.dev_key[old] & _TS_MASK)
         self.dev_last = self.dev_last[old]
+        # nodes: keep those of the kept devices (and the trackers' own), renumbered in order
+        nodes = self.dev_node[old]
+        nnames = list(self.node_ids)
+        keep_n = set(nodes.tolist()) | {self.first_node, self.node_top[1]}
+        nmap = {g: i for i, g in enumerate(sorted(x for x in keep_n if x >= 0))}
+        self.node_ids = {nnames[g]: i for g, i in nmap.items()}
+        self.dev_node = np.array([nmap.get(x, -1) for x in nodes.tolist()], dtype=np.int64)
+        self.first_node = nmap.get(self.first_node, -1)
+        self.node_top = (self.node_top[0], nmap.get(self.node_top[1], -1), self.node_top[2])
+        t1, g1, t2 = self.dev_top
+        self.dev_top = (t1, int(remap[g1]) if 0 <= g1 < n else -1, t2)
         for chunks in self.seen.values():
             for j, a in enumerate(chunks):
                 g = remap[a >> _TS_BITS]
@@ -284,9 +418,13 @@ class WindowAggregator:
         self.parts: dict[tuple[str, int], _Partition] = {}
 
     # --- state across restarts -------------------------------------------------------------------------------
-    def restore(self, topic: str, partition: int, max_ts: float) -> None:
-        """Start a partition replayed from a commit point with the max event time recorded there."""
-        self.parts[(topic, partition)] = _Partition(max_ts=max_ts)
+    def restore(self, topic: str, partition: int, progress: Progress | float) -> None:
+        """Start a partition replayed from a commit point with the event-time state recorded there (a bare float:
+        the watermark basis alone, as older commits recorded it)."""
+        if not isinstance(progress, Progress):
+            t = float(progress)
+            progress = Progress(t, (t, None, t), (t, None, t))
+        self.parts[(topic, partition)] = _Partition.restored(progress)
 
     def drop(self, topic: str, partition: int) -> None:
         """Forget a partition (revoked): its open units will be rebuilt by whoever replays it."""
@@ -302,8 +440,8 @@ class WindowAggregator:
         p = self.parts.setdefault((topic, partition), _Partition())
         p.max_ts = max(p.max_ts, event_time)
 
-    def commit_points(self) -> dict[tuple[str, int], tuple[int, float]]:
-        """Per partition: (offset safe to commit, max event time before it).
+    def commit_points(self) -> dict[tuple[str, int], tuple[int, Progress]]:
+        """Per partition: (offset safe to commit, the event-time state (`Progress`) before it).
 
         Safe = no unit that is still open has a row below it, and no emitted unit straddles it (has rows on both
         sides). A restart replays from there with that max event time: every unit with rows at or above it is
@@ -314,7 +452,7 @@ class WindowAggregator:
             if p.next_offset is None:
                 continue
             cands = [(u.f, u.first_ts_max) for u in p.units.values()]
-            off, mts = min(cands) if cands else (p.next_offset, p.max_ts)
+            off, mts = min(cands, key=lambda c: c[0]) if cands else (p.next_offset, p.progress())
             moved = True
             while moved:
                 moved = False
@@ -336,23 +474,32 @@ class WindowAggregator:
         if n == 0:
             return AddResult(np.zeros(0, dtype=np.int64), 0)
         ts = b.ts
-        cm = np.maximum.accumulate(ts)
-        before = np.maximum(np.concatenate(([-math.inf], cm[:-1])), p.max_ts)
-        msg_start = np.concatenate(([True], b.offset[1:] != b.offset[:-1]))
-        before_msg = before[np.flatnonzero(msg_start)][np.cumsum(msg_start) - 1]
-        wm = before - cfg.watermark_lag_s
-        p.max_ts = max(p.max_ts, float(cm[-1]))
-        w = np.floor(ts / W).astype(np.int64)
-        epoch = np.where(np.isfinite(wm), np.floor(np.where(np.isfinite(wm), wm, 0.0) / W), _NO_EPOCH).astype(np.int64)
-        r = np.maximum(epoch - w, 0)
-        too_late = (wm - (w + 1) * W) > cfg.allowed_lateness_s
-
         ids = p.dev_ids
         g = list(map(ids.get, b.device))  # C-level lookups; the comprehension below only when a device is new
         if None in g:
             g = [ids.setdefault(d, len(ids)) for d in b.device]
         gid = np.array(g, dtype=np.int64)
         p.fit(len(ids))
+        nid = p.dev_node[gid]
+        if (nid < 0).any():  # devices new to the partition: their node is the node of their first row here
+            nids = p.node_ids
+            for i in np.flatnonzero(nid < 0).tolist():
+                if p.dev_node[gid[i]] < 0:
+                    p.dev_node[gid[i]] = nids.setdefault(b.node[i], len(nids))
+            nid = p.dev_node[gid]
+        ahead, before, snap = self._confirmed(p, ts, gid, nid, b.arrival_checked)
+        msg_start = np.concatenate(([True], b.offset[1:] != b.offset[:-1]))
+        before_msg = np.flatnonzero(msg_start)[np.cumsum(msg_start) - 1]  # row index of each row's message start
+        wm = before - cfg.watermark_lag_s
+        w = np.floor(ts / W).astype(np.int64)
+        epoch = np.where(np.isfinite(wm), np.floor(np.where(np.isfinite(wm), wm, 0.0) / W), _NO_EPOCH).astype(np.int64)
+        r = np.maximum(epoch - w, 0)
+        too_late = (wm - (w + 1) * W) > cfg.allowed_lateness_s
+        if ahead.any():  # out of everything below (dedup, intervals, windows); too_late stays "not ahead"
+            too_late &= ~ahead
+            gone = too_late | ahead
+        else:
+            gone = too_late
         keys = (gid << _TS_BITS) | np.round(ts * 1000).astype(np.int64)
         # Rows grouped by device, arrival order inside (stable): shared by the duplicate check and the intervals.
         order = np.argsort(gid, kind="stable")
@@ -364,11 +511,14 @@ class WindowAggregator:
                            p.dev_key[ks >> _TS_BITS])
         suspect = np.empty(n, dtype=bool)
         suspect[order] = ks <= prior
-        np.maximum.at(p.dev_key, gid, keys)
+        if ahead.any():  # a bad clock's row must not stand as its device's newest
+            np.maximum.at(p.dev_key, gid[~ahead], keys[~ahead])
+        else:
+            np.maximum.at(p.dev_key, gid, keys)
         if suspect.any():  # out-of-order or repeated rows: the exact check against the windows' recorded keys
             dup = np.ones(n, dtype=bool)
             dup[np.unique(keys, return_index=True)[1]] = False
-            dup |= too_late
+            dup |= gone
             check = suspect & ~dup
             for wv in np.unique(w[check]).tolist():
                 old = p.seen_keys(wv)
@@ -376,8 +526,8 @@ class WindowAggregator:
                     sel = np.flatnonzero(check & (w == wv))
                     dup[sel[np.isin(keys[sel], old)]] = True
         else:
-            dup = too_late.copy()
-        duplicates = int((dup & ~too_late).sum())
+            dup = gone.copy()
+        duplicates = int((dup & ~gone).sum())
         new = ~dup
         wn = w[new]
         if len(wn):
@@ -392,12 +542,75 @@ class WindowAggregator:
         self._expire(p)
         if len(keep):
             dt = self._intervals(p, b, keep, order[new[order]], gid)
-            self._accumulate(p, b, keep, w, r, before_msg, gid, dt)
+            self._accumulate(p, b, keep, w, r, before_msg, snap, gid, dt)
         p.adds += 1
         if p.adds % COMPACT_EVERY == 0 and len(p.dev_ids) >= COMPACT_MIN:  # after the batch: its ids are done
             cfg = self.cfg
             p.compact(p.max_ts - cfg.watermark_lag_s - cfg.allowed_lateness_s - cfg.window_s, COMPACT_SHARE)
-        return AddResult(np.flatnonzero(too_late), duplicates)
+        return AddResult(np.flatnonzero(too_late), duplicates, np.flatnonzero(ahead))
+
+    def _confirmed(self, p: _Partition, ts: np.ndarray, gid: np.ndarray, nid: np.ndarray, alone_ok: bool
+                   ) -> tuple[np.ndarray, np.ndarray, Callable[[int], Progress]]:
+        """The clock check and the watermark basis. Per row: whether it is further than `max_clock_skew_s` ahead of
+        the partition's confirmed event time (the second largest of the nodes' newest times, or of the devices'
+        while the partition has seen one node: two sources agree), and the watermark basis before it (the running
+        max of the confirmed time; a source alone moves it only while the partition has no second one, and only when
+        `alone_ok`: its rows passed the arrival-clock check). Returns
+        also a function giving the full event-time state before a row (for commit points) and leaves the partition's
+        state at the batch's end. Rows at the partition's very start, before any confirmation, are held against the
+        batch's first confirmed time."""
+        n = len(ts)
+        if p.first_node < 0:
+            p.first_node = int(nid[0])
+        n_t1, n_src, n_t2 = _top2(ts, nid, *p.node_top)
+        multi_before = p.multi_node
+        first_other = 0 if multi_before else n
+        d_t1 = d_src = d_t2 = None
+        if multi_before:
+            t1, t2 = n_t1, n_t2
+        else:
+            d_t1, d_src, d_t2 = _top2(ts, gid, *p.dev_top)
+            other = np.flatnonzero(nid != p.first_node)
+            if len(other):  # a second node: from its first row on, nodes confirm each other
+                first_other = int(other[0])
+                t1 = np.concatenate((d_t1[:first_other], n_t1[first_other:]))
+                t2 = np.concatenate((d_t2[:first_other], n_t2[first_other:]))
+                p.multi_node = True
+            else:
+                t1, t2 = d_t1, d_t2
+        two = np.isfinite(t2)
+        ref = t2 if two.all() else np.where(two, t2, t2[np.argmax(two)] if two.any() else math.inf)
+        ahead = ts > ref + self.cfg.max_clock_skew_s
+        conf = np.where(two, t2, t1) if alone_ok else t2.copy()
+        if ahead.any():
+            conf[ahead] = -math.inf
+        basis = np.maximum.accumulate(np.concatenate(([p.max_ts], conf)))
+        before = basis[:-1]
+        node_top0, dev_top0, first_node = p.node_top, p.dev_top, p.first_node
+        dnames: list[str] | None = None
+        nnames: list[str] | None = None
+
+        def snap(i: int) -> Progress:  # the state before row i (only asked for rows that open a unit: rare)
+            nonlocal dnames, nnames
+            dnames = dnames if dnames is not None else list(p.dev_ids)
+            nnames = nnames if nnames is not None else list(p.node_ids)
+
+            def nm(names: list[str], g: int) -> str | None:
+                return names[g] if 0 <= g < len(names) else None
+
+            nt = node_top0 if i == 0 else (float(n_t1[i - 1]), int(n_src[i - 1]), float(n_t2[i - 1]))
+            if d_t1 is None:
+                dt = dev_top0  # not tracked once several nodes are seen
+            else:
+                dt = dev_top0 if i == 0 else (float(d_t1[i - 1]), int(d_src[i - 1]), float(d_t2[i - 1]))
+            return Progress(float(before[i]), (dt[0], nm(dnames, dt[1]), dt[2]), (nt[0], nm(nnames, nt[1]), nt[2]),
+                            nm(nnames, first_node), multi_before or i > first_other)
+
+        p.node_top = (float(n_t1[-1]), int(n_src[-1]), float(n_t2[-1]))
+        if d_t1 is not None:
+            p.dev_top = (float(d_t1[-1]), int(d_src[-1]), float(d_t2[-1]))
+        p.max_ts = float(basis[-1])
+        return ahead, before, snap
 
     def _expire(self, p: _Partition) -> None:
         horizon = p.max_ts - self.cfg.watermark_lag_s - self.cfg.allowed_lateness_s
@@ -423,7 +636,7 @@ class WindowAggregator:
         return np.where(np.isnan(given), out[idx], given)
 
     def _accumulate(self, p: _Partition, b: Batch, idx: np.ndarray, w_all: np.ndarray, r_all: np.ndarray,
-                    before_msg: np.ndarray, gid: np.ndarray, dt: np.ndarray) -> None:
+                    before_msg: np.ndarray, snap: Callable[[int], Progress], gid: np.ndarray, dt: np.ndarray) -> None:
         W, S = self.cfg.window_s, self.cfg.profile_buckets
         n = len(idx)
         ts, w, r, off = b.ts[idx], w_all[idx], r_all[idx], b.offset[idx]
@@ -524,7 +737,7 @@ class WindowAggregator:
             key = (wl_names[int(wl[i0])], int(w[i0]), int(r[i0]))
             unit = p.units.get(key)
             if unit is None:
-                unit = p.units[key] = _Unit(key[0], key[1], key[2], int(off[i0]), float(before_msg[idx[i0]]), S)
+                unit = p.units[key] = _Unit(key[0], key[1], key[2], int(off[i0]), snap(int(before_msg[idx[i0]])), S)
             unit.l = max(unit.l, last_l[u])
             if unit.account is None:
                 unit.account = b.account[il[i0]]

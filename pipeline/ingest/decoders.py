@@ -44,12 +44,31 @@ _PRECISIONS_OR_NONE = _PRECISIONS | {None}
 _METRIC_SET = frozenset(METRIC_FIELDS)
 _STR_OR_NONE = frozenset([str, type(None)])
 _INT_OR_NONE = frozenset([int, type(None)])
+_NUM_OR_NONE = frozenset([int, float, type(None)])
+#: numpy kinds a column of JSON numbers converts to (float, int64, uint64): anything else held a string, a bool,
+#: a list or an object, which `np.array(..., dtype=float)` would otherwise coerce ("0.5" -> 0.5, true -> 1.0)
+_NUMERIC_KINDS = frozenset("fiu")
+
+
+def _floats(col: list | tuple) -> np.ndarray | None:
+    """A column of JSON numbers (None = missing) as float64, or None when any value is of another type."""
+    try:
+        a = np.array(col)
+    except (ValueError, TypeError):  # lists of uneven lengths among the values
+        return None
+    if a.ndim != 1:  # lists of even lengths
+        return None
+    if a.dtype.kind in _NUMERIC_KINDS:
+        return a.astype(np.float64, copy=False)
+    if a.dtype.kind == "O" and set(map(type, col)) <= _NUM_OR_NONE:  # None among numbers (or ints beyond 64 bits)
+        return np.array(col, dtype=np.float64)
+    return None
 
 
 @dataclass(slots=True)
 class DecodeError:
     msg: int  # index of the message in the batch
-    reason: str  # malformed_json | schema_violation
+    reason: str  # malformed_json | schema_violation | wrong_type
     detail: str
     row: dict | None = None  # the offending sample when only one row of a batch is bad
     row_index: int | None = None
@@ -96,7 +115,7 @@ def _num(v: Any) -> bool:
 
 
 def _bad_ids(d: dict) -> str | None:
-    """Why the optional ids of a sample or columnar message have the wrong type, or None."""
+    """Why the optional ids of a sample or columnar message have the wrong type (`wrong_type`), or None."""
     for k in _STR_IDS:
         v = d.get(k)
         if v is not None and type(v) is not str:
@@ -127,17 +146,19 @@ class NativeDecoder:
                     errors.append(DecodeError(i, "schema_violation", "samples is not a list"))
                     continue
                 node = d.get("node")
+                if not samples:  # nothing to count in a window: said so by a letter, not dropped silently
+                    errors.append(DecodeError(i, "schema_violation", "samples is empty"))
                 for j, s in enumerate(samples):
                     if isinstance(s, dict) and node is not None and "node" not in s:
                         s = {**s, "node": node}
                     bad = self._sample(i, s, out)
                     if bad:
-                        errors.append(DecodeError(i, "schema_violation", bad, row=s if isinstance(s, dict) else None,
+                        errors.append(DecodeError(i, bad[0], bad[1], row=s if isinstance(s, dict) else None,
                                                   row_index=j))
             else:
                 bad = self._sample(i, d, out)
                 if bad:
-                    errors.append(DecodeError(i, "schema_violation", bad))
+                    errors.append(DecodeError(i, bad[0], bad[1]))
 
     @staticmethod
     def _fast(values: list[bytes], out: RowBuilder) -> bool:
@@ -175,13 +196,15 @@ class NativeDecoder:
         if "gpu_index" in col and not set(map(type, col["gpu_index"])) <= _INT_OR_NONE:
             return False
         metrics = np.full((n, N_METRICS), np.nan)
-        try:
-            ts_a = np.array(ts, dtype=np.float64)
-            interval = np.array(col["interval_s"], dtype=np.float64) if "interval_s" in keys else np.full(n, np.nan)
-            for f in keys & _METRIC_SET:
-                metrics[:, METRIC_INDEX[f]] = np.array(col[f], dtype=np.float64)
-        except (TypeError, ValueError):
+        ts_a = _floats(ts)
+        interval = _floats(col["interval_s"]) if "interval_s" in keys else np.full(n, np.nan)
+        if ts_a is None or interval is None:
             return False
+        for f in keys & _METRIC_SET:
+            a = _floats(col[f])
+            if a is None:  # a string, bool, list or object among the readings: the slow path letters it
+                return False
+            metrics[:, METRIC_INDEX[f]] = a
 
         def ids(name: str) -> list | tuple:
             return col[name] if name in col else [None] * n
@@ -200,7 +223,7 @@ class NativeDecoder:
         names: set[str] = set()
         for d in ds:
             ts, dev, node, metrics = d.get("ts"), d.get("device"), d.get("node"), d.get("metrics") or {}
-            if (type(ts) is not list or not d.keys() <= _COLUMN_KEYS or type(node) is not str or not node
+            if (type(ts) is not list or not ts or not d.keys() <= _COLUMN_KEYS or type(node) is not str or not node
                     or type(dev) is not list or len(dev) != len(ts) or type(metrics) is not dict
                     or d.get("precision") not in _PRECISIONS_OR_NONE
                     or not (d.get("interval_s") is None or _num(d["interval_s"])) or _bad_ids(d)):
@@ -222,16 +245,18 @@ class NativeDecoder:
         if None in ts_l or set(map(type, dev_l)) - {str}:
             return False
         metrics_a = np.full((n, N_METRICS), np.nan)
-        try:
-            ts_a = np.array(ts_l, dtype=np.float64)
-            for name in names:
-                col_l: list = []
-                for d, k in zip(ds, ks, strict=True):
-                    c = d["metrics"].get(name)
-                    col_l.extend(c if c is not None else [None] * k)
-                metrics_a[:, METRIC_INDEX[name]] = np.array(col_l, dtype=np.float64)
-        except (TypeError, ValueError):
+        ts_a = _floats(ts_l)
+        if ts_a is None:
             return False
+        for name in names:
+            col_l: list = []
+            for d, k in zip(ds, ks, strict=True):
+                c = d["metrics"].get(name)
+                col_l.extend(c if c is not None else [None] * k)
+            a = _floats(col_l)
+            if a is None:
+                return False
+            metrics_a[:, METRIC_INDEX[name]] = a
 
         def per_row(key: str) -> list:
             col: list = []
@@ -249,24 +274,33 @@ class NativeDecoder:
         return True
 
     @staticmethod
-    def _sample(i: int, d: Any, out: RowBuilder) -> str | None:
+    def _sample(i: int, d: Any, out: RowBuilder) -> tuple[str, str] | None:
+        """Add one sample; or (reason, detail) why not."""
         if not isinstance(d, dict):
-            return "sample is not a JSON object"
+            return "schema_violation", "sample is not a JSON object"
         if not d.keys() <= _SAMPLE_KEYS:
-            return f"unknown field(s) {sorted(d.keys() - _SAMPLE_KEYS)}"
+            return "schema_violation", f"unknown field(s) {sorted(d.keys() - _SAMPLE_KEYS)}"[:300]
         ts, device, node, interval = d.get("ts"), d.get("device"), d.get("node"), d.get("interval_s")
+        if ts is None:
+            return "schema_violation", "ts is missing"
         if not _num(ts):
-            return "ts is not a number"
-        if not (isinstance(device, str) and isinstance(node, str)):
-            return "device and node must be strings"
+            return "wrong_type", f"ts is a {type(ts).__name__}, not a number"
+        if device is None or node is None:
+            return "schema_violation", "device and node are required"
+        if not (type(device) is str and type(node) is str):
+            return "wrong_type", "device and node must be strings"
         if interval is not None and not _num(interval):
-            return "interval_s is not a number"
+            return "wrong_type", f"interval_s is a {type(interval).__name__}, not a number"
         prec = d.get("precision")
         if prec is not None and prec not in _PRECISIONS:
-            return f"unknown precision {prec!r}"
+            return "schema_violation", f"unknown precision {str(prec)[:50]!r}"
         bad = _bad_ids(d)
         if bad:
-            return bad
+            return "wrong_type", bad
+        for f in d.keys() & _METRIC_SET:
+            v = d[f]
+            if v is not None and not _num(v):  # "0.5", "Infinity", true: a wrong type, never read as a number
+                return "wrong_type", f"{f} is a {type(v).__name__}, not a number"
         out.add_row(
             i, ts, [d.get(f) for f in METRIC_FIELDS], device=device, node=node, accelerator=d.get("accelerator"),
             workload=d.get("workload_id"), account=d.get("account_id"), job=d.get("job_id"),
@@ -279,36 +313,43 @@ class NativeDecoder:
         def fail(why: str) -> None:
             errors.append(DecodeError(i, "schema_violation", why))
 
+        def wrong(why: str) -> None:
+            errors.append(DecodeError(i, "wrong_type", why))
+
         if not d.keys() <= _COLUMN_KEYS:
-            return fail(f"unknown field(s) {sorted(d.keys() - _COLUMN_KEYS)}")
+            return fail(f"unknown field(s) {sorted(d.keys() - _COLUMN_KEYS)}"[:300])
         ts, devices, metrics, node = d["ts"], d.get("device"), d.get("metrics") or {}, d.get("node")
         if not isinstance(node, str) or not node:
             return fail("node missing")
         if not isinstance(devices, list) or len(devices) != len(ts) or not isinstance(metrics, dict):
             return fail("device must be a list as long as ts; metrics a dict")
         if d.get("precision") is not None and d["precision"] not in _PRECISIONS:
-            return fail(f"unknown precision {d['precision']!r}")
+            return fail(f"unknown precision {str(d['precision'])[:50]!r}")
         bad = _bad_ids(d)
         if bad:
-            return fail(bad)
+            return wrong(bad)
         k = len(ts)
+        if not k:
+            return fail("ts is empty")
         block = np.full((k, N_METRICS), np.nan)
-        try:
-            ts_arr = np.array(ts, dtype=np.float64)
-            for name, col in metrics.items():
-                j = METRIC_INDEX.get(name)
-                if j is None:
-                    return fail(f"unknown metric {name!r}")
-                if not isinstance(col, list) or len(col) != k:
-                    return fail(f"metric {name} is not a list of {k} values")
-                block[:, j] = np.array(col, dtype=np.float64)
-            interval = d.get("interval_s")
-            if interval is not None and not _num(interval):
-                return fail("interval_s is not a number")
-        except (TypeError, ValueError) as exc:
-            return fail(f"non-numeric column: {exc}")
+        ts_arr = _floats(ts)
+        if ts_arr is None:
+            return wrong("ts entries must be numbers")
+        for name, col in metrics.items():
+            j = METRIC_INDEX.get(name)
+            if j is None:
+                return fail(f"unknown metric {name[:50]!r}")
+            if not isinstance(col, list) or len(col) != k:
+                return fail(f"metric {name} is not a list of {k} values")
+            a = _floats(col)
+            if a is None:
+                return wrong(f"metric {name} holds a value that is not a number")
+            block[:, j] = a
+        interval = d.get("interval_s")
+        if interval is not None and not _num(interval):
+            return wrong("interval_s is not a number")
         if not all(type(x) is str for x in devices):
-            return fail("device entries must be strings")
+            return wrong("device entries must be strings")
         out.add_columns(
             i, ts_arr.tolist(), devices, block, node=node, accelerator=d.get("accelerator"),
             workload=d.get("workload_id"), account=d.get("account_id"), job=d.get("job_id"),

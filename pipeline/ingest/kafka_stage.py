@@ -24,7 +24,7 @@ from wsgiref.simple_server import WSGIServer
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from pipeline.ingest.aggregate import WindowConfig
+from pipeline.ingest.aggregate import Progress, WindowConfig
 from pipeline.ingest.decoders import LabelMap
 from pipeline.ingest.dlq import DeadLetter
 from pipeline.ingest.inventory import Inventory
@@ -36,22 +36,32 @@ log = logging.getLogger(__name__)
 LAG_EVERY_S = 1.0  # how often the consumer lag (for the metrics endpoint) is refreshed
 
 
-def commit_metadata(max_ts: float) -> str:
-    """What a commit records beside its offset: the max event time seen before it (null: none yet)."""
-    return dumps({"max_ts": max_ts if math.isfinite(max_ts) else None}).decode()
+def commit_metadata(progress: Progress | float) -> str:
+    """What a commit records beside its offset: the partition's event-time state before it (`max_ts`, the
+    watermark basis, null: none yet; and the top-two trackers a restart continues from)."""
+    if not isinstance(progress, Progress):
+        return dumps({"max_ts": progress if math.isfinite(progress) else None}).decode()
+    return dumps(progress.to_json()).decode()
 
 
-def metadata_max_ts(metadata: str | None) -> float | None:
-    """The max event time a commit recorded (None: none). Raises ValueError on metadata that is not ours."""
+def metadata_progress(metadata: str | None) -> Progress | None:
+    """The event-time state a commit recorded (None: none). Raises ValueError on metadata that is not ours."""
     if not metadata:
         return None
     try:
-        v = loads(metadata)["max_ts"]
+        d = loads(metadata)
     except Exception as exc:
         raise ValueError(f"not trainwatch commit metadata: {metadata!r}") from exc
-    if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
-        raise ValueError(f"not trainwatch commit metadata: {metadata!r}")
-    return None if v is None else float(v)
+    try:
+        return Progress.from_json(d)
+    except ValueError as exc:
+        raise ValueError(f"not trainwatch commit metadata: {metadata!r}") from exc
+
+
+def metadata_max_ts(metadata: str | None) -> float | None:
+    """The watermark basis a commit recorded (None: none). Raises ValueError on metadata that is not ours."""
+    pr = metadata_progress(metadata)
+    return None if pr is None or not math.isfinite(pr.max_ts) else pr.max_ts
 
 
 def tune_gc() -> None:
@@ -66,7 +76,7 @@ def tune_gc() -> None:
 def config_from_settings(settings: Settings) -> WindowConfig:
     s = settings.ingest
     return WindowConfig(window_s=settings.window_s, watermark_lag_s=s.watermark_lag_s,
-                        allowed_lateness_s=s.allowed_lateness_s)
+                        allowed_lateness_s=s.allowed_lateness_s, max_clock_skew_s=s.max_clock_skew_s)
 
 
 def labels_from_settings(settings: Settings) -> LabelMap:
@@ -95,7 +105,9 @@ class KafkaIngestStage:
         self.clock = clock  # the reference clock for the future-skew check: wall clock in production
         self.max_queued = max_queued
         self.core = IngestCore(config_from_settings(settings), decoder or settings.ingest.decoder,
-                               Inventory.load(settings.ingest.inventory_path), labels_from_settings(settings))
+                               Inventory.load(settings.ingest.inventory_path), labels_from_settings(settings),
+                               max_message_bytes=settings.ingest.max_message_bytes,
+                               dlq_max_value_bytes=settings.ingest.dlq_max_value_bytes)
         self.stats = StageStats()
         self._delivery_errors: list[KafkaError] = []
         self._paused = False
@@ -129,12 +141,12 @@ class KafkaIngestStage:
     # --- partition ownership: restore the watermark recorded with the committed offset --------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in consumer.committed(partitions, timeout=30):
-            max_ts = None
+            progress = None
             try:
-                max_ts = metadata_max_ts(tp.metadata)
+                progress = metadata_progress(tp.metadata)
             except ValueError:  # foreign metadata: start without a watermark (more data counts as on time)
                 log.warning("ignoring commit metadata %r on %s[%d]", tp.metadata, tp.topic, tp.partition)
-            self.core.agg.restore(tp.topic, tp.partition, max_ts if max_ts is not None else float("-inf"))
+            self.core.agg.restore(tp.topic, tp.partition, progress if progress is not None else Progress())
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The new owner replays from our last safe commit; our open windows for these partitions are dropped.
@@ -168,13 +180,17 @@ class KafkaIngestStage:
                 ms = [m for m in ms if m.error() is None]
                 if topic is None or not ms:
                     continue
+            # arrival = the record's Kafka timestamp (CreateTime, or LogAppendTime when the topic says so); a
+            # sample further ahead of it than max_clock_skew_s is a bad clock (type 0: no timestamp, not checked)
+            arrival = [t[1] / 1000.0 if t[0] else math.nan for t in (m.timestamp() for m in ms)]
             dead += self.core.process_raw(topic, part, [m.value() for m in ms], [m.offset() for m in ms], now,
-                                          key_of=lambda i, ms=ms: ms[i].key())
+                                          key_of=lambda i, ms=ms: ms[i].key(), arrival=arrival,
+                                          headers_of=lambda i, ms=ms: ms[i].headers())
         windows = self.core.ready()
         for w in windows:
             self._produce(self.topics.windows, (w.account_id or w.workload_id).encode(), encode(w))
-        for d in dead:
-            self._produce(self.topics.dlq, d.key, d.value, d.headers())
+        for d in dead:  # keyed by the letter's own id: a replay re-emits the same key (store dedup)
+            self._produce(self.topics.dlq, d.letter_key(), d.value, d.headers())
         self._flush()
         self._commit()
         self.stats.batches += 1
@@ -236,7 +252,7 @@ class KafkaIngestStage:
             key = f"{topic}:{part}"
             if (topic, part) not in assigned or self.stats.last_commit.get(key) == off:
                 continue
-            offsets.append(TopicPartition(topic, part, off, metadata=commit_metadata(max_ts)))
+            offsets.append(TopicPartition(topic, part, off, metadata=commit_metadata(max_ts)))  # a Progress
         if offsets:
             # Asynchronous is still commit-after-write: the outputs are flushed already. A lost commit only means
             # a longer replay, which the deterministic window ids make harmless; the next commit supersedes it.

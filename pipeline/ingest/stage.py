@@ -15,10 +15,10 @@ from functools import cache
 
 import numpy as np
 
-from pipeline.ingest.aggregate import Batch, WindowAggregator, WindowConfig
+from pipeline.ingest.aggregate import Batch, Progress, WindowAggregator, WindowConfig
 from pipeline.ingest.columns import RowBuilder
 from pipeline.ingest.decoders import Decoder, LabelMap, make_decoder
-from pipeline.ingest.dlq import DeadLetter
+from pipeline.ingest.dlq import DLQ_MAX_VALUE_BYTES, DeadLetter
 from pipeline.ingest.inventory import Inventory
 from pipeline.ingest.validate import validate_rows
 from schemas.serde import dumps
@@ -34,6 +34,8 @@ class SourceMessage:
 
 
 _SEQ = itertools.count()
+#: Default bound on one telemetry message (bytes): Kafka's own default max.message.bytes is ~1 MB.
+MAX_MESSAGE_BYTES = 1_048_576
 
 
 class _Held:
@@ -41,7 +43,7 @@ class _Held:
 
     __slots__ = ("agg_max_ts", "first", "ids", "interval", "last", "metrics", "seq", "ts")
 
-    def __init__(self, b: Batch, i: int, offset: int, agg_max_ts: float) -> None:
+    def __init__(self, b: Batch, i: int, offset: int, agg_max_ts: Progress) -> None:
         self.ts, self.interval, self.metrics = float(b.ts[i]), float(b.interval[i]), b.metrics[i].copy()
         self.ids = (b.device[i], b.node[i], b.accelerator[i], b.workload[i], b.account[i], b.job[i], b.run_label[i],
                     b.precision[i])
@@ -58,7 +60,10 @@ PRUNE_FLOOR = 1024
 class _Pending:
     rows: dict[tuple[str, float], _Held] = field(default_factory=dict)
     dev_latest: dict[str, float] = field(default_factory=dict)
+    #: the newest time two devices have reached (one device's alone while there is one): one bad clock cannot
+    #: release every held fragment at once nor move the watermark
     max_ts: float = -math.inf
+    top: tuple[float, str | None, float] = (-math.inf, None, -math.inf)  # newest time, its device, second newest
     prune_at: int = 0  # size after the last prune, doubled
 
     def prune(self, hold_s: float) -> None:
@@ -87,41 +92,87 @@ def _batch_row(b: Batch, j: int) -> dict:
 
 class IngestCore:
     def __init__(self, cfg: WindowConfig | None = None, decoder: Decoder | str = "native",
-                 inventory: Inventory | None = None, labels: LabelMap | None = None, hold_s: float = 10.0) -> None:
+                 inventory: Inventory | None = None, labels: LabelMap | None = None, hold_s: float = 10.0, *,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, dlq_max_value_bytes: int = DLQ_MAX_VALUE_BYTES) -> None:
         self.agg = WindowAggregator(cfg)
         self.decoder = make_decoder(decoder, labels) if isinstance(decoder, str) else decoder
         self.inventory = inventory or Inventory()
         self.counters: Counter[str] = Counter()
         self.merges_rows = bool(getattr(self.decoder, "merges_rows", False))
         self.hold_s = hold_s
+        #: a message larger than this is dead-lettered `oversized` without being parsed (a poison pill otherwise:
+        #: memory and time to parse, windows too large to produce)
+        self.max_message_bytes = max_message_bytes
+        #: letters carry at most this much of their value (size and hash of the whole in headers)
+        self.dlq_max_value_bytes = dlq_max_value_bytes
         self._pending: dict[tuple[str, int], _Pending] = {}
+        #: letters decided by `drain` (held fragments released at the end: too late, or ahead)
+        self.drain_letters: list[DeadLetter] = []
 
-    def process(self, topic: str, partition: int, msgs: list[SourceMessage], now: float) -> list[DeadLetter]:
-        """Take one partition's messages (in offset order); `now` is the reference clock for the future-skew check."""
+    def process(self, topic: str, partition: int, msgs: list[SourceMessage], now: float,
+                arrival: list[float] | None = None) -> list[DeadLetter]:
+        """Take one partition's messages (in offset order); `now` is the reference clock for the future-skew check;
+        `arrival`: each message's arrival time (its Kafka timestamp; NaN where unknown), for the clock check."""
         return self.process_raw(topic, partition, [m.value for m in msgs], [m.offset for m in msgs], now,
-                                key_of=lambda i: msgs[i].key)
+                                key_of=lambda i: msgs[i].key, arrival=arrival)
 
     def process_raw(self, topic: str, partition: int, values: list[bytes | None], offsets: list[int], now: float,
-                    key_of: Callable[[int], bytes | None] | None = None) -> list[DeadLetter]:
-        """`process` over parallel lists (the hot path: no object per message); keys are fetched only for letters."""
+                    key_of: Callable[[int], bytes | None] | None = None, arrival: list[float] | None = None,
+                    headers_of: Callable[[int], list | None] | None = None) -> list[DeadLetter]:
+        """`process` over parallel lists (the hot path: no object per message); keys and headers are fetched only
+        for letters. Every message ends in a window (its rows), a letter, or a counter (`duplicates`,
+        `messages_without_rows`)."""
         if not values:
             return []
-        rb = RowBuilder()
-        errors: list = []
-        self.decoder.decode(values, rb, errors)
-        rows = rb.build()
         dead: list[DeadLetter] = []
 
-        def letter(mi: int, reason: str, detail: str, row: int | None = None, payload: dict | None = None) -> None:
+        def letter(mi: int, reason: str, detail: str, row: int | None = None, payload: dict | None = None,
+                   part: str | None = None) -> None:
             value = (values[mi] or b"") if payload is None else dumps(payload)  # a tombstone's letter: empty
             key = key_of(mi) if key_of else None
-            dead.append(DeadLetter(reason, detail, topic, partition, offsets[mi], value, key, row))
+            src = headers_of(mi) if headers_of else None
+            dead.append(DeadLetter(reason, detail, topic, partition, offsets[mi], value, key, row, src,
+                                   part=part).truncate(self.dlq_max_value_bytes))
+            self.counters[f"dlq.{reason}"] += 1
 
+        # Oversized messages are lettered unread; the rest is decoded as if they were not there.
+        keep_msgs: list[int] | None = None
+        limit = self.max_message_bytes
+        if None in values:
+            big = [i for i, v in enumerate(values) if v is not None and len(v) > limit]
+        else:
+            big = [i for i, v in enumerate(values) if len(v) > limit] if max(map(len, values)) > limit else []
+        if big:
+            for i in big:
+                letter(i, "oversized", f"message of {len(values[i] or b'')} bytes exceeds max_message_bytes={limit}")
+            bigset = set(big)
+            keep_msgs = [i for i in range(len(values)) if i not in bigset]
+        dec_values = values if keep_msgs is None else [values[i] for i in keep_msgs]
+        rb = RowBuilder()
+        errors: list = []
+        self.decoder.decode(dec_values, rb, errors)
+        rows = rb.build()
+        if keep_msgs is not None:  # back to indices into `values`
+            km = np.asarray(keep_msgs, dtype=np.int64)
+            if len(rows):
+                rows.msg = km[rows.msg]
+            for e in errors:
+                e.msg = keep_msgs[e.msg]
         for e in errors:
             letter(e.msg, e.reason, e.detail, e.row_index, e.row)
         n = len(rows)
         self.counters["messages"] += len(values)
         self.counters["samples_in"] += n
+        # Messages that gave no row and no letter (an OTLP request of unknown metrics only, fragments merged into an
+        # earlier message's row): counted, never silently gone.
+        if n < len(values) or self.merges_rows:
+            has = np.zeros(len(values), dtype=bool)
+            if n:
+                has[rows.msg] = True
+            lettered = {d.offset for d in dead}
+            quiet = sum(1 for i in np.flatnonzero(~has).tolist() if offsets[i] not in lettered)
+            if quiet:
+                self.counters["messages_without_rows"] += quiet
         if n:
 
             @cache
@@ -129,10 +180,15 @@ class IngestCore:
                 return np.bincount(rows.msg, minlength=len(values))
 
             self.inventory.fill_accounts(rows.workload, rows.device, rows.node, rows.account)
-            ok, problems = validate_rows(rows, now)
+            arr = None
+            checked = False
+            if arrival is not None:
+                arr = np.asarray(arrival, dtype=np.float64)[rows.msg]
+                checked = not np.isnan(arr).any()
+            ok, problems = validate_rows(rows, now, arr, self.agg.cfg.max_clock_skew_s)
             if rb.bad_rows:
                 ok[rb.bad_rows] = False
-                problems += [(i, "schema_violation", "metric value is not a number") for i in rb.bad_rows]
+                problems += [(i, "wrong_type", "metric value is not a number") for i in rb.bad_rows]
             if problems:
                 row_in_msg = np.arange(n) - np.searchsorted(rows.msg, rows.msg)
                 for i, reason, detail in problems:
@@ -149,40 +205,55 @@ class IngestCore:
                 batch = Batch(ts=r.ts, interval=r.interval, metrics=r.metrics, offset=row_offsets, device=r.device,
                               node=r.node, accelerator=r.accelerator, workload=r.workload, account=r.account, job=r.job,
                               run_label=r.run_label, precision=r.precision,
-                              ids_per_message=r.ids_per_message)
+                              ids_per_message=r.ids_per_message, arrival_checked=checked)
                 whole = None
                 if self.merges_rows:
                     batch = self._merge(topic, partition, batch, drain=False)
+                    if batch is not None:
+                        batch.arrival_checked = checked
                 else:  # a too-late row that is its whole message is dead-lettered as the message itself
 
-                    def whole(offset: int) -> tuple[bytes, bytes | None] | None:
+                    def whole(offset: int) -> tuple[int, bytes] | None:
                         mi = int(np.searchsorted(offs, offset))
-                        return (values[mi], key_of(mi) if key_of else None) if rows_per_msg()[mi] == 1 else None
-                self._add(topic, partition, batch, dead, whole)
+                        return (mi, values[mi] or b"") if rows_per_msg()[mi] == 1 else None
+                self._add(topic, partition, batch, dead, whole, key_of, headers_of)
                 if self.merges_rows:  # held fragments are at most hold_s behind the newest: let the watermark move
                     self.agg.observe(topic, partition, self._pending[(topic, partition)].max_ts - self.hold_s)
         self.agg.advance(topic, partition, int(offsets[-1]) + 1)
-        for d in dead:
-            if d.reason != "too_late":  # counted where it is decided
-                self.counters[f"dlq.{d.reason}"] += 1
         return dead
 
     def _add(self, topic: str, partition: int, batch: Batch | None, dead: list[DeadLetter],
-             whole: Callable[[int], tuple[bytes, bytes | None] | None] | None = None) -> None:
-        """`whole(offset)`: the (value, key) of the message at `offset` if the row is all of it, else None (the
-        letter then carries the row as a native sample)."""
+             whole: Callable[[int], tuple[int, bytes] | None] | None = None,
+             key_of: Callable[[int], bytes | None] | None = None,
+             headers_of: Callable[[int], list | None] | None = None) -> None:
+        """`whole(offset)`: (message index, value) of the message at `offset` if the row is all of it, else None
+        (the letter then carries the row as a native sample)."""
         if batch is None or not len(batch.ts):
             return
         res = self.agg.add(topic, partition, batch)
         self.counters["duplicates"] += res.duplicates
-        self.counters["samples_ok"] += len(batch.ts) - res.duplicates - len(res.too_late)
-        for j in res.too_late.tolist():
-            offset = int(batch.offset[j])
-            raw = whole(offset) if whole else None
-            value, key = raw if raw is not None else (dumps(_batch_row(batch, j)), None)
-            dead.append(DeadLetter("too_late", "window closed longer ago than allowed_lateness_s", topic, partition,
-                                   offset, value, key))
-            self.counters["dlq.too_late"] += 1
+        self.counters["samples_ok"] += len(batch.ts) - res.duplicates - len(res.too_late) - len(res.ahead)
+        skew = self.agg.cfg.max_clock_skew_s
+        for reason, rows_ in (("too_late", res.too_late), ("clock_ahead", res.ahead)):
+            for j in rows_.tolist():
+                offset = int(batch.offset[j])
+                raw = whole(offset) if whole else None
+                if reason == "too_late":
+                    detail = "window closed longer ago than allowed_lateness_s"
+                else:
+                    detail = (f"timestamp {float(batch.ts[j])} is more than {skew:.0f} s ahead of the partition's "
+                              f"confirmed event time (max_clock_skew_s)")
+                if raw is not None:
+                    mi, value = raw
+                    key = key_of(mi) if key_of else None
+                    src = headers_of(mi) if headers_of else None
+                    dead.append(DeadLetter(reason, detail, topic, partition, offset, value, key, None, src)
+                                .truncate(self.dlq_max_value_bytes))
+                else:
+                    part = f"{batch.device[j]}@{float(batch.ts[j])}"
+                    dead.append(DeadLetter(reason, detail, topic, partition, offset, dumps(_batch_row(batch, j)),
+                                           part=part).truncate(self.dlq_max_value_bytes))
+                self.counters[f"dlq.{reason}"] += 1
 
     def _merge(self, topic: str, partition: int, b: Batch | None, drain: bool) -> Batch | None:
         """Merge fragments of one (device, ts) that arrive in separate messages; release a row once the device has
@@ -190,7 +261,8 @@ class IngestCore:
         pend = self._pending.setdefault((topic, partition), _Pending())
         if b is not None:
             agg_p = self.agg.parts.get((topic, partition))
-            agg_max = agg_p.max_ts if agg_p is not None else -math.inf
+            agg_max = agg_p.progress() if agg_p is not None else Progress()
+            t1, d1, t2 = pend.top
             for i in range(len(b.ts)):
                 ts, dev = float(b.ts[i]), b.device[i]
                 h = pend.rows.get((dev, ts))
@@ -201,9 +273,20 @@ class IngestCore:
                     h.last = int(b.offset[i])
                 if ts > pend.dev_latest.get(dev, -math.inf):
                     pend.dev_latest[dev] = ts
-                pend.max_ts = max(pend.max_ts, ts)
+                if dev == d1:
+                    t1 = max(t1, ts)
+                elif ts > t1:
+                    t1, d1, t2 = ts, dev, t1
+                elif ts > t2:
+                    t2 = ts
+            pend.top = (t1, d1, t2)
+            pend.max_ts = max(pend.max_ts, t2 if t2 > -math.inf else t1)
+        skew = self.agg.cfg.max_clock_skew_s
+        # released: the device has a newer reading, or the partition is hold_s past it, or it is a bad clock's
+        # (the aggregator letters it clock_ahead), or the input ends
         out = [k for k in pend.rows
-               if drain or pend.dev_latest[k[0]] > k[1] or pend.max_ts - k[1] > self.hold_s]
+               if drain or pend.dev_latest[k[0]] > k[1] or pend.max_ts - k[1] > self.hold_s
+               or k[1] - pend.max_ts > skew]
         held = [pend.rows.pop(k) for k in out]
         pend.prune(self.hold_s)
         if not held:
@@ -217,7 +300,7 @@ class IngestCore:
                      job=[h.ids[5] for h in held], run_label=[h.ids[6] for h in held],
                      precision=[h.ids[7] for h in held])
 
-    def commit_points(self) -> dict[tuple[str, int], tuple[int, float]]:
+    def commit_points(self) -> dict[tuple[str, int], tuple[int, Progress]]:
         """The aggregator's safe offsets, held back further by fragments still waiting to be merged."""
         pts = self.agg.commit_points()
         for key, pend in self._pending.items():
@@ -234,7 +317,7 @@ class IngestCore:
 
     def drain(self) -> list[WindowAggregate]:
         """Emit everything (end of a finite input)."""
-        dead: list[DeadLetter] = []
+        dead = self.drain_letters
         for (topic, partition) in list(self._pending):
             self._add(topic, partition, self._merge(topic, partition, None, drain=True), dead)
         out = self.agg.drain()
