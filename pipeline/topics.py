@@ -25,7 +25,7 @@ from pipeline.detect.topics import derived_topics
 from pipeline.settings import Settings
 from schemas.errors import TrainwatchError
 
-Stage = Literal["ingest", "detect", "all"]
+Stage = Literal["ingest", "detect", "dlq", "all"]
 DEFAULT_APP_ID = "trainwatch-detect"
 
 # librdkafka logs every failed connection attempt on its own (to stderr, one line per broker per retry): the
@@ -88,6 +88,8 @@ def stage_roles(stage: Stage) -> tuple[str, ...]:
         return ingest
     if stage == "detect":
         return detect
+    if stage == "dlq":  # the dead-letter sink (pipeline/dlq_sink.py) reads only the DLQ
+        return ("dlq",)
     return tuple(dict.fromkeys(ingest + detect))
 
 
@@ -195,7 +197,7 @@ def check(settings: Settings, stage: Stage = "all", app_id: str = DEFAULT_APP_ID
             rep.problems.append(Problem(s.name, f"missing ({s.role}; create it: trainwatch topics create)", True))
         elif st.partitions != s.partitions:
             rep.problems.append(Problem(s.name, f"{st.partitions} partition(s), settings say {s.partitions}", False))
-    if any(s.role in ("windows", "cip", "allocations", "owners") for s in specs) and stage != "ingest":
+    if any(s.role in ("windows", "cip", "allocations", "owners") for s in specs) and stage in ("detect", "all"):
         co = {s.name: state[s.name].partitions for s in specs if s.copartitioned and s.name in state}
         # faust's changelog topics of this app are partitioned like its tables, i.e. like the inputs.
         co |= {name: st.partitions for name, st in state.items()

@@ -45,8 +45,15 @@ def register(app: typer.Typer) -> None:
         ingest_group: str = typer.Option("trainwatch-ingest", "--ingest-group", help="ingest consumer group"),
         loglevel: str = typer.Option("WARNING", "--loglevel"),
         config: Path | None = typer.Option(None, "--config", help="settings TOML file"),
+        fault_store_down_file: Path | None = typer.Option(
+            None, "--fault-store-down-file", hidden=True,
+            help="chaos runs only: the store fails every call while this file exists (pipeline/faults.py)"),
     ) -> None:
         """Run the stages over Kafka until SIGTERM or Ctrl-C."""
+        if fault_store_down_file is not None:
+            from pipeline.faults import store_down_while
+
+            store_down_while(fault_store_down_file)
         logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger().setLevel(loglevel.upper())  # basicConfig is a no-op under the CLI's log_setup handler
         settings = load_settings(config)

@@ -1,0 +1,530 @@
+"""Chaos run: the demo and scope scenarios through ingest + detect on a 3-broker cluster, under faults, compared
+with a clean in-process replay of the same folder.
+
+`python -m benchmarks.chaos [--quick] [--seed N]` (`make chaos`, `make chaos-quick`) writes
+`benchmarks/results/chaos.json` (quick: `chaos-quick.json`) and, in full mode, the README's chaos table.
+
+Per scenario: the folder is produced to its own topics (replication 3, min ISR 2, 4 partitions) in delivery order,
+paced so the stream lasts as long as the faults do; one `trainwatch run --stage all` worker (static group
+membership) consumes it. Faults, in a seeded random order at random moments: kill -9 of the worker's process group
+(restarted at once, as a supervisor would), kill -9 of one broker (restarted 20 s later by kafka.sh), and the
+ClickHouse store failing every call for 30 s (pipeline/faults.py). A worker that exits on its own is restarted and
+counted. Once the stream is produced and the worker idle, it is stopped and its store and feed are compared with
+the replay: cases lost / extra (by case id, and by policy + reason + subject), knowledge_at moved by more than a
+window, duplicate case events (raw vs FINAL), duplicate feed messages, compute totals per account, and the time
+from each kill to the first commit of the restarted worker (ingest and detect separately).
+
+Nothing here asserts: tests/test_chaos_smoke.py runs --quick and asserts the properties that must hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+KAFKA_SH = REPO / "deploy" / "local" / "kafka.sh"
+ROLES = ("telemetry", "windows", "cip", "allocations", "detections", "cases", "dlq")
+PARTITIONS = 4
+WINDOW_S = 60.0
+RESUME_CAP_S = 60.0  # a worker not committing again within this after a fault counts as "not resumed"
+
+# Worker and replay read the store through this script (chDB: one process per engine path, so never in ours).
+STORE_SCRIPT = """
+import sys, orjson
+from pipeline.store import Store
+s = Store.connect(sys.argv[1], sys.argv[2])
+cases = [{"case_id": c.case_id, "policy": c.policy_id, "status": c.status, "reason": c.reason,
+          "subject": c.beneficial_owner_id or c.account_id, "run_id": c.run_id, "knowledge_at": c.knowledge_at,
+          "due_at": c.due_at} for c in s.list_cases()]
+raw = s.query("SELECT count() AS n, uniqExact(event_id) AS u FROM case_events")[0]
+fin = s.query("SELECT count() AS n FROM case_events FINAL")[0]
+win = s.query("SELECT ifNull(account_id, '') AS a, window_start AS t, sum(flop) AS f FROM windows FINAL GROUP BY a, t")
+raw_flop = s.query("SELECT ifNull(account_id, '') AS a, sum(flop) AS f FROM windows GROUP BY a")
+print(orjson.dumps({"cases": cases, "events_raw": raw["n"], "events_unique": raw["u"], "events_final": fin["n"],
+                    "windows": [[r["a"], r["t"], r["f"]] for r in win],
+                    "raw_flop": {r["a"]: r["f"] for r in raw_flop}}).decode())
+"""
+
+
+@dataclass
+class Plan:
+    scenario: str
+    kills: int
+    broker_kill: bool
+    store_outage_s: float
+    stream_s: float  # how long producing the folder takes (paced)
+
+
+@dataclass
+class Fault:
+    kind: str
+    at_s: float
+    recovery: dict[str, float | None] = field(default_factory=dict)
+    note: str = ""
+
+
+class Cluster:
+    """A three-broker KRaft cluster of our own (own home and ports; kafka.sh stops only what this owner started)."""
+
+    def __init__(self, port: int, home: Path) -> None:
+        self.port, self.home = port, home
+        self.owner = f"chaos-{os.getpid()}"
+        libs = Path(os.environ.get("TRAINWATCH_KAFKA_HOME", Path.home() / ".cache" / "trainwatch" / "kafka")) / "libs"
+        self.env = {**os.environ, "TRAINWATCH_KAFKA_HOME": str(home), "TRAINWATCH_KAFKA_LIBS": str(libs),
+                    "TRAINWATCH_KAFKA_PORT": str(port), "TRAINWATCH_KAFKA_CONTROLLER_PORT": str(port + 1),
+                    "TRAINWATCH_KAFKA_OWNER": self.owner, "PYTHON": sys.executable}
+        self.bootstrap = ",".join(f"127.0.0.1:{port + 2 * i}" for i in range(3))
+
+    def sh(self, cmd: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(KAFKA_SH), cmd, *args], env=self.env, capture_output=True, text=True,
+                              timeout=300)
+
+    def start(self) -> float:
+        t0 = time.monotonic()
+        res = self.sh("start", "--brokers", "3")
+        if res.returncode != 0:
+            raise SystemExit(f"cluster did not start: {res.stderr[-2000:]}")
+        return time.monotonic() - t0
+
+    def pid(self, node: int) -> int:
+        return int((self.home / f"cluster-{self.port}" / f"node-{node}" / "kafka.pid").read_text())
+
+    def stop(self) -> None:
+        self.sh("stop")
+
+
+# --- Kafka reading -----------------------------------------------------------------------------------------------
+def _consumer(bootstrap: str, group: str) -> Consumer:
+    return Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                     "log_level": 0})
+
+
+def committed(c: Consumer, topics: list[str]) -> int:
+    """Sum of the committed offsets of the consumer's group over every partition of `topics` (-1 on error)."""
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in range(PARTITIONS)]
+        return sum(max(tp.offset, 0) for tp in c.committed(tps, timeout=5))
+    except Exception:  # a broker down for a moment: unknown, not zero
+        return -1
+
+
+def ends(c: Consumer, topics: list[str]) -> int:
+    try:
+        return sum(c.get_watermark_offsets(TopicPartition(t, p), timeout=5)[1] for t in topics
+                   for p in range(PARTITIONS))
+    except Exception:  # as above
+        return -1
+
+
+def read_all(bootstrap: str, topic: str) -> list[dict]:
+    c = _consumer(bootstrap, f"chaos-read-{uuid.uuid4().hex}")
+    try:
+        want = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(PARTITIONS)}
+        want = {p: hi for p, hi in want.items() if hi > 0}
+        c.assign([TopicPartition(topic, p, 0) for p in want])
+        out: list[dict] = []
+        deadline = time.monotonic() + 120
+        while want and time.monotonic() < deadline:
+            for m in c.consume(1000, 1.0):
+                if m.error() is None:
+                    out.append(orjson.loads(m.value()))
+                    if m.offset() + 1 >= want.get(m.partition(), 0):
+                        want.pop(m.partition(), None)
+        return out
+    finally:
+        c.close()
+
+
+# --- the worker ---------------------------------------------------------------------------------------------------
+class Worker:
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.cmd, self.env, self.log_path = cmd, env, log_path
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self.own_exits: list[dict[str, Any]] = []
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            log.write(f"\n===== start {self.starts} at {time.time():.1f}\n".encode())
+            self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.starts += 1
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def supervise(self) -> None:
+        """Restart a worker that exited on its own (a supervisor's job), noting how it ended."""
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-600:]
+            self.own_exits.append({"rc": self.proc.returncode, "log_tail": tail.splitlines()[-4:]})
+            self.start()
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+            return None
+
+
+def _produce_paced(bootstrap: str, topics: dict[str, str], folder: Path, seconds: float, done: threading.Event,
+                   counts: dict[str, int]) -> None:
+    from pipeline.sources import read_folder
+
+    recs = list(read_folder(folder))
+    rate = len(recs) / seconds
+    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 20,
+                  "compression.type": "lz4", "log_level": 0})
+    t0 = time.monotonic()
+    for i, rec in enumerate(recs):
+        key = None
+        if rec.value.startswith(b"{"):
+            try:
+                d = orjson.loads(rec.value)
+                key = str(d.get("node") if rec.stream == "telemetry" else d.get("account_id", "")).encode()
+            except orjson.JSONDecodeError:
+                key = None
+        while True:
+            try:
+                p.produce(topics[rec.stream], rec.value, key)
+                break
+            except BufferError:
+                p.poll(0.1)
+        if i % 500 == 0:
+            p.poll(0)
+            ahead = i / rate - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+    counts["undelivered"] = p.flush(120)
+    counts["produced"] = len(recs)
+    done.set()
+
+
+def _store_summary(dsn: str, db: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", STORE_SCRIPT, dsn, db], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    if out.returncode != 0:
+        raise SystemExit(f"store read failed: {out.stderr[-2000:]}")
+    return orjson.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _compare(ref: dict, got: dict, feed: list[dict]) -> dict:
+    from schemas.case import REPORTABLE_STATUSES
+
+    rep_ids = {c["case_id"]: c for c in ref["cases"]}
+    got_ids = {c["case_id"]: c for c in got["cases"]}
+
+    def subj(c: dict) -> tuple:
+        return (c["policy"], c["reason"], c["subject"])
+
+    reportable = set(REPORTABLE_STATUSES)
+    ref_rep = {subj(c) for c in ref["cases"] if c["status"] in reportable}
+    got_rep: dict[tuple, list[str]] = {}
+    for c in got["cases"]:
+        if c["status"] in reportable:
+            got_rep.setdefault(subj(c), []).append(c["case_id"])
+    ref_rep_count: dict[tuple, int] = {}
+    for c in ref["cases"]:
+        if c["status"] in reportable:
+            ref_rep_count[subj(c)] = ref_rep_count.get(subj(c), 0) + 1
+    moved = []
+    for cid in rep_ids.keys() & got_ids.keys():
+        a, b = rep_ids[cid]["knowledge_at"], got_ids[cid]["knowledge_at"]
+        if (a is None) != (b is None) or (a is not None and abs(a - b) > WINDOW_S):
+            moved.append({"case_id": cid, "subject": rep_ids[cid]["subject"], "replay": a, "kafka": b})
+    status_changed = [{"case_id": cid, "subject": rep_ids[cid]["subject"], "replay": rep_ids[cid]["status"],
+                       "kafka": got_ids[cid]["status"]}
+                      for cid in rep_ids.keys() & got_ids.keys() if rep_ids[cid]["status"] != got_ids[cid]["status"]]
+    # compute totals per account: all windows, and only up to the last window the Kafka path closed for the account
+    # (the replay flushes its open windows at the end of the file; a stream never ends, so Kafka keeps them open)
+    def totals(rows: list, upto: dict[str, float] | None = None) -> dict[str, float]:
+        t: dict[str, float] = {}
+        for a, ws, f in rows:
+            if upto is None or ws <= upto.get(a, float("-inf")):
+                t[a] = t.get(a, 0.0) + f
+        return t
+
+    last = {}
+    for a, ws, _ in got["windows"]:
+        last[a] = max(last.get(a, float("-inf")), ws)
+    ref_all, got_all = totals(ref["windows"]), totals(got["windows"])
+    ref_upto = totals(ref["windows"], last)
+
+    def rel(a: float, b: float) -> float:
+        return (b - a) / a if a else (0.0 if not b else float("inf"))
+
+    acct = sorted(ref_all.keys() | got_all.keys())
+    per_acct = {a: {"replay": ref_all.get(a, 0.0), "kafka": got_all.get(a, 0.0),
+                    "rel": rel(ref_all.get(a, 0.0), got_all.get(a, 0.0)),
+                    "rel_upto_kafka_last_window": rel(ref_upto.get(a, 0.0), got_all.get(a, 0.0)),
+                    "raw_over_final": rel(got_all.get(a, 0.0), got["raw_flop"].get(a, 0.0))} for a in acct}
+    feed_ids = [m.get("message_id") for m in feed]
+    return {
+        "cases_replay": len(ref["cases"]), "cases_kafka": len(got["cases"]),
+        "lost_case_ids": sorted(rep_ids.keys() - got_ids.keys()),
+        "extra_case_ids": sorted(got_ids.keys() - rep_ids.keys()),
+        "lost_reportable": sorted(map(list, ref_rep - got_rep.keys())),
+        "extra_reportable": sorted(map(list, got_rep.keys() - ref_rep)),
+        # more reportable cases for one (policy, reason, subject) than the replay has: a second run id, a split
+        "duplicate_reportable": sorted([list(k), v] for k, v in got_rep.items() if len(v) > ref_rep_count.get(k, 1)),
+        "knowledge_at_moved": moved,
+        "status_changed": status_changed,
+        "case_events_raw": got["events_raw"], "case_events_final": got["events_final"],
+        "duplicate_case_events": got["events_raw"] - got["events_unique"],
+        "feed_messages": len(feed_ids), "duplicate_feed_messages": len(feed_ids) - len(set(feed_ids)),
+        "compute_max_abs_rel": max((abs(v["rel"]) for v in per_acct.values()), default=0.0),
+        "compute_max_abs_rel_upto_last_window": max((abs(v["rel_upto_kafka_last_window"])
+                                                     for v in per_acct.values()), default=0.0),
+        "compute_raw_over_final_max": max((v["raw_over_final"] for v in per_acct.values()), default=0.0),
+        "compute_per_account": per_acct,
+    }
+
+
+def _restart_brokers(cluster: Cluster, out: list[subprocess.CompletedProcess]) -> None:
+    out.append(cluster.sh("start", "--brokers", "3"))  # starts only the node that is down
+
+
+def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path) -> dict:
+    from pipeline.simulator import simulate
+
+    t_begin = time.monotonic()
+    folder = simulate(plan.scenario, tmp / plan.scenario, seed=0)
+    tag = uuid.uuid4().hex[:8]
+    topics = {r: f"chaos-{plan.scenario}-{tag}-{r}" for r in ROLES}
+    app_id, group = f"chaos-{plan.scenario}-{tag}", f"chaos-{plan.scenario}-{tag}-ingest"
+    base_env = {**os.environ, "TRAINWATCH_POLICY": "demo", "TRAINWATCH_DATA_DIR": str(tmp / f"{plan.scenario}-var")}
+    base_env.pop("TRAINWATCH_CONFIG", None)
+    # the reference: a clean in-process replay into its own store
+    ref_dsn, ref_db = f"chdb://{tmp / f'{plan.scenario}-ref'}", f"ref_{tag}"
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "pipeline", "replay", str(folder), "--policy", "demo", "--store",
+                          ref_dsn, "--database", ref_db, "--json"], env=base_env, cwd=REPO, capture_output=True,
+                         text=True, timeout=900)
+    if res.returncode != 0:
+        raise SystemExit(f"replay failed: {res.stderr[-2000:]}")
+    replay_s = time.monotonic() - t0
+    ref = _store_summary(ref_dsn, ref_db)
+
+    dsn, db = f"chdb://{tmp / f'{plan.scenario}-worker'}", f"chaos_{tag}"
+    env = {**base_env, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": cluster.bootstrap, "TRAINWATCH_CLICKHOUSE_DSN": dsn,
+           "TRAINWATCH_DATABASE": db, "TRAINWATCH_KAFKA__GROUP_INSTANCE_ID": f"chaos-{tag}",
+           "TRAINWATCH_TOPIC_CONFIG__PARTITIONS": str(PARTITIONS), "TRAINWATCH_TOPIC_CONFIG__REPLICATION_FACTOR": "3",
+           "TRAINWATCH_TOPIC_CONFIG__MIN_INSYNC_REPLICAS": "2",
+           **{f"TRAINWATCH_TOPICS__{r.upper()}": t for r, t in topics.items()}}
+    res = subprocess.run([sys.executable, "-m", "pipeline", "topics", "create", "--app-id", app_id], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        raise SystemExit(f"topics create failed: {res.stderr[-2000:]}")
+    down = tmp / f"{plan.scenario}-store-down"
+    worker = Worker([sys.executable, "-m", "pipeline", "run", "--stage", "all", "--app-id", app_id,
+                     "--ingest-group", group, "--fault-store-down-file", str(down)], env,
+                    tmp / f"{plan.scenario}-worker.log")
+    watch = _consumer(cluster.bootstrap, group)
+    dwatch = _consumer(cluster.bootstrap, app_id)
+    detect_in = [topics["windows"], topics["cip"], topics["allocations"], f"{app_id}-owners-repartition"]
+
+    def progress() -> tuple[int, int]:
+        return committed(watch, [topics["telemetry"]]), committed(dwatch, detect_in)
+
+    produced = threading.Event()
+    counts: dict[str, int] = {}
+    producer = threading.Thread(target=_produce_paced, args=(cluster.bootstrap, topics, folder, plan.stream_s,
+                                                             produced, counts), daemon=True)
+    t_start = time.monotonic()
+    worker.start()
+    producer.start()
+    kinds = ["kill"] * plan.kills + (["broker"] if plan.broker_kill else [])
+    kinds += ["store"] if plan.store_outage_s else []
+    rng.shuffle(kinds)
+    faults: list[Fault] = []
+
+    def wait_resumed(before: tuple[int, int], t_from: float, cap_s: float = RESUME_CAP_S) -> dict[str, float | None]:
+        """Seconds from t_from until ingest and detect each committed past `before` (None: not within cap)."""
+        out: dict[str, float | None] = {"ingest": None, "detect": None}
+        while time.monotonic() - t_from < cap_s and (out["ingest"] is None or out["detect"] is None):
+            worker.supervise()
+            now = progress()
+            for i, k in enumerate(("ingest", "detect")):
+                if out[k] is None and now[i] > before[i] >= 0:
+                    out[k] = round(time.monotonic() - t_from, 2)
+            time.sleep(0.25)
+        return out
+
+    first = wait_resumed((0, 0), t_start, 180.0)  # the first start: topics assigned, first commits
+    # Fault moments: seeded, random, while the stream still flows (a worker with nothing to read commits nothing,
+    # so its recovery could not be seen); a fault due while the previous one is still recovering waits for it.
+    t_first = time.monotonic() - t_start
+    window = max(plan.stream_s - t_first - 15.0, 1.0)
+    moments = sorted(t_first + rng.uniform(0, window) for _ in kinds)
+    for kind, due in zip(kinds, moments, strict=True):
+        while time.monotonic() - t_start < due:
+            worker.supervise()
+            time.sleep(0.25)
+        f = Fault(kind, round(time.monotonic() - t_start, 1))
+        before = progress()
+        t_f = time.monotonic()
+        if kind == "kill":
+            worker.kill9()
+            worker.start()
+            f.recovery = wait_resumed(before, t_f)
+        elif kind == "broker":
+            node = rng.choice((1, 2, 3))
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(cluster.pid(node), signal.SIGKILL)
+            f.note = f"node {node} down 20 s, then restarted by kafka.sh"
+            time.sleep(20)
+            restarted: list[subprocess.CompletedProcess] = []
+            th = threading.Thread(target=_restart_brokers, args=(cluster, restarted))
+            th.start()
+            f.recovery = wait_resumed(before, t_f)
+            th.join(300)
+            r = restarted[0] if restarted else None
+            f.note += "" if r is not None and r.returncode == 0 else f" (restart failed: {r and r.stderr[-300:]})"
+        else:
+            down.touch()
+            end = time.monotonic() + plan.store_outage_s
+            exits_before = len(worker.own_exits)
+            while time.monotonic() < end:
+                worker.supervise()
+                time.sleep(0.25)
+            down.unlink()
+            f.note = (f"store failed every call for {plan.store_outage_s:.0f} s; worker exits meanwhile: "
+                      f"{len(worker.own_exits) - exits_before}")
+            f.recovery = wait_resumed(progress(), time.monotonic())
+        faults.append(f)
+        print(f"[chaos] {plan.scenario} {f.kind} at {f.at_s}s -> resumed {f.recovery} {f.note}", file=sys.stderr)
+
+    # drain: the whole folder produced, then detect caught up and nothing new for a while
+    while not produced.is_set():
+        worker.supervise()
+        time.sleep(0.5)
+    t_drain, quiet_since, last = time.monotonic(), time.monotonic(), None
+    while time.monotonic() - t_drain < 600:
+        worker.supervise()
+        d_lag = ends(dwatch, detect_in) - committed(dwatch, detect_in)
+        state = (ends(dwatch, [topics["windows"], topics["cases"]]), committed(dwatch, detect_in))
+        if state != last or d_lag != 0:
+            last, quiet_since = state, time.monotonic()
+        elif time.monotonic() - quiet_since >= 20:
+            break
+        time.sleep(1.0)
+    drained_s = time.monotonic() - t_drain
+    rc = worker.stop()
+    watch.close()
+    dwatch.close()
+    got = _store_summary(dsn, db)
+    feed = read_all(cluster.bootstrap, topics["cases"])
+    cmp = _compare(ref, got, feed)
+    kills = [f.recovery for f in faults if f.kind == "kill"]
+    rec = {k: [r[k] for r in kills] for k in ("ingest", "detect")}
+    return {
+        "scenario": plan.scenario, "messages": counts.get("produced"), "undelivered": counts.get("undelivered"),
+        "stream_s": plan.stream_s, "replay_s": round(replay_s, 1), "drain_s": round(drained_s, 1),
+        "wall_s": round(time.monotonic() - t_begin, 1), "worker_starts": worker.starts,
+        "worker_own_exits": worker.own_exits, "final_stop_rc": rc,
+        "first_start_s": first, "faults": [f.__dict__ for f in faults],
+        "recovery_after_kill_s": {k: {"values": v, "max": max((x for x in v if x is not None), default=None),
+                                      "median": statistics.median([x for x in v if x is not None]) if any(
+                                          x is not None for x in v) else None,
+                                      "not_resumed": sum(1 for x in v if x is None)} for k, v in rec.items()},
+        **cmp,
+    }
+
+
+def _table(result: dict) -> str:
+    rows = ["| scenario | kills | broker kill | store outage | cases replay / kafka | lost | extra | knowledge moved "
+            "| dup events | dup feed | compute max rel (to last window) | recovery after kill, max s (ingest / detect) "
+            "| worker exits |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in result["scenarios"]:
+        kinds = [f["kind"] for f in s["faults"]]
+        r = s["recovery_after_kill_s"]
+        rows.append(
+            f"| {s['scenario']} | {kinds.count('kill')} | {kinds.count('broker')} | "
+            f"{'30 s' if 'store' in kinds else '-'} | {s['cases_replay']} / {s['cases_kafka']} | "
+            f"{len(s['lost_reportable'])} reportable ({len(s['lost_case_ids'])} ids) | "
+            f"{len(s['extra_reportable'])} reportable ({len(s['extra_case_ids'])} ids) | "
+            f"{len(s['knowledge_at_moved'])} | "
+            f"{s['duplicate_case_events']} (raw {s['case_events_raw']} / FINAL {s['case_events_final']}) | "
+            f"{s['duplicate_feed_messages']} | {s['compute_max_abs_rel']:.2g} "
+            f"({s['compute_max_abs_rel_upto_last_window']:.2g}) | "
+            f"{r['ingest']['max']} / {r['detect']['max']} ({r['ingest']['not_resumed']}+{r['detect']['not_resumed']} "
+            f"not within {RESUME_CAP_S:.0f} s) | {len(s['worker_own_exits'])} |")
+    return "\n".join(rows)
+
+
+def _readme(result: dict) -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- chaos:start -->\n", "<!-- chaos:end -->"
+    if start not in text or end not in text:
+        return
+    body = (f"Measured {result['measured_at']} ({result['machine']}), seed {result['seed']}, "
+            f"wall {result['wall_s']:.0f} s; details in benchmarks/results/chaos.json.\n\n{_table(result)}\n")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + body + rest[rest.index(end):])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="demo only, 3 kills, one broker kill, a 30 s store outage")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--port", type=int, default=39092, help="first broker port (nodes on port, +2, +4)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    rng = random.Random(args.seed)
+    if args.quick:
+        plans = [Plan("demo", 3, True, 30.0, 150.0)]
+    else:  # 20 worker kills in all, one broker kill, one store outage
+        plans = [Plan("demo", 10, True, 0.0, 420.0), Plan("scope", 10, False, 30.0, 480.0)]
+    t0 = time.monotonic()
+    home = Path(tempfile.mkdtemp(prefix="tw-chaos-kafka-"))
+    cluster = Cluster(args.port, home)
+    started_s = cluster.start()
+    result: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                              "machine": f"{os.cpu_count()} CPUs", "seed": args.seed, "quick": args.quick,
+                              "cluster": {"brokers": 3, "replication_factor": 3, "min_insync_replicas": 2,
+                                          "partitions": PARTITIONS, "start_s": round(started_s, 1)},
+                              "scenarios": []}
+    try:
+        with tempfile.TemporaryDirectory(prefix="tw-chaos-") as d:
+            for plan in plans:
+                result["scenarios"].append(run_scenario(plan, cluster, rng, Path(d)))
+    finally:
+        cluster.stop()
+        subprocess.run(["rm", "-rf", str(home)], check=False)
+    result["wall_s"] = round(time.monotonic() - t0, 1)
+    out = args.out or RESULTS / ("chaos-quick.json" if args.quick else "chaos.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    print(_table(result))
+    if not args.quick and args.out is None:
+        _readme(result)
+
+
+if __name__ == "__main__":
+    main()

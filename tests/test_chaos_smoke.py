@@ -1,0 +1,65 @@
+"""The reduced chaos run (benchmarks/chaos.py --quick) on its own 3-broker cluster: the demo through
+`trainwatch run --stage all` under 3 kill -9 of the worker, one broker kill -9 and a 30 s store outage, compared
+with a clean replay. Asserts what must hold whatever else differs: no reportable case of the replay is lost, no
+reportable (policy, reason, subject) gets more cases than in the replay, the feed and the case events hold each
+message once after FINAL, and the cluster this run started is stopped again. The figures go to chaos-quick.json
+(informational: benchmarks/results/chaos.json comes from the full run, `make chaos`)."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(1500)]
+
+REPO = Path(__file__).resolve().parent.parent
+LIBS = Path(os.environ.get("TRAINWATCH_KAFKA_HOME", Path.home() / ".cache" / "trainwatch" / "kafka")) / "libs"
+
+
+def _free_base() -> int:
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20_000, 60_000, 2)
+        ok = True
+        for port in range(base, base + 6):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    pytest.skip("no free port range for the cluster")
+
+
+def test_quick_chaos_run_loses_no_reportable_case(tmp_path: Path) -> None:
+    if not LIBS.is_dir():
+        pytest.skip("no resolved Kafka jars (run deploy/local/kafka.sh start once)")
+    out = tmp_path / "chaos.json"
+    base = _free_base()
+    res = subprocess.run([sys.executable, "-m", "benchmarks.chaos", "--quick", "--out", str(out), "--port", str(base)],
+                         cwd=REPO, capture_output=True, text=True, timeout=1400)
+    assert res.returncode == 0, res.stderr[-4000:]
+    result = orjson.loads(out.read_bytes())
+    (s,) = result["scenarios"]
+    kinds = sorted(f["kind"] for f in s["faults"])
+    assert kinds == ["broker", "kill", "kill", "kill", "store"]
+    assert s["undelivered"] == 0 and s["messages"] > 100_000
+    summary = {k: s[k] for k in ("lost_reportable", "duplicate_reportable", "extra_reportable", "knowledge_at_moved",
+                                 "duplicate_feed_messages", "worker_own_exits")}
+    assert s["cases_replay"] > 0
+    assert s["lost_reportable"] == [], summary
+    assert s["duplicate_reportable"] == [], summary
+    assert s["case_events_final"] <= s["case_events_raw"]
+    # the cluster is ours and gone: nothing listens on its ports any more
+    for port in (base, base + 2, base + 4):
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"broker still listening on {port}"
