@@ -52,7 +52,7 @@ def main() -> None:
         _fail(f"{exc.format_message()} (see '{where} --help')", exc.exit_code)
     except cli_exc.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code)
-    except cli_exc.Abort:
+    except typer.Abort:
         typer.echo("Aborted!", err=True)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
