@@ -6,6 +6,7 @@ in other stages' config files; `serve` reads both objects at its entry point.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from typing import Literal
 
@@ -19,8 +20,13 @@ ROLES: tuple[Role, ...] = ("analyst", "compliance")
 
 # argon2id with the library's defaults (RFC 9106 low-memory profile): the hash string carries its parameters.
 _HASHER = PasswordHasher()
-# Verified against when the user does not exist, so an unknown name costs the same time as a wrong password.
-_DUMMY_HASH = _HASHER.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the user does not exist, so an unknown name costs the same time as a wrong password
+    (made on first use: hashing costs as much as a login)."""
+    return _HASHER.hash(secrets.token_urlsafe(16))
 
 
 class ConsoleUser(BaseModel):
@@ -58,6 +64,6 @@ def hash_password(password: str) -> str:
 def verify_password(stored_hash: str | None, password: str) -> bool:
     """True when `password` matches; a missing user or a malformed hash is a mismatch, after the same work."""
     try:
-        return _HASHER.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
+        return _HASHER.verify(stored_hash or _dummy_hash(), password) and stored_hash is not None
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
