@@ -110,3 +110,17 @@ def test_feed_carries_identity_once_and_only_for_reportable_cases() -> None:
     md = render_markdown(by_status["open"].report)
     assert "`identity` beside this report" in md and "Jane Roe" not in md
     assert draft_report(open_case)["foreign_person"]["name"] == "Jane Roe"
+
+
+def test_replay_of_a_malformed_cip_record_keeps_identity_out_of_dead_letters(store: Store) -> None:
+    from pipeline.classifier_loader import RULE, load_classifier
+    from pipeline.runner import InProcessPipeline
+    from pipeline.sources import Record
+
+    policy = load_policy("demo")
+    pipe = InProcessPipeline(store, policy, clock=lambda: 1_800_000_000.0, classifier=load_classifier(RULE, policy))
+    pipe.run([Record("cip", 0, BAD_CIP, None)])
+    public = store.query("SELECT *, toString(raw) AS raw_text FROM dead_letters FINAL")
+    assert [(r["topic"], r["raw_restricted"]) for r in public] == [("accounts.cip", True)]
+    assert not any(s in orjson.dumps(public, default=str).decode() for s in SECRETS)
+    assert [d.raw for d in store.dead_letters()] == [BAD_CIP]
