@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.detect.faust_app import owners_topic
 from pipeline.ingest.aggregate import WindowConfig
@@ -67,6 +68,25 @@ def produce(bootstrap: str, topics: dict[str, str], items: list[tuple[str, bytes
         p.produce(topics[stream], value, key)
         p.poll(0)
     assert p.flush(30) == 0
+
+
+def stage_topics(unique_topic: Callable[..., str], bootstrap: str, prefix: str, app_id: str, partitions: int = 1,
+                 streams: tuple[str, ...] = ("windows", "cip", "allocations", "detections", "cases", "dlq"),
+                 ) -> dict[str, str]:
+    """Unique topics for one worker (the stages only check topics, `trainwatch topics create` provisions them): the
+    account-keyed inputs with `partitions`, the rest with one, and the app's owners topic co-partitioned."""
+    keyed = ("windows", "cip", "allocations")
+    topics = {s: unique_topic(f"{prefix}-{s}", partitions=partitions if s in keyed else 1) for s in streams}
+    name = owners_topic(app_id)
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])[name].result(30)
+    deadline = time.monotonic() + 30
+    while True:  # every partition led before the worker's check
+        meta = admin.list_topics(topic=name, timeout=5).topics.get(name)
+        if meta is not None and meta.error is None and all(p.leader >= 0 for p in meta.partitions.values()):
+            return topics
+        assert time.monotonic() < deadline, f"{name} has no leaders"
+        time.sleep(0.1)
 
 
 def lag(bootstrap: str, group: str, topics: list[str]) -> int:
@@ -125,8 +145,8 @@ def test_kill_and_restart_gives_the_same_cases_once(tmp_path: Path, kafka_bootst
                                                     store_path: Path) -> None:
     folder = simulate("demo", tmp_path / "demo")
     items = delivery_order(folder)
-    topics = {s: unique_topic(f"fd-{s}") for s in ("windows", "cip", "allocations", "detections", "cases")}
     app_id = f"fd-{uuid.uuid4().hex[:10]}"
+    topics = stage_topics(unique_topic, kafka_bootstrap, "fd", app_id)
     db = f"faust_{uuid.uuid4().hex[:10]}"
     env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "TRAINWATCH_POLICY": "demo",
            "TRAINWATCH_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'worker-store'}", "TRAINWATCH_DATABASE": db,
@@ -184,8 +204,8 @@ def test_owner_accounts_on_different_partitions_are_summed(tmp_path: Path, kafka
     accounts on different partitions of 2-partition inputs: the owner case still opens; every other case equals the
     in-process runner's."""
     folder = simulate("demo", tmp_path / "demo")
-    topics = {s: unique_topic(f"fo-{s}", partitions=2) for s in ("windows", "cip", "allocations")}
-    topics |= {s: unique_topic(f"fo-{s}") for s in ("detections", "cases")}
+    app_id, db = f"fo-{uuid.uuid4().hex[:10]}", f"faust_{uuid.uuid4().hex[:10]}"
+    topics = stage_topics(unique_topic, kafka_bootstrap, "fo", app_id, 2)
     placed = {b"acct-split-a": 0, b"acct-split-b": 1}
     p = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "linger.ms": 5})
     for stream, key, value in delivery_order(folder):
@@ -196,7 +216,6 @@ def test_owner_accounts_on_different_partitions_are_summed(tmp_path: Path, kafka
         p.produce(topics[stream], None, b"acct-x", partition=0)
         p.produce(topics[stream], b"{not json", b"acct-x", partition=1)
     assert p.flush(30) == 0
-    app_id, db = f"fo-{uuid.uuid4().hex[:10]}", f"faust_{uuid.uuid4().hex[:10]}"
     dsn = f"chdb://{tmp_path / 'worker-store'}"
     env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "TRAINWATCH_POLICY": "demo",
            "TRAINWATCH_CLICKHOUSE_DSN": dsn, "TRAINWATCH_DATABASE": db, "TRAINWATCH_DATA_DIR": str(tmp_path / "var"),
@@ -243,3 +262,83 @@ def test_owner_accounts_on_different_partitions_are_summed(tmp_path: Path, kafka
     print("owner case knowledge_at: kafka", have[4], "in process", want[4])
     assert abs(have[4] - want[4]) <= 60.0, (have, want)
     assert got - {have} == expected - {want}, tail
+
+
+def _latest_values(bootstrap: str, topic: str) -> dict[bytes, bytes | None]:
+    """Key -> latest value of a (compacted) topic, every partition read to its end."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}", "enable.auto.commit": False})
+    try:
+        meta = c.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return {}
+        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
+        ends = {p: hi for p, hi in ends.items() if hi > 0}
+        c.assign([TopicPartition(topic, p, 0) for p in ends])
+        out: dict[bytes, bytes | None] = {}
+        deadline = time.monotonic() + DEADLINE_S
+        while ends:
+            assert time.monotonic() < deadline, f"could not read {topic} to its end"
+            for m in c.consume(500, 1.0):
+                if m.error() is not None:
+                    continue
+                out[m.key()] = m.value()
+                if m.offset() + 1 >= ends.get(m.partition(), 0):
+                    ends.pop(m.partition(), None)
+        return out
+    finally:
+        c.close()
+
+
+def test_held_owner_is_released_after_a_kill_9(tmp_path: Path, kafka_bootstrap: str, unique_topic) -> None:
+    """The reported loss: the owners changelog holds an owner's pending contributions, the worker is killed -9
+    after committing everything, and on restart no new message reaches that owner. The set of owners to tick was
+    only in memory, so the owner case never opened. Now it is re-derived from the recovered `owners` table."""
+    folder = simulate("demo", tmp_path / "demo")
+    app_id, db = f"fh-{uuid.uuid4().hex[:10]}", f"faust_{uuid.uuid4().hex[:10]}"
+    topics = stage_topics(unique_topic, kafka_bootstrap, "fh", app_id, 2)
+    placed = {b"acct-split-a": 0, b"acct-split-b": 1}
+    p = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    items = delivery_order(folder)
+    # Partition 0 (acct-split-a) goes quiet a third of the way in; acct-split-b's later figures wait for it.
+    for i, (stream, key, value) in enumerate(items):
+        part = placed.get(key, zlib.crc32(key) % 2)
+        if part == 1 or i < len(items) * 0.35:
+            p.produce(topics[stream], value, key, partition=part)
+            p.poll(0)
+    assert p.flush(30) == 0
+    idle_s = 45.0  # an idle member stops holding the owner back after this (the tick releases it)
+    env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "TRAINWATCH_POLICY": "demo",
+           "TRAINWATCH_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'worker-store'}", "TRAINWATCH_DATABASE": db,
+           "TRAINWATCH_DATA_DIR": str(tmp_path / "var"), "TRAINWATCH_DETECT__OWNER_IDLE_S": str(idle_s),
+           "TRAINWATCH_MODEL_PATH": "rule",
+           **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
+    env.pop("TRAINWATCH_CONFIG", None)
+    cmd = [sys.executable, "-m", "pipeline", "run", "--stage", "detect", "--app-id", app_id]
+    log_path = tmp_path / "worker.log"
+    chain = [topics["windows"], topics["cip"], topics["allocations"], owners_topic(app_id), topics["detections"]]
+
+    def owner_case() -> bool:
+        return any(m["case"].get("beneficial_owner_id") == "own-shared-7"
+                   for m in read_topic(kafka_bootstrap, topics["cases"]))
+
+    def held() -> bool:
+        v = _latest_values(kafka_bootstrap, f"{app_id}-owners-changelog").get(b"own-shared-7")
+        return v is not None and b'"pending":[]' not in v
+
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: lag(kafka_bootstrap, app_id, chain) == 0 and held(), "all committed, owner held",
+                     proc, log_path, 2 * DEADLINE_S)
+            assert not owner_case(), "the owner was released before the kill: nothing left to lose"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            # Nothing new is produced: only the recovered state can release the owner (after idle_s, ticked).
+            wait_for(owner_case, "the owner case after the restart", proc, log_path, 2 * idle_s + 30)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, log_path.read_text(errors="replace")[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)

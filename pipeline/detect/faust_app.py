@@ -90,6 +90,7 @@ class DetectRuntime:
     shared: dict[int, dict[str, Any]] = field(default_factory=dict)
     _store: Store | None = None
     _cases: CaseService | None = None
+    _held_cache: dict[bytes, tuple[bytes, bool]] = field(default_factory=dict)
 
     @property
     def store(self) -> Store:
@@ -103,10 +104,28 @@ class DetectRuntime:
             self._cases = CaseService(self.store, self.policy)
         return self._cases
 
-    def watermark(self) -> float:
-        """Event time every local partition has reached (the slowest one)."""
-        marks = [s.watermark for s in self.stages.values()]
-        return min(marks) if marks else float("-inf")
+    def watermark(self, recovered: dict[int, float] | None = None) -> float:
+        """Event time every local partition has reached (the slowest one). `recovered`: partition -> watermark of
+        the checkpoints in the engine table, for partitions whose stage this process has not built yet (after a
+        restart with nothing new to read, the deadline timer still runs at the recovered watermark)."""
+        marks = {p: s.watermark for p, s in self.stages.items()}
+        for p, wm in (recovered or {}).items():
+            marks.setdefault(p, wm)
+        return min(marks.values()) if marks else float("-inf")
+
+    def held_owners(self, table: Any) -> set[str]:
+        """Owners whose recovered state holds pending messages, re-derived from the `owners` table: the set of
+        owners to tick lives in memory only, and after a kill -9 nothing else would release what the changelog
+        restored (the reported lost owner case). The table's values are parsed once per change (cached by value)."""
+        seen: dict[bytes, tuple[bytes, bool]] = {}
+        for k, v in list(table.data.items()):
+            hit = self._held_cache.get(k)
+            if hit is None or hit[0] is not v:
+                d = json.loads(v)
+                hit = (v, bool(((d or {}).get("clock") or {}).get("pending")))
+            seen[k] = hit
+        self._held_cache = seen
+        return {k.decode() for k, (_, h) in seen.items() if h}
 
     def close(self) -> None:
         if self._store is not None:
@@ -318,6 +337,13 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                  "marks": {aid: progress(aid) for aid in accts}}
                 for oid, accts in st.engine.owner_accounts().items()]
 
+    def recovered_watermarks() -> dict[int, float]:
+        out: dict[int, float] = {}
+        for k, v in list(engine_table.data.items()):
+            if k.endswith(b"|shared"):
+                out[int(k.split(b"|", 1)[0])] = json.loads(v)["stage_watermark"]
+        return out
+
     @app.agent(inputs, concurrency=1)
     async def detect(stream: Any) -> None:
         async for events in stream.take_events(BATCH, within=within_s):
@@ -428,12 +454,12 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     @app.timer(settings.detect.owner_idle_s / 4)  # owners with held messages: released within 1.25 x idle_s
     async def owner_ticks() -> None:
         # Through the owners topic, not by touching the owners here: the agent stays the only writer of its table.
-        for oid in sorted(rt.held):
+        for oid in sorted(rt.held | rt.held_owners(owners_table)):
             await owner_topic.send(key=oid.encode(), value=_dumps(tick(oid)))
 
     @app.timer(TICK_EVERY_S)
     async def deadlines() -> None:
-        wm = rt.watermark()
+        wm = rt.watermark(recovered_watermarks())
         if wm == float("-inf"):
             return
         for m in rt.cases.tick(wm, time.time()):
