@@ -5,6 +5,7 @@ its API fuzzed by schemathesis, and the Grafana dashboard's ClickHouse queries r
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import re
@@ -111,6 +112,13 @@ def _login(browser: Any, base_url: str, user: str) -> Any:
     return page
 
 
+def _pdf_text(body: bytes) -> str:
+    """The PDF's text with whitespace collapsed (a value wrapped over two lines still matches)."""
+    from pypdf import PdfReader
+
+    return " ".join(" ".join(p.extract_text() for p in PdfReader(io.BytesIO(body)).pages).split())
+
+
 def _plot_loaded(page: Any) -> bool:
     return page.eval_on_selector("img[data-testid=plot]", "img => img.complete && img.naturalWidth > 0")
 
@@ -163,6 +171,8 @@ def test_compliance_works_a_case_in_the_browser(browser: Any, base_url: str, cas
     pdf = page.request.get(f"{base_url}/cases/{target.case_id}/report.pdf")
     assert pdf.headers["content-type"] == "application/pdf" and pdf.body()[:5] == b"%PDF-"
     assert len(pdf.body()) > 10_000  # text, fonts and the plot image
+    text = _pdf_text(pdf.body())
+    assert target.identity["name"] in text and "Compute estimate" in text and target.case_id in text
     page.context.close()
 
 
@@ -189,6 +199,12 @@ def test_analyst_sees_no_identity_in_pages_or_api(browser: Any, base_url: str, c
         leaks += [f"{c.account_id} {where}: {v}" for where, t in texts.items() for v in values if v in t]
     queue = page.request.get(f"{base_url}/api/cases").text()
     leaks += [v for c in cases.values() for v in identity_values(c.identity) if v in queue]
+    assert leaks == []
+    for account in ("acct-resold", "acct-us-fo"):  # the draft report PDF: reseller, owners, customer all withheld
+        c = cases[account]
+        text = _pdf_text(page.request.get(f"{base_url}/cases/{c.case_id}/report.pdf").body())
+        assert "Withheld: the analyst role" in text and c.case_id in text
+        leaks += [f"{account} pdf: {v}" for v in identity_values(c.identity) if " ".join(v.split()) in text]
     assert leaks == []
     # The reseller's name sits inside a foreign-person reason: scrubbed there too.
     page.goto(f"{base_url}/cases/{cases['acct-resold'].case_id}")

@@ -52,6 +52,6 @@ def render_pdf(report: dict[str, Any], plot_png: bytes | None) -> bytes:
         if not text.strip():
             pdf.ln(2)
             continue
-        # Long unbroken tokens (window id lists) wrap by character rather than overflowing the margin.
-        pdf.multi_cell(width, 4.5, text, new_x="LMARGIN", new_y="NEXT", wrapmode="CHAR")
+        # Wrapped at spaces (fpdf2 breaks a single token wider than the line by character).
+        pdf.multi_cell(width, 4.5, text, new_x="LMARGIN", new_y="NEXT")
     return bytes(pdf.output())
