@@ -34,8 +34,10 @@ chDB quirks (chDB 4.4 / engine 26.9, clickhouse-connect 1.12), checked by hand a
 - ``insert_deduplication_token`` dedups only on tables with ``non_replicated_deduplication_window`` > 0, and
   only for a byte-identical retry of the same batch; replays that re-batch rows rely on the ReplacingMergeTree
   keys, so reads use FINAL.
-- No users, roles or grants in chDB: PII separation is by table (cip_identity) and by views that leave PII out;
-  grants for servers ship as pipeline/migrations/grants_server.sql.example, never applied here.
+- No users, roles or grants in chDB: PII separation is by table (cip_identity, dead_letter_payloads: the bytes
+  of letters from `pii_topics`, the CIP topic) and by views that leave PII out; grants for servers ship as
+  pipeline/migrations/grants_server.sql.example, never applied here. Writers that know the settings should open
+  the store with Store.from_settings, so a renamed CIP topic still counts as PII.
 - A String column holding non-UTF-8 bytes comes back hex-encoded unless read with column_formats {"col": "bytes"}.
 """
 
