@@ -134,7 +134,8 @@ def ends(c: Consumer, topics: list[str]) -> int:
         return -1
 
 
-def read_all(bootstrap: str, topic: str) -> list[dict]:
+def read_all(bootstrap: str, topic: str, parse: bool = True) -> list[Any]:
+    """Every message of `topic` (parsed JSON; with parse=False the dead letters' reason headers)."""
     c = _consumer(bootstrap, f"chaos-read-{uuid.uuid4().hex}")
     try:
         want = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(PARTITIONS)}
@@ -145,7 +146,8 @@ def read_all(bootstrap: str, topic: str) -> list[dict]:
         while want and time.monotonic() < deadline:
             for m in c.consume(1000, 1.0):
                 if m.error() is None:
-                    out.append(orjson.loads(m.value()))
+                    out.append(orjson.loads(m.value()) if parse else
+                               dict(m.headers() or []).get("dlq.reason", b"?").decode(errors="replace"))
                     if m.offset() + 1 >= want.get(m.partition(), 0):
                         want.pop(m.partition(), None)
         return out
@@ -439,6 +441,9 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path) ->
     dwatch.close()
     got = _store_summary(dsn, db)
     feed = read_all(cluster.bootstrap, topics["cases"])
+    reasons: dict[str, int] = {}
+    for r in read_all(cluster.bootstrap, topics["dlq"], parse=False):
+        reasons[r] = reasons.get(r, 0) + 1
     cmp = _compare(ref, got, feed)
     kills = [f.recovery for f in faults if f.kind == "kill"]
     rec = {k: [r[k] for r in kills] for k in ("ingest", "detect")}
@@ -447,7 +452,7 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path) ->
         "stream_s": plan.stream_s, "replay_s": round(replay_s, 1), "drain_s": round(drained_s, 1),
         "wall_s": round(time.monotonic() - t_begin, 1), "worker_starts": worker.starts,
         "worker_own_exits": worker.own_exits, "final_stop_rc": rc,
-        "first_start_s": first, "faults": [f.__dict__ for f in faults],
+        "first_start_s": first, "faults": [f.__dict__ for f in faults], "dead_letters_by_reason": reasons,
         "recovery_after_kill_s": {k: {"values": v, "max": max((x for x in v if x is not None), default=None),
                                       "median": statistics.median([x for x in v if x is not None]) if any(
                                           x is not None for x in v) else None,
@@ -495,18 +500,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--port", type=int, default=39092, help="first broker port (nodes on port, +2, +4)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--clean", action="store_true", help="no faults: the same run as a baseline for the transport")
+    ap.add_argument("--stream-s", type=float, default=None, help="override how long producing each folder takes")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     if args.quick:
         plans = [Plan("demo", 3, True, 30.0, 150.0)]
     else:  # 20 worker kills in all, one broker kill, one store outage
         plans = [Plan("demo", 10, True, 0.0, 420.0), Plan("scope", 10, False, 30.0, 480.0)]
+    if args.clean:
+        plans = [Plan(p.scenario, 0, False, 0.0, p.stream_s) for p in plans]
+    if args.stream_s:
+        plans = [Plan(p.scenario, p.kills, p.broker_kill, p.store_outage_s, args.stream_s) for p in plans]
     t0 = time.monotonic()
     home = Path(tempfile.mkdtemp(prefix="tw-chaos-kafka-"))
     cluster = Cluster(args.port, home)
     started_s = cluster.start()
     result: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "machine": f"{os.cpu_count()} CPUs", "seed": args.seed, "quick": args.quick,
+                              "clean": args.clean,
                               "cluster": {"brokers": 3, "replication_factor": 3, "min_insync_replicas": 2,
                                           "partitions": PARTITIONS, "start_s": round(started_s, 1)},
                               "scenarios": []}
@@ -518,11 +530,12 @@ def main(argv: list[str] | None = None) -> None:
         cluster.stop()
         subprocess.run(["rm", "-rf", str(home)], check=False)
     result["wall_s"] = round(time.monotonic() - t0, 1)
-    out = args.out or RESULTS / ("chaos-quick.json" if args.quick else "chaos.json")
+    name = "chaos" + ("-quick" if args.quick else "") + ("-clean" if args.clean else "")
+    out = args.out or RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     print(_table(result))
-    if not args.quick and args.out is None:
+    if not args.quick and not args.clean and args.out is None:
         _readme(result)
 
 
