@@ -119,6 +119,35 @@ class DetectSettings(BaseModel):
     owner_idle_s: float = Field(default=OWNER_IDLE_S, gt=0)
 
 
+class ConsoleUser(BaseModel):
+    role: Literal["analyst", "compliance"]
+    password_hash: str = Field(description="argon2 hash (`trainwatch serve --hash-password`), never the password")
+
+
+class ConsoleSettings(BaseModel):
+    """`trainwatch serve` (pipeline/web, docs/console.md)."""
+
+    host: str = Field(default="127.0.0.1", description="bind address; loopback unless deliberately opened")
+    port: int = Field(default=8080, ge=0, le=65535)
+    #: user name -> role and argon2 hash; as env: TRAINWATCH_CONSOLE__USERS='{"ana": {"role": ..., ...}}'
+    users: dict[str, ConsoleUser] = Field(default_factory=dict)
+    #: Signs session cookies. None: a random key per process (sessions end when the server restarts).
+    secret_key: SecretStr | None = None
+    session_max_age_s: int = Field(default=8 * 3600, gt=0)
+    #: Set on HTTPS deployments so the browser never sends the session over plain HTTP.
+    secure_cookies: bool = False
+    #: Reverse-proxy SSO: trust `proxy_user_header` / `proxy_groups_header` from these peer addresses only.
+    proxy_auth: bool = False
+    proxy_trusted: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    proxy_user_header: str = "X-Forwarded-User"
+    proxy_groups_header: str = "X-Forwarded-Groups"
+    #: A proxied user in this group is `compliance`; any other authenticated user is `analyst`.
+    proxy_compliance_group: str = "trainwatch-compliance"
+    #: Failed logins allowed per (user name, client address) within the window before 429s.
+    login_max_failures: int = Field(default=5, ge=1)
+    login_window_s: float = Field(default=300.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRAINWATCH_", env_nested_delimiter="__", extra="forbid")
 
@@ -127,6 +156,7 @@ class Settings(BaseSettings):
     topic_config: TopicConfigSettings = TopicConfigSettings()
     ingest: IngestSettings = IngestSettings()
     detect: DetectSettings = DetectSettings()
+    console: ConsoleSettings = ConsoleSettings()
     clickhouse_dsn: str = Field(default="chdb:./var/trainwatch.chdb", description="chdb:PATH or http(s)://host:8123")
     database: str = "trainwatch"
     window_s: float = Field(default=60.0, gt=0)

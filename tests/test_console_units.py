@@ -3,6 +3,8 @@ parsing and the detect/cases stage metrics."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from fastapi import HTTPException
 from prometheus_client import generate_latest
@@ -131,3 +133,15 @@ def test_serve_refuses_to_start_without_users(monkeypatch: pytest.MonkeyPatch) -
     result = CliRunner().invoke(app, ["serve", "--store", "chdb://:memory:"])
     assert result.exit_code == 2
     assert "no console users configured" in result.output
+
+
+def test_console_settings_come_from_the_config_file(tmp_path: Path) -> None:
+    from pipeline.settings import load_settings
+
+    h = hash_password("pw")
+    cfg = tmp_path / "tw.toml"
+    cfg.write_text(f'[console]\nport = 9090\nproxy_auth = true\n[console.users.ana]\nrole = "analyst"\n'
+                   f'password_hash = "{h}"\n')
+    console = load_settings(cfg).console
+    assert console.port == 9090 and console.proxy_auth and console.host == "127.0.0.1"
+    assert console.users["ana"].role == "analyst" and verify_password(console.users["ana"].password_hash, "pw")

@@ -26,7 +26,8 @@ def serve(
 ) -> None:
     """Serve the compliance console: the case queue, case pages, draft reports (HTML, PDF) and a JSON API.
 
-    Users come from TRAINWATCH_CONSOLE__USERS='{"ana": {"role": "analyst", "password_hash": "$argon2id$..."}}'
+    Settings: [console] in the TOML file, or the environment: users from
+    TRAINWATCH_CONSOLE__USERS='{"ana": {"role": "analyst", "password_hash": "$argon2id$..."}}'
     (hashes from `trainwatch serve --hash-password`); TRAINWATCH_CONSOLE__SECRET_KEY signs sessions;
     TRAINWATCH_CONSOLE__PROXY_AUTH=true trusts an SSO proxy's X-Forwarded-User / X-Forwarded-Groups headers.
     """
@@ -34,7 +35,7 @@ def serve(
 
     from pipeline.store import Store
     from pipeline.web.app import create_app
-    from pipeline.web.config import ConsoleSettings, ConsoleUser
+    from pipeline.web.config import ConsoleUser
     from pipeline.web.config import hash_password as hash_pw
     from pipeline.web.views import Console
 
@@ -43,7 +44,7 @@ def serve(
         typer.echo(hash_pw(pw))
         return
     settings = load_settings()
-    console_settings = ConsoleSettings()
+    console_settings = settings.console
     if demo:
         database, as_of = database or DEMO_DATABASE, as_of if as_of != "now" else "event"
         users = dict(console_settings.users)
