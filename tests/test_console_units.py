@@ -91,9 +91,10 @@ def test_as_of_accepts_epoch_and_iso_and_rejects_the_rest() -> None:
     assert _parse_as_of("2025-03-03T00:00:00Z") == 1740960000.0
     assert _parse_as_of("2025-03-03T00:00") == 1740960000.0  # naive = UTC
     assert _parse_as_of("") is None and _parse_as_of(None) is None
-    with pytest.raises(HTTPException) as err:
-        _parse_as_of("next tuesday")
-    assert err.value.status_code == 422
+    for bad in ("next tuesday", "nan", "inf", "1e308", "-5", "0001-01-01"):
+        with pytest.raises(HTTPException) as err:
+            _parse_as_of(bad)
+        assert err.value.status_code == 422, bad
 
 
 def _det(detector: str, outcome: str) -> Detection:

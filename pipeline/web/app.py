@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from pipeline.web import pdf, plot
 from pipeline.web.auth import Authenticator, csrf_ok, csrf_token
 from pipeline.web.config import ConsoleSettings
 from pipeline.web.views import ACTIONS, STATUSES, ActionRejected, Console, NotFound, Viewer
+from schemas.errors import TrainwatchError
 
 log = logging.getLogger("trainwatch.console")
 HERE = Path(__file__).resolve().parent
@@ -126,19 +128,25 @@ def _local(path: str) -> str:
     return path if ok else "/"
 
 
+# as_of must be a real event time: the schemas' EpochSeconds range (year 2000 to before 10000).
+_AS_OF_MIN, _AS_OF_MAX = 946_684_800.0, 253_402_300_800.0
+
+
 def _parse_as_of(value: str | None) -> float | None:
     if value is None or value.strip() == "":
         return None
     v = value.strip()
     try:
-        return float(v)
+        t = float(v)
     except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise HTTPException(422, f"as_of: {value!r} is neither epoch seconds nor an ISO 8601 time") from exc
-    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+        try:
+            dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise HTTPException(422, f"as_of: {value!r} is neither epoch seconds nor an ISO 8601 time") from exc
+        t = (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+    if not (math.isfinite(t) and _AS_OF_MIN <= t < _AS_OF_MAX):
+        raise HTTPException(422, f"as_of: {value!r} is not a time between the years 2000 and 9999")
+    return t
 
 
 def create_app(console: Console, settings: ConsoleSettings, as_of: str = "now") -> FastAPI:
@@ -169,13 +177,22 @@ def create_app(console: Console, settings: ConsoleSettings, as_of: str = "now") 
         response.headers.setdefault("Cache-Control", "no-store")
         return response
 
+    fixed: float | None = None
+    if as_of not in ("now", "event"):
+        try:
+            fixed = _parse_as_of(as_of)
+        except HTTPException as exc:
+            raise TrainwatchError(f"--as-of: {exc.detail} (or use now | event)") from exc
+
     def resolve_as_of(value: str | None) -> float:
         parsed = _parse_as_of(value)
         if parsed is not None:
             return parsed
+        if fixed is not None:
+            return fixed
         if as_of == "event":
             return console.latest_event_time() or console.clock()
-        return console.clock() if as_of == "now" else _parse_as_of(as_of) or console.clock()
+        return console.clock()
 
     @app.exception_handler(LoginRequired)
     async def _login(request: Request, exc: LoginRequired) -> Response:
