@@ -311,7 +311,7 @@ def _restart_brokers(cluster: Cluster, out: list[subprocess.CompletedProcess]) -
     out.append(cluster.sh("start", "--brokers", "3"))  # starts only the node that is down
 
 
-def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path) -> dict:
+def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, static: bool = True) -> dict:
     from pipeline.simulator import simulate
 
     t_begin = time.monotonic()
@@ -334,7 +334,7 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path) ->
 
     dsn, db = f"chdb://{tmp / f'{plan.scenario}-worker'}", f"chaos_{tag}"
     env = {**base_env, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": cluster.bootstrap, "TRAINWATCH_CLICKHOUSE_DSN": dsn,
-           "TRAINWATCH_DATABASE": db, "TRAINWATCH_KAFKA__GROUP_INSTANCE_ID": f"chaos-{tag}",
+           "TRAINWATCH_DATABASE": db, **({"TRAINWATCH_KAFKA__GROUP_INSTANCE_ID": f"chaos-{tag}"} if static else {}),
            "TRAINWATCH_TOPIC_CONFIG__PARTITIONS": str(PARTITIONS), "TRAINWATCH_TOPIC_CONFIG__REPLICATION_FACTOR": "3",
            "TRAINWATCH_TOPIC_CONFIG__MIN_INSYNC_REPLICAS": "2",
            **{f"TRAINWATCH_TOPICS__{r.upper()}": t for r, t in topics.items()}}
@@ -502,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--clean", action="store_true", help="no faults: the same run as a baseline for the transport")
     ap.add_argument("--stream-s", type=float, default=None, help="override how long producing each folder takes")
+    ap.add_argument("--dynamic", action="store_true",
+                    help="no group.instance.id (dynamic membership): the recovery baseline static membership beats")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     if args.quick:
@@ -518,24 +520,25 @@ def main(argv: list[str] | None = None) -> None:
     started_s = cluster.start()
     result: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "machine": f"{os.cpu_count()} CPUs", "seed": args.seed, "quick": args.quick,
-                              "clean": args.clean,
+                              "clean": args.clean, "static_membership": not args.dynamic,
                               "cluster": {"brokers": 3, "replication_factor": 3, "min_insync_replicas": 2,
                                           "partitions": PARTITIONS, "start_s": round(started_s, 1)},
                               "scenarios": []}
     try:
         with tempfile.TemporaryDirectory(prefix="tw-chaos-") as d:
             for plan in plans:
-                result["scenarios"].append(run_scenario(plan, cluster, rng, Path(d)))
+                result["scenarios"].append(run_scenario(plan, cluster, rng, Path(d), static=not args.dynamic))
     finally:
         cluster.stop()
         subprocess.run(["rm", "-rf", str(home)], check=False)
     result["wall_s"] = round(time.monotonic() - t0, 1)
     name = "chaos" + ("-quick" if args.quick else "") + ("-clean" if args.clean else "")
+    name += "-dynamic" if args.dynamic else ""
     out = args.out or RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     print(_table(result))
-    if not args.quick and not args.clean and args.out is None:
+    if not (args.quick or args.clean or args.dynamic) and args.out is None:
         _readme(result)
 
 
