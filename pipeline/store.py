@@ -65,7 +65,7 @@ from schemas.base import Message
 from schemas.case import Case, CaseEvent
 from schemas.cip import CipRecord
 from schemas.detection import Detection
-from schemas.errors import TrainwatchError
+from schemas.errors import PolicyError, TrainwatchError
 from schemas.ids import content_id
 from schemas.policy import Policy, load_policy, shipped_policies
 from schemas.windows import WindowAggregate
@@ -227,6 +227,17 @@ def _quiet_driver() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _shipped_policies() -> list[Policy]:
+    """The shipped profiles that load; a broken one is logged, never a reason the store cannot open."""
+    out = []
+    for name in shipped_policies():
+        try:
+            out.append(load_policy(name))
+        except PolicyError as exc:
+            logging.getLogger(__name__).warning("policy %s not registered for the views: %s", name, exc)
+    return out
+
+
 def _one_line(exc: BaseException) -> str:
     """The first line of a driver error, without clickhouse-connect's stack dump."""
     text = str(exc).strip().splitlines()
@@ -287,7 +298,7 @@ class Store:
             applied = cls._migrate(client, migrations)
             store = cls(client, database, applied)
             store._pii_topics = frozenset(pii_topics) if pii_topics is not None else DEFAULT_PII_TOPICS
-            store.register_policies(load_policy(name) for name in shipped_policies())
+            store.register_policies(_shipped_policies())
         except StoreError:
             client.close()
             raise

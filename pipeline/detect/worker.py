@@ -39,6 +39,7 @@ def run_detect(settings: Settings, *, app_id: str = "trainwatch-detect", partiti
     # override_logging=False: keep the CLI's structured handler (pipeline/log_setup.py); mode's own replaces it with
     # a colour handler on stdout and turns stderr writes (thread tracebacks) into one WARNING record per token.
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, override_logging=False)
+    worker.spinner = None  # its progress spinner writes escape codes (ESC[?25h) to stdout, terminal or not
     log.info("detect app %s: %d partition(s), store %s/%s", app_id, n, settings.clickhouse_dsn, settings.database)
     try:
         worker.execute_from_commandline()
