@@ -44,4 +44,7 @@ bench:  ## full benchmarks -> benchmarks/results/latest.json
 bench-quick:  ## benchmarks in under 3 minutes -> benchmarks/results/quick.json
 	$(PYTHON) -m benchmarks.run --quick
 
-.PHONY: help venv demo test lint kafka-start kafka-stop kafka-cluster topics chaos chaos-quick bench bench-quick
+fuzz:  ## 100k hostile messages through the ingest core (+10k through the broker) -> benchmarks/results/fuzz_ingest.json
+	$(PYTHON) -m benchmarks.fuzz_ingest --kafka 10000
+
+.PHONY: help venv demo test lint kafka-start kafka-stop kafka-cluster topics chaos chaos-quick bench bench-quick fuzz

@@ -135,3 +135,16 @@ def test_tombstones_and_empty_messages_are_dead_lettered_and_the_rest_kept(fmt: 
     assert [(d.offset, d.reason) for d in dead] == [(1, "malformed_json"), (2, "malformed_json")]
     assert "no value" in dead[0].detail and dead[0].value == b""
     assert sum(w.sample_count for w in core.drain()) == len(rows)
+
+
+def test_seeded_hostile_fuzz_accounts_for_every_message() -> None:
+    """A quick run of benchmarks/fuzz_ingest.py (`make fuzz` runs 100k): random bytes, truncation, wrong types,
+    NaN/Infinity, 1e308, a 5 MB message, deep nesting, unicode, tombstones, clocks skewed both ways, repeats.
+    in = windows' samples + letters + counters; no crash; no good sample lost; no good message lettered."""
+    from benchmarks.fuzz_ingest import generate, run_core
+
+    values, expect = generate(4000, seed=5)
+    assert expect.kinds["oversized"] == 1 and expect.bad_units > 200 and expect.dup > 0
+    res = run_core(values, expect, batch=700, seed=5)
+    assert res["crashes"] == 0 and res["good_samples_lost"] == 0 and res["good_messages_lettered"] == 0
+    assert res["units_in"] == res["out_total"] and res["ok"], res

@@ -269,6 +269,11 @@ class _Partition:
     first_node: int = -1  # the partition's first node id (-1: none yet) ...
     multi_node: bool = False  # ... and whether another node has been seen since (then nodes confirm each other)
     node_ids: dict[str, int] = field(default_factory=dict)
+    #: rows ahead of the confirmed time, per node (device) id: their newest time, until others agree or it passes
+    pending_node: dict[int, float] = field(default_factory=dict)
+    pending_dev: dict[int, float] = field(default_factory=dict)
+    #: whether the node (device) tracker's top was set with nothing to check it against (a partition's first rows)
+    unvouched: tuple[bool, bool] = (False, False)
     #: per device id: its node's id (the node of its first row)
     dev_node: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     seen: dict[int, list[np.ndarray]] = field(default_factory=dict)  # window -> dedup keys, one array per batch
@@ -337,6 +342,8 @@ class _Partition:
         self.dev_ids = {names[g]: i for i, g in enumerate(old.tolist())}
         self.dev_key = (np.arange(len(old), dtype=np.int64) << _TS_BITS) | (self.dev_key[old] & _TS_MASK)
         self.dev_last = self.dev_last[old]
+        self.pending_dev.clear()  # ids change; a candidate forgotten here is only asked to agree again
+        self.pending_node.clear()
         # nodes: keep those of the kept devices (and the trackers' own), renumbered in order
         nodes = self.dev_node[old]
         nnames = list(self.node_ids)
@@ -551,42 +558,67 @@ class WindowAggregator:
 
     def _confirmed(self, p: _Partition, ts: np.ndarray, gid: np.ndarray, nid: np.ndarray, alone_ok: bool
                    ) -> tuple[np.ndarray, np.ndarray, Callable[[int], Progress]]:
-        """The clock check and the watermark basis. Per row: whether it is further than `max_clock_skew_s` ahead of
-        the partition's confirmed event time (the second largest of the nodes' newest times, or of the devices'
-        while the partition has seen one node: two sources agree), and the watermark basis before it (the running
-        max of the confirmed time; a source alone moves it only while the partition has no second one, and only when
-        `alone_ok`: its rows passed the arrival-clock check). Returns
-        also a function giving the full event-time state before a row (for commit points) and leaves the partition's
-        state at the batch's end. Rows at the partition's very start, before any confirmation, are held against the
-        batch's first confirmed time."""
+        """The clock check and the watermark basis.
+
+        The partition's confirmed event time is the second largest of its nodes' newest times (of its devices'
+        while it has seen one node): two sources agree on it, so one bad clock cannot move it. A row further than
+        `max_clock_skew_s` ahead of the confirmed time is `ahead` (dead-lettered clock_ahead) and left out of the
+        trackers, unless at least half of the partition's other active sources agree with it (a gap that every
+        node makes is no bad clock). This holds with an arrival clock too: rows of a backfilled topic are far
+        behind their Kafka timestamps whatever their clock. `alone_ok` (the rows passed the check against their
+        Kafka timestamps) lets a source alone on its partition move the watermark; without it nothing vouches for
+        a lone source. Returns (ahead, the watermark basis before each row = running max of the confirmed time, a
+        function giving the full event-time state before a row) and leaves the partition's state at the batch's
+        end. Clean batches take one vectorised pass; a batch with a row ahead takes the row-by-row pass (rare)."""
         n = len(ts)
+        skew = self.cfg.max_clock_skew_s
         if p.first_node < 0:
             p.first_node = int(nid[0])
-        n_t1, n_src, n_t2 = _top2(ts, nid, *p.node_top)
+        node_top0, dev_top0, first_node = p.node_top, p.dev_top, p.first_node
+        n_t1, n_src, n_t2 = _top2(ts, nid, *node_top0)
         multi_before = p.multi_node
         first_other = 0 if multi_before else n
         d_t1 = d_src = d_t2 = None
         if multi_before:
             t1, t2 = n_t1, n_t2
         else:
-            d_t1, d_src, d_t2 = _top2(ts, gid, *p.dev_top)
-            other = np.flatnonzero(nid != p.first_node)
+            d_t1, d_src, d_t2 = _top2(ts, gid, *dev_top0)
+            other = np.flatnonzero(nid != first_node)
             if len(other):  # a second node: from its first row on, nodes confirm each other
                 first_other = int(other[0])
                 t1 = np.concatenate((d_t1[:first_other], n_t1[first_other:]))
                 t2 = np.concatenate((d_t2[:first_other], n_t2[first_other:]))
-                p.multi_node = True
             else:
                 t1, t2 = d_t1, d_t2
-        two = np.isfinite(t2)
-        ref = t2 if two.all() else np.where(two, t2, t2[np.argmax(two)] if two.any() else math.inf)
-        ahead = ts > ref + self.cfg.max_clock_skew_s
-        conf = np.where(two, t2, t1) if alone_ok else t2.copy()
+        ahead = np.zeros(n, dtype=bool)
+        # The clean batch's test; the row-by-row pass only when a row is ahead.
+        t2_before = np.concatenate(([node_top0[2] if multi_before else dev_top0[2]], t2[:-1]))
+        with np.errstate(invalid="ignore"):
+            cand = np.isfinite(t2_before) & (ts > t2_before + skew)
+        # a top more than the bound above the confirmed time: a bad first row may sit there (nothing vouched)
+        top_alone = math.isfinite(t2[-1]) and t1[-1] - t2[-1] > skew
+        # rows that came with no confirmed time to hold them against, when one appears within the batch
+        unchecked = not math.isfinite(t2_before[0]) and math.isfinite(t2[-1])
+        if cand.any() or top_alone or unchecked:
+            ahead, tr = self._confirm_rows(p, ts, gid, nid, first_other, multi_before)
+            n_t1, n_src, n_t2 = tr[:, 0], tr[:, 1].astype(np.int64), tr[:, 2]
+            if d_t1 is not None:
+                d_t1, d_src, d_t2 = tr[:, 3], tr[:, 4].astype(np.int64), tr[:, 5]
+                t1 = np.concatenate((d_t1[:first_other], n_t1[first_other:]))
+                t2 = np.concatenate((d_t2[:first_other], n_t2[first_other:]))
+            else:
+                t1, t2 = n_t1, n_t2
+        elif not math.isfinite(t2[-1]):  # nothing confirmed yet: the trackers' top is unvouched
+            p.unvouched = (True, True)
+        else:
+            p.unvouched = (False, False)
+        if first_other < n:
+            p.multi_node = True
+        conf = np.where(np.isfinite(t2), t2, t1) if alone_ok else t2.copy()
         if ahead.any():
             conf[ahead] = -math.inf
         basis = np.maximum.accumulate(np.concatenate(([p.max_ts], conf)))
         before = basis[:-1]
-        node_top0, dev_top0, first_node = p.node_top, p.dev_top, p.first_node
         dnames: list[str] | None = None
         nnames: list[str] | None = None
 
@@ -611,6 +643,97 @@ class WindowAggregator:
             p.dev_top = (float(d_t1[-1]), int(d_src[-1]), float(d_t2[-1]))
         p.max_ts = float(basis[-1])
         return ahead, before, snap
+
+    def _confirm_rows(self, p: _Partition, ts: np.ndarray, gid: np.ndarray, nid: np.ndarray, first_other: int,
+                      multi_before: bool) -> tuple[np.ndarray, np.ndarray]:
+        """`_confirmed` row by row, for a batch with rows ahead of the confirmed time. A row ahead is kept out of
+        the trackers (a letter) unless rows of other sources, also ahead, agree with it within max_clock_skew_s
+        (at least half of the partition's other active sources, one at least): then it is a jump they all make, and
+        the batch's rows it agrees with are taken too. A tracker's top more than max_clock_skew_s above its second
+        (a bad row that came first, when nothing could vouch) is dropped, and this batch's rows that far ahead are
+        letters. Returns (ahead, per row after it: node top, its node, node second, device top, its device, device
+        second)."""
+        skew = self.cfg.max_clock_skew_s
+        forced = np.zeros(len(ts), dtype=bool)
+        pend0 = (dict(p.pending_node), dict(p.pending_dev))
+        unvouched0 = p.unvouched
+        for _ in range(3):  # a jump accepted late in the batch takes its earlier rows along: run again with them
+            p.pending_node, p.pending_dev, p.unvouched = dict(pend0[0]), dict(pend0[1]), unvouched0
+            ahead, out, agreed = self._confirm_pass(p, ts, gid, nid, first_other, multi_before, forced)
+            if not agreed:
+                break
+            take = ahead & ~forced
+            close = np.zeros(len(ts), dtype=bool)
+            for t in agreed:
+                close |= np.abs(ts - t) <= skew
+            take &= close
+            if not take.any():
+                break
+            forced |= take
+        for pend, conf in ((p.pending_node, out[-1, 2]), (p.pending_dev, out[-1, 5])):  # caught up with: forget
+            for k in [k for k, pt in pend.items() if pt <= conf + skew]:
+                del pend[k]
+        return ahead, out
+
+    def _confirm_pass(self, p: _Partition, ts: np.ndarray, gid: np.ndarray, nid: np.ndarray, first_other: int,
+                      multi_before: bool, forced: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[float]]:
+        n = len(ts)
+        skew = self.cfg.max_clock_skew_s
+        nt1, ng1, nt2 = p.node_top
+        dt1, dg1, dt2 = p.dev_top
+        ahead = np.zeros(n, dtype=bool)
+        out = np.empty((n, 6))
+        agreed: list[float] = []
+        # Sources active within the lateness horizon (devices by their newest row; nodes through their devices):
+        # a jump is taken when at least half of them (one at least) besides the row's own agree with it.
+        nd_ = len(p.dev_ids)
+        ref = max(nt2 if nt2 > -math.inf else -math.inf, dt2 if dt2 > -math.inf else -math.inf)
+        recent = (p.dev_key[:nd_] & _TS_MASK) >= (ref - self.cfg.allowed_lateness_s) * 1000.0
+        n_devs = max(1, int(recent.sum()))
+        n_nodes = max(1, len(set(p.dev_node[:nd_][recent].tolist())))
+        pend_n, pend_d = p.pending_node, p.pending_dev
+        fl = forced.tolist()
+        # a top nothing vouched for: set while there was no confirmed time to check it against
+        n_unvouched, d_unvouched = p.unvouched
+        for i, (t, g, nd) in enumerate(zip(ts.tolist(), gid.tolist(), nid.tolist(), strict=True)):
+            multi = multi_before or i >= first_other
+            conf, src, pend, n_src = (nt2, nd, pend_n, n_nodes) if multi else (dt2, g, pend_d, n_devs)
+            vouched = conf > -math.inf or fl[i]
+            if conf > -math.inf and t > conf + skew and not fl[i]:
+                need = max(1, n_src // 2)
+                agree = sum(1 for s_, pt in pend.items() if s_ != src and abs(pt - t) <= skew)
+                pend[src] = t
+                if agree < need:
+                    ahead[i] = True
+                    out[i] = (nt1, ng1, nt2, dt1, dg1, dt2)
+                    continue
+                agreed.append(t)
+            if t > nt1:
+                n_unvouched = not vouched
+            if nd == ng1:
+                nt1 = max(nt1, t)
+            elif t > nt1:
+                nt1, ng1, nt2 = t, nd, nt1
+            elif t > nt2:
+                nt2 = t
+            if n_unvouched and nt2 > -math.inf and nt1 - nt2 > skew:  # the top is a bad clock that came first
+                nt1, ng1, n_unvouched = nt2, -1, False
+                ahead[: i + 1] |= ts[: i + 1] > nt2 + skew
+            if not multi:
+                if t > dt1:
+                    d_unvouched = not vouched
+                if g == dg1:
+                    dt1 = max(dt1, t)
+                elif t > dt1:
+                    dt1, dg1, dt2 = t, g, dt1
+                elif t > dt2:
+                    dt2 = t
+                if d_unvouched and dt2 > -math.inf and dt1 - dt2 > skew:
+                    dt1, dg1, d_unvouched = dt2, -1, False
+                    ahead[: i + 1] |= ts[: i + 1] > dt2 + skew
+            out[i] = (nt1, ng1, nt2, dt1, dg1, dt2)
+        p.unvouched = (n_unvouched, d_unvouched)
+        return ahead, out, agreed
 
     def _expire(self, p: _Partition) -> None:
         horizon = p.max_ts - self.cfg.watermark_lag_s - self.cfg.allowed_lateness_s

@@ -100,14 +100,18 @@ class Decoder(Protocol):
 
 
 def _loads(raw: bytes | None, i: int, errors: list[DecodeError]) -> Any:
+    """The decoded JSON, or None after recording why there is none (a JSON `null` too: it is no message)."""
     if not raw:  # a tombstone (null value) or an empty message
         errors.append(DecodeError(i, "malformed_json", "message has no value (null or empty)"))
         return None
     try:
-        return orjson.loads(raw)
+        d = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        errors.append(DecodeError(i, "malformed_json", str(exc)))
+        errors.append(DecodeError(i, "malformed_json", str(exc)[:300]))
         return None
+    if d is None:
+        errors.append(DecodeError(i, "schema_violation", "message is JSON null"))
+    return d
 
 
 def _num(v: Any) -> bool:

@@ -84,10 +84,10 @@ def validate_rows(rows: Rows, now: float, arrival: np.ndarray | None = None, max
         bad_ts = ~(ts >= _MIN_TS)  # NaN too
         future = ts > now + MAX_FUTURE_SKEW_S
         ahead = ts > arrival + max_clock_skew_s if arrival is not None else np.zeros(len(ts), dtype=bool)
-    if None in rows.device or None in rows.node or None in rows.workload:
+    if (None in rows.device or None in rows.node or None in rows.workload
+            or "" in rows.device or "" in rows.node or "" in rows.workload):  # an empty id is no id
         missing = np.fromiter(
-            ((d is None) or (n is None) or (w is None) for d, n, w in zip(rows.device, rows.node, rows.workload,
-                                                                           strict=True)),
+            (not d or not n or not w for d, n, w in zip(rows.device, rows.node, rows.workload, strict=True)),
             dtype=bool, count=len(rows),
         )
     else:  # the usual case, checked by C-level list scans
