@@ -105,19 +105,20 @@ def contribution(owner_id: str, account_id: str, run_id: str, entry: dict[str, A
                  start: float | None, foreign_since: float | None, determination: dict[str, Any],
                  cip_notes: list[dict[str, Any]]) -> dict[str, Any]:
     """One run's latest cumulative figures (`entry`, as OwnerState.runs holds them) for one owner, as plain data."""
-    return {"owner_id": owner_id, "account_id": account_id, "run_id": run_id, "entry": entry, "t": t,
+    return {"kind": "contribution", "owner_id": owner_id, "account_id": account_id, "run_id": run_id, "entry": entry,
+            "t": t,
             "start": start, "foreign_since": foreign_since, "determination": determination,
             "cip_notes": cip_notes}
 
 
 def retraction(owner_id: str, account_id: str) -> dict[str, Any]:
     """The account no longer counts for the owner (its CIP stopped naming it as a foreign owner)."""
-    return {"owner_id": owner_id, "account_id": account_id, "run_id": None}
+    return {"kind": "retract", "owner_id": owner_id, "account_id": account_id}
 
 
 def membership(owner_id: str, account_id: str) -> dict[str, Any]:
     """The account's CIP names the owner: an aggregator in event time waits for the account's partition."""
-    return {"kind": "member", "owner_id": owner_id, "account_id": account_id, "run_id": None}
+    return {"kind": "member", "owner_id": owner_id, "account_id": account_id}
 
 
 def tick(owner_id: str) -> dict[str, Any]:
@@ -126,9 +127,8 @@ def tick(owner_id: str) -> dict[str, Any]:
 
 
 def message_kind(c: Mapping[str, Any]) -> str:
-    """contribution | retract | member | mark (accounts' times on a source partition) | tick (processing time
-    passed); the last two are sent by the faust app."""
-    return c.get("kind") or ("retract" if c.get("run_id") is None else "contribution")
+    """contribution | retract | member | mark | tick: every message names its kind (schemas/owner.py)."""
+    return str(c["kind"])
 
 
 def stamped(messages: list[dict[str, Any]], partition: int, reached: dict[str, float],

@@ -15,7 +15,7 @@ from detectors.classifier_base import WorkloadClassifier
 from pipeline.cases.feed import CaseFeedMessage
 from pipeline.cases.service import CaseService
 from pipeline.classifier_loader import load_classifier
-from pipeline.detect.stage import DetectStage
+from pipeline.detect.stage import DetectOutput, DetectStage
 from pipeline.ingest.aggregate import WindowConfig
 from pipeline.ingest.stage import IngestCore, SourceMessage
 from pipeline.sources import Record
@@ -92,7 +92,8 @@ class InProcessPipeline:
         """End of a finite input: close every open window, run time rules and the deadline monitor."""
         self._flush_telemetry()
         self._windows(self.ingest.drain())
-        self._cases(self.detect.on_time())
+        self._carry(self.detect.flush())  # CIP records and allocations after the last window
+        self._carry(self.detect.on_time())
         self._tick()
         self.result.counters.update(self.ingest.counters)
         self.result.watermark = self.detect.watermark
@@ -113,10 +114,20 @@ class InProcessPipeline:
         if not windows:
             return
         self.store.insert_windows(windows)
-        dets: list[Detection] = []
+        out = DetectOutput()
         for w in windows:
-            dets += self.detect.on_window(w)
-        self._cases(dets)
+            out.extend(self.detect.on_window(w))
+        self._carry(out)
+
+    def _carry(self, out: DetectOutput) -> None:
+        """The detect core's outputs to the cases stage: CIP records as applied, then detections, then identity."""
+        for cip in out.cips:
+            prev = self._cips.get(cip.account_id)
+            if prev is None or cip.updated_at >= prev.updated_at:
+                self._cips[cip.account_id] = cip
+        self._cases(out.detections)
+        for cip in out.cips:
+            self.result.feed += self.cases.update_identity(cip, self.clock())
 
     def _cases(self, dets: list[Detection]) -> None:
         if not dets:
@@ -136,12 +147,8 @@ class InProcessPipeline:
             self._dead_letters([(exc.reason or "schema_violation", str(exc), self.topics["cip"], 0, rec.offset,
                                  rec.value)])
             return
-        prev = self._cips.get(cip.account_id)
-        if prev is None or cip.updated_at >= prev.updated_at:
-            self._cips[cip.account_id] = cip
         self.store.upsert_cip([cip])
-        self._cases(self.detect.on_cip(cip))
-        self.result.feed += self.cases.update_identity(cip, self.clock())
+        self._carry(self.detect.on_cip(cip))  # held until the windows reach its event time (DetectStage)
 
     def _on_allocation(self, rec: Record) -> None:
         try:
@@ -150,7 +157,7 @@ class InProcessPipeline:
             self._dead_letters([(exc.reason or "schema_violation", str(exc), self.topics["allocations"], 0,
                                  rec.offset, rec.value)])
             return
-        self._cases(self.detect.on_allocation(ev))
+        self._carry(self.detect.on_allocation(ev))
 
     def _dead_letters(self, rows: list[tuple]) -> None:
         if not rows:

@@ -334,3 +334,62 @@ def test_newer_cip_record_refreshes_identity_of_pending_cases_only():
     assert out.events[0].action == "identity_updated" and out.cases[0].version == 2
     assert not book.refresh_identity(newer, NOW + 3)  # same record again: nothing
     assert book.get(filed_id).identity["phones"] == ["+65 5555 0100"]  # the filed report's snapshot stays
+
+
+# ---- late CIP records revise (DetectStage + CaseBook, in process) --------------------------------------------------
+
+
+def _detect_and_book(inputs: list[tuple[str, Any]], policy: Policy) -> tuple[CaseBook, list]:
+    """The demo's detect inputs through DetectStage into a CaseBook, as the runner carries them: CIP records as the
+    stage applied them, then the detections."""
+    from pipeline.detect.stage import DetectStage
+
+    stage, book, cips, events = DetectStage(policy), CaseBook(policy), {}, []
+    take = {"win": stage.on_window, "cip": stage.on_cip, "alloc": stage.on_allocation}
+    for out in [*(take[kind](ev) for kind, ev in inputs), stage.flush()]:
+        cips |= {c.account_id: c for c in out.cips}
+        events += book.apply(out.detections, cips, 1.0).events
+        for c in out.cips:
+            events += book.refresh_identity(c, 1.0).events
+    return book, events
+
+
+def _live(book: CaseBook) -> set[tuple]:
+    return {(c.case_id, c.status, c.reason, c.knowledge_at) for c in book.cases if c.status != "dismissed"}
+
+
+def test_a_late_cip_showing_a_us_person_revises_the_case_to_monitored(demo_inputs: list[tuple[str, Any]]):
+    """acct-us-lab's CIP record (a U.S. person) arrives after all its windows: meanwhile the customer is unknown,
+    counted as foreign, its training run opens a reportable case and a run the classifier is unsure of a
+    needs_review one. The record revises the first to `monitored` and withdraws the second (knowledge and due date
+    cleared, audit events); the cases left are those of the in-order delivery."""
+    policy = load_policy("demo")
+    late = [x for x in demo_inputs if x[0] == "cip" and x[1].account_id == "acct-us-lab"]
+    assert late and late[0][1].us_person is True
+    rest = [x for x in demo_inputs if not (x[0] == "cip" and x[1].account_id == "acct-us-lab")]
+    ref, _ = _detect_and_book(demo_inputs, policy)
+    book, events = _detect_and_book(rest + late, policy)
+
+    (case,) = [c for c in book.cases if c.account_id == "acct-us-lab" and c.status != "dismissed"]
+    mine = [e for e in events if e.case_id == case.case_id]
+    assert (mine[0].action, mine[0].to_status) == ("opened", "open")  # judged while unknown
+    revised = [e for e in mine if e.action == "revised"]
+    assert len(revised) == 1 and revised[0].from_status == "open" and revised[0].to_status == "monitored"
+    assert case.status == "monitored" and case.knowledge_at is None and case.due_at is None
+    assert revised[0].details["knowledge_at"]["to"] is None
+    for gone in [c for c in book.cases if c.account_id == "acct-us-lab" and c.status == "dismissed"]:
+        (w,) = [e for e in events if e.case_id == gone.case_id and e.action == "withdrawn"]
+        assert w.from_status in ("open", "needs_review") and gone.knowledge_at is None and gone.due_at is None
+    assert _live(book) == _live(ref)
+
+
+def test_held_cip_is_applied_in_event_time_whatever_the_fetch_order(demo_inputs: list[tuple[str, Any]]):
+    """Every CIP record and allocation delivered first (a whole topic read before the windows, as faust may fetch):
+    the stage holds each until the windows reach its event time, so the cases are those of the in-order delivery."""
+    policy = load_policy("demo")
+    side = [x for x in demo_inputs if x[0] != "win"]
+    wins = [x for x in demo_inputs if x[0] == "win"]
+    ref, _ = _detect_and_book(demo_inputs, policy)
+    book, events = _detect_and_book(side + wins, policy)
+    assert not [e for e in events if e.action == "revised"]
+    assert _live(book) == _live(ref) and len(book.cases) == len(ref.cases)

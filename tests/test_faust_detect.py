@@ -17,6 +17,8 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from detectors.classifier_base import WorkloadClassifier
+from pipeline.classifier_loader import load_classifier
 from pipeline.detect.faust_app import owners_topic
 from pipeline.ingest.aggregate import WindowConfig
 from pipeline.ingest.stage import IngestCore, SourceMessage
@@ -58,6 +60,12 @@ def delivery_order(folder: Path) -> list[tuple[str, bytes, bytes]]:
     flush()
     out.extend(("windows", (w.account_id or w.workload_id).encode(), encode(w)) for w in core.drain())
     return out
+
+
+def rule() -> WorkloadClassifier:
+    """The classifier both sides use (the workers run with TRAINWATCH_MODEL_PATH=rule): the comparison is of the
+    transports, not of a model artifact."""
+    return load_classifier("rule", load_policy("demo"))
 
 
 def produce(bootstrap: str, topics: dict[str, str], items: list[tuple[str, bytes, bytes]]) -> None:
@@ -150,7 +158,7 @@ def test_kill_and_restart_gives_the_same_cases_once(tmp_path: Path, kafka_bootst
     db = f"faust_{uuid.uuid4().hex[:10]}"
     env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "TRAINWATCH_POLICY": "demo",
            "TRAINWATCH_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'worker-store'}", "TRAINWATCH_DATABASE": db,
-           **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
+           "TRAINWATCH_MODEL_PATH": "rule", **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
     env.pop("TRAINWATCH_CONFIG", None)
     cmd = [sys.executable, "-m", "pipeline", "run", "--stage", "detect", "--app-id", app_id]
     log_path = tmp_path / "worker.log"
@@ -180,7 +188,7 @@ def test_kill_and_restart_gives_the_same_cases_once(tmp_path: Path, kafka_bootst
         log.close()
 
     # The reference: the same folder in process, in this process's own chDB path.
-    InProcessPipeline(store, load_policy("demo")).run(read_folder(folder))
+    InProcessPipeline(store, load_policy("demo"), rule()).run(read_folder(folder))
     expected = case_rows(store)
     assert expected, "the demo scenario opens cases"
     feed = read_topic(kafka_bootstrap, topics["cases"])
@@ -219,7 +227,7 @@ def test_owner_accounts_on_different_partitions_are_summed(tmp_path: Path, kafka
     dsn = f"chdb://{tmp_path / 'worker-store'}"
     env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "TRAINWATCH_POLICY": "demo",
            "TRAINWATCH_CLICKHOUSE_DSN": dsn, "TRAINWATCH_DATABASE": db, "TRAINWATCH_DATA_DIR": str(tmp_path / "var"),
-           **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
+           "TRAINWATCH_MODEL_PATH": "rule", **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
     env.pop("TRAINWATCH_CONFIG", None)
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
@@ -237,7 +245,7 @@ def test_owner_accounts_on_different_partitions_are_summed(tmp_path: Path, kafka
                 proc.kill()
                 proc.wait(10)
 
-    InProcessPipeline(store, load_policy("demo")).run(read_folder(folder))
+    InProcessPipeline(store, load_policy("demo"), rule()).run(read_folder(folder))
     expected = case_rows(store)
     script = ("import sys, orjson; from pipeline.store import Store\n"
               "s = Store.connect(sys.argv[1], sys.argv[2])\n"

@@ -13,8 +13,13 @@ Rules (ARCHITECTURE.md "Case semantics" 6-7):
   reportable, or needs_review when `policy.uncertainty.needs_review_is_knowledge`. A late, out-of-order detection
   with an earlier event time moves it earlier. due_at follows from knowledge_at (`due_at()` below).
 - **Upgrades.** needs_review + reportable -> open ("confirmed"); monitored + needs_review/reportable -> that status
-  ("escalated", e.g. a CIP update showed a foreign owner). The pipeline never downgrades a case: only an analyst
-  dismisses. acknowledged and reported cases take new evidence without a status change.
+  ("escalated", e.g. a CIP update showed a foreign owner). The pipeline never downgrades a case (but see
+  Revisions): only an analyst dismisses. acknowledged and reported cases take new evidence without a status change.
+- **Revisions.** The one change the pipeline makes downwards: a case opened (open / needs_review) only while the
+  customer was unknown and counted as foreign, when a CIP record that arrived late shows a U.S. person: a run
+  judged training becomes `monitored` (action `revised`), one the classifier was unsure of is withdrawn (action
+  `withdrawn`, dismissed by the pipeline: a U.S. person's uncertain run opens no case); knowledge_at and due_at
+  are cleared. Owner cases and acknowledged or reported cases only record the new evidence.
 - **Dismissed cases reopen only on new, stronger evidence**: a detection not applied before, whose outcome ranks
   above every outcome the analyst saw when dismissing (info < monitored < needs_review < reportable), or that has
   the top outcome seen with a reason not seen then (e.g. compute_used after a dismissed compute_projected).
@@ -37,6 +42,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from detectors.foreign_person import determine
 from schemas import serde
 from schemas.case import REPORTABLE_STATUSES, Case, CaseEvent
 from schemas.cip import CipRecord
@@ -159,6 +165,25 @@ def _dismissal_allows_reopen(dismissal: Mapping[str, Any], det: Detection) -> bo
     rank = OUTCOME_RANK[det.outcome]
     seen_rank = int(dismissal.get("max_rank", -1))
     return rank > seen_rank or (rank == seen_rank and det.reason not in dismissal.get("reasons", []))
+
+
+def _stood_on_unknown(case: Case) -> bool:
+    """Every finding that opened or upgraded this (non-owner, pipeline-set open / needs_review) case was made while
+    the customer was unknown and counted as foreign."""
+    if case.beneficial_owner_id or case.status not in ("open", "needs_review"):
+        return False
+    strong = [e for e in case.evidence.get("detections", {}).values() if e["outcome"] in ("reportable", "needs_review")]
+    return bool(strong) and all((e.get("evidence", {}).get("foreign_person") or {}).get("status") == "unknown"
+                                for e in strong)
+
+
+def _revised_to_us_person(case: Case, det: Detection) -> bool:
+    """A late CIP record revises (rule "Revisions" in the module docstring): a `monitored` finding on a pipeline-set
+    open / needs_review case, made under a complete U.S.-person determination, where every finding that opened or
+    upgraded the case was made while the customer was unknown (counted as foreign by the policy)."""
+    if det.outcome != "monitored" or case.status not in ("open", "needs_review"):
+        return False
+    return (det.evidence.get("foreign_person") or {}).get("status") == "us_person" and _stood_on_unknown(case)
 
 
 def _detection_entry(det: Detection, fp: str) -> dict[str, Any]:
@@ -302,6 +327,11 @@ class CaseBook:
             status, action = "open", "confirmed"
         elif case.status == "monitored" and det.outcome in ("reportable", "needs_review"):
             status, action = _STATUS_FOR_OUTCOME[det.outcome], "escalated"
+        elif _revised_to_us_person(case, det):
+            # The case stood only on "unknown counts as foreign"; a CIP record now shows a U.S. person: the standard
+            # was never met. Not an analyst's downgrade: the pipeline's own earlier premise was wrong.
+            status, action, knowledge = "monitored", "revised", None
+            updates["suggested_inquiry"] = None
         if status in REPORTABLE_STATUSES and self._knowledge(det):
             knowledge = det.event_time if knowledge is None else min(knowledge, det.event_time)
         if status == "needs_review" and case.suggested_inquiry is None:
@@ -351,9 +381,13 @@ class CaseBook:
     def refresh_identity(self, cip: CipRecord, now: float) -> CaseChanges:
         """A newer CIP record updates the identity snapshot of the account's cases not yet reported or dismissed."""
         out = CaseChanges()
+        us_person = determine(cip, self.policy).status == "us_person"
         for case in list(self._cases.values()):
             if case.account_id != cip.account_id or case.status in ("reported", "dismissed"):
                 continue
+            if us_person and _stood_on_unknown(case):
+                out.extend(self._withdraw(case, cip, now))
+                case = self._cases[case.case_id]
             if (case.identity.get("cip_updated_at") or float("-inf")) >= cip.updated_at:
                 continue
             snap = identity_snapshot(cip, case.beneficial_owner_id)
@@ -363,6 +397,23 @@ class CaseBook:
             out.events.append(self._action_event(new, PIPELINE_ACTOR, cip.updated_at, now, "identity_updated",
                                                  case.status, case.status, {"cip_updated_at": cip.updated_at}))
         return out
+
+    def _withdraw(self, case: Case, cip: CipRecord, now: float) -> CaseChanges:
+        """Revisions (module docstring): a case that stood only on "unknown counts as foreign", the customer now a
+        U.S. person. A run judged training becomes `monitored` (the detector's re-judgement says so too); one only
+        unsure of is withdrawn (dismissed by the pipeline: a U.S. person's uncertain run opens no case)."""
+        training = any(e["outcome"] == "reportable" for e in case.evidence.get("detections", {}).values())
+        to, action = ("monitored", "revised") if training else ("dismissed", "withdrawn")
+        updates: dict[str, Any] = {"status": to, "knowledge_at": None, "due_at": None, "suggested_inquiry": None}
+        if to == "dismissed":
+            updates["dismiss_reason"] = f"withdrawn: the CIP record of {cip.updated_at} shows a U.S. person"
+            updates["evidence"] = self._with_dismissal(case, cip.updated_at)
+        new = case.model_copy(update={**updates, "version": case.version + 1, "updated_at": now})
+        self._cases[case.case_id] = new
+        details = {"cip_updated_at": cip.updated_at, "knowledge_at": {"from": case.knowledge_at, "to": None},
+                   "why": "cip_shows_us_person"}
+        return CaseChanges([new], [self._action_event(new, PIPELINE_ACTOR, cip.updated_at, now, action, case.status,
+                                                      to, details)])
 
     # ---- analyst actions -----------------------------------------------------------------------------------------
 

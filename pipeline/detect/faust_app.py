@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,12 +36,11 @@ from detectors import registry
 from detectors.classifier_base import WorkloadClassifier
 from detectors.engine import DetectEngine
 from detectors.owner_aggregate import EventTimeOwners, OwnerAggregator, stamped, tick
-from detectors.windows import merge_partials
 from pipeline.cases.feed import CaseFeedMessage, feed_messages
 from pipeline.cases.service import CaseService
 from pipeline.classifier_loader import load_classifier
 from pipeline.detect.security import faust_credentials
-from pipeline.detect.stage import DetectStage
+from pipeline.detect.stage import DetectOutput, DetectStage
 from pipeline.detect.topics import owners_topic
 from pipeline.settings import Settings
 from pipeline.store import DeadLetter, Store
@@ -50,6 +48,7 @@ from schemas.allocation import AllocationEvent
 from schemas.cip import CipRecord
 from schemas.detection import Detection
 from schemas.errors import InvalidMessage
+from schemas.owner import OwnerMessage
 from schemas.policy import Policy, load_policy
 from schemas.serde import decode, encode, loads
 from schemas.windows import WindowAggregate
@@ -59,11 +58,6 @@ __all__ = ["DetectRuntime", "make_app", "owners_topic"]
 
 BATCH = 500  # events per take (waiting at most settings.detect.batch_within_s); the unit of checkpoint and ack
 TICK_EVERY_S = 5.0
-
-
-def _unpack(raw: bytes) -> dict[str, Any]:
-    """A legacy engine checkpoint (one zlib(JSON) entry per partition), read once and then superseded."""
-    return json.loads(zlib.decompress(raw))
 
 
 def _dumps(d: dict[str, Any]) -> bytes:
@@ -84,6 +78,10 @@ class DetectRuntime:
     marked: dict[int, float] = field(default_factory=dict)
     #: owners of this worker's `owners` agent with held messages: ticked so that an idle member cannot hold them
     held: set[str] = field(default_factory=set)
+    #: partition -> owner messages re-derived at restore, sent with the partition's next outputs
+    pending: dict[int, list[Any]] = field(default_factory=dict)
+    #: partition -> processing time (monotonic) of its last input batch (the release of held records)
+    last_input: dict[int, float] = field(default_factory=dict)
     #: Engine table entries as last written (key -> value): a batch writes only the entries that changed.
     written: dict[bytes, bytes] = field(default_factory=dict)
     #: partition -> its engine's shared checkpoint part as last split (`split_dirty` returns it only on change)
@@ -236,43 +234,34 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     def stage_for(p: int) -> DetectStage:
         st = rt.stages.get(p)
         if st is None:  # first use in this process: from the recovered entries, or empty
-            st = DetectStage(rt.policy, rt.classifier, settings.window_s, settings.ingest.allowed_lateness_s)
+            st = DetectStage(rt.policy, rt.classifier, settings.window_s, settings.ingest.allowed_lateness_s,
+                             owners="external")  # owners are summed by the `owners` agent, across partitions
             prefix = f"{p}|".encode()
             mine = {k: v for k, v in engine_table.data.items() if k.startswith(prefix)}
             shared = mine.pop(prefix + b"shared", None)
-            legacy = engine_table.data.get(str(p).encode())  # one checkpoint per partition (before the split)
             if shared is not None:
                 sh = json.loads(shared)
                 parts = {k[len(prefix) + 2:].decode(): json.loads(v) for k, v in mine.items()}
                 st.engine = DetectEngine.from_split(sh, parts, rt.policy, rt.classifier)
+                st.engine.external_owners = True
                 st.watermark = sh["stage_watermark"]
+                st.load_held(sh.get("held", []))  # CIP records / allocations ahead of the windows, offsets committed
                 rt.written.update(mine)
                 rt.written[prefix + b"shared"] = shared
-            elif legacy is not None:
-                d = _unpack(legacy)
-                st = DetectStage.from_dict({"engine": d["engine"], "merger": {}, "watermark": d["watermark"]},
-                                           rt.policy, rt.classifier, settings.window_s)
-                st.engine.mark_all_dirty()  # none of it is in the per-account entries yet
-            st.engine.external_owners = True  # owners are summed by the `owners` agent, across partitions
             # Re-derive what this state implies for the owners: a publish lost between checkpoint and send (a
             # retraction above all: its CIP replays as a no-op) goes out again; the rest replaces or is a no-op.
             st.engine.owner_outbox += st.engine.owner_snapshot()
             rt.stages[p] = st
+            rt.pending[p] = st._routed([]).owner_messages
         return st
 
-    def on_window(p: int, w: WindowAggregate, touched: dict[bytes, dict]) -> list[Detection]:
+    def load_partials(p: int, st: DetectStage, w: WindowAggregate) -> bytes:
+        """The merger keeps the partials of the windows it has met; the others come from the `partials` table."""
         key = f"{p}|{w.workload_id}|{w.window_start!r}".encode()
-        parts = touched.get(key)
-        if parts is None:
-            packed = partials.data.get(key)
-            parts = json.loads(packed) if packed is not None else {}
-        parts[w.window_id] = w.model_dump(mode="json")
-        touched[key] = parts
-        st = stage_for(p)
-        st.watermark = max(st.watermark, w.window_end)
-        # Always hand over the merge of every partial: a replayed partial re-sends the same cumulative window,
-        # which the engine replaces (DetectStage's own merger would drop it, but its state is not in this batch).
-        return st.engine.on_window(merge_partials([WindowAggregate.model_validate(x) for x in parts.values()]))
+        mkey = (w.workload_id, w.window_start)
+        if mkey not in st.merger._parts and (packed := partials.data.get(key)) is not None:
+            st.merger._parts[mkey] = {i: WindowAggregate.model_validate(x) for i, x in json.loads(packed).items()}
+        return key
 
     def dead_letter(exc: InvalidMessage, ev: Any) -> None:
         m = ev.message
@@ -280,13 +269,21 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                                                  topic=m.topic, partition=m.partition, offset=m.offset,
                                                  raw=ev.value or b"", at=time.time())])  # None: a tombstone
 
-    def expire(p: int, st: DetectStage, touched: dict[bytes, dict | None]) -> None:
+    def write_partials(p: int, st: DetectStage, touched: dict[bytes, tuple[str, float]]) -> None:
         # Partials older than the allowed lateness can no longer change a window: drop them (tombstones).
         horizon = st.watermark - settings.ingest.allowed_lateness_s - settings.window_s
         prefix = f"{p}|".encode()
-        for key in [k for k in partials.data if k.startswith(prefix)]:
-            if float(key.rsplit(b"|", 1)[1]) < horizon:
-                touched[key] = None
+        gone = [k for k in partials.data if k.startswith(prefix) and float(k.rsplit(b"|", 1)[1]) < horizon]
+        for key in gone:
+            partials.data.pop(key, None)
+            partials.send_changelog(p, key, None)
+        for key, mkey in touched.items():
+            parts = st.merger._parts.get(mkey)
+            if parts is not None and key not in gone:
+                val = json.dumps({i: x.model_dump(mode="json") for i, x in parts.items()},
+                                 separators=(",", ":")).encode()
+                partials.data[key] = val
+                partials.send_changelog(p, key, val)
 
     def checkpoint(p: int, st: DetectStage) -> None:
         """The engine's state as table entries `p|shared` and `p|a|<account>`: only the accounts the engine marked
@@ -296,12 +293,11 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         shared, parts, deleted = st.engine.split_dirty()
         if shared is not None or p not in rt.shared:
             rt.shared[p] = shared if shared is not None else st.engine.split_shared()
-        entries = {prefix + b"shared": _dumps({**rt.shared[p], "stage_watermark": st.watermark})}
+        entries = {prefix + b"shared": _dumps({**rt.shared[p], "stage_watermark": st.watermark,
+                                               "held": st.held_to_list()})}
         entries |= {prefix + b"a|" + aid.encode(): _dumps(part) for aid, part in parts.items()}
         gone = [k for k in (prefix + b"a|" + aid.encode() for aid in deleted)
                 if k in rt.written or k in engine_table.data]
-        if str(p).encode() in engine_table.data:
-            gone.append(str(p).encode())  # the legacy whole-partition checkpoint, superseded
         for k in gone:
             rt.written.pop(k, None)
             engine_table.data.pop(k, None)
@@ -318,12 +314,6 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         floor = st.watermark - settings.ingest.allowed_lateness_s
         return lambda aid: max(seen.get(aid, floor), floor)
 
-    def stamp(p: int, st: DetectStage, reached: dict[str, float]) -> list[dict[str, Any]]:
-        """The engine's queued owner messages, stamped where they were made in the partition's stream."""
-        out = stamped(st.engine.owner_outbox, p, reached, st.watermark - settings.ingest.allowed_lateness_s)
-        st.engine.owner_outbox.clear()
-        return out
-
     def marks(p: int, st: DetectStage, progress: Callable[[str], float], caught_up: bool) -> list[dict[str, Any]]:
         """Each owner its accounts name gets their times (`account_marks`), so the owners agent can decide up to
         them even when this partition sends that owner nothing. Throttled: once per window of the partition's
@@ -336,6 +326,20 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         return [{"kind": "mark", "owner_id": oid, "partition": p, "wm": wm,
                  "marks": {aid: progress(aid) for aid in accts}}
                 for oid, accts in st.engine.owner_accounts().items()]
+
+    async def carry(p: int, st: DetectStage, out: DetectOutput, reached: dict[str, float], caught_up: bool) -> None:
+        """The core's outputs of one partition's batch to their transports (after the checkpoint is queued)."""
+        msgs = [m.root.model_dump() for m in rt.pending.pop(p, [])]
+        msgs += [m.root.model_dump() for m in out.owner_messages]
+        floor = st.watermark - settings.ingest.allowed_lateness_s
+        owner_msgs = stamped(msgs, p, reached, floor) + marks(p, st, account_marks(st), caught_up)
+        for d in out.detections:
+            await detections.send(key=d.account_id.encode(), value=encode(d))
+        for c in owner_msgs:  # in order: per owner, the owners agent applies them as the engine made them
+            await owner_topic.send(key=c["owner_id"].encode(), value=_dumps(c))
+        for cip in out.cips:  # as applied in event time: identity refresh and revisions of the account's cases
+            for m in rt.cases.update_identity(cip, time.time()):
+                await feed.send(key=m.key, value=encode(m))
 
     def recovered_watermarks() -> dict[int, float]:
         out: dict[int, float] = {}
@@ -350,53 +354,47 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             by_part: dict[int, list[Any]] = {}
             for ev in events:
                 by_part.setdefault(ev.message.partition, []).append(ev)
-            out: list[Detection] = []
-            feed_out: list[CaseFeedMessage] = []
-            contribs: list[dict[str, Any]] = []
             for p, evs in by_part.items():
-                touched: dict[bytes, dict | None] = {}
+                st = stage_for(p)
+                rt.last_input[p] = time.monotonic()
+                touched: dict[bytes, tuple[str, float]] = {}
                 windows: list[WindowAggregate] = []
-                reached = stage_for(p).engine.account_progress()  # each account's time as already sent
+                reached = st.engine.account_progress()  # each account's time as already sent
+                out = DetectOutput()
                 for ev in evs:
                     topic = ev.message.topic
                     try:
                         if topic == topics.windows:
                             w = decode(WindowAggregate, ev.value)
                             windows.append(w)
-                            out += on_window(p, w, touched)
+                            touched[load_partials(p, st, w)] = (w.workload_id, w.window_start)
+                            out.extend(st.on_window(w))
                         elif topic == topics.cip:
                             cip = decode(CipRecord, ev.value)
                             rt.store.upsert_cip([cip])
-                            out += stage_for(p).on_cip(cip)
-                            feed_out += rt.cases.update_identity(cip, time.time())
+                            out.extend(st.on_cip(cip))
                         else:
-                            out += stage_for(p).on_allocation(decode(AllocationEvent, ev.value))
+                            out.extend(st.on_allocation(decode(AllocationEvent, ev.value)))
                     except InvalidMessage as exc:
                         dead_letter(exc, ev)
-                    contribs += stamp(p, stage_for(p), reached)
-                st = stage_for(p)
-                st.engine.on_time(st.watermark)  # idle run/account state expires (event time)
-                contribs += stamp(p, st, reached)
-                contribs += marks(p, st, account_marks(st), len(events) < BATCH)
-                expire(p, st, touched)
+                out.extend(st.on_time())  # idle run/account state expires (event time)
                 if windows:
                     rt.store.insert_windows(windows)
-                for key, parts in touched.items():
-                    if parts is None:  # a tombstone in the changelog deletes the key on recovery too
-                        partials.data.pop(key, None)
-                        partials.send_changelog(p, key, None)
-                    else:
-                        val = json.dumps(parts, separators=(",", ":")).encode()
-                        partials.data[key] = val
-                        partials.send_changelog(p, key, val)
+                write_partials(p, st, touched)
                 checkpoint(p, st)
-            for d in out:
-                await detections.send(key=d.account_id.encode(), value=encode(d))
-            for c in contribs:  # in order: per owner, the owners agent applies them as the engine made them
-                await owner_topic.send(key=c["owner_id"].encode(), value=_dumps(c))
-            for m in feed_out:
-                await feed.send(key=m.key, value=encode(m))
+                await carry(p, st, out, reached, len(events) < BATCH)
             # take_events acks the batch after this body: the checkpoint above is already queued before it.
+
+    @app.timer(max(1.0, settings.detect.owner_idle_s / 4))
+    async def release_held() -> None:
+        """CIP records and allocations held ahead of the windows of a partition whose windows stopped (end of a
+        finite input, an idle partition) are applied after `detect.owner_idle_s` without input."""
+        for p, st in list(rt.stages.items()):
+            if st.held and time.monotonic() - rt.last_input.get(p, 0.0) >= settings.detect.owner_idle_s:
+                reached = st.engine.account_progress()
+                out = st.flush()
+                checkpoint(p, st)
+                await carry(p, st, out, reached, True)
 
     @app.agent(owner_topic, concurrency=1)
     async def owners(stream: Any) -> None:
@@ -408,7 +406,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             out: list[Detection] = []
             for ev in events:
                 try:
-                    c = json.loads(ev.value)
+                    c = OwnerMessage.model_validate(json.loads(ev.value)).root.model_dump()
                     oid = c["owner_id"]
                     if oid not in touched:
                         packed = owners_table.data.get(oid.encode())

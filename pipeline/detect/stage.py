@@ -1,11 +1,32 @@
-"""The detect stage's core, without Kafka: window aggregates, CIP records and allocations in; detections out.
+"""The detect stage's core, without Kafka: windows, CIP records, allocations and time in; typed outputs out.
 
-The faust app (pipeline/detect/faust_app.py) and the in-process runner (pipeline/runner.py) both drive this.
+The in-process runner (pipeline/runner.py) and the faust app (pipeline/detect/faust_app.py) both only feed this and
+carry what it returns (`DetectOutput`): detections, the CIP records it applied (the cases stage refreshes identity
+and revises cases from them), and owner messages (schemas/owner.py).
+
+Event time across topics. Windows, CIP records and allocations of a partition are applied in event-time order up
+to a watermark: the latest window end seen (`clock`). A CIP record or allocation at t is held until a window
+ending after t arrives, so it acts between the windows before it and the windows after it, whatever order the
+topics were fetched in (faust interleaves them by fetch; a whole topic may be read before another). Windows are
+the clock because they are the dense stream; a record held when the windows stop (the end of a finite input, or
+an idle partition) is released by `flush()` (the runner's `finish`, the faust app's idle rule).
+A record that arrives *behind* the clock (a CIP record entered late) is applied at once and revises: the engine
+re-evaluates the account's live runs under it (a run judged while the customer was unknown-treated-as-foreign
+becomes `monitored` when the record shows a U.S. person; the cases stage revises the case). How late it may be:
+as long as the run's state lives, `detectors.engine.IDLE_TTL_S` (6 h of event time after the run's last window);
+after that, the run's case is no longer revised by it (its identity snapshot still is).
+
+Owners. The engine queues owner messages (contributions, memberships, retractions) in its outbox. With
+`owners="local"` (in process) the stage applies them at once to the engine's own aggregator, in the order made;
+with `owners="external"` (the faust app) they are returned for the transport to carry to the owners agent.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import heapq
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from detectors.classifier_base import WorkloadClassifier
 from detectors.engine import DetectEngine
@@ -13,46 +34,151 @@ from pipeline.detect.merger import WindowMerger
 from schemas.allocation import AllocationEvent
 from schemas.cip import CipRecord
 from schemas.detection import Detection
+from schemas.owner import OwnerMessage
 from schemas.policy import Policy
 from schemas.windows import WindowAggregate
 
 
+@dataclass
+class DetectOutput:
+    detections: list[Detection] = field(default_factory=list)
+    #: CIP records applied, in the order applied (the cases stage: identity refresh, revisions)
+    cips: list[CipRecord] = field(default_factory=list)
+    #: owner messages made (only with owners="external"), in the order made
+    owner_messages: list[OwnerMessage] = field(default_factory=list)
+    #: accounts whose engine state this output may have changed (the runtime's checkpoint unit)
+    accounts: set[str] = field(default_factory=set)
+
+    def extend(self, other: DetectOutput) -> DetectOutput:
+        self.detections += other.detections
+        self.cips += other.cips
+        self.owner_messages += other.owner_messages
+        self.accounts |= other.accounts
+        return self
+
+    def __bool__(self) -> bool:
+        return bool(self.detections or self.cips or self.owner_messages)
+
+    def __iter__(self) -> Iterator[Detection]:  # callers that only want detections: list(out), dets += out
+        return iter(self.detections)
+
+
+Side = CipRecord | AllocationEvent
+
+
+def _side_time(rec: Side) -> float:
+    return rec.updated_at if isinstance(rec, CipRecord) else rec.ts
+
+
 class DetectStage:
     def __init__(self, policy: Policy, classifier: WorkloadClassifier | None = None, window_s: float = 60.0,
-                 lateness_s: float = 3600.0) -> None:
+                 lateness_s: float = 3600.0, *, owners: Literal["local", "external"] = "local") -> None:
         self.policy = policy
+        self.classifier = classifier
+        self.window_s = window_s
         self.engine = DetectEngine(policy, classifier, window_s)
+        self.engine.external_owners = True  # the stage routes owner messages (module docstring)
+        self.owners = owners
         self.merger = WindowMerger(lateness_s)
+        #: event time: the latest window end seen (the clock held records wait for)
         self.watermark = float("-inf")
+        #: CIP records and allocations ahead of the clock: (event time, arrival seq, record)
+        self._held: list[tuple[float, int, Side]] = []
+        self._seq = 0
 
-    def on_window(self, w: WindowAggregate) -> list[Detection]:
+    # -- inputs ------------------------------------------------------------------------------------------------
+
+    def on_window(self, w: WindowAggregate) -> DetectOutput:
+        out = self._release(before=w.window_end)
         merged = self.merger.add(w)
-        if merged is None:  # a partial seen before: replays change nothing
-            return []
         self.watermark = max(self.watermark, w.window_end)
-        return self.engine.on_window(merged)
+        if merged is None:  # a partial seen before: replays change nothing
+            return out
+        out.accounts.add(w.account_id or "")
+        return out.extend(self._routed(self.engine.on_window(merged)))
 
-    def on_cip(self, rec: CipRecord) -> list[Detection]:
-        return self.engine.on_cip(rec)
+    def on_cip(self, rec: CipRecord) -> DetectOutput:
+        return self._side(rec)
 
-    def on_allocation(self, ev: AllocationEvent) -> list[Detection]:
-        return self.engine.on_allocation(ev)
+    def on_allocation(self, ev: AllocationEvent) -> DetectOutput:
+        return self._side(ev)
 
-    def on_time(self) -> list[Detection]:
-        """Let time-driven rules run and idle state expire, at the event-time watermark."""
+    def on_time(self) -> DetectOutput:
+        """Let idle state expire at the event-time watermark (held records stay held)."""
         if self.watermark == float("-inf"):
-            return []
+            return DetectOutput()
         self.merger.expire(self.watermark)
-        return self.engine.on_time(self.watermark)
+        self.engine.on_time(self.watermark)
+        return self._routed([])
+
+    def flush(self) -> DetectOutput:
+        """Release every held record (the windows stopped: end of input, or an idle partition)."""
+        return self._release(before=float("inf"))
+
+    @property
+    def held(self) -> list[Side]:
+        return [r for _, _, r in sorted(self._held)]
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _side(self, rec: Side) -> DetectOutput:
+        t = _side_time(rec)
+        if t < self.watermark:  # behind the clock: applied now (a late CIP record revises)
+            return self._apply(rec)
+        heapq.heappush(self._held, (t, self._seq, rec))
+        self._seq += 1
+        return DetectOutput()
+
+    def _release(self, before: float) -> DetectOutput:
+        out = DetectOutput()
+        while self._held and self._held[0][0] < before:
+            out.extend(self._apply(heapq.heappop(self._held)[2]))
+        return out
+
+    def _apply(self, rec: Side) -> DetectOutput:
+        if isinstance(rec, CipRecord):
+            out = self._routed(self.engine.on_cip(rec))
+            out.cips.append(rec)
+        else:
+            out = self._routed(self.engine.on_allocation(rec))
+        out.accounts.add(rec.account_id)
+        return out
+
+    def _routed(self, dets: list[Detection]) -> DetectOutput:
+        """The engine's detections plus its queued owner messages: applied here (local) or returned (external)."""
+        out = DetectOutput(detections=dets)
+        msgs, self.engine.owner_outbox = self.engine.owner_outbox, []
+        if self.owners == "external":
+            out.owner_messages = [OwnerMessage.model_validate(m) for m in msgs]
+            return out
+        for m in msgs:
+            out.detections += [d for d in self.engine.owner_agg.apply(m) if self.engine._emit(d)]
+        return out
+
+    # -- state as plain data -------------------------------------------------------------------------------------
+
+    def held_to_list(self) -> list[dict[str, Any]]:
+        return [{"kind": "cip" if isinstance(r, CipRecord) else "allocation", "record": r.model_dump(mode="json")}
+                for r in self.held]
+
+    def load_held(self, items: list[dict[str, Any]]) -> None:
+        self._held = []
+        for x in items:
+            rec: Side = (CipRecord if x["kind"] == "cip" else AllocationEvent).model_validate(x["record"])
+            heapq.heappush(self._held, (_side_time(rec), self._seq, rec))
+            self._seq += 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {"engine": self.engine.to_dict(), "merger": self.merger.to_dict(), "watermark": self.watermark}
+        return {"engine": self.engine.to_dict(), "merger": self.merger.to_dict(), "watermark": self.watermark,
+                "held": self.held_to_list()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], policy: Policy, classifier: WorkloadClassifier | None = None,
-                  window_s: float = 60.0) -> DetectStage:
-        stage = cls(policy, classifier, window_s)
+                  window_s: float = 60.0, *, owners: Literal["local", "external"] = "local") -> DetectStage:
+        stage = cls(policy, classifier, window_s, owners=owners)
         stage.engine = DetectEngine.from_dict(d["engine"], policy, classifier)
+        stage.engine.external_owners = True
         stage.merger = WindowMerger.from_dict(d["merger"])
         stage.watermark = d["watermark"]
+        stage.load_held(d.get("held", []))
         return stage
