@@ -307,7 +307,8 @@ def _compare(ref: dict, got: dict, feed: list[dict]) -> dict:
     }
 
 
-def _restart_brokers(cluster: Cluster, out: list[subprocess.CompletedProcess]) -> None:
+def _restart_brokers(cluster: Cluster, out: list[subprocess.CompletedProcess], after_s: float) -> None:
+    time.sleep(after_s)
     out.append(cluster.sh("start", "--brokers", "3"))  # starts only the node that is down
 
 
@@ -399,9 +400,9 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
             with contextlib.suppress(ProcessLookupError):
                 os.kill(cluster.pid(node), signal.SIGKILL)
             f.note = f"node {node} down 20 s, then restarted by kafka.sh"
-            time.sleep(20)
             restarted: list[subprocess.CompletedProcess] = []
-            th = threading.Thread(target=_restart_brokers, args=(cluster, restarted))
+            # the worker is watched (and supervised) while the broker is down, not only after it is back
+            th = threading.Thread(target=_restart_brokers, args=(cluster, restarted, 20.0))
             th.start()
             f.recovery = wait_resumed(before, t_f)
             th.join(300)
@@ -502,6 +503,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--clean", action="store_true", help="no faults: the same run as a baseline for the transport")
     ap.add_argument("--stream-s", type=float, default=None, help="override how long producing each folder takes")
+    ap.add_argument("--only", choices=("kill", "broker", "store"), default=None,
+                    help="keep only this kind of fault (which fault causes a difference)")
     ap.add_argument("--dynamic", action="store_true",
                     help="no group.instance.id (dynamic membership): the recovery baseline static membership beats")
     args = ap.parse_args(argv)
@@ -509,9 +512,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         plans = [Plan("demo", 3, True, 30.0, 150.0)]
     else:  # 20 worker kills in all, one broker kill, one store outage
-        plans = [Plan("demo", 10, True, 0.0, 420.0), Plan("scope", 10, False, 30.0, 480.0)]
+        plans = [Plan("demo", 10, True, 0.0, 300.0), Plan("scope", 10, False, 30.0, 330.0)]
     if args.clean:
         plans = [Plan(p.scenario, 0, False, 0.0, p.stream_s) for p in plans]
+    if args.only:
+        plans = [Plan(p.scenario, p.kills if args.only == "kill" else 0, p.broker_kill and args.only == "broker",
+                      p.store_outage_s if args.only == "store" else 0.0, p.stream_s) for p in plans]
     if args.stream_s:
         plans = [Plan(p.scenario, p.kills, p.broker_kill, p.store_outage_s, args.stream_s) for p in plans]
     t0 = time.monotonic()
@@ -520,7 +526,8 @@ def main(argv: list[str] | None = None) -> None:
     started_s = cluster.start()
     result: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "machine": f"{os.cpu_count()} CPUs", "seed": args.seed, "quick": args.quick,
-                              "clean": args.clean, "static_membership": not args.dynamic,
+                              "clean": args.clean, "only": args.only, "static_membership": not args.dynamic,
+                              "classifier": os.environ.get("TRAINWATCH_MODEL_PATH") or "packaged",
                               "cluster": {"brokers": 3, "replication_factor": 3, "min_insync_replicas": 2,
                                           "partitions": PARTITIONS, "start_s": round(started_s, 1)},
                               "scenarios": []}
@@ -533,12 +540,12 @@ def main(argv: list[str] | None = None) -> None:
         subprocess.run(["rm", "-rf", str(home)], check=False)
     result["wall_s"] = round(time.monotonic() - t0, 1)
     name = "chaos" + ("-quick" if args.quick else "") + ("-clean" if args.clean else "")
-    name += "-dynamic" if args.dynamic else ""
+    name += ("-dynamic" if args.dynamic else "") + (f"-only-{args.only}" if args.only else "")
     out = args.out or RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     print(_table(result))
-    if not (args.quick or args.clean or args.dynamic) and args.out is None:
+    if not (args.quick or args.clean or args.dynamic or args.only) and args.out is None:
         _readme(result)
 
 
