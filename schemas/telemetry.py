@@ -107,8 +107,9 @@ MAX_VALUES: dict[str, float] = {
 }
 #: gpu_index: a node's accelerator index (MIG instances included) stays below this.
 MAX_GPU_INDEX = 4096
-#: ids (device, node, workload, account, ...) longer than this are refused: they travel in every window.
-MAX_ID_CHARS = 256
+#: ids (device, node, workload, account, ...) longer than this are refused: they travel in every window (and a batch
+#: of messages all no longer than this, the usual case, needs no check at all).
+MAX_ID_CHARS = 1024
 
 
 def is_sentinel(value: float, field: str) -> bool:

@@ -176,7 +176,7 @@ def test_absurd_magnitudes_and_wrong_types_are_letters_and_blanks_are_exact(batc
         ({"gpu_util": 1.5e14}, "out_of_range"),  # above the FP64 blank, not one of the markers
         ({"gpu_util": "Infinity"}, "wrong_type"), ({"gpu_util": "0.5"}, "wrong_type"),
         ({"power_w": [1.0]}, "wrong_type"), ({"power_w": {"v": 1}}, "wrong_type"), ({"gpu_index": 1.5}, "wrong_type"),
-        ({"device": "d" * 300}, "out_of_range"),
+        ({"device": "d" * 1100}, "out_of_range"),
         ({"gpu_util": INT32_BLANKS[2]}, None), ({"power_w": FP64_BLANKS[0]}, None),
         ({"power_w": 9223372036854775794}, None), ({"gpu_util": 0.0, "power_w": 0.0}, None),
     ]
@@ -240,3 +240,13 @@ def test_letters_of_merged_rows_have_distinct_keys() -> None:
     dead += core.drain_letters
     assert dead and {d.reason for d in dead} == {"too_late"}
     assert len({d.letter_key() for d in dead}) == len(dead)
+
+
+def test_a_device_id_too_long_in_a_columnar_message_is_a_row_letter() -> None:
+    rows = synth.samples([synth.WorkloadSpec("wl-c", nodes=2, gpus_per_node=4)], T0, 60, 10.0)
+    cols = [orjson.loads(v) for _, v in synth.columnar(rows)]
+    cols[0]["device"][1] = "G" * 1100
+    core = IngestCore()
+    dead = core.process("telemetry", 0, [SourceMessage(i, orjson.dumps(c)) for i, c in enumerate(cols)], NOW)
+    assert [(d.reason, d.offset) for d in dead] == [("out_of_range", 0)]
+    assert sum(w.sample_count for w in core.drain()) == len(rows) - 1

@@ -30,7 +30,7 @@ import numpy as np
 from detectors.catalog import resolve
 from detectors.compute import BASIS_NAMES, estimate_flop
 from schemas.ids import content_id
-from schemas.telemetry import METRIC_FIELDS
+from schemas.telemetry import MAX_ID_CHARS, METRIC_FIELDS
 from schemas.windows import WindowAggregate
 
 DERIVED_FIELDS = ("util_frac", "power_frac", "fb_frac")
@@ -101,6 +101,8 @@ class AddResult:
     duplicates: int
     #: rows further ahead of the partition's confirmed event time than max_clock_skew_s (row indices)
     ahead: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: rows of devices whose id is longer than MAX_ID_CHARS (checked when a device is new; columnar input)
+    long_id: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 #: ids kept in a Progress snapshot are cut to this (commit metadata is small: 4 KiB by default on the broker)
@@ -483,7 +485,10 @@ class WindowAggregator:
         ts = b.ts
         ids = p.dev_ids
         g = list(map(ids.get, b.device))  # C-level lookups; the comprehension below only when a device is new
+        long_dev = None
         if None in g:
+            if b.ids_per_message and max(map(len, {b.device[i] for i, x in enumerate(g) if x is None})) > MAX_ID_CHARS:
+                long_dev = np.fromiter((len(d) > MAX_ID_CHARS for d in b.device), dtype=bool, count=n)
             g = [ids.setdefault(d, len(ids)) for d in b.device]
         gid = np.array(g, dtype=np.int64)
         p.fit(len(ids))
@@ -495,6 +500,9 @@ class WindowAggregator:
                     p.dev_node[gid[i]] = nids.setdefault(b.node[i], len(nids))
             nid = p.dev_node[gid]
         ahead, before, snap = self._confirmed(p, ts, gid, nid, b.arrival_checked)
+        bad_id = long_dev if long_dev is not None and long_dev.any() else None
+        if bad_id is not None:  # ids too long to travel in a window: out, like rows ahead (letters, out_of_range)
+            ahead = ahead & ~bad_id
         msg_start = np.concatenate(([True], b.offset[1:] != b.offset[:-1]))
         before_msg = np.flatnonzero(msg_start)[np.cumsum(msg_start) - 1]  # row index of each row's message start
         wm = before - cfg.watermark_lag_s
@@ -502,9 +510,10 @@ class WindowAggregator:
         epoch = np.where(np.isfinite(wm), np.floor(np.where(np.isfinite(wm), wm, 0.0) / W), _NO_EPOCH).astype(np.int64)
         r = np.maximum(epoch - w, 0)
         too_late = (wm - (w + 1) * W) > cfg.allowed_lateness_s
-        if ahead.any():  # out of everything below (dedup, intervals, windows); too_late stays "not ahead"
-            too_late &= ~ahead
-            gone = too_late | ahead
+        if ahead.any() or bad_id is not None:  # out of everything below (dedup, intervals, windows)
+            out_ = ahead if bad_id is None else ahead | bad_id
+            too_late &= ~out_
+            gone = too_late | out_
         else:
             gone = too_late
         keys = (gid << _TS_BITS) | np.round(ts * 1000).astype(np.int64)
@@ -518,8 +527,9 @@ class WindowAggregator:
                            p.dev_key[ks >> _TS_BITS])
         suspect = np.empty(n, dtype=bool)
         suspect[order] = ks <= prior
-        if ahead.any():  # a bad clock's row must not stand as its device's newest
-            np.maximum.at(p.dev_key, gid[~ahead], keys[~ahead])
+        if gone is not too_late:  # a bad clock's row (or a refused id's) must not stand as its device's newest
+            keep_k = ~(gone & ~too_late)
+            np.maximum.at(p.dev_key, gid[keep_k], keys[keep_k])
         else:
             np.maximum.at(p.dev_key, gid, keys)
         if suspect.any():  # out-of-order or repeated rows: the exact check against the windows' recorded keys
@@ -554,7 +564,8 @@ class WindowAggregator:
         if p.adds % COMPACT_EVERY == 0 and len(p.dev_ids) >= COMPACT_MIN:  # after the batch: its ids are done
             cfg = self.cfg
             p.compact(p.max_ts - cfg.watermark_lag_s - cfg.allowed_lateness_s - cfg.window_s, COMPACT_SHARE)
-        return AddResult(np.flatnonzero(too_late), duplicates, np.flatnonzero(ahead))
+        return AddResult(np.flatnonzero(too_late), duplicates, np.flatnonzero(ahead),
+                         np.flatnonzero(bad_id) if bad_id is not None else np.zeros(0, dtype=np.int64))
 
     def _confirmed(self, p: _Partition, ts: np.ndarray, gid: np.ndarray, nid: np.ndarray, alone_ok: bool
                    ) -> tuple[np.ndarray, np.ndarray, Callable[[int], Progress]]:

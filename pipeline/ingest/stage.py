@@ -22,7 +22,7 @@ from pipeline.ingest.dlq import DLQ_MAX_VALUE_BYTES, DeadLetter
 from pipeline.ingest.inventory import Inventory
 from pipeline.ingest.validate import validate_rows
 from schemas.serde import dumps
-from schemas.telemetry import METRIC_FIELDS
+from schemas.telemetry import MAX_ID_CHARS, METRIC_FIELDS
 from schemas.windows import WindowAggregate
 
 
@@ -138,10 +138,8 @@ class IngestCore:
         # Oversized messages are lettered unread; the rest is decoded as if they were not there.
         keep_msgs: list[int] | None = None
         limit = self.max_message_bytes
-        if None in values:
-            big = [i for i, v in enumerate(values) if v is not None and len(v) > limit]
-        else:
-            big = [i for i, v in enumerate(values) if len(v) > limit] if max(map(len, values)) > limit else []
+        longest = max((len(v) for v in values if v), default=0) if None in values else max(map(len, values))
+        big = [i for i, v in enumerate(values) if v is not None and len(v) > limit] if longest > limit else []
         if big:
             for i in big:
                 letter(i, "oversized", f"message of {len(values[i] or b'')} bytes exceeds max_message_bytes={limit}")
@@ -185,7 +183,8 @@ class IngestCore:
             if arrival is not None:
                 arr = np.asarray(arrival, dtype=np.float64)[rows.msg]
                 checked = not np.isnan(arr).any()
-            ok, problems = validate_rows(rows, now, arr, self.agg.cfg.max_clock_skew_s)
+            ok, problems = validate_rows(rows, now, arr, self.agg.cfg.max_clock_skew_s,
+                                         min(longest, limit) if not big else limit)
             if rb.bad_rows:
                 ok[rb.bad_rows] = False
                 problems += [(i, "wrong_type", "metric value is not a number") for i in rb.bad_rows]
@@ -232,14 +231,17 @@ class IngestCore:
             return
         res = self.agg.add(topic, partition, batch)
         self.counters["duplicates"] += res.duplicates
-        self.counters["samples_ok"] += len(batch.ts) - res.duplicates - len(res.too_late) - len(res.ahead)
+        self.counters["samples_ok"] += (len(batch.ts) - res.duplicates - len(res.too_late) - len(res.ahead)
+                                        - len(res.long_id))
         skew = self.agg.cfg.max_clock_skew_s
-        for reason, rows_ in (("too_late", res.too_late), ("clock_ahead", res.ahead)):
+        for reason, rows_ in (("too_late", res.too_late), ("clock_ahead", res.ahead), ("out_of_range", res.long_id)):
             for j in rows_.tolist():
                 offset = int(batch.offset[j])
                 raw = whole(offset) if whole else None
                 if reason == "too_late":
                     detail = "window closed longer ago than allowed_lateness_s"
+                elif reason == "out_of_range":
+                    detail = f"device id longer than {MAX_ID_CHARS} characters"
                 else:
                     detail = (f"timestamp {float(batch.ts[j])} is more than {skew:.0f} s ahead of the partition's "
                               f"confirmed event time (max_clock_skew_s)")

@@ -36,10 +36,8 @@ _ID_COLUMNS = (("device", "device"), ("node", "node"), ("workload", "workload_id
 def sentinels_to_nan(metrics: np.ndarray) -> int:
     """Replace DCGM blank markers by NaN in place (same rule as schemas.telemetry.is_sentinel); returns the count.
     Exact matches only: 1e300 is not "not supported", it is out of range."""
-    with np.errstate(invalid="ignore"):
-        big = metrics >= _SMALLEST_SENTINEL  # one cheap pass; the exact test only where something is that large
-        if not big.any():
-            return 0
+    if not np.fmax.reduce(metrics, axis=None, initial=-np.inf) >= _SMALLEST_SENTINEL:  # one pass, NaN ignored
+        return 0
     s = np.isin(metrics, SENTINELS_ALL) | (~_IS_BYTE & np.isin(metrics, SENTINELS_NON_BYTE))
     n = int(s.sum())
     if n:
@@ -48,20 +46,27 @@ def sentinels_to_nan(metrics: np.ndarray) -> int:
 
 
 def _long_ids(rows: Rows) -> np.ndarray | None:
-    """Rows with an id over MAX_ID_CHARS characters (None: none). Distinct values are few: checked once each."""
+    """Rows with an id over MAX_ID_CHARS characters (None: none). For rows of columnar messages the ids but the
+    device are the message's: checked once per message."""
+    n = len(rows)
+    starts = None
+    if rows.ids_per_message and n:
+        starts = np.flatnonzero(np.concatenate(([True], rows.msg[1:] != rows.msg[:-1]))).tolist()
     bad = None
     for name, _ in _ID_COLUMNS:
         col = getattr(rows, name)
-        uniq = set(col)
-        uniq.discard(None)
-        if uniq and max(map(len, uniq)) > MAX_ID_CHARS:
-            long = {v for v in uniq if len(v) > MAX_ID_CHARS}
-            m = np.fromiter((v in long for v in col), dtype=bool, count=len(col))
+        if name == "device" and starts is not None:
+            continue  # a columnar message's devices: checked when new to the partition (WindowAggregator.add)
+        vals = col if starts is None else [col[i] for i in starts]
+        if max(map(len, filter(None, vals)), default=0) > MAX_ID_CHARS:
+            m = np.fromiter((v is not None and len(v) > MAX_ID_CHARS for v in col), dtype=bool, count=n)
             bad = m if bad is None else bad | m
     return bad
 
 
 def _bad_gpu_index(rows: Rows) -> np.ndarray | None:
+    if rows.gpu_index.count(None) == len(rows.gpu_index):  # the usual case: not reported
+        return None
     uniq = set(rows.gpu_index)
     uniq.discard(None)
     if not uniq or all(0 <= g < MAX_GPU_INDEX for g in uniq):
@@ -70,11 +75,12 @@ def _bad_gpu_index(rows: Rows) -> np.ndarray | None:
                        count=len(rows))
 
 
-def validate_rows(rows: Rows, now: float, arrival: np.ndarray | None = None, max_clock_skew_s: float = 300.0
-                  ) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
+def validate_rows(rows: Rows, now: float, arrival: np.ndarray | None = None, max_clock_skew_s: float = 300.0,
+                  max_message_len: int | None = None) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
     """Check all rows; returns (ok mask, [(row, reason, detail)] for the bad ones). Sentinels become NaN in place.
     `arrival`: per row, its message's arrival time (NaN: unknown); rows further ahead of it than
-    `max_clock_skew_s` are `clock_ahead`."""
+    `max_clock_skew_s` are `clock_ahead`. `max_message_len`: the longest message's bytes, when known (no id can be
+    longer: the id-length check is skipped when that is within MAX_ID_CHARS)."""
     sentinels_to_nan(rows.metrics)
     m = rows.metrics
     with np.errstate(invalid="ignore"):
@@ -95,7 +101,8 @@ def validate_rows(rows: Rows, now: float, arrival: np.ndarray | None = None, max
     with np.errstate(invalid="ignore"):
         bad_interval = ~((rows.interval > 0) & (rows.interval <= 3600)) & ~np.isnan(rows.interval)
     any_range = bad_range.any(axis=1)
-    long_ids, bad_gpu = _long_ids(rows), _bad_gpu_index(rows)
+    long_ids = None if max_message_len is not None and max_message_len <= MAX_ID_CHARS else _long_ids(rows)
+    bad_gpu = _bad_gpu_index(rows)
     ok = ~(any_range | bad_ts | future | ahead | missing | bad_interval)
     if long_ids is not None:
         ok &= ~long_ids
