@@ -50,7 +50,8 @@ class IngestCollector:
         yield GaugeMetricFamily("trainwatch_ingest_open_windows", "Window units not yet emitted",
                                 value=sum(len(p.units) for _, p in parts))
         event_time = GaugeMetricFamily("trainwatch_ingest_event_time_seconds",
-                                       "Newest event time seen, per partition (unix seconds)", labels=_PART)
+                                       "Confirmed event time (the watermark basis), per partition (unix seconds)",
+                                       labels=_PART)
         for (topic, part), p in parts:
             if math.isfinite(p.max_ts):
                 event_time.add_metric([topic, str(part)], p.max_ts)
