@@ -74,6 +74,11 @@ def _alias_index() -> dict[str, str]:
     return idx
 
 
+#: What a window's basis says when the part is not in the catalog (or not reported): its FLOP band is the widest the
+#: catalog allows (detectors/compute.py `unknown_accelerator_band`), never a silent zero.
+UNKNOWN_ACCELERATOR = "unknown_accelerator"
+
+
 @cache
 def resolve(model_name: str | None) -> Accelerator | None:
     """Map a reported model name (DCGM modelName, inventory key) to a catalog entry; None when unknown."""
@@ -88,6 +93,7 @@ def resolve(model_name: str | None) -> Accelerator | None:
     if best is None:
         return None
     key = idx[best]
-    if key == "H100" and "pcie" in n:
-        key = "H100-PCIE"
-    return load_catalog()[key]
+    cat = load_catalog()
+    if "pcie" in n and f"{key}-PCIE" in cat:  # e.g. "Tesla V100-PCIE-32GB", "H100 PCIe": not the SXM row
+        key = f"{key}-PCIE"
+    return cat[key]

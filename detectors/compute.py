@@ -7,7 +7,14 @@ Formula (DESIGN.md, "Compute accounting"):
   activity a = GPU utilisation (or graphics-engine / SM activity), damped by the power fraction when power and
   TDP are known; FLOP = interval x BF16 peak x a x MFU, with MFU point 0.40 (Epoch AI's assumption), low 0.10,
   high 0.60 of the FP8-or-BF16 peak (above the best published large-run MFU, 56 %; reference/accelerators.md).
+  Utilisation without power: same point, the low end halved (a busy engine may be mostly waiting).
+  Power without utilisation (power-only exporters): activity a_p = (power fraction - idle share) / (1 - idle
+  share), idle share 0.15 of TDP; point = BF16 peak x a_p x MFU point, low = a quarter of that (power also
+  buys memory traffic), high = FP8-or-BF16 peak x min(1, 2 a_p) x MFU high: a band about 8x wide, flagged by the
+  same basis code (utilisation_power).
 - `none`: no activity signal at all; point and low are 0 and high is the device's full capacity at FP8 peak.
+- Unknown accelerator (no catalog row): the caller has no peaks; `unknown_accelerator_band` bounds it from the
+  catalog's smallest and largest parts, with basis `unknown_accelerator` (detectors/catalog.py).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import numpy as np
 BASIS_NONE, BASIS_UTIL_POWER, BASIS_TENSOR = 0, 1, 2
 BASIS_NAMES = {BASIS_NONE: "none", BASIS_UTIL_POWER: "utilisation_power", BASIS_TENSOR: "tensor_active"}
 MFU_POINT, MFU_LOW, MFU_HIGH = 0.40, 0.10, 0.60
+#: Power drawn by an idle, clocked-up part, as a share of TDP (H100/A100 idle at 60-90 W of 400-700 W).
+IDLE_POWER_SHARE = 0.15
 
 
 def estimate_flop(
@@ -40,11 +49,36 @@ def estimate_flop(
     has_act = ~np.isnan(activity)
     ta = np.where(has_tensor, tensor_active, 0.0)
     # Power damps utilisation: "100 % utilised" at a third of TDP is mostly waiting (kernel-launch bound).
-    damp = np.where(np.isnan(power_frac), 1.0, np.clip(power_frac * 1.5, 0.0, 1.0))
+    has_power = ~np.isnan(power_frac)
+    damp = np.where(has_power, np.clip(power_frac * 1.5, 0.0, 1.0), 1.0)
     act = np.where(has_act, np.clip(activity, 0.0, 1.0) * damp, 0.0)
+    # power-only: activity from the draw above idle, a wide band (power also pays for memory traffic)
+    power_only = ~has_act & has_power
+    a_p = np.where(power_only, np.clip((power_frac - IDLE_POWER_SHARE) / (1.0 - IDLE_POWER_SHARE), 0.0, 1.0), 0.0)
+    low_mfu = np.where(has_power, MFU_LOW, MFU_LOW / 2.0)  # utilisation without power: "busy" may be waiting
 
-    point = np.where(has_tensor, dt * pk_point * ta, dt * pk_low * act * MFU_POINT)
-    low = np.where(has_tensor, dt * pk_low * ta, dt * pk_low * act * MFU_LOW)
-    high = np.where(has_tensor, dt * pk_high * ta, np.where(has_act, dt * pk_high * act * MFU_HIGH, dt * pk_high))
-    basis = np.where(has_tensor, BASIS_TENSOR, np.where(has_act, BASIS_UTIL_POWER, BASIS_NONE)).astype(np.int8)
+    point = np.where(has_tensor, dt * pk_point * ta,
+                     np.where(power_only, dt * pk_low * a_p * MFU_POINT, dt * pk_low * act * MFU_POINT))
+    low = np.where(has_tensor, dt * pk_low * ta,
+                   np.where(power_only, dt * pk_low * a_p * MFU_POINT / 4.0, dt * pk_low * act * low_mfu))
+    high = np.where(has_tensor, dt * pk_high * ta,
+                    np.where(has_act, dt * pk_high * act * MFU_HIGH,
+                             np.where(power_only, dt * pk_high * np.minimum(1.0, 2.0 * a_p) * MFU_HIGH, dt * pk_high)))
+    basis = np.where(has_tensor, BASIS_TENSOR,
+                     np.where(has_act | power_only, BASIS_UTIL_POWER, BASIS_NONE)).astype(np.int8)
     return point, low, high, basis
+
+
+def unknown_accelerator_band(device_seconds: float, activity: float | None) -> tuple[float, float, float]:
+    """(point, low, high) FLOP for devices whose part the catalog does not know: low 0 (it may be any part, or
+    waiting), point at the catalog's median BF16 peak x activity x MFU point, high at its largest FP8-or-BF16 peak
+    x activity (or 1 when activity is unknown) x MFU high."""
+    from detectors.catalog import load_catalog
+
+    parts = list(load_catalog().values())
+    bf16 = sorted(a.peak_flops["bf16"] for a in parts if "bf16" in a.peak_flops)
+    top = max(max(a.peak_flops.values()) for a in parts if a.peak_flops)
+    a = 1.0 if activity is None else min(max(activity, 0.0), 1.0)
+    mid = bf16[len(bf16) // 2] if bf16 else 0.0
+    point = device_seconds * mid * a * MFU_POINT if activity is not None else 0.0
+    return point, 0.0, device_seconds * top * a * MFU_HIGH
