@@ -137,6 +137,9 @@ def test_compliance_works_a_case_in_the_browser(browser: Any, base_url: str, cas
     assert page.get_attribute(f"tr[data-case='{second.case_id}']", "data-urgency") == "soon"
     assert "open 6" in " ".join(page.inner_text("[data-testid=counts]").split())
     page.screenshot(path=str(tmp_path / "queue.png"), full_page=True)
+    page.click("ul.counts li.urg-overdue a")  # the count links keep as_of
+    assert [r.get_attribute("data-case") for r in rows.all()] == [first.case_id]
+    page.goto(f"{base_url}/?as_of={as_of}")
 
     # Filter, then open the compute_projected case from the queue.
     page.select_option("select[name=reason]", "compute_projected")
