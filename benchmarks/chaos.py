@@ -343,6 +343,13 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
                          capture_output=True, text=True, timeout=120)
     if res.returncode != 0:
         raise SystemExit(f"topics create failed: {res.stderr[-2000:]}")
+    # Same-run baseline for the recovery times: how long a bare Python takes just to import what the worker runs
+    # (on a loaded machine most of a restart is this).
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import pipeline.cli, pipeline.detect.faust_app, pipeline.ingest.kafka_stage,"
+                    " pipeline.store"], cwd=REPO, check=True, timeout=300)
+    import_s = round(time.monotonic() - t0, 2)
+    load = os.getloadavg()[0]
     down = tmp / f"{plan.scenario}-store-down"
     worker = Worker([sys.executable, "-m", "pipeline", "run", "--stage", "all", "--app-id", app_id,
                      "--ingest-group", group, "--fault-store-down-file", str(down)], env,
@@ -453,7 +460,8 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
         "stream_s": plan.stream_s, "replay_s": round(replay_s, 1), "drain_s": round(drained_s, 1),
         "wall_s": round(time.monotonic() - t_begin, 1), "worker_starts": worker.starts,
         "worker_own_exits": worker.own_exits, "final_stop_rc": rc,
-        "first_start_s": first, "faults": [f.__dict__ for f in faults], "dead_letters_by_reason": reasons,
+        "worker_import_s": import_s, "load_average_1m": round(load, 1), "first_start_s": first,
+        "faults": [f.__dict__ for f in faults], "dead_letters_by_reason": reasons,
         "recovery_after_kill_s": {k: {"values": v, "max": max((x for x in v if x is not None), default=None),
                                       "median": statistics.median([x for x in v if x is not None]) if any(
                                           x is not None for x in v) else None,
@@ -465,7 +473,7 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
 def _table(result: dict) -> str:
     rows = ["| scenario | kills | broker kill | store outage | cases replay / kafka | lost | extra | knowledge moved "
             "| dup events | dup feed | compute max rel (to last window) | recovery after kill, max s (ingest / detect) "
-            "| worker exits |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| worker exits | import alone s (load) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in result["scenarios"]:
         kinds = [f["kind"] for f in s["faults"]]
         r = s["recovery_after_kill_s"]
@@ -479,7 +487,8 @@ def _table(result: dict) -> str:
             f"{s['duplicate_feed_messages']} | {s['compute_max_abs_rel']:.2g} "
             f"({s['compute_max_abs_rel_upto_last_window']:.2g}) | "
             f"{r['ingest']['max']} / {r['detect']['max']} ({r['ingest']['not_resumed']}+{r['detect']['not_resumed']} "
-            f"not within {RESUME_CAP_S:.0f} s) | {len(s['worker_own_exits'])} |")
+            f"not within {RESUME_CAP_S:.0f} s) | {len(s['worker_own_exits'])} | "
+            f"{s.get('worker_import_s')} ({s.get('load_average_1m')}) |")
     return "\n".join(rows)
 
 
