@@ -249,7 +249,9 @@ class DetectEngine:
         used_before = run.used
         latest = end >= run.last_end
         flop = (_num(_g(w, "flop")), _num(_g(w, "flop_low")), _num(_g(w, "flop_high")))
-        run.add_window(f"{wid}|{start!r}", end, flop, self.window_s)
+        if not run.add_window(f"{wid}|{start!r}", end, flop, self.window_s):
+            self.errors["window_beyond_horizon"] = self.errors.get("window_beyond_horizon", 0) + 1
+            return []
         basis = str(_g(w, "basis") or "none")
         run.basis[basis] = run.basis.get(basis, 0) + 1
         for win_id in list(_g(w, "window_ids") or ()) or [_g(w, "window_id") or content_id("win", wid, start)]:

@@ -11,7 +11,13 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 HISTORY_K = 16  # windows the classifier sees
-SEEN_K = 256  # (workload, window) keys remembered so a re-delivered or corrected window replaces, not adds
+#: (workload, window) keys remembered so a re-delivered or corrected window replaces, not adds: every key of a window
+#: that can still be delivered (within `REPLACE_HORIZON_S` of the run's latest window end) is kept, up to this bound
+SEEN_K = 8192
+#: How far behind a run's latest window a window may still arrive and be counted (the ingest stage's allowed
+#: lateness, 1 h, plus a window). One older than this whose key is forgotten is not counted again: a replay of
+#: offsets must never add a window twice (exactly once where totals are summed).
+REPLACE_HORIZON_S = 3660.0
 RECENT_EVENTS_K = 64
 SOURCE_WINDOWS_K = 32
 RUN_IDS_K = 16  # job / workload ids (and accelerator models) kept in a run's description: the newest
@@ -85,11 +91,20 @@ class RunState(_Plain):
                 "start": self.started_at, "end": self.last_end or None,
                 "job_ids": list(self.job_ids), "workload_ids": list(self.workload_ids)}
 
-    def add_window(self, key: str, window_end: float, flop: tuple[float, float, float], window_s: float) -> None:
-        """Add (or, for a re-delivered window, replace) one workload-window's FLOP."""
-        old = self.seen.get(key, [0.0, 0.0, 0.0])
+    def add_window(self, key: str, window_end: float, flop: tuple[float, float, float], window_s: float,
+                   horizon_s: float = REPLACE_HORIZON_S) -> bool:
+        """Add (or, for a re-delivered window, replace) one workload-window's FLOP. False: the window is older than
+        the horizon and not remembered (a re-delivery of a window forgotten, or data past the allowed lateness):
+        not counted, since it may have been counted already."""
+        old = self.seen.get(key)
+        if old is None and window_end < self.last_end - horizon_s:
+            return False
+        old = old or [0.0, 0.0, 0.0]
         d = [flop[i] - old[i] for i in range(3)]
         self.seen[key] = list(flop)
+        if len(self.seen) > SEEN_K // 2:  # forget windows past the horizon (keys end in the window start)
+            cut = self.last_end - horizon_s - window_s
+            self.seen = {k: v for k, v in self.seen.items() if float(k.rsplit("|", 1)[1]) >= cut}
         _cap_dict(self.seen, SEEN_K)
         self.used += d[0]
         self.used_low += d[1]
@@ -100,6 +115,7 @@ class RunState(_Plain):
         if window_end >= self.last_end:
             self.last_end = window_end
             self.rate = self.window_flop[wk] / window_s
+        return True
 
 
 @dataclass(slots=True)

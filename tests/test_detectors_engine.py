@@ -634,3 +634,22 @@ def test_a_batch_touching_one_account_serialises_only_that_account(demo_inputs: 
     stage.engine.on_cip(cip(aid, updated_at=t))  # a CIP record alone: its account (and shared if owners move)
     assert apply_dirty(entries, stage.engine)[0] == {aid}
     assert entries == full_entries(stage.engine)
+
+
+def test_a_replayed_window_never_counts_twice_however_many_workloads_the_run_has():
+    """Exactly once where totals are summed: a run of 12 workloads x 70 windows (840 workload-windows, more than any
+    count-capped memory of 256); re-delivering windows (a replay of offsets) within the allowed lateness replaces
+    them, and one forgotten past the horizon is not counted again."""
+    eng = DetectEngine(demo())
+    eng.on_cip(cip("acct-big", us_person=True, country="US"))
+    ws = [window(f"wl-{k}", "acct-big", i, flop=1e12, label="big") for i in range(70) for k in range(12)]
+    feed(eng, ws)
+    (run,) = eng.runs.values()
+    used = run.used
+    assert used == pytest.approx(840 * 1e12)
+    feed(eng, [w for w in ws if w.window_start >= T0 + 20 * W])  # 50 windows back: inside the hour of lateness
+    feed(eng, ws[:24])  # the first two windows: past the horizon, still remembered here: replaced
+    assert run.used == pytest.approx(used)
+    # A window past the horizon that is not remembered (forgotten, or data later than the allowed lateness).
+    assert feed(eng, [window("wl-late", "acct-big", 0, flop=1e12, label="big")]) == []
+    assert run.used == pytest.approx(used) and eng.errors.get("window_beyond_horizon") == 1
