@@ -393,3 +393,19 @@ def test_held_cip_is_applied_in_event_time_whatever_the_fetch_order(demo_inputs:
     book, events = _detect_and_book(side + wins, policy)
     assert not [e for e in events if e.action == "revised"]
     assert _live(book) == _live(ref) and len(book.cases) == len(ref.cases)
+
+
+def test_info_held_for_a_case_not_yet_open_survives_a_restart(store) -> None:
+    """A restart between an info detection and the detection that opens its case (the cases agent killed): the
+    held info is re-derived from the stored detections, and the case opens with it, as without the restart."""
+    from pipeline.cases.service import CaseService
+
+    info = det("info", t=T0, detector="change_in_scope", reason="scope_grew")
+    opener = det(t=T0 + 60)
+    store.insert_detections([info])  # the runner and the cases agent store detections before applying them
+    assert CaseService(store, BIS).process([info], NOW) == []
+    store.insert_detections([opener])
+    CaseService(store, BIS).process([opener], NOW + 10)  # a new process: nothing in memory
+    (case,) = store.list_cases()
+    assert info.detection_id in case.evidence["detections"]
+    assert sorted(e.action for e in store.case_events(case.case_id)) == ["evidence_added", "opened"]

@@ -232,6 +232,20 @@ class CaseBook:
         for c in cases:
             self._cases[c.case_id] = c
 
+    def hold_info(self, detections: Iterable[Detection]) -> None:
+        """Hold info detections whose case does not exist yet (as `apply` does; e.g. re-derived after a restart)."""
+        for det in sorted(detections, key=lambda d: (d.event_time, d.detection_id)):
+            cid = case_id_for(det)
+            if det.outcome == "info" and cid not in self._cases:
+                self._hold(cid, det, fingerprint(det))
+
+    def _hold(self, cid: str, det: Detection, fp: str) -> None:
+        pending = self._pending_info.setdefault(cid, [])
+        if all(fingerprint(p) != fp for p in pending):
+            pending[:] = [*pending, det][-_PENDING_INFO_PER_CASE:]
+        while len(self._pending_info) > _PENDING_INFO_CASES:
+            self._pending_info.pop(next(iter(self._pending_info)))
+
     def get(self, case_id: str) -> Case | None:
         return self._cases.get(case_id)
 
@@ -259,11 +273,7 @@ class CaseBook:
                 if det.outcome == "info":
                     # Info never opens a case, but it explains one that opens later: keep it until then, so a
                     # replay (which finds the case already open) attaches exactly what the first run did.
-                    pending = self._pending_info.setdefault(cid, [])
-                    if all(fingerprint(p) != fp for p in pending):
-                        pending[:] = [*pending, det][-_PENDING_INFO_PER_CASE:]
-                    while len(self._pending_info) > _PENDING_INFO_CASES:
-                        self._pending_info.pop(next(iter(self._pending_info)))
+                    self._hold(cid, det, fp)
                     continue
                 case, event = self._open(cid, det, fp, cips.get(det.account_id), now)
                 for info in self._pending_info.pop(cid, []):

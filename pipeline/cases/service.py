@@ -26,6 +26,10 @@ class CaseService:
         self.store = store
         self.policy = policy
         self.book = CaseBook(policy, store.list_cases() if preload else ())
+        if preload:
+            # Info detections wait in memory for their case to open (CaseBook): after a restart they are re-derived
+            # from the stored detections (written before they are applied), or a case opening later would miss them.
+            self.book.hold_info(d for d in store.list_detections() if d.outcome == "info")
         emitted = store.query(
             "SELECT DISTINCT event_id FROM case_events WHERE action IN {actions:Array(String)}",
             {"actions": [REMINDER, OVERDUE]},
