@@ -251,10 +251,10 @@ class EventTimeOwners:
         if kind == "tick":  # processing time passed: idle members may no longer hold anything back
             clock = self.clocks.get(oid)
             return self._release(clock) if clock is not None else []
-        if "wm" not in m:  # from an app without the clock: applied as it comes
+        if m.get("wm") is None:  # not stamped by a transport (no partition clock): applied as it comes
             return self.agg.apply(m)
         clock = self.clocks.setdefault(oid, {"members": {}, "marks": {}, "moved": {}, "pending": []})
-        moved = clock.setdefault("moved", {})  # absent in clocks written before the idle rule
+        moved = clock["moved"]
         part, wm, now = str(m["partition"]), float(m["wm"]), self.now() if self.now is not None else 0.0
         aid = m.get("account_id")
         if kind in ("contribution", "retract"):
@@ -277,7 +277,7 @@ class EventTimeOwners:
     def horizon(self, clock: Mapping[str, Any]) -> float:
         """Event time every live member account has reached (+inf without one: nothing to wait for). A member
         idle for `idle_s` of processing time is not waited on until its time moves again."""
-        members, moved = clock["members"], clock.get("moved", {})
+        members, moved = clock["members"], clock["moved"]
         if self.now is None:
             live = list(members)
         else:
@@ -287,9 +287,8 @@ class EventTimeOwners:
 
     def _release(self, clock: dict[str, Any]) -> list[Detection]:
         h = self.horizon(clock)
-        # stable: arrival order among equal places (`at` is absent in messages held before it existed)
-        pending = sorted(clock["pending"], key=lambda c: c.get("at", c["t"]))
-        n_ready = sum(1 for c in pending if c.get("at", c["t"]) <= h)
+        pending = sorted(clock["pending"], key=lambda c: c["at"])  # stable: arrival order among equal places
+        n_ready = sum(1 for c in pending if c["at"] <= h)
         over = len(pending) - n_ready - self.pending_max
         if over > 0:  # a partition far behind: bound the state, fall back to arrival order for the oldest
             n_ready += over
@@ -312,9 +311,6 @@ class EventTimeOwners:
         return {"owner": owner.to_dict() if owner is not None else None, "clock": clock}
 
     def load_owner(self, oid: str, d: Mapping[str, Any]) -> None:
-        if "clock" not in d:  # an OwnerState alone (written before the event-time clock)
-            self.agg.owners[oid] = OwnerState.from_dict(d)
-            return
         if d.get("owner") is not None:
             self.agg.owners[oid] = OwnerState.from_dict(d["owner"])
         if d.get("clock") is not None:

@@ -1,23 +1,17 @@
-"""The detect and cases stages on Kafka as a faust-streaming app: thin adapters around DetectStage and CaseService.
+"""The detect and cases stages on Kafka as a faust-streaming app: a transport around DetectStage and CaseService.
 
 `make_app(settings)` builds the app; nothing happens at import. Delivery is at-least-once (docs/faust.md):
-- One agent reads windows, CIP and allocations (co-partitioned, keyed by account) in batches (`take_events`). Per
-  partition it drives one DetectEngine; after each batch it writes the touched window partials (table `partials`,
-  key partition|workload|window_start) and the engine checkpoint (table `engine`, key = partition) to their
-  changelogs, and only then are the batch's offsets acked. faust flushes the producer before it commits, so a
-  committed offset never runs ahead of the state; the state may run ahead of the offset, and replaying a window
-  into an engine that has seen it is a no-op (the engine replaces a workload-window; detection ids are deduped).
-- Owners are summed by their own agent: each partition's engine queues per-owner contributions (a run's latest
-  cumulative figures), memberships and retractions that go, each with its account's event time where it was made
-  (`stamped`), to a repartition topic keyed by owner (plus marks after each batch, and ticks for held owners); the
-  `owners` agent applies them in event time with EventTimeOwners (table `owners`, key = owner id), so an owner's
-  accounts on different partitions are summed as in process.
-  A restored engine re-sends everything its state implies (`owner_snapshot`): a publish lost in a crash is re-sent.
-- Detections go to `topics.detections` keyed by account. A second agent applies them with CaseService (the store
-  is the truth, ids are deterministic) and publishes the case feed.
-- A timer runs the deadline monitor at the event-time watermark.
-- At start the cases agent republishes case events the store has but the feed lacks (a crash between the store
-  write and the publish would otherwise lose them); consumers dedup on message_id.
+- `detect` reads windows, CIP and allocations (co-partitioned, keyed by account) in batches and feeds each
+  partition's DetectStage (the same core the in-process runner feeds); it carries the stage's DetectOutput:
+  detections to `topics.detections`, owner messages (schemas/owner.py, stamped with their account's event time)
+  to the owners repartition topic, CIP records as applied to the case identity refresh / revisions. After each
+  batch the touched window partials (table `partials`) and the engine's changed per-account entries plus the
+  held records (table `engine`) go to their changelogs before the batch is acked.
+- `owners` applies owner messages in event time (EventTimeOwners, table `owners`), across partitions.
+- `cases` applies detections with CaseService (the store is the truth, ids are deterministic) and publishes the
+  case feed; at start it republishes case events the feed lacks (feed_audit.py).
+- Timers: ticks for owners with held messages (re-derived from the `owners` table after a restart), the release
+  of records held on a quiet partition, and the deadline monitor at the event-time watermark.
 """
 
 from __future__ import annotations
@@ -30,15 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
-from confluent_kafka import Consumer, TopicPartition
 
 from detectors import registry
 from detectors.classifier_base import WorkloadClassifier
 from detectors.engine import DetectEngine
 from detectors.owner_aggregate import EventTimeOwners, OwnerAggregator, stamped, tick
-from pipeline.cases.feed import CaseFeedMessage, feed_messages
 from pipeline.cases.service import CaseService
 from pipeline.classifier_loader import load_classifier
+from pipeline.detect.feed_audit import unpublished
 from pipeline.detect.security import faust_credentials
 from pipeline.detect.stage import DetectOutput, DetectStage
 from pipeline.detect.topics import owners_topic
@@ -50,7 +43,7 @@ from schemas.detection import Detection
 from schemas.errors import InvalidMessage
 from schemas.owner import OwnerMessage
 from schemas.policy import Policy, load_policy
-from schemas.serde import decode, encode, loads
+from schemas.serde import decode, encode
 from schemas.windows import WindowAggregate
 
 log = logging.getLogger(__name__)
@@ -129,57 +122,6 @@ class DetectRuntime:
         if self._store is not None:
             self._store.close()
             self._store = None
-
-
-def _published_ids(settings: Settings, topic: str, timeout_s: float = 30.0) -> set[str]:
-    """message_ids already on the feed topic (read from the beginning to the high watermark)."""
-    c = Consumer(settings.kafka.client_config(**{"group.id": "trainwatch-feed-audit", "enable.auto.commit": False}))
-    try:
-        meta = c.list_topics(topic, timeout=timeout_s).topics.get(topic)
-        if meta is None or meta.error is not None:
-            return set()
-        ends: dict[int, int] = {}
-        for p in meta.partitions:
-            lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
-            if hi > lo:
-                ends[p] = hi
-        if not ends:
-            return set()
-        c.assign([TopicPartition(topic, p, 0) for p in ends])
-        seen: set[str] = set()
-        deadline = time.monotonic() + timeout_s
-        while ends and time.monotonic() < deadline:
-            for m in c.consume(1000, 1.0):
-                if m.error() is not None:
-                    continue
-                if m.offset() + 1 >= ends.get(m.partition(), 0):
-                    ends.pop(m.partition(), None)
-                try:
-                    seen.add(loads(m.value())["message_id"])
-                except Exception:  # a foreign message on the feed: not ours to republish
-                    continue
-        if ends:
-            raise TimeoutError(f"{topic}: could not read the feed to its end within {timeout_s} s")
-        return seen
-    finally:
-        c.close()
-
-
-def unpublished(rt: DetectRuntime) -> list[CaseFeedMessage]:
-    """Feed messages for case events in the store that the feed topic does not hold."""
-    have = _published_ids(rt.settings, rt.settings.topics.cases)
-    rows = rt.store.query("SELECT DISTINCT case_id, event_id FROM case_events")
-    missing: dict[str, set[str]] = {}
-    for r in rows:
-        if r["event_id"] not in have:
-            missing.setdefault(r["case_id"], set()).add(r["event_id"])
-    out: list[CaseFeedMessage] = []
-    for cid, ids in missing.items():
-        case = rt.store.get_case(cid)
-        if case is not None:
-            evs = [e for e in rt.store.case_events(cid) if e.event_id in ids]
-            out += feed_messages([case], evs, rt.policy)
-    return out
 
 
 def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partitions: int = 1,
@@ -434,7 +376,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
 
     @app.agent(detections, concurrency=1)
     async def cases(stream: Any) -> None:
-        for m in unpublished(rt):
+        for m in unpublished(rt.settings, rt.store, rt.policy):
             await feed.send(key=m.key, value=encode(m))
         async for events in stream.take_events(BATCH, within=within_s):
             dets = []
