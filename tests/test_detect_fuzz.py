@@ -11,6 +11,8 @@ import random
 
 import pytest
 
+from detectors.base import Detector
+from detectors.engine import DetectEngine
 from pipeline.classifier_loader import load_classifier
 from pipeline.detect.stage import DetectStage
 from schemas.errors import InvalidMessage
@@ -39,11 +41,27 @@ def _mutate(rng: random.Random, w: WindowAggregate) -> dict:
     return d
 
 
-@pytest.mark.parametrize("seed", range(2))
-def test_detect_takes_every_window_its_schema_accepts(demo_inputs: list, seed: int) -> None:
+def _crashes(engine: DetectEngine) -> dict[str, int]:
+    """The engine counts a detector's or the classifier's exception in `errors` and goes on: those counts are crashes.
+
+    The other keys there (a window no allocation names, one beyond the horizon) count input, not failures.
+    """
+    crashers = {d.id for d in engine.detectors} | {"classifier"}
+    return {k: n for k, n in engine.errors.items() if k in crashers and n}
+
+
+class _Crashing(Detector):
+    """No class-level id: defining it would register it for every engine built later (an import side effect)."""
+
+    def __init__(self) -> None:
+        self.id = "crashes_on_every_window"  # type: ignore[misc]
+
+    def detect(self, state, event):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+
+def _feed(demo_inputs: list, seed: int, stage: DetectStage) -> tuple[int, int]:
     rng = random.Random(seed)
-    policy = load_policy("demo")
-    stage = DetectStage(policy, load_classifier(None, policy), 60.0, 3600.0)
     take = {"win": stage.on_window, "cip": stage.on_cip, "alloc": stage.on_allocation}
     accepted = refused = 0
     for kind, value in demo_inputs:
@@ -56,7 +74,24 @@ def test_detect_takes_every_window_its_schema_accepts(demo_inputs: list, seed: i
                 continue
         take[kind](value)
     stage.on_time()
+    return accepted, refused
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_detect_takes_every_window_its_schema_accepts(demo_inputs: list, seed: int) -> None:
+    policy = load_policy("demo")
+    stage = DetectStage(policy, load_classifier(None, policy), 60.0, 3600.0)
+    accepted, refused = _feed(demo_inputs, seed, stage)
     assert accepted > 20 and refused > 5  # both ways are exercised
+    assert _crashes(stage.engine) == {}  # a swallowed exception is still a failure here
+
+
+def test_a_detector_that_crashes_fails_the_fuzz(demo_inputs: list) -> None:
+    policy = load_policy("demo")
+    stage = DetectStage(policy, load_classifier(None, policy), 60.0, 3600.0)
+    stage.engine.detectors.append(_Crashing())
+    _feed(demo_inputs[:400], 0, stage)
+    assert _crashes(stage.engine).get("crashes_on_every_window", 0) > 0
 
 
 def test_a_window_without_length_is_refused() -> None:
