@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -258,6 +259,19 @@ class _Unit:
                 setattr(self, name, grown)
 
 
+class PartitionState(NamedTuple):
+    """One partition's state as seen from outside: for metrics, status and tests."""
+
+    topic: str
+    partition: int
+    event_time: float  # the confirmed event time (watermark basis); -inf before any row
+    open_units: int  # window units not yet emitted
+    oldest_open_offset: int | None  # the first offset of the oldest open unit (None: nothing open)
+    devices: int  # devices the dedup state tracks (shrinks as quiet devices are forgotten)
+    held_fragments: int = 0  # rows waiting for the rest of their fragments (set by IngestCore)
+    fragment_devices: int = 0  # devices the fragment merger tracks (set by IngestCore)
+
+
 @dataclass(slots=True)
 class _Partition:
     #: the watermark basis: the partition's confirmed event time (never decreases; see the module docstring)
@@ -435,6 +449,11 @@ class WindowAggregator:
             progress = Progress(t, (t, None, t), (t, None, t))
         self.parts[(topic, partition)] = _Partition.restored(progress)
 
+    def progress(self, topic: str, partition: int) -> Progress:
+        """A partition's event-time state now (empty for one not seen yet)."""
+        p = self.parts.get((topic, partition))
+        return p.progress() if p is not None else Progress()
+
     def drop(self, topic: str, partition: int) -> None:
         """Forget a partition (revoked): its open units will be rebuilt by whoever replays it."""
         self.parts.pop((topic, partition), None)
@@ -474,6 +493,16 @@ class WindowAggregator:
 
     def open_units(self) -> int:
         return sum(len(p.units) for p in self.parts.values())
+
+    def states(self) -> list[PartitionState]:
+        """What each partition holds now (for metrics and tests: the public view of `parts`). Safe from another
+        thread (the metrics endpoint): every dict is copied by one C call before Python iterates it."""
+        out = []
+        for (topic, partition), p in list(self.parts.items()):
+            units = list(p.units.values())
+            out.append(PartitionState(topic, partition, p.max_ts, len(units), min((u.f for u in units), default=None),
+                                      len(p.dev_ids)))
+        return out
 
     # --- the hot path ----------------------------------------------------------------------------------------
     def add(self, topic: str, partition: int, b: Batch) -> AddResult:

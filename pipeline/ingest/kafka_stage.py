@@ -146,12 +146,12 @@ class KafkaIngestStage:
                 progress = metadata_progress(tp.metadata)
             except ValueError:  # foreign metadata: start without a watermark (more data counts as on time)
                 log.warning("ignoring commit metadata %r on %s[%d]", tp.metadata, tp.topic, tp.partition)
-            self.core.agg.restore(tp.topic, tp.partition, progress if progress is not None else Progress())
+            self.core.assign(tp.topic, tp.partition, progress)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # The new owner replays from our last safe commit; our open windows for these partitions are dropped.
+        # The new owner replays from our last safe commit; our open windows and held fragments are dropped.
         for tp in partitions:
-            self.core.agg.drop(tp.topic, tp.partition)
+            self.core.revoke(tp.topic, tp.partition)
 
     def subscribe(self) -> None:
         self.consumer.subscribe([self.topics.telemetry], on_assign=self._on_assign, on_revoke=self._on_revoke)

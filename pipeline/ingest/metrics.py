@@ -29,7 +29,7 @@ class IngestCollector:
         st = self.stage
         # Snapshots made in C (no Python code runs during the copy): the stage's thread keeps counting meanwhile.
         c = dict(st.core.counters)
-        parts = list(st.core.agg.parts.items())
+        parts = st.core.states()
         lag, committed = dict(st.lag), dict(st.stats.last_commit)
 
         yield CounterMetricFamily("trainwatch_ingest_messages", "Messages consumed", value=c.get("messages", 0))
@@ -48,13 +48,13 @@ class IngestCollector:
                                  ("pauses", st.stats.pauses, "Backpressure pauses (producer queue full)")):
             yield CounterMetricFamily(f"trainwatch_ingest_{name}", doc, value=value)
         yield GaugeMetricFamily("trainwatch_ingest_open_windows", "Window units not yet emitted",
-                                value=sum(len(p.units) for _, p in parts))
+                                value=sum(p.open_units for p in parts))
         event_time = GaugeMetricFamily("trainwatch_ingest_event_time_seconds",
                                        "Confirmed event time (the watermark basis), per partition (unix seconds)",
                                        labels=_PART)
-        for (topic, part), p in parts:
-            if math.isfinite(p.max_ts):
-                event_time.add_metric([topic, str(part)], p.max_ts)
+        for p in parts:
+            if math.isfinite(p.event_time):
+                event_time.add_metric([p.topic, str(p.partition)], p.event_time)
         yield event_time
         behind = GaugeMetricFamily("trainwatch_ingest_consumer_lag_messages",
                                    "Messages between the consumer's position and the partition's end", labels=_PART)

@@ -12,10 +12,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.ingest.aggregate import Batch, Progress, WindowAggregator, WindowConfig
+from pipeline.ingest.aggregate import Batch, PartitionState, Progress, WindowAggregator, WindowConfig
 from pipeline.ingest.columns import RowBuilder
 from pipeline.ingest.decoders import Decoder, LabelMap, make_decoder
 from pipeline.ingest.dlq import DLQ_MAX_VALUE_BYTES, DeadLetter
@@ -38,6 +39,19 @@ _SEQ = itertools.count()
 MAX_MESSAGE_BYTES = 1_048_576
 
 
+class _Ids(NamedTuple):
+    """A held row's string ids (one per id column of `Batch`)."""
+
+    device: str | None
+    node: str | None
+    accelerator: str | None
+    workload: str | None
+    account: str | None
+    job: str | None
+    run_label: str | None
+    precision: str | None
+
+
 class _Held:
     """A row waiting for the rest of its fragments."""
 
@@ -45,8 +59,8 @@ class _Held:
 
     def __init__(self, b: Batch, i: int, offset: int, agg_max_ts: Progress) -> None:
         self.ts, self.interval, self.metrics = float(b.ts[i]), float(b.interval[i]), b.metrics[i].copy()
-        self.ids = (b.device[i], b.node[i], b.accelerator[i], b.workload[i], b.account[i], b.job[i], b.run_label[i],
-                    b.precision[i])
+        self.ids = _Ids(b.device[i], b.node[i], b.accelerator[i], b.workload[i], b.account[i], b.job[i],
+                        b.run_label[i], b.precision[i])
         self.first = self.last = offset
         self.agg_max_ts = agg_max_ts
         self.seq = next(_SEQ)
@@ -262,8 +276,7 @@ class IngestCore:
         a newer reading, or the partition's newest reading is `hold_s` ahead of it, or at drain."""
         pend = self._pending.setdefault((topic, partition), _Pending())
         if b is not None:
-            agg_p = self.agg.parts.get((topic, partition))
-            agg_max = agg_p.progress() if agg_p is not None else Progress()
+            agg_max = self.agg.progress(topic, partition)
             t1, d1, t2 = pend.top
             for i in range(len(b.ts)):
                 ts, dev = float(b.ts[i]), b.device[i]
@@ -296,11 +309,29 @@ class IngestCore:
         held.sort(key=lambda h: (h.first, h.seq))
         return Batch(ts=np.array([h.ts for h in held]), interval=np.array([h.interval for h in held]),
                      metrics=np.array([h.metrics for h in held]), offset=np.array([h.first for h in held]),
-                     last_offset=np.array([h.last for h in held]), device=[h.ids[0] for h in held],
-                     node=[h.ids[1] for h in held], accelerator=[h.ids[2] for h in held],
-                     workload=[h.ids[3] for h in held], account=[h.ids[4] for h in held],
-                     job=[h.ids[5] for h in held], run_label=[h.ids[6] for h in held],
-                     precision=[h.ids[7] for h in held])
+                     last_offset=np.array([h.last for h in held]),
+                     **{name: [getattr(h.ids, name) for h in held] for name in _Ids._fields})
+
+    # --- partition ownership (the Kafka adapter's rebalance callbacks) ------------------------------------------
+    def assign(self, topic: str, partition: int, progress: Progress | float | None = None) -> None:
+        """Take a partition replayed from a commit point with the event-time state recorded there (None: none)."""
+        self._pending.pop((topic, partition), None)
+        self.agg.restore(topic, partition, progress if progress is not None else Progress())
+
+    def revoke(self, topic: str, partition: int) -> None:
+        """Forget a partition: its open windows and held fragments are rebuilt by whoever replays it from our last
+        commit (which the held fragments kept behind them)."""
+        self.agg.drop(topic, partition)
+        self._pending.pop((topic, partition), None)
+
+    def states(self) -> list[PartitionState]:
+        """Each partition's state now (open windows, event time, devices tracked, fragments held)."""
+        out = []
+        for st in self.agg.states():
+            pend = self._pending.get((st.topic, st.partition))
+            out.append(st if pend is None else st._replace(held_fragments=len(pend.rows),
+                                                           fragment_devices=len(pend.dev_latest)))
+        return out
 
     def commit_points(self) -> dict[tuple[str, int], tuple[int, Progress]]:
         """The aggregator's safe offsets, held back further by fragments still waiting to be merged."""
@@ -318,10 +349,18 @@ class IngestCore:
         return out
 
     def drain(self) -> list[WindowAggregate]:
-        """Emit everything (end of a finite input)."""
+        """Emit everything (end of a finite input). Held fragments released here can still be letters (too late,
+        clock ahead): they are added to `drain_letters`; `finish()` returns both."""
         dead = self.drain_letters
         for (topic, partition) in list(self._pending):
             self._add(topic, partition, self._merge(topic, partition, None, drain=True), dead)
         out = self.agg.drain()
         self.counters["windows"] += len(out)
         return out
+
+    def finish(self) -> tuple[list[WindowAggregate], list[DeadLetter]]:
+        """End of a finite input: every window still open, and the letters decided while draining (taken: a second
+        call returns only new ones)."""
+        windows = self.drain()
+        letters, self.drain_letters = self.drain_letters, []
+        return windows, letters
