@@ -439,3 +439,24 @@ def test_a_reassigned_partition_replays_to_the_same_windows() -> None:
     core.process("telemetry", 0, [SourceMessage(offset + i, v) for i, v in enumerate(values[offset:])], NOW)
     written += core.ready() + core.finish()[0]
     assert {w.window_id: w.sample_count for w in written} == {w.window_id: w.sample_count for w in ref_wins}
+
+
+def test_the_id_columns_are_declared_once() -> None:
+    """Rows, RowBuilder and Batch carry the id columns of one declaration; a dataclass that drifts is refused."""
+    from dataclasses import dataclass
+
+    from pipeline.ingest.columns import ID_COLUMNS, follows
+
+    @dataclass
+    class Drifted:
+        ts: float
+        device: str
+        node: str  # accelerator, workload, ... missing
+
+    with pytest.raises(TypeError, match="id columns"):
+        follows(Drifted, ID_COLUMNS)
+    rows = synth.samples([synth.WorkloadSpec("wl-k", nodes=1, gpus_per_node=1)], T0, 10, 10.0)
+    rows[0]["power_w"] = "high"  # a wrong type: this row comes back as a letter written from the columns
+    core = IngestCore()
+    (letter,) = core.process("telemetry", 0, [SourceMessage(0, orjson.dumps({"samples": rows, "node": "n"}))], NOW)
+    assert orjson.loads(letter.value)["workload_id"] == "wl-k"

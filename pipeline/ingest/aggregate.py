@@ -30,6 +30,7 @@ import numpy as np
 
 from detectors.catalog import resolve
 from detectors.compute import BASIS_NAMES, estimate_flop
+from pipeline.ingest.columns import ID_COLUMNS, follows
 from schemas.ids import content_id
 from schemas.telemetry import MAX_ID_CHARS, METRIC_FIELDS
 from schemas.windows import WindowAggregate
@@ -94,6 +95,9 @@ class Batch:
     #: every row passed the clock check against its message's arrival time (Kafka timestamp): then a source
     #: alone on its partition may move the watermark; without an arrival clock it never does (nothing vouches)
     arrival_checked: bool = False
+
+
+follows(Batch, ID_COLUMNS)
 
 
 @dataclass(slots=True)

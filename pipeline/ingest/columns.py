@@ -6,7 +6,8 @@ column. Every row remembers the index of the message it came from, so a bad row 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -15,6 +16,41 @@ from schemas.telemetry import METRIC_FIELDS
 METRIC_INDEX = {name: i for i, name in enumerate(METRIC_FIELDS)}
 N_METRICS = len(METRIC_FIELDS)
 PRECISIONS = ("fp8", "bf16", "fp16", "tf32", "fp32", "fp64")
+
+#: The per-row id columns, declared once: column name -> its field in a native TelemetrySample. `Rows`,
+#: `RowBuilder`, `Batch` (aggregate.py) and the fragment merger's held rows follow this order (`follows` checks the
+#: dataclasses at import), and single-row letters are written from it (`sample_dict`).
+ID_COLUMNS: dict[str, str] = {
+    "device": "device", "node": "node", "accelerator": "accelerator", "workload": "workload_id",
+    "account": "account_id", "job": "job_id", "run_label": "run_label", "precision": "precision",
+}
+#: decoded rows also carry gpu_index (validated, then not windowed)
+ROW_ID_COLUMNS: dict[str, str] = {**ID_COLUMNS, "gpu_index": "gpu_index"}
+
+
+def follows(cls: type, names: dict[str, str]) -> type:
+    """Refuse a dataclass whose id fields are not exactly `names`, in order, one after another (a column added in
+    one place only would otherwise be dropped silently where the rows are copied by these names)."""
+    have = [f.name for f in fields(cls)]
+    want = list(names)
+    at = have.index(want[0]) if want[0] in have else -1
+    if at < 0 or have[at : at + len(want)] != want:
+        raise TypeError(f"{cls.__name__} fields {have} do not hold the id columns {want} in order")
+    return cls
+
+
+def sample_dict(cols: Any, i: int, names: dict[str, str]) -> dict:
+    """Row `i` of a column set (Rows, Batch) as a native TelemetrySample-shaped dict (letters of single rows)."""
+    out: dict = {"ts": float(cols.ts[i])}
+    for name, key in names.items():
+        v = getattr(cols, name)[i]
+        if v is not None:
+            out[key] = v
+    if not np.isnan(cols.interval[i]):
+        out["interval_s"] = float(cols.interval[i])
+    row = cols.metrics[i]
+    out.update({m: float(row[j]) for j, m in enumerate(METRIC_FIELDS) if not np.isnan(row[j])})
+    return out
 
 
 @dataclass(slots=True)
@@ -51,29 +87,16 @@ class Rows:
             interval=self.interval[idx],
             metrics=self.metrics[idx],
             msg=self.msg[idx],
-            **{name: [getattr(self, name)[i] for i in il] for name in _STR_COLUMNS},
+            **{name: [getattr(self, name)[i] for i in il] for name in ROW_ID_COLUMNS},
             ids_per_message=self.ids_per_message,
         )
 
     def row_dict(self, i: int) -> dict:
         """One row as a native TelemetrySample-shaped dict (for dead letters of single rows)."""
-        out: dict = {"ts": float(self.ts[i])}
-        for name, key in (("device", "device"), ("node", "node"), ("accelerator", "accelerator"),
-                          ("workload", "workload_id"), ("account", "account_id"), ("job", "job_id"),
-                          ("run_label", "run_label"), ("precision", "precision"), ("gpu_index", "gpu_index")):
-            v = getattr(self, name)[i]
-            if v is not None:
-                out[key] = v
-        if not np.isnan(self.interval[i]):
-            out["interval_s"] = float(self.interval[i])
-        for j, m in enumerate(METRIC_FIELDS):
-            v = self.metrics[i, j]
-            if not np.isnan(v):
-                out[m] = float(v)
-        return out
+        return sample_dict(self, i, ROW_ID_COLUMNS)
 
 
-_STR_COLUMNS = ("device", "node", "accelerator", "workload", "account", "job", "run_label", "precision", "gpu_index")
+follows(Rows, ROW_ID_COLUMNS)
 
 
 @dataclass(slots=True)
@@ -128,9 +151,11 @@ class RowBuilder:
         self.interval.extend([interval] * k)
         self.msg.extend([msg] * k)
         self.device.extend(devices)
-        for name, v in (("node", node), ("accelerator", accelerator), ("workload", workload), ("account", account),
-                        ("job", job), ("run_label", run_label), ("precision", precision), ("gpu_index", None)):
-            getattr(self, name).extend([v] * k)
+        shared = {"node": node, "accelerator": accelerator, "workload": workload, "account": account, "job": job,
+                  "run_label": run_label, "precision": precision}
+        for name in ROW_ID_COLUMNS:
+            if name != "device":
+                getattr(self, name).extend([shared.get(name)] * k)
 
     def build(self) -> Rows:
         if self.prebuilt is not None:
@@ -159,13 +184,8 @@ class RowBuilder:
             interval=np.array(self.interval, dtype=np.float64),
             metrics=metrics,
             msg=np.array(self.msg, dtype=np.int64),
-            device=self.device,
-            node=self.node,
-            accelerator=self.accelerator,
-            workload=self.workload,
-            account=self.account,
-            job=self.job,
-            run_label=self.run_label,
-            precision=self.precision,
-            gpu_index=self.gpu_index,
+            **{name: getattr(self, name) for name in ROW_ID_COLUMNS},
         )
+
+
+follows(RowBuilder, ROW_ID_COLUMNS)

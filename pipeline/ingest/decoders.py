@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
-from pipeline.ingest.columns import METRIC_INDEX, N_METRICS, PRECISIONS, RowBuilder, Rows
+from pipeline.ingest.columns import ID_COLUMNS, METRIC_INDEX, N_METRICS, PRECISIONS, ROW_ID_COLUMNS, RowBuilder, Rows
 from schemas.errors import ConfigError
 from schemas.telemetry import DCGM_NAMES, METRIC_FIELDS
 
@@ -218,11 +218,9 @@ class NativeDecoder:
         def ids(name: str) -> list | tuple:
             return col[name] if name in col else [None] * n
 
-        out.prebuilt = Rows(ts=ts_a, interval=interval, metrics=metrics, msg=np.arange(n, dtype=np.int64), device=dev,
-                            node=node, accelerator=ids("accelerator"), workload=ids("workload_id"),
-                            account=list(ids("account_id")),  # a list of its own: the inventory fills it in place
-                            job=ids("job_id"), run_label=ids("run_label"), precision=ids("precision"),
-                            gpu_index=ids("gpu_index"))
+        id_cols = {name: ids(key) for name, key in ROW_ID_COLUMNS.items()}
+        id_cols["account"] = list(id_cols["account"])  # a list of its own: the inventory fills it in place
+        out.prebuilt = Rows(ts=ts_a, interval=interval, metrics=metrics, msg=np.arange(n, dtype=np.int64), **id_cols)
         return True
 
     @staticmethod
@@ -274,12 +272,10 @@ class NativeDecoder:
             return col
 
         interval = np.repeat(np.array([d.get("interval_s") for d in ds], dtype=np.float64), ks)
+        id_cols = {name: per_row(key) for name, key in ID_COLUMNS.items() if name != "device"}
         out.prebuilt = Rows(ts=ts_a, interval=interval, metrics=metrics_a,
-                            msg=np.repeat(np.arange(len(ds), dtype=np.int64), ks), device=dev_l, node=per_row("node"),
-                            accelerator=per_row("accelerator"), workload=per_row("workload_id"),
-                            account=per_row("account_id"), job=per_row("job_id"), run_label=per_row("run_label"),
-                            precision=per_row("precision"), gpu_index=[None] * n,
-                            ids_per_message=True)
+                            msg=np.repeat(np.arange(len(ds), dtype=np.int64), ks), device=dev_l, **id_cols,
+                            gpu_index=[None] * n, ids_per_message=True)
         return True
 
     @staticmethod

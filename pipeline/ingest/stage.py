@@ -17,13 +17,13 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline.ingest.aggregate import Batch, PartitionState, Progress, WindowAggregator, WindowConfig
-from pipeline.ingest.columns import RowBuilder
+from pipeline.ingest.columns import ID_COLUMNS, RowBuilder, sample_dict
 from pipeline.ingest.decoders import Decoder, LabelMap, make_decoder
 from pipeline.ingest.dlq import DLQ_MAX_VALUE_BYTES, DeadLetter
 from pipeline.ingest.inventory import Inventory
 from pipeline.ingest.validate import validate_rows
 from schemas.serde import dumps
-from schemas.telemetry import MAX_ID_CHARS, METRIC_FIELDS
+from schemas.telemetry import MAX_ID_CHARS
 from schemas.windows import WindowAggregate
 
 
@@ -39,17 +39,8 @@ _SEQ = itertools.count()
 MAX_MESSAGE_BYTES = 1_048_576
 
 
-class _Ids(NamedTuple):
-    """A held row's string ids (one per id column of `Batch`)."""
-
-    device: str | None
-    node: str | None
-    accelerator: str | None
-    workload: str | None
-    account: str | None
-    job: str | None
-    run_label: str | None
-    precision: str | None
+#: A held row's string ids, one per id column of `Batch`
+_Ids = NamedTuple("_Ids", [(name, str | None) for name in ID_COLUMNS])  # type: ignore[misc]
 
 
 class _Held:
@@ -59,8 +50,7 @@ class _Held:
 
     def __init__(self, b: Batch, i: int, offset: int, agg_max_ts: Progress) -> None:
         self.ts, self.interval, self.metrics = float(b.ts[i]), float(b.interval[i]), b.metrics[i].copy()
-        self.ids = _Ids(b.device[i], b.node[i], b.accelerator[i], b.workload[i], b.account[i], b.job[i],
-                        b.run_label[i], b.precision[i])
+        self.ids = _Ids._make(getattr(b, name)[i] for name in ID_COLUMNS)
         self.first = self.last = offset
         self.agg_max_ts = agg_max_ts
         self.seq = next(_SEQ)
@@ -90,18 +80,6 @@ class _Pending:
         held = {dev for dev, _ in self.rows}
         self.dev_latest = {d: t for d, t in self.dev_latest.items() if t >= cutoff or d in held}
         self.prune_at = 2 * len(self.dev_latest)
-
-
-def _batch_row(b: Batch, j: int) -> dict:
-    out: dict = {"ts": float(b.ts[j]), "device": b.device[j], "node": b.node[j], "workload_id": b.workload[j]}
-    for k, v in (("accelerator", b.accelerator[j]), ("account_id", b.account[j]), ("job_id", b.job[j]),
-                 ("run_label", b.run_label[j]), ("precision", b.precision[j])):
-        if v is not None:
-            out[k] = v
-    if not np.isnan(b.interval[j]):
-        out["interval_s"] = float(b.interval[j])
-    out.update({m: float(b.metrics[j, k]) for k, m in enumerate(METRIC_FIELDS) if not np.isnan(b.metrics[j, k])})
-    return out
 
 
 class IngestCore:
@@ -215,9 +193,8 @@ class IngestCore:
                 r = rows.take(idx)
                 offs = np.asarray(offsets, dtype=np.int64)
                 row_offsets = offs[r.msg]
-                batch = Batch(ts=r.ts, interval=r.interval, metrics=r.metrics, offset=row_offsets, device=r.device,
-                              node=r.node, accelerator=r.accelerator, workload=r.workload, account=r.account, job=r.job,
-                              run_label=r.run_label, precision=r.precision,
+                batch = Batch(ts=r.ts, interval=r.interval, metrics=r.metrics, offset=row_offsets,
+                              **{name: getattr(r, name) for name in ID_COLUMNS},
                               ids_per_message=r.ids_per_message, arrival_checked=checked)
                 whole = None
                 if self.merges_rows:
@@ -267,8 +244,9 @@ class IngestCore:
                                 .truncate(self.dlq_max_value_bytes))
                 else:
                     part = f"{batch.device[j]}@{float(batch.ts[j])}"
-                    dead.append(DeadLetter(reason, detail, topic, partition, offset, dumps(_batch_row(batch, j)),
-                                           part=part).truncate(self.dlq_max_value_bytes))
+                    row = dumps(sample_dict(batch, j, ID_COLUMNS))
+                    dead.append(DeadLetter(reason, detail, topic, partition, offset, row, part=part)
+                                .truncate(self.dlq_max_value_bytes))
                 self.counters[f"dlq.{reason}"] += 1
 
     def _merge(self, topic: str, partition: int, b: Batch | None, drain: bool) -> Batch | None:
