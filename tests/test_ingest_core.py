@@ -272,10 +272,10 @@ def test_replay_from_the_commit_point_loses_nothing_and_counts_nothing_twice(cra
     for i in range(0, crash_after * 50, 50):
         first.process("telemetry", 0, [SourceMessage(i + j, v) for j, v in enumerate(values[i : i + 50])], NOW)
         written += first.ready()
-    (offset, max_ts), = first.agg.commit_points().values()
+    (offset, max_ts), = first.commit_points().values()
     assert offset < crash_after * 50
     second = IngestCore()  # the restarted process: nothing but what the commit recorded
-    second.agg.restore("telemetry", 0, max_ts)
+    second.assign("telemetry", 0, max_ts)
     more, _ = run(second, values[offset:], batch=37, start=offset)
     written += more + second.drain()
     assert totals(written) == pytest.approx(totals(ref_w), rel=1e-9)
@@ -292,9 +292,9 @@ def test_commit_point_never_passes_an_open_window() -> None:
     values = [v for _, v in synth.native(rows)]
     core = IngestCore()
     run(core, values)
-    (offset, _), = core.agg.commit_points().values()
-    open_first = min(u.f for p in core.agg.parts.values() for u in p.units.values())
-    assert offset == open_first
+    (offset, _), = core.commit_points().values()
+    (state,) = core.states()
+    assert state.open_units > 0 and offset == state.oldest_open_offset
     assert math.isfinite(offset)
     assert np.all(np.array([w.offsets["telemetry:0"][1] for w in core.ready()]) >= 0)
 
@@ -329,8 +329,8 @@ def test_devices_gone_quiet_are_forgotten_without_changing_any_window(monkeypatc
             dead += core.process("telemetry", 0, [SourceMessage(i + j, v) for j, v in enumerate(stream[i:i + 40])],
                                  now)
             wins += core.ready()
-        part = core.agg.parts[("telemetry", 0)]
-        devices = len(part.dev_ids)
+        (state,) = core.states()
+        devices = state.devices
         wins += core.drain()
         by_id = {w.window_id: (w.sample_count, w.flop, w.device_seconds, sorted(w.devices), w.sums) for w in wins}
         return by_id, sorted((d.offset, d.reason) for d in dead), core.counters["duplicates"], devices
@@ -378,7 +378,8 @@ def test_fragment_merging_forgets_quiet_devices_without_changing_any_window(
             core.process("telemetry", 0, [SourceMessage(i + j, v) for j, v in enumerate(values[i:i + 50])],
                          T0 + 6 * 3600)
             wins += core.ready()
-        tracked = len(core._pending[("telemetry", 0)].dev_latest)
+        (state,) = core.states()
+        tracked = state.fragment_devices
         wins += core.drain()
         return {w.window_id: (w.sample_count, w.flop, sorted(w.devices), w.sums) for w in wins}, tracked
 
