@@ -26,6 +26,17 @@ class WindowLike(Protocol):
     features: Mapping[str, float | None] | None
 
 
+#: Why a verdict is `uncertain` (or why a confident-looking probability was not allowed to close the question).
+REASONS = (
+    "out_of_distribution",  # the history lies outside the region the model was fitted and calibrated on
+    "missing_information",  # a field the model expects (or the accelerator's TDP / memory) is absent
+    "no_activity_signal",  # neither utilisation, engine, SM, tensor activity nor power
+    "no_utilisation_or_power",  # nvidia-smi's core readings absent: outside every provider the model has seen
+    "mixed_phases",  # parts of the run disagree (some training-like, some not)
+    "between_bands",  # calibrated P between the confident thresholds
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     p_training: float
@@ -33,15 +44,48 @@ class Verdict:
     top_features: list[tuple[str, float]] = field(default_factory=list)
     model_id: str = ""
     model_version: str = ""
+    #: reasons the answer is uncertain or wider than the model alone would say (REASONS); empty when confident
+    reasons: tuple[str, ...] = ()
+    #: the features that are out of distribution, and the metrics that were missing, by name
+    out_features: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    #: P(training) over what is unknown (missing fields, accelerator); None when nothing had to be filled in
+    p_low: float | None = None
+    p_high: float | None = None
+    #: None: not checked (the interim rule); False: outside the fitted region
+    in_distribution: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"p_training": self.p_training, "band": self.band, "model_id": self.model_id,
-                "model_version": self.model_version, "top_features": [[n, v] for n, v in self.top_features]}
+                "model_version": self.model_version, "top_features": [[n, v] for n, v in self.top_features],
+                "reasons": list(self.reasons), "out_features": list(self.out_features), "missing": list(self.missing),
+                "p_low": self.p_low, "p_high": self.p_high, "in_distribution": self.in_distribution}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Verdict:
+        def opt(k: str) -> float | None:
+            v = d.get(k)
+            return None if v is None else float(v)
+
         return cls(float(d["p_training"]), d["band"], [(str(n), float(v)) for n, v in d.get("top_features", [])],
-                   d.get("model_id", ""), d.get("model_version", ""))
+                   d.get("model_id", ""), d.get("model_version", ""), tuple(d.get("reasons") or ()),
+                   tuple(d.get("out_features") or ()), tuple(d.get("missing") or ()), opt("p_low"), opt("p_high"),
+                   d.get("in_distribution"))
+
+    def closes_not_training(self, needs: Sequence[str]) -> tuple[bool, list[str]]:
+        """Whether a `not_training` band may close the question under a policy's `uncertainty.not_training_needs`
+        (confident / in_distribution / evidence / complete), and the unmet needs by name."""
+        if self.band != "not_training":
+            return False, ["confident"]
+        failing = {
+            "confident": bool(self.reasons),
+            "in_distribution": self.in_distribution is not True,
+            # no feature said why: a not_training with no reason given is no answer
+            "evidence": not any(v < 0 for _, v in self.top_features),
+            "complete": bool(self.missing),
+        }
+        unmet = [n for n in needs if failing.get(n, True)]
+        return not unmet, unmet
 
 
 class WorkloadClassifier(Protocol):
@@ -126,5 +170,6 @@ class RuleClassifier:
         else:
             p = 0.5  # coarse or no telemetry: never guess confidently
             top += [(n, v) for n, v in (("gpu_util", util), ("power", power)) if v is not None]
-        return Verdict(p, band_for(p, self.p_training_high, self.p_training_low), top, self.model_id,
-                       self.model_version)
+        band = band_for(p, self.p_training_high, self.p_training_low)
+        return Verdict(p, band, top, self.model_id, self.model_version,
+                       reasons=("between_bands",) if band == "uncertain" else ())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from detectors.base import DetectContext, Detector, inquiry_text
@@ -35,12 +36,25 @@ def crossing(used_before: float, used: float, window_start: float, window_end: f
     return None
 
 
-def outcome_for(is_foreign: bool, band: str) -> Outcome | None:
-    if band == "not_training":
+def outcome_for(is_foreign: bool, band: str, unmet: Sequence[str] = ()) -> Outcome | None:
+    """Case outcome for a run over the threshold. `unmet`: the policy's `uncertainty.not_training_needs` that a
+    `not_training` verdict failed (Verdict.closes_not_training); for a foreign customer such a verdict does not
+    close the question, since a missed training run is the costlier error: the case opens as needs_review."""
+    if band == "not_training" and not (is_foreign and unmet):
         return None  # non-training workloads never open a compute case
     if not is_foreign:
         return "monitored"
     return "reportable" if band == "training" else "needs_review"
+
+
+def not_training_check(verdict: Verdict | None, needs: Sequence[str]) -> dict[str, Any] | None:
+    """What the policy asked of a not_training verdict and what it lacked; None when the band is another."""
+    if verdict is None or verdict.band != "not_training":
+        return None
+    closes, unmet = verdict.closes_not_training(needs)
+    return {"needs": list(needs), "unmet": unmet, "closes": closes, "reasons": list(verdict.reasons),
+            "out_features": list(verdict.out_features), "missing": list(verdict.missing),
+            "in_distribution": verdict.in_distribution}
 
 
 class ComputeThreshold(Detector):
@@ -57,7 +71,8 @@ class ComputeThreshold(Detector):
         verdict = state.verdict or (Verdict.from_dict(run.verdict) if run.verdict else None)
         band = verdict.band if verdict else "uncertain"
         det = state.determination
-        outcome = outcome_for(det.is_foreign, band)
+        check = not_training_check(verdict, state.policy.uncertainty.not_training_needs)
+        outcome = outcome_for(det.is_foreign, band, check["unmet"] if check else ())
         if outcome is None:
             return []
         c = run.crossed
@@ -85,6 +100,8 @@ class ComputeThreshold(Detector):
             evidence["flags"] = ["cip_missing"]
         if verdict is not None:
             evidence["classifier"] = verdict.to_dict()
+        if check is not None:  # a not_training that did not close the question: say what it lacked
+            evidence["not_training_not_closed"] = check
         if outcome == "needs_review":
             evidence["suggested_inquiry"] = inquiry_text(state.account_id, run.run_id, run.used, projected)
         verb = "used" if c["reason"] == "compute_used" else "is projected to use"

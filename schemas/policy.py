@@ -59,6 +59,12 @@ class Uncertainty(_Strict):
     needs_review_is_knowledge: bool = Field(
         default=True, description="an uncertain workload over the threshold is 'reason to believe': the clock starts"
     )
+    not_training_needs: tuple[Literal["confident", "in_distribution", "evidence", "complete"], ...] = Field(
+        default=("confident", "in_distribution", "evidence"),
+        description="what a `not_training` verdict on a foreign run over the threshold needs to close the question "
+        "(a confident call, inside the model's fitted region, with features that say why, optionally no missing "
+        "fields); otherwise the case opens as needs_review. A missed training run is the costlier error.",
+    )
 
 
 class Policy(_Strict):
