@@ -40,10 +40,13 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.isotonic import IsotonicRegression
+from sklearn.metrics.pairwise import nan_euclidean_distances
 from sklearn.model_selection import GroupKFold
 from threadpoolctl import ThreadpoolController
 
+from detectors.catalog import load_catalog
 from detectors.classifier_base import Verdict
+from detectors.windows import UNIT_FEATURES
 
 BANDS = ("training", "not_training", "uncertain")
 TIERS = ("full", "smi")
@@ -88,15 +91,39 @@ DERIVED: dict[str, tuple[str, str, float]] = {
     "fb_used_cv": ("std_fb_used", "mean_fb_used", 0.01),
     "power_per_util": ("mean_power", "mean_gpu_util", 0.02),
 }
-#: Calibrated P a confident band needs at least (training: P >= it; not_training: P <= 1 - it).
+#: Calibrated P a confident band needs at least (training: P >= it; not_training: P <= NOT_TRAINING_CEIL).
 BAND_FLOOR = 0.5
+#: Asymmetric stakes: a confident not_training closes the question for good, a missed training run is the costlier
+#: error, so it needs P <= 0.2 and out-of-fold share of training runs among its calls <= 1 - NOT_TRAINING_TARGET.
+NOT_TRAINING_CEIL = 0.2
+NOT_TRAINING_TARGET = 0.99
 SCALE_FEATURES = ("scale_devices", "scale_nodes", "scale_log_device_seconds", "duration_log_s", "history_windows")
+#: How many devices a run holds is a simulator prior, not evidence: the simulator gives training 8 GPUs per node,
+#: real clusters train on 1, 2 or 4 (issue 14: 2- and 4-GPU training runs called not_training, moved by
+#: devices_per_node). With `device_scale=False` (the shipped model) these never reach the model.
+DEVICE_SCALE = frozenset(("scale_devices", "scale_nodes", "scale_log_device_seconds", "device_count", "node_count",
+                          "devices_per_node"))
+
+
+#: nvidia-smi-level metric groups, by the tokens of the per-window features built from them (first match wins, so
+#: `power_per_util` is power and `mem_copy_util` is not utilisation). A group the training data always carries and
+#: a history lacks is filled in from reference rows (both classes) rather than read as evidence.
+SMI_GROUPS = (("power", "power"), ("fb_used", "memory"), ("mem_occupancy", "memory"), ("mem_copy", "mem_copy_util"),
+              ("util", "utilisation"), ("sm_clock", "sm_clock"), ("mem_clock", "mem_clock"))
+#: History statistics the out-of-distribution guard compares (trend and last add little beyond these).
+OOD_STATS = ("mean", "std", "max", "min")
+OOD_SCALE = ("scale_devices", "scale_log_device_seconds")
+
+
+def smi_group(name: str) -> str | None:
+    n = name.lower()
+    return next((g for t, g in SMI_GROUPS if t in n), None)
 
 
 def feature_tier(name: str) -> str:
     """'interval' (dropped), 'dcgm' (full tier only) or 'smi' (both tiers) for one per-window feature name."""
     n = name.lower()
-    if n in PROVENANCE_FEATURES or any(t in n for t in INTERVAL_TOKENS):
+    if n in PROVENANCE_FEATURES or n in UNIT_FEATURES or any(t in n for t in INTERVAL_TOKENS):
         return "interval"
     if n in SMI_EXTRA:
         return "smi"
@@ -159,16 +186,21 @@ def _trend(vals: np.ndarray) -> float:
 class HistoryFeaturizer(BaseEstimator):
     """Turns window histories into a fixed feature matrix. fit learns the per-window feature names."""
 
-    def __init__(self, history_k: int = 5, derived: bool = True):
+    def __init__(self, history_k: int = 5, derived: bool = True, device_scale: bool = True):
         self.history_k = history_k
         self.derived = derived
+        self.device_scale = device_scale
+
+    def _dropped(self, name: str) -> bool:
+        return not getattr(self, "device_scale", True) and name in DEVICE_SCALE
 
     def fit(self, histories: Sequence[Sequence[Any]], y: Any = None) -> HistoryFeaturizer:
         names: set[str] = set()
         for h in histories:
             for w in normalise_history(h)[-self.history_k :]:
                 for k, v in (_attr(w, "features") or {}).items():
-                    if feature_tier(k) != "interval" and not isinstance(v, (str, bytes, list, dict)):
+                    if feature_tier(k) != "interval" and not isinstance(v, (str, bytes, list, dict)) \
+                            and not self._dropped(k):
                         names.add(k)
         # derived ratios whose parts the data carries (their tier follows their name, like any feature)
         self.derived_ = {d: spec for d, spec in DERIVED.items() if self.derived and {spec[0], spec[1]} <= names}
@@ -241,6 +273,9 @@ class HistoryFeaturizer(BaseEstimator):
             dur = end - start if not (math.isnan(start) or math.isnan(end)) else math.nan
             out[base + 3] = math.log10(1.0 + max(dur, 0.0)) if not math.isnan(dur) else np.nan
         out[base + 4] = float(len(recent))
+        for i, name in enumerate(SCALE_FEATURES):
+            if self._dropped(name):
+                out[base + i] = np.nan
         return out
 
     def transform(self, histories: Sequence[Sequence[Any]]) -> np.ndarray:
@@ -349,8 +384,8 @@ class TierModel(BaseEstimator):
         # A band never contradicts its own probability: the cumulative-precision cut alone can fall below 0.5 when
         # the tier separates well out of fold, and then a history with calibrated P = 0.33 would be "training".
         self.t_high_ = max(_upper_threshold(cal, y, target, self.min_band_calls), BAND_FLOOR)
-        self.t_low_ = min(_lower_threshold(cal, y, target, self.min_band_calls), 1.0 - BAND_FLOOR,
-                          self.t_high_ - 1e-6)
+        self.t_low_ = min(_lower_threshold(cal, y, max(target, NOT_TRAINING_TARGET), self.min_band_calls),
+                          NOT_TRAINING_CEIL, self.t_high_ - 1e-6)
         self.oof_brier_ = float(np.mean((cal - y) ** 2))
         self.gbm_ = self._gbm().fit(X, y) if len(np.unique(y)) == 2 else None
         self.prior_ = float(y.mean())
@@ -367,6 +402,117 @@ class TierModel(BaseEstimator):
 
     def band(self, p: np.ndarray) -> np.ndarray:
         return np.where(p >= self.t_high_, "training", np.where(p <= self.t_low_, "not_training", "uncertain"))
+
+
+class OodGuard(BaseEstimator):
+    """Where the model was fitted: a per-feature envelope and a k-nearest-neighbour distance on the training rows.
+
+    Columns are robustly standardised (median, 5-95 % spread). A row is out of distribution when a feature lies
+    beyond the training envelope (0.1-99.9 % quantiles widened by a margin of their range, the smallest margin
+    that flags <= `envelope_rate` of a source family held out whole) or when its mean
+    distance to the `k` nearest training rows (NaN-aware Euclidean: only features both rows carry count) exceeds
+    the `quantile` of the same distance measured from each source family to the *other* families (GroupKFold):
+    the threshold is what a new provider of known kinds of work looks like, so it is calibrated, not guessed.
+    """
+
+    def __init__(self, k: int = 5, quantile: float = 0.99, envelope_q: float = 0.001, envelope_rate: float = 0.01,
+                 margin_grid: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0), max_ref: int = 2000,
+                 random_state: int = 0):
+        self.k = k
+        self.quantile = quantile
+        self.envelope_q = envelope_q
+        self.envelope_rate = envelope_rate
+        self.margin_grid = margin_grid
+        self.max_ref = max_ref
+        self.random_state = random_state
+
+    def _z(self, X: np.ndarray) -> np.ndarray:
+        return (X[:, self.columns_] - self.center_) / self.scale_
+
+    def _quantiles(self, Xc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with np.errstate(all="ignore"), _quiet():
+            return np.nanquantile(Xc, [self.envelope_q, 1.0 - self.envelope_q], axis=0)
+
+    @staticmethod
+    def _pad(lo: np.ndarray, hi: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return lo, hi, margin * (hi - lo) + 0.01 * (np.abs(hi) + np.abs(lo)) / 2 + 1e-6
+
+    def _bounds(self, Xc: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._pad(*self._quantiles(Xc), margin)
+
+    @staticmethod
+    def _out(Xq: np.ndarray, lo: np.ndarray, hi: np.ndarray, pad: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            return (Xq < lo - pad) | (Xq > hi + pad)
+
+    def _knn(self, Zq: np.ndarray, Zr: np.ndarray) -> np.ndarray:
+        d = nan_euclidean_distances(Zq, Zr)
+        d = np.where(np.isnan(d), np.inf, d)
+        k = min(self.k, d.shape[1])
+        part = np.partition(d, k - 1, axis=1)[:, :k]
+        with np.errstate(invalid="ignore"):
+            out = part.mean(axis=1)
+        return np.where(np.isfinite(out), out, np.nan)
+
+    def fit(self, X: np.ndarray, columns: np.ndarray, names: Sequence[str], groups: np.ndarray) -> OodGuard:
+        present = (~np.isnan(X[:, columns])).mean(axis=0) >= 0.05
+        self.columns_ = np.asarray(columns)[present]
+        self.names_ = tuple(np.asarray(names, dtype=object)[self.columns_].tolist())
+        Xc = X[:, self.columns_]
+        with np.errstate(all="ignore"), _quiet():
+            self.center_ = np.nanmedian(Xc, axis=0)
+            q05, q95 = np.nanquantile(Xc, 0.05, axis=0), np.nanquantile(Xc, 0.95, axis=0)
+        self.scale_ = np.maximum((q95 - q05) / 3.29, 0.01 * (np.abs(self.center_) + 0.01))
+        g = np.asarray(groups)
+        n_groups = len(np.unique(g))
+        folds = list(GroupKFold(n_splits=min(4, n_groups)).split(Xc, groups=g)) if n_groups >= 2 else []
+        # The envelope's margin is measured too: the smallest that flags at most `envelope_rate` of the rows of a
+        # source family held out whole (a new provider of known work must pass).
+        self.margin_ = self.margin_grid[-1]
+        fold_q = [(self._quantiles(Xc[tr]), Xc[te]) for tr, te in folds]
+        for mg in self.margin_grid:
+            hits = [self._out(Xte, *self._pad(lo, hi, mg)).any(axis=1).mean() for (lo, hi), Xte in fold_q]
+            if not hits or max(hits) <= self.envelope_rate:
+                self.margin_ = mg
+                break
+        self.lo_, self.hi_, self.pad_ = self._bounds(Xc, self.margin_)
+        Z = self._z(X)
+        rng = np.random.default_rng(self.random_state)
+        ref = rng.permutation(len(Z))[: self.max_ref]
+        self.ref_ = Z[np.sort(ref)]
+        scores = np.full(len(Z), np.nan)
+        if folds:
+            for tr, te in folds:
+                sub = tr if len(tr) <= self.max_ref else rng.choice(tr, self.max_ref, replace=False)
+                scores[te] = self._knn(Z[te], Z[sub])
+        else:  # one source: leave each row out of its own neighbours
+            d = nan_euclidean_distances(Z, Z)
+            np.fill_diagonal(d, np.inf)
+            k = min(self.k, len(Z) - 1)
+            scores = np.sort(np.where(np.isnan(d), np.inf, d), axis=1)[:, :k].mean(axis=1) if k > 0 else scores
+        finite = scores[np.isfinite(scores)]
+        self.threshold_ = float(np.quantile(finite, self.quantile)) if finite.size else math.inf
+        self.fit_scores_ = finite
+        return self
+
+    def check(self, X: np.ndarray) -> tuple[np.ndarray, list[tuple[str, ...]], np.ndarray]:
+        """(out of distribution?, the features that are out per row, kNN score) for tier-input rows."""
+        env = self._out(X[:, self.columns_], self.lo_, self.hi_, self.pad_)
+        Z = self._z(X)
+        score = self._knn(Z, self.ref_)
+        far = np.nan_to_num(score, nan=0.0) > self.threshold_
+        names: list[tuple[str, ...]] = []
+        for i in range(len(X)):
+            out = [self.names_[j] for j in np.flatnonzero(env[i])]
+            if far[i] and not out:
+                # farthest features from the nearest training row: what makes this row unlike anything seen
+                d = nan_euclidean_distances(Z[i : i + 1], self.ref_)[0]
+                nn = self.ref_[int(np.nanargmin(np.where(np.isnan(d), np.inf, d)))]
+                gap = np.abs(Z[i] - nn)
+                order = [j for j in np.argsort(-np.nan_to_num(gap, nan=-1.0)) if not np.isnan(gap[j])][:3]
+                out = [self.names_[j] for j in order]
+            names.append(tuple(out))
+        return env.any(axis=1) | far, names, score
 
 
 @cache
@@ -396,6 +542,8 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         target_precision: float = 0.95,
         threshold_margin: float = 0.02,
         augment_copies: int = 1,
+        n_reference: int = 48,
+        device_scale: bool = True,
         top_k: int = 5,
         random_state: int = 0,
         model_id: str = "trainwatch-workload-gbm",
@@ -413,6 +561,8 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         self.target_precision = target_precision
         self.threshold_margin = threshold_margin
         self.augment_copies = augment_copies
+        self.n_reference = n_reference
+        self.device_scale = device_scale
         self.top_k = top_k
         self.random_state = random_state
         self.model_id = model_id
@@ -455,9 +605,15 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         return out
 
     def fit(self, histories: Sequence[Sequence[Any]], y: Sequence[int], groups: Sequence[Any] | None = None):
+        # One OpenMP thread: on a shared, busy host the thread team's spin-waits made fitting ~20x slower
+        # (cProfile: 130 s of 216 s in the grower's split loop for 350 histories); the trees are small.
+        with _openmp().limit(limits=1, user_api="openmp"):
+            return self._fit(histories, y, groups)
+
+    def _fit(self, histories: Sequence[Sequence[Any]], y: Sequence[int], groups: Sequence[Any] | None = None):
         y_arr = np.asarray(y, dtype=int)
         g = np.asarray(groups if groups is not None else np.arange(len(y_arr)))
-        self.featurizer_ = HistoryFeaturizer(self.history_k, self.derived).fit(histories)
+        self.featurizer_ = HistoryFeaturizer(self.history_k, self.derived, self.device_scale).fit(histories)
         X = self.featurizer_.transform(histories)
         self.classes_ = np.array([0, 1])
         self.n_features_in_ = X.shape[1]
@@ -472,14 +628,49 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
             parts_y.append(yf)
             parts_g.append(gf)
         self.tiers_: dict[str, TierModel] = {}
+        tier_rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         if len(yf):
-            self.tiers_["full"] = self._tier_model().fit(np.vstack(parts_X), np.concatenate(parts_y),
-                                                         np.concatenate(parts_g))
+            tier_rows["full"] = (np.vstack(parts_X), np.concatenate(parts_y), np.concatenate(parts_g))
+            self.tiers_["full"] = self._tier_model().fit(*tier_rows["full"])
         # smi tier: every row, DCGM columns hidden (what an nvidia-smi-only provider would have sent).
         Xs = X.copy()
         Xs[:, self.featurizer_.dcgm_columns_] = np.nan
+        tier_rows["smi"] = (Xs, y_arr, g)
         self.tiers_["smi"] = self._tier_model().fit(Xs, y_arr, g)
+        self._fit_abstention(tier_rows, rng)
         return self
+
+    def _fit_abstention(self, tier_rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                        rng: np.random.Generator) -> None:
+        """Per tier: the out-of-distribution guard, the smi metric groups the training rows always carry, and a
+        class-balanced set of reference rows to fill a missing group from (missing information widens P)."""
+        f = self.featurizer_
+        names = f.feature_names_out_
+        stat = [n.rsplit("__", 1)[1] if "__" in n else n for n in names]
+        self.group_cols_ = {}
+        for gname in dict.fromkeys(g for _, g in SMI_GROUPS):
+            cols = [i for i, m in enumerate(f.column_metric_) if f.smi_columns_[i] and m not in SCALE_FEATURES
+                    and smi_group(m) == gname]
+            if cols:
+                self.group_cols_[gname] = np.array(cols)
+        self.guards_: dict[str, OodGuard] = {}
+        self.expected_groups_: dict[str, tuple[str, ...]] = {}
+        self.reference_: dict[str, np.ndarray] = {}
+        for t, (Xt, yt, gt) in tier_rows.items():
+            allowed = f.smi_columns_ if t == "smi" else np.ones(len(names), dtype=bool)
+            cols = np.array([i for i, n in enumerate(names) if allowed[i]
+                             and (stat[i] in OOD_STATS or n in OOD_SCALE)])
+            self.guards_[t] = OodGuard(random_state=self.random_state).fit(Xt, cols, names, gt)
+            have = {gname: (~np.isnan(Xt[:, c])).any(axis=1) for gname, c in self.group_cols_.items()}
+            self.expected_groups_[t] = tuple(gname for gname, h in have.items() if h.mean() >= 0.5)
+            complete = np.ones(len(Xt), dtype=bool)
+            for gname in self.expected_groups_[t]:
+                complete &= have[gname]
+            picks = []
+            for cls in (0, 1):
+                idx = np.flatnonzero(complete & (yt == cls))
+                picks.append(rng.choice(idx, min(self.n_reference // 2, len(idx)), replace=False) if len(idx) else idx)
+            self.reference_[t] = Xt[np.sort(np.concatenate(picks))]
 
     # -- prediction --------------------------------------------------------------------------------------------
     def _has_dcgm(self, X: np.ndarray) -> np.ndarray:
@@ -504,23 +695,86 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
             X[:, self.featurizer_.dcgm_columns_] = np.nan
         return X
 
-    def score_matrix(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(calibrated P(training), band, tier) for a feature matrix."""
+    def missing_groups(self, xt: np.ndarray, tier: str) -> list[str]:
+        """The smi metric groups the tier's training rows carry (>= half of them) and this tier-input row lacks."""
+        expected = getattr(self, "expected_groups_", {}).get(tier, ())  # an artifact of format 1 has none
+        return [g for g in expected if np.isnan(xt[self.group_cols_[g]]).all()]
+
+    def _fill(self, Xv: np.ndarray, tier: str, groups: Sequence[str]) -> np.ndarray:
+        """Each row once per reference row, the missing groups' columns taken from it (both classes alike)."""
+        ref = getattr(self, "reference_", {}).get(tier)
+        if not groups or ref is None or not len(ref):
+            return Xv
+        cols = np.concatenate([self.group_cols_[g] for g in groups])
+        out = np.repeat(Xv, len(ref), axis=0)
+        out[:, cols] = np.tile(ref[:, cols], (len(Xv), 1))
+        return out
+
+    def assess(self, X: np.ndarray, variants: Sequence[np.ndarray | None] | None = None) -> list[dict[str, Any]]:
+        """Everything a verdict needs, per feature row: calibrated P (the mean over what is unknown), its 5-95 %
+        range, band, tier, reasons, missing groups, out-of-distribution features.
+
+        `variants[i]` (optional) holds alternative rows for row i where a missing group could be bounded from
+        the data (power in watts for an unknown TDP): they replace the row and the spread over them is kept."""
         tiers = self.tier_of(X)
-        p = np.full(len(X), np.nan)
-        band = np.full(len(X), "uncertain", dtype=object)
+        out: list[dict[str, Any]] = []
         for t in TIERS:
-            rows = tiers == t
-            if not rows.any():
+            rows = np.flatnonzero(tiers == t)
+            if not rows.size:
                 continue
-            m = self.tiers_[t]
-            p[rows] = m.predict_proba(self._tier_input(X[rows], t))
-            band[rows] = m.band(p[rows])
-        band[~self._has_activity(X)] = "uncertain"  # no activity signal: never a confident call
-        # Every provider in the training data sends nvidia-smi's utilisation or power; a history with neither lies
-        # outside what the model has seen (e.g. an exporter sending one profiling field), so it is not called.
-        band[~self._has_smi_core(X)] = "uncertain"
-        return p, band.astype(str), tiers
+            m, guard = self.tiers_[t], getattr(self, "guards_", {}).get(t)
+            Xt = self._tier_input(X[rows], t)
+            p_base = m.predict_proba(Xt)
+            ood, ood_names, _ = guard.check(Xt) if guard is not None else (np.zeros(len(rows), bool), [()] * len(rows),
+                                                                          None)
+            act, core = self._has_activity(Xt), self._has_smi_core(Xt)
+            for j, r in enumerate(rows):
+                alt = variants[r] if variants is not None else None
+                Xv = self._tier_input(alt, t) if alt is not None and len(alt) else Xt[j : j + 1]
+                missing = self.missing_groups(Xt[j], t)
+                still = self.missing_groups(Xv[0], t)
+                if missing or len(Xv) > 1:
+                    pc = m.predict_proba(self._fill(Xv, t, still))
+                    p, lo, hi = float(pc.mean()), float(np.quantile(pc, 0.05)), float(np.quantile(pc, 0.95))
+                    cand = set(m.band(np.array([lo, hi])).tolist())
+                    band = cand.pop() if len(cand) == 1 else "uncertain"
+                    if len(Xv) > 1 or alt is not None:  # bounded from the data: check what is known, not a guess
+                        o, nm, _ = guard.check(Xv[len(Xv) // 2 : len(Xv) // 2 + 1]) if guard else ([False], [()], 0)
+                        is_ood, names_out = bool(o[0]), nm[0]
+                    else:
+                        is_ood, names_out = bool(ood[j]), ood_names[j]
+                else:
+                    p, lo, hi = float(p_base[j]), None, None
+                    band = str(m.band(np.array([p]))[0])
+                    is_ood, names_out = bool(ood[j]), ood_names[j]
+                widened = bool(missing) or len(Xv) > 1
+                reasons = []
+                if band == "uncertain":
+                    # the mean alone would have been confident: only what is unknown keeps it open
+                    if not widened or m.band(np.array([p]))[0] == "uncertain":
+                        reasons.append("between_bands")
+                    if widened:
+                        reasons.append("missing_information")
+                if is_ood:
+                    reasons.append("out_of_distribution")
+                if not act[j]:
+                    reasons.append("no_activity_signal")
+                if not core[j]:
+                    reasons.append("no_utilisation_or_power")
+                if is_ood or not act[j] or not core[j]:
+                    band = "uncertain"
+                out.append({"row": int(r), "p": p, "p_low": lo, "p_high": hi, "band": band, "tier": t,
+                            "reasons": tuple(dict.fromkeys(reasons)) if band == "uncertain" else (),
+                            "missing": tuple(missing), "out_features": tuple(names_out) if is_ood else (),
+                            "in_distribution": not is_ood})
+        out.sort(key=lambda d: d["row"])
+        return out
+
+    def score_matrix(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(calibrated P(training), band, tier) for a feature matrix (abstention included)."""
+        a = self.assess(X)
+        return (np.array([d["p"] for d in a]), np.array([d["band"] for d in a]).astype(str),
+                np.array([d["tier"] for d in a]).astype(str))
 
     def predict_proba(self, histories: Sequence[Sequence[Any]]) -> np.ndarray:
         p, _, _ = self.score_matrix(self.featurizer_.transform(histories))
@@ -540,24 +794,136 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         names = self.featurizer_.feature_names_out_
         return [(names[present[i]], round(float(delta[i]), 4)) for i in order]
 
-    def predict(self, history: Sequence[Any]) -> Verdict:  # type: ignore[override]
-        """The WorkloadClassifier protocol: one verdict for one workload's window history (oldest first)."""
+    # -- missing accelerator: bound power and memory fractions from watts and MiB ------------------------------
+    def unit_variants(self, history: Sequence[Any]) -> np.ndarray | None:
+        """Feature rows of `history` with its power / memory fractions computed for every catalog TDP / memory the
+        readings allow (TDP >= the highest draw seen, memory >= the most used), when the windows carry watts or
+        MiB but not the fractions (accelerator unknown or absent). None when there is nothing to bound."""
+        hist = normalise_history(history)[-self.history_k :]
+        feats = [_attr(w, "features") or {} for w in hist]
+
+        def lacks(frac: str, unit: str) -> bool:
+            return all(_num(f.get(frac)) != _num(f.get(frac)) for f in feats) and any(
+                _num(f.get(unit)) == _num(f.get(unit)) for f in feats)
+
+        need_power = lacks("mean_power", "mean_power_watts")
+        need_mem = lacks("mean_fb_used", "mean_fb_used_mib")
+        if not (need_power or need_mem):
+            return None
+        cat = load_catalog().values()
+        tdps: list[float | None] = [None]
+        mems: list[float | None] = [None]
+        if need_power:
+            top = max(_num(f.get("mean_power_watts")) + 2.0 * (_num(f.get("std_power_watts")) if _num(
+                f.get("std_power_watts")) == _num(f.get("std_power_watts")) else 0.0) for f in feats
+                if _num(f.get("mean_power_watts")) == _num(f.get("mean_power_watts")))
+            tdps = _spread(sorted({a.tdp_w for a in cat if a.tdp_w and a.tdp_w >= 0.9 * top}) or [1.1 * top], 5)
+        if need_mem:
+            top = max(_num(f.get("mean_fb_used_mib")) for f in feats
+                      if _num(f.get("mean_fb_used_mib")) == _num(f.get("mean_fb_used_mib")))
+            mems = _spread(sorted({a.memory_gib * 1024.0 for a in cat if a.memory_gib and a.memory_gib * 1024.0 >= top})
+                           or [1.1 * top], 4)
+        hs = []
+        for tdp in tdps:
+            for mem in mems:
+                h2 = []
+                for w in hist:
+                    f = dict(_attr(w, "features") or {})
+                    if tdp is not None:
+                        for frac, unit in (("mean_power", "mean_power_watts"), ("std_power", "std_power_watts")):
+                            v = _num(f.get(unit))
+                            f[frac] = v / tdp if v == v else None
+                    if mem is not None:
+                        for frac, unit in (("mean_fb_used", "mean_fb_used_mib"), ("std_fb_used", "std_fb_used_mib")):
+                            v = _num(f.get(unit))
+                            f[frac] = v / mem if v == v else None
+                        f["mem_occupancy"] = f.get("mean_fb_used")
+                    h2.append({**(w if isinstance(w, dict) else history_entry(w)), "features": f})
+                hs.append(h2)
+        return self.featurizer_.transform(hs)
+
+    # -- verdicts ------------------------------------------------------------------------------------------------
+    def _verdict(self, history: Sequence[Any]) -> tuple[Verdict, dict[str, Any]]:
         x = self.featurizer_.transform_one(history)
-        # One row at a time: OpenMP's thread team costs far more than it saves, and on a busy host its spin-waits
-        # made a prediction ~70x slower (148 ms vs 2 ms measured on 2 shared cores).
         with _openmp().limit(limits=1, user_api="openmp"):
-            p, band, tiers = self.score_matrix(x[None, :])
-            top = self.contributions(x, str(tiers[0]))
-        return Verdict(
-            p_training=round(float(p[0]), 4),
-            band=str(band[0]),
-            top_features=top,
-            model_id=f"{self.model_id}/{tiers[0]}",  # which tier's model answered
-            model_version=self.model_version,
-        )
+            variants = self.unit_variants(history)
+            a = self.assess(x[None, :], [variants])[0]
+            top = self.contributions(x if variants is None else variants[len(variants) // 2], a["tier"])
+        missing = list(a["missing"])
+        if variants is not None:
+            missing = [g + (" (bounded from readings: accelerator unknown)" if g in ("power", "memory") else "")
+                       for g in missing] or ["accelerator (bounded from readings)"]
+        v = Verdict(p_training=round(a["p"], 4), band=a["band"], top_features=top,
+                    model_id=f"{self.model_id}/{a['tier']}", model_version=self.model_version,
+                    reasons=a["reasons"], out_features=a["out_features"], missing=tuple(missing),
+                    p_low=None if a["p_low"] is None else round(a["p_low"], 4),
+                    p_high=None if a["p_high"] is None else round(a["p_high"], 4),
+                    in_distribution=a["in_distribution"])
+        return v, a
+
+    def predict(self, history: Sequence[Any]) -> Verdict:  # type: ignore[override]
+        """The WorkloadClassifier protocol: one verdict over a workload's window history (oldest first).
+
+        A history longer than `history_k` windows is judged whole: cut into consecutive parts of `history_k`
+        windows (the last part ends at the newest window), each part judged, then combined (`combine_parts`).
+        One row at a time: OpenMP's thread team costs far more than it saves here (148 ms vs 2 ms measured on 2
+        shared cores)."""
+        hist = normalise_history(history)
+        k = self.history_k
+        if len(hist) <= k:
+            return self._verdict(hist)[0]
+        cuts = list(range(len(hist), 0, -k))
+        parts = [hist[max(0, e - k) : e] for e in reversed(cuts)]
+        if len(parts) > 1 and len(parts[0]) < k // 2:  # a short oldest remainder joins the next part's judgement
+            parts = parts[1:]
+        return combine_parts([self._verdict(p)[0] for p in parts], [len(p) for p in parts])
 
     def explain_tiers(self) -> dict[str, dict[str, float]]:
         return {
             t: {"t_low": float(m.t_low_), "t_high": float(m.t_high_), "oof_brier": m.oof_brier_, "n_train": m.n_train_}
             for t, m in self.tiers_.items()
         }
+
+
+def _spread(values: list[float], n: int) -> list[float | None]:
+    """At most n values spread over a sorted list (its ends kept)."""
+    if len(values) <= n:
+        return list(values)
+    idx = np.unique(np.rint(np.linspace(0, len(values) - 1, n)).astype(int))
+    return [values[i] for i in idx]
+
+
+def combine_parts(parts: Sequence[Verdict], weights: Sequence[float]) -> Verdict:
+    """One verdict for a whole run from the verdicts of its consecutive parts (oldest first).
+
+    P is the window-weighted mean. `not_training` needs every part confidently not training; `training` needs at
+    least half the windows in confidently training parts (a run that trains is a training run even with idle or
+    serving stretches); anything else is `uncertain` (`mixed_phases` when parts disagree). The reasons,
+    out-of-distribution features and missing fields of every part are kept; top features come from the part
+    that decided (the strongest training part, else the newest)."""
+    w = np.asarray(weights, dtype=float)
+    p = float(np.average([v.p_training for v in parts], weights=w))
+    train_share = float(w[[v.band == "training" for v in parts]].sum() / w.sum())
+    if all(v.band == "not_training" for v in parts):
+        band, reasons = "not_training", ()
+    elif train_share >= 0.5:
+        band, reasons = "training", ()
+    else:
+        band = "uncertain"
+        bands = {v.band for v in parts}
+        reasons = tuple(dict.fromkeys([*(["mixed_phases"] if len(bands) > 1 else []),
+                                       *(r for v in parts for r in v.reasons)])) or ("between_bands",)
+    trained = [v for v in parts if v.band == "training"]
+    lead = max(trained, key=lambda v: v.p_training) if band == "training" and trained else parts[-1]
+    lows = [v.p_low if v.p_low is not None else v.p_training for v in parts]
+    highs = [v.p_high if v.p_high is not None else v.p_training for v in parts]
+    wide = any(v.p_low is not None for v in parts)
+    ind = [v.in_distribution for v in parts]
+    return Verdict(
+        p_training=round(p, 4), band=band, top_features=list(lead.top_features), model_id=lead.model_id,
+        model_version=lead.model_version, reasons=reasons,
+        out_features=tuple(dict.fromkeys(f for v in parts for f in v.out_features)),
+        missing=tuple(dict.fromkeys(f for v in parts for f in v.missing)),
+        p_low=round(float(np.average(lows, weights=w)), 4) if wide else None,
+        p_high=round(float(np.average(highs, weights=w)), 4) if wide else None,
+        in_distribution=None if any(i is None for i in ind) else all(ind))

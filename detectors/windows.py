@@ -46,6 +46,11 @@ _PRESENCE_FIELDS = (
     "net_rx_bytes", "energy_mj",
 )
 
+#: Readings in the device's own units (W, MiB), kept beside the fractions of the catalog's TDP and memory: when the
+#: accelerator is unknown or absent the fractions are missing, and the classifier bounds them from these instead
+#: of treating the power and memory evidence as absent (detectors/classifier.py, "missing information").
+UNIT_FEATURES = ("mean_power_watts", "std_power_watts", "mean_fb_used_mib", "std_fb_used_mib", "mean_fb_total_mib")
+
 #: The classifier's input, in a stable order.
 FEATURE_NAMES: tuple[str, ...] = (
     *(f"{p}_{name}" for name, _ in _MEAN_FIELDS for p in ("mean", "std")),
@@ -60,6 +65,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log10_flop_rate",
     "tensor_basis_share",
     "fields_present",
+    *UNIT_FEATURES,
 )
 
 _PROF_KEY = re.compile(r"^prof\.([a-z_]+)\.(\d+)\.(sum|n)$")
@@ -199,6 +205,19 @@ def _ac1(prof: list[float]) -> float | None:
     return sum((a - mu) * (b - mu) for a, b in itertools.pairwise(prof)) / den
 
 
+def _unit_features(sums: dict[str, float], f: dict[str, float | None]) -> None:
+    """Watts and MiB as reported, and the memory fraction from used / (used + free) when the catalog does not know
+    the part but the exporter sends both (nvidia-smi memory.used and memory.total, DCGM FB_USED and FB_FREE)."""
+    f["mean_power_watts"], f["std_power_watts"] = _mean_std(sums, "power_w")
+    used, used_std = _mean_std(sums, "fb_used_mib")
+    free, _ = _mean_std(sums, "fb_free_mib")
+    f["mean_fb_used_mib"], f["std_fb_used_mib"] = used, used_std
+    f["mean_fb_total_mib"] = used + free if used is not None and free is not None else None
+    if f.get("mean_fb_used") is None and used is not None and free is not None and used + free > 0:
+        # both fields come from the same samples in every exporter seen; a time-weighted ratio of means
+        f["mean_fb_used"] = used / (used + free)
+
+
 def window_features(sums: dict[str, float], device_count: int, node_count: int, flop: float,
                     window_s: float) -> dict[str, float | None]:
     f: dict[str, float | None] = {}
@@ -217,6 +236,7 @@ def window_features(sums: dict[str, float], device_count: int, node_count: int, 
         else:
             f[f"profile_cv_{name}"] = None
         f[f"profile_ac1_{name}"] = _ac1(prof)
+    _unit_features(sums, f)
     f["mem_occupancy"] = f["mean_fb_used"]
     for name, fields in _RATES:
         means = [_mean_std(sums, x)[0] for x in fields]

@@ -77,6 +77,15 @@ def score_block(y: np.ndarray, p: np.ndarray, band: np.ndarray, archetypes: np.n
             for truth, tv in (("training", 1), ("not_training", 0))
         },
         "reliability": reliability(p, y),
+        # the figures issue 14 sets targets on (real traces: <= 5 %, >= 0.95 with FPR <= 2 %, the rest uncertain)
+        "stakes": {
+            "training_called_not_training": _safe_div(int(((y == 1) & (band == "not_training")).sum()),
+                                                      int((y == 1).sum())),
+            "confident_training_precision": _safe_div(int(((y == 1) & (band == "training")).sum()),
+                                                      int((band == "training").sum())),
+            "fpr": _safe_div(int(((y == 0) & (band == "training")).sum()), int((y == 0).sum())),
+            "uncertain_share": round(float((~confident).mean()), 4),
+        },
     }
     per: dict[str, Any] = {}
     for a in sorted(set(archetypes.tolist())):
@@ -137,6 +146,61 @@ def loso_simulated(ds: Dataset, params: dict[str, Any] | None = None, max_folds:
                                  ds.archetypes[full_rows]),
         "smi_only": score_block(ds.y[done], p_smi[done], b_smi[done].astype(str), ds.archetypes[done]),
     }
+
+
+#: Families held out whole to test the abstention: the realism variants (pipeline/simulator/workload.py VARIANTS)
+#: and one archetype each side that nothing else resembles closely.
+HELDOUT_FAMILIES = ("finetune_lora:input_bound", "pretrain:stalled", "serving:busy_flat", "hpc_fp64:training_like",
+                    "batch_inference:memory_bound", "mining", "finetune_lora")
+
+
+def _outcomes(y: np.ndarray, a: list[dict[str, Any]]) -> dict[str, Any]:
+    band = np.array([d["band"] for d in a])
+    ood = np.array([not d["in_distribution"] for d in a])
+    right = np.where(y == 1, band == "training", band == "not_training")
+    wrong = np.where(y == 1, band == "not_training", band == "training")
+    return {"n": len(a), "confidently_right": round(float(right.mean()), 4),
+            "confidently_wrong": round(float(wrong.mean()), 4),
+            "uncertain": round(float((band == "uncertain").mean()), 4), "flagged_ood": round(float(ood.mean()), 4)}
+
+
+def heldout_families(train: Dataset, test: Dataset, families: tuple[str, ...] = HELDOUT_FAMILIES,
+                     params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Each family (archetype or archetype:variant) held out whole: fit on `train` without it (its base archetype
+    stays when a variant is held out), score `test`'s histories of it, as sent and nvidia-smi only. Beside them
+    the same model on `test`'s other histories (seen kinds of work), whose covered F1 must hold: the abstention
+    must flag what is new without flagging what is known."""
+    out: dict[str, Any] = {}
+    for fam in families:
+        tr = train.subset(train.archetypes != fam)
+        te_m = test.archetypes == fam
+        if not te_m.any() or len(set(tr.y.tolist())) < 2:
+            continue
+        model = build_model(params).fit(tr.histories, tr.y, tr.groups)
+        f = model.featurizer_
+        X = f.transform([test.histories[i] for i in np.flatnonzero(te_m)])
+        Xs = _smi_view(model, X)
+        known = ~te_m & ~np.isin(test.archetypes, families)
+        Xk = f.transform([test.histories[i] for i in np.flatnonzero(known)])
+        ak = model.assess(Xk)
+        bk = np.array([d["band"] for d in ak])
+        pk = np.array([d["p"] for d in ak])
+        tk = np.array([d["tier"] for d in ak])
+        yk = test.y[known]
+        full = tk == "full"
+        guard_off = np.array([d["band"] if d["in_distribution"] or "out_of_distribution" not in d["reasons"]
+                              else str(model.tiers_[d["tier"]].band(np.array([d["p"]]))[0]) for d in ak])
+        out[fam] = {
+            "is_training": bool(test.y[te_m].mean() >= 0.5),
+            "held_out_as_sent": _outcomes(test.y[te_m], model.assess(X)),
+            "held_out_smi_only": _outcomes(test.y[te_m], model.assess(Xs)),
+            "known_full_dcgm": {**binary_metrics(yk[full], bk[full] == "training"),
+                                "flagged_ood": round(float(np.mean([not d["in_distribution"] for d, f_ in
+                                                                    zip(ak, full, strict=True) if f_])), 4),
+                                "f1_without_guard": binary_metrics(yk[full], guard_off[full] == "training")["f1"],
+                                "brier": round(float(np.mean((pk[full] - yk[full]) ** 2)), 4)},
+        }
+    return out
 
 
 def score_dataset(model: GbmWorkloadClassifier, ds: Dataset) -> dict[str, Any]:
@@ -256,6 +320,24 @@ def format_table(results: dict[str, Any]) -> str:
             cells = [f"{k} {v['recall']:.2f}/{v['fpr']:.2f}/{v['auc']:.2f}" for k, v in block.items()
                      if isinstance(v, dict)]
             lines.append(f"  {held:20} " + "  ".join(cells))
+    lines.append("")
+    lines.append("stakes: training called not_training / confident-training precision / FPR / uncertain")
+    for label, b in summary_rows(results):
+        st = b.get("stakes") or {}
+        lines.append(f"  {label:44} {f(st.get('training_called_not_training'))} "
+                     f"{f(st.get('confident_training_precision'))} {f(st.get('fpr'))} {f(st.get('uncertain_share'))}")
+    held = results.get("heldout_families") or {}
+    if held:
+        lines.append("")
+        lines.append("families held out whole (as sent | smi only): confidently right / wrong / uncertain / OOD; "
+                     "known kinds, full DCGM: F1 with guard (without), OOD share")
+        for fam, r in held.items():
+            a, m, k = r["held_out_as_sent"], r["held_out_smi_only"], r["known_full_dcgm"]
+            lines.append(f"  {fam:30} {'train' if r['is_training'] else 'neg  '} n={a['n']:>4}  "
+                         f"{a['confidently_right']:.2f}/{a['confidently_wrong']:.2f}/{a['uncertain']:.2f}/"
+                         f"{a['flagged_ood']:.2f} | {m['confidently_right']:.2f}/{m['confidently_wrong']:.2f}/"
+                         f"{m['uncertain']:.2f}/{m['flagged_ood']:.2f}   F1 {f(k['f1'])} ({f(k['f1_without_guard'])}) "
+                         f"OOD {k['flagged_ood']:.3f}")
     sim = results.get("simulated") or {}
     for key in ("full_dcgm", "smi_only"):
         per = (sim.get(key) or {}).get("per_archetype") or {}

@@ -55,11 +55,12 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "target_precision": 0.95,
     "threshold_margin": 0.02,
     "augment_copies": 1,
+    "device_scale": False,  # device counts are a simulator prior (issue 14), never evidence
 }
 #: The eval scenario at this scale: ~260 workloads over 12 h, ~7M samples.
 TRAIN_SCENARIO: dict[str, Any] = {"scale": 3.0}
 MODEL_ID = "trainwatch-workload-gbm"
-MODEL_VERSION = "3"
+MODEL_VERSION = "4"
 #: Fields written as whole numbers by the simulator's line writer (MiB, MHz, bytes, mJ).
 _INT_FIELDS = frozenset(("fb_used_mib", "fb_free_mib", "sm_clock_mhz", "mem_clock_mhz", "pcie_tx_bytes",
                          "pcie_rx_bytes", "nvlink_tx_bytes", "nvlink_rx_bytes", "net_tx_bytes", "net_rx_bytes",
@@ -228,8 +229,8 @@ def simulated_entries(scenario: str, seed: int, **params: Any) -> tuple[dict[str
         core.agg.add(TOPIC, 0, b)  # the windowing core of IngestCore.process, minus decoding
         hb.add(core.ready())
     hb.add(core.drain())
-    truth = {w.workload_id: {"is_training": w.is_training, "archetype": w.archetype,
-                             "source_family": w.source_family} for w in sc.workloads}
+    truth = {w.workload_id: {"is_training": w.is_training, "source_family": w.source_family,
+                             "archetype": w.archetype + (f":{w.variant}" if w.variant else "")} for w in sc.workloads}
     return dict(hb.entries), truth, h.hexdigest()
 
 

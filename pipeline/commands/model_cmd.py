@@ -6,11 +6,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import typer
 
 from detectors.model_artifact import load_artifact
 from pipeline.model_eval import (
     format_table,
+    heldout_families,
     loso_simulated,
     migprofiler_cross_hardware,
     migprofiler_signal_transfer,
@@ -50,19 +52,26 @@ def train(
     typer.echo(f"artifact: {path}")
 
 
-def run_evaluation(scenario_scale: float, seed: int, mig_dir: Path, model_dir: Path | None) -> dict[str, Any]:
+def run_evaluation(scenario_scale: float, seed: int, mig_dir: Path, model_dir: Path | None,
+                   heldout: bool = False) -> dict[str, Any]:
     """All evaluation figures as one JSON-able dict."""
     ds = simulated_dataset("eval", seed, scale=scenario_scale)
     results: dict[str, Any] = {"scenario": "eval", "seed": seed, "scenario_scale": scenario_scale,
                                "data": dataset_summary(ds), "simulated": loso_simulated(ds)}
+    if heldout:  # families held out whole: fitted on the training seed without them, scored on this seed's
+        train = simulated_dataset("eval", 7, scale=scenario_scale)
+        results["heldout_families"] = heldout_families(train, ds)
     mig = migprofiler_dataset(mig_dir)
     if mig is None:
         results["migprofiler"] = {"skipped": f"{mig_dir}/sessions_index.csv not found"}
         return results
     # The real runs are never trained on: score them with a model fitted on all simulated data.
     model = train_model(ds) if model_dir is None else load_artifact(model_dir)[0]
+    hw = np.array(["80g" if "80g" in a else "40g" for a in mig.archetypes])
     results["migprofiler"] = {
         "sim_trained": score_dataset(model, mig),
+        "sim_trained_A100_80GB": score_dataset(model, mig.subset(hw == "80g")),
+        "sim_trained_A100_40GB": score_dataset(model, mig.subset(hw == "40g")),
         "sim_trained_real_fields_no_guard": migprofiler_sim_real_fields(model, ds, mig, DEFAULT_PARAMS),
         "cross_hardware": migprofiler_cross_hardware(mig),
         "signal_transfer": migprofiler_signal_transfer(model, mig),
@@ -78,10 +87,11 @@ def evaluate(
     out: Path = typer.Option(Path("var/model_eval.json"), "--out", help="where the results JSON is written"),
     mig_dir: Path = typer.Option(MIGPROFILER_DIR, "--migprofiler", help="MIGProfiler data folder"),
     model_dir: Path | None = typer.Option(None, "--model", help="score real runs with this artifact, not a refit"),
+    heldout: bool = typer.Option(False, "--heldout", help="also hold simulated families out whole (slow)"),
 ) -> None:
     """Leave-one-source-out on simulated data (full DCGM and nvidia-smi only) and the real MIGProfiler runs."""
     t0 = time.perf_counter()
-    results = run_evaluation(scenario_scale, seed, mig_dir, model_dir)
+    results = run_evaluation(scenario_scale, seed, mig_dir, model_dir, heldout)
     results["elapsed_s"] = round(time.perf_counter() - t0, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(dumps(results) + b"\n")

@@ -12,6 +12,7 @@ drawn from overlapping ranges (docs/simulator.md, "Calibration").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -68,20 +69,46 @@ def _sync(w: Workload, t: np.ndarray) -> np.ndarray:
     return hashed_normal(w.sync_key, np.rint(t / w.interval_s).astype(np.int64))[:, None]
 
 
+def _wrng(w: Workload, salt: int) -> np.random.Generator:
+    """Per-workload draws that do not depend on the block (a workload's character stays the same all run)."""
+    return np.random.default_rng([w.sync_key % (2**32), w.index, salt])
+
+
+def _stalls(w: Workload, t: np.ndarray, share: float) -> np.ndarray:
+    """(n_t, 1) True in run-wide idle stretches of ~90 s (data-loader stalls, evaluation, waiting on storage)."""
+    z = hashed_normal(w.sync_key + 7, np.floor((t - w.start) / 90.0).astype(np.int64))
+    return (z > NormalDist().inv_cdf(1.0 - share))[:, None]
+
+
 def _train_like(w: Workload, t: np.ndarray, rng: np.random.Generator, n_dev: int, sync_sd: float,
                 ckpt_period: float, ckpt_dur: float) -> Shapes:
     n_t = t.size
     g = _sync(w, t)
     pause = _periodic(t - w.start, ckpt_period, ckpt_dur, w.params.get("phase", 0.0))[:, None]
     busy = np.where(pause, 0.04, 1.0) * (1.0 + sync_sd * g)
+    v = w.variant
+    if v in ("stalled", "small_model", "input_bound"):
+        # Input- or memory-bound training: the step waits on the data loader or on memory, so the coarse
+        # utilisation sits at 15-70 % with idle stretches, still moving in step across the run's GPUs.
+        wr = _wrng(w, 1)
+        duty = float(wr.uniform(0.15, 0.45) if v == "input_bound" else wr.uniform(0.3, 0.7))
+        stall = _stalls(w, t, float(wr.uniform(0.05, 0.2)))
+        busy = busy * np.where(stall, 0.03, duty * (1.0 + 0.2 * g))
     ta = w.level * busy + 0.004 * rng.standard_normal((n_t, n_dev))
     act = np.clip(0.93 * busy + 0.02 * rng.standard_normal((n_t, n_dev)), 0.0, 1.0)
     multi = len(w.nodes) > 1
     net = (0.35 if multi else 0.002) * busy * (1.0 + 0.05 * rng.standard_normal((n_t, n_dev)))
     nvl = 0.45 * busy * (1.0 + 0.05 * rng.standard_normal((n_t, n_dev)))
-    fb = np.full((n_t, n_dev), w.params.get("fb", 0.85)) + 0.003 * rng.standard_normal((n_t, n_dev))
+    fb_level = w.params.get("fb", 0.85)
+    if v in ("small_model", "input_bound"):
+        fb_level = float(_wrng(w, 2).uniform(0.08, 0.5))  # small models and adapters leave most memory free
+    elif v == "stalled":
+        fb_level = float(_wrng(w, 2).uniform(0.3, 0.9))
+    fb = np.full((n_t, n_dev), fb_level) + 0.003 * rng.standard_normal((n_t, n_dev))
     util = np.clip(act * 1.05 + 0.02, 0.0, 1.0)
     dram = 0.38 * busy + 0.02 * rng.standard_normal((n_t, n_dev))
+    if v in ("small_model", "input_bound", "stalled"):
+        dram = dram + 0.25 * busy  # memory-bound steps: DRAM busy for the work done
     return Shapes(ta, act, dram, nvl, net, fb, util, act, np.zeros((n_t, n_dev)))
 
 
@@ -110,7 +137,12 @@ def throttled_train(w: Workload, t: np.ndarray, rng: np.random.Generator, n_dev:
 
 
 def finetune_lora(w: Workload, t: np.ndarray, rng: np.random.Generator, n_dev: int) -> Shapes:
-    """Pipeline-style LoRA: the GPUs of a node take turns, so each shows ~9 % utilisation and ~0.23 TDP."""
+    """Pipeline-style LoRA: the GPUs of a node take turns, so each shows ~9 % utilisation and ~0.23 TDP.
+    Variant `input_bound`: data-parallel LoRA waiting on its data loader, every GPU at 15-45 %."""
+    if w.variant == "input_bound":
+        s = _train_like(w, t, rng, n_dev, 0.08, 1800.0, 30.0)
+        s.ta = s.ta * 0.5
+        return s
     n_t = t.size
     turn = (_grid(w, t)[:, None] + np.arange(n_dev)[None, :]) % max(w.gpus_per_node, 1) == 0
     g = _sync(w, t)
@@ -126,6 +158,18 @@ def serving(w: Workload, t: np.ndarray, rng: np.random.Generator, n_dev: int) ->
     """Online inference: diurnal load, bursty per replica (node), KV cache grows with load. The GPUs of one
     tensor-parallel replica move together; replicas on different nodes are independent."""
     n_t, g = t.size, w.gpus_per_node
+    if w.variant == "busy_flat":
+        # A saturated replica pool (batched LLM serving under steady demand): flat, busy, and its KV cache
+        # pre-allocated (vLLM-style ~90 % of memory), so neither utilisation nor memory breathes.
+        wr = _wrng(w, 3)
+        lvl = float(wr.uniform(0.75, 0.97))
+        own = 1.0 + 0.04 * rng.standard_normal((n_t, n_dev))
+        load = np.repeat(lvl * np.exp(0.05 * rng.standard_normal((n_t, len(w.nodes)))), g, axis=1)
+        ta = w.level * load * own
+        act = np.clip(load * own, 0.0, 1.0)
+        fb = np.full((n_t, n_dev), float(wr.uniform(0.85, 0.93))) + 0.002 * rng.standard_normal((n_t, n_dev))
+        return Shapes(ta, act, np.clip(0.2 + 0.5 * load, 0, 1), (0.08 if g > 1 else 0.0) * load, 0.004 * load, fb,
+                      np.clip(act * 1.02 + 0.02, 0.0, 1.0), act, np.zeros((n_t, n_dev)))
     d = _diurnal(t, w.params.get("peak_hour", 15.0), w.params.get("depth", 0.7))[:, None]
     n_nodes = len(w.nodes)
     burst = np.exp(0.35 * rng.standard_normal((n_t, n_nodes)) - 0.06)  # independent per replica
@@ -146,6 +190,9 @@ def batch_inference(w: Workload, t: np.ndarray, rng: np.random.Generator, n_dev:
     own = 1.0 + 0.08 * rng.standard_normal((n_t, n_dev))
     ta = w.level * own
     act = np.clip(0.9 * own, 0.0, 1.0)
+    if w.variant == "memory_bound":  # long contexts: decode waits on memory, the engine idles between kernels
+        own = own * float(_wrng(w, 4).uniform(0.4, 0.8))
+        ta, act = w.level * own, np.clip(0.9 * own, 0.0, 1.0)
     fb = np.full((n_t, n_dev), w.params.get("fb", 0.8)) + 0.01 * rng.standard_normal((n_t, n_dev))
     return Shapes(ta, act, np.clip(0.5 * own, 0, 1), 0.05 * own, 0.003 * own, fb, np.clip(act + 0.04, 0, 1), act,
                   np.zeros((n_t, n_dev)))
@@ -156,7 +203,8 @@ def hpc_fp64(w: Workload, t: np.ndarray, rng: np.random.Generator, n_dev: int) -
     s = _train_like(w, t, rng, n_dev, 0.05, w.params.get("ckpt_period", 3600.0), w.params.get("ckpt_dur", 200.0))
     s.fp64 = np.clip(1.4 * s.ta, 0.0, 1.0)
     s.nvl, s.net = s.nvl * 0.3, s.net * 0.4
-    s.util = np.clip(s.act * 0.9 + 0.05, 0.0, 1.0)
+    if w.variant != "training_like":  # the variant keeps training's utilisation, memory, power and clocks
+        s.util = np.clip(s.act * 0.9 + 0.05, 0.0, 1.0)
     return s
 
 
@@ -201,6 +249,10 @@ GENERATORS = {
     "idle_reserved": idle_reserved,
 }
 
+#: Mean power of a variant relative to its archetype's draw (builder.POWER_FRAC): input-bound training draws
+#: less, a saturated serving pool and training-like HPC more.
+_VARIANT_POWER = {"stalled": 0.8, "small_model": 0.75, "input_bound": 0.9, "busy_flat": 1.5, "memory_bound": 0.85,
+                  "training_like": 1.2}
 _NVLINK_BPS = 150e9  # per direction, per GPU, order of magnitude for NVLink 4 all-reduce traffic
 _PCIE_ONLY = ("L40S", "L4")
 
@@ -221,10 +273,21 @@ def render(w: Workload, t: np.ndarray, rng: np.random.Generator, tdp_w: float, m
     fb_used = np.rint(np.clip(s.fb, 0.003, 0.99) * mem_mib)
     # Power: the workload's mean fraction of TDP, modulated by activity around its own nominal level.
     nominal = max(float(np.mean(s.pw)) if s.pw.size else 0.0, 1e-3)
-    pw = w.power_frac * (0.6 + 0.4 * s.pw / nominal) + 0.015 * noise
+    realism = w.source_family != "default"
+    wr = _wrng(w, 5)
+    # Realism (random-mix scenarios): how closely power follows activity, and the part's sustained clock
+    # (boost, power cap, thermal throttling), are properties of the node and the job, not of the class.
+    coupling = float(wr.uniform(0.15, 0.6)) if realism else 0.4
+    base_frac = w.power_frac * _VARIANT_POWER.get(w.variant or "", 1.0)
+    drift = 0.06 * hashed_normal(w.sync_key + 11, np.floor(t / 300.0).astype(np.int64))[:, None] if realism else 0.0
+    pw = base_frac * ((1.0 - coupling) + coupling * s.pw / nominal) * (1.0 + drift) + 0.015 * noise
     power = np.clip(pw, 0.06, 1.02) * tdp_w
     sm_max, mem_clk = CLOCKS[w.model]
-    sm_clock = np.rint(np.where(act > 0.05, sm_max * (0.93 + 0.05 * np.clip(1.0 - pw, 0, 1)), sm_max * 0.17))
+    clock_cap = float(wr.uniform(0.72, 1.0)) if realism else 1.0
+    busy_clock = sm_max * clock_cap * (0.93 + 0.05 * np.clip(1.0 - pw, 0, 1))
+    if realism:
+        busy_clock = busy_clock * (1.0 + 0.02 * rng.standard_normal((n_t, n_dev)))
+    sm_clock = np.rint(np.where(act > 0.05, np.minimum(busy_clock, sm_max), sm_max * 0.17))
     ic_per_dev = interconnect_gbps * 1e9 / 8.0 / 8.0  # bytes/s of the node NIC per GPU
     sm_active = np.clip(act * (0.9 + 0.05 * noise), 0.0, 1.0)
     cols = {

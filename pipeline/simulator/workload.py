@@ -10,6 +10,19 @@ TRAINING_ARCHETYPES = ("pretrain", "finetune_full", "finetune_lora", "diffusion_
                        "interleaved")
 NON_TRAINING_ARCHETYPES = ("serving", "batch_inference", "hpc_fp64", "mining", "idle_reserved")
 ARCHETYPES = TRAINING_ARCHETYPES + NON_TRAINING_ARCHETYPES
+#: Variants that make the nvidia-smi-level world overlap as real fleets do (docs/simulator.md, "Realism variants"):
+#: training that is input- or memory-bound at low utilisation, with idle stretches; serving that is busy, flat and
+#: pre-allocates its memory; HPC whose power and clocks look like training. Two jobs in five of each archetype,
+#: only in the random-mix scenarios (a source family other than "default"), so the hand-placed demo is unchanged.
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("stalled",),
+    "finetune_full": ("stalled", "small_model"),
+    "finetune_lora": ("input_bound",),
+    "diffusion_train": ("stalled",),
+    "serving": ("busy_flat",),
+    "batch_inference": ("memory_bound",),
+    "hpc_fp64": ("training_like",),
+}
 
 
 @dataclass
@@ -34,6 +47,22 @@ class Workload:
     sync_key: int  # jobs with the same key share their step-level fluctuations (one run split across accounts)
     source_family: str = "default"
     params: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def variant(self) -> str | None:
+        """The realism variant of this workload (None: the archetype's base form); a pure function of the workload."""
+        if self.source_family == "default" or self.archetype not in VARIANTS:
+            return None
+        if "variant" in self.params:
+            v = self.params["variant"]
+            return None if v in (None, "", "base") else str(v)
+        # Every other one of five consecutive jobs of an archetype (the random mix deals archetypes round robin),
+        # so each archetype gets its share whatever the seed; the variant among several by a hash of the job.
+        k = (self.index // len(ARCHETYPES)) % 5
+        if k not in (1, 3):
+            return None
+        choices = VARIANTS[self.archetype]
+        return choices[int(np.random.default_rng([self.sync_key % (2**32), 0xA11]).integers(len(choices)))]
 
     @property
     def is_training(self) -> bool:

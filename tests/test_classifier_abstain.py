@@ -1,0 +1,152 @@
+"""Missing information is never evidence, abstention outside the fitted region, whole-run verdicts, and the
+policy's asymmetric stakes for a `not_training` verdict."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detectors.classifier import GbmWorkloadClassifier, combine_parts
+from detectors.classifier_base import Verdict
+from detectors.compute import BASIS_NONE, BASIS_UTIL_POWER, estimate_flop
+from detectors.compute_threshold import not_training_check, outcome_for
+from schemas.policy import load_policy
+
+TDP, MEM = 700.0, 80 * 1024.0
+
+
+def _win(i: int, util: float, pfrac: float, fb: float, devices: int = 8) -> dict:
+    f = {"mean_gpu_util": util, "std_gpu_util": 0.05, "mean_power": pfrac, "std_power": 0.02,
+         "mean_power_watts": pfrac * TDP, "std_power_watts": 0.02 * TDP, "mean_fb_used": fb, "std_fb_used": 0.01,
+         "mean_fb_used_mib": fb * MEM, "std_fb_used_mib": 0.01 * MEM, "mean_fb_total_mib": None}
+    return {"workload_id": "w", "window_start": 60.0 * i, "window_end": 60.0 * (i + 1), "device_count": devices,
+            "node_count": 1, "basis": "utilisation_power", "features": f}
+
+
+def _hist(rng: np.random.Generator, training: bool, n: int) -> list[dict]:
+    # power separates the classes; utilisation and memory overlap (as on real fleets)
+    p = rng.uniform(0.6, 0.9) if training else rng.uniform(0.12, 0.35)
+    return [_win(i, float(rng.uniform(0.3, 1.0)), float(np.clip(p + rng.normal(0, 0.02), 0, 1)),
+                 float(rng.uniform(0.3, 0.9))) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def power_model() -> GbmWorkloadClassifier:
+    rng = np.random.default_rng(5)
+    H, y, g = [], [], []
+    for k in range(300):
+        t = k % 2 == 0
+        H.append(_hist(rng, t, int(rng.integers(2, 17))))
+        y.append(int(t))
+        g.append(f"fam{k % 5}")
+    return GbmWorkloadClassifier(history_k=16, max_iter=30, min_samples_leaf=10, cv_folds=3).fit(H, y, g)
+
+
+def _strip(h: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    return [{**w, "features": {k: v for k, v in w["features"].items() if k not in keys}} for w in h]
+
+
+def test_unknown_accelerator_widens_instead_of_calling_not_training(power_model):
+    rng = np.random.default_rng(9)
+    h = _hist(rng, True, 8)
+    assert power_model.predict(h).band == "training"
+    # what ingest sends for an unknown or absent model name: watts and MiB, no fractions of TDP / memory
+    v = power_model.predict(_strip(h, ("mean_power", "std_power", "mean_fb_used", "std_fb_used")))
+    assert v.band != "not_training"
+    t_low = power_model.tiers_["smi"].t_low_
+    assert v.p_training > t_low and v.p_low is not None and v.p_low <= v.p_training <= v.p_high
+    assert any(m.startswith("power") for m in v.missing)
+
+
+def test_absent_field_widens_the_answer_towards_neither_class(power_model):
+    rng = np.random.default_rng(10)
+    for training in (True, False):
+        h = _strip(_hist(rng, training, 8), ("mean_power", "std_power", "mean_power_watts", "std_power_watts"))
+        v = power_model.predict(h)
+        assert v.band == "uncertain" and "missing_information" in v.reasons and "power" in v.missing
+        assert 0.15 < v.p_training < 0.85  # the mean over both classes' power, not a guess from the model's NaN branch
+        assert v.p_low < v.p_high
+
+
+def test_outside_the_fitted_region_is_uncertain_and_names_the_features(power_model):
+    rng = np.random.default_rng(11)
+    h = _hist(rng, True, 8)
+    for w in h:
+        w["features"]["mean_gpu_util"] = 0.02  # never seen with training-level power
+        w["features"]["mean_fb_used"] = 0.005
+    v = power_model.predict(h)
+    assert v.band == "uncertain" and "out_of_distribution" in v.reasons and v.in_distribution is False
+    assert v.out_features and all("__" in f for f in v.out_features)
+    assert power_model.predict(_hist(rng, True, 8)).in_distribution is True
+
+
+def test_a_verdict_covers_the_whole_run(power_model):
+    rng = np.random.default_rng(12)
+    train = _hist(rng, True, 40)
+    idle = _hist(rng, False, 40)
+    run = [*train[:30], *idle[:16]]
+    for i, w in enumerate(run):
+        w["window_start"], w["window_end"] = 60.0 * i, 60.0 * (i + 1)
+    assert power_model.predict(run[-16:]).band == "not_training"  # the last 16 windows alone
+    assert power_model.predict(run).band == "training"  # the whole run: 30 of 46 windows train
+    mostly_idle = [*idle[:30], *train[:10]]
+    for i, w in enumerate(mostly_idle):
+        w["window_start"], w["window_end"] = 60.0 * i, 60.0 * (i + 1)
+    v = power_model.predict(mostly_idle)
+    assert v.band == "uncertain" and "mixed_phases" in v.reasons  # never a confident not_training
+
+
+def test_combine_parts_rules():
+    t = Verdict(0.95, "training", [("a", 0.3)], "m/smi", "4", in_distribution=True)
+    n = Verdict(0.02, "not_training", [("a", -0.3)], "m/smi", "4", in_distribution=True)
+    u = Verdict(0.5, "uncertain", [], "m/smi", "4", reasons=("between_bands",), in_distribution=True)
+    assert combine_parts([n, n], [16, 16]).band == "not_training"
+    assert combine_parts([n, t], [16, 16]).band == "training"
+    c = combine_parts([n, n, u], [16, 16, 16])
+    assert c.band == "uncertain" and c.reasons[0] == "mixed_phases"
+
+
+def test_not_training_closes_only_when_confident_in_distribution_and_explained():
+    needs = load_policy("demo").uncertainty.not_training_needs
+    assert set(needs) == {"confident", "in_distribution", "evidence"}
+    good = Verdict(0.03, "not_training", [("mean_power__mean", -0.4)], "m/smi", "4", in_distribution=True)
+    assert good.closes_not_training(needs) == (True, [])
+    assert outcome_for(True, "not_training", not_training_check(good, needs)["unmet"]) is None
+    ood = Verdict(0.03, "not_training", [("mean_power__mean", -0.4)], "m/smi", "4", in_distribution=False)
+    silent = Verdict(0.03, "not_training", [], "m/smi", "4", in_distribution=True)
+    rule = Verdict(0.05, "not_training", [("tensor_active", 0.01)], "rule", "1")
+    for v, unmet in ((ood, ["in_distribution"]), (silent, ["evidence"]), (rule, ["in_distribution", "evidence"])):
+        check = not_training_check(v, needs)
+        assert check["unmet"] == unmet and not check["closes"]
+        assert outcome_for(True, "not_training", check["unmet"]) == "needs_review"  # foreign: the case opens
+        assert outcome_for(False, "not_training", check["unmet"]) is None  # not foreign: nothing to report
+    assert Verdict.from_dict(ood.to_dict()) == ood
+
+
+def test_power_only_and_util_only_compute_estimates_have_a_basis_and_a_band():
+    nan = np.array([np.nan])
+    one, peak = np.array([1.0]), np.array([1e15])
+    point, low, high, basis = estimate_flop(one, peak, peak, peak * 2, nan, nan, np.array([0.6]))
+    assert basis[0] == BASIS_UTIL_POWER and 0 < low[0] < point[0] < high[0]
+    assert high[0] / low[0] >= 4  # power cannot tell matrix work from memory traffic: an honest, wide band
+    _, _, _, b_none = estimate_flop(one, peak, peak, peak * 2, nan, nan, nan)
+    assert b_none[0] == BASIS_NONE
+    _, l_u, _, b_u = estimate_flop(one, peak, peak, peak * 2, nan, np.array([0.8]), nan)
+    _, l_up, _, _ = estimate_flop(one, peak, peak, peak * 2, nan, np.array([0.8]), np.array([0.9]))
+    assert b_u[0] == BASIS_UTIL_POWER and l_u[0] < l_up[0]  # without power the low end is wider
+
+
+def test_catalog_has_the_rented_parts_each_with_a_source_and_pcie_is_not_sxm():
+    from detectors.catalog import load_catalog, resolve
+
+    assert all(a.source and a.peak_flops.get("bf16") for a in load_catalog().values())
+    for name, key in (("Tesla V100-SXM2-32GB", "V100"), ("Tesla V100-PCIE-16GB", "V100-PCIE"), ("Tesla T4", "T4"),
+                      ("NVIDIA A10G", "A10G"), ("NVIDIA L40", "L40"), ("NVIDIA L4", "L4"),
+                      ("NVIDIA RTX 6000 Ada Generation", "RTX6000-ADA"), ("NVIDIA GH200 480GB", "GH200"),
+                      ("AMD Instinct MI210", "MI210"), ("NVIDIA H20", "H20"),
+                      ("NVIDIA A100-PCIE-40GB", "A100-PCIE-40GB"),
+                      ("NVIDIA A100-SXM4-40GB", "A100-40GB"), ("NVIDIA A100-SXM4-80GB", "A100")):
+        assert resolve(name).key == key, name
+    pcie = resolve("NVIDIA A100-PCIE-40GB")
+    assert (pcie.tdp_w, pcie.memory_gib) == (250.0, 40.0)  # not the SXM row's 400 W / 80 GiB
+    assert resolve("TITAN X") is None  # unknown stays unknown: the classify basis says unknown_accelerator
