@@ -30,7 +30,12 @@ def test_classify_json_schema(tmp_path):
     f = tmp_path / "t.jsonl"
     f.write_bytes(b"\n".join(lines) + b"\n")
     res = runner.invoke(app, ["classify", str(f), "--json"])
+    assert res.exit_code == 1, res.output  # rejected lines fail the run unless told otherwise
+    assert "line 2" not in res.stderr and "not JSON" in res.stderr
+    res = runner.invoke(app, ["classify", str(f), "--json", "--allow-errors", "--errors", str(tmp_path / "e.tsv")])
     assert res.exit_code == 0, res.output
+    errs = (tmp_path / "e.tsv").read_text().splitlines()
+    assert len(errs) == 2 and all(e.split("\t")[0].isdigit() for e in errs)
     rows = [loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
     assert [r["workload_id"] for r in rows] == ["wl-a", "wl-b"]
     for r in rows:
@@ -43,6 +48,25 @@ def test_classify_json_schema(tmp_path):
     assert a["duration_s"] == pytest.approx(600.0, abs=60.0)
     assert b["basis"] == "utilisation_power" and b["model_id"].endswith("/smi") and b["band"] != "training"
     assert "2 line(s) failed validation" in res.stderr
+
+
+def test_classify_nvidia_smi_csv_several_workloads_out_of_order_and_unknown_part(tmp_path):
+    rows = ["timestamp, index, name, job, utilization.gpu [%], power.draw [W], memory.used [MiB], temperature.gpu"]
+    for i in reversed(range(120)):  # newest first: the file is not in time order
+        for gpu, job in ((0, "job-a"), (1, "job-a"), (2, "job-b")):
+            rows.append(f"{T0 + 5 * i:.0f}, {gpu}, Mystery GPU 9000, {job}, 60 %, 300 W, 20000 MiB, 55")
+    f = tmp_path / "smi.csv"
+    f.write_text("\n".join(rows) + "\n")
+    res = runner.invoke(app, ["classify", str(f), "--json", "--workload-by", "job"])
+    assert res.exit_code == 0, res.output
+    out = [loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    assert [r["workload_id"] for r in out] == ["job-a", "job-b"]
+    assert [r["device_count"] for r in out] == [2, 1]
+    for r in out:
+        assert r["duration_s"] == pytest.approx(600.0, abs=60.0)  # nothing lost to one stream's watermark
+        assert r["basis"] == "unknown_accelerator" and r["flop_low"] == 0.0 < r["flop"] < r["flop_high"]
+        assert r["band"] != "not_training" and r["missing"]  # no TDP, no memory size: widened, not evidence
+    assert "temperature.gpu" in res.stderr
 
 
 def test_model_evaluate_small_scenario(tmp_path):
