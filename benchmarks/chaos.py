@@ -156,9 +156,13 @@ def read_all(bootstrap: str, topic: str, parse: bool = True) -> list[Any]:
 
 
 # --- the worker ---------------------------------------------------------------------------------------------------
+_WORKERS: list[Worker] = []  # killed on the way out, whatever ends the run
+
+
 class Worker:
     def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path) -> None:
         self.cmd, self.env, self.log_path = cmd, env, log_path
+        _WORKERS.append(self)
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.own_exits: list[dict[str, Any]] = []
@@ -542,11 +546,16 @@ def main(argv: list[str] | None = None) -> None:
                               "cluster": {"brokers": 3, "replication_factor": 3, "min_insync_replicas": 2,
                                           "partitions": PARTITIONS, "start_s": round(started_s, 1)},
                               "scenarios": []}
+    # SIGTERM ends the run like Ctrl-C: the finally below kills the workers and stops the cluster.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with tempfile.TemporaryDirectory(prefix="tw-chaos-") as d:
             for plan in plans:
                 result["scenarios"].append(run_scenario(plan, cluster, rng, Path(d), static=not args.dynamic))
     finally:
+        for w in _WORKERS:
+            if w.proc is not None and w.proc.poll() is None:
+                w.kill9()
         cluster.stop()
         subprocess.run(["rm", "-rf", str(home)], check=False)
     result["wall_s"] = round(time.monotonic() - t0, 1)
