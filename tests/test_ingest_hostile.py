@@ -250,3 +250,25 @@ def test_a_device_id_too_long_in_a_columnar_message_is_a_row_letter() -> None:
     dead = core.process("telemetry", 0, [SourceMessage(i, orjson.dumps(c)) for i, c in enumerate(cols)], NOW)
     assert [(d.reason, d.offset) for d in dead] == [("out_of_range", 0)]
     assert sum(w.sample_count for w in core.drain()) == len(rows) - 1
+
+
+@pytest.mark.parametrize("field,value,reason", [
+    ("precision", ["bf16"], "schema_violation"),  # unhashable: crashed both paths before the rule table
+    ("precision", "fp4", "schema_violation"),
+    ("workload_id", 7, "wrong_type"),
+    ("gpu_index", "0", "wrong_type"),
+    ("interval_s", True, "wrong_type"),
+    ("device", None, "schema_violation"),
+    ("node", 3, "wrong_type"),
+])
+def test_the_fast_and_slow_paths_apply_one_rule_table(field: str, value: object, reason: str) -> None:
+    """A batch first tries the column-wise fast path; a message alone takes the message-by-message path. Both read
+    the same rules, so a bad field gives the same letter either way and the good messages beside it are kept."""
+    good = [orjson.dumps({"ts": T0 + i, "device": "g0", "node": "n0", "workload_id": "w"}) for i in range(3)]
+    bad = orjson.dumps({"ts": T0 + 9, "device": "g1", "node": "n1", "workload_id": "w", field: value})
+    alone = IngestCore().process("telemetry", 0, [SourceMessage(0, bad)], NOW)
+    core = IngestCore()
+    batch = core.process("telemetry", 0, [SourceMessage(i, v) for i, v in enumerate([*good, bad])], NOW)
+    assert [(d.reason, d.detail) for d in alone] == [(d.reason, d.detail) for d in batch]
+    assert [(d.reason, d.offset) for d in batch] == [(reason, 3)]
+    assert sum(w.sample_count for w in core.drain()) == 3

@@ -41,10 +41,8 @@ _COLUMN_KEYS = frozenset(
 #: joined as if it were one, and fail far downstream).
 _STR_IDS = ("accelerator", "workload_id", "account_id", "job_id", "run_label")
 _PRECISIONS = frozenset(PRECISIONS)
-_PRECISIONS_OR_NONE = _PRECISIONS | {None}
 _METRIC_SET = frozenset(METRIC_FIELDS)
 _STR_OR_NONE = frozenset([str, type(None)])
-_INT_OR_NONE = frozenset([int, type(None)])
 _NUM_OR_NONE = frozenset([int, float, type(None)])
 #: numpy kinds a column of JSON numbers converts to (float, int64, uint64): anything else held a string, a bool,
 #: a list or an object, which `np.array(..., dtype=float)` would otherwise coerce ("0.5" -> 0.5, true -> 1.0)
@@ -123,15 +121,67 @@ def _num(v: Any) -> bool:
     return (type(v) is float or type(v) is int) and v is not True and v is not False
 
 
-def _bad_ids(d: dict) -> str | None:
-    """Why the optional ids of a sample or columnar message have the wrong type (`wrong_type`), or None."""
-    for k in _STR_IDS:
-        v = d.get(k)
-        if v is not None and type(v) is not str:
-            return f"{k} must be a string"
-    g = d.get("gpu_index")
-    if g is not None and type(g) is not int:
-        return "gpu_index must be an integer"
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """One rule a field of a native message obeys, read by both paths: the fast path checks a whole batch's column
+    at once (a miss sends the batch down the slow path), the slow path names the first broken rule of a message.
+    A rule is one of: `required` (present, not null); `types` (the types its JSON value may have; NoneType: it may
+    be absent); `values` (the strings it may be, or absent)."""
+
+    field: str
+    reason: str
+    detail: str  # may name {field}, {type} and {value}
+    required: bool = False
+    types: frozenset[type] = frozenset()
+    values: frozenset[str] = frozenset()
+
+    def ok(self, v: Any) -> bool:
+        if self.required:
+            return v is not None
+        if self.types:
+            return type(v) in self.types
+        return v is None or (type(v) is str and v in self.values)  # a list would not even hash
+
+    def column_ok(self, col: list | tuple) -> bool:
+        if self.required:
+            return None not in col
+        if self.types:
+            return set(map(type, col)) <= self.types
+        return set(map(type, col)) <= _STR_OR_NONE and set(col) <= self.values | {None}
+
+    def broken(self, d: dict) -> tuple[str, str] | None:
+        v = d.get(self.field)
+        if self.ok(v):
+            return None
+        return self.reason, self.detail.format(field=self.field, type=type(v).__name__, value=repr(str(v)[:50]))
+
+
+#: Shared by samples and columnar messages (their message-level fields), in the order a message's problem is named.
+_ID_RULES = (
+    _Rule("precision", "schema_violation", "unknown precision {value}", values=_PRECISIONS),
+    *(_Rule(k, "wrong_type", "{field} must be a string", types=_STR_OR_NONE) for k in _STR_IDS),
+    _Rule("gpu_index", "wrong_type", "gpu_index must be an integer", types=frozenset([int, type(None)])),
+)
+_INTERVAL_RULE = _Rule("interval_s", "wrong_type", "interval_s is a {type}, not a number",
+                       types=frozenset([int, float, type(None)]))
+#: A columnar message's shared fields (its columns are checked apart).
+_COLUMN_RULES = (*_ID_RULES, _INTERVAL_RULE)
+#: A native sample (a message, or a row of a TelemetryBatch); `ts` and the readings are checked as numbers apart.
+_SAMPLE_RULES = (
+    _Rule("device", "schema_violation", "device and node are required", required=True),
+    _Rule("node", "schema_violation", "device and node are required", required=True),
+    _Rule("device", "wrong_type", "device and node must be strings", types=frozenset([str])),
+    _Rule("node", "wrong_type", "device and node must be strings", types=frozenset([str])),
+    _INTERVAL_RULE,
+    *_ID_RULES,
+)
+
+
+def _first_broken(d: dict, rules: tuple[_Rule, ...]) -> tuple[str, str] | None:
+    for r in rules:
+        bad = r.broken(d)
+        if bad:
+            return bad
     return None
 
 
@@ -193,16 +243,8 @@ class NativeDecoder:
             col = {k: [d.get(k) for d in ds] for k in keys}
         if not keys <= _SAMPLE_KEYS or not {"ts", "device", "node"} <= keys:
             return False
-        ts, dev, node = col["ts"], col["device"], col["node"]
-        if None in ts or set(map(type, dev)) != {str} or set(map(type, node)) != {str}:
-            return False
-        prec = col.get("precision")
-        if prec is not None and not set(prec) <= _PRECISIONS_OR_NONE:
-            return False
-        for k in _STR_IDS:
-            if k in col and not set(map(type, col[k])) <= _STR_OR_NONE:
-                return False
-        if "gpu_index" in col and not set(map(type, col["gpu_index"])) <= _INT_OR_NONE:
+        ts = col["ts"]
+        if None in ts or not all(r.column_ok(col[r.field]) for r in _SAMPLE_RULES if r.field in col):
             return False
         metrics = np.full((n, N_METRICS), np.nan)
         ts_a = _floats(ts)
@@ -232,8 +274,7 @@ class NativeDecoder:
             ts, dev, node, metrics = d.get("ts"), d.get("device"), d.get("node"), d.get("metrics") or {}
             if (type(ts) is not list or not ts or not d.keys() <= _COLUMN_KEYS or type(node) is not str or not node
                     or type(dev) is not list or len(dev) != len(ts) or type(metrics) is not dict
-                    or d.get("precision") not in _PRECISIONS_OR_NONE
-                    or not (d.get("interval_s") is None or _num(d["interval_s"])) or _bad_ids(d)):
+                    or _first_broken(d, _COLUMN_RULES)):
                 return False
             k = len(ts)
             for col in metrics.values():
@@ -285,23 +326,15 @@ class NativeDecoder:
             return "schema_violation", "sample is not a JSON object"
         if not d.keys() <= _SAMPLE_KEYS:
             return "schema_violation", f"unknown field(s) {sorted(d.keys() - _SAMPLE_KEYS)}"[:300]
-        ts, device, node, interval = d.get("ts"), d.get("device"), d.get("node"), d.get("interval_s")
+        ts = d.get("ts")
         if ts is None:
             return "schema_violation", "ts is missing"
         if not _num(ts):
             return "wrong_type", f"ts is a {type(ts).__name__}, not a number"
-        if device is None or node is None:
-            return "schema_violation", "device and node are required"
-        if not (type(device) is str and type(node) is str):
-            return "wrong_type", "device and node must be strings"
-        if interval is not None and not _num(interval):
-            return "wrong_type", f"interval_s is a {type(interval).__name__}, not a number"
-        prec = d.get("precision")
-        if prec is not None and prec not in _PRECISIONS:
-            return "schema_violation", f"unknown precision {str(prec)[:50]!r}"
-        bad = _bad_ids(d)
+        bad = _first_broken(d, _SAMPLE_RULES)
         if bad:
-            return "wrong_type", bad
+            return bad
+        device, node, interval, prec = d["device"], d["node"], d.get("interval_s"), d.get("precision")
         for f in d.keys() & _METRIC_SET:
             v = d[f]
             if v is not None and not _num(v):  # "0.5", "Infinity", true: a wrong type, never read as a number
@@ -328,11 +361,9 @@ class NativeDecoder:
             return fail("node missing")
         if not isinstance(devices, list) or len(devices) != len(ts) or not isinstance(metrics, dict):
             return fail("device must be a list as long as ts; metrics a dict")
-        if d.get("precision") is not None and d["precision"] not in _PRECISIONS:
-            return fail(f"unknown precision {str(d['precision'])[:50]!r}")
-        bad = _bad_ids(d)
+        bad = _first_broken(d, _ID_RULES)
         if bad:
-            return wrong(bad)
+            return errors.append(DecodeError(i, *bad))
         k = len(ts)
         if not k:
             return fail("ts is empty")
