@@ -21,9 +21,9 @@ FORBIDDEN = {
 }
 #: The pure cores of pipeline/: each is driven by an adapter (Kafka, faust, the replay runner), never the reverse.
 CORES = [
-    "pipeline.ingest.stage", "pipeline.ingest.aggregate", "pipeline.ingest.decoders", "pipeline.ingest.columns",
-    "pipeline.ingest.validate", "pipeline.ingest.dlq", "pipeline.detect.stage", "pipeline.detect.merger",
-    "pipeline.cases.core",
+    "pipeline.ingest.stage", "pipeline.ingest.aggregate", "pipeline.ingest.window_stats", "pipeline.ingest.decoders",
+    "pipeline.ingest.columns", "pipeline.ingest.validate", "pipeline.ingest.dlq", "pipeline.detect.stage",
+    "pipeline.detect.merger", "pipeline.cases.core",
 ]
 #: Modules that talk to Kafka, faust, the store or the network: a core reaching one of these is inverted.
 ADAPTERS = {

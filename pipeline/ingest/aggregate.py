@@ -15,37 +15,27 @@ Every row is assigned, from the watermark *before* it, to a unit (workload, wind
 Because the assignment depends only on the partition's message order and the watermark, a replay from a safe
 offset with the watermark recorded there rebuilds identical units, hence identical window ids (see
 `commit_points`). Duplicated (device, ts) rows count once (dedup state per window, kept until it expires).
+
+This module decides which rows go to which unit and when a unit is emitted; what a unit adds up (utilisation
+fractions, FLOP, moments, synchrony profiles) and how its `sums` are written is window_stats.py.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 from typing import NamedTuple
 
 import numpy as np
 
-from detectors.catalog import resolve
-from detectors.compute import BASIS_NAMES, estimate_flop
 from pipeline.ingest.columns import ID_COLUMNS, follows
+from pipeline.ingest.window_stats import Unit, profiles, row_stats, unit_sums_layout
 from schemas.ids import content_id
-from schemas.telemetry import MAX_ID_CHARS, METRIC_FIELDS
+from schemas.telemetry import MAX_ID_CHARS
 from schemas.windows import WindowAggregate
 
-DERIVED_FIELDS = ("util_frac", "power_frac", "fb_frac")
-#: Every per-sample statistic kept in `sums` (raw DCGM fields plus fractions of the device's nominal capacity).
-STAT_FIELDS = METRIC_FIELDS + DERIVED_FIELDS
-#: Metrics whose sub-window profiles travel for cross-device / cross-node synchrony.
-SYNC_FIELDS = ("tensor_active", "util_frac", "power_frac")
-_COL = {f: i for i, f in enumerate(STAT_FIELDS)}
-_SYNC_COLS = [_COL[f] for f in SYNC_FIELDS]
-_BASIS_KEYS = ("none", "utilisation_power", "tensor_active")  # index = detectors.compute basis code
 _NO_EPOCH = -(2**40)
-_N_STATS = 4 * len(STAT_FIELDS)
-_N_SUMS = _N_STATS + 7  # + FLOP point/low/high, device-seconds, samples per basis code (3)
 #: dedup key = device id << 42 | event time in ms: 2**42 ms reaches the year 2109 (41 bits ended in 2039), and
 #: 63 - 42 = 21 bits leave room for 2M devices per partition within the dedup horizon (see compact)
 _TS_BITS = 42
@@ -186,83 +176,6 @@ def _top2(ts: np.ndarray, ids: np.ndarray, t1: float, g1: int, t2: float
     return cm[1:], top_src, second
 
 
-@cache
-def _device_params(accelerator: str | None, precision: str | None) -> tuple[float, float, float, float, float]:
-    """(peak point, low, high, TDP W, memory MiB); NaN where the catalog does not know."""
-    acc = resolve(accelerator)
-    if acc is None:
-        return (math.nan,) * 5
-    if precision is not None:
-        p = acc.peak(precision)
-        lo = hi = p
-    else:
-        p = acc.peak(None)
-        lo, hi = acc.low_precision_band
-    tdp = acc.tdp_w if acc.tdp_w else math.nan
-    mem = acc.memory_gib * 1024.0 if acc.memory_gib else math.nan
-    return p, lo, hi, tdp, mem
-
-
-class _Unit:
-    """State of one (workload, window, revision) on one partition: additive sums plus per-device profiles."""
-
-    __slots__ = ("account", "basis", "dev_acc", "dev_index", "dev_name", "dev_node", "f", "first_ts_max", "flop",
-                 "job", "l", "prof_cnt", "prof_sum", "r", "run_label", "samples", "stats", "sums", "unknown", "w",
-                 "workload")
-
-    def __init__(self, workload: str, w: int, r: int, f: int, first_ts_max: Progress, buckets: int) -> None:
-        self.workload, self.w, self.r = workload, w, r
-        self.f = self.l = f
-        self.first_ts_max = first_ts_max  # partition's event-time state before the message of the first row
-        self.account = self.job = self.run_label = None
-        self.samples = 0
-        # Every additive quantity in one vector, so that a batch adds to a unit in one operation; named views:
-        self.sums = np.zeros(_N_SUMS)
-        self.stats = self.sums[:_N_STATS].reshape(4, len(STAT_FIELDS))  # sum v*dt, sum v^2*dt, sum dt, count
-        self.flop = self.sums[_N_STATS : _N_STATS + 3]  # point, low, high
-        self.basis = self.sums[_N_STATS + 4 :]  # samples per basis code
-        self.dev_index: dict[int, int] = {}  # the partition's device id -> row of the profiles
-        self.dev_name: list[str] = []
-        self.dev_node: list[str] = []
-        self.dev_acc: list[str | None] = []
-        self.prof_sum = np.zeros((len(SYNC_FIELDS), 8, buckets))
-        self.prof_cnt = np.zeros((len(SYNC_FIELDS), 8, buckets))
-        self.unknown: set[str] = set()
-
-    def add_devices(self, gids: list[int], rows: list[int], b: Batch, known: np.ndarray) -> list[int]:
-        """Devices of a unit that has none yet; `rows`: each one's first row in the batch."""
-        k = len(gids)
-        self.dev_index = dict(zip(gids, range(k), strict=True))
-        self.dev_name = [b.device[i] for i in rows]
-        self.dev_node = [b.node[i] for i in rows]
-        self.dev_acc = [b.accelerator[i] for i in rows]
-        if not known.all():
-            self.unknown.update(self.dev_acc[j] or "unknown" for j in np.flatnonzero(~known).tolist())
-        self._reserve(k)
-        return list(range(k))
-
-    def add_device(self, gid: int, name: str, node: str, accelerator: str | None, known: bool) -> int:
-        li = self.dev_index[gid] = len(self.dev_name)
-        self.dev_name.append(name)
-        self.dev_node.append(node)
-        self.dev_acc.append(accelerator)
-        if not known:
-            self.unknown.add(accelerator or "unknown")
-        self._reserve(li + 1)
-        return li
-
-    def _reserve(self, n: int) -> None:
-        """At least n profile rows, doubling (np.pad would cost more than the copy)."""
-        cap = self.prof_sum.shape[1]
-        if n > cap:
-            new = max(n, 2 * cap)
-            for name in ("prof_sum", "prof_cnt"):
-                old = getattr(self, name)
-                grown = np.zeros((old.shape[0], new, old.shape[2]))
-                grown[:, :cap] = old
-                setattr(self, name, grown)
-
-
 class PartitionState(NamedTuple):
     """One partition's state as seen from outside: for metrics, status and tests."""
 
@@ -281,7 +194,7 @@ class _Partition:
     #: the watermark basis: the partition's confirmed event time (never decreases; see the module docstring)
     max_ts: float = -math.inf
     next_offset: int | None = None
-    units: dict[tuple[str, int, int], _Unit] = field(default_factory=dict)
+    units: dict[tuple[str, int, int], Unit] = field(default_factory=dict)
     closed: list[tuple[int, int, Progress]] = field(default_factory=list)  # (first, last, first_progress) of emitted
     #: top two newest event times per device (time, device id, second time) and per node (time, node id, second)
     dev_top: tuple[float, int, float] = (-math.inf, -1, -math.inf)
@@ -411,30 +324,6 @@ def _dense(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     uniq = np.flatnonzero(present)
     rank = np.cumsum(present) - 1
     return uniq + lo, rank[a - lo]
-
-
-def _profile_var(s: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per metric (axis 0): sum over rows (axis 1) of the population variance of each row's non-empty bucket means
-    (axis 2), over rows with >= 2 buckets; and the number of such rows."""
-    have = c > 0
-    nb = have.sum(axis=2)
-    m = np.divide(s, c, out=np.zeros_like(s), where=have)
-    nb1 = np.maximum(nb, 1)
-    mu = m.sum(axis=2) / nb1
-    var = np.maximum(np.einsum("ijk,ijk->ij", m, m) / nb1 - mu * mu, 0.0)  # E[m^2] - E[m]^2, rounding clamped
-    use = nb >= 2
-    return (var * use).sum(axis=1), use.sum(axis=1)
-
-
-#: emitted key names, built once: per statistic column and per (sync metric, sub-window bucket)
-_STAT_KEYS = [(f"{n}.sum", f"{n}.sumsq", f"{n}.n", f"{n}.count") for n in STAT_FIELDS]
-_SYNC_VAR_KEYS = [(f"{n}.dev_var.sum", f"{n}.dev_var.n", f"{n}.node_var.sum", f"{n}.node_var.n")
-                  for n in SYNC_FIELDS]
-
-
-@cache
-def _prof_keys(buckets: int) -> list[list[tuple[str, str]]]:
-    return [[(f"prof.{n}.{k}.sum", f"prof.{n}.{k}.n") for k in range(buckets)] for n in SYNC_FIELDS]
 
 
 class WindowAggregator:
@@ -820,42 +709,8 @@ class WindowAggregator:
             code, uniq = _codes([values[i] for i in pick] if len(pick) != len(values) else values)
             return (code if spread is None else code[spread]), uniq
 
-        if b.precision.count(None) == len(b.precision):  # precision rarely reported: key by model alone
-            code, uniq = coded(b.accelerator)
-            table = np.array([_device_params(a, None) for a in uniq], dtype=np.float64).reshape(len(uniq), 5)
-        else:
-            code, uniq = coded(list(zip(b.accelerator, b.precision, strict=True)))
-            table = np.array([_device_params(a, pr) for a, pr in uniq], dtype=np.float64).reshape(len(uniq), 5)
-        params = table[code]
-        known = ~np.isnan(params[:, 0])
-
-        x = np.empty((n, len(STAT_FIELDS)))
-        x[:, : len(METRIC_FIELDS)] = b.metrics[idx]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            x[:, _COL["util_frac"]] = x[:, _COL["gpu_util"]] / 100.0
-            x[:, _COL["power_frac"]] = x[:, _COL["power_w"]] / params[:, 3]
-            x[:, _COL["fb_frac"]] = x[:, _COL["fb_used_mib"]] / params[:, 4]
-        activity = x[:, _COL["util_frac"]]
-        for alt in ("gr_engine_active", "sm_active"):
-            activity = np.where(np.isnan(activity), x[:, _COL[alt]], activity)
-        fp, flo, fhi, basis = estimate_flop(dt, params[:, 0], params[:, 1], params[:, 2], x[:, _COL["tensor_active"]],
-                                            activity, x[:, _COL["power_frac"]])
-        basis = np.where(known, basis, 0)  # unknown model: kept, flagged, basis none
-        present = ~np.isnan(x)
-        xz = np.where(present, x, 0.0)
-        # Only the statistics this batch carries (exporters send a fixed subset): fewer columns to reduce.
-        act = np.flatnonzero(present.any(axis=0))
-        m_act = len(act)
-        per_row = np.empty((n, 4 * m_act + 7))
-        xa, pa, dtc = xz[:, act], present[:, act], dt[:, None]
-        np.multiply(xa, dtc, out=per_row[:, :m_act])
-        np.multiply(per_row[:, :m_act], xa, out=per_row[:, m_act : 2 * m_act])
-        np.multiply(pa, dtc, out=per_row[:, 2 * m_act : 3 * m_act])
-        per_row[:, 3 * m_act : 4 * m_act] = pa
-        tail = per_row[:, 4 * m_act :]
-        tail[:, 0], tail[:, 1], tail[:, 2], tail[:, 3] = fp, flo, fhi, dt
-        tail[:, 4:] = 0.0
-        tail[np.arange(n), 4 + basis] = 1.0
+        rs = row_stats(b, idx, dt, coded)
+        per_row, act, known = rs.per_row, rs.act, rs.known
 
         wl, wl_names = coded(b.workload)
         wmin = int(w.min())
@@ -883,20 +738,8 @@ class WindowAggregator:
         pstarts = np.searchsorted(pk_u // len(ldev_u), np.arange(n_units + 1))
         k_bucket = np.clip(((ts - w * W) / (W / S)).astype(np.int64), 0, S - 1)
         flat = pinv * S + k_bucket
-        psum = np.zeros((len(SYNC_FIELDS), n_pairs, S))
-        pcnt = np.zeros((len(SYNC_FIELDS), n_pairs, S))
-        for si, col in enumerate(_SYNC_COLS):
-            pres = present[:, col]
-            if pres.all():
-                psum[si] = np.bincount(flat, xz[:, col], minlength=n_pairs * S).reshape(n_pairs, S)
-                pcnt[si] = np.bincount(flat, minlength=n_pairs * S).reshape(n_pairs, S)
-            elif pres.any():
-                psum[si] = np.bincount(flat[pres], xz[pres, col], minlength=n_pairs * S).reshape(n_pairs, S)
-                pcnt[si] = np.bincount(flat[pres], minlength=n_pairs * S).reshape(n_pairs, S)
-        add_u = np.zeros((n_units, _N_SUMS))  # in the units' layout (all statistics, not only this batch's)
-        add_u[:, :_N_STATS].reshape(n_units, 4, len(STAT_FIELDS))[:, :, act] = red[:, : 4 * m_act].reshape(
-            n_units, 4, m_act)
-        add_u[:, _N_STATS:] = red[:, 4 * m_act :]
+        psum, pcnt = profiles(rs, flat, n_pairs, S)
+        add_u = unit_sums_layout(red, act, n_units)
         first_l, last_l, count_l = first_u.tolist(), last_u.tolist(), count_u.tolist()
         pstarts_l, pair_gid_l = pstarts.tolist(), pair_gid.tolist()
         for u in range(n_units):
@@ -904,7 +747,7 @@ class WindowAggregator:
             key = (wl_names[int(wl[i0])], int(w[i0]), int(r[i0]))
             unit = p.units.get(key)
             if unit is None:
-                unit = p.units[key] = _Unit(key[0], key[1], key[2], int(off[i0]), snap(int(before_msg[idx[i0]])), S)
+                unit = p.units[key] = Unit(key[0], key[1], key[2], int(off[i0]), snap(int(before_msg[idx[i0]])), S)
             unit.l = max(unit.l, last_l[u])
             if unit.account is None:
                 unit.account = b.account[il[i0]]
@@ -953,45 +796,11 @@ class WindowAggregator:
             p.units.clear()
         return out
 
-    def _emit(self, topic: str, partition: int, p: _Partition, u: _Unit) -> WindowAggregate:
+    def _emit(self, topic: str, partition: int, p: _Partition, u: Unit) -> WindowAggregate:
         p.closed.append((u.f, u.l, u.first_ts_max))
         W = self.cfg.window_s
         start = u.w * W
-        st = u.stats
-        sums: dict[str, float] = {"samples": float(u.samples)}
-        stl = st.tolist()
-        for j in np.flatnonzero(st[3] > 0).tolist():
-            k_sum, k_sq, k_n, k_c = _STAT_KEYS[j]
-            sums[k_sum], sums[k_sq], sums[k_n], sums[k_c] = stl[0][j], stl[1][j], stl[2][j], stl[3][j]
-        for bi, bname in enumerate(_BASIS_KEYS):
-            if u.basis[bi]:
-                sums[f"basis.{bname}"] = float(u.basis[bi])
-        nd = len(u.dev_node)
-        node_index = {x: i for i, x in enumerate(sorted(set(u.dev_node)))}
-        s, c = u.prof_sum[:, :nd], u.prof_cnt[:, :nd]
-        have = np.flatnonzero(c.any(axis=(1, 2))).tolist()
-        if have:
-            ps, pc = s.sum(axis=1).tolist(), c.sum(axis=1).tolist()
-            dv, dn = _profile_var(s, c)
-            # per node: the devices' bucket sums added up (a one-hot product: nodes x devices)
-            onehot = np.zeros((len(node_index), nd))
-            onehot[list(map(node_index.__getitem__, u.dev_node)), np.arange(nd)] = 1.0
-            nv, nn = _profile_var(np.matmul(onehot, s), np.matmul(onehot, c))
-            pkeys = _prof_keys(s.shape[2])
-            for si in have:
-                keys, psi, pci = pkeys[si], ps[si], pc[si]
-                for k, cnt in enumerate(pci):
-                    if cnt:
-                        sums[keys[k][0]], sums[keys[k][1]] = psi[k], cnt
-                k_dv, k_dn, k_nv, k_nn = _SYNC_VAR_KEYS[si]
-                sums[k_dv], sums[k_dn] = float(dv[si]), float(dn[si])
-                sums[k_nv], sums[k_nn] = float(nv[si]), float(nn[si])
-        node_names = list(node_index)
-        present_basis = [BASIS_NAMES[i] for i in range(3) if u.basis[i]]
-        basis = present_basis[0] if len(present_basis) == 1 else "mixed"
-        accelerators = Counter(u.dev_acc)
-        if None in accelerators:
-            accelerators["unknown"] = accelerators.get("unknown", 0) + accelerators.pop(None)
+        sums, node_names, basis, accelerators = u.encode()
         # model_construct: every field is built right here from typed state; validation would only cost time
         return WindowAggregate.model_construct(
             # the source topic too: two topics' partition 0 may both carry a workload (two exporters, a topic
@@ -1006,11 +815,11 @@ class WindowAggregator:
             window_start=start,
             window_end=start + W,
             sample_count=u.samples,
-            device_count=nd,
+            device_count=len(u.dev_node),
             node_count=len(node_names),
             devices=sorted(u.dev_name),
             nodes=node_names,
-            device_seconds=float(u.sums[_N_STATS + 3]),
+            device_seconds=u.device_seconds,
             flop=float(u.flop[0]),
             flop_low=float(u.flop[1]),
             flop_high=float(u.flop[2]),
@@ -1018,6 +827,6 @@ class WindowAggregator:
             accelerators=dict(accelerators),
             unknown_accelerators=sorted(u.unknown),
             sums=sums,
-            missing_fields=[f for j, f in enumerate(METRIC_FIELDS) if st[3, j] == 0],
+            missing_fields=u.missing_fields(),
             offsets={f"{topic}:{partition}": [u.f, u.l]},
         )
