@@ -299,20 +299,19 @@ class _quiet:
 
 
 def _upper_threshold(p: np.ndarray, y: np.ndarray, target: float, min_calls: int) -> float:
-    """Smallest t such that every threshold >= t keeps precision(P >= t) >= target (monotone, so robust)."""
+    """Smallest t such that every cut >= t keeps precision(P >= t) >= target (monotone, so robust). Cuts are only
+    between distinct probabilities and only where at least `min_calls` calls lie above: judged inside a plateau of
+    tied calibrated values, or on the first few calls, one negative at the top would erase the whole band."""
     order = np.argsort(-p, kind="stable")
     ps, ys = p[order], y[order]
-    tp = np.cumsum(ys)
     n = np.arange(1, len(ps) + 1)
-    prec = tp / n
-    ok_from_top = np.minimum.accumulate(prec >= target)  # True while every prefix so far meets the target
+    prec = np.cumsum(ys) / n
+    cuts = np.flatnonzero(np.r_[ps[1:] < ps[:-1], True] & (n >= min_calls))
     best = 1.0 + 1e-9  # nothing confident
-    for i in range(len(ps)):
-        if not ok_from_top[i]:
+    for i in cuts:
+        if prec[i] < target:
             break
-        # only cut between distinct probabilities, and require a few calls so one lucky point cannot set it
-        if (i + 1 == len(ps) or ps[i + 1] < ps[i]) and n[i] >= min_calls:
-            best = float(ps[i])
+        best = float(ps[i])
     return best
 
 

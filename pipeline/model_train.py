@@ -33,7 +33,7 @@ from detectors.windows import WorkloadWindow
 from pipeline.detect.merger import WindowMerger
 from pipeline.ingest.aggregate import Batch, WindowConfig
 from pipeline.ingest.stage import IngestCore, SourceMessage
-from schemas.serde import dumps
+from schemas.serde import dumps, loads
 from schemas.telemetry import METRIC_FIELDS, SMI_FIELDS
 from schemas.windows import WindowAggregate
 
@@ -53,7 +53,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "l2_regularization": 1.0,
     "cv_folds": 4,
     "target_precision": 0.95,
-    "threshold_margin": 0.02,
+    "threshold_margin": 0.0,  # 0.02 erased the training band whenever a family was held out (issue 14 eval)
     "augment_copies": 1,
     "device_scale": False,  # device counts are a simulator prior (issue 14), never evidence
 }
@@ -273,11 +273,18 @@ def migprofiler_dataset(data_dir: Path = MIGPROFILER_DIR) -> Dataset | None:
         is_training = r["label"].startswith("training")
         truth[w] = {"is_training": is_training, "source_family": "migprofiler",
                     "archetype": ("train" if is_training else "infer") + "_" + r["dcgm_file"].split("/")[1]}
-    msgs.sort(key=lambda m: m[0])  # one stream in event time, as a collector would send it
-    # `now` only bounds future timestamps: the traces are historical, so their own last time is a valid clock.
-    now = max((m[0] for m in msgs), default=0.0) + 3600.0
-    hb, _ = histories_from_messages((m[1] for m in msgs), now)
-    return dataset_from_entries(dict(hb.entries), truth, h.hexdigest(), 0, per_workload=1)
+    # Each run through the windowing core on its own, in event time (as `trainwatch classify` does): one stream of
+    # all 500 runs lost 400 of them (only the last file's runs came out as windows; seen 2026-12-04).
+    by_run: dict[str, list[tuple[float, bytes]]] = defaultdict(list)
+    for ts, m in msgs:
+        by_run[loads(m)["workload_id"]].append((ts, m))
+    entries: dict[str, list[dict[str, Any]]] = {}
+    for ms in by_run.values():
+        ms.sort(key=lambda m: m[0])
+        # `now` only bounds future timestamps: the traces are historical, so their own last time is a valid clock
+        hb, _ = histories_from_messages((m[1] for m in ms), ms[-1][0] + 3600.0)
+        entries.update(hb.entries)
+    return dataset_from_entries(entries, truth, h.hexdigest(), 0, per_workload=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
