@@ -3,16 +3,14 @@
 Event time only (no clock reads): expiry is driven by `on_time(event_time)`. State is small and bounded, and
 `to_dict` / `from_dict` round-trip it through plain data so a faust table can hold it. Detections already
 emitted are remembered by id forever (cases never expire), so replays and re-evaluations never emit twice.
-Every path that changes an account's part of the state (`split`) marks that account, so a checkpoint can serialise
-only those (`split_dirty`); a new mutation path must mark too (tests check the sum of the parts against `split`).
+Every path that changes an account's part of the state marks that account (`_dirty`), so a runtime that persists
+the state per account (detectors/snapshot.py) serialises only those; a new mutation path must mark too (tests check
+the sum of the parts against the whole).
 """
 
 from __future__ import annotations
 
-import json
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict
 from typing import Any
 
 from detectors import registry
@@ -38,12 +36,6 @@ STOP_KINDS = ("instance_stopped", "job_stopped")
 RESERVATION_KINDS = ("reserved", "reservation_changed")
 IDLE_TTL_S = 6 * 3600.0
 _CIP_FACTS = ("us_person", "country", "beneficial_owners", "reseller", "customer_name")
-
-
-def _empty_part() -> dict[str, Any]:
-    """One account's entry of `DetectEngine.split()` before it is filled."""
-    return {"account": None, "cip": None, "runs": {}, "stitched": {}, "workload_run": {}, "workload_end": {},
-            "stopped": {}, "emitted": [], "named_owners": []}
 
 
 class DetectEngine:
@@ -242,13 +234,15 @@ class DetectEngine:
         footprint = tuple(tuple(x) for x in fp) if fp else footprint_of(_g(w, "accelerators"), _g(w, "device_count", 0))
         rid = self.stitcher.assign(aid, wid, label, footprint, start, end)
         run = self.runs.get(rid)
+        flop = (_num(_g(w, "flop")), _num(_g(w, "flop_low")), _num(_g(w, "flop_high")))
+        if run is not None and run.seen.get(f"{wid}|{start!r}") == list(flop):
+            return []  # this workload-window exactly as already counted (a replay): nothing changes
         if run is None:
             run = self.runs[rid] = RunState(rid, aid, started_at=start)
         self._mark_run(rid)  # a workload id already placed may belong to another account's run
         run.started_at = start if run.started_at is None else min(run.started_at, start)
         used_before = run.used
         latest = end >= run.last_end
-        flop = (_num(_g(w, "flop")), _num(_g(w, "flop_low")), _num(_g(w, "flop_high")))
         if not run.add_window(f"{wid}|{start!r}", end, flop, self.window_s):
             self.errors["window_beyond_horizon"] = self.errors.get("window_beyond_horizon", 0) + 1
             return []
@@ -403,123 +397,3 @@ class DetectEngine:
         e.errors.update(d.get("errors", {}))  # the aggregator shares this dict
         e.named_owners = {k: list(v) for k, v in d.get("named_owners", {}).items()}
         return e
-
-    # -- state split by account (faust: one table entry per account instead of one per partition) --------------
-
-    def split(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        """The state as (shared part, {account id: that account's part}); `from_split` reverses it. An account's
-        part holds its account state, CIP, runs with their stitching, and the detection ids emitted for it (kept
-        after the account state expires: detections are never emitted twice)."""
-        d = self.to_dict()
-        st = d["stitcher"]
-        acct_of_run = {rid: r["account_id"] for rid, r in st["runs"].items()}
-        parts: defaultdict[str, dict[str, Any]] = defaultdict(_empty_part)
-        part = parts.__getitem__
-
-        for aid, a in d["accounts"].items():
-            part(aid)["account"] = a
-        for aid, c in d["cips"].items():
-            part(aid)["cip"] = c
-        for rid, r in d["runs"].items():
-            part(r["account_id"])["runs"][rid] = r
-        for rid, r in st["runs"].items():
-            part(r["account_id"])["stitched"][rid] = r
-        # Workload entries whose run is unknown (a stop before the first window; a run that expired) stay shared.
-        rest: dict[str, dict[str, Any]] = {"workload_run": {}, "workload_end": {}, "stopped": {}}
-        for key in rest:
-            for wid, v in st[key].items():
-                aid = acct_of_run.get(st["workload_run"].get(wid, ""))
-                (part(aid)[key] if aid is not None else rest[key])[wid] = v
-        for did, aid in d["emitted"].items():
-            part(aid)["emitted"].append(did)
-        for aid, owners in d["named_owners"].items():
-            part(aid)["named_owners"] = owners
-        shared = {"window_s": d["window_s"], "watermark": d["watermark"], "errors": d["errors"],
-                  "owners": d["owners"], "stitcher": {"window_s": st["window_s"], "gap_s": st["gap_s"], **rest}}
-        return shared, dict(parts)
-
-    def split_shared(self) -> dict[str, Any]:
-        """The shared part of `split()` alone (built from the live state, without serialising the accounts)."""
-        st = self.stitcher
-        known = st.runs
-        rest = {key: {w: v for w, v in getattr(st, key).items() if st.workload_run.get(w) not in known}
-                for key in ("workload_run", "workload_end", "stopped")}
-        return {"window_s": self.window_s, "watermark": self.watermark, "errors": dict(self.errors),
-                "owners": self.owner_agg.to_dict(), "stitcher": {"window_s": st.window_s, "gap_s": st.gap_s, **rest}}
-
-    def split_dirty(self) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]], list[str]]:
-        """What changed since the last call, as `split()` would write it: (the shared part, or None when it is as
-        last returned; {account id: its part} for the accounts marked since; the marked accounts that no longer
-        have a part). Applying these to the previous entries gives exactly `split()`; only the marked accounts are
-        serialised. Marks are cleared. Invariant relied on: a workload's run (`workload_run`) lists it."""
-        dirty, self._dirty = self._dirty, set()
-        shared: dict[str, Any] | None = self.split_shared()
-        text = json.dumps(shared, sort_keys=True)
-        if text == self._shared_sent:
-            shared = None
-        self._shared_sent = text
-        if self._emitted_by is None:
-            self._emitted_by = {}
-            for did, aid in self.emitted.items():
-                self._emitted_by.setdefault(aid, []).append(did)
-        st = self.stitcher
-        parts: defaultdict[str, dict[str, Any]] = defaultdict(_empty_part)
-        part = parts.__getitem__
-
-        for aid in dirty:
-            if aid in self.accounts:
-                part(aid)["account"] = self.accounts[aid].to_dict()
-            if aid in self.cips:
-                part(aid)["cip"] = self.cips[aid].model_dump(mode="json")
-        for rid, r in self.runs.items():  # a pass over the live runs, serialising only the dirty accounts' runs
-            if r.account_id in dirty:
-                part(r.account_id)["runs"][rid] = r.to_dict()
-        for rid, rec in st.runs.items():
-            if rec.account_id in dirty:
-                p = part(rec.account_id)
-                p["stitched"][rid] = asdict(rec)
-                for w in rec.workloads:
-                    if st.workload_run.get(w) != rid:
-                        continue
-                    for key in ("workload_run", "workload_end", "stopped"):
-                        entries = getattr(st, key)
-                        if w in entries:
-                            p[key][w] = entries[w]
-        for aid in dirty:
-            if aid in self._emitted_by:
-                part(aid)["emitted"] = sorted(self._emitted_by[aid])
-            if aid in self.named_owners:
-                part(aid)["named_owners"] = list(self.named_owners[aid])
-        return shared, dict(parts), sorted(dirty - set(parts))
-
-    def mark_all_dirty(self) -> None:
-        """The next `split_dirty` returns every part and the shared one (e.g. nothing of this state is written)."""
-        self._dirty |= (set(self.accounts) | set(self.cips) | {r.account_id for r in self.runs.values()}
-                        | {r.account_id for r in self.stitcher.runs.values()} | set(self.emitted.values())
-                        | set(self.named_owners))
-        self._shared_sent = None
-
-    @classmethod
-    def from_split(cls, shared: Mapping[str, Any], parts: Mapping[str, Mapping[str, Any]], policy: Policy,
-                   classifier: WorkloadClassifier | None = None,
-                   detectors: Iterable[Detector] | None = None) -> DetectEngine:
-        sh = shared.get("stitcher", {})
-        st: dict[str, Any] = {**sh, "runs": {}, **{k: dict(sh.get(k, {})) for k in
-                                                    ("workload_run", "workload_end", "stopped")}}
-        d: dict[str, Any] = {"window_s": shared.get("window_s", 60.0), "watermark": shared.get("watermark", 0.0),
-                             "errors": shared.get("errors", {}), "owners": shared.get("owners", {}),
-                             "stitcher": st, "runs": {}, "accounts": {}, "cips": {}, "emitted": {},
-                             "named_owners": {}}
-        for aid, p in parts.items():
-            if p.get("account") is not None:
-                d["accounts"][aid] = p["account"]
-            if p.get("cip") is not None:
-                d["cips"][aid] = p["cip"]
-            d["runs"].update(p.get("runs", {}))
-            st["runs"].update(p.get("stitched", {}))
-            for key in ("workload_run", "workload_end", "stopped"):
-                st[key].update(p.get(key, {}))
-            d["emitted"].update(dict.fromkeys(p.get("emitted", []), aid))
-            if p.get("named_owners"):
-                d["named_owners"][aid] = list(p["named_owners"])
-        return cls.from_dict(d, policy, classifier, detectors)

@@ -18,6 +18,7 @@ from detectors.owner_aggregate import (
     stamped,
     tick,
 )
+from detectors.snapshot import from_split, split, split_dirty
 from detectors.state import RUN_IDS_K
 from pipeline.detect.stage import DetectStage
 from schemas.detection import Detection
@@ -298,8 +299,8 @@ def test_owner_removal_lost_in_a_crash_is_re_derived_from_the_restored_state():
     removal = cip("acct-a", us_person=True, country="US", owners=[], updated_at=T0 + 10 * W)
     eng_a.on_cip(removal)
     assert eng_a.owner_outbox == [retraction("own-x", "acct-a")]
-    shared, parts = orjson.loads(orjson.dumps(eng_a.split()))  # checkpoint written; the outbox is lost
-    eng_a = DetectEngine.from_split(shared, parts, demo())
+    shared, parts = orjson.loads(orjson.dumps(split(eng_a)))  # checkpoint written; the outbox is lost
+    eng_a = from_split(shared, parts, demo())
     eng_a.external_owners = True
     assert eng_a.on_cip(removal) == [] and eng_a.owner_outbox == []  # the replay alone re-sends nothing
     assert "acct-a" in agg.agg.owners["own-x"].accounts
@@ -465,8 +466,8 @@ def test_redelivered_window_does_not_double_count():
 
 def rebuilt_from_split(eng: DetectEngine) -> DetectEngine:
     """Through the per-account split and JSON (as the faust tables hold it)."""
-    shared, parts = orjson.loads(orjson.dumps(eng.split()))
-    return DetectEngine.from_split(shared, parts, eng.policy)
+    shared, parts = orjson.loads(orjson.dumps(split(eng)))
+    return from_split(shared, parts, eng.policy)
 
 
 def scenario(eng: DetectEngine, split_at: int | None = None, by_account: bool = False) -> list[Detection]:
@@ -504,12 +505,12 @@ def test_same_inputs_give_the_same_detections_and_state_round_trips():
 def test_state_split_by_account_round_trips():
     eng = DetectEngine(demo())
     scenario(eng)
-    shared, _ = eng.split()
+    shared, _ = split(eng)
     assert "w-never-seen" in shared["stitcher"]["stopped"]  # no run yet: no account to file it under
     assert rebuilt_from_split(eng).to_dict() == eng.to_dict()
     eng.on_time(T0 + 5 * 86400)  # some state expires; emitted ids stay, with their account
     eng.on_window(window("w-late", "acct-4", 0, flop=6e17))
-    shared, parts = eng.split()
+    shared, parts = split(eng)
     assert set(parts) == {"acct-1", "acct-2", "acct-3", "acct-4"}
     # An expired account keeps its emitted ids (never emitted twice) and nothing else.
     assert any(p["emitted"] and p["account"] is None and not p["runs"] for p in parts.values())
@@ -539,13 +540,13 @@ def _canon(d: object) -> str:
 
 
 def full_entries(eng: DetectEngine) -> dict[str, str]:
-    shared, parts = eng.split()
+    shared, parts = split(eng)
     return {"shared": _canon(shared)} | {aid: _canon(p) for aid, p in parts.items()}
 
 
 def apply_dirty(entries: dict[str, str], eng: DetectEngine) -> tuple[set[str], bool]:
     """Write what split_dirty returns into `entries` (as the faust agent does); returns (accounts, shared?)."""
-    shared, parts, deleted = eng.split_dirty()
+    shared, parts, deleted = split_dirty(eng)
     assert not set(parts) & set(deleted)
     if shared is not None:
         entries["shared"] = _canon(shared)
@@ -569,9 +570,9 @@ def test_dirty_checkpoints_of_the_demo_add_up_to_the_full_split(demo_inputs: lis
         wrote += len(accounts)
         assert entries == full_entries(stage.engine), f"batch at event {i}"
         if i == len(demo_inputs) // 2:  # a restart from the entries: nothing is marked, and it carries on alike
-            restored = json.loads(json.dumps(stage.engine.split()))
-            stage.engine = DetectEngine.from_split(*restored, stage.policy)
-            assert stage.engine.split_dirty()[1:] == ({}, [])
+            restored = json.loads(json.dumps(split(stage.engine)))
+            stage.engine = from_split(*restored, stage.policy)
+            assert split_dirty(stage.engine)[1:] == ({}, [])
     assert len(full_entries(stage.engine)) > 5
     stage.engine.on_time(stage.watermark + 30 * 86400)  # everything idle expires: emitted ids stay
     apply_dirty(entries, stage.engine)
@@ -607,7 +608,7 @@ def test_dirty_checkpoints_cover_owners_stops_expiry_and_deletion():
     deleted: list[str] = []
     for t in (T0 + 3 * 3600, T0 + 7 * 3600, T0 + 30 * 86400):
         eng.on_time(t)
-        shared, parts, gone = eng.split_dirty()
+        shared, parts, gone = split_dirty(eng)
         entries |= {aid: _canon(p) for aid, p in parts.items()} | ({"shared": _canon(shared)} if shared else {})
         for aid in gone:
             entries.pop(aid)

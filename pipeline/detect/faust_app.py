@@ -27,8 +27,8 @@ import faust
 
 from detectors import registry
 from detectors.classifier_base import WorkloadClassifier
-from detectors.engine import DetectEngine
 from detectors.owner_aggregate import EventTimeOwners, OwnerAggregator, stamped, tick
+from detectors.snapshot import from_split, split_dirty, split_shared
 from pipeline.cases.service import CaseService
 from pipeline.classifier_loader import load_classifier
 from pipeline.detect.feed_audit import unpublished
@@ -184,7 +184,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             if shared is not None:
                 sh = json.loads(shared)
                 parts = {k[len(prefix) + 2:].decode(): json.loads(v) for k, v in mine.items()}
-                st.engine = DetectEngine.from_split(sh, parts, rt.policy, rt.classifier)
+                st.engine = from_split(sh, parts, rt.policy, rt.classifier)
                 st.engine.external_owners = True
                 st.watermark = sh["stage_watermark"]
                 st.load_held(sh.get("held", []))  # CIP records / allocations ahead of the windows, offsets committed
@@ -232,9 +232,9 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         since the last checkpoint are serialised (`split_dirty`), and written where their bytes changed; accounts
         gone from the state are tombstoned (no entry grows with the partition's account count)."""
         prefix = f"{p}|".encode()
-        shared, parts, deleted = st.engine.split_dirty()
+        shared, parts, deleted = split_dirty(st.engine)
         if shared is not None or p not in rt.shared:
-            rt.shared[p] = shared if shared is not None else st.engine.split_shared()
+            rt.shared[p] = shared if shared is not None else split_shared(st.engine)
         entries = {prefix + b"shared": _dumps({**rt.shared[p], "stage_watermark": st.watermark,
                                                "held": st.held_to_list()})}
         entries |= {prefix + b"a|" + aid.encode(): _dumps(part) for aid, part in parts.items()}

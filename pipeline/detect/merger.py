@@ -28,6 +28,11 @@ class WindowMerger:
         parts[w.window_id] = w
         return merge_partials(parts.values())
 
+    def current(self, w: WindowAggregate) -> WorkloadWindow | None:
+        """The merge of the partials of w's workload-window seen so far (None: none), without adding w."""
+        parts = self._parts.get((w.workload_id, w.window_start))
+        return merge_partials(parts.values()) if parts else None
+
     def expire(self, watermark: float) -> int:
         """Forget windows that ended more than the horizon before `watermark` (event time). Returns how many."""
         old = [k for k, parts in self._parts.items()

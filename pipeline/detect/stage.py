@@ -90,9 +90,11 @@ class DetectStage:
 
     def on_window(self, w: WindowAggregate) -> DetectOutput:
         out = self._release(before=w.window_end)
-        merged = self.merger.add(w)
+        # A partial seen before (a replay) hands over the same merge again: the engine skips a workload-window it
+        # holds as is, and restores one its state lost (a crash between the partials and the engine checkpoint).
+        merged = self.merger.add(w) or self.merger.current(w)
         self.watermark = max(self.watermark, w.window_end)
-        if merged is None:  # a partial seen before: replays change nothing
+        if merged is None:
             return out
         out.accounts.add(w.account_id or "")
         return out.extend(self._routed(self.engine.on_window(merged)))
