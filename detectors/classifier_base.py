@@ -74,14 +74,17 @@ class Verdict:
 
     def closes_not_training(self, needs: Sequence[str]) -> tuple[bool, list[str]]:
         """Whether a `not_training` band may close the question under a policy's `uncertainty.not_training_needs`
-        (confident / in_distribution / evidence / complete), and the unmet needs by name."""
+        (confident / in_distribution / evidence / complete), and the unmet needs by name. `in_distribution` fails
+        only on a verdict found outside the fitted region (the interim rule has none and is not checked)."""
         if self.band != "not_training":
             return False, ["confident"]
+        checked = self.in_distribution is not None  # None: a classifier without a fitted region (the rule)
         failing = {
             "confident": bool(self.reasons),
-            "in_distribution": self.in_distribution is not True,
-            # no feature said why: a not_training with no reason given is no answer
-            "evidence": not any(v < 0 for _, v in self.top_features),
+            "in_distribution": self.in_distribution is False,
+            # evidence: a fitted model's top features are signed changes in P, one must push towards not training;
+            # the rule's are the readings its rule fired on. None at all: a not_training with no reason is no answer.
+            "evidence": not any(v < 0 for _, v in self.top_features) if checked else not self.top_features,
             "complete": bool(self.missing),
         }
         unmet = [n for n in needs if failing.get(n, True)]

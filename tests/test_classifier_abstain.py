@@ -114,8 +114,10 @@ def test_not_training_closes_only_when_confident_in_distribution_and_explained()
     assert outcome_for(True, "not_training", not_training_check(good, needs)["unmet"]) is None
     ood = Verdict(0.03, "not_training", [("mean_power__mean", -0.4)], "m/smi", "4", in_distribution=False)
     silent = Verdict(0.03, "not_training", [], "m/smi", "4", in_distribution=True)
-    rule = Verdict(0.05, "not_training", [("tensor_active", 0.01)], "rule", "1")
-    for v, unmet in ((ood, ["in_distribution"]), (silent, ["evidence"]), (rule, ["in_distribution", "evidence"])):
+    rule = Verdict(0.05, "not_training", [("tensor_active", 0.01)], "rule", "1")  # no fitted region: not checked
+    assert rule.closes_not_training(needs) == (True, [])
+    assert Verdict(0.05, "not_training", [], "rule", "1").closes_not_training(needs) == (False, ["evidence"])
+    for v, unmet in ((ood, ["in_distribution"]), (silent, ["evidence"])):
         check = not_training_check(v, needs)
         assert check["unmet"] == unmet and not check["closes"]
         assert outcome_for(True, "not_training", check["unmet"]) == "needs_review"  # foreign: the case opens
