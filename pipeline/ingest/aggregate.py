@@ -526,10 +526,15 @@ class WindowAggregator:
         ahead = np.zeros(n, dtype=bool)
         # The clean batch's test; the row-by-row pass only when a row is ahead.
         t2_before = np.concatenate(([node_top0[2] if multi_before else dev_top0[2]], t2[:-1]))
+        # Once two sources are seen, a row is held against the vouched top (the newest accepted time), not the
+        # second source: a source that goes quiet (its job ended) must not turn the others' rows into letters.
+        t1_before = np.concatenate(([node_top0[0] if multi_before else dev_top0[0]], t1[:-1]))
+        unvouched0 = p.unvouched[0] if multi_before else p.unvouched[1]
+        ref_before = t2_before if unvouched0 else np.where(np.isfinite(t2_before), t1_before, t2_before)
         with np.errstate(invalid="ignore"):
-            cand = np.isfinite(t2_before) & (ts > t2_before + skew)
+            cand = np.isfinite(ref_before) & (ts > ref_before + skew)
         # a top more than the bound above the confirmed time: a bad first row may sit there (nothing vouched)
-        top_alone = math.isfinite(t2[-1]) and t1[-1] - t2[-1] > skew
+        top_alone = any(p.unvouched) and math.isfinite(t2[-1]) and t1[-1] - t2[-1] > skew
         # rows that came with no confirmed time to hold them against, when one appears within the batch
         unchecked = not math.isfinite(t2_before[0]) and math.isfinite(t2[-1])
         if cand.any() or top_alone or unchecked:
@@ -547,7 +552,8 @@ class WindowAggregator:
             p.unvouched = (False, False)
         if first_other < n:
             p.multi_node = True
-        conf = np.where(np.isfinite(t2), t2, t1) if alone_ok else t2.copy()
+        # The watermark follows the vouched top (rows ahead of it are letters and never reach the trackers).
+        conf = np.where(np.isfinite(t2), t1, t1 if alone_ok else -math.inf)
         if ahead.any():
             conf[ahead] = -math.inf
         basis = np.maximum.accumulate(np.concatenate(([p.max_ts], conf)))
@@ -631,6 +637,8 @@ class WindowAggregator:
         for i, (t, g, nd) in enumerate(zip(ts.tolist(), gid.tolist(), nid.tolist(), strict=True)):
             multi = multi_before or i >= first_other
             conf, src, pend, n_src = (nt2, nd, pend_n, n_nodes) if multi else (dt2, g, pend_d, n_devs)
+            if conf > -math.inf and not (n_unvouched if multi else d_unvouched):
+                conf = nt1 if multi else dt1  # the vouched top: see _confirmed
             vouched = conf > -math.inf or fl[i]
             if conf > -math.inf and t > conf + skew and not fl[i]:
                 need = max(1, n_src // 2)
