@@ -46,6 +46,10 @@ def _lines(path: Path) -> Iterator[bytes]:
                 yield line
 
 
+#: A telemetry time this far past the newest seen waits for a second line near it (ingest's default clock skew).
+JUMP_CONFIRM_S = 300.0
+
+
 def read_folder(folder: Path) -> Iterator[Record]:
     """Yield every record of a scenario folder in delivery order (see the module docstring)."""
     side: list[tuple[float, int, Record]] = []
@@ -55,11 +59,16 @@ def read_folder(folder: Path) -> Iterator[Record]:
             ts = _event_time(line, field)
             heapq.heappush(side, (ts if ts is not None else float("-inf"), seq, Record(stream, off, line, ts)))
             seq += 1
-    newest = float("-inf")
+    newest, unconfirmed = float("-inf"), float("-inf")
     for off, line in enumerate(_lines(folder / FILES["telemetry"])):
         ts = _ts_prefix(line)
         if ts is not None and ts > newest:
-            newest = ts
+            # One line far ahead of the rest (a bad clock, which ingest letters) must not release the side records
+            # early: a jump counts once a second line confirms it, as ingest's watermark does.
+            if ts <= newest + JUMP_CONFIRM_S or abs(ts - unconfirmed) <= JUMP_CONFIRM_S:
+                newest = ts
+            else:
+                unconfirmed = ts
         while side and side[0][0] <= newest:
             yield heapq.heappop(side)[2]
         yield Record("telemetry", off, line, ts)

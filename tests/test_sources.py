@@ -1,0 +1,35 @@
+"""Delivery order of a scenario folder (pipeline/sources.py): side records follow the telemetry's event time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from pipeline.sources import read_folder
+
+T0 = 1_740_960_000.0
+
+
+def _write(folder: Path, telemetry_ts: list[float], cip_at: float) -> None:
+    (folder / "telemetry.jsonl").write_bytes(b"".join(orjson.dumps({"ts": t, "device": "d"}) + b"\n"
+                                                      for t in telemetry_ts))
+    (folder / "cip.jsonl").write_bytes(orjson.dumps({"account_id": "a", "updated_at": cip_at}) + b"\n")
+
+
+def _cip_position(folder: Path) -> int:
+    return [r.stream for r in read_folder(folder)].index("cip")
+
+
+def test_one_line_far_ahead_does_not_release_side_records_early(tmp_path: Path) -> None:
+    steady = [T0 + 10 * i for i in range(100)]
+    _write(tmp_path, steady, T0 + 500)
+    clean = _cip_position(tmp_path)
+    _write(tmp_path, [T0 + 7200, *steady], T0 + 500)  # a bad clock on the first line
+    assert _cip_position(tmp_path) == clean + 1  # same place among the good lines (one more line before it)
+
+
+def test_a_jump_that_two_lines_confirm_is_taken(tmp_path: Path) -> None:
+    ts = [T0 + 10 * i for i in range(10)] + [T0 + 7200 + 10 * i for i in range(10)]
+    _write(tmp_path, ts, T0 + 3600)
+    assert _cip_position(tmp_path) == 11  # released as the jump's second line comes, not held to the end
