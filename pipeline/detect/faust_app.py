@@ -34,6 +34,7 @@ from pipeline.classifier_loader import load_classifier
 from pipeline.detect.feed_audit import unpublished
 from pipeline.detect.security import faust_credentials
 from pipeline.detect.stage import DetectOutput, DetectStage
+from pipeline.detect.store_retry import stored
 from pipeline.detect.topics import owners_topic
 from pipeline.settings import Settings
 from pipeline.store import DeadLetter, Store
@@ -205,11 +206,12 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             st.merger._parts[mkey] = {i: WindowAggregate.model_validate(x) for i, x in json.loads(packed).items()}
         return key
 
-    def dead_letter(exc: InvalidMessage, ev: Any) -> None:
+    async def dead_letter(exc: InvalidMessage, ev: Any) -> None:
         m = ev.message
-        rt.store.insert_dead_letters([DeadLetter(reason=exc.reason or "schema_violation", detail=str(exc)[:1000],
-                                                 topic=m.topic, partition=m.partition, offset=m.offset,
-                                                 raw=ev.value or b"", at=time.time())])  # None: a tombstone
+        # ev.value None: a tombstone
+        letter = DeadLetter(reason=exc.reason or "schema_violation", detail=str(exc)[:1000], topic=m.topic,
+                            partition=m.partition, offset=m.offset, raw=ev.value or b"", at=time.time())
+        await stored("dead letter", lambda: rt.store.insert_dead_letters([letter]))
 
     def write_partials(p: int, st: DetectStage, touched: dict[bytes, tuple[str, float]]) -> None:
         # Partials older than the allowed lateness can no longer change a window: drop them (tombstones).
@@ -280,7 +282,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         for c in owner_msgs:  # in order: per owner, the owners agent applies them as the engine made them
             await owner_topic.send(key=c["owner_id"].encode(), value=_dumps(c))
         for cip in out.cips:  # as applied in event time: identity refresh and revisions of the account's cases
-            for m in rt.cases.update_identity(cip, time.time()):
+            for m in await stored("identity update", lambda c=cip: rt.cases.update_identity(c, time.time())):
                 await feed.send(key=m.key, value=encode(m))
 
     def recovered_watermarks() -> dict[int, float]:
@@ -313,15 +315,15 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                             out.extend(st.on_window(w))
                         elif topic == topics.cip:
                             cip = decode(CipRecord, ev.value)
-                            rt.store.upsert_cip([cip])
+                            await stored("CIP record", lambda c=cip: rt.store.upsert_cip([c]))
                             out.extend(st.on_cip(cip))
                         else:
                             out.extend(st.on_allocation(decode(AllocationEvent, ev.value)))
                     except InvalidMessage as exc:
-                        dead_letter(exc, ev)
+                        await dead_letter(exc, ev)
                 out.extend(st.on_time())  # idle run/account state expires (event time)
                 if windows:
-                    rt.store.insert_windows(windows)
+                    await stored("windows", lambda ws=windows: rt.store.insert_windows(ws))
                 write_partials(p, st, touched)
                 checkpoint(p, st)
                 await carry(p, st, out, reached, len(events) < BATCH)
@@ -357,7 +359,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                     touched[oid] = ev.message.partition
                     out += agg.receive(c)
                 except (ValueError, KeyError, TypeError) as exc:  # not a contribution: keep it, carry on
-                    dead_letter(InvalidMessage(f"owner contribution: {exc!r}", reason="schema_violation"), ev)
+                    await dead_letter(InvalidMessage(f"owner contribution: {exc!r}", reason="schema_violation"), ev)
                     continue
             for oid, p in touched.items():
                 if agg.held(oid):
@@ -376,7 +378,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
 
     @app.agent(detections, concurrency=1)
     async def cases(stream: Any) -> None:
-        for m in unpublished(rt.settings, rt.store, rt.policy):
+        for m in await stored("feed audit", lambda: unpublished(rt.settings, rt.store, rt.policy)):
             await feed.send(key=m.key, value=encode(m))
         async for events in stream.take_events(BATCH, within=within_s):
             dets = []
@@ -384,11 +386,11 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                 try:
                     dets.append(decode(Detection, ev.value))
                 except InvalidMessage as exc:
-                    dead_letter(exc, ev)
+                    await dead_letter(exc, ev)
             if not dets:
                 continue
-            rt.store.insert_detections(dets)
-            for m in rt.cases.process(dets, time.time()):
+            await stored("detections", lambda ds=dets: rt.store.insert_detections(ds))
+            for m in await stored("cases", lambda ds=dets: rt.cases.process(ds, time.time())):
                 await feed.send(key=m.key, value=encode(m))
 
     @app.timer(settings.detect.owner_idle_s / 4)  # owners with held messages: released within 1.25 x idle_s
@@ -402,7 +404,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         wm = rt.watermark(recovered_watermarks())
         if wm == float("-inf"):
             return
-        for m in rt.cases.tick(wm, time.time()):
+        for m in await stored("deadline tick", lambda: rt.cases.tick(wm, time.time())):
             await feed.send(key=m.key, value=encode(m))
 
     return app, rt
