@@ -219,9 +219,10 @@ def test_monitored_has_no_clock_and_info_opens_nothing():
 def test_lifecycle_ack_then_report_is_audited():
     book = CaseBook(BIS)
     cid = only(book.apply([det()], {}, NOW)).case_id
-    acked = book.ack(cid, "alice", NOW + 100)
+    acked = book.ack(cid, "alice", NOW + 100, "projected run of a foreign customer")
     assert only(acked).status == "acknowledged" and only(acked).version == 2
     ev = acked.events[0]
+    assert ev.details == {"note": "projected run of a foreign customer"}  # the why is audited, not the case's
     assert (ev.actor, ev.action, ev.from_status, ev.to_status, ev.at) == ("alice", "acknowledged", "open",
                                                                          "acknowledged", NOW + 100)
     filed = book.report(cid, "bob", NOW + 200, "BIS-2026-0001")

@@ -170,6 +170,7 @@ def test_compliance_works_a_case_in_the_browser(browser: Any, base_url: str, cas
     assert page.inner_text("[data-testid=status]") == "acknowledged"
     audit = page.locator("table[data-testid=audit] tr[data-action=acknowledged]")
     assert audit.count() == 1 and "cleo" in audit.inner_text()
+    assert "projected run of a foreign customer" in audit.inner_text()  # the reason is kept in the audit event
     page.screenshot(path=str(tmp_path / "case-compliance.png"), full_page=True)
 
     # The draft report: HTML with the identity, and a PDF.

@@ -107,8 +107,8 @@ class CaseActions:
         service = CaseService(self.store, policy_of(case, self.default_policy), preload=False)
         return getattr(service, method)(case.case_id, who, when, *args)
 
-    def ack(self, case_id: str, actor: str, at: float | None = None) -> list[CaseFeedMessage]:
-        return self._act(case_id, actor, at, "ack")
+    def ack(self, case_id: str, actor: str, at: float | None = None, note: str = "") -> list[CaseFeedMessage]:
+        return self._act(case_id, actor, at, "ack", note)
 
     def report(self, case_id: str, actor: str, at: float | None, filing_reference: str) -> list[CaseFeedMessage]:
         return self._act(case_id, actor, at, "report", _text("--reference", filing_reference))

@@ -427,9 +427,10 @@ class CaseBook:
 
     # ---- analyst actions -----------------------------------------------------------------------------------------
 
-    def ack(self, case_id: str, actor: str, at: float) -> CaseChanges:
-        """An analyst takes the case: open -> acknowledged."""
-        return self._transition(case_id, actor, at, "acknowledged", ("open",), "acknowledged", {})
+    def ack(self, case_id: str, actor: str, at: float, note: str = "") -> CaseChanges:
+        """An analyst takes the case: open -> acknowledged (the note, why, goes into the audit event)."""
+        return self._transition(case_id, actor, at, "acknowledged", ("open",), "acknowledged", {},
+                                note if note.strip() else None)
 
     def report(self, case_id: str, actor: str, at: float, filing_reference: str) -> CaseChanges:
         """The report was filed: open | needs_review | acknowledged -> reported, with the filing reference."""

@@ -84,9 +84,9 @@ class CaseService:
         self.book.load([case])
         return case
 
-    def ack(self, case_id: str, actor: str, at: float) -> list[CaseFeedMessage]:
+    def ack(self, case_id: str, actor: str, at: float, note: str = "") -> list[CaseFeedMessage]:
         self._fresh(case_id)
-        return self._write(self.book.ack(case_id, actor, at))
+        return self._write(self.book.ack(case_id, actor, at, note))
 
     def report(self, case_id: str, actor: str, at: float, filing_reference: str) -> list[CaseFeedMessage]:
         self._fresh(case_id)

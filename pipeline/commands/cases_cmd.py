@@ -105,12 +105,13 @@ def ack(
     case_id: str = typer.Argument(..., help="case id"),
     actor: str | None = _ACTOR,
     at: float | None = _AT,
+    note: str = typer.Option("", "--note", help="why you take the case (kept in the audit event)"),
     as_json: bool = _JSON,
     store_dsn: str | None = _STORE,
     database: str | None = _DATABASE,
 ) -> None:
     """Take an open case (open -> acknowledged)."""
-    _act(store_dsn, database, as_json, "ack", case_id, actor, at)
+    _act(store_dsn, database, as_json, "ack", case_id, actor, at, note)
 
 
 @cases_app.command("report")

@@ -215,7 +215,7 @@ class Console:
                 raise ActionRejected(f"{case_id}: no such case", 404)
             try:
                 if action == "acknowledge":
-                    messages = actions.ack(case_id, viewer.name)
+                    messages = actions.ack(case_id, viewer.name, None, text)
                 elif action == "review":
                     messages = actions.review(case_id, viewer.name, None, bool(training), text)
                 elif action == "report":
