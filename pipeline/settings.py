@@ -117,6 +117,9 @@ class DetectSettings(BaseModel):
     #: Processing seconds after which a member account whose event time has not moved stops holding back its
     #: owner's other members (above the window period: a live account moves once per window).
     owner_idle_s: float = Field(default=OWNER_IDLE_S, gt=0)
+    #: Prometheus /metrics of the detect + cases worker (detections per detector, case events, event-time lag).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_addr: str = "127.0.0.1"
 
 
 class ConsoleUser(BaseModel):

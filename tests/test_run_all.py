@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -56,6 +58,10 @@ def test_run_all_opens_cases_and_stops_cleanly(tmp_path: Path, kafka_bootstrap: 
            "TRAINWATCH_CLICKHOUSE_DSN": dsn, "TRAINWATCH_DATABASE": db, "TRAINWATCH_DATA_DIR": str(tmp_path / "var"),
            "TRAINWATCH_MODEL_PATH": "rule", **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
     env.pop("TRAINWATCH_CONFIG", None)
+    with socket.socket() as sock:  # a free port for the worker's /metrics
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env["TRAINWATCH_DETECT__METRICS_PORT"] = str(port)
     assert _produce_scenario(kafka_bootstrap, topics, folder) > 100_000
     log_path = tmp_path / "run.log"
     cmd = [sys.executable, "-m", "pipeline", "run", "--stage", "all", "--app-id", app_id,
@@ -67,6 +73,7 @@ def test_run_all_opens_cases_and_stops_cleanly(tmp_path: Path, kafka_bootstrap: 
             wait_for(lambda: any(m["case"]["account_id"] == "acct-de-ai"
                                  for m in _cases_on_feed(kafka_bootstrap, topics["cases"]).values()),
                      "a case for acct-de-ai on the feed", proc, log_path, 90.0)
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(60)
         finally:
@@ -89,3 +96,10 @@ def test_run_all_opens_cases_and_stops_cleanly(tmp_path: Path, kafka_bootstrap: 
     assert {m["case"]["case_id"] for m in feed} <= set(got["cases"]), "a feed case is missing from the store"
     assert {m["message_id"] for m in feed} <= set(got["ids"]), "a feed message has no case event in the store"
     assert "Traceback" not in tail, tail
+    # The worker's /metrics counted what it did: detections per detector, case events, each stage's event time.
+    assert 'trainwatch_detections_total{detector="compute_threshold"' in metrics, metrics
+    events = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line.startswith("trainwatch_case_events_total{")]
+    assert events and sum(events) >= 1, metrics
+    assert 'trainwatch_stage_event_time_lag_seconds{stage="detect"}' in metrics
+    assert 'trainwatch_stage_event_time_lag_seconds{stage="cases"}' in metrics

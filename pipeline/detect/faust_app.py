@@ -37,6 +37,7 @@ from pipeline.detect.stage import DetectOutput, DetectStage
 from pipeline.detect.store_retry import stored
 from pipeline.detect.topics import owners_topic
 from pipeline.settings import Settings
+from pipeline.stage_metrics import StageMetrics
 from pipeline.store import DeadLetter, Store
 from schemas.allocation import AllocationEvent
 from schemas.cip import CipRecord
@@ -83,6 +84,8 @@ class DetectRuntime:
     _store: Store | None = None
     _cases: CaseService | None = None
     _held_cache: dict[bytes, tuple[bytes, bool]] = field(default_factory=dict)
+    #: what the agents did, for the worker's /metrics (pipeline/stage_metrics.py); counters only, no I/O
+    metrics: StageMetrics = field(default_factory=StageMetrics)
 
     @property
     def store(self) -> Store:
@@ -277,6 +280,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         msgs += [m.root.model_dump() for m in out.owner_messages]
         floor = st.watermark - settings.ingest.allowed_lateness_s
         owner_msgs = stamped(msgs, p, reached, floor) + marks(p, st, account_marks(st), caught_up)
+        rt.metrics.observe_detections(out.detections)
+        rt.metrics.observe_event_time("detect", st.watermark if st.watermark > float("-inf") else None)
         for d in out.detections:
             await detections.send(key=d.account_id.encode(), value=encode(d))
         for c in owner_msgs:  # in order: per owner, the owners agent applies them as the engine made them
@@ -390,7 +395,10 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             if not dets:
                 continue
             await stored("detections", lambda ds=dets: rt.store.insert_detections(ds))
-            for m in await stored("cases", lambda ds=dets: rt.cases.process(ds, time.time())):
+            msgs = await stored("cases", lambda ds=dets: rt.cases.process(ds, time.time()))
+            rt.metrics.observe_case_events(m.change for m in msgs)
+            rt.metrics.observe_event_time("cases", max(d.event_time for d in dets))
+            for m in msgs:
                 await feed.send(key=m.key, value=encode(m))
 
     @app.timer(settings.detect.owner_idle_s / 4)  # owners with held messages: released within 1.25 x idle_s

@@ -36,6 +36,12 @@ def run_detect(settings: Settings, *, app_id: str = "trainwatch-detect", partiti
     n = ensure_topics(settings, partitions, app_id=app_id)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # faust creates only its own folder in it
     app, rt = make_app(settings, app_id=app_id, partitions=n)
+    if settings.detect.metrics_port is not None:
+        from pipeline.stage_metrics import serve
+
+        # Stage counters only: the case gauges read the store, which (chDB) this process must not share across
+        # threads; the console's /metrics serves those (`trainwatch serve`).
+        serve(settings.detect.metrics_port, settings.detect.metrics_addr, stage=rt.metrics)
     # override_logging=False: keep the CLI's structured handler (pipeline/log_setup.py); mode's own replaces it with
     # a colour handler on stdout and turns stderr writes (thread tracebacks) into one WARNING record per token.
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, override_logging=False)
