@@ -38,10 +38,14 @@ def run_detect(settings: Settings, *, app_id: str = "trainwatch-detect", partiti
     app, rt = make_app(settings, app_id=app_id, partitions=n)
     if settings.detect.metrics_port is not None:
         from pipeline.stage_metrics import serve
+        from pipeline.store import Store
 
-        # Stage counters only: the case gauges read the store, which (chDB) this process must not share across
-        # threads; the console's /metrics serves those (`trainwatch serve`).
-        serve(settings.detect.metrics_port, settings.detect.metrics_addr, stage=rt.metrics)
+        # The case gauges (per status, due within 3 days, overdue) read the store at scrape time through a client
+        # of their own; an embedded chDB store belongs to the agents alone (one engine per process, not shared
+        # across threads), so there the console's /metrics (`trainwatch serve`) serves them.
+        gauges = None if settings.clickhouse_dsn.startswith("chdb") else Store.connect(settings.clickhouse_dsn,
+                                                                                        settings.database)
+        serve(settings.detect.metrics_port, settings.detect.metrics_addr, store=gauges, stage=rt.metrics)
     # override_logging=False: keep the CLI's structured handler (pipeline/log_setup.py); mode's own replaces it with
     # a colour handler on stdout and turns stderr writes (thread tracebacks) into one WARNING record per token.
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, override_logging=False)
