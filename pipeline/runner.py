@@ -91,7 +91,9 @@ class InProcessPipeline:
     def finish(self) -> RunResult:
         """End of a finite input: close every open window, run time rules and the deadline monitor."""
         self._flush_telemetry()
-        self._windows(self.ingest.drain())
+        windows, dead = self.ingest.finish()  # letters decided while draining (held rows too late or ahead) too
+        self._dead_letters([(d.reason, d.detail, d.topic, d.partition, d.offset, d.value) for d in dead])
+        self._windows(windows)
         self._carry(self.detect.flush())  # CIP records and allocations after the last window
         self._carry(self.detect.on_time())
         self._tick()
