@@ -176,6 +176,15 @@ def _top2(ts: np.ndarray, ids: np.ndarray, t1: float, g1: int, t2: float
     return cm[1:], top_src, second
 
 
+def push_top2(t1: float, s1: object, t2: float, src: object, t: float) -> tuple[float, object, float]:
+    """`_top2` for one row: the top time `t1` of source `s1` and the second `t2`, after a row of `src` at `t`."""
+    if src == s1:
+        return max(t1, t), s1, t2
+    if t > t1:
+        return t, src, t1
+    return t1, s1, max(t2, t)
+
+
 class PartitionState(NamedTuple):
     """One partition's state as seen from outside: for metrics, status and tests."""
 
@@ -651,24 +660,14 @@ class WindowAggregator:
                 agreed.append(t)
             if t > nt1:
                 n_unvouched = not vouched
-            if nd == ng1:
-                nt1 = max(nt1, t)
-            elif t > nt1:
-                nt1, ng1, nt2 = t, nd, nt1
-            elif t > nt2:
-                nt2 = t
+            nt1, ng1, nt2 = push_top2(nt1, ng1, nt2, nd, t)
             if n_unvouched and nt2 > -math.inf and nt1 - nt2 > skew:  # the top is a bad clock that came first
                 nt1, ng1, n_unvouched = nt2, -1, False
                 ahead[: i + 1] |= ts[: i + 1] > nt2 + skew
             if not multi:
                 if t > dt1:
                     d_unvouched = not vouched
-                if g == dg1:
-                    dt1 = max(dt1, t)
-                elif t > dt1:
-                    dt1, dg1, dt2 = t, g, dt1
-                elif t > dt2:
-                    dt2 = t
+                dt1, dg1, dt2 = push_top2(dt1, dg1, dt2, g, t)
                 if d_unvouched and dt2 > -math.inf and dt1 - dt2 > skew:
                     dt1, dg1, d_unvouched = dt2, -1, False
                     ahead[: i + 1] |= ts[: i + 1] > dt2 + skew

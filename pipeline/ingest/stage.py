@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.ingest.aggregate import Batch, PartitionState, Progress, WindowAggregator, WindowConfig
+from pipeline.ingest.aggregate import Batch, PartitionState, Progress, WindowAggregator, WindowConfig, push_top2
 from pipeline.ingest.columns import ID_COLUMNS, RowBuilder, sample_dict
 from pipeline.ingest.decoders import Decoder, LabelMap, make_decoder
 from pipeline.ingest.dlq import DLQ_MAX_VALUE_BYTES, DeadLetter
@@ -266,12 +266,7 @@ class IngestCore:
                     h.last = int(b.offset[i])
                 if ts > pend.dev_latest.get(dev, -math.inf):
                     pend.dev_latest[dev] = ts
-                if dev == d1:
-                    t1 = max(t1, ts)
-                elif ts > t1:
-                    t1, d1, t2 = ts, dev, t1
-                elif ts > t2:
-                    t2 = ts
+                t1, d1, t2 = push_top2(t1, d1, t2, dev, ts)
             pend.top = (t1, d1, t2)
             pend.max_ts = max(pend.max_ts, t2 if t2 > -math.inf else t1)
         skew = self.agg.cfg.max_clock_skew_s
