@@ -1,9 +1,9 @@
 """Merge the partial window aggregates of one workload and finish the classifier's features. Pure.
 
 Ingest emits one partial per (workload, window, source topic and partition, revision); every statistic travels as
-an additive sum (`WindowAggregate.sums`), so partials from different partitions and late-data corrections simply
-add. Means are time-weighted (sum of value x interval / seconds covered), so no feature depends on the sampling
-interval.
+an additive sum (`WindowAggregate.sums`, laid out, written and read by schemas/window_sums.py), so partials from
+different partitions and late-data corrections simply add. Means are time-weighted (sum of value x interval /
+seconds covered), so no feature depends on the sampling interval.
 Missing inputs give None, never 0. Each feature is documented in docs/ingest.md.
 """
 
@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from schemas.telemetry import METRIC_FIELDS
+from schemas.window_sums import WindowSums, read_sums
 from schemas.windows import WindowAggregate
 
 _MEAN_FIELDS = (
@@ -38,13 +39,6 @@ _RATES = (
     ("net_bps", ("net_tx_bytes", "net_rx_bytes")),
     ("pcie_bps", ("pcie_tx_bytes", "pcie_rx_bytes")),
 )
-#: Raw fields whose presence `fields_present` measures (as schemas.telemetry.METRIC_FIELDS).
-_PRESENCE_FIELDS = (
-    "gr_engine_active", "sm_active", "sm_occupancy", "tensor_active", "dram_active", "fp64_active", "fp32_active",
-    "fp16_active", "gpu_util", "mem_copy_util", "fb_used_mib", "fb_free_mib", "power_w", "sm_clock_mhz",
-    "mem_clock_mhz", "pcie_tx_bytes", "pcie_rx_bytes", "nvlink_tx_bytes", "nvlink_rx_bytes", "net_tx_bytes",
-    "net_rx_bytes", "energy_mj",
-)
 
 #: Readings in the device's own units (W, MiB), kept beside the fractions of the catalog's TDP and memory: when the
 #: accelerator is unknown or absent the fractions are missing, and the classifier bounds them from these instead
@@ -67,8 +61,6 @@ FEATURE_NAMES: tuple[str, ...] = (
     "fields_present",
     *UNIT_FEATURES,
 )
-
-_PROF_KEY = re.compile(r"^prof\.([a-z_]+)\.(\d+)\.(sum|n)$")
 
 
 @dataclass(slots=True)
@@ -157,25 +149,16 @@ def merge_partials(partials: Iterable[WindowAggregate]) -> WorkloadWindow:
     return ww
 
 
-def _mean_std(sums: dict[str, float], name: str) -> tuple[float | None, float | None]:
-    n = sums.get(f"{name}.n", 0.0)
+def _mean_std(ws: WindowSums, name: str) -> tuple[float | None, float | None]:
+    m = ws.stat(name)
+    n = m.seconds
     if n <= 0:
         return None, None
-    mean = sums[f"{name}.sum"] / n
-    var = sums[f"{name}.sumsq"] / n - mean * mean
+    mean = m.sum / n
+    var = m.sumsq / n - mean * mean
     if var <= 1e-9 * max(mean * mean, 1e-12):  # rounding of E[x^2] - E[x]^2 on a constant signal
         var = 0.0
     return mean, math.sqrt(var)
-
-
-def _profile(sums: dict[str, float], name: str) -> list[float]:
-    """The workload-mean profile over the window's sub-buckets, non-empty buckets in time order."""
-    acc: dict[int, list[float]] = {}
-    for k, v in sums.items():
-        m = _PROF_KEY.match(k)
-        if m and m.group(1) == name:
-            acc.setdefault(int(m.group(2)), [0.0, 0.0])[0 if m.group(3) == "sum" else 1] += v
-    return [s / c for _, (s, c) in sorted(acc.items()) if c > 0]
 
 
 def _var(xs: list[float]) -> float:
@@ -183,13 +166,13 @@ def _var(xs: list[float]) -> float:
     return sum((x - mu) ** 2 for x in xs) / len(xs)
 
 
-def _synchrony(sums: dict[str, float], name: str, scope: str, prof: list[float]) -> float | None:
+def _synchrony(ws: WindowSums, name: str, scope: str, prof: list[float]) -> float | None:
     """var(workload-mean profile) / mean var(each device's or node's own profile): ~1 when they move together,
     ~1/N when independent. None when undefined (too few buckets, or no variation at all)."""
-    n = sums.get(f"{name}.{scope}_var.n", 0.0)
+    total, n = ws.spread[(name, scope)]
     if n <= 0 or len(prof) < 2:
         return None
-    within = sums[f"{name}.{scope}_var.sum"] / n
+    within = total / n
     if within <= 1e-12:
         return None
     return _var(prof) / within
@@ -205,7 +188,7 @@ def _ac1(prof: list[float]) -> float | None:
     return sum((a - mu) * (b - mu) for a, b in itertools.pairwise(prof)) / den
 
 
-def _unit_features(sums: dict[str, float], f: dict[str, float | None]) -> None:
+def _unit_features(sums: WindowSums, f: dict[str, float | None]) -> None:
     """Watts and MiB as reported, and the memory fraction from used / (used + free) when the catalog does not know
     the part but the exporter sends both (nvidia-smi memory.used and memory.total, DCGM FB_USED and FB_FREE)."""
     f["mean_power_watts"], f["std_power_watts"] = _mean_std(sums, "power_w")
@@ -218,8 +201,10 @@ def _unit_features(sums: dict[str, float], f: dict[str, float | None]) -> None:
         f["mean_fb_used"] = used / (used + free)
 
 
-def window_features(sums: dict[str, float], device_count: int, node_count: int, flop: float,
+def window_features(raw_sums: dict[str, float], device_count: int, node_count: int, flop: float,
                     window_s: float) -> dict[str, float | None]:
+    """The classifier's features from a merged `sums` map (None where an input is missing)."""
+    sums = read_sums(raw_sums)
     f: dict[str, float | None] = {}
     for name, field_ in _MEAN_FIELDS:
         mean, std = _mean_std(sums, field_)
@@ -227,7 +212,7 @@ def window_features(sums: dict[str, float], device_count: int, node_count: int, 
             mean, std = mean / 100.0, std / 100.0
         f[f"mean_{name}"], f[f"std_{name}"] = mean, std
     for name, field_ in _SYNC:
-        prof = _profile(sums, field_)
+        prof = sums.profiles[field_]
         f[f"sync_devices_{name}"] = _synchrony(sums, field_, "dev", prof)
         f[f"sync_nodes_{name}"] = _synchrony(sums, field_, "node", prof)
         if len(prof) >= 2:
@@ -251,14 +236,14 @@ def window_features(sums: dict[str, float], device_count: int, node_count: int, 
     f["device_count"] = float(device_count)
     f["node_count"] = float(node_count)
     f["devices_per_node"] = device_count / node_count if node_count else None
-    basis_total = sum(sums.get(f"basis.{b}", 0.0) for b in ("none", "utilisation_power", "tensor_active"))
-    known_basis = basis_total - sums.get("basis.none", 0.0)
+    basis_total = sum(sums.basis.values())
+    known_basis = basis_total - sums.basis["none"]
     f["log10_flop_rate"] = math.log10(flop / window_s) if flop > 0 and known_basis > 0 else None
-    f["tensor_basis_share"] = sums.get("basis.tensor_active", 0.0) / basis_total if basis_total else None
-    samples = sums.get("samples", 0.0)
+    f["tensor_basis_share"] = sums.basis["tensor_active"] / basis_total if basis_total else None
+    samples = sums.samples
     if samples > 0:
-        have = sum(sums.get(f"{x}.count", 0.0) for x in _PRESENCE_FIELDS)
-        f["fields_present"] = have / (samples * len(_PRESENCE_FIELDS))
+        have = sum(sums.stat(x).count for x in METRIC_FIELDS)
+        f["fields_present"] = have / (samples * len(METRIC_FIELDS))
     else:
         f["fields_present"] = None
     return {k: f.get(k) for k in FEATURE_NAMES}

@@ -1,7 +1,8 @@
 """Partial window aggregates: what one ingest partition saw of one workload in one event-time window.
 
 Detect merges the partials of a workload (sums add; means combine through their sums and counts), which is why
-every feature travels as sums rather than finished statistics.
+every feature travels as sums rather than finished statistics; the `sums` keys are laid out, written and read by
+schemas/window_sums.py alone.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from schemas.base import EpochSeconds, Message
+from schemas.window_sums import ComputeBasis
 
-ComputeBasis = Literal["tensor_active", "utilisation_power", "mixed", "none"]
+__all__ = ["ComputeBasis", "WindowAggregate"]
 
 
 class WindowAggregate(Message):
@@ -40,7 +42,11 @@ class WindowAggregate(Message):
     basis: ComputeBasis
     accelerators: dict[str, int] = Field(default_factory=dict, description="model -> devices")
     unknown_accelerators: list[str] = Field(default_factory=list)
-    sums: dict[str, float] = Field(default_factory=dict, description="per metric: sum, sum of squares, count")
+    sums: dict[str, float] = Field(
+        default_factory=dict,
+        description="additive statistics, merged by adding key by key: rows, per field the time-weighted sum and "
+                    "sum of squares, seconds covered and rows, rows per FLOP basis, sub-window profiles and their "
+                    "spreads (schemas/window_sums.py)")
     features: dict[str, float | None] = Field(default_factory=dict)
     missing_fields: list[str] = Field(default_factory=list)
     offsets: dict[str, list[int]] = Field(default_factory=dict, description="'topic:partition' -> [first, last]")

@@ -156,3 +156,55 @@ def test_times_outside_2000_to_9999_are_refused(model, data, field) -> None:
     # detection's time becomes a case's knowledge and due times, which the store's views turn into DateTime64.
     with pytest.raises(InvalidMessage, match=field):
         validate(model, data)
+
+
+def _partial_sums(scale: float) -> dict[str, float]:
+    """A partial's sums from accumulators: two statistics carried, two buckets of one synchrony profile."""
+    from schemas.window_sums import BASES, STAT_FIELDS, SYNC_FIELDS, write_sums
+
+    stats = [[0.0] * len(STAT_FIELDS) for _ in range(4)]
+    for name, v in (("power_w", 300.0), ("tensor_active", 0.5)):
+        j = STAT_FIELDS.index(name)
+        stats[0][j], stats[1][j], stats[2][j], stats[3][j] = v * 10 * scale, v * v * 10 * scale, 10 * scale, scale
+    prof_sum = [[0.0] * 12 for _ in SYNC_FIELDS]
+    prof_n = [[0.0] * 12 for _ in SYNC_FIELDS]
+    prof_sum[0][0], prof_n[0][0], prof_sum[0][5], prof_n[0][5] = 0.4 * scale, scale, 0.6 * scale, scale
+    spread = [[0.01 * scale, scale, 0.02 * scale, scale] for _ in SYNC_FIELDS]
+    basis = [0.0] * len(BASES)
+    basis[BASES.index("tensor_active")] = scale
+    return write_sums(scale, stats, basis, prof_sum, prof_n, spread)
+
+
+def test_window_sums_written_and_read_by_one_layout() -> None:
+    from schemas.window_sums import read_sums
+
+    sums = _partial_sums(1.0)
+    assert sums["power_w.sum"] == 3000.0 and "gpu_util.sum" not in sums  # absent fields are not written
+    assert "prof.util_frac.0.sum" not in sums and "util_frac.dev_var.n" not in sums  # nor empty profiles
+    ws = read_sums({**sums, "not.a.key": 5.0, "prof.tensor_active.x.sum": 1.0})  # foreign keys are ignored
+    assert ws.samples == 1.0
+    assert ws.stat("power_w").sum / ws.stat("power_w").seconds == 300.0
+    assert ws.stat("gpu_util").count == 0.0
+    assert ws.basis == {"none": 0.0, "utilisation_power": 0.0, "tensor_active": 1.0}
+    assert ws.profiles["tensor_active"] == [0.4, 0.6] and ws.profiles["util_frac"] == []
+    assert ws.spread[("tensor_active", "node")] == (0.02, 1.0)
+
+
+def test_window_sums_merge_by_adding_key_by_key() -> None:
+    """Partials of one window (partitions, corrections) merge by adding their sums; read-back equals the sum."""
+    from schemas.window_sums import read_sums
+
+    a, b = _partial_sums(1.0), _partial_sums(2.0)
+    merged = {k: a.get(k, 0.0) + b.get(k, 0.0) for k in a.keys() | b.keys()}
+    ws, wa, wb = read_sums(merged), read_sums(a), read_sums(b)
+    assert ws.samples == 3.0
+    assert ws.stat("power_w") == tuple(x + y for x, y in zip(wa.stat("power_w"), wb.stat("power_w"), strict=True))
+    assert ws.profiles["tensor_active"] == pytest.approx([0.4, 0.6])
+
+
+def test_window_sums_profile_buckets_are_bounded() -> None:
+    from schemas.window_sums import MAX_PROFILE_BUCKETS, profile_keys
+
+    assert profile_keys(12)[0][11] == ("prof.tensor_active.11.sum", "prof.tensor_active.11.n")
+    with pytest.raises(ValueError, match="profile buckets"):
+        profile_keys(MAX_PROFILE_BUCKETS + 1)

@@ -33,6 +33,7 @@ from pipeline.ingest.columns import ID_COLUMNS, follows
 from pipeline.ingest.window_stats import Unit, profiles, row_stats, unit_sums_layout
 from schemas.ids import content_id
 from schemas.telemetry import MAX_ID_CHARS
+from schemas.window_sums import MAX_PROFILE_BUCKETS
 from schemas.windows import WindowAggregate
 
 _NO_EPOCH = -(2**40)
@@ -60,6 +61,10 @@ class WindowConfig:
     default_interval_s: float = 30.0
     #: a row further ahead of the partition's confirmed event time than this is dead-lettered `clock_ahead`
     max_clock_skew_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.profile_buckets <= MAX_PROFILE_BUCKETS:  # the window sums' layout reads no more
+            raise ValueError(f"profile_buckets must be 1..{MAX_PROFILE_BUCKETS}, not {self.profile_buckets}")
 
 
 @dataclass(slots=True)

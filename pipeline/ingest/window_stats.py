@@ -1,5 +1,5 @@
 """The statistics of a window unit: per-row quantities (utilisation fractions, FLOP estimates, moments) and their
-additive sums, sub-window profiles for synchrony, and the `sums` a window aggregate carries.
+additive sums, and sub-window profiles for synchrony; a unit's `sums` are written by schemas/window_sums.py.
 
 aggregate.py decides which rows go to which unit (windowing, dedup, watermark); this module decides what a unit
 adds up and how it is written. Everything here is vectorised over a batch's rows; a unit's state is one vector.
@@ -16,22 +16,18 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from detectors.catalog import resolve
-from detectors.compute import BASIS_NAMES, estimate_flop
+from detectors.compute import estimate_flop
 from schemas.telemetry import METRIC_FIELDS
+from schemas.window_sums import BASES, STAT_FIELDS, SYNC_FIELDS, write_sums
 
 if TYPE_CHECKING:
     from pipeline.ingest.aggregate import Batch, Progress
 
-DERIVED_FIELDS = ("util_frac", "power_frac", "fb_frac")
-#: Every per-sample statistic kept in `sums` (raw DCGM fields plus fractions of the device's nominal capacity).
-STAT_FIELDS = METRIC_FIELDS + DERIVED_FIELDS
-#: Metrics whose sub-window profiles travel for cross-device / cross-node synchrony.
-SYNC_FIELDS = ("tensor_active", "util_frac", "power_frac")
+# The statistics, their order and how `sums` is written are schemas/window_sums.py's; a unit keeps them as vectors.
 _COL = {f: i for i, f in enumerate(STAT_FIELDS)}
 _SYNC_COLS = [_COL[f] for f in SYNC_FIELDS]
-_BASIS_KEYS = ("none", "utilisation_power", "tensor_active")  # index = detectors.compute basis code
 _N_STATS = 4 * len(STAT_FIELDS)
-_N_SUMS = _N_STATS + 7  # + FLOP point/low/high, device-seconds, samples per basis code (3)
+_N_SUMS = _N_STATS + 4 + len(BASES)  # + FLOP point/low/high, device-seconds, samples per basis code
 
 
 @cache
@@ -121,19 +117,11 @@ class Unit:
     def encode(self) -> tuple[dict[str, float], list[str], str, Counter]:
         """(sums, node names, FLOP basis, accelerator counts) as the window aggregate carries them."""
         u = self
-        st = u.stats
-        sums: dict[str, float] = {"samples": float(u.samples)}
-        stl = st.tolist()
-        for j in np.flatnonzero(st[3] > 0).tolist():
-            k_sum, k_sq, k_n, k_c = _STAT_KEYS[j]
-            sums[k_sum], sums[k_sq], sums[k_n], sums[k_c] = stl[0][j], stl[1][j], stl[2][j], stl[3][j]
-        for bi, bname in enumerate(_BASIS_KEYS):
-            if u.basis[bi]:
-                sums[f"basis.{bname}"] = float(u.basis[bi])
         nd = len(u.dev_node)
         node_index = {x: i for i, x in enumerate(sorted(set(u.dev_node)))}
         s, c = u.prof_sum[:, :nd], u.prof_cnt[:, :nd]
         have = np.flatnonzero(c.any(axis=(1, 2))).tolist()
+        basis_l = u.basis.tolist()
         if have:
             ps, pc = s.sum(axis=1).tolist(), c.sum(axis=1).tolist()
             dv, dn = _profile_var(s, c)
@@ -141,17 +129,12 @@ class Unit:
             onehot = np.zeros((len(node_index), nd))
             onehot[list(map(node_index.__getitem__, u.dev_node)), np.arange(nd)] = 1.0
             nv, nn = _profile_var(np.matmul(onehot, s), np.matmul(onehot, c))
-            pkeys = _prof_keys(s.shape[2])
-            for si in have:
-                keys, psi, pci = pkeys[si], ps[si], pc[si]
-                for k, cnt in enumerate(pci):
-                    if cnt:
-                        sums[keys[k][0]], sums[keys[k][1]] = psi[k], cnt
-                k_dv, k_dn, k_nv, k_nn = _SYNC_VAR_KEYS[si]
-                sums[k_dv], sums[k_dn] = float(dv[si]), float(dn[si])
-                sums[k_nv], sums[k_nn] = float(nv[si]), float(nn[si])
+            spread = np.stack((dv, dn, nv, nn), axis=1).tolist()
+            sums = write_sums(u.samples, u.stats.tolist(), basis_l, ps, pc, spread)
+        else:
+            sums = write_sums(u.samples, u.stats.tolist(), basis_l)
         node_names = list(node_index)
-        present_basis = [BASIS_NAMES[i] for i in range(3) if u.basis[i]]
+        present_basis = [BASES[i] for i, n in enumerate(basis_l) if n]
         basis = present_basis[0] if len(present_basis) == 1 else "mixed"
         accelerators = Counter(u.dev_acc)
         if None in accelerators:
@@ -170,17 +153,6 @@ def _profile_var(s: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     var = np.maximum(np.einsum("ijk,ijk->ij", m, m) / nb1 - mu * mu, 0.0)  # E[m^2] - E[m]^2, rounding clamped
     use = nb >= 2
     return (var * use).sum(axis=1), use.sum(axis=1)
-
-
-#: emitted key names, built once: per statistic column and per (sync metric, sub-window bucket)
-_STAT_KEYS = [(f"{n}.sum", f"{n}.sumsq", f"{n}.n", f"{n}.count") for n in STAT_FIELDS]
-_SYNC_VAR_KEYS = [(f"{n}.dev_var.sum", f"{n}.dev_var.n", f"{n}.node_var.sum", f"{n}.node_var.n")
-                  for n in SYNC_FIELDS]
-
-
-@cache
-def _prof_keys(buckets: int) -> list[list[tuple[str, str]]]:
-    return [[(f"prof.{n}.{k}.sum", f"prof.{n}.{k}.n") for k in range(buckets)] for n in SYNC_FIELDS]
 
 
 class RowStats(NamedTuple):
@@ -225,7 +197,7 @@ def row_stats(b: Batch, idx: np.ndarray, dt: np.ndarray,
     # Only the statistics this batch carries (exporters send a fixed subset): fewer columns to reduce.
     act = np.flatnonzero(present.any(axis=0))
     m_act = len(act)
-    per_row = np.empty((n, 4 * m_act + 7))
+    per_row = np.empty((n, 4 * m_act + 4 + len(BASES)))
     xa, pa, dtc = xz[:, act], present[:, act], dt[:, None]
     np.multiply(xa, dtc, out=per_row[:, :m_act])
     np.multiply(per_row[:, :m_act], xa, out=per_row[:, m_act : 2 * m_act])
