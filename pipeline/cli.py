@@ -21,7 +21,7 @@ app = typer.Typer(
 # One module per command group; each defines `register(app)`.
 COMMAND_MODULES = (
     "schemas_cmd", "policy_cmd", "simulate_cmd", "ingest_cmd", "pipeline_cmd", "cases_cmd", "model_cmd", "scope_cmd",
-    "classify_cmd", "run_cmd", "topics_cmd", "serve_cmd",
+    "classify_cmd", "run_cmd", "topics_cmd", "serve_cmd", "suppress_cmd",
 )
 
 

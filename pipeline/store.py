@@ -62,7 +62,7 @@ from pipeline.arrow_rows import ArrowRows
 from pipeline.settings import Settings
 from schemas import serde
 from schemas.base import Message
-from schemas.case import Case, CaseEvent
+from schemas.case import Case, CaseEvent, CaseLabel, Suppression, SuppressionEvent
 from schemas.cip import CipRecord
 from schemas.detection import Detection
 from schemas.errors import PolicyError, TrainwatchError
@@ -145,6 +145,11 @@ _WINDOWS = _Table("windows", WindowAggregate, plain=True)
 _DETECTIONS = _Table("detections", Detection, frozenset({"evidence"}))
 _CASES = _Table("cases", Case, frozenset({"evidence", "identity"}))
 _CASE_EVENTS = _Table("case_events", CaseEvent, frozenset({"details"}))
+_SUPPRESSIONS = _Table("suppressions", Suppression)
+_SUPPRESSION_EVENTS = _Table("suppression_events", SuppressionEvent, frozenset({"details"}))
+_LABELS = _Table("case_labels", CaseLabel)
+_HIT_COLUMNS = ["suppression_id", "fingerprint", "detection_id", "case_id", "account_id", "event_time", "recorded_at",
+                "detection", "state", "released_at"]
 _DEAD_LETTER_COLUMNS = ["dead_letter_id", "reason", "detail", "topic", "partition", "offset", "raw", "at", "raw_size",
                         "raw_blake2b", "raw_restricted"]
 _PAYLOAD_COLUMNS = ["dead_letter_id", "topic", "partition", "offset", "detail", "raw", "at"]
@@ -401,6 +406,49 @@ class Store:
         token = content_id("events", *sorted(e.event_id for e in events))
         return self._insert(_CASE_EVENTS, events, settings={"insert_deduplication_token": token})
 
+    # ---- policy operations (issue 16): suppressions, the findings they hold, labels --------------------------
+
+    def upsert_suppressions(self, items: Sequence[Suppression]) -> int:
+        """Insert suppression versions; readers see the highest version of each id."""
+        return self._insert(_SUPPRESSIONS, items)
+
+    def append_suppression_events(self, events: Sequence[SuppressionEvent]) -> int:
+        if not events:
+            return 0
+        token = content_id("sup-events", *sorted(e.event_id for e in events))
+        return self._insert(_SUPPRESSION_EVENTS, events, settings={"insert_deduplication_token": token})
+
+    def list_suppressions(self) -> list[Suppression]:
+        """Every suppression (latest version), earliest start first."""
+        return self._select(_SUPPRESSIONS, order="ORDER BY starts_at, suppression_id")
+
+    def get_suppression(self, suppression_id: str) -> Suppression | None:
+        found = self._select(_SUPPRESSIONS, "WHERE suppression_id = {i:String}", params={"i": suppression_id})
+        return found[0] if found else None
+
+    def suppression_events(self, suppression_id: str | None = None) -> list[SuppressionEvent]:
+        where = "WHERE suppression_id = {i:String}" if suppression_id is not None else ""
+        return self._select(_SUPPRESSION_EVENTS, where, "ORDER BY at, recorded_at, event_id", {"i": suppression_id})
+
+    def insert_suppression_hits(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Findings held (state 0) or released (state 1); see 0005_policy_ops.sql."""
+        if not rows:
+            return 0
+        self.client.insert("suppression_hits", [[r[c] for c in _HIT_COLUMNS] for r in rows], column_names=_HIT_COLUMNS)
+        return len(rows)
+
+    def suppression_hits(self, suppression_id: str | None = None) -> list[dict[str, Any]]:
+        where = "WHERE suppression_id = {i:String}" if suppression_id is not None else ""
+        return self.query(f"SELECT {', '.join(_HIT_COLUMNS)} FROM suppression_hits FINAL {where} "
+                          "ORDER BY event_time, fingerprint", {"i": suppression_id} if suppression_id else {})
+
+    def upsert_labels(self, labels: Sequence[CaseLabel]) -> int:
+        return self._insert(_LABELS, labels)
+
+    def list_labels(self, policy_id: str | None = None) -> list[CaseLabel]:
+        where = "WHERE policy_id = {p:String}" if policy_id is not None else ""
+        return self._select(_LABELS, where, "ORDER BY at, case_id", {"p": policy_id})
+
     @property
     def pii_topics(self) -> frozenset[str]:
         return self._pii_topics
@@ -480,9 +528,12 @@ class Store:
         return found[0] if found else None
 
     def list_cases(self, status: list[str] | None = None, policy_id: str | None = None) -> list[Case]:
-        """Latest versions, soonest due first (no due date last), optionally filtered by status and policy."""
+        """Latest versions, soonest due first (no due date last), optionally filtered by status and policy.
+        Shadow-policy cases (status `shadow`, issue 16) only when `status` names them: they are no one's work."""
         conds, params = [], {}
-        if status is not None:
+        if status is None:
+            conds.append("status != 'shadow'")
+        else:
             conds.append("status IN {status:Array(String)}")
             params["status"] = list(status)
         if policy_id is not None:

@@ -67,6 +67,19 @@ class Uncertainty(_Strict):
     )
 
 
+class Suppressions(_Strict):
+    max_days: float = Field(default=90.0, gt=0, description="longest a suppression may run; every one must expire")
+    knowledge_at: Literal["end", "detection"] = Field(
+        default="end",
+        description="when a suppression ends, a finding it held back that still holds counts as knowledge from the "
+        "end (the documented determination stood until then), or from the finding's own event time (stricter)",
+    )
+
+
+class Inquiry(_Strict):
+    respond_days: float = Field(default=10.0, gt=0, description="customer's time to answer a needs_review inquiry")
+
+
 class Policy(_Strict):
     id: str = Field(min_length=1)
     version: str = Field(min_length=1)
@@ -78,6 +91,8 @@ class Policy(_Strict):
     foreign_person: ForeignPersonTest = ForeignPersonTest()
     special_measures: SpecialMeasures = SpecialMeasures()
     uncertainty: Uncertainty = Uncertainty()
+    suppressions: Suppressions = Suppressions()
+    inquiry: Inquiry = Inquiry()
 
     @property
     def window_seconds(self) -> float:

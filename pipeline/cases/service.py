@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from pipeline.cases.core import CaseBook, CaseChanges, UnknownCase, case_id_for
+from pipeline.cases import suppressions as sup_ops
+from pipeline.cases.core import CaseBook, CaseChanges, UnknownCase, case_id_for, fingerprint
 from pipeline.cases.deadline import OVERDUE, PENDING_STATUSES, REMINDER, DeadlineMonitor
 from pipeline.cases.feed import CaseFeedMessage, feed_messages
 from pipeline.store import Store
-from schemas.case import Case
+from schemas import serde
+from schemas.case import Case, Suppression
 from schemas.cip import CipRecord
 from schemas.detection import Detection
 from schemas.policy import Policy
@@ -35,6 +37,7 @@ class CaseService:
             {"actions": [REMINDER, OVERDUE]},
         )
         self.monitor = DeadlineMonitor(policy, (r["event_id"] for r in emitted))
+        self._expired_seen: set[str] = set()
 
     def _write(self, changes: CaseChanges) -> list[CaseFeedMessage]:
         # Events first, then cases. A crash between the two leaves events whose case version is not stored yet;
@@ -62,7 +65,61 @@ class CaseService:
         for acct in {d.account_id for d in dets} - known.keys():
             if (rec := self.store.get_cip(acct)) is not None:
                 known[acct] = rec
+        sups = self.store.list_suppressions()
+        if sups:
+            parts = sup_ops.split(dets, sups, self.book, known, self._held_before(dets))
+            self._hold(parts.held, now)
+            dets = parts.passed
         return self._write(self.book.apply(dets, known, now))
+
+    # ---- suppressions (pipeline/cases/suppressions.py) -----------------------------------------------------------
+
+    def _held_before(self, dets: list[Detection]) -> dict[str, str]:
+        rows = self.store.query("SELECT fingerprint, suppression_id FROM suppression_hits FINAL "
+                                "WHERE fingerprint IN {f:Array(String)}", {"f": [fingerprint(d) for d in dets]})
+        return {r["fingerprint"]: r["suppression_id"] for r in rows}
+
+    def _hold(self, held: list[tuple[Suppression, Detection]], now: float) -> None:
+        if not held:
+            return
+        self.store.insert_suppression_hits([sup_ops.hit_row(s, d, now) for s, d in held])
+        self.store.append_suppression_events([
+            sup_ops.sup_event(s.suppression_id, "held", d.event_time, now, sup_ops.PIPELINE_ACTOR, fingerprint(d),
+                              {"detection_id": d.detection_id, "detector_id": d.detector_id, "outcome": d.outcome,
+                               "reason": d.reason, "case_id": case_id_for(d), "account_id": d.account_id})
+            for s, d in held])
+
+    def release_ended(self, event_now: float, recorded_at: float, only: str | None = None) -> list[CaseFeedMessage]:
+        """Apply what suppressions that ended by event time `event_now` held (this policy's findings only; another
+        policy's are released by that policy's pipeline or `suppress end`)."""
+        out: list[CaseFeedMessage] = []
+        for sup in self.store.list_suppressions():
+            if (only is not None and sup.suppression_id != only) or sup.ends_at > event_now:
+                continue
+            sid = sup.suppression_id
+            if sup.ended_at is None and sid not in self._expired_seen:
+                self._expired_seen.add(sid)
+                self.store.append_suppression_events([sup_ops.sup_event(
+                    sid, "expired", sup.expires_at, recorded_at, sup_ops.PIPELINE_ACTOR, sup.expires_at, {})])
+            rows = [r for r in self.store.suppression_hits(sid) if r["state"] == sup_ops.HELD]
+            held = [d for r in rows if (d := serde.decode(Detection, r["detection"])).policy_id == self.policy.id]
+            if not held:
+                continue
+            self._refresh(case_id_for(d) for d in held)
+            cips = {a: rec for a in {d.account_id for d in held} if (rec := self.store.get_cip(a)) is not None}
+            out += self._write(sup_ops.release(self.book, sup, held, cips, recorded_at))
+            self.store.insert_suppression_hits(
+                [sup_ops.hit_row(sup, d, recorded_at, sup_ops.RELEASED, sup.ends_at) for d in held])
+            events = []
+            for d in held:
+                case = self.book.get(case_id_for(d))
+                events.append(sup_ops.sup_event(
+                    sid, "released", sup.ends_at, recorded_at, sup_ops.PIPELINE_ACTOR, fingerprint(d),
+                    {"detection_id": d.detection_id, "case_id": case_id_for(d), "held_event_time": d.event_time,
+                     "case_status": case.status if case else None,
+                     "knowledge_at": case.knowledge_at if case else None}))
+            self.store.append_suppression_events(events)
+        return out
 
     def update_identity(self, cip: CipRecord, now: float) -> list[CaseFeedMessage]:
         """A newer CIP record refreshes the identity snapshot of the account's pending cases."""
@@ -71,9 +128,10 @@ class CaseService:
 
     def tick(self, event_now: float, recorded_at: float) -> list[CaseFeedMessage]:
         """Run the deadline monitor at event time `event_now` (the watermark)."""
+        out = self.release_ended(event_now, recorded_at)  # first: a case a release opens gets its milestones now
         pending = self.store.list_cases(status=list(PENDING_STATUSES))
         self.book.load(pending)
-        return self._write(CaseChanges(events=self.monitor.due(pending, event_now, recorded_at)))
+        return out + self._write(CaseChanges(events=self.monitor.due(pending, event_now, recorded_at)))
 
     # ---- analyst actions (each re-reads the case first: the store is the truth) ----------------------------------
 
