@@ -92,7 +92,7 @@ class InProcessPipeline:
         """End of a finite input: close every open window, run time rules and the deadline monitor."""
         self._flush_telemetry()
         windows, dead = self.ingest.finish()  # letters decided while draining (held rows too late or ahead) too
-        self._dead_letters([(d.reason, d.detail, d.topic, d.partition, d.offset, d.value) for d in dead])
+        self._dead_letters(dead)
         self._windows(windows)
         self._carry(self.detect.flush())  # CIP records and allocations after the last window
         self._carry(self.detect.on_time())
@@ -109,7 +109,7 @@ class InProcessPipeline:
         msgs, self._telemetry = self._telemetry, []
         # `now` bounds how far ahead of processing time telemetry may claim to be (a broken clock).
         dead = self.ingest.process(self.topics["telemetry"], 0, msgs, now=self.clock())
-        self._dead_letters([(d.reason, d.detail, d.topic, d.partition, d.offset, d.value) for d in dead])
+        self._dead_letters(dead)
         self._windows(self.ingest.ready())
 
     def _windows(self, windows: list[WindowAggregate]) -> None:
@@ -146,8 +146,8 @@ class InProcessPipeline:
         try:
             cip = decode(CipRecord, rec.value)
         except InvalidMessage as exc:
-            self._dead_letters([(exc.reason or "schema_violation", str(exc), self.topics["cip"], 0, rec.offset,
-                                 rec.value)])
+            self._dead_letters([DeadLetter(reason=exc.reason or "schema_violation", detail=str(exc),
+                                           topic=self.topics["cip"], offset=rec.offset, raw=rec.value)])
             return
         self.store.upsert_cip([cip])
         self._carry(self.detect.on_cip(cip))  # held until the windows reach its event time (DetectStage)
@@ -156,16 +156,14 @@ class InProcessPipeline:
         try:
             ev = decode(AllocationEvent, rec.value)
         except InvalidMessage as exc:
-            self._dead_letters([(exc.reason or "schema_violation", str(exc), self.topics["allocations"], 0,
-                                 rec.offset, rec.value)])
+            self._dead_letters([DeadLetter(reason=exc.reason or "schema_violation", detail=str(exc),
+                                           topic=self.topics["allocations"], offset=rec.offset, raw=rec.value)])
             return
         self._carry(self.detect.on_allocation(ev))
 
-    def _dead_letters(self, rows: list[tuple]) -> None:
-        if not rows:
+    def _dead_letters(self, letters: list[DeadLetter]) -> None:
+        if not letters:
             return
         now = self.clock()
-        self.store.insert_dead_letters(
-            [DeadLetter(reason=r, detail=d[:1000], topic=t, partition=p, offset=o, raw=v, at=now)
-             for r, d, t, p, o, v in rows])
-        self.result.counters.update(f"dlq.{r[0]}" for r in rows if r[2] != self.topics["telemetry"])
+        self.store.insert_dead_letters([d.model_copy(update={"detail": d.detail[:1000], "at": now}) for d in letters])
+        self.result.counters.update(f"dlq.{d.reason}" for d in letters if d.topic != self.topics["telemetry"])

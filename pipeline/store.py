@@ -56,14 +56,14 @@ from typing import Any, ClassVar, TypeVar
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from pipeline.arrow_rows import ArrowRows
 from pipeline.settings import Settings
 from schemas import serde
-from schemas.base import Message
 from schemas.case import Case, CaseEvent, CaseLabel, Suppression, SuppressionEvent
 from schemas.cip import CipRecord
+from schemas.dead_letter import DeadLetter
 from schemas.detection import Detection
 from schemas.errors import PolicyError, TrainwatchError
 from schemas.ids import content_id
@@ -85,27 +85,6 @@ class StoreError(TrainwatchError):
 
 class MigrationError(StoreError):
     """A migration file is malformed, or an applied one was changed after the fact."""
-
-
-class DeadLetter(Message):
-    """A message that could not be processed, with where it came from and why."""
-
-    reason: str = Field(description="machine-readable reason, e.g. malformed_json, too_late")
-    detail: str = ""
-    topic: str
-    partition: int = 0
-    offset: int | None = Field(default=None, description="None when the source has no offset")
-    raw: bytes = b""
-    at: float = Field(description="processing time it was dead-lettered")
-    row: int | None = Field(default=None, description="row index inside the source message (one bad row of many)")
-
-    def raw_hash(self) -> str:
-        return hashlib.blake2b(self.raw).hexdigest()
-
-    def dead_letter_id(self) -> str:
-        # The row joins the id only when known, so ids of whole-message letters stay what they were.
-        parts = (self.topic, self.partition, self.offset, self.raw_hash())
-        return content_id("dlq", *parts) if self.row is None else content_id("dlq", *parts, self.row)
 
 
 @dataclass(frozen=True)
@@ -462,6 +441,8 @@ class Store:
             return 0
         data, payloads = [], []
         for d in letters:
+            if d.at is None:  # a letter from a stage that does not stamp its own (ingest's): stored now
+                d = d.model_copy(update={"at": time.time()})
             lid, offset, digest = d.dead_letter_id(), -1 if d.offset is None else d.offset, d.raw_hash()
             if d.row is not None and not d.detail.startswith("row "):
                 d = d.model_copy(update={"detail": f"row {d.row}: {d.detail}"})

@@ -32,16 +32,17 @@ def test_ingest_letters_reach_the_store_once_each(kafka_bootstrap: str, unique_t
     settings = make_settings(kafka_bootstrap, tel, "windows-x", dlq)
     row = orjson.dumps({"ts": 1.7e9, "node": "n1", "device": "d1", "workload_id": "wl", "gpu_util": 1e308})
     cip_raw = b'{"account_id": "acct-x", "customer_name": "Jane Roe", "national_id": "123-45-6789"}'
-    letters = [  # encoded the way ingest writes them (pipeline/ingest/dlq.py)
-        IngestLetter("malformed_json", "malformed JSON", tel, 1, 0, b"\x00garbage", b"n"),
-        IngestLetter("out_of_range", "gpu_util 1e308", tel, 1, 1, row, b"n", row=0),
-        IngestLetter("out_of_range", "gpu_util 1e308", tel, 1, 1, row, b"n", row=3),  # same bytes, another row
-        IngestLetter("schema_violation", "CipRecord.updated_at: Field required", settings.topics.cip, 0, 42, cip_raw),
+    letters = [  # encoded the way ingest writes them (schemas/dead_letter.py)
+        IngestLetter.of("malformed_json", "malformed JSON", tel, 1, 0, b"\x00garbage", b"n"),
+        IngestLetter.of("out_of_range", "gpu_util 1e308", tel, 1, 1, row, b"n", row=0),
+        IngestLetter.of("out_of_range", "gpu_util 1e308", tel, 1, 1, row, b"n", row=3),  # same bytes, another row
+        IngestLetter.of("schema_violation", "CipRecord.updated_at: Field required", settings.topics.cip, 0, 42,
+                        cip_raw),
     ]
     p = Producer({"bootstrap.servers": kafka_bootstrap})
     for _ in range(2):  # an ingest restart re-emits the same letters
         for d in letters:
-            p.produce(dlq, d.value, d.key, headers=d.headers())
+            p.produce(dlq, d.raw, d.key, headers=d.headers())
     p.produce(dlq, b"stray bytes")  # no provenance headers
     assert p.flush(30) == 0
 

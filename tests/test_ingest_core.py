@@ -207,9 +207,9 @@ def test_bad_rows_are_dead_lettered_alone_and_the_stream_goes_on() -> None:
     reasons = sorted((d.offset, d.reason, d.row) for d in dead)
     assert reasons == [(100, "malformed_json", None), (101, "out_of_range", 1), (102, "wrong_type", None),
                        (103, "future_timestamp", None), (104, "out_of_range", None), (105, "missing_id", None)]
-    assert dead[0].value == b"{not json"  # whole bad messages keep their bytes
+    assert dead[0].raw == b"{not json"  # whole bad messages keep their bytes
     row_letter = next(d for d in dead if d.row == 1)
-    assert orjson.loads(row_letter.value)["tensor_active"] == 1.7
+    assert orjson.loads(row_letter.raw)["tensor_active"] == 1.7
     assert dict(row_letter.headers())["dlq.partition"] == b"3"
     wins = core.drain()
     kept = len(cols[0]["ts"]) - 1
@@ -227,12 +227,28 @@ def test_clean_batches_take_the_fast_path_and_still_dead_letter_single_rows(fmt:
     dead = core.process("telemetry", 0, [SourceMessage(i, v) for i, v in enumerate(values)], NOW)
     assert [d.reason for d in dead] == ["out_of_range"]
     if fmt == "native":
-        assert dead[0].offset == 9 and dead[0].row is None and dead[0].value == values[9]
+        assert dead[0].offset == 9 and dead[0].row is None and dead[0].raw == values[9]
     else:
-        assert dead[0].offset == 9 // 4 and dead[0].row == 9 % 4 and orjson.loads(dead[0].value)["gpu_util"] == 101.0
+        assert dead[0].offset == 9 // 4 and dead[0].row == 9 % 4 and orjson.loads(dead[0].raw)["gpu_util"] == 101.0
     wins = core.drain()
     assert sum(w.sample_count for w in wins) == len(rows) - 1
     assert sum(w.sums["power_w.count"] for w in wins) == len(rows) - 2
+
+
+def test_ingest_letters_are_the_stores_letters(store) -> None:
+    """One DeadLetter from the stage to the store: a columnar row letter keeps its row and bytes when stored (the
+    replay once passed letters through a tuple that dropped the row, so two bad rows of one message shared an id)."""
+    from pipeline.store import DeadLetter as StoredLetter
+
+    rows = synth.samples([SPEC], T0, 60, 10.0)
+    rows[1]["gpu_util"] = rows[2]["gpu_util"] = 101.0  # two bad rows of the first columnar message
+    values = [v for _, v in synth.columnar(rows)]
+    dead = IngestCore().process("telemetry-dl", 0, [SourceMessage(i, v) for i, v in enumerate(values)], NOW)
+    assert [(d.offset, d.row) for d in dead] == [(0, 1), (0, 2)] and all(type(d) is StoredLetter for d in dead)
+    assert store.insert_dead_letters(dead) == 2
+    got = store.dead_letters("telemetry-dl")
+    assert len(got) == 2 and sorted(orjson.loads(d.raw)["gpu_util"] for d in got) == [101.0, 101.0]
+    assert sorted(d.detail.split(":")[0] for d in got) == ["row 1", "row 2"] and all(d.at for d in got)
 
 
 def test_unknown_accelerator_is_kept_and_flagged_and_smi_only_uses_the_weaker_basis() -> None:
@@ -460,4 +476,4 @@ def test_the_id_columns_are_declared_once() -> None:
     rows[0]["power_w"] = "high"  # a wrong type: this row comes back as a letter written from the columns
     core = IngestCore()
     (letter,) = core.process("telemetry", 0, [SourceMessage(0, orjson.dumps({"samples": rows, "node": "n"}))], NOW)
-    assert orjson.loads(letter.value)["workload_id"] == "wl-k"
+    assert orjson.loads(letter.raw)["workload_id"] == "wl-k"

@@ -77,7 +77,7 @@ def test_every_message_ends_in_a_window_a_dead_letter_or_the_duplicate_count(see
     assert all(d.detail for d in dead)  # every letter says why
     per_offset = [d.offset for d in dead if d.row is None]
     assert len(per_offset) == len(set(per_offset))  # one letter per bad message
-    assert all(d.value == values[d.offset] for d in dead if d.row is None)  # its original bytes
+    assert all(d.raw == values[d.offset] for d in dead if d.row is None)  # its original bytes
     assert counted > 0.7 * len(values)  # the clean majority is kept
 
 
@@ -120,7 +120,7 @@ def test_columnar_rows_end_in_a_window_a_row_letter_or_the_duplicate_count(seed:
     counted = sum(w.sample_count for w in windows.values())
     assert whole and row_letters and core.counters["duplicates"]  # each way out is taken
     assert counted + row_letters + core.counters["duplicates"] == rows_in
-    assert all(d.value == values[d.offset] for d in dead if d.offset in whole)
+    assert all(d.raw == values[d.offset] for d in dead if d.offset in whole)
     assert {d.reason for d in dead} <= REASONS and all(d.detail for d in dead)
 
 
@@ -133,7 +133,7 @@ def test_tombstones_and_empty_messages_are_dead_lettered_and_the_rest_kept(fmt: 
     core = IngestCore(decoder=decoder)
     dead = core.process("telemetry", 0, [SourceMessage(i, v) for i, v in enumerate(values)], NOW)
     assert [(d.offset, d.reason) for d in dead] == [(1, "malformed_json"), (2, "malformed_json")]
-    assert "no value" in dead[0].detail and dead[0].value == b""
+    assert "no value" in dead[0].detail and dead[0].raw == b""
     assert sum(w.sample_count for w in core.drain()) == len(rows)
 
 

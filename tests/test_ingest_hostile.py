@@ -216,7 +216,7 @@ def test_every_message_ends_in_a_window_a_letter_or_a_counter() -> None:
     wins = core.drain()
     assert sorted(d.offset for d in dead) == list(range(5, 5 + len(odd)))  # each odd message: one letter
     big_letter = next(d for d in dead if d.reason == "oversized")
-    assert len(big_letter.value) == 1000 and big_letter.size == len(big)
+    assert len(big_letter.raw) == 1000 and big_letter.size == len(big)
     assert big_letter.sha256 == hashlib.sha256(big).hexdigest()
     h = dict(big_letter.headers())
     assert h["dlq.size"] == str(len(big)).encode() and h["src.h"] == b"v" and h["dlq.key"] == b"k"

@@ -190,7 +190,7 @@ class KafkaIngestStage:
         for w in windows:
             self._produce(self.topics.windows, (w.account_id or w.workload_id).encode(), encode(w))
         for d in dead:  # keyed by the letter's own id: a replay re-emits the same key (store dedup)
-            self._produce(self.topics.dlq, d.letter_key(), d.value, d.headers())
+            self._produce(self.topics.dlq, d.letter_key(), d.raw, d.headers())
         self._flush()
         self._commit()
         self.stats.batches += 1

@@ -123,8 +123,8 @@ class IngestCore:
             value = (values[mi] or b"") if payload is None else dumps(payload)  # a tombstone's letter: empty
             key = key_of(mi) if key_of else None
             src = headers_of(mi) if headers_of else None
-            dead.append(DeadLetter(reason, detail, topic, partition, offsets[mi], value, key, row, src,
-                                   part=part).truncate(self.dlq_max_value_bytes))
+            dead.append(DeadLetter.of(reason, detail, topic, partition, offsets[mi], value, key, row, src,
+                                      part=part).truncate(self.dlq_max_value_bytes))
             self.counters[f"dlq.{reason}"] += 1
 
         # Oversized messages are lettered unread; the rest is decoded as if they were not there.
@@ -240,12 +240,12 @@ class IngestCore:
                     mi, value = raw
                     key = key_of(mi) if key_of else None
                     src = headers_of(mi) if headers_of else None
-                    dead.append(DeadLetter(reason, detail, topic, partition, offset, value, key, None, src)
+                    dead.append(DeadLetter.of(reason, detail, topic, partition, offset, value, key, None, src)
                                 .truncate(self.dlq_max_value_bytes))
                 else:
                     part = f"{batch.device[j]}@{float(batch.ts[j])}"
                     row = dumps(sample_dict(batch, j, ID_COLUMNS))
-                    dead.append(DeadLetter(reason, detail, topic, partition, offset, row, part=part)
+                    dead.append(DeadLetter.of(reason, detail, topic, partition, offset, row, part=part)
                                 .truncate(self.dlq_max_value_bytes))
                 self.counters[f"dlq.{reason}"] += 1
 
