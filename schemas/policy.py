@@ -78,6 +78,11 @@ class Suppressions(_Strict):
 
 class Inquiry(_Strict):
     respond_days: float = Field(default=10.0, gt=0, description="customer's time to answer a needs_review inquiry")
+    on_timeout: Literal["escalate", "open"] = Field(
+        default="escalate",
+        description="an unanswered inquiry at its deadline: an escalation event on the feed, or also open the case "
+        "as training (knowledge at the deadline unless already counted)",
+    )
 
 
 class Policy(_Strict):

@@ -119,3 +119,8 @@ class CaseActions:
     def review(self, case_id: str, actor: str, at: float | None, training: bool, note: str = ""
                ) -> list[CaseFeedMessage]:
         return self._act(case_id, actor, at, "decide_review", training, note)
+
+    def attest(self, case_id: str, actor: str, at: float | None, training: bool, document: str
+               ) -> list[CaseFeedMessage]:
+        """The customer's answer to a needs_review inquiry (CaseBook.attest)."""
+        return self._act(case_id, actor, at, "attest", training, _text("--document", document))

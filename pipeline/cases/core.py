@@ -57,6 +57,8 @@ _STATUS_FOR_OUTCOME: dict[str, str] = {"reportable": "open", "needs_review": "ne
 #: Fingerprints kept per case for replay detection; a replay of something older than this re-applies as evidence.
 MAX_APPLIED = 512
 PIPELINE_ACTOR = "pipeline"
+INQUIRY_SENT = "inquiry_sent"
+INQUIRY_ESCALATED = "inquiry_escalated"
 DEFAULT_INQUIRY = (
     "Telemetry alone cannot tell whether this workload trains a model. Ask the customer what the workload on "
     "account {account} does (training, fine-tuning, inference, other) and, if it trains a model, its planned "
@@ -288,6 +290,7 @@ class CaseBook:
             events.append(event)
         out = CaseChanges(events=events)
         for cid, case in working.items():
+            case = self._with_inquiry(case, events, now)
             prior = self._cases.get(cid)
             if prior is not None and _content(prior) == _content(case):
                 continue
@@ -360,6 +363,23 @@ class CaseBook:
         if knowledge != case.knowledge_at:
             details["knowledge_at"] = {"from": case.knowledge_at, "to": knowledge}
         return new, self._event(new, det, fp, action, case.status, status, now, details)
+
+    def _with_inquiry(self, case: Case, events: list[CaseEvent], now: float) -> Case:
+        """A case that has just become needs_review sends its customer inquiry through the feed: an `inquiry_sent`
+        event (the text and the answer's deadline, `inquiry.respond_days` after) and `evidence.inquiry`, which the
+        deadline tick escalates when no attestation comes by then. One inquiry per spell of needs_review."""
+        if case.status != "needs_review" or (case.evidence.get("inquiry") or {}).get("open"):
+            return case
+        moved = [e for e in events if e.case_id == case.case_id and e.to_status == "needs_review"]
+        sent_at = max(e.at for e in moved) if moved else case.detected_at
+        respond_by = sent_at + self.policy.inquiry.respond_days * 86_400.0
+        inquiry = {"open": True, "sent_at": sent_at, "respond_by": respond_by, "text": case.suggested_inquiry}
+        case = case.model_copy(update={"evidence": {**case.evidence, "inquiry": inquiry}})
+        events.append(CaseEvent(
+            event_id=content_id("cev", case.case_id, INQUIRY_SENT, sent_at), case_id=case.case_id, at=sent_at,
+            recorded_at=now, actor=PIPELINE_ACTOR, action=INQUIRY_SENT, from_status="needs_review",
+            to_status="needs_review", details={"inquiry": case.suggested_inquiry, "respond_by": inquiry["respond_by"]}))
+        return case
 
     def _inquiry(self, det: Detection) -> str:
         return str(det.evidence.get("suggested_inquiry") or DEFAULT_INQUIRY.format(account=det.account_id))
@@ -465,6 +485,57 @@ class CaseBook:
             {"dismiss_reason": f"review: not training: {note}"}, note=note,
         )
 
+    def attest(self, case_id: str, actor: str, at: float, is_training: bool, document: str) -> CaseChanges:
+        """Record the customer's answer to a needs_review inquiry (the document is the signed answer's reference):
+        training -> open, knowledge_at at the attestation unless the policy already counted the uncertain finding
+        as knowledge (the clock never moves later); not training -> dismissed (stronger evidence reopens it)."""
+        if not document.strip():
+            raise CaseError(f"{case_id}: a document reference is required to record an attestation")
+        case = self._require(case_id)
+        inquiry = {**(case.evidence.get("inquiry") or {}), "open": False, "answered_at": at,
+                   "training": is_training, "document": document}
+        evidence = {**case.evidence, "inquiry": inquiry}
+        details = {"training": is_training, "document": document, "inquiry_sent_at": inquiry.get("sent_at")}
+        if is_training:
+            knowledge = case.knowledge_at if case.knowledge_at is not None else at
+            return self._transition(case_id, actor, at, "attested", ("needs_review",), "open",
+                                    {"knowledge_at": knowledge, "due_at": due_at(knowledge, self.policy.reporting),
+                                     "evidence": evidence}, extra=details)
+        return self._transition(case_id, actor, at, "attested", ("needs_review",), "dismissed",
+                                {"dismiss_reason": f"customer attested not training (document {document})",
+                                 "evidence": evidence}, extra=details)
+
+    def escalate_inquiries(self, cases: Iterable[Case], event_now: float, recorded_at: float,
+                           emitted: set[str]) -> CaseChanges:
+        """needs_review cases whose inquiry went unanswered past its `respond_by` (event time): one escalation each
+        (`inquiry.on_timeout`: "escalate" = an audit event and a feed message; "open" = also open the case as
+        training, knowledge at the deadline unless already counted)."""
+        out = CaseChanges()
+        for case in cases:
+            inquiry = case.evidence.get("inquiry") or {}
+            if case.status != "needs_review" or not inquiry.get("open") or inquiry["respond_by"] > event_now:
+                continue
+            event_id = content_id("cev", case.case_id, INQUIRY_ESCALATED, inquiry["respond_by"])
+            if event_id in emitted:
+                continue
+            emitted.add(event_id)
+            at = float(inquiry["respond_by"])
+            details = {"inquiry_sent_at": inquiry["sent_at"], "respond_by": at,
+                       "on_timeout": self.policy.inquiry.on_timeout}
+            to, updates = "needs_review", {}
+            if self.policy.inquiry.on_timeout == "open":
+                knowledge = case.knowledge_at if case.knowledge_at is not None else at
+                to = "open"
+                updates = {"knowledge_at": knowledge, "due_at": due_at(knowledge, self.policy.reporting),
+                           "evidence": {**case.evidence, "inquiry": {**inquiry, "open": False, "escalated_at": at}}}
+            self._cases[case.case_id] = new = case.model_copy(
+                update={**updates, "status": to, "version": case.version + 1, "updated_at": recorded_at})
+            out.cases.append(new)
+            out.events.append(CaseEvent(event_id=event_id, case_id=case.case_id, at=at, recorded_at=recorded_at,
+                                        actor=PIPELINE_ACTOR, action=INQUIRY_ESCALATED, from_status=case.status,
+                                        to_status=to, details=details))
+        return out
+
     def _require(self, case_id: str) -> Case:
         case = self._cases.get(case_id)
         if case is None:
@@ -473,7 +544,7 @@ class CaseBook:
 
     def _transition(
         self, case_id: str, actor: str, at: float, action: str, allowed: tuple[str, ...], to: str,
-        updates: dict[str, Any], note: str | None = None,
+        updates: dict[str, Any], note: str | None = None, extra: dict[str, Any] | None = None,
     ) -> CaseChanges:
         case = self._require(case_id)
         if not actor.strip():
@@ -484,12 +555,14 @@ class CaseBook:
                 f"(allowed from: {', '.join(allowed)})"
             )
         if to == "dismissed":
-            updates = {**updates, "evidence": self._with_dismissal(case, at)}
+            base = case.model_copy(update={"evidence": updates["evidence"]}) if "evidence" in updates else case
+            updates = {**updates, "evidence": self._with_dismissal(base, at)}
         new = case.model_copy(update={**updates, "status": to, "version": case.version + 1, "updated_at": at})
         self._cases[case_id] = new
         details = {k: v for k, v in updates.items() if k != "evidence"}
         if note is not None:
             details["note"] = note
+        details.update(extra or {})
         return CaseChanges([new], [self._action_event(new, actor, at, at, action, case.status, to, details)])
 
     @staticmethod

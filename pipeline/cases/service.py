@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from pipeline.cases import suppressions as sup_ops
-from pipeline.cases.core import CaseBook, CaseChanges, UnknownCase, case_id_for, fingerprint
+from pipeline.cases.core import INQUIRY_ESCALATED, CaseBook, CaseChanges, UnknownCase, case_id_for, fingerprint
 from pipeline.cases.deadline import OVERDUE, PENDING_STATUSES, REMINDER, DeadlineMonitor
 from pipeline.cases.feed import CaseFeedMessage, feed_messages
 from pipeline.store import Store
@@ -34,9 +34,10 @@ class CaseService:
             self.book.hold_info(d for d in store.list_detections() if d.outcome == "info")
         emitted = store.query(
             "SELECT DISTINCT event_id FROM case_events WHERE action IN {actions:Array(String)}",
-            {"actions": [REMINDER, OVERDUE]},
+            {"actions": [REMINDER, OVERDUE, INQUIRY_ESCALATED]},
         )
-        self.monitor = DeadlineMonitor(policy, (r["event_id"] for r in emitted))
+        self._escalated: set[str] = {r["event_id"] for r in emitted}
+        self.monitor = DeadlineMonitor(policy, self._escalated)
         self._expired_seen: set[str] = set()
 
     def _write(self, changes: CaseChanges) -> list[CaseFeedMessage]:
@@ -131,6 +132,8 @@ class CaseService:
         out = self.release_ended(event_now, recorded_at)  # first: a case a release opens gets its milestones now
         pending = self.store.list_cases(status=list(PENDING_STATUSES))
         self.book.load(pending)
+        out += self._write(self.book.escalate_inquiries(pending, event_now, recorded_at, self._escalated))
+        pending = [self.book.get(c.case_id) or c for c in pending]  # as escalation left them
         return out + self._write(CaseChanges(events=self.monitor.due(pending, event_now, recorded_at)))
 
     # ---- analyst actions (each re-reads the case first: the store is the truth) ----------------------------------
@@ -153,6 +156,10 @@ class CaseService:
     def dismiss(self, case_id: str, actor: str, at: float, reason: str) -> list[CaseFeedMessage]:
         self._fresh(case_id)
         return self._write(self.book.dismiss(case_id, actor, at, reason))
+
+    def attest(self, case_id: str, actor: str, at: float, is_training: bool, document: str) -> list[CaseFeedMessage]:
+        self._fresh(case_id)
+        return self._write(self.book.attest(case_id, actor, at, is_training, document))
 
     def decide_review(self, case_id: str, actor: str, at: float, is_training: bool, note: str) -> list[CaseFeedMessage]:
         self._fresh(case_id)

@@ -1,4 +1,4 @@
-"""`trainwatch cases list|show|ack|report|dismiss|review` and `trainwatch report CASE [--markdown|--json]`.
+"""`trainwatch cases list|show|ack|report|dismiss|review|attest` and `trainwatch report CASE [--markdown|--json]`.
 
 Every command reads and writes the ClickHouse store named by --store/--database (default: Settings). Actions
 re-read the case, validate the transition (an illegal one exits 2 with the reason) and append an audit event.
@@ -155,6 +155,28 @@ def review(
 ) -> None:
     """Decide a needs_review case: --training opens it, --not-training dismisses it."""
     _act(store_dsn, database, as_json, "review", case_id, actor, at, training, note)
+
+
+def _yes_no(value: str) -> bool:
+    v = value.strip().lower()
+    if v not in ("yes", "no"):
+        raise typer.BadParameter(f"{value!r}: answer yes or no", param_hint="--training")
+    return v == "yes"
+
+
+@cases_app.command("attest")
+def attest(
+    case_id: str = typer.Argument(..., help="case id"),
+    training: str = typer.Option(..., "--training", help="the customer's answer: yes (training) or no"),
+    document: str = typer.Option(..., "--document", help="reference of the signed answer (kept in the audit event)"),
+    actor: str | None = _ACTOR,
+    at: float | None = _AT,
+    as_json: bool = _JSON,
+    store_dsn: str | None = _STORE,
+    database: str | None = _DATABASE,
+) -> None:
+    """Record the customer's answer to a needs_review inquiry: yes opens the case, no closes it as not training."""
+    _act(store_dsn, database, as_json, "attest", case_id, actor, at, _yes_no(training), document)
 
 
 def report_cmd(
