@@ -251,6 +251,19 @@ def test_ingest_letters_are_the_stores_letters(store) -> None:
     assert sorted(d.detail.split(":")[0] for d in got) == ["row 1", "row 2"] and all(d.at for d in got)
 
 
+def test_window_config_from_settings_takes_every_windowing_setting(monkeypatch) -> None:
+    """The Kafka stage and the replay build their windowing from one function (the replay once ignored
+    ingest.max_clock_skew_s)."""
+    from pipeline.settings import load_settings
+
+    monkeypatch.setenv("TRAINWATCH_WINDOW_S", "30")
+    monkeypatch.setenv("TRAINWATCH_INGEST__WATERMARK_LAG_S", "7")
+    monkeypatch.setenv("TRAINWATCH_INGEST__ALLOWED_LATENESS_S", "600")
+    monkeypatch.setenv("TRAINWATCH_INGEST__MAX_CLOCK_SKEW_S", "45")
+    cfg = WindowConfig.from_settings(load_settings())
+    assert (cfg.window_s, cfg.watermark_lag_s, cfg.allowed_lateness_s, cfg.max_clock_skew_s) == (30, 7, 600, 45)
+
+
 def test_unknown_accelerator_is_kept_and_flagged_and_smi_only_uses_the_weaker_basis() -> None:
     specs = [synth.WorkloadSpec("wl-x", accelerator="Mystery X9"), synth.WorkloadSpec("wl-smi", smi_only=True)]
     rows = synth.samples(specs, T0, 60, 10.0)

@@ -29,8 +29,7 @@ def replay_folder(folder: Path, store: Store, policy_name: str, settings: Settin
         raise TrainwatchError(f"{folder}: not a scenario folder (no telemetry.jsonl)")
     from pipeline.ingest.aggregate import WindowConfig
 
-    window = WindowConfig(window_s=settings.window_s, watermark_lag_s=settings.ingest.watermark_lag_s,
-                          allowed_lateness_s=settings.ingest.allowed_lateness_s)
+    window = WindowConfig.from_settings(settings)
     policy = load_policy(policy_name)
     pipe = InProcessPipeline(store, policy, load_classifier(settings.model_path, policy), window=window,
                              batch_size=settings.ingest.batch_size)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from schemas.ids import content_id
 from schemas.telemetry import MAX_ID_CHARS
 from schemas.window_sums import MAX_PROFILE_BUCKETS
 from schemas.windows import WindowAggregate
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
 
 _NO_EPOCH = -(2**40)
 #: dedup key = device id << 42 | event time in ms: 2**42 ms reaches the year 2109 (41 bits ended in 2039), and
@@ -65,6 +68,14 @@ class WindowConfig:
     def __post_init__(self) -> None:
         if not 0 < self.profile_buckets <= MAX_PROFILE_BUCKETS:  # the window sums' layout reads no more
             raise ValueError(f"profile_buckets must be 1..{MAX_PROFILE_BUCKETS}, not {self.profile_buckets}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WindowConfig:
+        """The windowing the settings ask for (window length, watermark lag, lateness, clock skew): the one place
+        the Kafka stage and the replay both build it."""
+        s = settings.ingest
+        return cls(window_s=settings.window_s, watermark_lag_s=s.watermark_lag_s,
+                   allowed_lateness_s=s.allowed_lateness_s, max_clock_skew_s=s.max_clock_skew_s)
 
 
 @dataclass(slots=True)

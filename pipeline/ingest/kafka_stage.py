@@ -73,12 +73,6 @@ def tune_gc() -> None:
     gc.set_threshold(200_000, 50, 1000)
 
 
-def config_from_settings(settings: Settings) -> WindowConfig:
-    s = settings.ingest
-    return WindowConfig(window_s=settings.window_s, watermark_lag_s=s.watermark_lag_s,
-                        allowed_lateness_s=s.allowed_lateness_s, max_clock_skew_s=s.max_clock_skew_s)
-
-
 def labels_from_settings(settings: Settings) -> LabelMap:
     return LabelMap(workload=tuple(settings.ingest.workload_labels), account=tuple(settings.ingest.account_labels))
 
@@ -104,7 +98,7 @@ class KafkaIngestStage:
         self.max_wait_s = settings.ingest.max_wait_s
         self.clock = clock  # the reference clock for the future-skew check: wall clock in production
         self.max_queued = max_queued
-        self.core = IngestCore(config_from_settings(settings), decoder or settings.ingest.decoder,
+        self.core = IngestCore(WindowConfig.from_settings(settings), decoder or settings.ingest.decoder,
                                Inventory.load(settings.ingest.inventory_path), labels_from_settings(settings),
                                max_message_bytes=settings.ingest.max_message_bytes,
                                dlq_max_value_bytes=settings.ingest.dlq_max_value_bytes)
