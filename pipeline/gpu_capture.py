@@ -1,0 +1,136 @@
+"""The project's real GPU capture (data/gpu_capture_h200, see its PROVENANCE.md) read into native samples.
+
+The capture tool writes one row per NVML tick (0.1 s) with `workload` naming what ran, and GPM metrics on every
+fifth tick (0.5 s, each the mean over the last interval). Mapping to the native schema (schemas/telemetry.py, the
+DCGM field each native field stands for in brackets):
+
+| capture key | native field | note |
+|---|---|---|
+| gpu_util_pct | gpu_util [DEV_GPU_UTIL] | NVML utilisation.gpu, the same counter |
+| mem_util_pct | mem_copy_util [DEV_MEM_COPY_UTIL] | NVML utilisation.memory |
+| fb_used_mib, power_w, sm_clock_mhz, energy_mj | same names [DEV_FB_USED, POWER_USAGE, SM_CLOCK, TOTAL_ENERGY] | |
+| gpm_sm_util_pct / 100 | sm_active [PROF_SM_ACTIVE] | |
+| gpm_sm_occupancy_pct / 100 | sm_occupancy [PROF_SM_OCCUPANCY] | |
+| gpm_any_tensor_util_pct / 100 | tensor_active [PROF_PIPE_TENSOR_ACTIVE] | `tensor="any"` (default) |
+| gpm_hmma + gpm_imma / 100 | tensor_active | `tensor="hmma"`: the header's "(HMMA) pipe" reading |
+| gpm_fp64_util_pct + gpm_dfma_tensor_util_pct / 100 | fp64_active [PROF_PIPE_FP64_ACTIVE] | FP64 work on either pipe |
+| gpm_dram_bw_util_pct / 100 | dram_active [PROF_DRAM_ACTIVE] | |
+| gpm_fp32 / gpm_fp16 _util_pct / 100 | fp32_active / fp16_active | |
+| gpm_pcie_*, gpm_nvlink_* MiB/s x 2^20 | pcie_*_bytes, nvlink_*_bytes (bytes/s) | |
+
+Whether DCGM's PIPE_TENSOR_ACTIVE counts the FP64 (DFMA) tensor pipe on Hopper is not settled by its header
+("tensor (HMMA) pipe") and the simulator assumes it does (its FP64 HPC lights tensor_active). The default takes the
+harder reading: tensor_active is *any* tensor pipe, so the FP64 HPC job shows 92 % tensor activity and only
+fp64_active (DFMA folded in: the native schema has no separate DFMA field; the kind of tensor work is FP64 there)
+tells it from training. `tier="smi"` keeps the NVML fields only (what nvidia-smi shows). `temp_c` has no native
+field and is dropped; no memory clock and no fb_free were read, so they stay missing (never zero).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.model_train import Dataset, dataset_from_entries, histories_from_messages
+from schemas.serde import dumps
+
+CAPTURE_DIR = Path(__file__).resolve().parents[1] / "data" / "gpu_capture_h200"
+Tier = Literal["full", "smi"]
+_NVML = {"gpu_util_pct": "gpu_util", "mem_util_pct": "mem_copy_util", "fb_used_mib": "fb_used_mib",
+         "power_w": "power_w", "sm_clock_mhz": "sm_clock_mhz", "energy_mj": "energy_mj"}
+_GPM_FRACTION = {"gpm_sm_util_pct": "sm_active", "gpm_sm_occupancy_pct": "sm_occupancy",
+                 "gpm_dram_bw_util_pct": "dram_active", "gpm_fp32_util_pct": "fp32_active",
+                 "gpm_fp16_util_pct": "fp16_active"}
+_GPM_RATE = {"gpm_pcie_tx_mib_s": "pcie_tx_bytes", "gpm_pcie_rx_mib_s": "pcie_rx_bytes",
+             "gpm_nvlink_tx_mib_s": "nvlink_tx_bytes", "gpm_nvlink_rx_mib_s": "nvlink_rx_bytes"}
+NVML_INTERVAL_S = 0.1
+
+
+def load_capture(folder: Path = CAPTURE_DIR) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(raw rows, manifest) of a capture folder."""
+    rows = [json.loads(ln) for ln in (folder / "samples.jsonl").read_text().splitlines() if ln.strip()]
+    return rows, json.loads((folder / "manifest.json").read_text())
+
+
+def _frac(v: float) -> float:
+    return min(max(float(v) / 100.0, 0.0), 1.0)
+
+
+def to_native(row: dict[str, Any], *, tier: Tier = "full", tensor: Literal["any", "hmma"] = "any",
+              accelerator: str = "NVIDIA H200", workload_id: str | None = None) -> dict[str, Any]:
+    """One capture row as a native TelemetrySample dict (see the module's mapping table)."""
+    s: dict[str, Any] = {"ts": float(row["ts"]), "node": "h200-capture", "device": "GPU-h200-capture-0",
+                         "gpu_index": 0, "accelerator": accelerator, "account_id": "h200-capture",
+                         "workload_id": workload_id or f"h200-{row['workload']}", "interval_s": NVML_INTERVAL_S}
+    for k, f in _NVML.items():
+        if row.get(k) is not None:
+            s[f] = float(row[k])
+    if tier == "smi" or "gpm_sm_util_pct" not in row:
+        return s
+    for k, f in _GPM_FRACTION.items():
+        if row.get(k) is not None:
+            s[f] = _frac(row[k])
+    for k, f in _GPM_RATE.items():
+        if row.get(k) is not None:
+            s[f] = max(float(row[k]), 0.0) * 2**20
+    if tensor == "any":
+        s["tensor_active"] = _frac(row["gpm_any_tensor_util_pct"])
+    else:
+        s["tensor_active"] = _frac(row["gpm_hmma_tensor_util_pct"] + row.get("gpm_imma_tensor_util_pct", 0.0))
+    s["fp64_active"] = _frac(row.get("gpm_fp64_util_pct", 0.0) + row.get("gpm_dfma_tensor_util_pct", 0.0))
+    return s
+
+
+def capture_runs(folder: Path = CAPTURE_DIR, *, tier: Tier = "full", tensor: Literal["any", "hmma"] = "any",
+                 ) -> dict[str, list[dict[str, Any]]]:
+    """Native samples per manifest workload (`h200-<name>`), time-sorted; the setup / between gaps are dropped."""
+    rows, manifest = load_capture(folder)
+    names = {w["workload"] for w in manifest["workloads"]}
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("workload") in names:
+            s = to_native(r, tier=tier, tensor=tensor)
+            out[s["workload_id"]].append(s)
+    for v in out.values():
+        v.sort(key=lambda s: s["ts"])
+    return dict(out)
+
+
+def truth(folder: Path = CAPTURE_DIR) -> dict[str, dict[str, Any]]:
+    """Manifest ground truth per workload id: label, is_training, seconds, model FLOP."""
+    _, manifest = load_capture(folder)
+    return {f"h200-{w['workload']}": {"is_training": w["label"] == "training", "label": w["label"],
+                                      "source_family": "h200_capture", "archetype": w["workload"],
+                                      "seconds": float(w["seconds"]), "model_flop": float(w["model_flop"]),
+                                      "start": float(w["start"]), "end": float(w["end"])}
+            for w in manifest["workloads"]}
+
+
+def capture_entries(folder: Path = CAPTURE_DIR, *, tier: Tier = "full", tensor: Literal["any", "hmma"] = "any",
+                    keep_windows: bool = False) -> tuple[dict[str, list[dict[str, Any]]], dict[tuple[str, float], Any]]:
+    """History entries (and optionally merged windows) per run, each run through the windowing core on its own
+    (as `trainwatch classify` does)."""
+    entries: dict[str, list[dict[str, Any]]] = {}
+    windows: dict[tuple[str, float], Any] = {}
+    for samples in capture_runs(folder, tier=tier, tensor=tensor).values():
+        # `now` only bounds future timestamps: the capture is historical, so its own last time is a valid clock
+        hb, dead = histories_from_messages((dumps(s) for s in samples), samples[-1]["ts"] + 3600.0,
+                                           keep_windows=keep_windows)
+        if dead:
+            raise ValueError(f"{dead} capture samples dead-lettered by the windowing core")
+        entries.update(hb.entries)
+        windows.update(hb.windows)
+    return entries, windows
+
+
+def capture_dataset(folder: Path = CAPTURE_DIR, *, tier: Tier = "full",
+                    tensor: Literal["any", "hmma"] = "any") -> Dataset | None:
+    """One whole-run history per workload (label from the manifest); None when the capture is absent."""
+    if not (folder / "samples.jsonl").is_file():
+        return None
+    entries, _ = capture_entries(folder, tier=tier, tensor=tensor)
+    digest = hashlib.sha256((folder / "samples.jsonl").read_bytes()).hexdigest()
+    return dataset_from_entries(entries, truth(folder), digest, 0, per_workload=1)

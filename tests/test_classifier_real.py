@@ -1,0 +1,62 @@
+"""The real H200 capture (data/gpu_capture_h200): its conversion to native samples, and the classifier's safety
+property on it (issue 14: abstain where not learned, never a confident miss)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.gpu_capture import CAPTURE_DIR, capture_entries, capture_runs, load_capture, truth
+from schemas.telemetry import FRACTION_FIELDS, SMI_FIELDS, TelemetrySample
+
+pytestmark = pytest.mark.skipif(not (CAPTURE_DIR / "samples.jsonl").is_file(), reason="capture not in this checkout")
+
+RUNS = {"h200-train", "h200-lora", "h200-serve", "h200-batch", "h200-hpc", "h200-idle"}
+
+
+@pytest.fixture(scope="module")
+def full() -> dict[str, list[dict]]:
+    return capture_runs(tier="full")
+
+
+def _mean(samples: list[dict], f: str) -> float:
+    return float(np.mean([s[f] for s in samples if f in s]))
+
+
+def test_runs_follow_the_manifest(full: dict[str, list[dict]]) -> None:
+    assert set(full) == RUNS  # setup / between gaps dropped
+    t = truth()
+    for w, samples in full.items():
+        span = samples[-1]["ts"] - samples[0]["ts"]
+        assert abs(span - t[w]["seconds"]) < 1.0, (w, span)
+        assert all(t[w]["start"] - 0.2 <= s["ts"] <= t[w]["end"] + 0.2 for s in samples)
+        for s in samples[:: max(1, len(samples) // 20)]:
+            TelemetrySample.model_validate(s, context={"now": s["ts"]})
+    assert t["h200-train"]["is_training"] and t["h200-lora"]["is_training"]
+    assert not any(t[w]["is_training"] for w in RUNS - {"h200-train", "h200-lora"})
+
+
+def test_full_tier_maps_gpm_to_dcgm_fields(full: dict[str, list[dict]]) -> None:
+    rows, _ = load_capture()
+    gpm_rows = sum(1 for r in rows if r["workload"] == "train" and "gpm_sm_util_pct" in r)
+    train = full["h200-train"]
+    assert sum(1 for s in train if "tensor_active" in s) == gpm_rows  # GPM every fifth tick, never filled with 0
+    assert 0.3 < _mean(train, "tensor_active") < 0.45 and _mean(train, "fp64_active") < 0.01
+    assert 75 < _mean(train, "gpu_util") <= 100 and 550 < _mean(train, "power_w") < 700
+    hpc = full["h200-hpc"]
+    # the hard negative: any-tensor 92 % (DFMA), and the FP64 work carried in fp64_active
+    assert _mean(hpc, "tensor_active") > 0.85 and _mean(hpc, "fp64_active") > 0.85
+    hmma = capture_runs(tier="full", tensor="hmma")["h200-hpc"]
+    assert _mean(hmma, "tensor_active") < 0.01
+    assert all(0 <= s[f] <= 1 for s in hpc for f in FRACTION_FIELDS if f in s)
+
+
+def test_smi_tier_is_stripped() -> None:
+    smi = capture_runs(tier="smi")
+    assert set(smi) == RUNS
+    allowed = set(SMI_FIELDS) | {"energy_mj"}
+    for samples in smi.values():
+        for s in samples:
+            assert not (set(s) & (set(FRACTION_FIELDS) - allowed)), s
+    entries, _ = capture_entries(tier="smi")
+    assert set(entries) == RUNS and all(entries[w] for w in RUNS)
