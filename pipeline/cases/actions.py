@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import get_args
 
-from pipeline.cases.core import CaseError, UnknownCase
+from pipeline.cases.core import CaseError, Label, UnknownCase, check_label
 from pipeline.cases.feed import CaseFeedMessage
 from pipeline.cases.report import utc
 from pipeline.cases.service import CaseService
@@ -110,17 +110,23 @@ class CaseActions:
     def ack(self, case_id: str, actor: str, at: float | None = None, note: str = "") -> list[CaseFeedMessage]:
         return self._act(case_id, actor, at, "ack", note)
 
-    def report(self, case_id: str, actor: str, at: float | None, filing_reference: str) -> list[CaseFeedMessage]:
-        return self._act(case_id, actor, at, "report", _text("--reference", filing_reference))
-
-    def dismiss(self, case_id: str, actor: str, at: float | None, reason: str) -> list[CaseFeedMessage]:
-        return self._act(case_id, actor, at, "dismiss", _text("--reason", reason))
-
-    def review(self, case_id: str, actor: str, at: float | None, training: bool, note: str = ""
+    def report(self, case_id: str, actor: str, at: float | None, filing_reference: str, label: Label = None
                ) -> list[CaseFeedMessage]:
-        return self._act(case_id, actor, at, "decide_review", training, note)
+        return self._act(case_id, actor, at, "report", _text("--reference", filing_reference), check_label(label))
 
-    def attest(self, case_id: str, actor: str, at: float | None, training: bool, document: str
-               ) -> list[CaseFeedMessage]:
+    def dismiss(self, case_id: str, actor: str, at: float | None, reason: str, label: Label = None
+                ) -> list[CaseFeedMessage]:
+        return self._act(case_id, actor, at, "dismiss", _text("--reason", reason), check_label(label))
+
+    def review(self, case_id: str, actor: str, at: float | None, training: bool, note: str = "",
+               label: Label = None) -> list[CaseFeedMessage]:
+        return self._act(case_id, actor, at, "decide_review", training, note, check_label(label))
+
+    def relabel(self, case_id: str, actor: str, at: float | None, label: tuple[str, str]) -> list[CaseFeedMessage]:
+        """A closed case's label, changed (audited as `labelled`)."""
+        return self._act(case_id, actor, at, "relabel", check_label(label))
+
+    def attest(self, case_id: str, actor: str, at: float | None, training: bool, document: str,
+               label: Label = None) -> list[CaseFeedMessage]:
         """The customer's answer to a needs_review inquiry (CaseBook.attest)."""
-        return self._act(case_id, actor, at, "attest", training, _text("--document", document))
+        return self._act(case_id, actor, at, "attest", training, _text("--document", document), check_label(label))

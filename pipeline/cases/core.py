@@ -44,7 +44,7 @@ from typing import Any
 
 from detectors.foreign_person import determine
 from schemas import serde
-from schemas.case import REPORTABLE_STATUSES, Case, CaseEvent
+from schemas.case import LABEL_REASON_CODES, REPORTABLE_STATUSES, Case, CaseEvent, CaseLabel
 from schemas.cip import CipRecord
 from schemas.detection import Detection
 from schemas.errors import TrainwatchError
@@ -84,13 +84,15 @@ class CaseChanges:
 
     cases: list[Case] = field(default_factory=list)
     events: list[CaseEvent] = field(default_factory=list)
+    labels: list[CaseLabel] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.cases or self.events)
+        return bool(self.cases or self.events or self.labels)
 
     def extend(self, other: CaseChanges) -> None:
         self.cases += other.cases
         self.events += other.events
+        self.labels += other.labels
 
 
 # ---- pure helpers ------------------------------------------------------------------------------------------------
@@ -208,6 +210,38 @@ def _detection_entry(det: Detection, fp: str) -> dict[str, Any]:
 def _content(case: Case) -> dict[str, Any]:
     # What counts as a change: everything but the bookkeeping a change itself sets.
     return case.model_dump(exclude={"updated_at", "version"})
+
+
+#: (label, reason code) an analyst gives when closing a case; None = the default for the closing action.
+Label = tuple[str, str] | None
+_DEFAULT_LABELS: dict[str, tuple[str, str]] = {
+    "reported": ("true_positive", "reported"),
+    "dismissed": ("false_positive", "other"),
+    "review_not_training": ("false_positive", "not_training"),
+    "attested": ("false_positive", "customer_attested_not_training"),
+}
+
+
+def check_label(label: Label) -> Label:
+    """A label the store accepts, or a CaseError naming the choices."""
+    if label is None:
+        return None
+    value, code = label
+    if value not in ("true_positive", "false_positive"):
+        raise CaseError(f"label {value!r}: choose true_positive or false_positive")
+    if code not in LABEL_REASON_CODES:
+        raise CaseError(f"reason code {code!r}: choose from {', '.join(LABEL_REASON_CODES)}")
+    return value, code
+
+
+def case_label(case: Case, label: tuple[str, str], actor: str, at: float, recorded_at: float) -> CaseLabel:
+    """The label row of a closed case: what the flag was, from which detectors, in which classifier bands."""
+    entries = list(case.evidence.get("detections", {}).values())
+    bands = sorted({b for e in entries if (b := ((e.get("evidence") or {}).get("classifier") or {}).get("band"))})
+    workloads = sorted({w for e in entries for w in e.get("workload_ids", [])})
+    return CaseLabel(case_id=case.case_id, label=label[0], reason_code=label[1], actor=actor,  # type: ignore[arg-type]
+                     at=at, recorded_at=recorded_at, policy_id=case.policy_id, account_id=case.account_id,
+                     run_id=case.run_id, detectors=list(case.detectors), bands=bands, workload_ids=workloads)
 
 
 # ---- the book ----------------------------------------------------------------------------------------------------
@@ -452,25 +486,26 @@ class CaseBook:
         return self._transition(case_id, actor, at, "acknowledged", ("open",), "acknowledged", {},
                                 note if note.strip() else None)
 
-    def report(self, case_id: str, actor: str, at: float, filing_reference: str) -> CaseChanges:
+    def report(self, case_id: str, actor: str, at: float, filing_reference: str, label: Label = None) -> CaseChanges:
         """The report was filed: open | needs_review | acknowledged -> reported, with the filing reference."""
         if not filing_reference.strip():
             raise CaseError(f"{case_id}: a filing reference is required to mark a case reported")
         return self._transition(
             case_id, actor, at, "reported", ("open", "needs_review", "acknowledged"), "reported",
-            {"filing_reference": filing_reference},
+            {"filing_reference": filing_reference}, label=label,
         )
 
-    def dismiss(self, case_id: str, actor: str, at: float, reason: str) -> CaseChanges:
+    def dismiss(self, case_id: str, actor: str, at: float, reason: str, label: Label = None) -> CaseChanges:
         """Not a reportable matter: any status but reported/dismissed -> dismissed, with the reason."""
         if not reason.strip():
             raise CaseError(f"{case_id}: a reason is required to dismiss a case")
         return self._transition(
             case_id, actor, at, "dismissed", ("open", "needs_review", "acknowledged", "monitored"), "dismissed",
-            {"dismiss_reason": reason},
+            {"dismiss_reason": reason}, label=label,
         )
 
-    def decide_review(self, case_id: str, actor: str, at: float, is_training: bool, note: str) -> CaseChanges:
+    def decide_review(self, case_id: str, actor: str, at: float, is_training: bool, note: str,
+                      label: Label = None) -> CaseChanges:
         """Close a needs_review case: training -> open (knowledge at the latest now, if not counted before), not
         training -> dismissed (a later stronger detection reopens it)."""
         if is_training:
@@ -482,10 +517,11 @@ class CaseBook:
             )
         return self._transition(
             case_id, actor, at, "review_not_training", ("needs_review",), "dismissed",
-            {"dismiss_reason": f"review: not training: {note}"}, note=note,
+            {"dismiss_reason": f"review: not training: {note}"}, note=note, label=label,
         )
 
-    def attest(self, case_id: str, actor: str, at: float, is_training: bool, document: str) -> CaseChanges:
+    def attest(self, case_id: str, actor: str, at: float, is_training: bool, document: str,
+               label: Label = None) -> CaseChanges:
         """Record the customer's answer to a needs_review inquiry (the document is the signed answer's reference):
         training -> open, knowledge_at at the attestation unless the policy already counted the uncertain finding
         as knowledge (the clock never moves later); not training -> dismissed (stronger evidence reopens it)."""
@@ -503,7 +539,22 @@ class CaseBook:
                                      "evidence": evidence}, extra=details)
         return self._transition(case_id, actor, at, "attested", ("needs_review",), "dismissed",
                                 {"dismiss_reason": f"customer attested not training (document {document})",
-                                 "evidence": evidence}, extra=details)
+                                 "evidence": evidence}, extra=details, label=label)
+
+    def relabel(self, case_id: str, actor: str, at: float, label: tuple[str, str]) -> CaseChanges:
+        """Change the label of a closed (reported or dismissed) case; audited as `labelled`."""
+        value, code = check_label(label) or label
+        case = self._require(case_id)
+        if case.status not in ("reported", "dismissed"):
+            raise IllegalTransition(f"{case_id}: only a closed (reported or dismissed) case takes a label; it is "
+                                    f"{case.status}")
+        if not actor.strip():
+            raise CaseError(f"{case_id}: an actor is required")
+        new = case.model_copy(update={"version": case.version + 1, "updated_at": at})
+        self._cases[case_id] = new
+        event = self._action_event(new, actor, at, at, "labelled", case.status, case.status,
+                                   {"label": value, "reason_code": code})
+        return CaseChanges([new], [event], [case_label(new, (value, code), actor, at, at)])
 
     def escalate_inquiries(self, cases: Iterable[Case], event_now: float, recorded_at: float,
                            emitted: set[str]) -> CaseChanges:
@@ -545,6 +596,7 @@ class CaseBook:
     def _transition(
         self, case_id: str, actor: str, at: float, action: str, allowed: tuple[str, ...], to: str,
         updates: dict[str, Any], note: str | None = None, extra: dict[str, Any] | None = None,
+        label: Label = None,
     ) -> CaseChanges:
         case = self._require(case_id)
         if not actor.strip():
@@ -563,7 +615,12 @@ class CaseBook:
         if note is not None:
             details["note"] = note
         details.update(extra or {})
-        return CaseChanges([new], [self._action_event(new, actor, at, at, action, case.status, to, details)])
+        labels = []
+        if to in ("reported", "dismissed"):  # closing records the analyst's verdict on the flag (issue 16)
+            chosen = check_label(label) or _DEFAULT_LABELS.get(action, _DEFAULT_LABELS[to])
+            details["label"], details["reason_code"] = chosen
+            labels.append(case_label(new, chosen, actor, at, at))
+        return CaseChanges([new], [self._action_event(new, actor, at, at, action, case.status, to, details)], labels)
 
     @staticmethod
     def _with_dismissal(case: Case, at: float) -> dict[str, Any]:

@@ -11,7 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from pipeline.cases import suppressions as sup_ops
-from pipeline.cases.core import INQUIRY_ESCALATED, CaseBook, CaseChanges, UnknownCase, case_id_for, fingerprint
+from pipeline.cases.core import (
+    INQUIRY_ESCALATED,
+    CaseBook,
+    CaseChanges,
+    Label,
+    UnknownCase,
+    case_id_for,
+    fingerprint,
+)
 from pipeline.cases.deadline import OVERDUE, PENDING_STATUSES, REMINDER, DeadlineMonitor
 from pipeline.cases.feed import CaseFeedMessage, feed_messages
 from pipeline.store import Store
@@ -46,6 +54,7 @@ class CaseService:
         # and writes the case. The other order lost events: the replay found the case updated and derived none.
         self.store.append_case_events(changes.events)
         self.store.upsert_cases(changes.cases)
+        self.store.upsert_labels(changes.labels)
         touched = {e.case_id for e in changes.events}
         latest = [c for cid in touched if (c := self.book.get(cid)) is not None]
         return feed_messages(latest, changes.events, self.policy)
@@ -149,18 +158,25 @@ class CaseService:
         self._fresh(case_id)
         return self._write(self.book.ack(case_id, actor, at, note))
 
-    def report(self, case_id: str, actor: str, at: float, filing_reference: str) -> list[CaseFeedMessage]:
+    def report(self, case_id: str, actor: str, at: float, filing_reference: str, label: Label = None
+               ) -> list[CaseFeedMessage]:
         self._fresh(case_id)
-        return self._write(self.book.report(case_id, actor, at, filing_reference))
+        return self._write(self.book.report(case_id, actor, at, filing_reference, label))
 
-    def dismiss(self, case_id: str, actor: str, at: float, reason: str) -> list[CaseFeedMessage]:
+    def dismiss(self, case_id: str, actor: str, at: float, reason: str, label: Label = None) -> list[CaseFeedMessage]:
         self._fresh(case_id)
-        return self._write(self.book.dismiss(case_id, actor, at, reason))
+        return self._write(self.book.dismiss(case_id, actor, at, reason, label))
 
-    def attest(self, case_id: str, actor: str, at: float, is_training: bool, document: str) -> list[CaseFeedMessage]:
+    def relabel(self, case_id: str, actor: str, at: float, label: tuple[str, str]) -> list[CaseFeedMessage]:
         self._fresh(case_id)
-        return self._write(self.book.attest(case_id, actor, at, is_training, document))
+        return self._write(self.book.relabel(case_id, actor, at, label))
 
-    def decide_review(self, case_id: str, actor: str, at: float, is_training: bool, note: str) -> list[CaseFeedMessage]:
+    def attest(self, case_id: str, actor: str, at: float, is_training: bool, document: str, label: Label = None
+               ) -> list[CaseFeedMessage]:
         self._fresh(case_id)
-        return self._write(self.book.decide_review(case_id, actor, at, is_training, note))
+        return self._write(self.book.attest(case_id, actor, at, is_training, document, label))
+
+    def decide_review(self, case_id: str, actor: str, at: float, is_training: bool, note: str, label: Label = None
+                      ) -> list[CaseFeedMessage]:
+        self._fresh(case_id)
+        return self._write(self.book.decide_review(case_id, actor, at, is_training, note, label))

@@ -1,4 +1,4 @@
-"""`trainwatch cases list|show|ack|report|dismiss|review|attest` and `trainwatch report CASE [--markdown|--json]`.
+"""`trainwatch cases list|show|ack|report|dismiss|review|attest|label` and `trainwatch report CASE [--markdown|--json]`.
 
 Every command reads and writes the ClickHouse store named by --store/--database (default: Settings). Actions
 re-read the case, validate the transition (an illegal one exits 2 with the reason) and append an audit event.
@@ -18,7 +18,7 @@ from pipeline.cases.feed import CaseFeedMessage
 from pipeline.cases.report import draft_report, render_markdown, utc
 from pipeline.settings import load_settings
 from pipeline.store import Store
-from schemas.case import Case
+from schemas.case import LABEL_REASON_CODES, Case
 from schemas.serde import dumps
 
 cases_app = typer.Typer(help="Cases in the knowledge store: list, inspect, and act on them.", no_args_is_help=True)
@@ -30,6 +30,19 @@ _STATUS = typer.Option(None, "--status", help=f"only these statuses (repeatable)
 _ACTOR = typer.Option(None, "--actor", help="who acts (default: the login name)")
 _AT = typer.Option(None, "--at", help="time of the action, epoch seconds (default: now); finite, not before the case "
                    "opened or its latest status change, not in the future")
+
+
+_LABEL = typer.Option(None, "--label", help="your verdict on the flag: true_positive or false_positive (default: "
+                     "from the action: reported = true_positive, dismissed = false_positive)")
+_CODE = typer.Option(None, "--reason-code", help=f"with --label: {', '.join(LABEL_REASON_CODES)}")
+
+
+def _label(label: str | None, code: str | None) -> tuple[str, str] | None:
+    if label is None and code is None:
+        return None
+    if label is None or code is None:
+        raise typer.BadParameter("give --label and --reason-code together")
+    return label, code
 
 
 @contextmanager
@@ -120,12 +133,14 @@ def report(
     reference: str = typer.Option(..., "--reference", help="the filing's reference number"),
     actor: str | None = _ACTOR,
     at: float | None = _AT,
+    label: str | None = _LABEL,
+    reason_code: str | None = _CODE,
     as_json: bool = _JSON,
     store_dsn: str | None = _STORE,
     database: str | None = _DATABASE,
 ) -> None:
-    """Record that the report was filed (open | needs_review | acknowledged -> reported)."""
-    _act(store_dsn, database, as_json, "report", case_id, actor, at, reference)
+    """Record that the report was filed (open | needs_review | acknowledged -> reported); records a label."""
+    _act(store_dsn, database, as_json, "report", case_id, actor, at, reference, _label(label, reason_code))
 
 
 @cases_app.command("dismiss")
@@ -134,12 +149,14 @@ def dismiss(
     reason: str = typer.Option(..., "--reason", help="why this is not a reportable matter"),
     actor: str | None = _ACTOR,
     at: float | None = _AT,
+    label: str | None = _LABEL,
+    reason_code: str | None = _CODE,
     as_json: bool = _JSON,
     store_dsn: str | None = _STORE,
     database: str | None = _DATABASE,
 ) -> None:
-    """Dismiss a case (any status but reported/dismissed); only new, stronger evidence reopens it."""
-    _act(store_dsn, database, as_json, "dismiss", case_id, actor, at, reason)
+    """Dismiss a case (any status but reported/dismissed); only new, stronger evidence reopens it. Records a label."""
+    _act(store_dsn, database, as_json, "dismiss", case_id, actor, at, reason, _label(label, reason_code))
 
 
 @cases_app.command("review")
@@ -149,12 +166,14 @@ def review(
     note: str = typer.Option("", "--note", help="what the review found (e.g. the customer's answer)"),
     actor: str | None = _ACTOR,
     at: float | None = _AT,
+    label: str | None = _LABEL,
+    reason_code: str | None = _CODE,
     as_json: bool = _JSON,
     store_dsn: str | None = _STORE,
     database: str | None = _DATABASE,
 ) -> None:
     """Decide a needs_review case: --training opens it, --not-training dismisses it."""
-    _act(store_dsn, database, as_json, "review", case_id, actor, at, training, note)
+    _act(store_dsn, database, as_json, "review", case_id, actor, at, training, note, _label(label, reason_code))
 
 
 def _yes_no(value: str) -> bool:
@@ -171,12 +190,30 @@ def attest(
     document: str = typer.Option(..., "--document", help="reference of the signed answer (kept in the audit event)"),
     actor: str | None = _ACTOR,
     at: float | None = _AT,
+    label: str | None = _LABEL,
+    reason_code: str | None = _CODE,
     as_json: bool = _JSON,
     store_dsn: str | None = _STORE,
     database: str | None = _DATABASE,
 ) -> None:
     """Record the customer's answer to a needs_review inquiry: yes opens the case, no closes it as not training."""
-    _act(store_dsn, database, as_json, "attest", case_id, actor, at, _yes_no(training), document)
+    _act(store_dsn, database, as_json, "attest", case_id, actor, at, _yes_no(training), document,
+         _label(label, reason_code))
+
+
+@cases_app.command("label")
+def label_cmd(
+    case_id: str = typer.Argument(..., help="case id"),
+    label: str = typer.Option(..., "--label", help="true_positive or false_positive"),
+    reason_code: str = typer.Option(..., "--reason-code", help=", ".join(LABEL_REASON_CODES)),
+    actor: str | None = _ACTOR,
+    at: float | None = _AT,
+    as_json: bool = _JSON,
+    store_dsn: str | None = _STORE,
+    database: str | None = _DATABASE,
+) -> None:
+    """Change the label of a closed (reported or dismissed) case."""
+    _act(store_dsn, database, as_json, "relabel", case_id, actor, at, (label, reason_code))
 
 
 def report_cmd(

@@ -11,6 +11,7 @@ import typer
 
 from detectors.model_artifact import load_artifact
 from pipeline.model_eval import (
+    capture_eval,
     format_table,
     heldout_families,
     loso_simulated,
@@ -53,29 +54,37 @@ def train(
 
 
 def run_evaluation(scenario_scale: float, seed: int, mig_dir: Path, model_dir: Path | None,
-                   heldout: bool = False) -> dict[str, Any]:
-    """All evaluation figures as one JSON-able dict."""
-    ds = simulated_dataset("eval", seed, scale=scenario_scale)
-    results: dict[str, Any] = {"scenario": "eval", "seed": seed, "scenario_scale": scenario_scale,
-                               "data": dataset_summary(ds), "simulated": loso_simulated(ds)}
-    if heldout:  # families held out whole: fitted on the training seed without them, scored on this seed's
+                   heldout: bool = False, real_only: bool = False) -> dict[str, Any]:
+    """All evaluation figures as one JSON-able dict. `real_only`: no simulation, the real sets scored with the
+    packaged (or `model_dir`) artifact."""
+    results: dict[str, Any] = {}
+    ds = None
+    if not real_only:
+        ds = simulated_dataset("eval", seed, scale=scenario_scale)
+        results = {"scenario": "eval", "seed": seed, "scenario_scale": scenario_scale,
+                   "data": dataset_summary(ds), "simulated": loso_simulated(ds)}
+    if heldout and ds is not None:  # families held out whole: fitted on the training seed without them, scored
         train = simulated_dataset("eval", 7, scale=scenario_scale)
         results["heldout_families"] = heldout_families(train, ds)
+    # The real runs are never trained on: score them with a model fitted on all simulated data.
+    model = train_model(ds) if model_dir is None and ds is not None else load_artifact(model_dir)[0]
+    results["h200_capture"] = capture_eval(model)
     mig = migprofiler_dataset(mig_dir)
     if mig is None:
         results["migprofiler"] = {"skipped": f"{mig_dir}/sessions_index.csv not found"}
         return results
-    # The real runs are never trained on: score them with a model fitted on all simulated data.
-    model = train_model(ds) if model_dir is None else load_artifact(model_dir)[0]
     hw = np.array(["80g" if "80g" in a else "40g" for a in mig.archetypes])
     results["migprofiler"] = {
         "sim_trained": score_dataset(model, mig),
         "sim_trained_A100_80GB": score_dataset(model, mig.subset(hw == "80g")),
         "sim_trained_A100_40GB": score_dataset(model, mig.subset(hw == "40g")),
-        "sim_trained_real_fields_no_guard": migprofiler_sim_real_fields(model, ds, mig, DEFAULT_PARAMS),
-        "cross_hardware": migprofiler_cross_hardware(mig),
-        "signal_transfer": migprofiler_signal_transfer(model, mig),
     }
+    if ds is not None:
+        results["migprofiler"].update({
+            "sim_trained_real_fields_no_guard": migprofiler_sim_real_fields(model, ds, mig, DEFAULT_PARAMS),
+            "cross_hardware": migprofiler_cross_hardware(mig),
+            "signal_transfer": migprofiler_signal_transfer(model, mig),
+        })
     return results
 
 
@@ -88,10 +97,22 @@ def evaluate(
     mig_dir: Path = typer.Option(MIGPROFILER_DIR, "--migprofiler", help="MIGProfiler data folder"),
     model_dir: Path | None = typer.Option(None, "--model", help="score real runs with this artifact, not a refit"),
     heldout: bool = typer.Option(False, "--heldout", help="also hold simulated families out whole (slow)"),
+    real_only: bool = typer.Option(False, "--real-only", help="only the real sets (H200 capture, MIGProfiler), "
+                                   "scored with the packaged artifact or --model: no simulation"),
+    labels_from_store: bool = typer.Option(False, "--labels-from-store",
+                                           help="instead: precision per detector and classifier band from analysts' "
+                                           "labels in the store, and the labelled runs' windows as JSONL"),
+    export: Path = typer.Option(Path("var/labelled_windows.jsonl"), "--export",
+                                help="with --labels-from-store: where the labelled windows go"),
+    store_dsn: str | None = typer.Option(None, "--store", help="with --labels-from-store: DSN (default: settings)"),
+    database: str | None = typer.Option(None, "--database", help="with --labels-from-store: database"),
 ) -> None:
     """Leave-one-source-out on simulated data (full DCGM and nvidia-smi only) and the real MIGProfiler runs."""
+    if labels_from_store:
+        _evaluate_labels(json_out, export, store_dsn, database)
+        return
     t0 = time.perf_counter()
-    results = run_evaluation(scenario_scale, seed, mig_dir, model_dir, heldout)
+    results = run_evaluation(scenario_scale, seed, mig_dir, model_dir, heldout, real_only)
     results["elapsed_s"] = round(time.perf_counter() - t0, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(dumps(results) + b"\n")
@@ -103,6 +124,23 @@ def evaluate(
     if skipped:
         typer.echo(f"MIGProfiler: skipped ({skipped})")
     typer.echo(f"results: {out}  ({results['elapsed_s']} s)")
+
+
+def _evaluate_labels(json_out: bool, export: Path, store_dsn: str | None, database: str | None) -> None:
+    from pipeline.label_eval import current_labels, export_windows, format_report, precision_report
+    from pipeline.settings import load_settings
+    from pipeline.store import Store
+
+    settings = load_settings()
+    with Store.connect(store_dsn or settings.clickhouse_dsn, database or settings.database) as store:
+        labels = current_labels(store)
+        rep = precision_report(labels)
+        rep["export"] = {"path": str(export), "windows": export_windows(store, labels, export)}
+    if json_out:
+        typer.echo(dumps(rep).decode())
+        return
+    typer.echo(format_report(rep))
+    typer.echo(f"labelled windows: {rep['export']['windows']} -> {export}")
 
 
 def register(app: typer.Typer) -> None:
