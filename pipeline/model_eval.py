@@ -3,7 +3,10 @@
 - Simulated data, leave-one-source-out: each fold holds out whole `source_family` groups (one family at a time
   when there are few, else GroupKFold over families), trains on the rest, and scores the held-out histories
   twice: as sent (full DCGM where the node had it) and as an nvidia-smi-only provider would have sent them.
-- Real data: the MIGProfiler A100 runs, never trained on, scored by a model trained on all simulated data; the
+- Real data, never trained on: the project's H200 capture (data/gpu_capture_h200: train, LoRA, serving, batch
+  inference, FP64 HPC, idle with their ground truth) as sent with its profiling fields and stripped to nvidia-smi
+  level, judged run by run through `predict` exactly as `trainwatch classify` does (`capture_eval`); the
+  MIGProfiler A100 runs, scored by a model trained on all simulated data; the
   same simulated data seen only through the fields the traces carry (what a sim-trained model would say without
   the guard); and checks inside MIGProfiler that hold out one A100 variant at a time (a refit classifier, and
   whether any run-level signal - GRACT level, GRACT spread, FB occupancy - transfers across the two sources).
@@ -16,6 +19,7 @@ recall and F1 are charged for uncertainty; the same figures over p >= 0.5 are gi
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +27,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from detectors.classifier import GbmWorkloadClassifier, TierModel
+from pipeline.gpu_capture import CAPTURE_DIR, capture_dataset
 from pipeline.model_train import Dataset, build_model
 
 RELIABILITY_BINS = 10
@@ -211,6 +216,38 @@ def score_dataset(model: GbmWorkloadClassifier, ds: Dataset) -> dict[str, Any]:
     return res
 
 
+def verdict_block(model: Any, ds: Dataset) -> dict[str, Any]:
+    """Score whole runs through the classifier's `predict` (the path `trainwatch classify` takes: parts, missing
+    fields filled from the reference rows, the guard), with every run's verdict listed."""
+    verdicts = [model.predict(h) for h in ds.histories]
+    p = np.array([v.p_training for v in verdicts])
+    band = np.array([v.band for v in verdicts]).astype(str)
+    res = score_block(ds.y, p, band, ds.archetypes)
+    res["runs"] = [{"workload": str(w), "archetype": str(a), "is_training": bool(y), "windows": len(h),
+                    "p_training": v.p_training, "p_low": v.p_low, "p_high": v.p_high, "band": v.band,
+                    "tier": v.model_id.rsplit("/", 1)[-1], "reasons": list(v.reasons),
+                    "out_features": list(v.out_features), "missing": list(v.missing)}
+                   for w, a, y, h, v in zip(ds.workloads, ds.archetypes, ds.y, ds.histories, verdicts, strict=True)]
+    return res
+
+
+#: The capture's variants: the tier a provider would send, and which DCGM reading of the tensor pipe
+#: (pipeline/gpu_capture.py: `any` counts the FP64 DFMA pipe as tensor activity, `hmma` does not).
+CAPTURE_SETS = {"full": {"tier": "full", "tensor": "any"}, "smi_only": {"tier": "smi", "tensor": "any"},
+                "full_hmma_tensor": {"tier": "full", "tensor": "hmma"}}
+
+
+def capture_eval(model: Any, folder: Path = CAPTURE_DIR) -> dict[str, Any]:
+    """The real H200 capture, one verdict per workload run, per variant (CAPTURE_SETS)."""
+    out: dict[str, Any] = {}
+    for name, kw in CAPTURE_SETS.items():
+        ds = capture_dataset(folder, **kw)  # type: ignore[arg-type]
+        if ds is None:
+            return {"skipped": f"{folder}/samples.jsonl not found"}
+        out[name] = verdict_block(model, ds)
+    return out
+
+
 def migprofiler_cross_hardware(mig: Dataset, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Inside the real data, hold out one A100 variant at a time (each has training and inference runs)."""
     hw = np.array(["80g" if "80g" in a else "40g" for a in mig.archetypes])
@@ -286,6 +323,10 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     for key in ("as_sent", "full_dcgm", "smi_only"):
         if key in sim and sim[key].get("n"):
             rows.append((f"sim LOSO {key}", sim[key]))
+    cap = results.get("h200_capture") or {}
+    for key, block in cap.items():
+        if isinstance(block, dict) and block.get("n"):
+            rows.append((f"H200 capture {key}", block))
     mig = results.get("migprofiler") or {}
     for key, block in mig.items():
         if key == "signal_transfer":
@@ -326,6 +367,15 @@ def format_table(results: dict[str, Any]) -> str:
         st = b.get("stakes") or {}
         lines.append(f"  {label:44} {f(st.get('training_called_not_training'))} "
                      f"{f(st.get('confident_training_precision'))} {f(st.get('fpr'))} {f(st.get('uncertain_share'))}")
+    cap = results.get("h200_capture") or {}
+    for key, block in cap.items():
+        if isinstance(block, dict) and block.get("runs"):
+            lines.append("")
+            lines.append(f"H200 capture {key}: per run P(training) [p_low, p_high] band (reasons)")
+            for r in block["runs"]:
+                rng = "" if r["p_low"] is None else f" [{r['p_low']:.3f}, {r['p_high']:.3f}]"
+                lines.append(f"  {r['archetype']:6} {'train' if r['is_training'] else 'neg  '} {r['p_training']:.3f}"
+                             f"{rng} {r['band']:12} ({', '.join(r['reasons'])})")
     held = results.get("heldout_families") or {}
     if held:
         lines.append("")

@@ -60,3 +60,39 @@ def test_smi_tier_is_stripped() -> None:
             assert not (set(s) & (set(FRACTION_FIELDS) - allowed)), s
     entries, _ = capture_entries(tier="smi")
     assert set(entries) == RUNS and all(entries[w] for w in RUNS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the shipped classifier on the capture: never a confident miss
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model():
+    from detectors.model_artifact import load_artifact
+
+    return load_artifact()[0]
+
+
+@pytest.mark.parametrize(("tier", "tensor"), [("full", "any"), ("full", "hmma"), ("smi", "any")])
+def test_no_confident_miss_on_the_capture(model, tier: str, tensor: str) -> None:
+    entries, _ = capture_entries(tier=tier, tensor=tensor)  # type: ignore[arg-type]
+    verdicts = {w: model.predict(h) for w, h in entries.items()}
+    assert {v.model_id.rsplit("/", 1)[-1] for v in verdicts.values()} == {tier}
+    for w in ("h200-train", "h200-lora"):  # the worst error: a real training run closed as not_training
+        assert verdicts[w].band != "not_training", (w, verdicts[w])
+    if tier == "full":  # the hard negative: the tensor kind (DFMA, in fp64_active) is there to tell it apart
+        assert verdicts["h200-hpc"].band != "training", verdicts["h200-hpc"]
+    for v in verdicts.values():  # an uncertain verdict says why
+        assert v.band != "uncertain" or v.reasons
+
+
+def test_model_evaluate_reports_the_capture(model) -> None:
+    from pipeline.model_eval import capture_eval, format_table
+
+    res = capture_eval(model)
+    for name in ("full", "smi_only", "full_hmma_tensor"):
+        st = res[name]["stakes"]
+        assert res[name]["n"] == 6 and st["training_called_not_training"] == 0.0
+        assert {r["archetype"] for r in res[name]["runs"]} == {w.removeprefix("h200-") for w in RUNS}
+    assert res["full"]["stakes"]["fpr"] == 0.0
+    table = format_table({"h200_capture": res})
+    assert "H200 capture smi_only" in table and "hpc" in table
