@@ -39,8 +39,8 @@ def test_closing_records_labels_and_precision_per_detector_and_band(store: Store
     svc.report(tp, "alice", NOW + 10, "BIS-2026-0001")  # default: true_positive / reported
     svc.dismiss(fp, "bob", NOW + 10, "inference cluster", ("false_positive", "inference_or_serving"))
     svc.dismiss(fp2, "bob", NOW + 10, "below threshold after correction")  # default: false_positive / other
-    events = store.case_events(fp)
-    assert (events[-1].details["label"], events[-1].details["reason_code"]) == ("false_positive", "inference_or_serving")
+    closing = store.case_events(fp)[-1].details
+    assert (closing["label"], closing["reason_code"]) == ("false_positive", "inference_or_serving")
 
     labels = current_labels(store)
     assert {lb.case_id for lb in labels} == {tp, fp, fp2}  # the open case has no label
