@@ -232,7 +232,9 @@ class DetectEngine:
         label = _g(w, "run_label") or acct.labels.get(wid) or (acct.labels.get(job) if job else None)
         fp = acct.footprints.get(wid) or (acct.footprints.get(job) if job else None)
         footprint = tuple(tuple(x) for x in fp) if fp else footprint_of(_g(w, "accelerators"), _g(w, "device_count", 0))
-        rid = self.stitcher.assign(aid, wid, label, footprint, start, end)
+        rid, left = self.stitcher.assign(aid, wid, label, footprint, start, end, firm=fp is not None)
+        if left is not None:
+            self._fold_run(left, rid)
         run = self.runs.get(rid)
         flop = (_num(_g(w, "flop")), _num(_g(w, "flop_low")), _num(_g(w, "flop_high")))
         if run is not None and run.seen.get(f"{wid}|{start!r}") == list(flop):
@@ -275,6 +277,42 @@ class DetectEngine:
         self._note_own_case(run, out)
         out += self._owners_after(aid, run, end, start)
         return out
+
+    def _fold_run(self, young: str, into: str) -> None:
+        """A young run whose job turned out to resume `into` (detectors/runs.py): its windows and figures move there.
+        Owners that counted it get it at zero (the run is gone; the figures now count under `into`)."""
+        old = self.runs.pop(young, None)
+        if old is None:
+            return
+        self._dirty.add(old.account_id)
+        run = self.runs.get(into)
+        if run is None:
+            run = self.runs[into] = RunState(into, old.account_id, started_at=old.started_at)
+        for key, flop in sorted(old.seen.items(), key=lambda kv: float(kv[0].rsplit("|", 1)[1])):
+            run.add_window(key, float(key.rsplit("|", 1)[1]) + self.window_s, (flop[0], flop[1], flop[2]),
+                           self.window_s)
+        run.started_at = old.started_at if run.started_at is None else min(run.started_at, old.started_at or 0.0)
+        for b, n in old.basis.items():
+            run.basis[b] = run.basis.get(b, 0) + n
+        for b, n in old.bands_seen.items():
+            run.bands_seen[b] = run.bands_seen.get(b, 0) + n
+        run.history = sorted(run.history + old.history, key=lambda h: h["window_start"])[-HISTORY_K:]
+        run.source_windows = (run.source_windows + [w for w in old.source_windows
+                                                    if w not in run.source_windows])[-SOURCE_WINDOWS_K:]
+        for model, n in old.accelerators.items():
+            run.accelerators[model] = max(run.accelerators.get(model, 0), n)
+        run.device_count, run.node_count = max(run.device_count, old.device_count), max(run.node_count,
+                                                                                          old.node_count)
+        for ids, more in ((run.workload_ids, old.workload_ids), (run.job_ids, old.job_ids)):
+            ids += [x for x in more if x not in ids]
+        if old.account_id in self.accounts:
+            self.accounts[old.account_id].activity.get("runs", {}).pop(young, None)
+        zero = RunState(young, old.account_id, started_at=old.started_at, last_end=old.last_end)
+        for c in self._contributions(old.account_id, zero, old.last_end, None):
+            if self.external_owners:
+                self.owner_outbox.append(c)
+            else:
+                self.owner_agg.apply(c)
 
     def _classify(self, run: RunState, start: float, end: float) -> Verdict:
         try:

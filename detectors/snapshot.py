@@ -21,7 +21,7 @@ from schemas.policy import Policy
 def _empty_part() -> dict[str, Any]:
     """One account's entry of `DetectEngine.split()` before it is filled."""
     return {"account": None, "cip": None, "runs": {}, "stitched": {}, "workload_run": {}, "workload_end": {},
-            "stopped": {}, "emitted": [], "named_owners": []}
+            "stopped": {}, "workload_fp": {}, "emitted": [], "named_owners": []}
 
 
 def split(engine: DetectEngine) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -43,7 +43,7 @@ def split(engine: DetectEngine) -> tuple[dict[str, Any], dict[str, dict[str, Any
     for rid, r in st["runs"].items():
         part(r["account_id"])["stitched"][rid] = r
     # Workload entries whose run is unknown (a stop before the first window; a run that expired) stay shared.
-    rest: dict[str, dict[str, Any]] = {"workload_run": {}, "workload_end": {}, "stopped": {}}
+    rest: dict[str, dict[str, Any]] = {"workload_run": {}, "workload_end": {}, "stopped": {}, "workload_fp": {}}
     for key in rest:
         for wid, v in st[key].items():
             aid = acct_of_run.get(st["workload_run"].get(wid, ""))
@@ -62,7 +62,7 @@ def split_shared(engine: DetectEngine) -> dict[str, Any]:
     st = engine.stitcher
     known = st.runs
     rest = {key: {w: v for w, v in getattr(st, key).items() if st.workload_run.get(w) not in known}
-            for key in ("workload_run", "workload_end", "stopped")}
+            for key in ("workload_run", "workload_end", "stopped", "workload_fp")}
     return {"window_s": engine.window_s, "watermark": engine.watermark, "errors": dict(engine.errors),
             "owners": engine.owner_agg.to_dict(), "stitcher": {"window_s": st.window_s, "gap_s": st.gap_s, **rest}}
 
@@ -101,7 +101,7 @@ def split_dirty(engine: DetectEngine) -> tuple[dict[str, Any] | None, dict[str, 
             for w in rec.workloads:
                 if st.workload_run.get(w) != rid:
                     continue
-                for key in ("workload_run", "workload_end", "stopped"):
+                for key in ("workload_run", "workload_end", "stopped", "workload_fp"):
                     entries = getattr(st, key)
                     if w in entries:
                         p[key][w] = entries[w]
@@ -126,7 +126,7 @@ def from_split(shared: Mapping[str, Any], parts: Mapping[str, Mapping[str, Any]]
                detectors: Iterable[Detector] | None = None) -> DetectEngine:
     sh = shared.get("stitcher", {})
     st: dict[str, Any] = {**sh, "runs": {}, **{k: dict(sh.get(k, {})) for k in
-                                                ("workload_run", "workload_end", "stopped")}}
+                                                ("workload_run", "workload_end", "stopped", "workload_fp")}}
     d: dict[str, Any] = {"window_s": shared.get("window_s", 60.0), "watermark": shared.get("watermark", 0.0),
                          "errors": shared.get("errors", {}), "owners": shared.get("owners", {}),
                          "stitcher": st, "runs": {}, "accounts": {}, "cips": {}, "emitted": {},
@@ -138,7 +138,7 @@ def from_split(shared: Mapping[str, Any], parts: Mapping[str, Mapping[str, Any]]
             d["cips"][aid] = p["cip"]
         d["runs"].update(p.get("runs", {}))
         st["runs"].update(p.get("stitched", {}))
-        for key in ("workload_run", "workload_end", "stopped"):
+        for key in ("workload_run", "workload_end", "stopped", "workload_fp"):
             st[key].update(p.get(key, {}))
         d["emitted"].update(dict.fromkeys(p.get("emitted", []), aid))
         if p.get("named_owners"):

@@ -412,6 +412,44 @@ def test_restart_with_a_different_footprint_or_concurrent_lookalike_is_a_new_run
     assert run_of(eng, "job-3") != run_of(eng, "job-2")
 
 
+def _resume_inputs() -> tuple[list[Any], list[Any]]:
+    """Job 1 (8 H100, 5 windows) and its resume job 2 two windows later; job 2's first window a partial merge (4 of
+    its 8 devices), as Kafka may hand it over before the other partials. (allocations, windows) in event time."""
+    allocs = [alloc("acct-o", "job_started", T0, workload="job-1"), alloc("acct-o", "job_stopped", T0 + 5 * W,
+                                                                         workload="job-1"),
+              alloc("acct-o", "job_started", T0 + 7 * W, workload="job-2")]
+    ws = [window("job-1", "acct-o", i, flop=1e16) for i in range(5)]
+    ws += [window("job-2", "acct-o", 7, flop=5e15, devices=4)] + [window("job-2", "acct-o", 7 + i, flop=1e16)
+                                                                   for i in range(4)]
+    return allocs, ws
+
+
+@pytest.mark.parametrize("order", ["event_time", "windows_first", "allocations_last_of_each_job"])
+def test_resume_is_stitched_whatever_came_first_window_or_allocation(order):
+    """The run a job joins does not depend on arrival order (the replay sees each allocation before its job's
+    windows; a restarted faust worker often reads a backlog of windows first): a job first placed on a partial
+    window or without its allocation is moved into the run it resumes, its windows with it, and the run id is the
+    same as in event time."""
+    allocs, ws = _resume_inputs()
+    eng = DetectEngine(demo())
+    if order == "event_time":
+        items = sorted([(a.ts, 0, a) for a in allocs] + [(w.window_start, 1, w) for w in ws], key=lambda x: x[:2])
+        seq = [x[2] for x in items]
+    elif order == "windows_first":
+        seq = [*ws, *allocs]
+    else:
+        seq = [*ws[:5], allocs[0], allocs[1], *ws[5:], allocs[2]]
+    for x in seq:
+        if hasattr(x, "kind"):
+            eng.on_allocation(x)
+        else:
+            eng.on_window(x)
+    assert run_of(eng, "job-1") == run_of(eng, "job-2")
+    (run,) = eng.runs.values()
+    assert run.run_id == run_of(eng, "job-1") and run.used == pytest.approx(9e16)  # the partial replaced, not added
+    assert sorted(eng.stitcher.runs[run.run_id].workloads) == ["job-1", "job-2"]
+
+
 def test_restart_with_run_label_is_stitched_across_a_long_gap_and_sums_compute():
     eng = DetectEngine(demo())
     eng.on_cip(cip("acct-lb"))
