@@ -30,12 +30,11 @@ from pathlib import Path
 import numpy as np
 import orjson
 import psutil
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from benchmarks.common import bench_main
+from benchmarks.common import bench_main, produce_all, stage_settings
 from pipeline.ingest.stage import IngestCore, SourceMessage
-from pipeline.settings import IngestSettings, KafkaSettings, Settings, TopicSettings
 
 BOOTSTRAP = os.environ.get("TRAINWATCH_TEST_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 DEADLINE_S = 120.0
@@ -88,16 +87,7 @@ def _topic(admin: AdminClient, prefix: str) -> str:
 
 
 def _produce(topic: str, values: list[bytes]) -> None:
-    p = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 20, "batch.size": 1_000_000,
-                  "queue.buffering.max.messages": 1_000_000})
-    for v in values:
-        while True:
-            try:
-                p.produce(topic, v, b"k")
-                break
-            except BufferError:
-                p.poll(0.05)
-    assert p.flush(60) == 0
+    produce_all(BOOTSTRAP, topic, values, **{"batch.size": 1_000_000, "queue.buffering.max.messages": 1_000_000})
 
 
 def _ceiling(topic: str, n_messages: int, columnar: bool, batch: int) -> float:
@@ -135,9 +125,7 @@ def _stage(topic: str, n_messages: int, batch: int, admin: AdminClient) -> float
 
     tune_gc()  # as `trainwatch ingest run` does
     out, dlq = _topic(admin, "windows"), _topic(admin, "dlq")
-    settings = Settings(kafka=KafkaSettings(bootstrap_servers=BOOTSTRAP),
-                        topics=TopicSettings(telemetry=topic, windows=out, dlq=dlq),
-                        ingest=IngestSettings(batch_size=batch))
+    settings = stage_settings(BOOTSTRAP, topic, out, dlq, batch)
     stage = KafkaIngestStage(settings, group_id=f"bench-{uuid.uuid4().hex}")
     stage.subscribe()
     t_first = None
@@ -363,7 +351,7 @@ def _state_bytes(nodes: int, minutes: int = 6) -> tuple[float, int]:
     gc.collect()
     held = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
-    assert core.agg.open_units() > 0
+    assert sum(st.open_units for st in core.states()) > 0
     return held, nodes * 8
 
 

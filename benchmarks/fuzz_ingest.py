@@ -246,11 +246,11 @@ def run_core(values: list[bytes | None], ex: Expect, batch: int, seed: int) -> d
 
 def run_kafka(values: list[bytes | None], ex: Expect, bootstrap: str) -> dict:
     """The same messages through the real broker: produce, run KafkaIngestStage, read windows and letters back."""
-    from confluent_kafka import Consumer, Producer, TopicPartition
+    from confluent_kafka import Consumer, TopicPartition
     from confluent_kafka.admin import AdminClient, NewTopic
 
+    from benchmarks.common import produce_all, stage_settings
     from pipeline.ingest.kafka_stage import KafkaIngestStage
-    from pipeline.settings import IngestSettings, KafkaSettings, Settings, TopicSettings
     from schemas.serde import decode
     from schemas.windows import WindowAggregate
 
@@ -262,18 +262,8 @@ def run_kafka(values: list[bytes | None], ex: Expect, bootstrap: str) -> dict:
     for f in futs.values():
         f.result(timeout=30)
     try:
-        p = Producer({"bootstrap.servers": bootstrap, "message.max.bytes": 8 * 2**20, "linger.ms": 20})
-        for v in values:
-            while True:
-                try:
-                    p.produce(tel, v, b"k")
-                    break
-                except BufferError:
-                    p.poll(0.1)
-        assert p.flush(60) == 0
-        settings = Settings(kafka=KafkaSettings(bootstrap_servers=bootstrap),
-                            topics=TopicSettings(telemetry=tel, windows=out, dlq=dlq),
-                            ingest=IngestSettings(batch_size=2000))
+        produce_all(bootstrap, tel, values, **{"message.max.bytes": 8 * 2**20})
+        settings = stage_settings(bootstrap, tel, out, dlq, 2000)
         stage = KafkaIngestStage(settings, group_id=f"fuzz-{tag}")
         crashes = 0
         held = [0]
@@ -281,7 +271,7 @@ def run_kafka(values: list[bytes | None], ex: Expect, bootstrap: str) -> dict:
         def done() -> bool:  # at the end of this finite input, count what the live stage keeps open (to re-read)
             if stage.stats.messages < len(values):
                 return False
-            held[0] = sum(u.samples for q in stage.core.agg.parts.values() for u in q.units.values())
+            held[0] = sum(st.open_samples for st in stage.core.states())
             return True
 
         try:

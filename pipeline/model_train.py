@@ -226,7 +226,7 @@ def simulated_entries(scenario: str, seed: int, **params: Any) -> tuple[dict[str
         b = _block_batch(sc, blk, offset)
         offset += len(b.ts)
         h.update(b.ts.tobytes())
-        core.agg.add(TOPIC, 0, b)  # the windowing core of IngestCore.process, minus decoding
+        core.add_rows(TOPIC, 0, b)  # IngestCore.process minus decoding
         hb.add(core.ready())
     hb.add(core.drain())
     truth = {w.workload_id: {"is_training": w.is_training, "source_family": w.source_family,

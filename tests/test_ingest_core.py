@@ -264,6 +264,30 @@ def test_window_config_from_settings_takes_every_windowing_setting(monkeypatch) 
     assert (cfg.window_s, cfg.watermark_lag_s, cfg.allowed_lateness_s, cfg.max_clock_skew_s) == (30, 7, 600, 45)
 
 
+def test_rows_added_without_a_wire_format_window_as_decoded_messages_do() -> None:
+    """`add_rows` (the simulator's blocks for training) gives the windows `process` gives for the same samples, and
+    `states()` counts the samples still open (what a restart re-reads)."""
+    from pipeline.ingest.aggregate import Batch
+    from schemas.telemetry import METRIC_FIELDS
+
+    rows = synth.samples([SPEC], T0, 150, 10.0)
+    core_a, core_b = IngestCore(), IngestCore()
+    wins_a, _ = run(core_a, [v for _, v in synth.native(rows)], batch=len(rows))
+    batch = Batch(ts=np.array([r["ts"] for r in rows]), interval=np.array([r["interval_s"] for r in rows]),
+                  metrics=np.array([[r.get(m, math.nan) for m in METRIC_FIELDS] for r in rows], dtype=float),
+                  offset=np.arange(len(rows)), device=[r["device"] for r in rows], node=[r["node"] for r in rows],
+                  accelerator=[r.get("accelerator") for r in rows], workload=[r["workload_id"] for r in rows],
+                  account=[r.get("account_id") for r in rows], job=[r.get("job_id") for r in rows],
+                  run_label=[r.get("run_label") for r in rows], precision=[r.get("precision") for r in rows])
+    assert core_b.add_rows("telemetry", 0, batch) == []
+    wins_b = core_b.ready()
+    assert wins_b and [w.model_dump() for w in wins_b] == [w.model_dump() for w in wins_a]
+    open_b = sum(st.open_samples for st in core_b.states())
+    assert open_b == len(rows) - sum(w.sample_count for w in wins_b) > 0
+    assert sum(w.sample_count for w in core_b.drain()) == open_b
+    assert sum(st.open_samples for st in core_b.states()) == 0
+
+
 def test_unknown_accelerator_is_kept_and_flagged_and_smi_only_uses_the_weaker_basis() -> None:
     specs = [synth.WorkloadSpec("wl-x", accelerator="Mystery X9"), synth.WorkloadSpec("wl-smi", smi_only=True)]
     rows = synth.samples(specs, T0, 60, 10.0)

@@ -212,6 +212,7 @@ class PartitionState(NamedTuple):
     devices: int  # devices the dedup state tracks (shrinks as quiet devices are forgotten)
     held_fragments: int = 0  # rows waiting for the rest of their fragments (set by IngestCore)
     fragment_devices: int = 0  # devices the fragment merger tracks (set by IngestCore)
+    open_samples: int = 0  # samples in the open window units (what a restart would re-read)
 
 
 @dataclass(slots=True)
@@ -419,7 +420,7 @@ class WindowAggregator:
         for (topic, partition), p in list(self.parts.items()):
             units = list(p.units.values())
             out.append(PartitionState(topic, partition, p.max_ts, len(units), min((u.f for u in units), default=None),
-                                      len(p.dev_ids)))
+                                      len(p.dev_ids), open_samples=sum(u.samples for u in units)))
         return out
 
     # --- the hot path ----------------------------------------------------------------------------------------

@@ -212,6 +212,16 @@ class IngestCore:
         self.agg.advance(topic, partition, int(offsets[-1]) + 1)
         return dead
 
+    def add_rows(self, topic: str, partition: int, batch: Batch) -> list[DeadLetter]:
+        """Rows already decoded and valid (a caller with no wire format: the simulator's blocks for training) into the
+        windows, as `process` adds them after decoding; returns the letters the windowing decides (too late, clock
+        ahead). Offsets in `batch.offset` continue the partition's."""
+        dead: list[DeadLetter] = []
+        if len(batch.ts):
+            self._add(topic, partition, batch, dead)
+            self.agg.advance(topic, partition, int(batch.offset.max()) + 1)
+        return dead
+
     def _add(self, topic: str, partition: int, batch: Batch | None, dead: list[DeadLetter],
              whole: Callable[[int], tuple[int, bytes] | None] | None = None,
              key_of: Callable[[int], bytes | None] | None = None,
