@@ -22,8 +22,12 @@ Whether DCGM's PIPE_TENSOR_ACTIVE counts the FP64 (DFMA) tensor pipe on Hopper i
 ("tensor (HMMA) pipe") and the simulator assumes it does (its FP64 HPC lights tensor_active). The default takes the
 harder reading: tensor_active is *any* tensor pipe, so the FP64 HPC job shows 92 % tensor activity and only
 fp64_active (DFMA folded in: the native schema has no separate DFMA field; the kind of tensor work is FP64 there)
-tells it from training. `tier="smi"` keeps the NVML fields only (what nvidia-smi shows). `temp_c` has no native
-field and is dropped; no memory clock and no fb_free were read, so they stay missing (never zero).
+tells it from training. A GPM reading is the mean over the 0.5 s before it, so in the full tier it is given to
+every NVML tick it covers (the four before it and its own; `gpm_hold="none"` keeps it on its own tick only):
+otherwise four samples in five would carry no tensor activity and fall to the utilisation / power compute basis,
+which a DCGM exporter sampling the profiling fields at its own interval never does. `tier="smi"` keeps the NVML
+fields only (what nvidia-smi shows). `temp_c` has no native field and is dropped; no memory clock and no fb_free
+were read, so they stay missing (never zero).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ _GPM_FRACTION = {"gpm_sm_util_pct": "sm_active", "gpm_sm_occupancy_pct": "sm_occ
 _GPM_RATE = {"gpm_pcie_tx_mib_s": "pcie_tx_bytes", "gpm_pcie_rx_mib_s": "pcie_rx_bytes",
              "gpm_nvlink_tx_mib_s": "nvlink_tx_bytes", "gpm_nvlink_rx_mib_s": "nvlink_rx_bytes"}
 NVML_INTERVAL_S = 0.1
+#: A GPM reading covers the GPM interval before it (0.5 s) plus clock jitter.
+GPM_COVER_S = 0.55
 
 
 def load_capture(folder: Path = CAPTURE_DIR) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -60,16 +66,22 @@ def _frac(v: float) -> float:
 
 
 def to_native(row: dict[str, Any], *, tier: Tier = "full", tensor: Literal["any", "hmma"] = "any",
-              accelerator: str = "NVIDIA H200", workload_id: str | None = None) -> dict[str, Any]:
-    """One capture row as a native TelemetrySample dict (see the module's mapping table)."""
+              accelerator: str = "NVIDIA H200", workload_id: str | None = None,
+              gpm: dict[str, Any] | None = None, precision: str | None = None) -> dict[str, Any]:
+    """One capture row as a native TelemetrySample dict (see the module's mapping table); `gpm`: the GPM reading
+    that covers this tick (default: the row's own, if any)."""
     s: dict[str, Any] = {"ts": float(row["ts"]), "node": "h200-capture", "device": "GPU-h200-capture-0",
                          "gpu_index": 0, "accelerator": accelerator, "account_id": "h200-capture",
                          "workload_id": workload_id or f"h200-{row['workload']}", "interval_s": NVML_INTERVAL_S}
+    if precision:  # what a provider that knows the job's precision would send (the capture ran bf16; HPC fp64)
+        s["precision"] = precision
     for k, f in _NVML.items():
         if row.get(k) is not None:
             s[f] = float(row[k])
-    if tier == "smi" or "gpm_sm_util_pct" not in row:
+    g = row if gpm is None else gpm
+    if tier == "smi" or "gpm_sm_util_pct" not in g:
         return s
+    row = g
     for k, f in _GPM_FRACTION.items():
         if row.get(k) is not None:
             s[f] = _frac(row[k])
@@ -85,18 +97,29 @@ def to_native(row: dict[str, Any], *, tier: Tier = "full", tensor: Literal["any"
 
 
 def capture_runs(folder: Path = CAPTURE_DIR, *, tier: Tier = "full", tensor: Literal["any", "hmma"] = "any",
+                 gpm_hold: Literal["cover", "none"] = "cover", precision: str | None = None,
                  ) -> dict[str, list[dict[str, Any]]]:
     """Native samples per manifest workload (`h200-<name>`), time-sorted; the setup / between gaps are dropped."""
     rows, manifest = load_capture(folder)
     names = {w["workload"] for w in manifest["workloads"]}
-    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_wl: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if r.get("workload") in names:
-            s = to_native(r, tier=tier, tensor=tensor)
-            out[s["workload_id"]].append(s)
-    for v in out.values():
-        v.sort(key=lambda s: s["ts"])
-    return dict(out)
+            by_wl[r["workload"]].append(r)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, rs in by_wl.items():
+        rs.sort(key=lambda r: r["ts"])
+        cover: list[dict[str, Any] | None] = [None] * len(rs)
+        nxt: dict[str, Any] | None = None
+        for i in range(len(rs) - 1, -1, -1):  # backwards: the next GPM reading covers the ticks before it
+            if "gpm_sm_util_pct" in rs[i]:
+                nxt = rs[i]
+            if gpm_hold == "cover" and nxt is not None and nxt["ts"] - rs[i]["ts"] <= GPM_COVER_S:
+                cover[i] = nxt
+        prec = None if precision is None else ("fp64" if name == "hpc" else precision)
+        out[f"h200-{name}"] = [to_native(r, tier=tier, tensor=tensor, gpm=c, precision=prec)
+                               for r, c in zip(rs, cover, strict=True)]
+    return out
 
 
 def truth(folder: Path = CAPTURE_DIR) -> dict[str, dict[str, Any]]:
@@ -110,12 +133,13 @@ def truth(folder: Path = CAPTURE_DIR) -> dict[str, dict[str, Any]]:
 
 
 def capture_entries(folder: Path = CAPTURE_DIR, *, tier: Tier = "full", tensor: Literal["any", "hmma"] = "any",
-                    keep_windows: bool = False) -> tuple[dict[str, list[dict[str, Any]]], dict[tuple[str, float], Any]]:
+                    keep_windows: bool = False, precision: str | None = None,
+                    ) -> tuple[dict[str, list[dict[str, Any]]], dict[tuple[str, float], Any]]:
     """History entries (and optionally merged windows) per run, each run through the windowing core on its own
     (as `trainwatch classify` does)."""
     entries: dict[str, list[dict[str, Any]]] = {}
     windows: dict[tuple[str, float], Any] = {}
-    for samples in capture_runs(folder, tier=tier, tensor=tensor).values():
+    for samples in capture_runs(folder, tier=tier, tensor=tensor, precision=precision).values():
         # `now` only bounds future timestamps: the capture is historical, so its own last time is a valid clock
         hb, dead = histories_from_messages((dumps(s) for s in samples), samples[-1]["ts"] + 3600.0,
                                            keep_windows=keep_windows)

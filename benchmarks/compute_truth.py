@@ -1,0 +1,58 @@
+"""The compute estimate against ground truth: the real H200 capture's train and LoRA runs (data/gpu_capture_h200,
+manifest model FLOP) through the ingest stage's compute accounting (detectors/compute.py), as ratios.
+
+    python -m benchmarks.compute_truth [--out benchmarks/results/compute_truth.json]
+
+Per capture variant (profiling fields: tensor_active basis; the same with the precision reported; nvidia-smi
+only: utilisation / power basis) and run: estimated FLOP (point, low, high) / the manifest's model FLOP, whether
+the truth lies inside the band the product reports, and inside the model card's band (the tensor basis's low end
+times TENSOR_RATE_FLOOR, pipeline/model_eval.py). Ratios, not timings: the figures do not depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.model_eval import COMPUTE_TRUTH_RUNS, TENSOR_RATE_FLOOR, compute_vs_truth
+from schemas.serde import dumps
+
+OUT = Path(__file__).resolve().parent / "results" / "compute_truth.json"
+
+
+def run() -> dict[str, Any]:
+    res = compute_vs_truth()
+    figures: dict[str, Any] = {}
+    for variant, runs in res.items():
+        if not isinstance(runs, dict):
+            continue
+        for w in COMPUTE_TRUTH_RUNS:
+            r = runs.get(w) or {}
+            if "ratio" in r:
+                figures[f"compute_truth.{variant}.{w.removeprefix('h200-')}.ratio"] = r["ratio"]
+                figures[f"compute_truth.{variant}.{w.removeprefix('h200-')}.band_ratio"] = r["band_ratio"]
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "capture": "data/gpu_capture_h200",
+            "tensor_rate_floor": TENSOR_RATE_FLOOR, "figures": figures, "runs": res}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    result = run()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(dumps(result) + b"\n")
+    for variant, runs in result["runs"].items():
+        for w, r in (runs.items() if isinstance(runs, dict) else []):
+            if "ratio" in r:
+                print(f"{variant:20} {w:12} basis {r['basis']!s:28} estimate/truth {r['ratio']:7.3f}  band "
+                      f"[{r['band_ratio'][0]:.3f}, {r['band_ratio'][1]:.3f}] inside {r['truth_inside_band']!s:5}  "
+                      f"card band [{r['card_band_ratio'][0]:.3f}, {r['card_band_ratio'][1]:.3f}] inside "
+                      f"{r['truth_inside_card_band']}")
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
