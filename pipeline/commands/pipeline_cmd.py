@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ DEMO_DATABASE = "trainwatch_demo"
 
 
 def replay_folder(folder: Path, store: Store, policy_name: str, settings: Settings, *,
-                  progress: bool = True) -> RunResult:
+                  progress: bool = True, shadows: Sequence[str] = ()) -> RunResult:
     if not (folder / "telemetry.jsonl").exists():
         raise TrainwatchError(f"{folder}: not a scenario folder (no telemetry.jsonl)")
     from pipeline.ingest.aggregate import WindowConfig
@@ -33,6 +34,17 @@ def replay_folder(folder: Path, store: Store, policy_name: str, settings: Settin
     policy = load_policy(policy_name)
     pipe = InProcessPipeline(store, policy, load_classifier(settings.model_path, policy), window=window,
                              batch_size=settings.ingest.batch_size)
+    if shadows:  # extra profiles beside the live one: would-be cases only (pipeline/policy_ops.py)
+        from pipeline.detect.stage import DetectStage
+        from pipeline.policy_ops import ShadowCaseService, ShadowTee
+
+        extra = []
+        for name in shadows:
+            sp = load_policy(name)
+            stage = DetectStage(sp, load_classifier(settings.model_path, sp), window.window_s,
+                                window.allowed_lateness_s)
+            extra.append((stage, ShadowCaseService(store, sp)))
+        pipe.detect = ShadowTee(pipe.detect, extra, pipe.clock)  # type: ignore[assignment]
     manifest = folder / "manifest.json"
     total = orjson.loads(manifest.read_bytes()).get("counts", {}).get("lines") if manifest.exists() else None
     with tqdm(total=total, unit="msg", disable=not progress, desc="replay", leave=False) as bar:
@@ -77,11 +89,15 @@ def register(app: typer.Typer) -> None:
         store: str = typer.Option(None, "--store", help="ClickHouse DSN (default: settings)"),
         database: str = typer.Option(None, "--database", help="database (default: settings)"),
         json_out: bool = typer.Option(False, "--json", help="print counters and cases as JSON"),
+        shadow: list[str] = typer.Option(None, "--shadow", help="also run this policy profile as a shadow "
+                                         "(repeatable): its would-be cases are stored with status `shadow`, never on "
+                                         "the feed, no clock; compare with `trainwatch policy diff`"),
     ) -> None:
         """Run the whole pipeline in process over a scenario folder into the store."""
         settings = load_settings()
         with Store.connect(store or settings.clickhouse_dsn, database or settings.database) as st:
-            res = replay_folder(folder, st, policy or settings.policy, settings, progress=not json_out)
+            res = replay_folder(folder, st, policy or settings.policy, settings, progress=not json_out,
+                                shadows=shadow or ())
             cases = st.list_cases()
         if json_out:
             typer.echo(dumps({"counters": dict(res.counters), "cases": [c.model_dump(mode="json") for c in cases]}))
