@@ -13,16 +13,24 @@ Formula (DESIGN.md, "Compute accounting"):
   buys memory traffic), high = FP8-or-BF16 peak x min(1, 2 a_p) x MFU high: a band about 8x wide, flagged by the
   same basis code (utilisation_power).
 - `none`: no activity signal at all; point and low are 0 and high is the device's full capacity at FP8 peak.
-- Unknown accelerator (no catalog row): the caller has no peaks; `unknown_accelerator_band` bounds it from the
-  catalog's smallest and largest parts, with basis `unknown_accelerator` (detectors/catalog.py).
+- Unknown accelerator (no catalog row, or no model reported): basis `unknown_accelerator`. Per sample the formula
+  above runs on `unknown_accelerator_peaks`: point at the catalog's median peak for the precision (BF16 when
+  unknown), low at its smallest, high at its largest (FP8-or-BF16 when unknown); no TDP, so power neither damps
+  nor stands in for activity. Over a whole run, `unknown_accelerator_band` (classify) bounds it the same way.
 """
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 
-BASIS_NONE, BASIS_UTIL_POWER, BASIS_TENSOR = 0, 1, 2
-BASIS_NAMES = {BASIS_NONE: "none", BASIS_UTIL_POWER: "utilisation_power", BASIS_TENSOR: "tensor_active"}
+from schemas.window_sums import BASES
+
+#: Basis codes: the index of each name in the window sums' layout (schemas/window_sums.py).
+BASIS_NONE, BASIS_UTIL_POWER, BASIS_TENSOR, BASIS_UNKNOWN_ACCELERATOR = (
+    BASES.index(b) for b in ("none", "utilisation_power", "tensor_active", "unknown_accelerator"))
+BASIS_NAMES = dict(enumerate(BASES))
 MFU_POINT, MFU_LOW, MFU_HIGH = 0.40, 0.10, 0.60
 #: Power drawn by an idle, clocked-up part, as a share of TDP (H100/A100 idle at 60-90 W of 400-700 W).
 IDLE_POWER_SHARE = 0.15
@@ -67,6 +75,19 @@ def estimate_flop(
     basis = np.where(has_tensor, BASIS_TENSOR,
                      np.where(has_act | power_only, BASIS_UTIL_POWER, BASIS_NONE)).astype(np.int8)
     return point, low, high, basis
+
+
+@cache
+def unknown_accelerator_peaks(precision: str | None) -> tuple[float, float, float]:
+    """(point, low, high) peak FLOP/s for a part the catalog does not know, from the parts it does: point at their
+    median peak at `precision` (BF16 when unknown), low at the smallest, high at the largest (at FP8-or-BF16 when
+    the precision is unknown: it may be an FP8 run)."""
+    from detectors.catalog import load_catalog
+
+    parts = [a for a in load_catalog().values() if "bf16" in a.peak_flops]
+    at = sorted(a.peak(precision) for a in parts)
+    high = max(a.low_precision_band[1] for a in parts) if precision is None else at[-1]
+    return at[len(at) // 2], at[0], high
 
 
 def unknown_accelerator_band(device_seconds: float, activity: float | None) -> tuple[float, float, float]:

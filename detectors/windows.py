@@ -237,7 +237,8 @@ def window_features(raw_sums: dict[str, float], device_count: int, node_count: i
     f["node_count"] = float(node_count)
     f["devices_per_node"] = device_count / node_count if node_count else None
     basis_total = sum(sums.basis.values())
-    known_basis = basis_total - sums.basis["none"]
+    # an unknown part's estimate is a catalog-wide band: no evidence of the rate (as before it had a basis)
+    known_basis = basis_total - sums.basis["none"] - sums.basis["unknown_accelerator"]
     f["log10_flop_rate"] = math.log10(flop / window_s) if flop > 0 and known_basis > 0 else None
     f["tensor_basis_share"] = sums.basis["tensor_active"] / basis_total if basis_total else None
     samples = sums.samples

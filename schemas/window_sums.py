@@ -5,7 +5,8 @@ A window partial carries every statistic as an additive sum, so the partials of 
 partitions, late-data corrections) merge by adding values key by key, and finished statistics (means, spreads,
 synchrony) are computed only after the merge. Keys, each present only when non-zero:
 
-- `samples`: rows in the partial;
+- `samples`: rows in the partial; `samples.interval_unknown`: rows whose interval was neither sent nor derivable
+  (counted 0 s in device-seconds, moments and the FLOP point and low, the longest interval in the FLOP high);
 - `<stat>.sum`, `<stat>.sumsq`: sum of value x interval, of value^2 x interval (time-weighted moments);
 - `<stat>.n`: seconds the field covered (sum of the intervals of the rows carrying it); `<stat>.count`: those rows;
 - `basis.<basis>`: rows whose FLOP estimate rests on that basis (`BASES`);
@@ -38,12 +39,14 @@ SYNC_FIELDS = ("tensor_active", "util_frac", "power_frac")
 MAX_PROFILE_BUCKETS = 1024
 
 #: What a sample's FLOP estimate rests on; the index is the basis code of detectors/compute.py.
-SampleBasis = Literal["none", "utilisation_power", "tensor_active"]
+#: `unknown_accelerator`: the part is not in the catalog (or not reported), the band spans the catalog's parts.
+SampleBasis = Literal["none", "utilisation_power", "tensor_active", "unknown_accelerator"]
 BASES: tuple[str, ...] = get_args(SampleBasis)
 #: A window's basis: its samples' one basis, or `mixed`.
 ComputeBasis = Literal[SampleBasis, "mixed"]
 
 SAMPLES_KEY = "samples"
+INTERVAL_UNKNOWN_KEY = "samples.interval_unknown"
 #: per STAT_FIELDS column: (sum, sumsq, n, count) keys
 STAT_KEYS: tuple[tuple[str, str, str, str], ...] = tuple(
     (f"{f}.sum", f"{f}.sumsq", f"{f}.n", f"{f}.count") for f in STAT_FIELDS)
@@ -65,16 +68,19 @@ def profile_keys(buckets: int) -> tuple[tuple[tuple[str, str], ...], ...]:
 # --- writing --------------------------------------------------------------------------------------------------------
 def write_sums(samples: float, stats: Sequence[Sequence[float]], basis: Sequence[float],
                prof_sum: Sequence[Sequence[float]] | None = None, prof_n: Sequence[Sequence[float]] | None = None,
-               spread: Sequence[Sequence[float]] | None = None) -> dict[str, float]:
+               spread: Sequence[Sequence[float]] | None = None, interval_unknown: float = 0.0) -> dict[str, float]:
     """A partial's `sums` from its accumulators, in plain lists:
 
     - `stats`: 4 rows (sum v*dt, sum v^2*dt, sum dt, count) x STAT_FIELDS columns; a column with count 0 is left out;
     - `basis`: rows per BASES code;
     - `prof_sum`, `prof_n`: per SYNC_FIELDS column, per bucket (all devices added);
     - `spread`: per SYNC_FIELDS column, (device-spread sum, n, node-spread sum, n);
-    a SYNC_FIELDS column whose buckets are all empty writes neither its profile nor its spread.
+    a SYNC_FIELDS column whose buckets are all empty writes neither its profile nor its spread;
+    - `interval_unknown`: rows whose interval was unknown.
     """
     out: dict[str, float] = {SAMPLES_KEY: float(samples)}
+    if interval_unknown:
+        out[INTERVAL_UNKNOWN_KEY] = float(interval_unknown)
     s_sum, s_sq, s_n, s_count = stats
     for j, c in enumerate(s_count):
         if c > 0:
@@ -114,6 +120,7 @@ class WindowSums:
     """`sums` read back, typed. Absent keys read as 0."""
 
     samples: float
+    interval_unknown: float  # rows whose interval was unknown
     moments: dict[str, Moments]  # STAT_FIELDS name -> its moments (only fields some row carried)
     basis: dict[str, float]  # BASES name -> rows
     profiles: dict[str, list[float]]  # SYNC_FIELDS name -> bucket means, non-empty buckets in time order
@@ -123,11 +130,11 @@ class WindowSums:
         return self.moments.get(name, _NO_MOMENTS)
 
 
-# key -> (kind, index, slot): kind 0 samples, 1 stat, 2 basis, 3 spread, 4 profile (index = sync column, slot =
-# 2 * bucket + part)
+# key -> (kind, index, slot): kind 0 samples (slot 1: interval unknown), 1 stat, 2 basis, 3 spread, 4 profile (index =
+# sync column, slot = 2 * bucket + part)
 @cache
 def _key_index() -> dict[str, tuple[int, int, int]]:
-    idx: dict[str, tuple[int, int, int]] = {SAMPLES_KEY: (0, 0, 0)}
+    idx: dict[str, tuple[int, int, int]] = {SAMPLES_KEY: (0, 0, 0), INTERVAL_UNKNOWN_KEY: (0, 0, 1)}
     for j, keys in enumerate(STAT_KEYS):
         idx.update({k: (1, j, s) for s, k in enumerate(keys)})
     idx.update({k: (2, code, 0) for code, k in enumerate(BASIS_KEYS)})
@@ -142,7 +149,7 @@ def _key_index() -> dict[str, tuple[int, int, int]]:
 def read_sums(sums: Mapping[str, float]) -> WindowSums:
     """Read a (merged) `sums` map in one pass; keys outside the layout are ignored."""
     idx = _key_index()
-    samples = 0.0
+    samples = [0.0, 0.0]
     stats: dict[int, list[float]] = {}
     basis = dict.fromkeys(BASES, 0.0)
     spread = [[0.0, 0.0, 0.0, 0.0] for _ in SYNC_FIELDS]
@@ -157,13 +164,14 @@ def read_sums(sums: Mapping[str, float]) -> WindowSums:
         elif kind == 4:
             prof[i].setdefault(slot >> 1, [0.0, 0.0])[slot & 1] += v
         elif kind == 0:
-            samples += v
+            samples[slot] += v
         elif kind == 2:
             basis[BASES[i]] += v
         else:
             spread[i][slot] += v
     return WindowSums(
-        samples=samples,
+        samples=samples[0],
+        interval_unknown=samples[1],
         moments={STAT_FIELDS[j]: Moments(*m) for j, m in sorted(stats.items())},
         basis=basis,
         profiles={f: [s / c for _, (s, c) in sorted(prof[si].items()) if c > 0] for si, f in enumerate(SYNC_FIELDS)},

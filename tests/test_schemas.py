@@ -185,7 +185,8 @@ def test_window_sums_written_and_read_by_one_layout() -> None:
     assert ws.samples == 1.0
     assert ws.stat("power_w").sum / ws.stat("power_w").seconds == 300.0
     assert ws.stat("gpu_util").count == 0.0
-    assert ws.basis == {"none": 0.0, "utilisation_power": 0.0, "tensor_active": 1.0}
+    assert ws.basis == {"none": 0.0, "utilisation_power": 0.0, "tensor_active": 1.0, "unknown_accelerator": 0.0}
+    assert ws.interval_unknown == 0.0
     assert ws.profiles["tensor_active"] == [0.4, 0.6] and ws.profiles["util_frac"] == []
     assert ws.spread[("tensor_active", "node")] == (0.02, 1.0)
 

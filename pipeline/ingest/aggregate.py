@@ -58,10 +58,9 @@ class WindowConfig:
     allowed_lateness_s: float = 3600.0
     #: sub-buckets per window for the synchrony profiles (12 x 5 s at the default window)
     profile_buckets: int = 12
-    #: interval of a sample without interval_s: gap to the device's previous sample, capped here ...
+    #: interval of a sample without interval_s: gap to the device's previous sample (else to its next one in the
+    #: batch), capped here; with neither the interval is unknown: 0 s in the point, this long in the FLOP high
     max_interval_s: float = 60.0
-    #: ... or this for a device's first sample (dcgm-exporter's default collection interval)
-    default_interval_s: float = 30.0
     #: a row further ahead of the partition's confirmed event time than this is dead-lettered `clock_ahead`
     max_clock_skew_s: float = 300.0
 
@@ -698,7 +697,8 @@ class WindowAggregator:
             del p.seen[wv]
 
     def _intervals(self, p: _Partition, b: Batch, idx: np.ndarray, by_dev: np.ndarray, gid: np.ndarray) -> np.ndarray:
-        """interval_s if given; else the gap to the device's previous sample (capped); else the default.
+        """interval_s if given; else the gap to the device's previous sample (capped); else (a device's first sample,
+        or one out of order) the gap to its next sample in this batch (capped); else NaN: unknown, never a guess.
         `by_dev`: the kept rows grouped by device, in arrival order inside each device."""
         cfg = self.cfg
         gs, tss = gid[by_dev], b.ts[by_dev]
@@ -709,7 +709,13 @@ class WindowAggregator:
         p.dev_last[gs[last]] = tss[last]
         gap = tss - prev
         with np.errstate(invalid="ignore"):
-            derived = np.where(gap > 0, np.minimum(gap, cfg.max_interval_s), cfg.default_interval_s)
+            derived = np.where(gap > 0, np.minimum(gap, cfg.max_interval_s), np.nan)
+            if np.isnan(derived).any():
+                nxt = np.concatenate((tss[1:], [np.nan]))
+                nxt[last] = np.nan
+                gap_next = nxt - tss
+                derived = np.where(np.isnan(derived) & (gap_next > 0), np.minimum(gap_next, cfg.max_interval_s),
+                                   derived)
         out = np.empty(len(b.ts))
         out[by_dev] = derived
         given = b.interval[idx]
@@ -733,7 +739,7 @@ class WindowAggregator:
             code, uniq = _codes([values[i] for i in pick] if len(pick) != len(values) else values)
             return (code if spread is None else code[spread]), uniq
 
-        rs = row_stats(b, idx, dt, coded)
+        rs = row_stats(b, idx, dt, coded, self.cfg.max_interval_s)
         per_row, act, known = rs.per_row, rs.act, rs.known
 
         wl, wl_names = coded(b.workload)

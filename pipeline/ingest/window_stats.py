@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from detectors.catalog import resolve
-from detectors.compute import estimate_flop
+from detectors.compute import BASIS_UNKNOWN_ACCELERATOR, estimate_flop, unknown_accelerator_peaks
 from schemas.telemetry import METRIC_FIELDS
 from schemas.window_sums import BASES, STAT_FIELDS, SYNC_FIELDS, write_sums
 
@@ -27,15 +27,18 @@ if TYPE_CHECKING:
 _COL = {f: i for i, f in enumerate(STAT_FIELDS)}
 _SYNC_COLS = [_COL[f] for f in SYNC_FIELDS]
 _N_STATS = 4 * len(STAT_FIELDS)
-_N_SUMS = _N_STATS + 4 + len(BASES)  # + FLOP point/low/high, device-seconds, samples per basis code
+#: + FLOP point/low/high, device-seconds, samples per basis code, samples whose interval was unknown
+_N_SUMS = _N_STATS + 4 + len(BASES) + 1
 
 
 @cache
-def device_params(accelerator: str | None, precision: str | None) -> tuple[float, float, float, float, float]:
-    """(peak point, low, high, TDP W, memory MiB); NaN where the catalog does not know."""
+def device_params(accelerator: str | None, precision: str | None
+                  ) -> tuple[float, float, float, float, float, float]:
+    """(peak point, low, high, TDP W, memory MiB, 1 if the catalog knows the part else 0). An unknown (or absent)
+    part gets the catalog-wide peaks (a wide band, never a zero) and no TDP or memory (NaN)."""
     acc = resolve(accelerator)
     if acc is None:
-        return (math.nan,) * 5
+        return (*unknown_accelerator_peaks(precision), math.nan, math.nan, 0.0)
     if precision is not None:
         p = acc.peak(precision)
         lo = hi = p
@@ -44,7 +47,7 @@ def device_params(accelerator: str | None, precision: str | None) -> tuple[float
         lo, hi = acc.low_precision_band
     tdp = acc.tdp_w if acc.tdp_w else math.nan
     mem = acc.memory_gib * 1024.0 if acc.memory_gib else math.nan
-    return p, lo, hi, tdp, mem
+    return p, lo, hi, tdp, mem, 1.0
 
 
 class Unit:
@@ -64,7 +67,7 @@ class Unit:
         self.sums = np.zeros(_N_SUMS)
         self.stats = self.sums[:_N_STATS].reshape(4, len(STAT_FIELDS))  # sum v*dt, sum v^2*dt, sum dt, count
         self.flop = self.sums[_N_STATS : _N_STATS + 3]  # point, low, high
-        self.basis = self.sums[_N_STATS + 4 :]  # samples per basis code
+        self.basis = self.sums[_N_STATS + 4 : _N_SUMS - 1]  # samples per basis code
         self.dev_index: dict[int, int] = {}  # the partition's device id -> row of the profiles
         self.dev_name: list[str] = []
         self.dev_node: list[str] = []
@@ -130,9 +133,9 @@ class Unit:
             onehot[list(map(node_index.__getitem__, u.dev_node)), np.arange(nd)] = 1.0
             nv, nn = _profile_var(np.matmul(onehot, s), np.matmul(onehot, c))
             spread = np.stack((dv, dn, nv, nn), axis=1).tolist()
-            sums = write_sums(u.samples, u.stats.tolist(), basis_l, ps, pc, spread)
+            sums = write_sums(u.samples, u.stats.tolist(), basis_l, ps, pc, spread, float(u.sums[-1]))
         else:
-            sums = write_sums(u.samples, u.stats.tolist(), basis_l)
+            sums = write_sums(u.samples, u.stats.tolist(), basis_l, interval_unknown=float(u.sums[-1]))
         node_names = list(node_index)
         present_basis = [BASES[i] for i, n in enumerate(basis_l) if n]
         basis = present_basis[0] if len(present_basis) == 1 else "mixed"
@@ -157,7 +160,8 @@ def _profile_var(s: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class RowStats(NamedTuple):
     """A batch's selected rows as statistics: `per_row` holds, for the columns `act` the batch carries, sum v*dt,
-    sum v^2*dt, sum dt and count, then FLOP point/low/high, dt and a one-hot basis code (see `unit_sums_layout`)."""
+    sum v^2*dt, sum dt and count, then FLOP point/low/high, dt, a one-hot basis code and 1 where the interval was
+    unknown (see `unit_sums_layout`)."""
 
     per_row: np.ndarray
     act: np.ndarray
@@ -166,19 +170,26 @@ class RowStats(NamedTuple):
     xz: np.ndarray  # the values, 0 where missing
 
 
-def row_stats(b: Batch, idx: np.ndarray, dt: np.ndarray,
-              coded: Callable[[list], tuple[np.ndarray, list]]) -> RowStats:
+def row_stats(b: Batch, idx: np.ndarray, dt: np.ndarray, coded: Callable[[list], tuple[np.ndarray, list]],
+              unknown_dt_s: float) -> RowStats:
     """Statistics of rows `idx` of `b`, each weighted by its interval `dt`; `coded(column)` gives the rows' dense
-    codes of a batch column and the distinct values (the caller knows when ids are constant per message)."""
+    codes of a batch column and the distinct values (the caller knows when ids are constant per message).
+    A NaN interval is unknown: the row counts 0 s everywhere but in the FLOP high, which takes `unknown_dt_s`."""
     n = len(idx)
     if b.precision.count(None) == len(b.precision):  # precision rarely reported: key by model alone
         code, uniq = coded(b.accelerator)
-        table = np.array([device_params(a, None) for a in uniq], dtype=np.float64).reshape(len(uniq), 5)
+        table = np.array([device_params(a, None) for a in uniq], dtype=np.float64).reshape(len(uniq), 6)
     else:
         code, uniq = coded(list(zip(b.accelerator, b.precision, strict=True)))
-        table = np.array([device_params(a, pr) for a, pr in uniq], dtype=np.float64).reshape(len(uniq), 5)
+        table = np.array([device_params(a, pr) for a, pr in uniq], dtype=np.float64).reshape(len(uniq), 6)
     params = table[code]
-    known = ~np.isnan(params[:, 0])
+    known = params[:, 5] > 0
+    no_dt = np.isnan(dt)
+    any_no_dt = bool(no_dt.any())
+    if any_no_dt:  # FLOP is linear in the interval: estimate at the longest, then zero the point and low
+        dt_high, dt = np.where(no_dt, unknown_dt_s, dt), np.where(no_dt, 0.0, dt)
+    else:
+        dt_high = dt
 
     x = np.empty((n, len(STAT_FIELDS)))
     x[:, : len(METRIC_FIELDS)] = b.metrics[idx]
@@ -189,15 +200,17 @@ def row_stats(b: Batch, idx: np.ndarray, dt: np.ndarray,
     activity = x[:, _COL["util_frac"]]
     for alt in ("gr_engine_active", "sm_active"):
         activity = np.where(np.isnan(activity), x[:, _COL[alt]], activity)
-    fp, flo, fhi, basis = estimate_flop(dt, params[:, 0], params[:, 1], params[:, 2], x[:, _COL["tensor_active"]],
-                                        activity, x[:, _COL["power_frac"]])
-    basis = np.where(known, basis, 0)  # unknown model: kept, flagged, basis none
+    fp, flo, fhi, basis = estimate_flop(dt_high, params[:, 0], params[:, 1], params[:, 2],
+                                        x[:, _COL["tensor_active"]], activity, x[:, _COL["power_frac"]])
+    if any_no_dt:
+        fp, flo = np.where(no_dt, 0.0, fp), np.where(no_dt, 0.0, flo)
+    basis = np.where(known, basis, BASIS_UNKNOWN_ACCELERATOR)  # unknown model: kept, flagged, its own wide band
     present = ~np.isnan(x)
     xz = np.where(present, x, 0.0)
     # Only the statistics this batch carries (exporters send a fixed subset): fewer columns to reduce.
     act = np.flatnonzero(present.any(axis=0))
     m_act = len(act)
-    per_row = np.empty((n, 4 * m_act + 4 + len(BASES)))
+    per_row = np.empty((n, 4 * m_act + 4 + len(BASES) + 1))
     xa, pa, dtc = xz[:, act], present[:, act], dt[:, None]
     np.multiply(xa, dtc, out=per_row[:, :m_act])
     np.multiply(per_row[:, :m_act], xa, out=per_row[:, m_act : 2 * m_act])
@@ -207,6 +220,8 @@ def row_stats(b: Batch, idx: np.ndarray, dt: np.ndarray,
     tail[:, 0], tail[:, 1], tail[:, 2], tail[:, 3] = fp, flo, fhi, dt
     tail[:, 4:] = 0.0
     tail[np.arange(n), 4 + basis] = 1.0
+    if any_no_dt:
+        tail[:, -1] = no_dt
     return RowStats(per_row, act, known, present, xz)
 
 
