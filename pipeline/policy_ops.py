@@ -29,12 +29,13 @@ from typing import Any
 from pipeline.cases.core import CaseBook, CaseChanges
 from pipeline.cases.feed import CaseFeedMessage
 from pipeline.detect.stage import DetectOutput, DetectStage
+from pipeline.settings import Settings
 from pipeline.store import Store
 from schemas.case import REPORTABLE_STATUSES, Case
 from schemas.cip import CipRecord
 from schemas.detection import Detection
 from schemas.ids import content_id
-from schemas.policy import Policy
+from schemas.policy import Policy, load_policy
 
 SHADOW = "shadow"
 
@@ -195,3 +196,92 @@ def diff_cases(live: Sequence[Case], shadow: Sequence[Case]) -> dict[str, Any]:
             rows["same"].append(row)
     rows_count = {k: len(v) for k, v in rows.items()}
     return {"counts": rows_count, **rows}
+
+
+# ---- on Kafka: a shadow detect worker ------------------------------------------------------------------------------
+
+
+def shadow_settings(settings: Settings, policy_name: str, base_app_id: str) -> tuple[Settings, str]:
+    """The settings and app id of a shadow detect worker for `policy_name`: the shadow policy, its own app id (so
+    its own consumer group, changelogs and owners topic) and its own detections topic (the live `cases` agent must
+    never read a shadow's findings). Provision its topics with `trainwatch topics create --shadow POLICY`."""
+    policy = load_policy(policy_name)
+    app_id = shadow_app_id(base_app_id, policy)
+    topics = settings.topics.model_copy(update={"detections": f"{settings.topics.detections}.{app_id}"})
+    return settings.model_copy(update={"policy": policy_name, "topics": topics}), app_id
+
+
+class ShadowStore:
+    """The store as a shadow worker sees it: it writes only shadow cases — not its findings (their ids are keyed by
+    policy id, which a shadow of the live profile shares), nor the windows, CIP records and dead letters the live
+    worker writes from the same inputs — and no live case is visible to it, so the faust app's feed audit finds
+    nothing to republish. Reads go to the real store, opened on first use (in the worker)."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self._real: Store | None = None
+
+    @property
+    def real(self) -> Store:
+        if self._real is None:
+            self._real = Store.connect(self._settings.clickhouse_dsn, self._settings.database)
+        return self._real
+
+    def insert_detections(self, detections: Sequence[Detection]) -> int:
+        return 0
+
+    # The live worker reads the same inputs and writes these; a shadow writes only its shadow cases.
+    def insert_windows(self, windows: Sequence[Any]) -> int:
+        return 0
+
+    def upsert_cip(self, records: Sequence[CipRecord]) -> int:
+        return 0
+
+    def insert_dead_letters(self, rows: Iterable[Any]) -> int:
+        return 0
+
+    def get_case(self, case_id: str) -> Case | None:
+        return None
+
+    def close(self) -> None:
+        if self._real is not None:
+            self._real.close()
+            self._real = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+class _LazyShadowCases:
+    """ShadowCaseService built on first use, inside the worker (the store is opened there, never at app build)."""
+
+    def __init__(self, store: ShadowStore, policy: Policy):
+        self._store, self._policy = store, policy
+        self._svc: ShadowCaseService | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._svc is None:
+            self._svc = ShadowCaseService(self._store.real, self._policy)
+        return getattr(self._svc, name)
+
+
+def run_shadow_detect(settings: Settings, *, app_id: str, partitions: int = 1, loglevel: str = "WARNING") -> None:
+    """The faust detect app under a shadow policy until SIGTERM/SIGINT: the same agents and windows as the live
+    worker (its own group), with ShadowCaseService for cases and ShadowStore for the store: no feed, no clock."""
+    import faust
+
+    from pipeline import topics
+    from pipeline.detect.faust_app import make_app
+
+    n = topics.require(settings, "detect", app_id)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app, rt = make_app(settings, app_id=app_id, partitions=n or partitions)
+    store = ShadowStore(settings)
+    rt._store = store  # type: ignore[assignment]
+    rt._cases = _LazyShadowCases(store, rt.policy)  # type: ignore[assignment]
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, override_logging=False)
+    worker.spinner = None
+    try:
+        worker.execute_from_commandline()
+    finally:
+        rt.close()

@@ -5,16 +5,29 @@ cases are exactly those of a run without it, a replay changes nothing, and `poli
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
+import orjson
+import pytest
 import typer
+from confluent_kafka.admin import AdminClient
 from typer.testing import CliRunner
 
 from pipeline.cases.service import CaseService
+from pipeline.classifier_loader import load_classifier
 from pipeline.commands import policy_cmd
 from pipeline.detect.stage import DetectStage
-from pipeline.policy_ops import SHADOW, ShadowCaseService, ShadowTee, diff_cases, stored_shadows
+from pipeline.detect.topics import owners_topic
+from pipeline.policy_ops import SHADOW, ShadowCaseService, ShadowTee, diff_cases, shadow_app_id, stored_shadows
+from pipeline.runner import InProcessPipeline
+from pipeline.simulator import simulate
+from pipeline.sources import read_folder
 from pipeline.store import Store
 from schemas.policy import Thresholds, load_policy
 
@@ -24,6 +37,18 @@ DEMO = load_policy("demo")
 STRICT = DEMO.model_copy(update={"version": "2.0.0-shadow", "thresholds": Thresholds(
     training_ops=3e18, bio_training_ops=1e15, cluster_ops_per_s=1e17, cluster_network_gbps=100,
     count_projected=False)})
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _strict_toml(folder: Path) -> Path:
+    toml = folder / "strict.toml"
+    toml.write_text((REPO / "schemas/policies/demo.toml").read_text()
+                    .replace('version = "1.0.0"', 'version = "2.0.0-shadow"')
+                    .replace("training_ops = 1e18", "training_ops = 3e18")
+                    .replace("count_projected = true", "count_projected = false"))
+    return toml
 
 
 def _run(store: Store, inputs: list[tuple[str, Any]], shadow: bool) -> list:
@@ -74,11 +99,7 @@ def test_shadow_records_would_be_cases_beside_an_unchanged_live_run(store: Store
     app = typer.Typer()
     policy_cmd.register(app)
     app.command("noop")(lambda: None)
-    toml = store_path.parent / "strict.toml"
-    toml.write_text((Path(__file__).parents[1] / "schemas/policies/demo.toml").read_text()
-                    .replace('version = "1.0.0"', 'version = "2.0.0-shadow"')
-                    .replace("training_ops = 1e18", "training_ops = 3e18")
-                    .replace("count_projected = true", "count_projected = false"))
+    toml = _strict_toml(store_path.parent)
     where = ["--store", f"chdb://{store_path}", "--database", store.database]
     r = CliRunner().invoke(app, ["policy", "diff", "demo", str(toml), "--json", *where])
     assert r.exit_code == 0, r.output
@@ -94,3 +115,74 @@ def test_live_run_without_a_shadow_gives_the_same_live_cases(store: Store, demo_
     plain = _live(store)
     _run(store, demo_inputs, shadow=True)
     assert _live(store) == plain and stored_shadows(store, STRICT.id)
+
+
+_DUMP = ("import sys, orjson; from pipeline.store import Store\n"
+         "s = Store.connect(sys.argv[1], sys.argv[2])\n"
+         "sh = [[c.evidence['shadow']['book_case_id'], c.evidence['shadow']['status'], c.reason,"
+         " c.beneficial_owner_id or c.account_id, c.evidence['shadow']['knowledge_at'], c.version]"
+         " for c in s.list_cases(status=['shadow'])]\n"
+         "n = {t: s.query(f'SELECT count() AS n FROM {t}')[0]['n'] for t in ('case_events', 'detections', 'windows')}\n"
+         "print(orjson.dumps({'shadows': sh, 'live': len(s.list_cases()), **n}).decode())\n")
+
+
+@pytest.mark.kafka
+def test_shadow_detect_group_on_kafka_gives_the_replays_shadow_cases(tmp_path: Path, kafka_bootstrap: str,
+                                                                      unique_topic, store: Store) -> None:
+    """`run --stage detect --shadow POLICY`: its own group on the live worker's windows; its shadow cases are the
+    in-process shadow's, and it writes nothing else: no live case, event, finding or window, nothing on the feed."""
+    from tests.test_faust_detect import delivery_order, lag, produce, read_topic, stage_topics, wait_for
+
+    folder = simulate("demo", tmp_path / "demo")
+    toml = _strict_toml(tmp_path)
+    strict = load_policy(toml)
+    base = f"sh-{uuid.uuid4().hex[:8]}"
+    shadow_id = shadow_app_id(base, strict)
+    topics = stage_topics(unique_topic, kafka_bootstrap, "sh", shadow_id)
+    topics["telemetry"] = unique_topic("sh-telemetry")
+    db = f"shadow_{uuid.uuid4().hex[:10]}"
+    env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "TRAINWATCH_POLICY": "demo",
+           "TRAINWATCH_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'worker-store'}", "TRAINWATCH_DATABASE": db,
+           "TRAINWATCH_DATA_DIR": str(tmp_path / "var"), "TRAINWATCH_MODEL_PATH": "rule",
+           **{f"TRAINWATCH_TOPICS__{k.upper()}": t for k, t in topics.items()}}
+    env.pop("TRAINWATCH_CONFIG", None)
+    shadow_detections = f"{topics['detections']}.{shadow_id}"
+    made = subprocess.run([sys.executable, "-m", "pipeline", "topics", "create", "--app-id", base, "--shadow",
+                           str(toml)], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert f"created {shadow_detections}" in made.stdout, made.stdout + made.stderr
+    produce(kafka_bootstrap, topics, delivery_order(folder))
+    log_path = tmp_path / "shadow.log"
+    cmd = [sys.executable, "-m", "pipeline", "run", "--stage", "detect", "--app-id", base, "--shadow", str(toml)]
+    try:
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                chain = [topics["windows"], topics["cip"], topics["allocations"], owners_topic(shadow_id),
+                         shadow_detections]
+                wait_for(lambda: lag(kafka_bootstrap, shadow_id, chain) == 0, "shadow group lag 0", proc, log_path,
+                         180.0)
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+        got = orjson.loads(subprocess.run([sys.executable, "-c", _DUMP, env["TRAINWATCH_CLICKHOUSE_DSN"], db],
+                                          cwd=REPO, capture_output=True, check=True, timeout=60).stdout)
+    finally:
+        AdminClient({"bootstrap.servers": kafka_bootstrap}).delete_topics([shadow_detections])
+
+    # The reference: the same folder in process with the same shadow beside the live run.
+    pipe = InProcessPipeline(store, DEMO, load_classifier("rule", DEMO))
+    shadow_stage = DetectStage(strict, load_classifier("rule", strict), pipe.window.window_s,
+                               pipe.window.allowed_lateness_s)
+    pipe.detect = ShadowTee(pipe.detect, [(shadow_stage, ShadowCaseService(store, strict))], pipe.clock)  # type: ignore[assignment]
+    pipe.run(read_folder(folder))
+    expected = {(c.evidence[SHADOW]["book_case_id"], c.evidence[SHADOW]["status"], c.reason,
+                 c.beneficial_owner_id or c.account_id, c.evidence[SHADOW]["knowledge_at"])
+                for c in stored_shadows(store, strict.id, strict.version)}
+    assert expected, "the strict shadow opens cases on the demo"
+    tail = log_path.read_text(errors="replace")[-3000:]
+    assert {tuple(r[:5]) for r in got["shadows"]} == expected, tail
+    assert (got["live"], got["case_events"], got["detections"], got["windows"]) == (0, 0, 0, 0)
+    assert read_topic(kafka_bootstrap, topics["cases"]) == []  # never on the feed

@@ -45,6 +45,10 @@ def register(app: typer.Typer) -> None:
         ingest_group: str = typer.Option("trainwatch-ingest", "--ingest-group", help="ingest consumer group"),
         loglevel: str = typer.Option("WARNING", "--loglevel"),
         config: Path | None = typer.Option(None, "--config", help="settings TOML file"),
+        shadow: str | None = typer.Option(
+            None, "--shadow", help="with --stage detect: run this policy profile as a shadow beside the live worker "
+            "(own group <app-id>-shadow-<id>-<version>, own detections topic; would-be cases only, no feed, no clock; "
+            "provision with `trainwatch topics create --shadow POLICY`)"),
         fault_store_down_file: Path | None = typer.Option(
             None, "--fault-store-down-file", hidden=True,
             help="chaos runs only: the store fails every call while this file exists (pipeline/faults.py)"),
@@ -57,6 +61,15 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger().setLevel(loglevel.upper())  # basicConfig is a no-op under the CLI's log_setup handler
         settings = load_settings(config)
+        if shadow is not None:
+            from pipeline.policy_ops import run_shadow_detect, shadow_settings
+            from schemas.errors import ConfigError
+
+            if stage is not StageName.detect:
+                raise ConfigError("--shadow runs a detect worker: use it with --stage detect")
+            settings, shadow_id = shadow_settings(settings, shadow, app_id)
+            run_shadow_detect(settings, app_id=shadow_id, loglevel=loglevel)
+            return
         if stage is StageName.dlq:  # needs only the DLQ topic, which the sink checks itself (one line)
             dlq_stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: dlq_stop.set())

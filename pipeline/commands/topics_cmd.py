@@ -16,11 +16,20 @@ _CONFIG = typer.Option(None, "--config", help="settings TOML file")
 
 
 @topics_app.command("create")
-def create(app_id: str = _APP_ID, config: Path | None = _CONFIG) -> None:
+def create(
+    app_id: str = _APP_ID,
+    config: Path | None = _CONFIG,
+    shadow: str | None = typer.Option(None, "--shadow", help="also the topics of a shadow detect worker for this "
+                                      "policy (its owners topic and detections topic; see `run --shadow`)"),
+) -> None:
     """Create every missing topic with settings' partitions, replication and configs; then check them all."""
     from pipeline import topics
 
     settings = load_settings(config)
+    if shadow is not None:
+        from pipeline.policy_ops import shadow_settings
+
+        settings, app_id = shadow_settings(settings, shadow, app_id)
     made = topics.create(settings, app_id)
     for name in made:
         typer.echo(f"created {name}")
