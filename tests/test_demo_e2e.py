@@ -75,6 +75,19 @@ def test_demo_cases_match_ground_truth(demo_folder: Path, demo_run: tuple[Store,
         assert any(c.account_id == m["account_id"] and c.status == "monitored" for c in cases)
 
 
+def test_demo_shows_a_needs_review_case(demo_run: tuple[Store, InProcessPipeline]) -> None:
+    """A foreign run over the threshold that the classifier cannot judge (a profiling-only exporter: no utilisation,
+    no power) opens as needs_review with the customer inquiry; it never closes as not training (issue 14)."""
+    store, _ = demo_run
+    cases = [c for c in store.list_cases() if c.account_id == "acct-nl-vision"]
+    assert [c.status for c in cases] == ["needs_review"]
+    det = next(d for d in cases[0].evidence["detections"].values() if d["outcome"] == "needs_review")
+    ev = det["evidence"]
+    assert ev["classifier"]["band"] == "uncertain" and "no_utilisation_or_power" in ev["classifier"]["reasons"]
+    assert {"power", "utilisation"} <= set(ev["classifier"]["missing"])
+    assert "Please attest" in ev["suggested_inquiry"] and ev["basis"] == {"tensor_active": len(ev["windows"])}
+
+
 def test_demo_replay_is_idempotent(demo_folder: Path, store: Store) -> None:
     _run(demo_folder, store)
     before = {(c.case_id, c.version, c.status, c.knowledge_at) for c in store.list_cases()}

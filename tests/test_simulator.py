@@ -145,6 +145,20 @@ def test_demo_has_the_promised_cases(demo_gt) -> None:
     assert [c["reason"] for c in demo_gt["expected_cases"]["bis-2024-proposed"]] == []
 
 
+def test_demo_profiling_only_exporter_sends_no_utilisation_or_power(demo_samples, demo_gt) -> None:
+    """The demo's needs_review run (acct-nl-vision): tensor activity and memory, no utilisation, power, clocks or
+    energy in any line; every other workload keeps its tier's fields."""
+    good, _ = demo_samples
+    nl = {w["workload_id"] for w in demo_gt["workloads"] if w["account_id"] == "acct-nl-vision"}
+    assert len(nl) == 1 and next(w for w in demo_gt["workloads"] if w["workload_id"] in nl)["is_training"]
+    mine = [s for s in good if s.workload_id in nl]
+    others = [s for s in good if s.workload_id not in nl]
+    assert mine and all(s.tensor_active is not None and s.fb_used_mib is not None for s in mine)
+    dropped = ("gpu_util", "mem_copy_util", "power_w", "energy_mj", "sm_clock_mhz", "mem_clock_mhz")
+    assert all(getattr(s, f) is None for s in mine for f in dropped)
+    assert sum(s.power_w is not None for s in others) > 0.9 * len(others)
+
+
 def _node_sync(cols: list[dict[str, np.ndarray]], wl: int) -> float:
     """Mean pairwise correlation, across nodes, of per-node mean tensor activity (first differences)."""
     ts = np.concatenate([c["ts"][c["workload"] == wl] for c in cols])

@@ -15,6 +15,7 @@ import orjson
 
 from pipeline.simulator.engine import MAL_JSON, MAL_MISSING, MAL_NONE, MAL_RANGE, Block
 from pipeline.simulator.scenario import Scenario
+from pipeline.simulator.workload import EXPORTER_DROPS
 from schemas.telemetry import METRIC_FIELDS, SMI_FIELDS
 
 
@@ -45,6 +46,8 @@ class LineFormatter:
             body = orjson.dumps(const).decode()[1:-1]
             assert "{" not in body and "}" not in body, body
             fields = SMI_FIELDS if smi else tuple(f for f in METRIC_FIELDS if not _unsupported(node.model, f))
+            drop = EXPORTER_DROPS.get(str(w.params.get("exporter") or ""), frozenset())
+            fields = tuple(f for f in fields if f not in drop)
             tmpl = '{{"ts":{},"node":"{}","device":"{}","gpu_index":{},' + body + "".join(
                 f',"{f}":{{}}' for f in fields) + "}}"
             # The same line as the constant pieces after the device text, one before each value and the end.

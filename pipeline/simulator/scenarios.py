@@ -57,6 +57,8 @@ def demo(seed: int, p: dict[str, Any]) -> Scenario:
                          "us_person")
     fr_mine = b.account(make_cip("acct-fr-mine", created, name="Minage SAS", country="FR", us_person=False),
                         "foreign_person")
+    nl_vision = b.account(make_cip("acct-nl-vision", created, name="Delftse Beeld BV", country="NL",
+                                   us_person=False), "foreign_person")
 
     # A large U.S. pretraining run: over the threshold, monitored, not reportable.
     b.job(us_lab, "pretrain", "H100", 4, T0 + 10 * M, T0 + 3 * H, run_label="us-lab/llm-7b", smi_only=False)
@@ -94,6 +96,12 @@ def demo(seed: int, p: dict[str, Any]) -> Scenario:
     # Foreign memory-bound mining-like load.
     b.job(fr_mine, "mining", "L40S", 1, T0 + 30 * M, T0 + 4 * H, gpus_per_node=4, interval_s=60, level=0.01,
           precision="fp32", precision_reported=False)
+    # Needs review: a foreign run seen through a profiling-only exporter (tensor activity, no utilisation or power).
+    # The compute estimate crosses; the classifier cannot judge such telemetry (uncertain, no_utilisation_or_power),
+    # so the case opens as needs_review with the customer inquiry instead of closing as not training.
+    # Added last, so every job above draws the same random numbers as before.
+    b.job(nl_vision, "pretrain", "H100", 1, T0 + 40 * M, T0 + 3 * H, interval_s=15, smi_only=False,
+          exporter="profiling_only")
     return b.build(T0 + 4 * H, _faults(p), p)
 
 

@@ -24,6 +24,15 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "hpc_fp64": ("training_like",),
 }
 
+#: What a job's exporter leaves out of every line (`params["exporter"]`, read by lines.py; the node's tier still
+#: decides the rest). "profiling_only": DCGM profiling fields and framebuffer, no utilisation, power, clocks or
+#: energy (an exporter watching only the profiling group, as the MIGProfiler traces were): the classifier cannot
+#: judge such a run (no utilisation or power), so a foreign run over the threshold opens as needs_review.
+EXPORTER_DROPS: dict[str, frozenset[str]] = {
+    "profiling_only": frozenset({"gpu_util", "mem_copy_util", "power_w", "energy_mj", "sm_clock_mhz",
+                                 "mem_clock_mhz"}),
+}
+
 
 @dataclass
 class Workload:
