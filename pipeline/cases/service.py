@@ -103,16 +103,23 @@ class CaseService:
         """Apply what suppressions that ended by event time `event_now` held (this policy's findings only; another
         policy's are released by that policy's pipeline or `suppress end`)."""
         out: list[CaseFeedMessage] = []
-        for sup in self.store.list_suppressions():
-            if (only is not None and sup.suppression_id != only) or sup.ends_at > event_now:
-                continue
+        ended = [s for s in self.store.list_suppressions()
+                 if (only is None or s.suppression_id == only) and s.ends_at <= event_now]
+        if not ended:
+            return out
+        # One read per tick for every ended suppression's findings still held (late ones arrive after the end too).
+        waiting: dict[str, list[Detection]] = {}
+        for r in self.store.query("SELECT suppression_id, detection FROM suppression_hits FINAL WHERE state = 0 AND "
+                                  "suppression_id IN {ids:Array(String)} ORDER BY event_time, fingerprint",
+                                  {"ids": [s.suppression_id for s in ended]}):
+            waiting.setdefault(r["suppression_id"], []).append(serde.decode(Detection, r["detection"]))
+        for sup in ended:
             sid = sup.suppression_id
             if sup.ended_at is None and sid not in self._expired_seen:
                 self._expired_seen.add(sid)
                 self.store.append_suppression_events([sup_ops.sup_event(
                     sid, "expired", sup.expires_at, recorded_at, sup_ops.PIPELINE_ACTOR, sup.expires_at, {})])
-            rows = [r for r in self.store.suppression_hits(sid) if r["state"] == sup_ops.HELD]
-            held = [d for r in rows if (d := serde.decode(Detection, r["detection"])).policy_id == self.policy.id]
+            held = [d for d in waiting.get(sid, []) if d.policy_id == self.policy.id]
             if not held:
                 continue
             self._refresh(case_id_for(d) for d in held)
