@@ -46,6 +46,7 @@ from threadpoolctl import ThreadpoolController
 
 from detectors.catalog import load_catalog
 from detectors.classifier_base import Verdict
+from detectors.fields import field_of as _attr
 from detectors.windows import UNIT_FEATURES
 
 BANDS = ("training", "not_training", "uncertain")
@@ -134,12 +135,6 @@ def feature_tier(name: str) -> str:
     # Unknown provenance (e.g. a synchrony statistic whose source metric is not in its name): treat as DCGM so the
     # smi tier never depends on a field an nvidia-smi provider may not have.
     return "dcgm"
-
-
-def _attr(window: Any, name: str, default: Any = None) -> Any:
-    if isinstance(window, dict):
-        return window.get(name, default)
-    return getattr(window, name, default)
 
 
 def _num(v: Any) -> float:

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from detectors.fields import field_of as _attr
+
 Band = Literal["training", "not_training", "uncertain"]
 
 
@@ -103,10 +105,6 @@ def band_for(p: float, p_high: float, p_low: float) -> Band:
     if p <= p_low:
         return "not_training"
     return "uncertain"
-
-
-def _attr(w: Any, name: str, default: Any = None) -> Any:
-    return w.get(name, default) if isinstance(w, Mapping) else getattr(w, name, default)
 
 
 def _mean_feature(history: Sequence[Any], names: tuple[str, ...]) -> float | None:
