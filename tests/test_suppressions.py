@@ -148,3 +148,71 @@ def test_cli_add_list_end_releases_at_once_and_audits(store: Store, store_path: 
     assert [e.action for e in store.suppression_events(sid)] == ["added", "held", "ended", "released"]
     twice = run(app, ["suppress", "end", sid, "--reason", "again", *where])
     assert twice.exit_code != 0 and "already over" in str(twice.exception)
+
+
+@pytest.mark.kafka
+def test_suppression_on_kafka_holds_then_the_expiry_opens_the_case_on_the_feed(tmp_path: Path, kafka_bootstrap: str,
+                                                                                unique_topic) -> None:
+    """The faust detect + cases worker applies a suppression like the replay: acct-de-ai's findings are held while it
+    stands; when the event-time watermark passes its expiry the deadline tick opens the case, knowledge_at at the
+    expiry, and publishes it on the feed with the suppression id."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import uuid
+    from datetime import UTC, datetime
+
+    import orjson
+
+    from pipeline.detect.topics import owners_topic
+    from pipeline.simulator import simulate
+    from tests.test_faust_detect import delivery_order, lag, produce, read_topic, stage_topics, wait_for
+
+    repo = Path(__file__).resolve().parent.parent
+    folder = simulate("demo", tmp_path / "demo")
+    app_id = f"sup-{uuid.uuid4().hex[:8]}"
+    topics = stage_topics(unique_topic, kafka_bootstrap, "sup", app_id)
+    db, dsn = f"sup_{uuid.uuid4().hex[:10]}", f"chdb://{tmp_path / 'worker-store'}"
+    env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "TRAINWATCH_POLICY": "demo",
+           "TRAINWATCH_CLICKHOUSE_DSN": dsn, "TRAINWATCH_DATABASE": db, "TRAINWATCH_DATA_DIR": str(tmp_path / "var"),
+           "TRAINWATCH_MODEL_PATH": "rule", **{f"TRAINWATCH_TOPICS__{k.upper()}": t for k, t in topics.items()}}
+    env.pop("TRAINWATCH_CONFIG", None)
+    start, until = datetime(2025, 3, 3, tzinfo=UTC).timestamp(), datetime(2025, 3, 3, 1, tzinfo=UTC).timestamp()
+    added = subprocess.run([sys.executable, "-m", "pipeline", "suppress", "add", "--account", "acct-de-ai", "--reason",
+                            "vendor benchmark", "--from", str(start), "--until", str(until), "--actor", "alice"],
+                           env=env, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert added.returncode == 0, added.stderr
+    sid = added.stdout.strip()
+    produce(kafka_bootstrap, topics, delivery_order(folder))
+    log_path = tmp_path / "worker.log"
+    cmd = [sys.executable, "-m", "pipeline", "run", "--stage", "detect", "--app-id", app_id]
+
+    def opened_on_feed() -> list[dict]:
+        return [m for m in read_topic(kafka_bootstrap, topics["cases"])
+                if m["case"]["account_id"] == "acct-de-ai" and m["change"]["action"] == "opened"]
+
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            chain = [topics["windows"], topics["cip"], topics["allocations"], owners_topic(app_id),
+                     topics["detections"]]
+            wait_for(lambda: lag(kafka_bootstrap, app_id, chain) == 0, "consumer lag 0", proc, log_path, 180.0)
+            wait_for(lambda: bool(opened_on_feed()), "the released case on the feed", proc, log_path, 60.0)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    (msg,) = opened_on_feed()
+    assert msg["case"]["knowledge_at"] == until and msg["change"]["details"]["suppression_id"] == sid
+    assert msg["change"]["details"]["held_event_time"] < until
+    script = ("import sys, orjson; from pipeline.store import Store\n"
+              "s = Store.connect(sys.argv[1], sys.argv[2])\n"
+              "print(orjson.dumps({'hits': s.suppression_hits(sys.argv[3]),"
+              " 'events': [e.action for e in s.suppression_events(sys.argv[3])]}).decode())\n")
+    got = orjson.loads(subprocess.run([sys.executable, "-c", script, dsn, db, sid], cwd=repo, capture_output=True,
+                                      check=True, timeout=60).stdout)
+    assert got["hits"] and all(h["state"] == 1 and h["account_id"] == "acct-de-ai" for h in got["hits"])
+    assert got["events"][0] == "added" and "expired" in got["events"] and "released" in got["events"]
