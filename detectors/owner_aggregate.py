@@ -11,7 +11,7 @@ so accounts of one owner on different partitions are summed all the same.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from detectors.base import DetectContext, Detector, inquiry_text
@@ -211,82 +211,92 @@ class OwnerAggregator:
 
 
 PENDING_MAX = 2000  # per owner: held contributions beyond this are applied oldest first, as they come (counted)
-#: Processing seconds after which a member account whose time has not moved stops holding the others' messages back
-#: (its partition idle, its account silent). Above the window period: a live account moves once per window.
+#: Processing seconds without input after which a source partition counts as caught up (the faust app then sends
+#: it as `QUIET`): the end of a finite input, or a partition that carries no data. Above the window period.
 OWNER_IDLE_S = 120.0
+#: A partition mark's claim for a source partition with no input for OWNER_IDLE_S: it has reached every event time.
+QUIET = 1e18
+#: How far behind its partition's watermark an account's window may still arrive and be ordered (ingest emits a
+#: partition's windows in window order; partials of other telemetry partitions may trail by a window or two).
+OWNER_SKEW_S = 120.0
+#: The owner id of a partition mark: it is addressed to every owner of the owners partition it is sent to.
+ALL_OWNERS = "*"
+
+
+def partition_mark(partition: int, wm: float) -> dict[str, Any]:
+    """Source partition `partition` has sent every owner message it will make for windows ending before `wm` (minus
+    the skew). Sent to every owners partition after the messages it covers."""
+    return {"kind": "mark", "owner_id": ALL_OWNERS, "partition": partition, "wm": wm, "marks": {}}
 
 
 class EventTimeOwners:
     """OwnerAggregator fed from several source partitions (the faust `owners` agent), in event time.
 
-    Every message carries its source `partition` and `wm`, the event time its account had reached in that
-    partition's stream *where the message was made* (the faust app: the account's latest window end so far, floored
-    at the partition's watermark minus the allowed lateness). A claim made at the end of a detect batch would be
-    false for the batch's own messages still on their way behind it: the owner would be decided past windows of the
-    account not yet in. A mark carries `marks`, account -> that time, for the owner's accounts on a partition, sent
-    after the batch's other messages. Per owner the member accounts (named by a CIP: memberships, contributions) are
-    waited on: contributions and retractions are held and applied in event-time order once every member's time has
-    reached them. A message's place (`at`) is its `t` (a retraction's: its `wm`), never before what its account had
-    already reached: a later revision of an older window carries the run's newer cumulative figures and must not be
-    overwritten by messages it followed. The sum then crosses in the window the in-process runner sees.
+    The in-process runner applies owner messages in the order the one stream makes them (event time). On Kafka an
+    owner's accounts sit on different source partitions that progress at different speeds, so messages are held and
+    applied in event-time order up to a horizon: the slowest source partition's watermark, less `skew_s`. Each source
+    partition sends a *partition mark* (`partition_mark`: its stage watermark) to every owners partition after the
+    messages it covers, so on an owners partition a mark is never ahead of that source's messages. The horizon waits
+    for every source partition (`sources`), not only for the accounts an owner is known to have: an account whose CIP
+    record naming the owner has not been applied yet on its (slower) partition is waited on all the same.
 
-    Liveness: with a processing-time clock `now`, a member whose time has not moved for `idle_s` holds nothing
-    back; the app sends `tick` messages for owners with held messages so they are released without new data.
+    A message's place (`at`) is its `t` (a retraction's: its `wm`), never before what its account had already sent
+    the owner: a later revision of an older window carries the run's newer cumulative figures and must not be
+    overwritten by messages it followed. Ties keep arrival order.
+
+    The bound (ARCHITECTURE.md): a message that arrives behind the horizon already passed (a window trailing its
+    partition's watermark by more than `skew_s`, a CIP record applied late, figures re-sent after a restart) is
+    applied at once, out of order. With windows in order that does not happen, and the sum crosses at the window the
+    in-process runner finds, or at another account's window of the same minute (knowledge_at within one window).
+
+    Liveness: a source partition without input for `detect.owner_idle_s` sends `QUIET` (the faust app): it no longer
+    holds anything back until its next real mark.
     """
 
-    def __init__(self, agg: OwnerAggregator, pending_max: int = PENDING_MAX, idle_s: float = OWNER_IDLE_S,
-                 now: Callable[[], float] | None = None) -> None:
+    def __init__(self, agg: OwnerAggregator, sources: int = 1, skew_s: float = OWNER_SKEW_S,
+                 pending_max: int = PENDING_MAX) -> None:
         self.agg = agg
+        self.sources = sources
+        self.skew_s = skew_s
         self.pending_max = pending_max
-        self.idle_s = idle_s
-        #: processing time (the faust app: wall clock, as the moved times live in the `owners` table across
-        #: restarts); None: no processing time here (pure replays), every member is waited on
-        self.now = now
-        #: owner id -> {"members": {account: partition}, "marks": {account: event time},
-        #:              "moved": {account: processing time its mark last advanced}, "pending": [message]}
+        #: owner id -> {"k": owners partition, "marks": {account: latest place sent}, "pending": [message]}
         self.clocks: dict[str, dict[str, Any]] = {}
+        #: owners partition -> {source partition: its latest partition mark}
+        self.parts: dict[str, dict[str, float]] = {}
 
-    def receive(self, m: Mapping[str, Any]) -> list[Detection]:
+    def receive(self, m: Mapping[str, Any], k: int = 0) -> list[Detection]:
+        """One message as it arrived on owners partition `k`. A partition mark releases every owner of `k` loaded."""
         oid, kind = m["owner_id"], message_kind(m)
-        if kind == "tick":  # processing time passed: idle members may no longer hold anything back
+        if kind == "mark" and oid == ALL_OWNERS:
+            self.parts.setdefault(str(k), {})[str(m["partition"])] = float(m["wm"])
+            out: list[Detection] = []
+            for clock in self.clocks.values():
+                if clock["k"] == k:
+                    out += self._release(clock)
+            return out
+        if kind in ("tick", "mark", "member"):  # marks per owner: an older protocol; memberships need no waiting
             clock = self.clocks.get(oid)
             return self._release(clock) if clock is not None else []
         if m.get("wm") is None:  # not stamped by a transport (no partition clock): applied as it comes
             return self.agg.apply(m)
-        clock = self.clocks.setdefault(oid, {"members": {}, "marks": {}, "moved": {}, "pending": []})
-        moved = clock["moved"]
-        part, wm, now = str(m["partition"]), float(m["wm"]), self.now() if self.now is not None else 0.0
-        aid = m.get("account_id")
-        if kind in ("contribution", "retract"):
-            at = max(float(m.get("t", wm)), clock["marks"].get(aid, float("-inf")))
-            clock["pending"].append({**m, "t": m.get("t", wm), "at": at})
-        for a, t in (m.get("marks") or {aid: wm}).items():
-            if float(t) > clock["marks"].get(a, float("-inf")):
-                clock["marks"][a] = float(t)
-                moved[a] = now
-        if kind in ("member", "contribution"):
-            if aid not in clock["members"]:
-                moved.setdefault(aid, now)
-            clock["members"][aid] = part
-        elif kind == "retract":
-            clock["members"].pop(aid, None)
+        clock = self.clocks.setdefault(oid, {"k": k, "marks": {}, "pending": []})
+        clock["k"] = k
+        aid, wm = m["account_id"], float(m["wm"])
+        t = float(m.get("t", wm))
+        at = max(t, clock["marks"].get(aid, float("-inf")))
+        clock["marks"][aid] = at
+        clock["pending"].append({**m, "t": m.get("t", wm), "at": at})
+        if kind == "retract":
             clock["marks"].pop(aid, None)
-            moved.pop(aid, None)
         return self._release(clock)
 
-    def horizon(self, clock: Mapping[str, Any]) -> float:
-        """Event time every live member account has reached (+inf without one: nothing to wait for). A member
-        idle for `idle_s` of processing time is not waited on until its time moves again."""
-        members, moved = clock["members"], clock["moved"]
-        if self.now is None:
-            live = list(members)
-        else:
-            now = self.now()
-            live = [a for a in members if now - moved.get(a, now) < self.idle_s]
-        return min(clock["marks"].get(a, float("-inf")) for a in live) if live else float("inf")
+    def horizon(self, k: int) -> float:
+        """Event time up to which owners partition `k` has every source partition's messages."""
+        marks = self.parts.get(str(k), {})
+        return min(marks.get(str(p), float("-inf")) for p in range(self.sources)) - self.skew_s
 
     def _release(self, clock: dict[str, Any]) -> list[Detection]:
-        h = self.horizon(clock)
+        h = self.horizon(clock["k"])
         pending = sorted(clock["pending"], key=lambda c: c["at"])  # stable: arrival order among equal places
         n_ready = sum(1 for c in pending if c["at"] <= h)
         over = len(pending) - n_ready - self.pending_max
@@ -300,7 +310,7 @@ class EventTimeOwners:
         return out
 
     def held(self, oid: str) -> bool:
-        """Whether the owner has messages waiting (the app ticks it so idle members cannot hold them forever)."""
+        """Whether the owner has messages waiting for the horizon."""
         clock = self.clocks.get(oid)
         return bool(clock and clock["pending"])
 
@@ -316,6 +326,13 @@ class EventTimeOwners:
         if d.get("clock") is not None:
             self.clocks[oid] = d["clock"]
 
+    def parts_to_dict(self, k: int) -> dict[str, float]:
+        return dict(self.parts.get(str(k), {}))
+
+    def load_parts(self, k: int, d: Mapping[str, float]) -> None:
+        self.parts[str(k)] = {str(p): float(v) for p, v in d.items()}
+
     def clear(self) -> None:
+        """Forget the owners loaded (the faust agent reloads those a batch touches); partition marks are kept."""
         self.agg.owners.clear()
         self.clocks.clear()

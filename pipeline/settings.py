@@ -114,8 +114,8 @@ class DetectSettings(BaseModel):
     #: A faust take waits this long for a full batch; detect and cases are two takes in a row, so at low traffic a
     #: case's latency grows by up to twice this (at high traffic batches fill first).
     batch_within_s: float = Field(default=0.25, gt=0, le=10)
-    #: Processing seconds after which a member account whose event time has not moved stops holding back its
-    #: owner's other members (above the window period: a live account moves once per window).
+    #: Processing seconds without input after which a detect partition counts as caught up: its held CIP records /
+    #: allocations are applied and it stops holding back the owners' event-time horizon (above the window period).
     owner_idle_s: float = Field(default=OWNER_IDLE_S, gt=0)
     #: Prometheus /metrics of the detect + cases worker (detections per detector, case events, event-time lag).
     metrics_port: int | None = Field(default=None, ge=0, le=65535)

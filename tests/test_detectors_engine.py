@@ -10,13 +10,13 @@ import pytest
 
 from detectors.engine import DetectEngine
 from detectors.owner_aggregate import (
+    QUIET,
     EventTimeOwners,
     OwnerAggregate,
     OwnerAggregator,
     membership,
+    partition_mark,
     retraction,
-    stamped,
-    tick,
 )
 from detectors.snapshot import from_split, split, split_dirty
 from detectors.state import RUN_IDS_K
@@ -189,9 +189,14 @@ def _split_owner() -> tuple[list, Detection, dict[str, DetectEngine]]:
     return ws, expected, {"acct-a": _partition_engine(("acct-a",)), "acct-b": _partition_engine(("acct-b",))}
 
 
+def _marked(eng: DetectEngine, part: int) -> list[dict]:
+    """One batch's owner messages as the faust app sends them, then the partition's mark (after the batch)."""
+    return [*_drain(eng, part), partition_mark(part, eng.watermark)]
+
+
 def test_owner_crossing_in_event_time_whatever_the_partitions_interleaving():
     """Partition A's windows all arrive before partition B's: summed as they come, the owner would cross at B's first
-    window (A's 9 windows plus 1 of B's); held until both partitions' watermarks pass them, it crosses where the
+    window (A's 9 windows plus 1 of B's); held until every source partition's mark passes them, it crosses where the
     in-process runner (one stream, in event time) sees it: at the end of the 5th window."""
     ws, expected, parts = _split_owner()
     pno = {"acct-a": 0, "acct-b": 1}
@@ -200,88 +205,77 @@ def test_owner_crossing_in_event_time_whatever_the_partitions_interleaving():
     for a in ("acct-a", "acct-b"):  # skewed: one batch per window, all of A's before any of B's
         for w in (w for w in ws if w.account_id == a):
             parts[a].on_window(w)
-            msgs += _drain(parts[a], pno[a])
+            msgs += _marked(parts[a], pno[a])
+    msgs += [partition_mark(0, QUIET), partition_mark(1, QUIET)]  # the end of the input
 
     naive = OwnerAggregator(demo(), detector=OwnerAggregate())
     (arrival,) = [d for m in msgs for d in naive.apply(m)]
     assert expected.event_time == pytest.approx(T0 + 5 * W)
     assert arrival.event_time == pytest.approx(T0 + W)  # arrival order: the gap this clock closes
 
-    timed = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()))
+    timed = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()), sources=2, skew_s=W)
     got: list[Detection] = []
     for m in msgs:
         got += timed.receive(m)
-        if m["partition"] == 0:
+        if m["partition"] == 0 and m["wm"] < QUIET:
             assert got == []  # A alone runs ahead: nothing is decided past B's watermark
     assert got == [expected]
     # Through plain data (the faust table) and a replay of everything: nothing new.
-    again = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()))
+    again = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()), sources=2, skew_s=W)
     again.load_owner("own-x", orjson.loads(orjson.dumps(timed.owner_to_dict("own-x"))))
+    again.load_parts(0, timed.parts_to_dict(0))
     assert [d for m in msgs for d in again.receive(m)] == []
     assert again.owner_to_dict("own-x")["owner"] == timed.owner_to_dict("own-x")["owner"]
 
 
-def _batch(eng: DetectEngine, part: int, ws: list, reached: dict[str, float]) -> list[dict]:
-    """One detect batch of a partition, its owner messages stamped as the faust app does (`stamped`)."""
-    for w in ws:
-        eng.on_window(w)
-    out = stamped(eng.owner_outbox, part, reached, floor=T0 - 3600.0)
-    eng.owner_outbox.clear()
-    return orjson.loads(orjson.dumps(out))
-
-
-def test_owner_time_is_claimed_where_each_message_was_made_not_at_the_batch_end():
-    """Partition A sends its 9 windows first; then partition B sends its 9 in ONE batch. Were B's messages stamped
-    with B's time at the batch end (T0 + 9 W), its first one would let the owners agent apply all of A's, and the
-    sum would cross on A's 9th window (the 60 s-late Kafka case). Stamped where made, each of B's messages lets
-    only A's windows up to its own through: the in-process crossing (end of the 5th window)."""
+def test_owner_waits_for_an_account_whose_cip_its_partition_has_not_applied_yet():
+    """The 4-partition Kafka flake: acct-b's partition is slow, so the owners agent has not even heard that acct-b
+    belongs to the owner when acct-a's windows come in. Waiting only for known members let acct-a's figures run
+    ahead; acct-b's early windows then crossed with acct-a's later figures (knowledge half an hour early). The
+    horizon waits for every source partition, so the crossing is the in-process one."""
     ws, expected, parts = _split_owner()
-    reached: dict[int, dict[str, float]] = {0: {}, 1: {}}
-    msgs = _batch(parts["acct-a"], 0, [], reached[0]) + _batch(parts["acct-b"], 1, [], reached[1])
-    msgs += _batch(parts["acct-a"], 0, [w for w in ws if w.account_id == "acct-a"], reached[0])
-    msgs += _batch(parts["acct-b"], 1, [w for w in ws if w.account_id == "acct-b"], reached[1])
-    b_claims = [m["wm"] for m in msgs if m["partition"] == 1 and m.get("kind") != "member"]
-    assert b_claims == sorted(b_claims) and b_claims[0] < b_claims[-1]  # not one batch-end time
-
-    timed = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()))
+    msgs = _marked(parts["acct-a"], 0)
+    for w in (w for w in ws if w.account_id == "acct-a"):
+        parts["acct-a"].on_window(w)
+        msgs += _marked(parts["acct-a"], 0)
+    msgs += _marked(parts["acct-b"], 1)  # B's CIP (its membership) only now
+    for w in (w for w in ws if w.account_id == "acct-b"):
+        parts["acct-b"].on_window(w)
+        msgs += _marked(parts["acct-b"], 1)
+    msgs += [partition_mark(0, QUIET), partition_mark(1, QUIET)]
+    timed = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()), sources=2, skew_s=W)
     assert [d for m in msgs for d in timed.receive(m)] == [expected]
-
-    at_batch_end = [{**m, "wm": max(b_claims)} if m["partition"] == 1 and m.get("kind") != "member" else m
-                    for m in msgs]
-    late = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()))
-    (wrong,) = [d for m in at_batch_end for d in late.receive(m)]
-    assert wrong.event_time > expected.event_time + W  # the cause of the gap, shown
+    members_only = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()), sources=1, skew_s=W)
+    (wrong,) = [d for m in msgs for d in members_only.receive(m)]  # partition 1 not waited on: the old answer
+    assert wrong.event_time < expected.event_time - W
 
 
-def test_idle_member_stops_holding_the_others_back_after_owner_idle_s():
-    """acct-b's partition goes silent after one window. acct-a's windows are held (acct-b could still send earlier
-    ones) until acct-b has not moved for idle_s of processing time; then a tick releases them and the owner
-    crosses. When acct-b moves again it is waited on again."""
-    clock = [1000.0]
-    timed = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()), idle_s=30.0, now=lambda: clock[0])
+def test_quiet_partition_stops_holding_the_others_back():
+    """acct-b's partition goes silent after one window: acct-a's windows are held until it is marked QUIET (the faust
+    app does so after `detect.owner_idle_s` without input), then applied in event time and the owner crosses. When
+    acct-b's partition marks a real watermark again, newer windows wait for it again."""
+    timed = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()), sources=2, skew_s=W)
     eng_a, eng_b = _partition_engine(("acct-a",)), _partition_engine(("acct-b",))
-    reached: dict[int, dict[str, float]] = {0: {}, 1: {}}
     got: list[Detection] = []
-    for m in _batch(eng_b, 1, [window("wl-b", "acct-b", 0, flop=1e17)], reached[1]):
+    eng_b.on_window(window("wl-b", "acct-b", 0, flop=1e17))
+    for m in _drain(eng_a, 0) + _marked(eng_b, 1):
         got += timed.receive(m)
     for i in range(10):
-        clock[0] += 2.0
-        for m in _batch(eng_a, 0, [window("wl-a", "acct-a", i, flop=1e17)], reached[0]):
+        eng_a.on_window(window("wl-a", "acct-a", i, flop=1e17))
+        for m in _marked(eng_a, 0):
             got += timed.receive(m)
-    assert got == [] and len(timed.clocks["own-x"]["pending"]) == 9  # all of A's after B's one window: held
+    assert got == [] and len(timed.clocks["own-x"]["pending"]) == 11  # all held: B has reached T0 + W, less the skew
     assert timed.held("own-x")
-    clock[0] = 1000.0 + 29.0
-    assert timed.receive(tick("own-x")) == []  # not idle yet
-    clock[0] = 1000.0 + 31.0
-    (det,) = timed.receive(tick("own-x"))  # B idle: A's held windows are applied, the owner crosses
+    (det,) = timed.receive(partition_mark(1, QUIET))
     assert by([det], "owner_aggregate") == [det] and det.beneficial_owner_id == "own-x"
-    assert not timed.held("own-x")
-    # B moves again: live again, A's newer windows wait for it.
-    for m in _batch(eng_b, 1, [window("wl-b", "acct-b", 1, flop=1e17)], reached[1]):
+    assert [c["t"] for c in timed.clocks["own-x"]["pending"]] == [T0 + 10 * W]  # A's own mark, less the skew
+    eng_b.on_window(window("wl-b", "acct-b", 1, flop=1e17))
+    for m in _marked(eng_b, 1):
         timed.receive(m)
-    for m in _batch(eng_a, 0, [window("wl-a", "acct-a", 10, flop=1e17)], reached[0]):
+    eng_a.on_window(window("wl-a", "acct-a", 10, flop=1e17))
+    for m in _marked(eng_a, 0):
         timed.receive(m)
-    assert [c["account_id"] for c in timed.clocks["own-x"]["pending"]] == ["acct-a"]
+    assert [c["account_id"] for c in timed.clocks["own-x"]["pending"]] == ["acct-a", "acct-a"]
 
 
 def test_owner_removal_lost_in_a_crash_is_re_derived_from_the_restored_state():
@@ -289,13 +283,13 @@ def test_owner_removal_lost_in_a_crash_is_re_derived_from_the_restored_state():
     replayed CIP is a no-op, yet the restored engine's owner_snapshot re-sends the retraction (and re-sending the
     snapshot again changes nothing)."""
     eng_a, eng_b = _partition_engine(("acct-a",)), _partition_engine(("acct-b",))
-    agg = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()))
+    agg = EventTimeOwners(OwnerAggregator(demo(), detector=OwnerAggregate()), sources=2, skew_s=0.0)
     for i in range(3):
         for p, (a, eng) in enumerate((("acct-a", eng_a), ("acct-b", eng_b))):
             eng.on_window(window(f"wl-{a[-1]}", a, i, flop=1e17))
-            for m in _drain(eng, p):
+            for m in _marked(eng, p):
                 agg.receive(m)
-    assert agg.clocks["own-x"]["members"] == {"acct-a": "0", "acct-b": "1"}
+    assert agg.agg.owners["own-x"].accounts == ["acct-a", "acct-b"]
     removal = cip("acct-a", us_person=True, country="US", owners=[], updated_at=T0 + 10 * W)
     eng_a.on_cip(removal)
     assert eng_a.owner_outbox == [retraction("own-x", "acct-a")]
@@ -307,15 +301,11 @@ def test_owner_removal_lost_in_a_crash_is_re_derived_from_the_restored_state():
     snap = eng_a.owner_snapshot()
     assert retraction("own-x", "acct-a") in snap
     eng_a.owner_outbox += snap
-    sent = _drain(eng_a, 0)
-    for m in sent:
-        agg.receive(m)
-    for m in _drain(eng_b, 1) or [{"kind": "mark", "owner_id": "own-x", "partition": 1, "wm": eng_b.watermark,
-                                     "marks": {"acct-b": eng_b.watermark}}]:
+    sent = _marked(eng_a, 0)
+    for m in sent + _marked(eng_b, 1):
         agg.receive(m)
     assert agg.agg.owners["own-x"].accounts == ["acct-b"]
     assert {r["account_id"] for r in agg.agg.owners["own-x"].runs.values()} == {"acct-b"}
-    assert agg.clocks["own-x"]["members"] == {"acct-b": "1"}
     before = agg.owner_to_dict("own-x")
     for m in sent:  # idempotent: a second restart re-sends the same
         agg.receive(m)

@@ -102,9 +102,6 @@ def _kafka_run(tmp: Path, bootstrap: str, unique_topic, folder: Path, partitions
     return _cases_by_key(rows)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known nondeterminism (issue 12): at 4 partitions the owner case own-shared-7 sometimes falls outside"
-    " the one-window bound; passed on 452821a, failed on eac2c67"))
 def test_kafka_with_1_2_4_partitions_gives_the_replays_cases(tmp_path: Path, kafka_bootstrap: str, unique_topic,
                                                                store) -> None:
     folder = simulate("demo", tmp_path / "demo")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,15 @@ import faust
 
 from detectors import registry
 from detectors.classifier_base import WorkloadClassifier
-from detectors.owner_aggregate import EventTimeOwners, OwnerAggregator, stamped, tick
+from detectors.owner_aggregate import (
+    ALL_OWNERS,
+    OWNER_SKEW_S,
+    QUIET,
+    EventTimeOwners,
+    OwnerAggregator,
+    partition_mark,
+    stamped,
+)
 from detectors.snapshot import from_split, split_dirty, split_shared
 from pipeline.cases.service import CaseService
 from pipeline.classifier_loader import load_classifier
@@ -71,8 +79,6 @@ class DetectRuntime:
     owners: EventTimeOwners | None = None
     #: partition -> the watermark last sent to its owners as a mark (marks are throttled to one per window)
     marked: dict[int, float] = field(default_factory=dict)
-    #: owners of this worker's `owners` agent with held messages: ticked so that an idle member cannot hold them
-    held: set[str] = field(default_factory=set)
     #: partition -> owner messages re-derived at restore, sent with the partition's next outputs
     pending: dict[int, list[Any]] = field(default_factory=dict)
     #: partition -> processing time (monotonic) of its last input batch (the release of held records)
@@ -83,7 +89,7 @@ class DetectRuntime:
     shared: dict[int, dict[str, Any]] = field(default_factory=dict)
     _store: Store | None = None
     _cases: CaseService | None = None
-    _held_cache: dict[bytes, tuple[bytes, bool]] = field(default_factory=dict)
+    _held_cache: dict[bytes, tuple[bytes, int | None]] = field(default_factory=dict)
     #: what the agents did, for the worker's /metrics (pipeline/stage_metrics.py); counters only, no I/O
     metrics: StageMetrics = field(default_factory=StageMetrics)
 
@@ -108,19 +114,21 @@ class DetectRuntime:
             marks.setdefault(p, wm)
         return min(marks.values()) if marks else float("-inf")
 
-    def held_owners(self, table: Any) -> set[str]:
-        """Owners whose recovered state holds pending messages, re-derived from the `owners` table: the set of
-        owners to tick lives in memory only, and after a kill -9 nothing else would release what the changelog
-        restored (the reported lost owner case). The table's values are parsed once per change (cached by value)."""
-        seen: dict[bytes, tuple[bytes, bool]] = {}
+    def held_owners(self, table: Any, part: int) -> list[str]:
+        """Owners of owners partition `part` whose state (the `owners` table, recovered after a restart) holds
+        pending messages: a partition mark must reach them even when nothing else does (after a kill -9 that is
+        all that releases them). Values are parsed once per change (cached by value)."""
+        seen: dict[bytes, tuple[bytes, int | None]] = {}
         for k, v in list(table.data.items()):
+            if k.startswith(ALL_OWNERS.encode()):
+                continue
             hit = self._held_cache.get(k)
             if hit is None or hit[0] is not v:
-                d = json.loads(v)
-                hit = (v, bool(((d or {}).get("clock") or {}).get("pending")))
+                clock = (json.loads(v) or {}).get("clock") or {}
+                hit = (v, clock.get("k") if clock.get("pending") else None)
             seen[k] = hit
         self._held_cache = seen
-        return {k.decode() for k, (_, h) in seen.items() if h}
+        return sorted(k.decode() for k, (_, kp) in seen.items() if kp == part)
 
     def close(self) -> None:
         if self._store is not None:
@@ -173,8 +181,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     partials = app.Table("partials", partitions=partitions, key_type=bytes, value_type=bytes)
     owners_table = app.Table("owners", partitions=partitions, key_type=bytes, value_type=bytes)
     owner_det = next((d for d in registry.build() if d.id == "owner_aggregate"), None)
-    rt.owners = EventTimeOwners(OwnerAggregator(rt.policy, settings.window_s, owner_det),
-                                idle_s=settings.detect.owner_idle_s, now=time.time)
+    rt.owners = EventTimeOwners(OwnerAggregator(rt.policy, settings.window_s, owner_det), sources=partitions,
+                                skew_s=OWNER_SKEW_S)
     within_s = settings.detect.batch_within_s
 
     def stage_for(p: int) -> DetectStage:
@@ -254,38 +262,29 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                 rt.written[k] = engine_table.data[k] = v
                 engine_table.send_changelog(p, k, v)
 
-    def account_marks(st: DetectStage) -> Callable[[str], float]:
-        """Account -> event time it has reached here: its latest window end, floored at the partition's watermark
-        minus the allowed lateness (no window of it can come later; covers accounts with no live run)."""
-        seen = st.engine.account_progress()
-        floor = st.watermark - settings.ingest.allowed_lateness_s
-        return lambda aid: max(seen.get(aid, floor), floor)
-
-    def marks(p: int, st: DetectStage, progress: Callable[[str], float], caught_up: bool) -> list[dict[str, Any]]:
-        """Each owner its accounts name gets their times (`account_marks`), so the owners agent can decide up to
-        them even when this partition sends that owner nothing. Throttled: once per window of the partition's
-        progress, or when the stream has caught up."""
+    async def send_mark(p: int, wm: float, caught_up: bool) -> None:
+        """Partition p's watermark to every owners partition, after the owner messages it covers (EventTimeOwners).
+        Throttled: once per window of progress, when caught up, or when it goes quiet (QUIET)."""
         last = rt.marked.get(p, float("-inf"))
-        wm = st.watermark
-        if wm == float("-inf") or wm <= last or (wm < last + settings.window_s and not caught_up):
-            return []
+        if wm == float("-inf") or wm == last or (last < wm < last + settings.window_s and not caught_up):
+            return
         rt.marked[p] = wm
-        return [{"kind": "mark", "owner_id": oid, "partition": p, "wm": wm,
-                 "marks": {aid: progress(aid) for aid in accts}}
-                for oid, accts in st.engine.owner_accounts().items()]
+        for k in range(partitions):
+            await owner_topic.send(key=ALL_OWNERS.encode(), value=_dumps(partition_mark(p, wm)), partition=k)
 
     async def carry(p: int, st: DetectStage, out: DetectOutput, reached: dict[str, float], caught_up: bool) -> None:
         """The core's outputs of one partition's batch to their transports (after the checkpoint is queued)."""
         msgs = [m.root.model_dump() for m in rt.pending.pop(p, [])]
         msgs += [m.root.model_dump() for m in out.owner_messages]
         floor = st.watermark - settings.ingest.allowed_lateness_s
-        owner_msgs = stamped(msgs, p, reached, floor) + marks(p, st, account_marks(st), caught_up)
+        owner_msgs = stamped(msgs, p, reached, floor)
         rt.metrics.observe_detections(out.detections)
         rt.metrics.observe_event_time("detect", st.watermark if st.watermark > float("-inf") else None)
         for d in out.detections:
             await detections.send(key=d.account_id.encode(), value=encode(d))
         for c in owner_msgs:  # in order: per owner, the owners agent applies them as the engine made them
             await owner_topic.send(key=c["owner_id"].encode(), value=_dumps(c))
+        await send_mark(p, st.watermark, caught_up)
         for cip in out.cips:  # as applied in event time: identity refresh and revisions of the account's cases
             for m in await stored("identity update", lambda c=cip: rt.cases.update_identity(c, time.time())):
                 await feed.send(key=m.key, value=encode(m))
@@ -334,16 +333,23 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                 await carry(p, st, out, reached, len(events) < BATCH)
             # take_events acks the batch after this body: the checkpoint above is already queued before it.
 
+    started = time.monotonic()
+
     @app.timer(max(1.0, settings.detect.owner_idle_s / 4))
-    async def release_held() -> None:
-        """CIP records and allocations held ahead of the windows of a partition whose windows stopped (end of a
-        finite input, an idle partition) are applied after `detect.owner_idle_s` without input."""
-        for p, st in list(rt.stages.items()):
-            if st.held and time.monotonic() - rt.last_input.get(p, 0.0) >= settings.detect.owner_idle_s:
+    async def quiet_partitions() -> None:
+        """A partition without input for `detect.owner_idle_s` (the end of a finite input, or no data at all): the
+        CIP records and allocations held ahead of its windows are applied, and it is marked QUIET to the owners."""
+        mine = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.windows}
+        for p in sorted(mine):
+            if time.monotonic() - rt.last_input.get(p, started) < settings.detect.owner_idle_s:
+                continue
+            st = rt.stages.get(p)
+            if st is not None and st.held:
                 reached = st.engine.account_progress()
                 out = st.flush()
                 checkpoint(p, st)
                 await carry(p, st, out, reached, True)
+            await send_mark(p, QUIET, True)
 
     @app.agent(owner_topic, concurrency=1)
     async def owners(stream: Any) -> None:
@@ -352,32 +358,44 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         async for events in stream.take_events(BATCH, within=within_s):
             agg.clear()  # this batch's owners, from the table (recovered from its changelog)
             touched: dict[str, int] = {}
+            marked: set[int] = set()
             out: list[Detection] = []
+
+            def load(oid: str, k: int, touched: dict[str, int] = touched) -> None:
+                if oid not in touched:
+                    packed = owners_table.data.get(oid.encode())
+                    if packed is not None:
+                        agg.load_owner(oid, json.loads(packed))
+                touched[oid] = k
+
             for ev in events:
+                k = ev.message.partition
                 try:
                     c = OwnerMessage.model_validate(json.loads(ev.value)).root.model_dump()
-                    oid = c["owner_id"]
-                    if oid not in touched:
-                        packed = owners_table.data.get(oid.encode())
-                        if packed is not None:
-                            agg.load_owner(oid, json.loads(packed))
-                    touched[oid] = ev.message.partition
-                    out += agg.receive(c)
-                except (ValueError, KeyError, TypeError) as exc:  # not a contribution: keep it, carry on
-                    await dead_letter(InvalidMessage(f"owner contribution: {exc!r}", reason="schema_violation"), ev)
+                    if str(k) not in agg.parts and (pk := owners_table.data.get(f"{ALL_OWNERS}|{k}".encode())):
+                        agg.load_parts(k, json.loads(pk))
+                    if c["owner_id"] == ALL_OWNERS:  # a partition mark: every owner of k with held messages
+                        for oid in rt.held_owners(owners_table, k):
+                            load(oid, k)
+                        marked.add(k)
+                    else:
+                        load(c["owner_id"], k)
+                    out += agg.receive(c, k)
+                except (ValueError, KeyError, TypeError) as exc:  # not an owner message: keep it, carry on
+                    await dead_letter(InvalidMessage(f"owner message: {exc!r}", reason="schema_violation"), ev)
                     continue
-            for oid, p in touched.items():
-                if agg.held(oid):
-                    rt.held.add(oid)
-                else:
-                    rt.held.discard(oid)
+            for k in marked:
+                key = f"{ALL_OWNERS}|{k}".encode()
+                owners_table.data[key] = _dumps(agg.parts_to_dict(k))
+                owners_table.send_changelog(k, key, owners_table.data[key])
+            for oid, k in touched.items():
                 d = agg.owner_to_dict(oid)
                 val = _dumps(d) if d is not None else None
                 if val is None:
                     owners_table.data.pop(oid.encode(), None)
                 else:
                     owners_table.data[oid.encode()] = val
-                owners_table.send_changelog(p, oid.encode(), val)
+                owners_table.send_changelog(k, oid.encode(), val)
             for d in out:
                 await detections.send(key=d.account_id.encode(), value=encode(d))
 
@@ -400,12 +418,6 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             rt.metrics.observe_event_time("cases", max(d.event_time for d in dets))
             for m in msgs:
                 await feed.send(key=m.key, value=encode(m))
-
-    @app.timer(settings.detect.owner_idle_s / 4)  # owners with held messages: released within 1.25 x idle_s
-    async def owner_ticks() -> None:
-        # Through the owners topic, not by touching the owners here: the agent stays the only writer of its table.
-        for oid in sorted(rt.held | rt.held_owners(owners_table)):
-            await owner_topic.send(key=oid.encode(), value=_dumps(tick(oid)))
 
     @app.timer(TICK_EVERY_S)
     async def deadlines() -> None:
