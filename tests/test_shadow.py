@@ -186,3 +186,18 @@ def test_shadow_detect_group_on_kafka_gives_the_replays_shadow_cases(tmp_path: P
     assert {tuple(r[:5]) for r in got["shadows"]} == expected, tail
     assert (got["live"], got["case_events"], got["detections"], got["windows"]) == (0, 0, 0, 0)
     assert read_topic(kafka_bootstrap, topics["cases"]) == []  # never on the feed
+
+
+def test_owner_view_counts_no_shadow_case(store: Store):
+    from pipeline.policy_ops import to_shadow
+    from tests.test_cases_core import BIS, NOW, T0, cip, det
+
+    store.upsert_cip([cip()])  # own-1, 60 %, foreign
+    live = CaseService(store, BIS)
+    live.process([det(t=T0, run=None, owner="own-1", reason="owner_aggregate", detector="owner_aggregate")], NOW)
+    (case,) = store.list_cases()
+    shadow_policy = BIS.model_copy(update={"version": "9-shadow"})
+    store.upsert_cases([to_shadow(case.model_copy(update={"case_id": "book-1"}), shadow_policy)])
+    row = store.query("SELECT owner_cases, reportable_owner_cases FROM compute_by_owner "
+                      "WHERE policy_id = {p:String} AND owner_id = 'own-1'", {"p": BIS.id})[0]
+    assert (row["owner_cases"], row["reportable_owner_cases"]) == (1, 1)
