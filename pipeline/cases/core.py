@@ -404,8 +404,10 @@ class CaseBook:
         deadline tick escalates when no attestation comes by then. One inquiry per spell of needs_review."""
         if case.status != "needs_review" or (case.evidence.get("inquiry") or {}).get("open"):
             return case
-        moved = [e for e in events if e.case_id == case.case_id and e.to_status == "needs_review"]
-        sent_at = max(e.at for e in moved) if moved else case.detected_at
+        mine = [e for e in events if e.case_id == case.case_id]
+        moved = [e.at for e in mine if e.to_status == "needs_review" and e.from_status != "needs_review"]
+        # when it became needs_review; a case stored before inquiries existed: the event time that touches it now
+        sent_at = max(moved or [e.at for e in mine] or [case.knowledge_at or case.detected_at])
         respond_by = sent_at + self.policy.inquiry.respond_days * 86_400.0
         inquiry = {"open": True, "sent_at": sent_at, "respond_by": respond_by, "text": case.suggested_inquiry}
         case = case.model_copy(update={"evidence": {**case.evidence, "inquiry": inquiry}})
