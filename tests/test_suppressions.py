@@ -146,6 +146,9 @@ def test_cli_add_list_end_releases_at_once_and_audits(store: Store, store_path: 
     ended = store.get_suppression(sid)
     assert ended.ended_by == "carol" and ended.end_reason == "contract over" and ended.version == 2
     assert [e.action for e in store.suppression_events(sid)] == ["added", "held", "ended", "released"]
+    shown = run(app, ["suppress", "show", sid, *where])
+    assert shown.exit_code == 0 and "released" in shown.output and "carol" in shown.output
+    assert case.case_id in shown.output  # the audit names the case the release opened
     twice = run(app, ["suppress", "end", sid, "--reason", "again", *where])
     assert twice.exit_code != 0 and "already over" in str(twice.exception)
 

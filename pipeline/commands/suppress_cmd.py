@@ -1,4 +1,4 @@
-"""`trainwatch suppress add|list|end`: silence known-good activity for a time, every change audited (issue 16).
+"""`trainwatch suppress add|list|show|end`: silence known-good activity for a time, every change audited (issue 16).
 
 Times (--from, --until, --at) are event time, epoch seconds or ISO 8601 (`2025-03-03T00:00:00Z`); on a live stream
 event time is wall time. Ending a suppression releases what it held at once (pipeline/cases/suppressions.py).
@@ -140,6 +140,29 @@ def list_(
         return
     for s in sups:
         typer.echo(f"{_row(s, now)}\theld {len(hits[s.suppression_id])}")
+
+
+@suppress_app.command("show")
+def show(
+    suppression_id: str = typer.Argument(..., help="suppression id"),
+    as_json: bool = _JSON,
+    store_dsn: str | None = _STORE,
+    database: str | None = _DATABASE,
+) -> None:
+    """One suppression with its audit trail: added, each finding held and released (with its case), ended/expired."""
+    with _store(store_dsn, database) as (store, _):
+        sup = store.get_suppression(suppression_id)
+        if sup is None:
+            raise sup_ops.SuppressionError(f"{suppression_id}: no such suppression in database {store.database}")
+        events = store.suppression_events(suppression_id)
+    if as_json:
+        typer.echo(dumps({"suppression": sup.model_dump(mode="json"),
+                          "events": [e.model_dump(mode="json") for e in events]}).decode())
+        return
+    typer.echo(_row(sup, time.time()))
+    for e in events:
+        what = e.details.get("case_id") or e.details.get("reason") or ""
+        typer.echo(f"  {utc(e.at)}  {e.actor}  {e.action}  {what}")
 
 
 @suppress_app.command("end")
