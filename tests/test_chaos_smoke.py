@@ -40,9 +40,6 @@ def _free_base() -> int:
     pytest.skip("no free port range for the cluster")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known nondeterminism (issue 12): about one run in two a kill -9 leaves a second reportable acct-de-a"
-    "i case with another run id; passed on 452821a, failed on eac2c67"))
 def test_quick_chaos_run_loses_no_reportable_case(tmp_path: Path) -> None:
     if not LIBS.is_dir():
         pytest.skip("no resolved Kafka jars (run deploy/local/kafka.sh start once)")
