@@ -3,9 +3,13 @@
 Event time only (no clock reads): expiry is driven by `on_time(event_time)`. State is small and bounded, and
 `to_dict` / `from_dict` round-trip it through plain data so a faust table can hold it. Detections already
 emitted are remembered by id forever (cases never expire), so replays and re-evaluations never emit twice.
-Every path that changes an account's part of the state marks that account (`_dirty`), so a runtime that persists
-the state per account (detectors/snapshot.py) serialises only those; a new mutation path must mark too (tests check
-the sum of the parts against the whole).
+Which accounts' parts of the state changed is tracked in one place, `_touch`: each input (window, CIP record,
+allocation) marks its account and the accounts of the runs its workloads are filed under before it changes
+anything, and expiry marks what it drops. A runtime that persists the state per account (detectors/snapshot.py)
+serialises only those (tests check the sum of the parts against the whole).
+
+Owner messages (detectors/owner_aggregate.py) are queued in `owner_outbox`, never applied here: the caller routes
+them (DetectStage: to the engine's own `owner_agg` in process, to the owners topic on Kafka).
 """
 
 from __future__ import annotations
@@ -56,14 +60,13 @@ class DetectEngine:
         self.errors: dict[str, int] = {}
         self.owner_agg = OwnerAggregator(policy, window_s, next((d for d in self.detectors
                                                                  if d.id == "owner_aggregate"), None), self.errors)
-        #: True: owner contributions are queued in `owner_outbox` for an aggregator elsewhere, not applied here.
-        self.external_owners = False
+        #: owner messages made, in order, for the caller to route (module docstring)
         self.owner_outbox: list[dict[str, Any]] = []
         #: account -> every owner its CIPs have named as a foreign owner here: a removal can be re-sent after a crash.
         self.named_owners: dict[str, list[str]] = {}
         self._owner_index: dict[str, list[str]] | None = None  # owner -> accounts its current CIP names (a cache)
-        # Checkpoint bookkeeping (split_dirty): accounts whose part may have changed since the last split_dirty,
-        # detection ids per account (built on first use), and the shared part as last returned (JSON).
+        # Checkpoint bookkeeping (split_dirty): accounts whose part may have changed since the last split_dirty
+        # (`_touch`), detection ids per account (built on first use), and the shared part as last returned (JSON).
         self._dirty: set[str] = set()
         self._emitted_by: dict[str, list[str]] | None = None
         self._shared_sent: str | None = None
@@ -78,20 +81,17 @@ class DetectEngine:
         acct = self.accounts.get(account_id)
         if acct is None:
             acct = self.accounts[account_id] = AccountState(account_id)
-            self._dirty.add(account_id)
         return acct
 
-    def _mark_run(self, rid: str) -> None:
-        """Dirty the account(s) a run's parts are filed under: its RunState's and its stitching record's."""
-        for holder in (self.runs.get(rid), self.stitcher.runs.get(rid)):
-            if holder is not None:
-                self._dirty.add(holder.account_id)
-
-    def _mark_workload(self, wid: str) -> None:
-        """Dirty the account a workload's stitcher entries are filed under (none: they are shared)."""
-        rid = self.stitcher.workload_run.get(wid)
-        if rid is not None:
-            self._mark_run(rid)
+    def _touch(self, account_id: str, workloads: Iterable[str | None] = ()) -> None:
+        """The one place that marks what an input may change: its account, and the accounts the runs of its
+        workloads are filed under (a workload id another account's run holds; a stop for it)."""
+        self._dirty.add(account_id)
+        for wid in workloads:
+            rid = self.stitcher.workload_run.get(wid) if wid else None
+            for holder in (self.runs.get(rid or ""), self.stitcher.runs.get(rid or "")):
+                if holder is not None:
+                    self._dirty.add(holder.account_id)
 
     def _emit(self, det: Detection) -> bool:
         """Remember a detection id (False: emitted before). Its id goes into its account's checkpoint part."""
@@ -100,7 +100,6 @@ class DetectEngine:
         self.emitted[det.detection_id] = det.account_id
         if self._emitted_by is not None:
             self._emitted_by.setdefault(det.account_id, []).append(det.detection_id)
-        self._dirty.add(det.account_id)
         return True
 
     def determination(self, account_id: str) -> ForeignDetermination:
@@ -117,9 +116,6 @@ class DetectEngine:
     def _run(self, ctx: DetectContext, event: Any, only: str | None = None) -> list[Detection]:
         """Every detector (or one) over (ctx, event); one detector's exception is counted and the rest still run."""
         out: list[Detection] = []
-        self._dirty.add(ctx.account_id)  # update() may write the account's state (e.g. change-in-scope baselines)
-        if ctx.run is not None:
-            self._dirty.add(ctx.run.account_id)
         for d in self.detectors:
             if (only is not None and d.id != only) or (only is None and d.id == "owner_aggregate"):
                 continue
@@ -144,8 +140,8 @@ class DetectEngine:
     def on_cip(self, cip: CipRecord) -> list[Detection]:
         """Latest updated_at wins (a conflict is noted); accounts are re-evaluated, since CIP may come late."""
         aid = cip.account_id
+        self._touch(aid)
         acct = self._account(aid)
-        self._dirty.add(aid)  # notes, CIP, foreign_since, named owners, its runs' own_case
         prev = self.cips.get(aid)
         if prev is not None:
             changed = [f for f in _CIP_FACTS if getattr(prev, f) != getattr(cip, f)]
@@ -168,11 +164,9 @@ class DetectEngine:
         self._owner_index = None
         if after.foreign_owners:
             self.named_owners[aid] = sorted({*self.named_owners.get(aid, []), *after.foreign_owners})
-        if self.external_owners:  # the owners this account counted for are those its previous record named
-            self.owner_outbox += [retraction(o, aid) for o in before.foreign_owners if o not in after.foreign_owners]
-            self.owner_outbox += [membership(o, aid) for o in after.foreign_owners if o not in before.foreign_owners]
-        for oid in [o for o, st in self.owners.items() if aid in st.accounts and o not in after.foreign_owners]:
-            self.owner_agg.apply(retraction(oid, aid))
+        # the owners this account counted for are those its previous record named
+        self.owner_outbox += [retraction(o, aid) for o in before.foreign_owners if o not in after.foreign_owners]
+        self.owner_outbox += [membership(o, aid) for o in after.foreign_owners if o not in before.foreign_owners]
         out = self._run(self._ctx(aid), cip)
         for run in [r for r in self.runs.values() if r.account_id == aid]:
             verdict = Verdict.from_dict(run.verdict) if run.verdict else None
@@ -180,12 +174,12 @@ class DetectEngine:
             dets = self._run(ctx, cip, only="compute_threshold")
             self._note_own_case(run, dets)
             out += dets
-            out += self._owners_after(aid, run, run.last_end, None)
+            self._owners_after(aid, run, run.last_end, None)
         return out
 
     def on_allocation(self, ev: AllocationEvent) -> list[Detection]:
+        self._touch(ev.account_id, (ev.workload_id, ev.job_id))
         acct = self._account(ev.account_id)
-        self._dirty.add(ev.account_id)
         acct.note_event(ev.ts)
         self.watermark = max(self.watermark, ev.ts)
         is_resv = ev.kind in RESERVATION_KINDS or ev.kind == "reservation_released"
@@ -197,7 +191,6 @@ class DetectEngine:
                 acct.footprints[ref] = [list(x) for x in footprint_of({ev.accelerator: ev.count}, ev.count)]
             if ref and ev.kind in STOP_KINDS:
                 self.stitcher.note_stop(ref, ev.ts)
-                self._mark_workload(ref)  # filed under the account of the workload's run, maybe not this one
         if ev.kind in HOLD_KINDS:
             acct.held[key] = {"accelerator": ev.accelerator, "count": ev.count,
                               "interconnect_gbps": ev.interconnect_gbps,
@@ -224,8 +217,8 @@ class DetectEngine:
         if not aid or not wid or end <= 0:
             self.errors["window_unattributed"] = self.errors.get("window_unattributed", 0) + 1
             return []
+        self._touch(aid, (wid,))
         acct = self._account(aid)
-        self._dirty.add(aid)
         acct.note_event(start)
         self.watermark = max(self.watermark, end)
         job = _g(w, "job_id")
@@ -241,7 +234,6 @@ class DetectEngine:
             return []  # this workload-window exactly as already counted (a replay): nothing changes
         if run is None:
             run = self.runs[rid] = RunState(rid, aid, started_at=start)
-        self._mark_run(rid)  # a workload id already placed may belong to another account's run
         run.started_at = start if run.started_at is None else min(run.started_at, start)
         used_before = run.used
         latest = end >= run.last_end
@@ -275,7 +267,7 @@ class DetectEngine:
             runs_seen.pop(old)
         out = self._run(self._ctx(aid, run=run, verdict=verdict), w)
         self._note_own_case(run, out)
-        out += self._owners_after(aid, run, end, start)
+        self._owners_after(aid, run, end, start)
         return out
 
     def _fold_run(self, young: str, into: str) -> None:
@@ -284,7 +276,6 @@ class DetectEngine:
         old = self.runs.pop(young, None)
         if old is None:
             return
-        self._dirty.add(old.account_id)
         run = self.runs.get(into)
         if run is None:
             run = self.runs[into] = RunState(into, old.account_id, started_at=old.started_at)
@@ -308,11 +299,7 @@ class DetectEngine:
         if old.account_id in self.accounts:
             self.accounts[old.account_id].activity.get("runs", {}).pop(young, None)
         zero = RunState(young, old.account_id, started_at=old.started_at, last_end=old.last_end)
-        for c in self._contributions(old.account_id, zero, old.last_end, None):
-            if self.external_owners:
-                self.owner_outbox.append(c)
-            else:
-                self.owner_agg.apply(c)
+        self.owner_outbox += self._contributions(old.account_id, zero, old.last_end, None)
 
     def _classify(self, run: RunState, start: float, end: float) -> Verdict:
         try:
@@ -326,16 +313,14 @@ class DetectEngine:
         run.bands_seen[verdict.band] = run.bands_seen.get(verdict.band, 0) + 1
         return verdict
 
-    def _owners_after(self, aid: str, run: RunState, end: float, start: float | None) -> list[Detection]:
-        """This run's latest figures as a contribution to each foreign owner's sum (OwnerAggregator): applied here,
-        or queued in `owner_outbox` when the owners live elsewhere (`external_owners`, the faust app)."""
-        out: list[Detection] = []
-        for c in self._contributions(aid, run, end, start):
-            if self.external_owners:
-                self.owner_outbox.append(c)
-                continue
-            out += [d for d in self.owner_agg.apply(c) if self._emit(d)]
-        return out
+    def _owners_after(self, aid: str, run: RunState, end: float, start: float | None) -> None:
+        """This run's latest figures as a contribution to each foreign owner's sum, queued in `owner_outbox`."""
+        self.owner_outbox += self._contributions(aid, run, end, start)
+
+    def apply_owner_messages(self) -> list[Detection]:
+        """In process: apply the queued owner messages to this engine's own aggregator, in the order made."""
+        msgs, self.owner_outbox = self.owner_outbox, []
+        return [d for m in msgs for d in self.owner_agg.apply(m) if self._emit(d)]
 
     def _contributions(self, aid: str, run: RunState, end: float, start: float | None) -> list[dict[str, Any]]:
         acct = self._account(aid)
@@ -388,19 +373,18 @@ class DetectEngine:
     def on_time(self, event_time: float) -> list[Detection]:
         """Expire idle run and account state (emitted detection ids are kept: cases never expire)."""
         cutoff = event_time - self.idle_ttl_s
-        for rec in self.stitcher.runs.values():
-            if rec.last_end < cutoff:  # expire() drops it with its workload entries
-                self._dirty.add(rec.account_id)
-        for rid in self.stitcher.expire(cutoff):
-            self._mark_run(rid)
+        runs = [r for r in (*self.stitcher.runs.values(), *self.runs.values()) if r.last_end < cutoff]
+        self._dirty.update(r.account_id for r in runs)  # expiry's marks: what it drops
+        for rid in self.stitcher.expire(cutoff):  # drops each run with its workload entries
             self.runs.pop(rid, None)
         for rid in [r for r, s in self.runs.items() if s.last_end < cutoff]:
-            self._dirty.add(self.runs.pop(rid).account_id)
+            self.runs.pop(rid)
         with_runs = {r.account_id for r in self.runs.values()}
-        for aid in [a for a, s in self.accounts.items() if s.last_event < cutoff and not s.reservations
-                    and not s.held and a not in with_runs]:
+        gone = [a for a, s in self.accounts.items() if s.last_event < cutoff and not s.reservations and not s.held
+                and a not in with_runs]
+        self._dirty.update(gone)
+        for aid in gone:
             self.accounts.pop(aid)
-            self._dirty.add(aid)
         return []
 
     def on_windows(self, windows: Iterable[Any]) -> list[Detection]:

@@ -32,10 +32,17 @@ def by(dets: list[Detection], detector: str) -> list[Detection]:
 
 
 def feed(engine: DetectEngine, windows) -> list[Detection]:
+    """Windows to the engine, its owner messages applied in process after each (as DetectStage does)."""
     out: list[Detection] = []
     for w in windows:
         out += engine.on_window(w)
+        out += owners_here(engine)
     return out
+
+
+def owners_here(engine: DetectEngine) -> list[Detection]:
+    """The engine's queued owner messages applied in process (the route DetectStage takes with owners="local")."""
+    return engine.apply_owner_messages()
 
 
 def expected_crossing(flop: float, n: int) -> float:
@@ -140,7 +147,6 @@ def test_owner_contributions_from_separate_engines_give_the_in_process_detection
     got: list[Detection] = []
     sent: list[dict] = []
     for a, eng in parts.items():
-        eng.external_owners = True
         cips(eng, (a,))
     for w in ws:
         eng = parts[w.account_id]
@@ -165,7 +171,6 @@ def test_owner_contributions_from_separate_engines_give_the_in_process_detection
 
 def _partition_engine(accts: tuple[str, ...], owners: list | None = None) -> DetectEngine:
     eng = DetectEngine(demo())
-    eng.external_owners = True
     for a in accts:
         eng.on_cip(cip(a, us_person=True, country="US", owners=owners or [owner("own-x", 50.0)]))
     return eng
@@ -295,7 +300,6 @@ def test_owner_removal_lost_in_a_crash_is_re_derived_from_the_restored_state():
     assert eng_a.owner_outbox == [retraction("own-x", "acct-a")]
     shared, parts = orjson.loads(orjson.dumps(split(eng_a)))  # checkpoint written; the outbox is lost
     eng_a = from_split(shared, parts, demo())
-    eng_a.external_owners = True
     assert eng_a.on_cip(removal) == [] and eng_a.owner_outbox == []  # the replay alone re-sends nothing
     assert "acct-a" in agg.agg.owners["own-x"].accounts
     snap = eng_a.owner_snapshot()
@@ -514,6 +518,7 @@ def scenario(eng: DetectEngine, split_at: int | None = None, by_account: bool = 
         if split_at is not None and n == split_at:
             eng = rebuilt_from_split(eng) if by_account else DetectEngine.from_dict(eng.to_dict(), eng.policy)
         out += {"cip": eng.on_cip, "alloc": eng.on_allocation, "win": eng.on_window}[kind](ev)
+        out += owners_here(eng)
     return out
 
 
@@ -628,6 +633,7 @@ def test_dirty_checkpoints_cover_owners_stops_expiry_and_deletion():
                ("win", window("w1", "acct-9", 9, flop=5e16))]  # and sends a window under it
     for n, (kind, ev) in enumerate(events):
         {"cip": eng.on_cip, "alloc": eng.on_allocation, "win": eng.on_window}[kind](ev)
+        owners_here(eng)
         apply_dirty(entries, eng)
         assert entries == full_entries(eng), f"after event {n}"
         if n == 12:

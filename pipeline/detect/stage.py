@@ -76,8 +76,7 @@ class DetectStage:
         self.policy = policy
         self.classifier = classifier
         self.window_s = window_s
-        self.engine = DetectEngine(policy, classifier, window_s)
-        self.engine.external_owners = True  # the stage routes owner messages (module docstring)
+        self.engine = DetectEngine(policy, classifier, window_s)  # owner messages: routed here (module docstring)
         self.owners = owners
         self.merger = WindowMerger(lateness_s)
         #: event time: the latest window end seen (the clock held records wait for)
@@ -149,12 +148,11 @@ class DetectStage:
     def _routed(self, dets: list[Detection]) -> DetectOutput:
         """The engine's detections plus its queued owner messages: applied here (local) or returned (external)."""
         out = DetectOutput(detections=dets)
-        msgs, self.engine.owner_outbox = self.engine.owner_outbox, []
-        if self.owners == "external":
+        if self.owners == "local":
+            out.detections += self.engine.apply_owner_messages()
+        else:
+            msgs, self.engine.owner_outbox = self.engine.owner_outbox, []
             out.owner_messages = [OwnerMessage.model_validate(m) for m in msgs]
-            return out
-        for m in msgs:
-            out.detections += [d for d in self.engine.owner_agg.apply(m) if self.engine._emit(d)]
         return out
 
     # -- state as plain data -------------------------------------------------------------------------------------
@@ -179,7 +177,6 @@ class DetectStage:
                   window_s: float = 60.0, *, owners: Literal["local", "external"] = "local") -> DetectStage:
         stage = cls(policy, classifier, window_s, owners=owners)
         stage.engine = DetectEngine.from_dict(d["engine"], policy, classifier)
-        stage.engine.external_owners = True
         stage.merger = WindowMerger.from_dict(d["merger"])
         stage.watermark = d["watermark"]
         stage.load_held(d.get("held", []))

@@ -1,0 +1,181 @@
+"""What the faust detect app keeps in its tables, as plain code over a table's `data` and a changelog send.
+
+- `StageTables`: per input partition, the DetectStage (engine state split by account, `detectors/snapshot.py`, plus
+  the records held ahead of the windows and the watermark: table `engine`) and the window partials (table
+  `partials`). `stage(p)` restores a partition's stage (first use in a process), `before_window` fills the merger
+  from the table, `save(p)` writes what the batch changed (only the accounts the engine marked, only entries whose
+  bytes changed; tombstones for what is gone).
+- `OwnersTables`: the owners agent's state (table `owners`): per owner its state and clock, per owners partition the
+  source partitions' latest marks (key `*|k`).
+
+No faust import: a table is anything with `.data` (a dict of bytes) and `.send_changelog(partition, key, value)`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from detectors.classifier_base import WorkloadClassifier
+from detectors.owner_aggregate import ALL_OWNERS, EventTimeOwners
+from detectors.snapshot import from_split, split_dirty, split_shared
+from pipeline.detect.stage import DetectStage
+from pipeline.settings import Settings
+from schemas.policy import Policy
+from schemas.windows import WindowAggregate
+
+
+class Table(Protocol):
+    data: Any
+
+    def send_changelog(self, partition: int | None, key: Any, value: Any) -> Any: ...
+
+
+def dumps(d: Any) -> bytes:
+    # stdlib json: the state holds ±inf (an unset watermark), which orjson would turn into null.
+    return json.dumps(d, separators=(",", ":")).encode()
+
+
+class StageTables:
+    def __init__(self, engine: Table, partials: Table, settings: Settings, policy: Policy,
+                 classifier: WorkloadClassifier | None) -> None:
+        self.engine, self.partials, self.settings = engine, partials, settings
+        self.policy, self.classifier = policy, classifier
+        self.stages: dict[int, DetectStage] = {}
+        self.written: dict[bytes, bytes] = {}  # engine entries as last written: a batch writes only changes
+        self.shared: dict[int, dict[str, Any]] = {}  # partition -> shared part as last split
+        self.touched: dict[int, dict[bytes, tuple[str, float]]] = {}  # partition -> partials keys of this batch
+
+    def stage(self, p: int) -> tuple[DetectStage, bool]:
+        """Partition p's stage, and whether it was built just now (its owner snapshot is then to be re-sent)."""
+        st = self.stages.get(p)
+        if st is not None:
+            return st, False
+        st = DetectStage(self.policy, self.classifier, self.settings.window_s,
+                         self.settings.ingest.allowed_lateness_s, owners="external")
+        prefix = f"{p}|".encode()
+        mine = {k: v for k, v in self.engine.data.items() if k.startswith(prefix)}
+        shared = mine.pop(prefix + b"shared", None)
+        if shared is not None:
+            sh = json.loads(shared)
+            parts = {k[len(prefix) + 2:].decode(): json.loads(v) for k, v in mine.items()}
+            st.engine = from_split(sh, parts, self.policy, self.classifier)
+            st.watermark = sh["stage_watermark"]
+            st.load_held(sh.get("held", []))  # CIP records / allocations ahead of the windows, offsets committed
+            self.written.update(mine)
+            self.written[prefix + b"shared"] = shared
+        self.stages[p] = st
+        return st, True
+
+    def before_window(self, p: int, st: DetectStage, w: WindowAggregate) -> None:
+        """The merger keeps the partials of the windows it has met; the others come from the `partials` table."""
+        key = f"{p}|{w.workload_id}|{w.window_start!r}".encode()
+        mkey = (w.workload_id, w.window_start)
+        if mkey not in st.merger._parts and (packed := self.partials.data.get(key)) is not None:
+            st.merger._parts[mkey] = {i: WindowAggregate.model_validate(x) for i, x in json.loads(packed).items()}
+        self.touched.setdefault(p, {})[key] = mkey
+
+    def save(self, p: int, st: DetectStage) -> None:
+        self._save_partials(p, st)
+        self._save_engine(p, st)
+
+    def _save_partials(self, p: int, st: DetectStage) -> None:
+        # Partials older than the allowed lateness can no longer change a window: dropped (tombstones).
+        horizon = st.watermark - self.settings.ingest.allowed_lateness_s - self.settings.window_s
+        prefix = f"{p}|".encode()
+        gone = [k for k in self.partials.data if k.startswith(prefix) and float(k.rsplit(b"|", 1)[1]) < horizon]
+        for key in gone:
+            self.partials.data.pop(key, None)
+            self.partials.send_changelog(p, key, None)
+        for key, mkey in self.touched.pop(p, {}).items():
+            parts = st.merger._parts.get(mkey)
+            if parts is not None and key not in gone:
+                val = dumps({i: x.model_dump(mode="json") for i, x in parts.items()})
+                self.partials.data[key] = val
+                self.partials.send_changelog(p, key, val)
+
+    def _save_engine(self, p: int, st: DetectStage) -> None:
+        """Entries `p|shared` and `p|a|<account>`: only the accounts the engine marked since the last save are
+        serialised (`split_dirty`); accounts gone from the state are tombstoned."""
+        prefix = f"{p}|".encode()
+        shared, parts, deleted = split_dirty(st.engine)
+        if shared is not None or p not in self.shared:
+            self.shared[p] = shared if shared is not None else split_shared(st.engine)
+        entries = {prefix + b"shared": dumps({**self.shared[p], "stage_watermark": st.watermark,
+                                              "held": st.held_to_list()})}
+        entries |= {prefix + b"a|" + aid.encode(): dumps(part) for aid, part in parts.items()}
+        for k in (prefix + b"a|" + aid.encode() for aid in deleted):
+            if k in self.written or k in self.engine.data:
+                self.written.pop(k, None)
+                self.engine.data.pop(k, None)
+                self.engine.send_changelog(p, k, None)
+        for k, v in entries.items():
+            if self.written.get(k) != v:
+                self.written[k] = self.engine.data[k] = v
+                self.engine.send_changelog(p, k, v)
+
+    def recovered_watermarks(self) -> dict[int, float]:
+        """Partition -> watermark of its checkpoint (for partitions this process has not met yet)."""
+        return {int(k.split(b"|", 1)[0]): json.loads(v)["stage_watermark"]
+                for k, v in list(self.engine.data.items()) if k.endswith(b"|shared")}
+
+
+class OwnersTables:
+    def __init__(self, table: Table, owners: EventTimeOwners) -> None:
+        self.table, self.owners = table, owners
+        self.touched: dict[str, int] = {}
+        self.marked: set[int] = set()
+        self._held_cache: dict[bytes, tuple[bytes, int | None]] = {}
+
+    def begin(self) -> None:
+        """A batch: the owners it touches are loaded from the table (recovered from its changelog)."""
+        self.owners.clear()
+        self.touched, self.marked = {}, set()
+
+    def load(self, oid: str, k: int) -> None:
+        if oid not in self.touched:
+            packed = self.table.data.get(oid.encode())
+            if packed is not None:
+                self.owners.load_owner(oid, json.loads(packed))
+        self.touched[oid] = k
+
+    def receive(self, m: dict[str, Any], k: int) -> list[Any]:
+        """One owner message from owners partition k. A partition mark reaches every owner of k with held messages,
+        re-derived from the table (after a kill -9 that is all that releases them)."""
+        if str(k) not in self.owners.parts and (pk := self.table.data.get(f"{ALL_OWNERS}|{k}".encode())):
+            self.owners.load_parts(k, json.loads(pk))
+        if m["owner_id"] == ALL_OWNERS:
+            for oid in self.held(k):
+                self.load(oid, k)
+            self.marked.add(k)
+        else:
+            self.load(m["owner_id"], k)
+        return self.owners.receive(m, k)
+
+    def held(self, k: int) -> list[str]:
+        """Owners of owners partition k with pending messages in the table (values parsed once per change)."""
+        seen: dict[bytes, tuple[bytes, int | None]] = {}
+        for key, v in list(self.table.data.items()):
+            if key.startswith(ALL_OWNERS.encode()):
+                continue
+            hit = self._held_cache.get(key)
+            if hit is None or hit[0] is not v:
+                clock = (json.loads(v) or {}).get("clock") or {}
+                hit = (v, clock.get("k") if clock.get("pending") else None)
+            seen[key] = hit
+        self._held_cache = seen
+        return sorted(key.decode() for key, (_, kp) in seen.items() if kp == k)
+
+    def save(self) -> None:
+        for k in self.marked:
+            key = f"{ALL_OWNERS}|{k}".encode()
+            self.table.data[key] = dumps(self.owners.parts_to_dict(k))
+            self.table.send_changelog(k, key, self.table.data[key])
+        for oid, k in self.touched.items():
+            d = self.owners.owner_to_dict(oid)
+            val = dumps(d) if d is not None else None
+            if val is None:
+                self.table.data.pop(oid.encode(), None)
+            else:
+                self.table.data[oid.encode()] = val
+            self.table.send_changelog(k, oid.encode(), val)
