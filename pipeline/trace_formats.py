@@ -55,6 +55,12 @@ ALIASES: dict[str, str] = {
     "power.draw.instant": "power_w", "power.draw.average": "power_w", "clocks.sm": "sm_clock_mhz",
     "clocks.current.sm": "sm_clock_mhz", "clocks.mem": "mem_clock_mhz", "clocks.current.memory": "mem_clock_mhz",
     "util": "gpu_util", "gpu_util_pct": "gpu_util", "power": "power_w", "fb_used": "fb_used_mib",
+    # the GPU capture tool's NVML / GPM keys (../shared/reference/gpu-capture.md; `_pct` = percent): any-tensor is
+    # DCGM's PIPE_TENSOR_ACTIVE; the FP64 tensor (DFMA) share is not folded into fp64_active here (a row-wise sum:
+    # pipeline/gpu_capture.py does it for the project's own capture)
+    "mem_util_pct": "mem_copy_util", "gpm_sm_util_pct": "sm_active", "gpm_sm_occupancy_pct": "sm_occupancy",
+    "gpm_any_tensor_util_pct": "tensor_active", "gpm_dram_bw_util_pct": "dram_active",
+    "gpm_fp64_util_pct": "fp64_active", "gpm_fp32_util_pct": "fp32_active", "gpm_fp16_util_pct": "fp16_active",
     # dcgmi dmon short names (dcgmi dmon -l)
     "gputl": "gpu_util", "mcutl": "mem_copy_util", "fbusd": "fb_used_mib", "fbfre": "fb_free_mib",
     "fbtot": "_fb_total", "smclk": "sm_clock_mhz", "mmclk": "mem_clock_mhz", "gract": "gr_engine_active",
@@ -179,7 +185,10 @@ def _norm_key(k: str) -> tuple[str | None, str | None]:
     m = _HEADER_UNIT.match(k)
     if m:
         k, unit = m.group(1), m.group(2)
-    return ALIASES.get(k.strip().lower()), unit
+    k = k.strip().lower()
+    if unit is None and k.endswith("_pct"):  # the unit in the name: percent, whatever the values look like
+        unit = "%"
+    return ALIASES.get(k), unit
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -118,3 +118,26 @@ def test_compute_estimate_brackets_the_model_flop() -> None:
     # the precision field is what turns FP64 tensor activity into FP64 FLOP (17x over at the BF16 peak without it)
     assert res["full"]["h200-hpc"]["ratio"] > 10
     assert 0.8 <= res["full_precision_bf16"]["h200-hpc"]["ratio"] <= 1.25
+
+
+def test_classify_reads_the_capture_tool_file_as_is(model) -> None:
+    """`trainwatch classify samples.jsonl --workload-by workload`: the tool's `_pct` keys are percent by name (a GPM
+    pipe under 1 % is not read as a fraction), GPM keys map to the DCGM fields; still no confident miss."""
+    from pipeline.model_train import histories_from_messages
+    from pipeline.trace_formats import parse_trace
+    from schemas.serde import dumps
+
+    t = parse_trace((CAPTURE_DIR / "samples.jsonl").read_text(), workload_by="workload", accelerator="NVIDIA H200")
+    assert not t.errors
+    by_wl: dict[str, list[dict]] = {}
+    for s in t.samples:
+        by_wl.setdefault(s["workload_id"], []).append(s)
+    hpc = by_wl["hpc"]
+    assert 0.85 < _mean(hpc, "tensor_active") <= 1.0 and _mean(hpc, "fp64_active") < 0.05  # DFMA not folded here
+    assert 0.0 < _mean(by_wl["serve"], "tensor_active") < 0.01  # 0.2 %, not 20 %
+    assert 30 < _mean(by_wl["train"], "mem_copy_util") < 60
+    for w in ("train", "lora", "hpc"):
+        hb, dead = histories_from_messages((dumps(s) for s in by_wl[w]), by_wl[w][-1]["ts"] + 3600.0)
+        v = model.predict(hb.entries[w])
+        assert not dead and v.model_id.endswith("/full")
+        assert v.band != ("training" if w == "hpc" else "not_training"), (w, v)
