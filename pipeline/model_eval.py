@@ -254,11 +254,6 @@ def capture_eval(model: Any, folder: Path = CAPTURE_DIR) -> dict[str, Any]:
 COMPUTE_SETS = {"full": {"tier": "full"}, "full_precision_bf16": {"tier": "full", "precision": "bf16"},
                 "smi_only": {"tier": "smi"}}
 COMPUTE_TRUTH_RUNS = ("h200-train", "h200-lora")
-#: The tensor basis's low end assumes every tensor-active cycle runs at the dense peak; measured on the capture, the
-#: model FLOP of train and LoRA is 0.88-0.89 of that (0.8 of peak is what a BF16 matmul achieves on H100,
-#: reference/accelerators.md after stas00/ml-engineering). The model card's band takes this floor on the low end
-#: of tensor-basis runs; detectors/compute.py (another owner) still reports its own low end beside it.
-TENSOR_RATE_FLOOR = 0.8
 
 
 def compute_vs_truth(folder: Path = CAPTURE_DIR) -> dict[str, Any]:
@@ -282,13 +277,9 @@ def compute_vs_truth(folder: Path = CAPTURE_DIR) -> dict[str, Any]:
                                  "flop_low": low, "flop_high": high, "basis": bases[0] if len(bases) == 1 else bases,
                                  "windows": len(ws), "device_seconds": round(sum(v.device_seconds for v in ws), 2)}
             if tr["model_flop"] > 0:
-                card_low = low * (TENSOR_RATE_FLOOR if kw["tier"] == "full" else 1.0)
                 r.update({"ratio": round(point / tr["model_flop"], 3),
                           "band_ratio": [round(low / tr["model_flop"], 3), round(high / tr["model_flop"], 3)],
-                          "truth_inside_band": bool(low <= tr["model_flop"] <= high),
-                          "card_band_ratio": [round(card_low / tr["model_flop"], 3),
-                                              round(high / tr["model_flop"], 3)],
-                          "truth_inside_card_band": bool(card_low <= tr["model_flop"] <= high)})
+                          "truth_inside_band": bool(low <= tr["model_flop"] <= high)})
             runs[w] = r
         out[name] = runs
     return out
