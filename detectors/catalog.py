@@ -75,7 +75,7 @@ def _alias_index() -> dict[str, str]:
 
 
 #: What a window's basis says when the part is not in the catalog (or not reported): its FLOP band is the widest the
-#: catalog allows (detectors/compute.py `unknown_accelerator_band`), never a silent zero.
+#: catalog allows (detectors/compute.py `unknown_accelerator_peaks`), never a silent zero.
 UNKNOWN_ACCELERATOR = "unknown_accelerator"
 
 

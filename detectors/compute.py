@@ -20,7 +20,7 @@ Formula (DESIGN.md, "Compute accounting"):
 - Unknown accelerator (no catalog row, or no model reported): basis `unknown_accelerator`. Per sample the formula
   above runs on `unknown_accelerator_peaks`: point at the catalog's median peak for the precision (BF16 when
   unknown), low at its smallest, high at its largest (FP8-or-BF16 when unknown); no TDP, so power neither damps
-  nor stands in for activity. Over a whole run, `unknown_accelerator_band` (classify) bounds it the same way.
+  nor stands in for activity. `trainwatch classify`, the store and the cases all read this per-window band.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def estimate_flop(
     a_p = np.where(power_only, np.clip((power_frac - IDLE_POWER_SHARE) / (1.0 - IDLE_POWER_SHARE), 0.0, 1.0), 0.0)
     low_mfu = np.where(has_power, MFU_LOW, MFU_LOW / 2.0)  # utilisation without power: "busy" may be waiting
 
+    # the point at the point peak (BF16 for a known part; the catalog's median for an unknown one), the low at the low
     point = np.where(has_tensor, dt * pk_point * ta,
-                     np.where(power_only, dt * pk_low * a_p * MFU_POINT, dt * pk_low * act * MFU_POINT))
+                     np.where(power_only, dt * pk_point * a_p * MFU_POINT, dt * pk_point * act * MFU_POINT))
     low = np.where(has_tensor, dt * pk_low * ta * ACHIEVABLE_SHARE,
                    np.where(power_only, dt * pk_low * a_p * MFU_POINT / 4.0, dt * pk_low * act * low_mfu))
     high = np.where(has_tensor, dt * pk_high * ta,
@@ -96,18 +97,3 @@ def unknown_accelerator_peaks(precision: str | None) -> tuple[float, float, floa
     at = sorted(a.peak(precision) for a in parts)
     high = max(a.low_precision_band[1] for a in parts) if precision is None else at[-1]
     return at[len(at) // 2], at[0], high
-
-
-def unknown_accelerator_band(device_seconds: float, activity: float | None) -> tuple[float, float, float]:
-    """(point, low, high) FLOP for devices whose part the catalog does not know: low 0 (it may be any part, or
-    waiting), point at the catalog's median BF16 peak x activity x MFU point, high at its largest FP8-or-BF16 peak
-    x activity (or 1 when activity is unknown) x MFU high."""
-    from detectors.catalog import load_catalog
-
-    parts = list(load_catalog().values())
-    bf16 = sorted(a.peak_flops["bf16"] for a in parts if "bf16" in a.peak_flops)
-    top = max(max(a.peak_flops.values()) for a in parts if a.peak_flops)
-    a = 1.0 if activity is None else min(max(activity, 0.0), 1.0)
-    mid = bf16[len(bf16) // 2] if bf16 else 0.0
-    point = device_seconds * mid * a * MFU_POINT if activity is not None else 0.0
-    return point, 0.0, device_seconds * top * a * MFU_HIGH

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
+from detectors.compute import MFU_HIGH, MFU_LOW, MFU_POINT, unknown_accelerator_peaks
 from pipeline.cli import _register_all, app
 from schemas.serde import dumps, loads
 
@@ -64,7 +65,13 @@ def test_classify_nvidia_smi_csv_several_workloads_out_of_order_and_unknown_part
     assert [r["device_count"] for r in out] == [2, 1]
     for r in out:
         assert r["duration_s"] == pytest.approx(600.0, abs=60.0)  # nothing lost to one stream's watermark
-        assert r["basis"] == "unknown_accelerator" and r["flop_low"] == 0.0 < r["flop"] < r["flop_high"]
+        # the windows' own band on the catalog's peaks (as the store and cases get it), not a classify-only one
+        assert r["basis"] == "unknown_accelerator" and 0.0 < r["flop_low"] < r["flop"] < r["flop_high"]
+        busy = 0.6 * 5.0 * 120 * r["device_count"]  # 60 % busy, 5 s apart (the gaps give the intervals)
+        point, low, high = unknown_accelerator_peaks(None)
+        assert r["flop"] == pytest.approx(busy * point * MFU_POINT)
+        assert r["flop_low"] == pytest.approx(busy * low * MFU_LOW / 2)  # no TDP: power cannot narrow it
+        assert r["flop_high"] == pytest.approx(busy * high * MFU_HIGH)
         assert r["band"] != "not_training" and r["missing"]  # no TDP, no memory size: widened, not evidence
     assert "temperature.gpu" in res.stderr
 

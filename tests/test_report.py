@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 
 from detectors.engine import DetectEngine
 from pipeline.cases.core import CaseBook
 from pipeline.cases.report import (
+    BASIS_TEXT,
     DEMO_BANNER,
     DRAFT_BANNER,
     IDENTITY_FIELDS,
@@ -17,6 +20,7 @@ from pipeline.cases.report import (
 )
 from schemas import serde
 from schemas.policy import load_policy
+from schemas.window_sums import BASES, ComputeBasis
 from tests import detector_builders as db
 from tests.test_cases_core import BIS, DAY, NOW, T0, cip, det
 
@@ -156,6 +160,10 @@ def test_basis_text_names_each_basis_most_windows_first():
         "tensor-pipe activity x peak (3 windows); utilisation and power (weaker) (1 window)")
     assert basis_text("utilisation_power") == "utilisation and power (weaker)"
     assert basis_text(None) == basis_text({}) == "not in evidence"
+    # every basis a window or a run can carry has its own sentence (schemas/window_sums.py), none shown as a code
+    assert set(get_args(ComputeBasis)) == {*BASES, "mixed"} and set(BASIS_TEXT) == {*BASES, "mixed"}
+    text = basis_text({"unknown_accelerator": 2})
+    assert "catalog" in text and text.endswith("(2 windows)")
 
 
 def test_latest_figures_win_when_two_detections_share_the_crossing_time():

@@ -99,6 +99,8 @@ BASIS_TEXT = {
     "utilisation_power": "utilisation and power (weaker)",
     "mixed": "mixed bases within a window",
     "none": "no usable activity field (not counted)",
+    "unknown_accelerator": "accelerator model unknown or not reported: the catalog's median peak, band from its "
+                           "slowest to its fastest part (wide)",
 }
 
 

@@ -16,8 +16,6 @@ from typing import Any
 
 import typer
 
-from detectors.catalog import UNKNOWN_ACCELERATOR
-from detectors.compute import unknown_accelerator_band
 from detectors.model_artifact import load_artifact
 from pipeline.ingest.aggregate import WindowConfig
 from pipeline.model_train import HistoryBuilder, histories_from_messages
@@ -41,13 +39,9 @@ def verdict_rows(hb: HistoryBuilder, model: Any) -> list[dict[str, Any]]:
         flop_low = float(sum(w.flop_low for w in wins))
         flop_high = float(sum(w.flop_high for w in wins))
         unknown = sorted({a for w in wins for a in w.unknown_accelerators})
+        # An unknown (or unnamed) part: the windows carry basis unknown_accelerator and the band on the catalog's
+        # peaks (detectors.compute.unknown_accelerator_peaks), the same figures the store and cases get.
         basis = bases.pop() if len(bases) == 1 else "mixed"
-        if unknown or not any(w.accelerators for w in wins):
-            # no catalog row (or no model name): bound by the catalog's smallest and largest parts, never a zero
-            dsec = float(sum(w.device_seconds for w in wins))
-            act = _mean_activity(wins)
-            flop, flop_low, flop_high = unknown_accelerator_band(dsec, act)
-            basis = UNKNOWN_ACCELERATOR
         rows.append({
             "workload_id": wid,
             "account_id": next((w.account_id for w in wins if w.account_id), None),
@@ -72,18 +66,6 @@ def verdict_rows(hb: HistoryBuilder, model: Any) -> list[dict[str, Any]]:
             "in_distribution": v.in_distribution,
         })
     return rows
-
-
-def _mean_activity(wins: list[Any]) -> float | None:
-    """Device-second-weighted mean of the best activity reading the windows have (utilisation, engine, SM)."""
-    num = den = 0.0
-    for w in wins:
-        f = w.features
-        a = next((f.get(k) for k in ("mean_gpu_util", "mean_gr_engine", "mean_sm") if f.get(k) is not None), None)
-        if a is not None:
-            num += a * w.device_seconds
-            den += w.device_seconds
-    return num / den if den else None
 
 
 def classify(
