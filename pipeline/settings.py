@@ -168,6 +168,9 @@ class Settings(BaseSettings):
         default=None, description="classifier artifact directory; None = the packaged one; 'rule' = the interim rule"
     )
     data_dir: Path = Path("./var")
+    #: Where CLI case actions (`cases ack|report|...`, `suppress end`) send their changes besides the store: "kafka"
+    #: publishes them to topics.cases at once (a Kafka deployment); "off" stores only and says so (replay, demo).
+    cases_feed: Literal["off", "kafka"] = "off"
     #: Log lines of every command (pipeline/log_setup.py): text (people; colour only on a terminal), json, logfmt.
     log_format: Literal["text", "json", "logfmt"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "WARNING"

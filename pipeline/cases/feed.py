@@ -8,20 +8,24 @@ for a reportable case (REPORTABLE_STATUSES) and is None otherwise (a monitored U
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka import Message as KafkaMessage
 from pydantic import Field
 
 from pipeline.cases.report import draft_report, identity_block
-from pipeline.settings import KafkaSettings
+from pipeline.settings import KafkaSettings, Settings
 from schemas import serde
 from schemas.base import Message
 from schemas.case import REPORTABLE_STATUSES, Case, CaseEvent
 from schemas.errors import TrainwatchError
 from schemas.policy import Policy
+
+if TYPE_CHECKING:
+    from pipeline.store import Store
 
 
 class FeedError(TrainwatchError):
@@ -92,3 +96,62 @@ class CaseFeedProducer:
 
     def close(self) -> None:
         self._producer.flush(self.flush_timeout_s)
+
+
+@dataclass(frozen=True, slots=True)
+class FeedOutcome:
+    """What became of case changes made outside the worker (CLI actions): how many messages went to which topic,
+    or why none did; `line` says it for people."""
+
+    published: int
+    topic: str | None
+    line: str
+    message_ids: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"published": self.published, "topic": self.topic, "message_ids": list(self.message_ids),
+                "note": self.line}
+
+
+def publish_case_changes(settings: Settings, store: Store, case_ids: Iterable[str],
+                         policy_for: Callable[[Case], Policy | None], *, timeout_s: float = 30.0) -> FeedOutcome:
+    """Put every stored change of `case_ids` that the feed topic lacks on it, in event order, in the worker's format
+    (the same `feed_messages` the faust app's feed audit republishes: the case's latest state, its draft report).
+
+    Idempotent: message ids (= event ids) already on the topic are skipped, so the action's own change goes out
+    once however often this runs, and an earlier change the worker never sent goes first. With `cases_feed` "off"
+    nothing is sent and the outcome says where the changes are. Raises FeedError when the feed cannot be read or
+    written (the changes stay in the store; running it again sends them)."""
+    from pipeline.detect.feed_audit import _published_ids  # the audit's reader; lazy: the audit imports this module
+
+    ids = sorted(set(case_ids))
+    topic = settings.topics.cases
+    if settings.cases_feed != "kafka":
+        return FeedOutcome(0, None, f"feed: not published (cases_feed = {settings.cases_feed}): the change is in "
+                                    f"case_events of database {store.database}; with TRAINWATCH_CASES_FEED=kafka it "
+                                    f"goes to {topic} at {settings.kafka.bootstrap_servers} (`trainwatch cases "
+                                    f"publish` sends what is missing)")
+    try:
+        have = _published_ids(settings, topic, timeout_s)
+    except (KafkaException, TimeoutError) as exc:
+        raise FeedError(f"feed: NOT published: cannot read {topic} at {settings.kafka.bootstrap_servers} ({exc}); "
+                        "the change is stored: `trainwatch cases publish CASE` sends it") from exc
+    messages: list[CaseFeedMessage] = []
+    for cid in ids:
+        case = store.get_case(cid)
+        if case is None:
+            continue
+        missing = sorted((e for e in store.case_events(cid) if e.event_id not in have),
+                         key=lambda e: (e.at, e.recorded_at, e.event_id))
+        messages += feed_messages([case], missing, policy_for(case))
+    if messages:
+        producer = CaseFeedProducer(settings.kafka, topic, flush_timeout_s=timeout_s)
+        try:
+            producer.publish(messages)
+        except FeedError as exc:
+            raise FeedError(f"feed: NOT published: {exc}; the change is stored: `trainwatch cases publish CASE` "
+                            "sends it") from exc
+    n = len(messages)
+    return FeedOutcome(n, topic, f"feed: {n} message(s) published to {topic}"
+                                 + ("" if n else " (every change was already on it)"),
+                       tuple(m.message_id for m in messages))

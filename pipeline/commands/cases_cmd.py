@@ -2,21 +2,24 @@
 
 Every command reads and writes the ClickHouse store named by --store/--database (default: Settings). Actions
 re-read the case, validate the transition (an illegal one exits 2 with the reason) and append an audit event.
+With `cases_feed = "kafka"` (TRAINWATCH_CASES_FEED) an action then publishes the case's changes the compliance
+feed lacks (its own, and any the worker never sent) in the worker's format, once; otherwise it says where the change
+is. `cases publish` sends what is missing (after a broker outage, or to catch up a store).
 """
 
 from __future__ import annotations
 
 import getpass
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import typer
 
 from pipeline.cases.actions import STATUSES, CaseActions, policy_of
-from pipeline.cases.feed import CaseFeedMessage
+from pipeline.cases.feed import CaseFeedMessage, FeedError, FeedOutcome, publish_case_changes
 from pipeline.cases.report import draft_report, render_markdown, utc
-from pipeline.settings import load_settings
+from pipeline.settings import Settings, load_settings
 from pipeline.store import Store
 from schemas.case import LABEL_REASON_CODES, Case
 from schemas.serde import dumps
@@ -50,6 +53,15 @@ def _actions(dsn: str | None, database: str | None) -> Iterator[CaseActions]:
     settings = load_settings()
     with Store.connect(dsn or settings.clickhouse_dsn, database or settings.database) as store:
         yield CaseActions(store, settings.policy)
+
+
+def publish(settings: Settings, store: Store, case_ids: Iterable[str]) -> tuple[FeedOutcome | None, FeedError | None]:
+    """The acted cases' changes onto the feed (pipeline.cases.feed.publish_case_changes), under each case's policy;
+    a failure is returned, not raised, so the command can print what it did first."""
+    try:
+        return publish_case_changes(settings, store, case_ids, lambda c: policy_of(c, settings.policy)), None
+    except FeedError as exc:
+        return None, exc
 
 
 def _echo_json(data: Any) -> None:
@@ -102,15 +114,45 @@ def show(
 
 def _act(store_dsn: str | None, database: str | None, as_json: bool, method: str, case_id: str, actor: str | None,
          *args: Any) -> None:
-    with _actions(store_dsn, database) as actions:
+    settings = load_settings()
+    with Store.connect(store_dsn or settings.clickhouse_dsn, database or settings.database) as store:
+        actions = CaseActions(store, settings.policy)
         messages: list[CaseFeedMessage] = getattr(actions, method)(case_id, actor or getpass.getuser(), *args)
         case = actions.get(case_id)  # the stored case: feed messages leave the identity out
+        feed, failed = publish(settings, store, [case.case_id])
     if as_json:
         events = [m.change.model_dump(mode="json") for m in messages]
-        _echo_json({"case": case.model_dump(mode="json"), "events": events})
-        return
-    for m in messages:
-        typer.echo(f"{case_id}: {m.change.from_status} -> {m.change.to_status} ({m.change.action} by {m.change.actor})")
+        _echo_json({"case": case.model_dump(mode="json"), "events": events,
+                    "feed": feed.to_dict() if feed else {"published": 0, "error": str(failed)}})
+    else:
+        for m in messages:
+            typer.echo(f"{case_id}: {m.change.from_status} -> {m.change.to_status} ({m.change.action} by "
+                       f"{m.change.actor})")
+        if feed is not None:
+            typer.echo(feed.line)
+    if failed is not None:
+        raise failed
+
+
+@cases_app.command("publish")
+def publish_cmd(
+    case_ids: list[str] = typer.Argument(None, help="case ids (default: every case in the store)"),
+    as_json: bool = _JSON,
+    store_dsn: str | None = _STORE,
+    database: str | None = _DATABASE,
+) -> None:
+    """Send the cases' stored changes that the compliance feed lacks (needs cases_feed = kafka); once each."""
+    settings = load_settings()
+    with Store.connect(store_dsn or settings.clickhouse_dsn, database or settings.database) as store:
+        ids = case_ids or [r["case_id"] for r in store.query("SELECT DISTINCT case_id FROM case_events")]
+        feed, failed = publish(settings, store, ids)
+    if failed is not None:
+        raise failed
+    assert feed is not None
+    if as_json:
+        _echo_json(feed.to_dict())
+    else:
+        typer.echo(feed.line)
 
 
 @cases_app.command("ack")

@@ -1,7 +1,8 @@
 """`trainwatch suppress add|list|show|end`: silence known-good activity for a time, every change audited (issue 16).
 
 Times (--from, --until, --at) are event time, epoch seconds or ISO 8601 (`2025-03-03T00:00:00Z`); on a live stream
-event time is wall time. Ending a suppression releases what it held at once (pipeline/cases/suppressions.py).
+event time is wall time. Ending a suppression releases what it held at once (pipeline/cases/suppressions.py); the
+cases it opens go on the compliance feed at once when cases_feed is kafka (as `cases` actions do).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from datetime import UTC, datetime
 import typer
 
 from pipeline.cases import suppressions as sup_ops
+from pipeline.cases.feed import CaseFeedMessage
 from pipeline.cases.report import utc
 from pipeline.cases.service import CaseService
+from pipeline.commands.cases_cmd import publish
 from pipeline.settings import load_settings
 from pipeline.store import Store
 from schemas.case import Suppression
@@ -66,9 +69,9 @@ def _row(s: Suppression, now: float) -> str:
             f"by {s.created_by}\t{s.reason}")
 
 
-def release(store: Store, sup: Suppression, at: float, fallback_policy: str) -> int:
+def release(store: Store, sup: Suppression, at: float, fallback_policy: str) -> list[CaseFeedMessage]:
     """Release what `sup` held, under each policy its findings were made (shipped profile by id, else the
-    fallback): the number of feed messages written (published by no one here: the case events are in the store)."""
+    fallback): the case changes (stored; `end` puts them on the feed when cases_feed is kafka)."""
     policies: dict[str, Policy] = {}
     for row in store.suppression_hits(sup.suppression_id):
         pid = decode(Detection, row["detection"]).policy_id
@@ -77,10 +80,10 @@ def release(store: Store, sup: Suppression, at: float, fallback_policy: str) -> 
                 policies[pid] = load_policy(pid)
             except PolicyError:
                 policies[pid] = load_policy(fallback_policy)
-    n = 0
+    out: list[CaseFeedMessage] = []
     for policy in policies.values():
-        n += len(CaseService(store, policy, preload=False).release_ended(at, time.time(), only=sup.suppression_id))
-    return n
+        out += CaseService(store, policy, preload=False).release_ended(at, time.time(), only=sup.suppression_id)
+    return out
 
 
 @suppress_app.command("add")
@@ -194,8 +197,13 @@ def end(
         store.upsert_suppressions([ended])
         store.append_suppression_events([sup_ops.sup_event(
             sup.suppression_id, "ended", when, now, who, when, {"reason": reason.strip()})])
-        n = release(store, ended, when, default_policy)
-    typer.echo(f"{suppression_id}: ended at {utc(when)}; {n} case change(s) from what it held")
+        changes = release(store, ended, when, default_policy)
+        feed, failed = publish(load_settings(), store, {m.case.case_id for m in changes}) if changes else (None, None)
+    typer.echo(f"{suppression_id}: ended at {utc(when)}; {len(changes)} case change(s) from what it held")
+    if feed is not None:
+        typer.echo(feed.line)
+    if failed is not None:
+        raise failed
 
 
 def register(app: typer.Typer) -> None:
