@@ -103,6 +103,23 @@ def _owners(store: Store, rows: list[dict], params: dict) -> None:
     assert "own-shared-7" in owners and next(r for r in rows if r["owner_id"] == "own-shared-7")["accounts"] == 2
 
 
+def _activity(store: Store, rows: list[dict], params: dict) -> None:
+    from detectors.windows import merge_partials
+
+    mine = [w for w in store.list_windows() if w.account_id == params["account_id"]]
+    groups: dict[tuple[str, float], list] = {}
+    for w in mine:
+        groups.setdefault((w.workload_id, w.window_start), []).append(w)
+    assert [(r["workload_id"], r["window_start"]) for r in rows] == sorted(groups)
+    for r in rows:
+        merged = merge_partials(groups[(r["workload_id"], r["window_start"])])
+        f = merged.features
+        assert r["tensor_active"] == pytest.approx(f["mean_tensor"], rel=1e-9) and 0 < r["tensor_active"] <= 1
+        assert r["gpu_util"] == pytest.approx(f["mean_gpu_util"], rel=1e-9)
+        assert r["power_w"] == pytest.approx(f["mean_power_watts"], rel=1e-9)
+        assert r["flop_low"] <= r["flop"] <= r["flop_high"] and r["flop"] == pytest.approx(merged.flop, rel=1e-12)
+
+
 CHECKS: dict[str, tuple[Callable[[Store, list[dict], dict], None], Callable[[Store], dict[str, Any]]]] = {
     "a case's history": (_history, lambda s: {"case_id": s.list_cases(status=["open"])[0].case_id}),
     "dead letters by topic and reason in the last day (at = when it was dead-lettered)": (_letters, lambda s: {}),
@@ -111,6 +128,8 @@ CHECKS: dict[str, tuple[Callable[[Store, list[dict], dict], None], Callable[[Sto
     "reportable cases due soonest under one policy, with days left": (_due, lambda s: {"policy_id": "demo"}),
     "compute per account: workload-windows, not partial rows": (_accounts, lambda s: {}),
     "foreign beneficial owners under one policy, largest compute first": (_owners, lambda s: {"policy_id": "demo"}),
+    "activity and compute per workload-window of one account: partials combined, each mean weighted by its seconds":
+        (_activity, lambda s: {"account_id": "acct-de-ai"}),
 }
 
 
