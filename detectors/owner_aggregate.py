@@ -242,7 +242,7 @@ class EventTimeOwners:
 
     A message's place (`at`) is its `t` (a retraction's: its `wm`), never before what its account had already sent
     the owner: a later revision of an older window carries the run's newer cumulative figures and must not be
-    overwritten by messages it followed. Ties go by account id, then arrival order.
+    overwritten by messages it followed. Ties keep arrival order.
 
     The bound (ARCHITECTURE.md): a message that arrives behind the horizon already passed (a window trailing its
     partition's watermark by more than `skew_s`, a CIP record applied late, figures re-sent after a restart) is
@@ -299,8 +299,8 @@ class EventTimeOwners:
 
     def _release(self, clock: dict[str, Any]) -> list[Detection]:
         h = self.horizon(clock["k"])
-        # Equal places: by account, then arrival (stable), so the interleaving of partitions cannot reorder them.
-        pending = sorted(clock["pending"], key=lambda c: (c["at"], c.get("account_id", "")))
+        # Equal places keep arrival order (stable): on one partition that is the order the replay applies them in.
+        pending = sorted(clock["pending"], key=lambda c: c["at"])
         n_ready = sum(1 for c in pending if c["at"] <= h)
         over = len(pending) - n_ready - self.pending_max
         if over > 0:  # a partition far behind: bound the state, fall back to arrival order for the oldest

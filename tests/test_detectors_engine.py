@@ -688,3 +688,52 @@ def test_a_replayed_window_never_counts_twice_however_many_workloads_the_run_has
     # A window past the horizon that is not remembered (forgotten, or data later than the allowed lateness).
     assert feed(eng, [window("wl-late", "acct-big", 0, flop=1e12, label="big")]) == []
     assert run.used == pytest.approx(used) and eng.errors.get("window_beyond_horizon") == 1
+
+
+class _Table:
+    """A faust table as pipeline/detect/tables.py uses it: data, and the changelog messages sent."""
+
+    def __init__(self, data: dict | None = None) -> None:
+        self.data: dict[bytes, bytes] = dict(data or {})
+        self.sent: list[tuple[int | None, bytes, bytes | None]] = []
+
+    def send_changelog(self, partition: int | None, key: bytes, value: bytes | None) -> None:
+        self.sent.append((partition, key, value))
+
+
+def test_window_partials_survive_a_restart_each_written_once():
+    """Two telemetry partitions' partials of one workload-window reach detect in different batches, with a worker
+    restart between them: the restored stage merges the second with the first (the run counts both, not the second
+    alone), and the partials changelog holds each partial once (not the window's set again with each new one)."""
+    from pipeline.detect.tables import StageTables
+    from pipeline.settings import Settings
+    from schemas.windows import WindowAggregate
+
+    def partial(part: int, flop: float) -> WindowAggregate:
+        return WindowAggregate(window_id=f"w-{part}", workload_id="wl-t", account_id="acct-t", partition=part,
+                               window_start=T0, window_end=T0 + W, sample_count=6, device_count=4, node_count=1,
+                               devices=[f"GPU-{part}-{i}" for i in range(4)], nodes=[f"n-{part}"],
+                               device_seconds=240.0, flop=flop, flop_low=flop, flop_high=flop, basis="tensor_active")
+
+    settings = Settings(model_path="rule")
+    engine, partials = _Table(), _Table()
+    tabs = StageTables(engine, partials, settings, demo(), None)
+    st, new = tabs.stage(0)
+    assert new
+    first = partial(0, 1e15)
+    tabs.before_window(0, st, first)
+    st.on_window(first)
+    tabs.before_window(0, st, first)  # a replayed partial: nothing new to write
+    st.on_window(first)
+    tabs.save(0, st)
+    assert [k for _, k, _ in partials.sent] == [f"0|wl-t|{T0!r}|w-0".encode()]
+
+    tabs2 = StageTables(_Table(engine.data), _Table(partials.data), settings, demo(), None)  # after a restart
+    st2, _ = tabs2.stage(0)
+    second = partial(1, 2e15)
+    tabs2.before_window(0, st2, second)
+    st2.on_window(second)
+    tabs2.save(0, st2)
+    (run,) = st2.engine.runs.values()
+    assert run.used == pytest.approx(3e15)
+    assert [k for _, k, _ in tabs2.partials.sent] == [f"0|wl-t|{T0!r}|w-1".encode()]
