@@ -60,7 +60,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
 #: The eval scenario at this scale: ~260 workloads over 12 h, ~7M samples.
 TRAIN_SCENARIO: dict[str, Any] = {"scale": 3.0}
 MODEL_ID = "trainwatch-workload-gbm"
-MODEL_VERSION = "4"
+MODEL_VERSION = "5"
 #: Fields written as whole numbers by the simulator's line writer (MiB, MHz, bytes, mJ).
 _INT_FIELDS = frozenset(("fb_used_mib", "fb_free_mib", "sm_clock_mhz", "mem_clock_mhz", "pcie_tx_bytes",
                          "pcie_rx_bytes", "nvlink_tx_bytes", "nvlink_rx_bytes", "net_tx_bytes", "net_rx_bytes",
