@@ -98,6 +98,7 @@ def test_derived_ratios_follow_their_parts():
     assert math.isnan(col["tensor_per_gr_engine"][2])  # a missing part stays missing
     assert math.isnan(col["power_per_util"][0]) and col["power_per_util"][2] == pytest.approx(1.0)
     assert feature_tier("tensor_per_gr_engine") == "dcgm"  # built from profiling fields: never in the smi tier
+    assert feature_tier("dram_per_gr_engine") == "dcgm"
     assert feature_tier("fb_used_cv") == feature_tier("power_per_util") == "smi"
     assert HistoryFeaturizer(history_k=5, derived=False).fit([hist]).derived_ == {}
 
