@@ -1,4 +1,5 @@
-"""The project's real GPU capture (data/gpu_capture_h200, see its PROVENANCE.md) read into native samples.
+"""The project's real GPU captures (data/gpu_capture_h200 and the held-out second one, data/gpu_capture_h200_b,
+see their PROVENANCE.md: same tool, format and workloads) read into native samples.
 
 The capture tool writes one row per NVML tick (0.1 s) with `workload` naming what ran, and GPM metrics on every
 fifth tick (0.5 s, each the mean over the last interval). Mapping to the native schema (schemas/telemetry.py, the
@@ -42,6 +43,10 @@ from pipeline.model_train import Dataset, dataset_from_entries, histories_from_m
 from schemas.serde import dumps
 
 CAPTURE_DIR = Path(__file__).resolve().parents[1] / "data" / "gpu_capture_h200"
+#: The second capture (fresh machine, scale 0.8): held out, nothing is tuned on it.
+CAPTURE_B_DIR = CAPTURE_DIR.with_name("gpu_capture_h200_b")
+#: Every real capture by its results key (`trainwatch model evaluate`, benchmarks/compute_truth.py).
+CAPTURES = {"h200_capture": CAPTURE_DIR, "h200_capture_b": CAPTURE_B_DIR}
 Tier = Literal["full", "smi"]
 _NVML = {"gpu_util_pct": "gpu_util", "mem_util_pct": "mem_copy_util", "fb_used_mib": "fb_used_mib",
          "power_w": "power_w", "sm_clock_mhz": "sm_clock_mhz", "energy_mj": "energy_mj"}

@@ -3,8 +3,9 @@
 - Simulated data, leave-one-source-out: each fold holds out whole `source_family` groups (one family at a time
   when there are few, else GroupKFold over families), trains on the rest, and scores the held-out histories
   twice: as sent (full DCGM where the node had it) and as an nvidia-smi-only provider would have sent them.
-- Real data, never trained on: the project's H200 capture (data/gpu_capture_h200: train, LoRA, serving, batch
-  inference, FP64 HPC, idle with their ground truth) as sent with its profiling fields and stripped to nvidia-smi
+- Real data, never trained on: the project's H200 captures (data/gpu_capture_h200: train, LoRA, serving, batch
+  inference, FP64 HPC, idle with their ground truth; data/gpu_capture_h200_b, the same run again and held out:
+  nothing is tuned on it), each its own set, as sent with its profiling fields and stripped to nvidia-smi
   level, judged run by run through `predict` exactly as `trainwatch classify` does (`capture_eval`); the
   MIGProfiler A100 runs, scored by a model trained on all simulated data; the
   same simulated data seen only through the fields the traces carry (what a sim-trained model would say without
@@ -27,7 +28,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from detectors.classifier import GbmWorkloadClassifier, TierModel
-from pipeline.gpu_capture import CAPTURE_DIR, capture_dataset, capture_entries, truth
+from pipeline.gpu_capture import CAPTURE_DIR, CAPTURES, capture_dataset, capture_entries, truth
 from pipeline.model_train import Dataset, build_model
 
 RELIABILITY_BINS = 10
@@ -353,6 +354,11 @@ def migprofiler_signal_transfer(model: GbmWorkloadClassifier, mig: Dataset, max_
     return out
 
 
+def _capture_labels(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(results key, table label) of the real captures present: "H200 capture", "H200 capture B" (held out)."""
+    return [(k, "H200 capture" + (" B" if k.endswith("_b") else "")) for k in CAPTURES if k in results]
+
+
 def summary_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(label, block) pairs for the printed table."""
     rows: list[tuple[str, dict[str, Any]]] = []
@@ -360,10 +366,10 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     for key in ("as_sent", "full_dcgm", "smi_only"):
         if key in sim and sim[key].get("n"):
             rows.append((f"sim LOSO {key}", sim[key]))
-    cap = results.get("h200_capture") or {}
-    for key, block in cap.items():
-        if isinstance(block, dict) and block.get("n"):
-            rows.append((f"H200 capture {key}", block))
+    for cap_key, cap_label in _capture_labels(results):
+        for key, block in (results.get(cap_key) or {}).items():
+            if isinstance(block, dict) and block.get("n"):
+                rows.append((f"{cap_label} {key}", block))
     mig = results.get("migprofiler") or {}
     for key, block in mig.items():
         if key == "signal_transfer":
@@ -404,15 +410,15 @@ def format_table(results: dict[str, Any]) -> str:
         st = b.get("stakes") or {}
         lines.append(f"  {label:44} {f(st.get('training_called_not_training'))} "
                      f"{f(st.get('confident_training_precision'))} {f(st.get('fpr'))} {f(st.get('uncertain_share'))}")
-    cap = results.get("h200_capture") or {}
-    for key, block in cap.items():
-        if isinstance(block, dict) and block.get("runs"):
-            lines.append("")
-            lines.append(f"H200 capture {key}: per run P(training) [p_low, p_high] band (reasons)")
-            for r in block["runs"]:
-                rng = "" if r["p_low"] is None else f" [{r['p_low']:.3f}, {r['p_high']:.3f}]"
-                lines.append(f"  {r['archetype']:6} {'train' if r['is_training'] else 'neg  '} {r['p_training']:.3f}"
-                             f"{rng} {r['band']:12} ({', '.join(r['reasons'])})")
+    for cap_key, cap_label in _capture_labels(results):
+        for key, block in (results.get(cap_key) or {}).items():
+            if isinstance(block, dict) and block.get("runs"):
+                lines.append("")
+                lines.append(f"{cap_label} {key}: per run P(training) [p_low, p_high] band (reasons)")
+                for r in block["runs"]:
+                    rng = "" if r["p_low"] is None else f" [{r['p_low']:.3f}, {r['p_high']:.3f}]"
+                    lines.append(f"  {r['archetype']:6} {'train' if r['is_training'] else 'neg  '} "
+                                 f"{r['p_training']:.3f}{rng} {r['band']:12} ({', '.join(r['reasons'])})")
     held = results.get("heldout_families") or {}
     if held:
         lines.append("")

@@ -10,6 +10,7 @@ import numpy as np
 import typer
 
 from detectors.model_artifact import load_artifact
+from pipeline.gpu_capture import CAPTURES
 from pipeline.model_eval import (
     capture_eval,
     format_table,
@@ -68,7 +69,8 @@ def run_evaluation(scenario_scale: float, seed: int, mig_dir: Path, model_dir: P
         results["heldout_families"] = heldout_families(train, ds)
     # The real runs are never trained on: score them with a model fitted on all simulated data.
     model = train_model(ds) if model_dir is None and ds is not None else load_artifact(model_dir)[0]
-    results["h200_capture"] = capture_eval(model)
+    for key, folder in CAPTURES.items():  # the first capture and the held-out second one, each its own set
+        results[key] = capture_eval(model, folder)
     mig = migprofiler_dataset(mig_dir)
     if mig is None:
         results["migprofiler"] = {"skipped": f"{mig_dir}/sessions_index.csv not found"}
@@ -97,7 +99,7 @@ def evaluate(
     mig_dir: Path = typer.Option(MIGPROFILER_DIR, "--migprofiler", help="MIGProfiler data folder"),
     model_dir: Path | None = typer.Option(None, "--model", help="score real runs with this artifact, not a refit"),
     heldout: bool = typer.Option(False, "--heldout", help="also hold simulated families out whole (slow)"),
-    real_only: bool = typer.Option(False, "--real-only", help="only the real sets (H200 capture, MIGProfiler), "
+    real_only: bool = typer.Option(False, "--real-only", help="only the real sets (H200 captures A, B; MIGProfiler), "
                                    "scored with the packaged artifact or --model: no simulation"),
     labels_from_store: bool = typer.Option(False, "--labels-from-store",
                                            help="instead: precision per detector and classifier band from analysts' "
