@@ -1,17 +1,22 @@
-"""The real H200 capture (data/gpu_capture_h200): its conversion to native samples, and the classifier's safety
-property on it (issue 14: abstain where not learned, never a confident miss)."""
+"""The real H200 captures (data/gpu_capture_h200, and the held-out second one, data/gpu_capture_h200_b): their
+conversion to native samples, and the classifier's safety property on both (issue 14: abstain where not learned,
+never a confident miss). Nothing was tuned on capture B."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.gpu_capture import CAPTURE_DIR, capture_entries, capture_runs, load_capture, truth
+from pipeline.gpu_capture import CAPTURE_B_DIR, CAPTURE_DIR, capture_entries, capture_runs, load_capture, truth
 from schemas.telemetry import FRACTION_FIELDS, SMI_FIELDS, TelemetrySample
 
 pytestmark = pytest.mark.skipif(not (CAPTURE_DIR / "samples.jsonl").is_file(), reason="capture not in this checkout")
 
 RUNS = {"h200-train", "h200-lora", "h200-serve", "h200-batch", "h200-hpc", "h200-idle"}
+#: Both captures; B is held out (a fresh machine, scale 0.8) and skipped only where this checkout lacks it.
+CAPTURE_PARAMS = [pytest.param(CAPTURE_DIR, id="capture_a"),
+                  pytest.param(CAPTURE_B_DIR, id="capture_b", marks=pytest.mark.skipif(
+                      not (CAPTURE_B_DIR / "samples.jsonl").is_file(), reason="capture B not in this checkout"))]
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +28,11 @@ def _mean(samples: list[dict], f: str) -> float:
     return float(np.mean([s[f] for s in samples if f in s]))
 
 
-def test_runs_follow_the_manifest(full: dict[str, list[dict]]) -> None:
+@pytest.mark.parametrize("folder", CAPTURE_PARAMS)
+def test_runs_follow_the_manifest(folder) -> None:
+    full = capture_runs(folder, tier="full")
     assert set(full) == RUNS  # setup / between gaps dropped
-    t = truth()
+    t = truth(folder)
     for w, samples in full.items():
         span = samples[-1]["ts"] - samples[0]["ts"]
         assert abs(span - t[w]["seconds"]) < 1.0, (w, span)
@@ -75,9 +82,11 @@ def model():
     return load_artifact()[0]
 
 
+@pytest.mark.parametrize("folder", CAPTURE_PARAMS)
 @pytest.mark.parametrize(("tier", "tensor"), [("full", "any"), ("full", "hmma"), ("smi", "any")])
-def test_no_confident_miss_on_the_capture(model, tier: str, tensor: str) -> None:
-    entries, _ = capture_entries(tier=tier, tensor=tensor)  # type: ignore[arg-type]
+def test_no_confident_miss_on_the_capture(model, folder, tier: str, tensor: str) -> None:
+    entries, _ = capture_entries(folder, tier=tier, tensor=tensor)  # type: ignore[arg-type]
+    assert set(entries) == RUNS
     verdicts = {w: model.predict(h) for w, h in entries.items()}
     assert {v.model_id.rsplit("/", 1)[-1] for v in verdicts.values()} == {tier}
     for w in ("h200-train", "h200-lora"):  # the worst error: a real training run closed as not_training
@@ -88,26 +97,30 @@ def test_no_confident_miss_on_the_capture(model, tier: str, tensor: str) -> None
         assert v.band != "uncertain" or v.reasons
 
 
-def test_model_evaluate_reports_the_capture(model) -> None:
+@pytest.mark.parametrize("folder", CAPTURE_PARAMS)
+def test_model_evaluate_reports_the_capture(model, folder) -> None:
     from pipeline.model_eval import capture_eval, format_table
 
-    res = capture_eval(model)
+    res = capture_eval(model, folder)
     for name in ("full", "smi_only", "full_hmma_tensor"):
         st = res[name]["stakes"]
         assert res[name]["n"] == 6 and st["training_called_not_training"] == 0.0
         assert {r["archetype"] for r in res[name]["runs"]} == {w.removeprefix("h200-") for w in RUNS}
     assert res["full"]["stakes"]["fpr"] == 0.0
-    table = format_table({"h200_capture": res})
-    assert "H200 capture smi_only" in table and "hpc" in table
+    key, label = ("h200_capture_b", "H200 capture B smi_only") if folder == CAPTURE_B_DIR else \
+        ("h200_capture", "H200 capture smi_only")
+    table = format_table({key: res})
+    assert label in table and "hpc" in table
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the compute estimate against the manifest's model FLOP
 # ---------------------------------------------------------------------------------------------------------------
-def test_compute_estimate_brackets_the_model_flop() -> None:
+@pytest.mark.parametrize("folder", CAPTURE_PARAMS)
+def test_compute_estimate_brackets_the_model_flop(folder) -> None:
     from pipeline.model_eval import COMPUTE_TRUTH_RUNS, compute_vs_truth
 
-    res = compute_vs_truth()
+    res = compute_vs_truth(folder)
     for w in COMPUTE_TRUTH_RUNS:
         full, smi = res["full"][w], res["smi_only"][w]
         assert 0.8 <= full["ratio"] <= 1.25, (w, full)  # tensor activity x peak x time: within 25 %
