@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from detectors import registry
 from detectors.classifier_base import WorkloadClassifier
 from detectors.owner_aggregate import ALL_OWNERS, QUIET, EventTimeOwners, OwnerAggregator, partition_mark, stamped
 from pipeline.cases.service import CaseService
-from pipeline.classifier_loader import load_classifier
+from pipeline.classifier_loader import BackgroundClassifier, load_classifier
 from pipeline.detect.feed_audit import unpublished
 from pipeline.detect.security import faust_credentials
 from pipeline.detect.stage import DetectOutput, DetectStage
@@ -33,10 +34,11 @@ from pipeline.detect.topics import owners_topic
 from pipeline.settings import Settings
 from pipeline.stage_metrics import StageMetrics
 from pipeline.store import DeadLetter, Store
+from pipeline.topics import CHANGELOG_CONFIG, TABLES
 from schemas.allocation import AllocationEvent
 from schemas.cip import CipRecord
 from schemas.detection import Detection
-from schemas.errors import InvalidMessage
+from schemas.errors import ArtifactError, InvalidMessage
 from schemas.owner import OwnerMessage
 from schemas.policy import Policy, load_policy
 from schemas.serde import decode, encode
@@ -99,14 +101,17 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         consumer_group_instance_id=f"{kafka.group_instance_id}-detect" if kafka.group_instance_id else None,
     )
     policy = load_policy(settings.policy)
-    rt = DetectRuntime(settings, policy, classifier or load_classifier(settings.model_path, policy))
+    # The artifact loads in the background while the worker joins and replays its changelogs (a faster restart);
+    # the detect agent waits for it before its first batch (pipeline/classifier_loader.py).
+    rt = DetectRuntime(settings, policy, classifier or load_classifier(settings.model_path, policy, background=True))
     topics, raw = settings.topics, {"key_serializer": "raw", "value_serializer": "raw"}
     inputs = app.topic(topics.windows, topics.cip, topics.allocations, **raw)
     detections, feed = app.topic(topics.detections, **raw), app.topic(topics.cases, **raw)
     # Owner messages, repartitioned by beneficial owner: one owner's accounts may sit on any input partition.
     owner_topic = app.topic(owners_topic(app_id), partitions=partitions, internal=True, **raw)
-    table = {n: app.Table(n, partitions=partitions, key_type=bytes, value_type=bytes)
-             for n in ("engine", "partials", "owners")}
+    # Compacting changelogs (pipeline/topics.py) where faust creates them itself: a restart replays state, not history.
+    table = {n: app.Table(n, partitions=partitions, key_type=bytes, value_type=bytes,
+                          extra_topic_configs=CHANGELOG_CONFIG) for n in TABLES}
     rt.tables = tabs = StageTables(table["engine"], table["partials"], settings, policy, rt.classifier)
     owner_det = next((d for d in registry.build() if d.id == "owner_aggregate"), None)
     rt.owners = EventTimeOwners(OwnerAggregator(policy, settings.window_s, owner_det), sources=partitions,
@@ -160,6 +165,12 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     @app.agent(inputs, concurrency=1)
     async def detect(stream: Any) -> None:
         async for events in stream.take_events(BATCH, within=within_s):
+            if isinstance(rt.classifier, BackgroundClassifier) and not rt.classifier.ready:
+                try:  # off the event loop, so heartbeats and fetches go on meanwhile
+                    await asyncio.get_running_loop().run_in_executor(None, rt.classifier.wait)
+                except ArtifactError as exc:  # as fatal as at start: never classify without the model
+                    await app.crash(exc)
+                    raise
             by_part: dict[int, list[Any]] = {}
             for ev in events:
                 by_part.setdefault(ev.message.partition, []).append(ev)
