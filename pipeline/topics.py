@@ -27,6 +27,17 @@ from schemas.errors import TrainwatchError
 
 Stage = Literal["ingest", "detect", "dlq", "all"]
 DEFAULT_APP_ID = "trainwatch-detect"
+#: The detect app's faust tables (pipeline/detect/faust_app.py); faust names a table's changelog {app_id}-{t}-changelog.
+TABLES = ("engine", "partials", "owners")
+#: Changelogs compact promptly, so a restarted worker replays the tables' latest state, not their history (most of
+#: a changelog is window partials written and then deleted). The cleaner only compacts closed segments: roll one a
+#: minute, clean when 10 % is dirty. A tombstone stays 5 min: a replay (seconds) that began before the cleaner
+#: removed it still sees it (Kafka's bound for reading a compacted topic from its start).
+CHANGELOG_CONFIG = {"segment.ms": "60000", "min.cleanable.dirty.ratio": "0.1", "delete.retention.ms": "300000"}
+
+
+def changelog_topics(app_id: str) -> tuple[str, ...]:
+    return tuple(f"{app_id}-{t}-changelog" for t in TABLES)
 
 # librdkafka logs every failed connection attempt on its own (to stderr, one line per broker per retry): the
 # admin clients here report problems as exceptions instead, so their logs go nowhere.
@@ -115,6 +126,10 @@ def topic_specs(settings: Settings, app_id: str = DEFAULT_APP_ID) -> list[TopicS
     ]
     # The owners topic carries owner contributions the owners table (compacted changelog) is rebuilt from.
     specs += [TopicSpec(name, "owners", n, rf, stream, True) for name in derived_topics(app_id)]
+    # faust creates the changelogs it lacks (with the same configs, faust_app.py); `topics create` makes them here
+    # so that they are right from the start. Not a stage role: `run` does not require them.
+    changelog = {**table, **CHANGELOG_CONFIG}
+    specs += [TopicSpec(name, "changelog", n, rf, changelog, True) for name in changelog_topics(app_id)]
     return specs
 
 
@@ -231,6 +246,10 @@ def create(settings: Settings, app_id: str = DEFAULT_APP_ID, *, timeout_s: float
     a = admin(settings, min(timeout_s, 10.0))
     state = _state(a, timeout_s)
     missing = [s for s in topic_specs(settings, app_id) if s.name not in state]
+    # Changelogs are partitioned like the input they belong to, as it exists (it may predate these settings).
+    have = state.get(settings.topics.windows)
+    if have is not None:
+        missing = [replace(s, partitions=have.partitions) if s.role == "changelog" else s for s in missing]
     return _create(a, missing, timeout_s)
 
 

@@ -53,7 +53,7 @@ def test_create_applies_settings_and_check_agrees(kafka_bootstrap: str) -> None:
                         topic_config=TopicConfigSettings(partitions=3, telemetry_partitions=2,
                                                          max_message_bytes=4 << 20))
     made = topics.create(settings, app_id)
-    all_names = [*names.values(), f"{app_id}-owners-repartition"]
+    all_names = [*names.values(), f"{app_id}-owners-repartition", *topics.changelog_topics(app_id)]
     try:
         assert sorted(made) == sorted(all_names)
         assert topics.create(settings, app_id) == []  # idempotent: nothing left to create
