@@ -1,9 +1,12 @@
-"""The detector base class and registry, and the read-only context the engine hands every detector.
+"""The detector base class, its declared hooks, and the read-only context the engine hands every detector.
 
 A detector is a small class with one job: `__init__` stores parameters only; class attributes carry a stable id,
 version, severity, maturity and a one-line description; `detect(state, event)` returns a list of Detections
-(empty for nothing), never None, and never raises on odd-but-valid input. Defining the class registers it; a
-duplicate id fails at import. Which detectors run, and with what parameters, is configuration.
+(empty for nothing), never None, and never raises on odd-but-valid input. Everything the engine may call is
+declared on `Detector` with a no-op default (`update`, `claims_run`) or a class attribute (`owner_level`,
+`reevaluates_runs_on_cip`), so the engine never asks for a detector by name and a new one needs no engine change.
+Which detectors exist is the explicit tuple `detectors.registry.DETECTORS`; which run, and with what parameters,
+is configuration (`registry.build`).
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from schemas.cip import CipRecord
 from schemas.detection import Detection, Outcome, Severity
 from schemas.ids import content_id
 from schemas.policy import Policy
-
-REGISTRY: dict[str, type[Detector]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,23 +42,41 @@ class DetectContext:
 
 
 class Detector:
+    """Base of every detector. The engine (detectors/engine.py) calls, per input (window, CIP record, allocation):
+    for each configured detector that is not `owner_level`, `update(ctx, event)` then `detect(ctx, event)`; one
+    detector's exception is counted in `engine.errors[id]` and the others still run."""
+
     id: ClassVar[str] = ""
     version: ClassVar[int] = 1
     severity: ClassVar[Severity] = "medium"
     maturity: ClassVar[str] = "experimental"  # experimental | test | stable
     description: ClassVar[str] = ""
     example_params: ClassVar[dict[str, Any]] = {}
+    #: True: the engine never runs it on an account's input; the owner aggregator (detectors/owner_aggregate.py)
+    #: calls `detect(ctx, None)` once, when a foreign owner's summed runs first cross, with `ctx.owner` set.
+    owner_level: ClassVar[bool] = False
+    #: True: on a CIP record the engine also calls `update` / `detect` once per live run of the account, with that
+    #: run's context (for a detector whose outcome depends on the customer's foreign status, which may come late).
+    reevaluates_runs_on_cip: ClassVar[bool] = False
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if not cls.__dict__.get("id"):
-            return  # abstract helper classes carry no id
-        if cls.id in REGISTRY and REGISTRY[cls.id] is not cls:
-            raise TypeError(f"detector id {cls.id!r} already registered by {REGISTRY[cls.id].__qualname__}")
-        REGISTRY[cls.id] = cls
+    def update(self, state: DetectContext, event: Any) -> None:
+        """Fold `event` into state this detector keeps (in `state.account`); `detect` then only reads it.
+
+        Called by the engine just before `detect` with the same (state, event), every time `detect` is called on an
+        account's input (not for `owner_level` detectors). Default: the detector keeps no state.
+        """
 
     def detect(self, state: DetectContext, event: Any) -> list[Detection]:
+        """The detections `event` (a window, CIP record or allocation; None from the owner aggregator) causes."""
         raise NotImplementedError
+
+    def claims_run(self, det: Detection) -> bool:
+        """Whether `det` (one of this detector's detections, with a run id) opens a case of its own for its run.
+
+        Called by the engine on every detection of a run's window or CIP re-evaluation: a claimed run is marked
+        `own_case` and leaves its foreign owners' sums (case semantics rule 4). Default: no claim.
+        """
+        return False
 
     def detection(self, ctx: DetectContext, *, outcome: Outcome, reason: str, event_time: float, summary: str,
                   evidence: dict[str, Any], run_id: str | None = None, beneficial_owner_id: str | None = None,
@@ -80,11 +99,6 @@ class Detector:
                          beneficial_owner_id=beneficial_owner_id, run_id=run_id, workload_ids=workload_ids or [],
                          event_time=float(event_time), summary=summary, evidence=ev,
                          source_windows=source_windows or [])
-
-
-def registered() -> dict[str, type[Detector]]:
-    """Every registered detector class by id (importing detectors.registry loads the shipped ones)."""
-    return dict(REGISTRY)
 
 
 def inquiry_text(account_id: str, run_id: str | None, used: float, projected: float | None) -> str:

@@ -63,6 +63,11 @@ class ComputeThreshold(Detector):
     severity = "high"
     maturity = "test"
     description = "A run's used or projected compute reaches the policy's training threshold ('could result in')."
+    reevaluates_runs_on_cip = True  # a late CIP record can make a crossed run's customer foreign (rule 6)
+
+    def claims_run(self, det: Detection) -> bool:
+        """A reportable or needs_review run case is the run's own: it leaves its owners' sums (rule 4)."""
+        return det.run_id is not None and det.outcome in ("reportable", "needs_review")
 
     def detect(self, state: DetectContext, event: Any) -> list[Detection]:
         run = state.run

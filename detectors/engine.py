@@ -24,7 +24,7 @@ from detectors.compute_threshold import crossing
 from detectors.fields import field_of as _g
 from detectors.fields import finite_or_zero as _num
 from detectors.foreign_person import ForeignDetermination, determine
-from detectors.owner_aggregate import OwnerAggregator, contribution, membership, retraction
+from detectors.owner_aggregate import OwnerAggregator, contribution, membership, owner_level, retraction
 from detectors.reservation_potential import reservation_potential
 from detectors.runs import RunStitcher, footprint_of
 from detectors.state import HISTORY_K, SOURCE_WINDOWS_K, AccountState, OwnerState, RunState
@@ -58,8 +58,9 @@ class DetectEngine:
         self.emitted: dict[str, str] = {}  # detection id -> account id (for the per-account split of the state)
         self.watermark = 0.0
         self.errors: dict[str, int] = {}
-        self.owner_agg = OwnerAggregator(policy, window_s, next((d for d in self.detectors
-                                                                 if d.id == "owner_aggregate"), None), self.errors)
+        # Which detector runs where is declared on its class (detectors/base.py), never decided here by id. The
+        # account-level ones are read from `self.detectors` at each input (a caller may add one after construction).
+        self.owner_agg = OwnerAggregator(policy, window_s, owner_level(self.detectors), self.errors)
         #: owner messages made, in order, for the caller to route (module docstring)
         self.owner_outbox: list[dict[str, Any]] = []
         #: account -> every owner its CIPs have named as a foreign owner here: a removal can be re-sent after a crash.
@@ -113,16 +114,15 @@ class DetectEngine:
                              self.cips.get(account_id), acct, run, list(rec.workloads) if rec else [],
                              list(rec.stitched) if rec else [], owner, verdict, acct.foreign_since)
 
-    def _run(self, ctx: DetectContext, event: Any, only: str | None = None) -> list[Detection]:
-        """Every detector (or one) over (ctx, event); one detector's exception is counted and the rest still run."""
+    def _run(self, ctx: DetectContext, event: Any, per_run_on_cip: bool = False) -> list[Detection]:
+        """Each account-level detector (or only those that `reevaluates_runs_on_cip`) over (ctx, event): `update`,
+        then `detect`. One detector's exception is counted and the rest still run."""
         out: list[Detection] = []
         for d in self.detectors:
-            if (only is not None and d.id != only) or (only is None and d.id == "owner_aggregate"):
+            if d.owner_level or (per_run_on_cip and not d.reevaluates_runs_on_cip):
                 continue
             try:
-                update = getattr(d, "update", None)  # state a detector keeps is folded in first; detect only reads
-                if update is not None:
-                    update(ctx, event)
+                d.update(ctx, event)  # state a detector keeps is folded in first; detect only reads
                 found = d.detect(ctx, event)
             except Exception:  # errors are data: count it per detector, never stop the stream
                 self.errors[d.id] = self.errors.get(d.id, 0) + 1
@@ -131,9 +131,14 @@ class DetectEngine:
         return out
 
     def _note_own_case(self, run: RunState, dets: list[Detection]) -> None:
-        if any(d.run_id == run.run_id and d.detector_id == "compute_threshold"
-               and d.outcome in ("reportable", "needs_review") for d in dets):
-            run.own_case = True
+        """A detection its detector claims as the run's own case (Detector.claims_run) takes the run out of its
+        owners' sums."""
+        by_id = {d.id: d for d in self.detectors}
+        for det in dets:
+            d = by_id.get(det.detector_id)
+            if det.run_id == run.run_id and d is not None and d.claims_run(det):
+                run.own_case = True
+                return
 
     # -- inputs ----------------------------------------------------------------------------------------------
 
@@ -171,7 +176,7 @@ class DetectEngine:
         for run in [r for r in self.runs.values() if r.account_id == aid]:
             verdict = Verdict.from_dict(run.verdict) if run.verdict else None
             ctx = self._ctx(aid, run=run, verdict=verdict)
-            dets = self._run(ctx, cip, only="compute_threshold")
+            dets = self._run(ctx, cip, per_run_on_cip=True)
             self._note_own_case(run, dets)
             out += dets
             self._owners_after(aid, run, run.last_end, None)

@@ -11,7 +11,7 @@ so accounts of one owner on different partitions are summed all the same.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from detectors.base import DetectContext, Detector, inquiry_text
@@ -78,6 +78,7 @@ class OwnerAggregate(Detector):
     severity = "high"
     maturity = "test"
     description = "A foreign beneficial owner's runs across several accounts together reach the training threshold."
+    owner_level = True  # run by OwnerAggregator when an owner's sum crosses, never on one account's input
 
     def detect(self, state: DetectContext, event: Any) -> list[Detection]:
         owner = state.owner
@@ -147,14 +148,20 @@ def stamped(messages: list[dict[str, Any]], partition: int, reached: dict[str, f
     return out
 
 
-class OwnerAggregator:
-    """Per-owner sums of contributions; the owner-aggregate detection when one first crosses. Pure, event time."""
+def owner_level(detectors: Iterable[Detector]) -> list[Detector]:
+    """The detectors an OwnerAggregator runs (`Detector.owner_level`); the engine runs the others."""
+    return [d for d in detectors if d.owner_level]
 
-    def __init__(self, policy: Policy, window_s: float = 60.0, detector: Detector | None = None,
-                 errors: dict[str, int] | None = None) -> None:
+
+class OwnerAggregator:
+    """Per-owner sums of contributions; the owner-level detections when one first crosses. Pure, event time."""
+
+    def __init__(self, policy: Policy, window_s: float = 60.0,
+                 detector: Detector | Iterable[Detector] | None = None, errors: dict[str, int] | None = None) -> None:
         self.policy = policy
         self.window_s = window_s
-        self.detector = detector  # None: owner sums are kept, no detection (the detector is not configured)
+        # The owner-level detectors to run (one, several, or none: owner sums are kept, no detection is made).
+        self.detectors = [detector] if isinstance(detector, Detector) else list(detector or ())
         self.owners: dict[str, OwnerState] = {}
         self.errors = errors if errors is not None else {}
 
@@ -192,16 +199,18 @@ class OwnerAggregator:
         if c.get("foreign_since") is not None:
             x["at"] = max(x["at"], c["foreign_since"])
         owner.crossed = x
-        if self.detector is None:
+        if not self.detectors:
             return []
         ctx = DetectContext(self.policy, self.window_s, aid, ForeignDetermination(**c["determination"]),
                             account=AccountState(aid, cip_notes=list(c.get("cip_notes") or [])), owner=owner,
                             knowledge_floor=c.get("foreign_since"))
-        try:
-            return self.detector.detect(ctx, None)
-        except Exception:  # errors are data, as in the engine: count it, never stop the stream
-            self.errors[self.detector.id] = self.errors.get(self.detector.id, 0) + 1
-            return []
+        out: list[Detection] = []
+        for d in self.detectors:
+            try:
+                out += d.detect(ctx, None)
+            except Exception:  # errors are data, as in the engine: count it, never stop the stream
+                self.errors[d.id] = self.errors.get(d.id, 0) + 1
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v.to_dict() for k, v in self.owners.items()}

@@ -5,14 +5,17 @@ from __future__ import annotations
 import pytest
 
 from detectors import registry
-from detectors.base import DetectContext, Detector, registered
+from detectors.base import DetectContext, Detector
 from detectors.classifier_base import Verdict
+from detectors.compute_threshold import ComputeThreshold
 from detectors.foreign_person import determine
 from detectors.state import AccountState, OwnerState, RunState
 from tests.detector_builders import T0, W, alloc, cip, demo, window
 
 POLICY = demo()
-assert registry  # loading the registry registers every shipped detector
+#: What the engine may call on a detector besides `detect`: declared on the base class (detectors/base.py).
+HOOKS = ("update", "claims_run")
+FLAGS = ("owner_level", "reevaluates_runs_on_cip")
 
 
 def contexts() -> list[DetectContext]:
@@ -41,9 +44,9 @@ def events() -> list[object]:
             cip("acct-c", country="KP", updated_at=T0), None]
 
 
-@pytest.mark.parametrize("det_id", sorted(registered()))
+@pytest.mark.parametrize("det_id", sorted(registry.registered()))
 def test_detector_conformance(det_id):
-    cls = registered()[det_id]
+    cls = registry.registered()[det_id]
     assert issubclass(cls, Detector)
     assert cls.id == det_id and isinstance(cls.version, int) and cls.version >= 1
     assert cls.severity in ("info", "low", "medium", "high", "critical")
@@ -60,10 +63,36 @@ def test_detector_conformance(det_id):
                 assert det.policy_id == POLICY.id and det.policy_version == POLICY.version
                 assert det.evidence["policy"]["id"] == POLICY.id and det.evidence["detector"]["id"] == cls.id
                 assert "foreign_person" in det.evidence and det.account_id == ctx.account_id
+                assert isinstance(d1.claims_run(det), bool)
             found += len(a)
     assert found, f"{det_id} found nothing in a context built to trigger it"
 
 
-def test_duplicate_detector_id_fails_at_definition():
+@pytest.mark.parametrize("det_id", sorted(registry.registered()))
+def test_detector_declares_its_hooks(det_id):
+    """Every hook the engine calls is declared on Detector: a detector overrides those and adds no public method
+    the engine would have to find by name; its flags are plain booleans; `update` returns None on every input."""
+    cls = registry.registered()[det_id]
+    for flag in FLAGS:
+        assert isinstance(getattr(cls, flag), bool), flag
+    public = {n for n, v in vars(cls).items() if callable(v) and not n.startswith("_")}
+    assert public <= {"detect", *HOOKS}, f"undeclared hooks on {det_id}: {sorted(public - {'detect', *HOOKS})}"
+    d = cls(**cls.example_params)
+    for ctx in contexts():  # fresh contexts: update may write into ctx.account
+        for ev in events():
+            assert d.update(ctx, ev) is None
+
+
+def test_registry_is_the_one_list():
+    assert [c.id for c in registry.DETECTORS] == sorted(registry.registered())
+    assert [type(d) for d in registry.build()] == sorted(registry.DETECTORS, key=lambda c: c.id)
+    assert sum(c.owner_level for c in registry.DETECTORS) == 1  # the owner aggregate, found by its flag
+
+
+def test_duplicate_detector_id_fails_at_registration():
+    again = type("Again", (Detector,), {"id": "compute_threshold", "description": "dup"})
     with pytest.raises(TypeError, match="already registered"):
-        type("Again", (Detector,), {"id": "compute_threshold", "description": "dup"})
+        registry.registered((*registry.DETECTORS, again))
+    with pytest.raises(TypeError, match="not a Detector"):
+        registry.build(classes=(*registry.DETECTORS, Detector))  # no id
+    assert registry.registered()["compute_threshold"] is ComputeThreshold  # defining `again` registered nothing
