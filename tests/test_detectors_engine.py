@@ -8,6 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
+from detectors import registry
+from detectors.base import DetectContext, Detector
 from detectors.engine import DetectEngine
 from detectors.owner_aggregate import (
     QUIET,
@@ -20,6 +22,7 @@ from detectors.owner_aggregate import (
 )
 from detectors.snapshot import from_split, split, split_dirty
 from detectors.state import RUN_IDS_K
+from detectors.windows import WorkloadWindow
 from pipeline.detect.stage import DetectStage
 from schemas.detection import Detection
 from tests.detector_builders import INFERENCE, SMI_ONLY, T0, TRAINING, W, alloc, cip, demo, owner, window, with_foreign
@@ -737,3 +740,78 @@ def test_window_partials_survive_a_restart_each_written_once():
     (run,) = st2.engine.runs.values()
     assert run.used == pytest.approx(3e15)
     assert [k for _, k, _ in tabs2.partials.sent] == [f"0|wl-t|{T0!r}|w-1".encode()]
+
+
+# -- a detector the engine has never heard of, through the public plug-in API (README "Adding a detector") -------
+
+
+class _ToyWindows(Detector):
+    """Counts an account's windows in its own state (`update`), flags a run at the third, claims that run as its own
+    case (`claims_run`) and re-reads each run when a CIP record arrives (`reevaluates_runs_on_cip`)."""
+
+    id = "toy_windows"
+    description = "toy: the third window of an account"
+    reevaluates_runs_on_cip = True
+
+    def update(self, state: DetectContext, event: Any) -> None:
+        if state.account is not None and state.run is not None and isinstance(event, WorkloadWindow):
+            state.account.activity["toy"] = state.account.activity.get("toy", 0) + 1
+
+    def detect(self, state: DetectContext, event: Any) -> list[Detection]:
+        n = state.account.activity.get("toy", 0) if state.account is not None else 0
+        if state.run is None or n < 3:
+            return []
+        reason = "toy_window" if isinstance(event, WorkloadWindow) else "toy_cip"
+        return [self.detection(state, outcome="needs_review", reason=reason, event_time=state.run.last_end,
+                               summary=f"{n} windows", evidence={"windows": n}, run_id=state.run.run_id)]
+
+    def claims_run(self, det: Detection) -> bool:
+        return True
+
+
+class _ToyOwner(Detector):
+    """Runs only where an owner's sum crosses (`owner_level`); on an account's input it would raise (counted)."""
+
+    id = "toy_owner"
+    description = "toy: an owner's sum crossed"
+    owner_level = True
+
+    def detect(self, state: DetectContext, event: Any) -> list[Detection]:
+        owner = state.owner
+        assert event is None and owner is not None and owner.crossed is not None
+        return [self.detection(state, outcome="info", reason="toy_owner", event_time=owner.crossed["at"],
+                               summary="owner crossed", evidence={}, beneficial_owner_id=owner.owner_id)]
+
+
+def _toy_engine(*toys: type[Detector]) -> DetectEngine:
+    return DetectEngine(demo(), detectors=registry.build(classes=(*registry.DETECTORS, *toys)))
+
+
+def test_a_new_detector_runs_through_the_engine_unchanged():
+    eng = _toy_engine(_ToyWindows, _ToyOwner)
+    eng.on_cip(cip("acct-t", us_person=True, country="US"))
+    dets = feed(eng, [window("wl-t", "acct-t", i, flop=1e16) for i in range(5)])
+    (toy,) = by(dets, "toy_windows")  # update ran before detect; later windows repeat the same content id
+    assert (toy.reason, toy.evidence["windows"], toy.event_time) == ("toy_window", 3, T0 + 3 * W)
+    assert eng.runs[toy.run_id].own_case  # its claim, not the engine, made the run a case of its own
+    late = by(eng.on_cip(cip("acct-t", us_person=True, country="US", updated_at=T0 + 10 * W)), "toy_windows")
+    assert [(d.reason, d.run_id) for d in late] == [("toy_cip", toy.run_id)]
+    assert by(dets, "toy_owner") == [] and eng.errors == {}  # never run on an account's input
+
+
+def test_a_new_owner_level_detector_runs_where_owner_sums_cross():
+    eng = _toy_engine(_ToyOwner)
+    for a in ("acct-a", "acct-b"):
+        eng.on_cip(cip(a, us_person=True, country="US", owners=[owner("own-x", 50.0)]))
+    dets = feed(eng, [window("wl-a", "acct-a", i, flop=1e17) for i in range(6)])
+    dets += feed(eng, [window("wl-b", "acct-b", i, flop=1e17) for i in range(6)])
+    (oa,), (toy,) = by(dets, "owner_aggregate"), by(dets, "toy_owner")
+    assert (toy.beneficial_owner_id, toy.account_id, toy.event_time) == ("own-x", "acct-b", oa.event_time)
+    assert eng.errors == {}
+    # A detector that claims each run as its own case takes the runs out of the owner's sum: nothing crosses.
+    claimed = _toy_engine(_ToyWindows, _ToyOwner)
+    for a in ("acct-a", "acct-b"):
+        claimed.on_cip(cip(a, us_person=True, country="US", owners=[owner("own-x", 50.0)]))
+    dets = feed(claimed, [window("wl-a", "acct-a", i, flop=1e17) for i in range(6)])
+    dets += feed(claimed, [window("wl-b", "acct-b", i, flop=1e17) for i in range(6)])
+    assert len(by(dets, "toy_windows")) == 2 and by(dets, "owner_aggregate") == by(dets, "toy_owner") == []
