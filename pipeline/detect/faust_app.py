@@ -22,7 +22,15 @@ import faust
 
 from detectors import registry
 from detectors.classifier_base import WorkloadClassifier
-from detectors.owner_aggregate import ALL_OWNERS, QUIET, EventTimeOwners, OwnerAggregator, partition_mark, stamped
+from detectors.owner_aggregate import (
+    ALL_OWNERS,
+    QUIET,
+    EventTimeOwners,
+    OwnerAggregator,
+    owner_level,
+    partition_mark,
+    stamped,
+)
 from pipeline.cases.service import CaseService
 from pipeline.classifier_loader import BackgroundClassifier, load_classifier
 from pipeline.detect.feed_audit import unpublished
@@ -101,8 +109,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         consumer_group_instance_id=f"{kafka.group_instance_id}-detect" if kafka.group_instance_id else None,
     )
     policy = load_policy(settings.policy)
-    # The artifact loads in the background while the worker joins and replays its changelogs (a faster restart);
-    # the detect agent waits for it before its first batch (pipeline/classifier_loader.py).
+    # With TRAINWATCH_BACKGROUND_CLASSIFIER=1 the artifact loads while the worker joins (measured slower here, so
+    # off by default); the detect agent then waits for it before its first batch (pipeline/classifier_loader.py).
     rt = DetectRuntime(settings, policy, classifier or load_classifier(settings.model_path, policy, background=True))
     topics, raw = settings.topics, {"key_serializer": "raw", "value_serializer": "raw"}
     inputs = app.topic(topics.windows, topics.cip, topics.allocations, **raw)
@@ -113,8 +121,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     table = {n: app.Table(n, partitions=partitions, key_type=bytes, value_type=bytes,
                           extra_topic_configs=CHANGELOG_CONFIG) for n in TABLES}
     rt.tables = tabs = StageTables(table["engine"], table["partials"], settings, policy, rt.classifier)
-    owner_det = next((d for d in registry.build() if d.id == "owner_aggregate"), None)
-    rt.owners = EventTimeOwners(OwnerAggregator(policy, settings.window_s, owner_det), sources=partitions,
+    rt.owners = EventTimeOwners(OwnerAggregator(policy, settings.window_s, owner_level(registry.build())),
+                                sources=partitions,
                                 idle_s=settings.detect.owner_idle_s)
     owner_tabs = OwnersTables(table["owners"], rt.owners)
     within_s, started = settings.detect.batch_within_s, time.monotonic()
