@@ -569,18 +569,9 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
 
     # -- fitting -----------------------------------------------------------------------------------------------
     def _tier_model(self) -> TierModel:
-        return TierModel(
-            max_iter=self.max_iter,
-            learning_rate=self.learning_rate,
-            max_leaf_nodes=self.max_leaf_nodes,
-            min_samples_leaf=self.min_samples_leaf,
-            l2_regularization=self.l2_regularization,
-            max_features=self.max_features,
-            cv_folds=self.cv_folds,
-            target_precision=self.target_precision,
-            threshold_margin=self.threshold_margin,
-            random_state=self.random_state,
-        )
+        # TierModel owns the boosting/calibration hyperparameters; pass on those this estimator shares, by name.
+        shared = TierModel._get_param_names()
+        return TierModel(**{k: v for k, v in self.get_params(deep=False).items() if k in shared})
 
     def _mask_random_metrics(self, X: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Copies of DCGM-tier rows with random DCGM metrics hidden (whole metric: every statistic of it)."""
