@@ -144,6 +144,19 @@ def wait_for(cond: Callable[[], bool], what: str, proc: subprocess.Popen, log: P
         time.sleep(0.5)
 
 
+def stop(proc: subprocess.Popen, timeout_s: float = 60) -> int:
+    """Ask a worker to stop as a deployment would (SIGTERM) and wait for it; its exit code."""
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout_s)
+
+
+def reap(proc: subprocess.Popen) -> None:
+    """Kill a worker a failed test left running, so no process outlives its test."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
 def case_rows(store: Store) -> set[tuple]:
     return {(c.case_id, c.status, c.reason, c.beneficial_owner_id or c.account_id, c.knowledge_at)
             for c in store.list_cases()}
@@ -179,12 +192,9 @@ def test_kill_and_restart_gives_the_same_cases_once(tmp_path: Path, kafka_bootst
         proc = start()
         inputs = [topics["windows"], topics["cip"], topics["allocations"], owners_topic(app_id), topics["detections"]]
         wait_for(lambda: lag(kafka_bootstrap, app_id, inputs) == 0, "consumer lag 0", proc, log_path, 2 * DEADLINE_S)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) is not None
+        assert stop(proc, 30) is not None
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        reap(proc)
         log.close()
 
     # The reference: the same folder in process, in this process's own chDB path.
@@ -238,12 +248,9 @@ def test_owner_accounts_on_different_partitions_are_summed(tmp_path: Path, kafka
                      topics["detections"]]
             wait_for(lambda: lag(kafka_bootstrap, app_id, chain) == 0, "consumer lag 0", proc, log_path,
                      2 * DEADLINE_S)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0
+            assert stop(proc, 30) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            reap(proc)
 
     InProcessPipeline(store, load_policy("demo"), rule()).run(read_folder(folder))
     expected = case_rows(store)
@@ -344,9 +351,6 @@ def test_held_owner_is_released_after_a_kill_9(tmp_path: Path, kafka_bootstrap: 
             proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
             # Nothing new is produced: only the recovered state can release the owner (after idle_s, ticked).
             wait_for(owner_case, "the owner case after the restart", proc, log_path, 2 * idle_s + 30)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0, log_path.read_text(errors="replace")[-3000:]
+            assert stop(proc, 30) == 0, log_path.read_text(errors="replace")[-3000:]
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            reap(proc)

@@ -11,7 +11,6 @@ their knowledge_at is held to the same one-window bound.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from pipeline.runner import InProcessPipeline
 from pipeline.simulator import simulate
 from pipeline.sources import read_folder
 from schemas.policy import load_policy
-from tests.test_faust_detect import lag, rule, stage_topics, wait_for
+from tests.test_faust_detect import lag, reap, rule, stage_topics, stop, wait_for
 from tests.test_run_all import _produce_scenario
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -91,12 +90,9 @@ def _kafka_run(tmp: Path, bootstrap: str, unique_topic, folder: Path, partitions
             time.sleep(1.5 * IDLE_S + 3)
             wait_for(lambda: lag(bootstrap, app_id, chain) == 0, "all consumed after the idle release", proc,
                      log_path, 60.0)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+            stop(proc, 60)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            reap(proc)
     rows = orjson.loads(subprocess.run([sys.executable, "-c", _DUMP, dsn, db], cwd=REPO, capture_output=True,
                                        check=True, timeout=60).stdout)
     return _cases_by_key(rows)

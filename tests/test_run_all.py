@@ -7,7 +7,6 @@ both cleanly (exit 0), and what the feed carries is what the store holds.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from confluent_kafka import Producer
 
 from pipeline.simulator import simulate
 from pipeline.sources import read_folder
-from tests.test_faust_detect import read_topic, wait_for
+from tests.test_faust_detect import read_topic, reap, stop, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -74,12 +73,9 @@ def test_run_all_opens_cases_and_stops_cleanly(tmp_path: Path, kafka_bootstrap: 
                                  for m in _cases_on_feed(kafka_bootstrap, topics["cases"]).values()),
                      "a case for acct-de-ai on the feed", proc, log_path, 90.0)
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(60)
+            rc = stop(proc, 60)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            reap(proc)
     tail = log_path.read_text(errors="replace")[-3000:]
     assert rc == 0, f"run --stage all exited {rc} on SIGTERM:\n{tail}"
     assert read_topic(kafka_bootstrap, topics["windows"]), "the ingest thread wrote no windows"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -131,7 +130,7 @@ def test_shadow_detect_group_on_kafka_gives_the_replays_shadow_cases(tmp_path: P
                                                                       unique_topic, store: Store) -> None:
     """`run --stage detect --shadow POLICY`: its own group on the live worker's windows; its shadow cases are the
     in-process shadow's, and it writes nothing else: no live case, event, finding or window, nothing on the feed."""
-    from tests.test_faust_detect import delivery_order, lag, produce, read_topic, stage_topics, wait_for
+    from tests.test_faust_detect import delivery_order, lag, produce, read_topic, reap, stage_topics, stop, wait_for
 
     folder = simulate("demo", tmp_path / "demo")
     toml = _strict_toml(tmp_path)
@@ -161,12 +160,9 @@ def test_shadow_detect_group_on_kafka_gives_the_replays_shadow_cases(tmp_path: P
                          shadow_detections]
                 wait_for(lambda: lag(kafka_bootstrap, shadow_id, chain) == 0, "shadow group lag 0", proc, log_path,
                          180.0)
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(60)
+                stop(proc, 60)
             finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(10)
+                reap(proc)
         got = orjson.loads(subprocess.run([sys.executable, "-c", _DUMP, env["TRAINWATCH_CLICKHOUSE_DSN"], db],
                                           cwd=REPO, capture_output=True, check=True, timeout=60).stdout)
     finally:

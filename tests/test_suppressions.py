@@ -160,7 +160,6 @@ def test_suppression_on_kafka_holds_then_the_expiry_opens_the_case_on_the_feed(t
     stands; when the event-time watermark passes its expiry the deadline tick opens the case, knowledge_at at the
     expiry, and publishes it on the feed with the suppression id."""
     import os
-    import signal
     import subprocess
     import sys
     import uuid
@@ -170,7 +169,7 @@ def test_suppression_on_kafka_holds_then_the_expiry_opens_the_case_on_the_feed(t
 
     from pipeline.detect.topics import owners_topic
     from pipeline.simulator import simulate
-    from tests.test_faust_detect import delivery_order, lag, produce, read_topic, stage_topics, wait_for
+    from tests.test_faust_detect import delivery_order, lag, produce, read_topic, reap, stage_topics, stop, wait_for
 
     repo = Path(__file__).resolve().parent.parent
     folder = simulate("demo", tmp_path / "demo")
@@ -202,12 +201,9 @@ def test_suppression_on_kafka_holds_then_the_expiry_opens_the_case_on_the_feed(t
                      topics["detections"]]
             wait_for(lambda: lag(kafka_bootstrap, app_id, chain) == 0, "consumer lag 0", proc, log_path, 180.0)
             wait_for(lambda: bool(opened_on_feed()), "the released case on the feed", proc, log_path, 60.0)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+            stop(proc, 60)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            reap(proc)
     (msg,) = opened_on_feed()
     assert msg["case"]["knowledge_at"] == until and msg["change"]["details"]["suppression_id"] == sid
     assert msg["change"]["details"]["held_event_time"] < until
