@@ -15,12 +15,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import get_args
+from typing import Any, get_args
 
 from pipeline.cases.core import CaseError, Label, UnknownCase, check_label
-from pipeline.cases.feed import CaseFeedMessage
+from pipeline.cases.feed import CaseFeedMessage, FeedError, FeedOutcome, publish_case_changes
 from pipeline.cases.report import utc
 from pipeline.cases.service import CaseService
+from pipeline.settings import Settings
 from pipeline.store import Store
 from schemas.case import Case, CaseEvent, CaseStatus
 from schemas.errors import PolicyError
@@ -75,6 +76,27 @@ def policy_of(case: Case, fallback: str) -> Policy:
         return load_policy(case.policy_id)
     except PolicyError:
         return load_policy(fallback)
+
+
+def publish(settings: Settings, store: Store, case_ids: Iterable[str]) -> tuple[FeedOutcome | None, FeedError | None]:
+    """Acted cases' changes onto the feed (pipeline.cases.feed.publish_case_changes), each under its own policy; a
+    failure is returned, not raised, so the CLI and the console can say what they did first. The CLI commands and
+    the console both call this, so an action reaches the compliance feed whichever surface took it."""
+    try:
+        return publish_case_changes(settings, store, case_ids, lambda c: policy_of(c, settings.policy)), None
+    except FeedError as exc:
+        return None, exc
+
+
+def feed_publisher(settings: Settings, store: Store) -> Callable[[list[str]], dict[str, Any]]:
+    """`publish` as the console wants it: a function of case ids that says, as a dict, what became of their changes
+    (a failure too: the action itself is stored either way, and `trainwatch cases publish` sends it later)."""
+    def send(case_ids: list[str]) -> dict[str, Any]:
+        outcome, failed = publish(settings, store, case_ids)
+        if outcome is not None:
+            return outcome.to_dict()
+        return {"published": 0, "topic": settings.topics.cases, "message_ids": [], "note": str(failed), "error": True}
+    return send
 
 
 class CaseActions:

@@ -10,16 +10,16 @@ is. `cases publish` sends what is missing (after a broker outage, or to catch up
 from __future__ import annotations
 
 import getpass
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import typer
 
-from pipeline.cases.actions import STATUSES, CaseActions, policy_of
-from pipeline.cases.feed import CaseFeedMessage, FeedError, FeedOutcome, publish_case_changes
+from pipeline.cases.actions import STATUSES, CaseActions, policy_of, publish
+from pipeline.cases.feed import CaseFeedMessage
 from pipeline.cases.report import draft_report, render_markdown, utc
-from pipeline.settings import Settings, load_settings
+from pipeline.settings import load_settings
 from pipeline.store import Store
 from schemas.case import LABEL_REASON_CODES, Case
 from schemas.serde import dumps
@@ -53,15 +53,6 @@ def _actions(dsn: str | None, database: str | None) -> Iterator[CaseActions]:
     settings = load_settings()
     with Store.connect(dsn or settings.clickhouse_dsn, database or settings.database) as store:
         yield CaseActions(store, settings.policy)
-
-
-def publish(settings: Settings, store: Store, case_ids: Iterable[str]) -> tuple[FeedOutcome | None, FeedError | None]:
-    """The acted cases' changes onto the feed (pipeline.cases.feed.publish_case_changes), under each case's policy;
-    a failure is returned, not raised, so the command can print what it did first."""
-    try:
-        return publish_case_changes(settings, store, case_ids, lambda c: policy_of(c, settings.policy)), None
-    except FeedError as exc:
-        return None, exc
 
 
 def _echo_json(data: Any) -> None:

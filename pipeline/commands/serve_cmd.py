@@ -33,6 +33,7 @@ def serve(
     """
     import uvicorn
 
+    from pipeline.cases.actions import feed_publisher
     from pipeline.store import Store
     from pipeline.web.app import create_app
     from pipeline.web.config import ConsoleUser
@@ -61,7 +62,8 @@ def serve(
     bind_host = host or console_settings.host
     bind_port = console_settings.port if port is None else port
     with Store.connect(store_dsn or settings.clickhouse_dsn, database or settings.database) as store:
-        app = create_app(Console(store, settings.policy), console_settings, as_of=as_of)
+        app = create_app(Console(store, settings.policy, feed=feed_publisher(settings, store)), console_settings,
+                         as_of=as_of)
         typer.echo(f"console on http://{bind_host}:{bind_port}/ (database {store.database})")
         # One worker process: chDB allows one engine per path, and the Store is shared by the request threads.
         uvicorn.run(app, host=bind_host, port=bind_port, log_level="info", proxy_headers=False)

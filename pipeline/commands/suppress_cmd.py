@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 import typer
 
 from pipeline.cases import suppressions as sup_ops
+from pipeline.cases.actions import publish
 from pipeline.cases.feed import CaseFeedMessage
 from pipeline.cases.report import utc
 from pipeline.cases.service import CaseService
-from pipeline.commands.cases_cmd import publish
 from pipeline.settings import load_settings
 from pipeline.store import Store
 from schemas.case import Suppression

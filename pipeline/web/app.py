@@ -47,6 +47,7 @@ class ActionOut(BaseModel):
     status: str
     version: int
     events: list[dict[str, Any]]
+    feed: dict[str, Any] | None = None  # what became of the change on the compliance feed (None: not wired)
 
 
 class QueueOut(BaseModel):
@@ -274,7 +275,9 @@ def create_app(console: Console, settings: ConsoleSettings, as_of: str = "now") 
         finding = {"training": True, "not_training": False}.get(training)
         try:
             done = console.act(viewer, case_id, action, text, finding)
-            request.session["flash"] = f"{action}: case is now {done['status']} (version {done['version']})"
+            feed = done["feed"]
+            request.session["flash"] = (f"{action}: case is now {done['status']} (version {done['version']})"
+                                        + (f"; {feed['note']}" if feed else ""))
         except ActionRejected as exc:
             request.session["flash"] = f"refused: {exc}"
         return RedirectResponse(f"/cases/{case_id}#audit", status_code=303)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,10 +83,14 @@ class Console:
     """The console's reads and actions on one store. The store's client serialises calls itself; the lock keeps
     an action's read-validate-write from interleaving with another action's."""
 
-    def __init__(self, store: Store, default_policy: str, clock: Any = time.time):
+    def __init__(self, store: Store, default_policy: str, clock: Any = time.time,
+                 feed: Callable[[list[str]], dict[str, Any]] | None = None):
         self.store = store
         self.default_policy = default_policy
         self.clock = clock
+        # After an action: publish the case's changes the compliance feed lacks (serve wires pipeline.cases.actions
+        # .publish, as the CLI does) and return what became of them; None: the console only writes the store.
+        self.feed = feed
         self._lock = threading.RLock()
 
     # ---- reads ---------------------------------------------------------------------------------------------------
@@ -230,5 +235,6 @@ class Console:
                 raise ActionRejected(str(exc), 422) from exc
         events = [m.change.model_dump(mode="json") for m in messages]
         new = messages[-1].case if messages else case
-        result = {"case_id": case_id, "status": new.status, "version": new.version, "events": events}
+        result = {"case_id": case_id, "status": new.status, "version": new.version, "events": events,
+                  "feed": self.feed([case_id]) if self.feed else None}
         return result if viewer.sees_identity else scrub(result, identity_values(case.identity))
