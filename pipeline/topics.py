@@ -231,9 +231,13 @@ def check(settings: Settings, stage: Stage = "all", app_id: str = DEFAULT_APP_ID
             rep.problems.append(Problem(s.name, f"replication factor {st.replication}, settings say {s.replication}",
                                         False))
     if configs:
-        have = _configs(a, [s.name for s in specs if s.name in state], timeout_s)
-        for s in specs:
-            for key in ("cleanup.policy", "min.insync.replicas"):
+        # The app's changelogs are no stage's input (faust creates what it lacks), but one that exists with the wrong
+        # configs (faust's own defaults, an operator's edit) replays history on every restart: check them too.
+        logs = [s for s in topic_specs(settings, app_id) if s.role == "changelog" and s.name in state] \
+            if stage in ("detect", "all") else []
+        have = _configs(a, [s.name for s in specs + logs if s.name in state], timeout_s)
+        for s in specs + logs:
+            for key in ("cleanup.policy", "min.insync.replicas", *CHANGELOG_CONFIG):
                 want, got = s.config.get(key), have.get(s.name, {}).get(key)
                 if want is not None and got is not None and got != want:
                     rep.problems.append(Problem(s.name, f"{key}={got}, settings say {want}", False))

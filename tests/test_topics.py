@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 from pipeline import topics
 from pipeline.settings import KafkaSettings, Settings, TopicConfigSettings, TopicSettings
@@ -73,6 +73,15 @@ def test_create_applies_settings_and_check_agrees(kafka_bootstrap: str) -> None:
         rep = topics.check(drift, "all", app_id)
         assert any(p.topic == names["windows"] and "settings say 5" in p.what and not p.fatal for p in rep.problems)
         assert rep.fatal == []
+        # A changelog whose configs drifted (faust's defaults, an edit) is reported too: it would replay history.
+        log = topics.changelog_topics(app_id)[0]
+        entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+                   for k, v in {"segment.ms": "604800000", "cleanup.policy": "delete"}.items()]
+        admin.incremental_alter_configs([ConfigResource(ConfigResource.Type.TOPIC, log, incremental_configs=entries)]
+                                        )[ConfigResource(ConfigResource.Type.TOPIC, log)].result(30)
+        logs = {p.what for p in topics.check(settings, "detect", app_id).problems if p.topic == log}
+        assert logs == {"segment.ms=604800000, settings say 60000", "cleanup.policy=delete, settings say compact"}
+        assert all(p.topic != log for p in topics.check(settings, "ingest", app_id).problems)  # not ingest's topic
     finally:
         _delete(kafka_bootstrap, all_names)
 
