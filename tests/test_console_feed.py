@@ -12,15 +12,15 @@ from argon2 import PasswordHasher
 from fastapi.testclient import TestClient
 
 from pipeline.cases.actions import feed_publisher
-from pipeline.cases.feed import CaseFeedProducer, feed_messages
+from pipeline.cases.feed import feed_messages
 from pipeline.cases.service import CaseService
-from pipeline.settings import KafkaSettings, load_settings
+from pipeline.settings import load_settings
 from pipeline.store import Store
 from pipeline.web.app import create_app
 from pipeline.web.config import ConsoleSettings, ConsoleUser
 from pipeline.web.views import Console
 from tests.test_cases_core import BIS, NOW, cip, det
-from tests.test_feed_cli import _feed
+from tests.test_feed_cli import _feed, opened_on_the_feed
 
 _HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 CLEO = {"Authorization": "Basic " + base64.b64encode(b"cleo:cleo-pass-1").decode()}
@@ -48,14 +48,7 @@ def test_without_a_kafka_feed_the_answer_says_where_the_change_went(store: Store
 def test_console_actions_reach_the_feed_once_each(store: Store, kafka_bootstrap: str, unique_topic,
                                                   monkeypatch) -> None:
     topic = unique_topic("compliance-cases-console")
-    monkeypatch.setenv("TRAINWATCH_CASES_FEED", "kafka")
-    monkeypatch.setenv("TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS", kafka_bootstrap)
-    monkeypatch.setenv("TRAINWATCH_TOPICS__CASES", topic)
-    store.upsert_cip([cip()])
-    opened = CaseService(store, BIS).process([det()], NOW)  # the worker: stored, then published
-    producer = CaseFeedProducer(KafkaSettings(bootstrap_servers=kafka_bootstrap), topic)
-    producer.publish(opened)
-    producer.close()
+    opened = opened_on_the_feed(store, kafka_bootstrap, topic, monkeypatch)
     cid = opened[0].case.case_id
     client = _client(store)
 

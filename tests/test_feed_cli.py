@@ -56,6 +56,20 @@ def _feed(bootstrap: str, topic: str, expect: int, settle_s: float = 2.0) -> lis
     return got
 
 
+def opened_on_the_feed(store: Store, bootstrap: str, topic: str, monkeypatch: pytest.MonkeyPatch
+                       ) -> list[CaseFeedMessage]:
+    """Settings for a Kafka feed on `topic`, and one case opened as the worker does it: stored, then published."""
+    monkeypatch.setenv("TRAINWATCH_CASES_FEED", "kafka")
+    monkeypatch.setenv("TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS", bootstrap)
+    monkeypatch.setenv("TRAINWATCH_TOPICS__CASES", topic)
+    store.upsert_cip([cip()])
+    opened = CaseService(store, BIS).process([det()], NOW)
+    producer = CaseFeedProducer(KafkaSettings(bootstrap_servers=bootstrap), topic)
+    producer.publish(opened)
+    producer.close()
+    return opened
+
+
 def test_without_a_kafka_feed_an_action_says_where_the_change_went(store: Store, cli_app: typer.Typer,
                                                                    where: list[str], monkeypatch) -> None:
     monkeypatch.setenv("TRAINWATCH_CASES_FEED", "off")
@@ -72,14 +86,7 @@ def test_without_a_kafka_feed_an_action_says_where_the_change_went(store: Store,
 def test_an_ack_reaches_the_feed_once_even_when_run_twice(store: Store, cli_app: typer.Typer, where: list[str],
                                                           kafka_bootstrap: str, unique_topic, monkeypatch) -> None:
     topic = unique_topic("compliance-cases-cli")
-    monkeypatch.setenv("TRAINWATCH_CASES_FEED", "kafka")
-    monkeypatch.setenv("TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS", kafka_bootstrap)
-    monkeypatch.setenv("TRAINWATCH_TOPICS__CASES", topic)
-    store.upsert_cip([cip()])
-    opened = CaseService(store, BIS).process([det()], NOW)  # the worker: stored, then published
-    producer = CaseFeedProducer(KafkaSettings(bootstrap_servers=kafka_bootstrap), topic)
-    producer.publish(opened)
-    producer.close()
+    opened = opened_on_the_feed(store, kafka_bootstrap, topic, monkeypatch)
     cid = opened[0].case.case_id
     run = CliRunner().invoke
 
