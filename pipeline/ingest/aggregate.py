@@ -63,6 +63,10 @@ class WindowConfig:
     max_interval_s: float = 60.0
     #: a row further ahead of the partition's confirmed event time than this is dead-lettered `clock_ahead`
     max_clock_skew_s: float = 300.0
+    #: an emitted unit keeps the commit point at or before its first row for this long (of watermark) after it
+    #: closed, so a restart re-reads it and its dedup keys: a duplicate arriving up to this much (plus the watermark
+    #: lag) after its original is still dropped after a restart, not counted again (see `commit_points`)
+    dedup_replay_s: float = 150.0
 
     def __post_init__(self) -> None:
         if not 0 < self.profile_buckets <= MAX_PROFILE_BUCKETS:  # the window sums' layout reads no more
@@ -220,7 +224,12 @@ class _Partition:
     max_ts: float = -math.inf
     next_offset: int | None = None
     units: dict[tuple[str, int, int], Unit] = field(default_factory=dict)
-    closed: list[tuple[int, int, Progress]] = field(default_factory=list)  # (first, last, first_progress) of emitted
+    #: emitted units: (first offset, last offset, progress before the first, end of the epoch it closed at,
+    #: (workload, window))
+    closed: list[tuple[int, int, Progress, float, tuple[str, int]]] = field(default_factory=list)
+    #: (workload, window) -> the last offset of a duplicate row dropped for it: the duplicate belongs to the
+    #: window's units (a restart between them would read it without its original), see `commit_points`
+    dup_last: dict[tuple[str, int], int] = field(default_factory=dict)
     #: top two newest event times per device (time, device id, second time) and per node (time, node id, second)
     dev_top: tuple[float, int, float] = (-math.inf, -1, -math.inf)
     node_top: tuple[float, int, float] = (-math.inf, -1, -math.inf)
@@ -389,23 +398,30 @@ class WindowAggregator:
     def commit_points(self) -> dict[tuple[str, int], tuple[int, Progress]]:
         """Per partition: (offset safe to commit, the event-time state (`Progress`) before it).
 
-        Safe = no unit that is still open has a row below it, and no emitted unit straddles it (has rows on both
-        sides). A restart replays from there with that max event time: every unit with rows at or above it is
-        rebuilt whole, so re-emitted windows are identical (same window_id) and nothing is lost.
+        Safe = no unit that is still open has a row below it, no emitted unit straddles it (has rows on both
+        sides), and no unit emitted less than `dedup_replay_s` of watermark ago has a row below it. A restart
+        replays from there with that max event time: every unit with rows at or above it is rebuilt whole, so
+        re-emitted windows are identical (same window_id) and nothing is lost; and the dedup keys of the recently
+        emitted units are rebuilt with them, so a late duplicate of one of their rows is dropped as it was before
+        the restart (without the hold it became a correction, counted twice, or a revision-0 unit of one row that
+        replaced the whole window downstream under the same window_id).
         """
         out = {}
         for key, p in self.parts.items():
             if p.next_offset is None:
                 continue
+            recent = p.max_ts - self.cfg.watermark_lag_s - self.cfg.dedup_replay_s
             cands = [(u.f, u.first_ts_max) for u in p.units.values()]
+            cands += [(f, fm) for f, _, fm, end, _ in p.closed if end > recent]
             off, mts = min(cands, key=lambda c: c[0]) if cands else (p.next_offset, p.progress())
+            dl = p.dup_last
             moved = True
             while moved:
                 moved = False
-                for f, last, fm in p.closed:
-                    if f < off <= last:
+                for f, last, fm, _, wk in p.closed:
+                    if f < off <= max(last, dl.get(wk, -1)):
                         off, mts, moved = f, fm, True
-            p.closed = [c for c in p.closed if c[1] >= off]
+            p.closed = [c for c in p.closed if max(c[1], dl.get(c[4], -1)) >= off]
             out[key] = (off, mts)
         return out
 
@@ -491,7 +507,13 @@ class WindowAggregator:
                     dup[sel[np.isin(keys[sel], old)]] = True
         else:
             dup = gone.copy()
-        duplicates = int((dup & ~gone).sum())
+        dropped = dup & ~gone
+        duplicates = int(dropped.sum())
+        if duplicates:
+            last_off = b.offset if b.last_offset is None else b.last_offset
+            for i in np.flatnonzero(dropped).tolist():
+                k = (b.workload[i], int(w[i]))
+                p.dup_last[k] = max(p.dup_last.get(k, -1), int(last_off[i]))
         new = ~dup
         wn = w[new]
         if len(wn):
@@ -695,6 +717,8 @@ class WindowAggregator:
         horizon = p.max_ts - self.cfg.watermark_lag_s - self.cfg.allowed_lateness_s
         for wv in [wv for wv in p.seen if (wv + 1) * self.cfg.window_s < horizon]:
             del p.seen[wv]
+        if p.dup_last:
+            p.dup_last = {k: v for k, v in p.dup_last.items() if (k[1] + 1) * self.cfg.window_s >= horizon}
 
     def _intervals(self, p: _Partition, b: Batch, idx: np.ndarray, by_dev: np.ndarray, gid: np.ndarray) -> np.ndarray:
         """interval_s if given; else the gap to the device's previous sample (capped); else (a device's first sample,
@@ -827,7 +851,7 @@ class WindowAggregator:
         return out
 
     def _emit(self, topic: str, partition: int, p: _Partition, u: Unit) -> WindowAggregate:
-        p.closed.append((u.f, u.l, u.first_ts_max))
+        p.closed.append((u.f, u.l, u.first_ts_max, (u.w + u.r + 1) * self.cfg.window_s, (u.workload, u.w)))
         W = self.cfg.window_s
         start = u.w * W
         sums, node_names, basis, accelerators = u.encode()
