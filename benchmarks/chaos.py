@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import random
 import signal
@@ -316,7 +317,8 @@ def _restart_brokers(cluster: Cluster, out: list[subprocess.CompletedProcess], a
     out.append(cluster.sh("start", "--brokers", "3"))  # starts only the node that is down
 
 
-def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, static: bool = True) -> dict:
+def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, static: bool = True,
+                 keep: Path | None = None) -> dict:
     from pipeline.simulator import simulate
 
     t_begin = time.monotonic()
@@ -459,6 +461,11 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
     for r in read_all(cluster.bootstrap, topics["dlq"], parse=False):
         reasons[r] = reasons.get(r, 0) + 1
     cmp = _compare(ref, got, feed)
+    if keep is not None:  # what the comparison saw, for finding why a difference happens
+        keep.mkdir(parents=True, exist_ok=True)
+        for name, data in (("replay", ref), ("kafka", got), ("feed", feed)):
+            (keep / f"{plan.scenario}-{name}.json").write_bytes(orjson.dumps(data))
+        (keep / f"{plan.scenario}-worker.log").write_bytes((tmp / f"{plan.scenario}-worker.log").read_bytes())
     kills = [f.recovery for f in faults if f.kind == "kill"]
     rec = {k: [r[k] for r in kills] for k in ("ingest", "detect")}
     return {
@@ -522,6 +529,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="keep only this kind of fault (which fault causes a difference)")
     ap.add_argument("--dynamic", action="store_true",
                     help="no group.instance.id (dynamic membership): the recovery baseline static membership beats")
+    ap.add_argument("--scenario", choices=("demo", "scope"), default=None, help="run only this scenario")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="folder to keep each scenario's replay and Kafka store summaries, feed and worker log in")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     if args.quick:
@@ -533,6 +543,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.only:
         plans = [Plan(p.scenario, p.kills if args.only == "kill" else 0, p.broker_kill and args.only == "broker",
                       p.store_outage_s if args.only == "store" else 0.0, p.stream_s) for p in plans]
+    if args.scenario:
+        # the full run's plan for it; with --quick (demo only) the quick faults on that scenario
+        plans = [p for p in plans if p.scenario == args.scenario] or [dataclasses.replace(plans[0],
+                                                                                          scenario=args.scenario)]
     if args.stream_s:
         plans = [Plan(p.scenario, p.kills, p.broker_kill, p.store_outage_s, args.stream_s) for p in plans]
     t0 = time.monotonic()
@@ -551,7 +565,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="tw-chaos-") as d:
             for plan in plans:
-                result["scenarios"].append(run_scenario(plan, cluster, rng, Path(d), static=not args.dynamic))
+                result["scenarios"].append(run_scenario(plan, cluster, rng, Path(d), static=not args.dynamic,
+                                                          keep=args.keep))
     finally:
         for w in _WORKERS:
             if w.proc is not None and w.proc.poll() is None:
@@ -561,11 +576,12 @@ def main(argv: list[str] | None = None) -> None:
     result["wall_s"] = round(time.monotonic() - t0, 1)
     name = "chaos" + ("-quick" if args.quick else "") + ("-clean" if args.clean else "")
     name += ("-dynamic" if args.dynamic else "") + (f"-only-{args.only}" if args.only else "")
+    name += f"-{args.scenario}" if args.scenario else ""
     out = args.out or RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     print(_table(result))
-    if not (args.quick or args.clean or args.dynamic or args.only) and args.out is None:
+    if not (args.quick or args.clean or args.dynamic or args.only or args.scenario) and args.out is None:
         _readme(result)
 
 
