@@ -37,7 +37,7 @@ from functools import cache
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics.pairwise import nan_euclidean_distances
@@ -321,49 +321,47 @@ def _lower_threshold(p: np.ndarray, y: np.ndarray, target: float, min_calls: int
     return -1e-9 if t_hi > 1.0 else 1.0 - t_hi
 
 
+def default_gbm(random_state: int | None = 0) -> HistGradientBoostingClassifier:
+    """The shipped boosting settings (model card): 150 iterations, 15 leaves, min 40 per leaf, L2 1.0, missing
+    values native. No early stopping: it would hold out a random validation split, ignoring the source families."""
+    return HistGradientBoostingClassifier(max_iter=150, learning_rate=0.08, max_leaf_nodes=15, min_samples_leaf=40,
+                                          l2_regularization=1.0, max_features=1.0, early_stopping=False,
+                                          random_state=random_state)
+
+
 class TierModel(BaseEstimator):
-    """One tier: HistGradientBoosting + isotonic calibration fitted on grouped out-of-fold predictions."""
+    """One tier: a probabilistic classifier (default `default_gbm()`) + isotonic calibration fitted on grouped
+    out-of-fold predictions, and the band thresholds read off them.
+
+    `estimator` is cloned for every out-of-fold fit and for the final fit (as `CalibratedClassifierCV` does), so its
+    hyperparameters are its own: set them on it, or through `set_params(estimator__max_iter=...)`.
+    """
 
     def __init__(
         self,
-        max_iter: int = 150,
-        learning_rate: float = 0.08,
-        max_leaf_nodes: int = 15,
-        min_samples_leaf: int = 40,
-        l2_regularization: float = 1.0,
-        max_features: float = 1.0,
+        estimator: Any = None,
         cv_folds: int = 4,
         target_precision: float = 0.95,
         threshold_margin: float = 0.02,
         min_band_calls: int = 20,
-        random_state: int = 0,
     ):
-        self.max_iter = max_iter
-        self.learning_rate = learning_rate
-        self.max_leaf_nodes = max_leaf_nodes
-        self.min_samples_leaf = min_samples_leaf
-        self.l2_regularization = l2_regularization
-        self.max_features = max_features
+        self.estimator = estimator
         self.cv_folds = cv_folds
         self.target_precision = target_precision
         self.threshold_margin = threshold_margin
         self.min_band_calls = min_band_calls
-        self.random_state = random_state
 
-    def _gbm(self) -> HistGradientBoostingClassifier:
-        return HistGradientBoostingClassifier(
-            max_iter=self.max_iter,
-            learning_rate=self.learning_rate,
-            max_leaf_nodes=self.max_leaf_nodes,
-            min_samples_leaf=self.min_samples_leaf,
-            l2_regularization=self.l2_regularization,
-            max_features=self.max_features,
-            early_stopping=False,
-            random_state=self.random_state,
-        )
+    def _new_estimator(self) -> Any:
+        base = default_gbm() if self.estimator is None else self.estimator
+        if not (hasattr(base, "fit") and hasattr(base, "predict_proba")):
+            raise TypeError(f"TierModel needs a classifier with fit and predict_proba, got {type(base).__name__}")
+        return clone(base)
 
-    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray) -> TierModel:
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> TierModel:
+        """`groups`: the source of each row (a whole source is held out per calibration fold); None = each row its
+        own source."""
         y = np.asarray(y, dtype=int)
+        groups = np.arange(len(y)) if groups is None else np.asarray(groups)
         # Columns never seen filled carry nothing (and break binning); the tier ignores them.
         self.columns_ = (~np.isnan(X)).any(axis=0)
         X = X[:, self.columns_]
@@ -374,7 +372,7 @@ class TierModel(BaseEstimator):
                 if len(np.unique(y[tr])) < 2:
                     oof[te] = y[tr].mean()  # a fold with one class teaches nothing; the prior is the honest answer
                     continue
-                oof[te] = self._gbm().fit(X[tr], y[tr]).predict_proba(X[te])[:, 1]
+                oof[te] = self._new_estimator().fit(X[tr], y[tr]).predict_proba(X[te])[:, 1]
         else:
             oof[:] = y.mean()
         self.calibrator_ = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(oof, y)
@@ -386,15 +384,20 @@ class TierModel(BaseEstimator):
         self.t_low_ = min(_lower_threshold(cal, y, max(target, NOT_TRAINING_TARGET), self.min_band_calls),
                           NOT_TRAINING_CEIL, self.t_high_ - 1e-6)
         self.oof_brier_ = float(np.mean((cal - y) ** 2))
-        self.gbm_ = self._gbm().fit(X, y) if len(np.unique(y)) == 2 else None
+        self.estimator_ = self._new_estimator().fit(X, y) if len(np.unique(y)) == 2 else None
         self.prior_ = float(y.mean())
         self.n_train_ = len(y)
         return self
 
+    def __setstate__(self, state: dict[str, Any]) -> None:  # TRANSITIONAL: format-2 pickles name it gbm_
+        if "gbm_" in state:
+            state["estimator_"] = state.pop("gbm_")
+        super().__setstate__(state)
+
     def raw_proba(self, X: np.ndarray) -> np.ndarray:
-        if self.gbm_ is None:
+        if self.estimator_ is None:
             return np.full(len(X), self.prior_)
-        return self.gbm_.predict_proba(X[:, self.columns_])[:, 1]
+        return self.estimator_.predict_proba(X[:, self.columns_])[:, 1]
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return self.calibrator_.predict(self.raw_proba(X))
@@ -525,21 +528,19 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
 
     fit(histories, y, groups): `histories` is a sequence of window sequences (oldest first), `y` 1 = training,
     `groups` the source each history came from (a whole group is held out per calibration fold).
+
+    `estimator` is the per-tier model, cloned once per tier (as `CalibratedClassifierCV(estimator=...)` does): a
+    `TierModel` (its calibration and band settings and its own inner classifier), or a bare scikit-learn classifier
+    with `predict_proba`, which is wrapped in a default `TierModel`; None = `TierModel()` (`default_gbm()` inside).
+    Its hyperparameters are reached as nested parameters, e.g. `set_params(estimator__cv_folds=3,
+    estimator__estimator__max_iter=40)`.
     """
 
     def __init__(
         self,
+        estimator: Any = None,
         history_k: int = 5,
         derived: bool = True,
-        max_iter: int = 150,
-        learning_rate: float = 0.08,
-        max_leaf_nodes: int = 15,
-        min_samples_leaf: int = 40,
-        l2_regularization: float = 1.0,
-        max_features: float = 1.0,
-        cv_folds: int = 4,
-        target_precision: float = 0.95,
-        threshold_margin: float = 0.02,
         augment_copies: int = 1,
         n_reference: int = 48,
         device_scale: bool = True,
@@ -548,17 +549,9 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         model_id: str = "trainwatch-workload-gbm",
         model_version: str = "1",
     ):
+        self.estimator = estimator
         self.history_k = history_k
         self.derived = derived
-        self.max_iter = max_iter
-        self.learning_rate = learning_rate
-        self.max_leaf_nodes = max_leaf_nodes
-        self.min_samples_leaf = min_samples_leaf
-        self.l2_regularization = l2_regularization
-        self.max_features = max_features
-        self.cv_folds = cv_folds
-        self.target_precision = target_precision
-        self.threshold_margin = threshold_margin
         self.augment_copies = augment_copies
         self.n_reference = n_reference
         self.device_scale = device_scale
@@ -569,9 +562,11 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
 
     # -- fitting -----------------------------------------------------------------------------------------------
     def _tier_model(self) -> TierModel:
-        # TierModel owns the boosting/calibration hyperparameters; pass on those this estimator shares, by name.
-        shared = TierModel._get_param_names()
-        return TierModel(**{k: v for k, v in self.get_params(deep=False).items() if k in shared})
+        """A fresh, unfitted copy of the tier model (each tier fits its own)."""
+        base = TierModel() if self.estimator is None else self.estimator
+        if not isinstance(base, TierModel):  # a bare classifier: calibrated and banded the default way
+            base = TierModel(estimator=base)
+        return clone(base)
 
     def _mask_random_metrics(self, X: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Copies of DCGM-tier rows with random DCGM metrics hidden (whole metric: every statistic of it)."""

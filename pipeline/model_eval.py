@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from detectors.classifier import GbmWorkloadClassifier, TierModel
+from detectors.classifier import GbmWorkloadClassifier
 from pipeline.gpu_capture import CAPTURE_DIR, CAPTURES, capture_dataset, capture_entries, truth
-from pipeline.model_train import Dataset, build_model
+from pipeline.model_train import GBM, TIER, Dataset, build_model
 
 RELIABILITY_BINS = 10
 
@@ -290,7 +291,7 @@ def migprofiler_cross_hardware(mig: Dataset, params: dict[str, Any] | None = Non
     """Inside the real data, hold out one A100 variant at a time (each has training and inference runs)."""
     hw = np.array(["80g" if "80g" in a else "40g" for a in mig.archetypes])
     out: dict[str, Any] = {}
-    small = {**(params or {}), "min_samples_leaf": 10, "cv_folds": 3}
+    small = {**(params or {}), f"{GBM}min_samples_leaf": 10, f"{TIER}cv_folds": 3}
     for held in ("80g", "40g"):
         tr, te = mig.subset(hw != held), mig.subset(hw == held)
         # groups inside the training half: the four (label, hardware) files would each be one class; use runs.
@@ -310,8 +311,7 @@ def migprofiler_sim_real_fields(model: GbmWorkloadClassifier, sim: Dataset, mig:
     Xs = f.transform(sim.histories)
     gract = f.feature_names_out_.index("mean_gr_engine__mean")
     rows = ~np.isnan(Xs[:, gract])  # histories whose provider sent GRACT (the full-tier rows)
-    tier_params = {k: v for k, v in (params or {}).items() if k in TierModel().get_params()}
-    tm = TierModel(**tier_params).fit(Xs[rows][:, keep], sim.y[rows], sim.groups[rows])
+    tm = clone(build_model(params).estimator).fit(Xs[rows][:, keep], sim.y[rows], sim.groups[rows])
     p = tm.predict_proba(Xm[:, keep])
     res = score_block(mig.y, p, tm.band(p).astype(str), mig.archetypes)
     res["columns"] = [c for c, k in zip(f.feature_names_out_, keep, strict=True) if k]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import sklearn
 
-from detectors.classifier import STATS, GbmWorkloadClassifier, HistoryFeaturizer, feature_tier
+from detectors.classifier import STATS, GbmWorkloadClassifier, HistoryFeaturizer, TierModel, default_gbm, feature_tier
 from detectors.classifier_base import Verdict, WorkloadClassifier
 from detectors.model_artifact import ARTIFACT_FORMAT, SIDECAR_FILE, ArtifactMeta, load_artifact, save_artifact
 from schemas.errors import ArtifactError
@@ -53,10 +53,16 @@ def synthetic_histories(n: int, seed: int, smi_share: float = 0.3) -> tuple[list
     return H, np.array(y), np.array(g)
 
 
+def small_model(cv_folds: int, **gbm: float) -> GbmWorkloadClassifier:
+    """The shipped estimator's shape with smaller trees: boosting settings on the inner classifier, calibration
+    folds on the TierModel."""
+    return GbmWorkloadClassifier(TierModel(default_gbm().set_params(**gbm), cv_folds=cv_folds))
+
+
 @pytest.fixture(scope="module")
 def tiny_model() -> GbmWorkloadClassifier:
     H, y, g = synthetic_histories(600, seed=1)
-    return GbmWorkloadClassifier(max_iter=40, min_samples_leaf=10, cv_folds=3).fit(H, y, g)
+    return small_model(max_iter=40, min_samples_leaf=10, cv_folds=3).fit(H, y, g)
 
 
 def test_featurizer_statistics_over_history():
@@ -108,7 +114,7 @@ def test_hiding_a_metric_hides_the_ratios_built_from_it():
     H = [[_window(i, {"mean_tensor": float(rng.random()), "mean_gr_engine": 0.5 + 0.1 * float(rng.random()),
                       "mean_dram": 0.3, "mean_gpu_util": 0.7}) for i in range(3)] for _ in range(60)]
     y = np.arange(60) % 2
-    model = GbmWorkloadClassifier(max_iter=5, min_samples_leaf=5, cv_folds=2).fit(H, y, np.arange(60) % 3)
+    model = small_model(max_iter=5, min_samples_leaf=5, cv_folds=2).fit(H, y, np.arange(60) % 3)
     f = model.featurizer_
     X = f.transform(H)
     masked = model._mask_random_metrics(X, np.random.default_rng(1))
@@ -123,16 +129,78 @@ def test_hiding_a_metric_hides_the_ratios_built_from_it():
 def test_bands_never_contradict_their_probability():
     """1000 clear positives beside a small cluster that is training 1 time in 3: the cumulative precision of
     P >= 1/3 still beats the target, but a history with P = 1/3 is no confident training call."""
-    from detectors.classifier import TierModel
-
     x = np.concatenate([np.ones(1000), np.full(30, 0.5), np.zeros(1000)])[:, None]
     y = np.concatenate([np.ones(1000), (np.arange(30) % 3 == 0).astype(float), np.zeros(1000)]).astype(int)
-    tm = TierModel(max_iter=10, min_samples_leaf=5, cv_folds=2).fit(x, y, np.arange(len(y)) % 4)
+    tm = TierModel(default_gbm().set_params(max_iter=10, min_samples_leaf=5), cv_folds=2)
+    tm.fit(x, y, np.arange(len(y)) % 4)
     p_mid = tm.predict_proba(np.array([[0.5]]))
     assert 0.2 < p_mid[0] < 0.5
     assert tm.t_high_ >= 0.5 >= tm.t_low_
     assert tm.band(p_mid)[0] != "training"  # more likely not training, so never called training
     assert tm.band(tm.predict_proba(np.array([[1.0], [0.0]]))).tolist() == ["training", "not_training"]
+
+
+# --- scikit-learn estimator conventions (issue 17: the inner estimator is a parameter, cloned per tier) -------------
+def test_nested_params_reach_the_inner_estimator():
+    model = small_model(max_iter=40, min_samples_leaf=10, cv_folds=3)
+    params = model.get_params(deep=True)
+    assert params["estimator__cv_folds"] == 3 and params["estimator__estimator__max_iter"] == 40
+    assert "max_iter" not in params and "cv_folds" not in params  # no copies of the inner model's settings
+    assert model.set_params(estimator__estimator__max_leaf_nodes=7, estimator__threshold_margin=0.0) is model
+    assert model.estimator.estimator.max_leaf_nodes == 7 and model.estimator.threshold_margin == 0.0
+    with pytest.raises(ValueError, match="Invalid parameter"):
+        model.set_params(max_iter=3)
+
+
+def test_clone_round_trips_and_init_does_no_work():
+    from sklearn.base import clone
+    from sklearn.utils.estimator_checks import (
+        check_get_params_invariance,
+        check_no_attributes_set_in_init,
+        check_parameters_default_constructible,
+        check_set_params,
+    )
+
+    model = small_model(max_iter=40, min_samples_leaf=10, cv_folds=3).set_params(history_k=7, model_version="9")
+    twin = clone(model)
+    assert twin is not model and twin.estimator is not model.estimator
+    assert repr(twin.get_params(deep=True)) == repr(model.get_params(deep=True))
+    for est in (GbmWorkloadClassifier(), model, TierModel(), TierModel(default_gbm())):
+        name = type(est).__name__
+        check_no_attributes_set_in_init(name, est)  # __init__ only stores its arguments
+        check_get_params_invariance(name, est)
+        check_set_params(name, est)
+    check_parameters_default_constructible("GbmWorkloadClassifier", GbmWorkloadClassifier())
+    check_parameters_default_constructible("TierModel", TierModel())
+    est = default_gbm()
+    assert GbmWorkloadClassifier(est).estimator is est  # stored as given, not copied or validated in __init__
+
+
+def test_fit_clones_the_estimator_per_tier_and_leaves_it_unfitted(tiny_model):
+    from sklearn.utils.validation import check_is_fitted
+
+    assert set(tiny_model.tiers_) == {"full", "smi"}
+    full, smi = tiny_model.tiers_["full"], tiny_model.tiers_["smi"]
+    assert full is not smi and full is not tiny_model.estimator and full.estimator_ is not smi.estimator_
+    assert full.get_params()["cv_folds"] == 3 and full.estimator_.max_iter == 40  # the given settings, per tier
+    assert not hasattr(tiny_model.estimator, "calibrator_") and not hasattr(tiny_model.estimator.estimator, "n_iter_")
+    fitted = [a for a in vars(tiny_model) if not a.startswith("_") and a not in tiny_model.get_params(deep=False)]
+    assert fitted and all(a.endswith("_") for a in fitted)  # whatever fit learns ends with "_"
+    assert all(a.endswith("_") for a in vars(full) if a not in full.get_params(deep=False))
+    check_is_fitted(tiny_model)
+    with pytest.raises(TypeError, match="predict_proba"):
+        GbmWorkloadClassifier(TierModel(estimator=object())).fit(*synthetic_histories(40, seed=2))
+
+
+def test_a_bare_classifier_is_wrapped_in_the_default_tier_model():
+    """Passing the inner classifier alone is the same model as passing it inside a default TierModel."""
+    H, y, g = synthetic_histories(200, seed=3)
+    gbm = default_gbm().set_params(max_iter=20, min_samples_leaf=10)
+    bare = GbmWorkloadClassifier(gbm).fit(H, y, g)
+    wrapped = GbmWorkloadClassifier(TierModel(gbm)).fit(H, y, g)
+    assert isinstance(bare.tiers_["full"], TierModel) and bare.tiers_["full"].estimator_ is not gbm
+    Ht, _, _ = synthetic_histories(30, seed=8)
+    assert [bare.predict(h) for h in Ht] == [wrapped.predict(h) for h in Ht]
 
 
 def test_feature_tiers_by_name():

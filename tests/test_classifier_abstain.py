@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detectors.classifier import GbmWorkloadClassifier, combine_parts
+from detectors.classifier import GbmWorkloadClassifier, TierModel, combine_parts, default_gbm
 from detectors.classifier_base import Verdict
 from detectors.compute import BASIS_NONE, BASIS_UTIL_POWER, estimate_flop
 from detectors.compute_threshold import not_training_check, outcome_for
@@ -39,7 +39,8 @@ def power_model() -> GbmWorkloadClassifier:
         H.append(_hist(rng, t, int(rng.integers(2, 17))))
         y.append(int(t))
         g.append(f"fam{k % 5}")
-    return GbmWorkloadClassifier(history_k=16, max_iter=30, min_samples_leaf=10, cv_folds=3).fit(H, y, g)
+    tier = TierModel(default_gbm().set_params(max_iter=30, min_samples_leaf=10), cv_folds=3)
+    return GbmWorkloadClassifier(tier, history_k=16).fit(H, y, g)
 
 
 def _strip(h: list[dict], keys: tuple[str, ...]) -> list[dict]:
