@@ -21,6 +21,7 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from detectors.owner_aggregate import ALL_OWNERS, QUIET
 from pipeline.runner import InProcessPipeline
 from pipeline.simulator import simulate
 from pipeline.sources import read_folder
@@ -51,6 +52,28 @@ def high_watermarks(bootstrap: str, topic: str) -> int:
     try:
         meta = c.list_topics(topic, timeout=10).topics[topic]
         return sum(c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions)
+    finally:
+        c.close()
+
+
+def all_quiet(bootstrap: str, owners: str, partitions: int) -> bool:
+    """Whether the latest partition mark of every source partition on owners partition 0 is QUIET (marks go to
+    every owners partition, in order after the messages they cover)."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"marks-{uuid.uuid4().hex}", "enable.auto.commit": False})
+    try:
+        hi = c.get_watermark_offsets(TopicPartition(owners, 0), timeout=10)[1]
+        c.assign([TopicPartition(owners, 0, 0)])
+        latest: dict[int, float] = {}
+        pos, deadline = 0, time.monotonic() + 30
+        while pos < hi and time.monotonic() < deadline:
+            for m in c.consume(1000, 1.0):
+                if m.error() is not None:
+                    continue
+                pos = m.offset() + 1
+                if m.key() == ALL_OWNERS.encode():
+                    d = orjson.loads(m.value())
+                    latest[d["partition"]] = d["wm"]
+        return pos >= hi and all(latest.get(p) == QUIET for p in range(partitions))
     finally:
         c.close()
 
@@ -86,10 +109,13 @@ def _kafka_run(tmp: Path, bootstrap: str, unique_topic, folder: Path, partitions
                 return time.monotonic() - seen[-1][1] >= 8.0 and lag(bootstrap, app_id, chain) == 0
 
             wait_for(settled, "all consumed", proc, log_path, 240.0)
-            # Held records and held owners of quiet partitions go after IDLE_S (their ticks every IDLE_S / 4).
-            time.sleep(1.5 * IDLE_S + 3)
-            wait_for(lambda: lag(bootstrap, app_id, chain) == 0, "all consumed after the idle release", proc,
-                     log_path, 60.0)
+            # Held records and held owners of quiet partitions go after IDLE_S of no input: the quiet-partitions
+            # timer releases a partition's held records, carries their outputs, then marks it QUIET to the owners.
+            # Once every source partition's latest mark is QUIET and the chain has no lag, all of it is applied.
+            owners = f"{app_id}-owners-repartition"
+            wait_for(lambda: all_quiet(bootstrap, owners, partitions) and lag(bootstrap, app_id, chain) == 0,
+                     "every partition marked quiet and all consumed after the idle release", proc, log_path,
+                     4 * IDLE_S + 60.0)
             stop(proc, 60)
         finally:
             reap(proc)
