@@ -27,7 +27,7 @@ from detectors.foreign_person import ForeignDetermination, determine
 from detectors.owner_aggregate import OwnerAggregator, contribution, membership, owner_level, retraction
 from detectors.reservation_potential import reservation_potential
 from detectors.runs import RunStitcher, footprint_of
-from detectors.state import HISTORY_K, SOURCE_WINDOWS_K, AccountState, OwnerState, RunState
+from detectors.state import HISTORY_K, SOURCE_WINDOWS_K, AccountState, OwnerState, RunState, VerdictSummary
 from schemas.allocation import AllocationEvent
 from schemas.cip import CipRecord
 from schemas.detection import Detection
@@ -239,6 +239,7 @@ class DetectEngine:
             return []  # this workload-window exactly as already counted (a replay): nothing changes
         if run is None:
             run = self.runs[rid] = RunState(rid, aid, started_at=start)
+        is_new = f"{wid}|{start!r}" not in run.seen  # a window not counted before (not a correction)
         run.started_at = start if run.started_at is None else min(run.started_at, start)
         used_before = run.used
         latest = end >= run.last_end
@@ -260,7 +261,7 @@ class DetectEngine:
         run.describe_window(workload_id=wid, job_id=job, accelerators=_g(w, "accelerators"),
                             device_count=_g(w, "device_count") or len(_g(w, "devices") or ()),
                             node_count=_g(w, "node_count") or len(_g(w, "nodes") or ()))
-        verdict = self._classify(run, start, end)
+        verdict = self._classify(run, start, end, is_new)
         if run.crossed is None:
             run.crossed = crossing(used_before, run.used, start, end, latest=latest, rate=run.rate,
                                    reserved_until=acct.reserved_until, threshold=self.policy.thresholds.training_ops,
@@ -292,6 +293,9 @@ class DetectEngine:
             run.basis[b] = run.basis.get(b, 0) + n
         for b, n in old.bands_seen.items():
             run.bands_seen[b] = run.bands_seen.get(b, 0) + n
+        judged = VerdictSummary.from_dict(old.judged)  # the young run's parts are the newer ones
+        judged.merge(VerdictSummary.from_dict(run.judged))
+        run.judged = judged.to_dict()
         run.history = sorted(run.history + old.history, key=lambda h: h["window_start"])[-HISTORY_K:]
         run.source_windows = (run.source_windows + [w for w in old.source_windows
                                                     if w not in run.source_windows])[-SOURCE_WINDOWS_K:]
@@ -306,15 +310,30 @@ class DetectEngine:
         zero = RunState(young, old.account_id, started_at=old.started_at, last_end=old.last_end)
         self.owner_outbox += self._contributions(old.account_id, zero, old.last_end, None)
 
-    def _classify(self, run: RunState, start: float, end: float) -> Verdict:
+    def _classify(self, run: RunState, start: float, end: float, is_new: bool = True) -> Verdict:
+        """The run's verdict over its whole life (state.VerdictSummary): the classifier judges the newest
+        HISTORY_K windows (what it was trained on); each time HISTORY_K new windows have come, that judgement is
+        folded into the run's summary as a completed block, and the run verdict combines the blocks with the open
+        one. Until the first block completes the run verdict is the classifier's own."""
         try:
-            verdict = self.classifier.predict(run.history)
+            tail = self.classifier.predict(run.history)
         except Exception:  # a classifier failure is uncertainty, never a crash
             self.errors["classifier"] = self.errors.get("classifier", 0) + 1
-            verdict = Verdict(0.5, "uncertain", [], "error", "")
+            tail = Verdict(0.5, "uncertain", [], "error", "", reasons=("between_bands",))
+        s = VerdictSummary.from_dict(run.judged)
+        if is_new:
+            s.windows += 1
+            s.open_since = start if s.open_since is None else min(s.open_since, start)
+        open_n = s.windows - s.covered
+        if open_n >= HISTORY_K:  # the open block is complete: the newest HISTORY_K windows are that block
+            s.fold(tail, open_n, s.open_since, end)
+            s.covered, s.open_since, open_n = s.windows, None, 0
+        verdict = tail if s.blocks == 0 else s.decide(tail, open_n, (s.open_since, end))
+        run.judged = s.to_dict()
         prev = run.verdict or {}
         since = prev.get("since") if prev.get("band") == verdict.band else (start if not prev else end)
-        run.verdict = {**verdict.to_dict(), "since": since}
+        run.verdict = {**verdict.to_dict(), "since": since,
+                       "basis": s.basis(tail, open_n)}
         run.bands_seen[verdict.band] = run.bands_seen.get(verdict.band, 0) + 1
         return verdict
 

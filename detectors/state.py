@@ -6,9 +6,11 @@ windows costs only the ability to recognise a duplicate of a very old window.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from detectors.classifier_base import Verdict
 
 HISTORY_K = 16  # windows the classifier sees
 #: (workload, window) keys remembered so a re-delivered or corrected window replaces, not adds: every key of a window
@@ -21,6 +23,7 @@ REPLACE_HORIZON_S = 3660.0
 RECENT_EVENTS_K = 64
 SOURCE_WINDOWS_K = 32
 RUN_IDS_K = 16  # job / workload ids (and accelerator models) kept in a run's description: the newest
+NAMES_K = 16  # out-of-distribution features / missing fields kept in a run's verdict summary (the first named)
 
 
 def _cap_dict(d: dict[str, Any], k: int) -> None:
@@ -45,6 +48,152 @@ class _Plain:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def _slim(v: Verdict) -> dict[str, Any]:
+    """A verdict as a summary keeps it: its lists of names are folded into the summary's own (bounded) sets."""
+    return {**v.to_dict(), "out_features": [], "missing": []}
+
+
+def _union(into: list[str], more: Sequence[str], k: int) -> None:
+    for x in more:
+        if x not in into and len(into) < k:
+            into.append(x)
+
+
+@dataclass(slots=True)
+class VerdictSummary(_Plain):
+    """A run's verdict over its whole life, from the verdicts of its parts (blocks of up to HISTORY_K windows),
+    kept in bounded form: window weight, P sums and the reasons per band, the extremes, the most confident
+    training part and the newest part. `decide` is the whole-run rule (`combine_verdicts`): the window-weighted
+    mean P; `not_training` only when every part was confidently not_training; `training` when at least half the
+    windows lie in confidently training parts; otherwise `uncertain` (`mixed_phases` when parts disagree). The
+    engine folds in each block of HISTORY_K new windows as it completes and judges the open block on the newest
+    HISTORY_K windows (`decide(tail=...)`), so a 22-hour run is judged on all of it, not its last 16 windows."""
+
+    windows: int = 0  # distinct workload-windows of the run seen (the engine's count)
+    covered: int = 0  # of those, the windows in completed blocks
+    open_since: float | None = None  # start of the open block's first window
+    blocks: int = 0  # parts folded in
+    weight: dict[str, float] = field(default_factory=dict)  # band -> windows in parts of that band
+    p_sum: float = 0.0  # sum of P x weight
+    p_low_sum: float = 0.0  # sum of (p_low or P) x weight
+    p_high_sum: float = 0.0
+    wide: bool = False  # some part had a P range (something was unknown)
+    p_max: float | None = None
+    p_min: float | None = None
+    reasons: list[str] = field(default_factory=list)  # every part's reasons, in order first seen
+    out_features: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    out_of_distribution: int = 0  # parts found outside the fitted region
+    unchecked: int = 0  # parts with no fitted region (the interim rule): in_distribution None
+    missing_information: int = 0  # parts that lacked a field or the accelerator
+    training: dict[str, Any] | None = None  # the most confident training part: verdict, start, end
+    first_training: dict[str, Any] | None = None  # the earliest confidently training part: start, end, P
+    newest: dict[str, Any] | None = None  # the newest part's verdict
+
+    def fold(self, v: Verdict, weight: float, start: float | None = None, end: float | None = None) -> None:
+        """One more part (newer than every part folded so far) of `weight` windows spanning [start, end]."""
+        self.blocks += 1
+        self.weight[v.band] = self.weight.get(v.band, 0.0) + weight
+        self.p_sum += v.p_training * weight
+        self.p_low_sum += (v.p_low if v.p_low is not None else v.p_training) * weight
+        self.p_high_sum += (v.p_high if v.p_high is not None else v.p_training) * weight
+        self.wide = self.wide or v.p_low is not None
+        self.p_max = v.p_training if self.p_max is None else max(self.p_max, v.p_training)
+        self.p_min = v.p_training if self.p_min is None else min(self.p_min, v.p_training)
+        _union(self.reasons, v.reasons, NAMES_K)
+        _union(self.out_features, v.out_features, NAMES_K)
+        _union(self.missing, v.missing, NAMES_K)
+        self.out_of_distribution += v.in_distribution is False
+        self.unchecked += v.in_distribution is None
+        self.missing_information += bool(v.missing) or "missing_information" in v.reasons
+        if v.band == "training":
+            if self.training is None or v.p_training > self.training["verdict"]["p_training"]:
+                self.training = {"verdict": _slim(v), "start": start, "end": end}
+            if self.first_training is None:
+                self.first_training = {"start": start, "end": end, "p_training": v.p_training}
+        self.newest = _slim(v)
+
+    def merge(self, older: VerdictSummary) -> None:
+        """Fold in another run's summary whose parts are older than this one's (a run folded into this one)."""
+        for b, w in older.weight.items():
+            self.weight[b] = self.weight.get(b, 0.0) + w
+        for name in ("windows", "covered", "blocks", "p_sum", "p_low_sum", "p_high_sum", "out_of_distribution",
+                     "unchecked", "missing_information"):
+            setattr(self, name, getattr(self, name) + getattr(older, name))
+        self.wide = self.wide or older.wide
+        ext = [x for x in (self.p_max, older.p_max) if x is not None]
+        self.p_max = max(ext) if ext else None
+        ext = [x for x in (self.p_min, older.p_min) if x is not None]
+        self.p_min = min(ext) if ext else None
+        for name in ("reasons", "out_features", "missing"):
+            merged: list[str] = []
+            _union(merged, getattr(older, name), NAMES_K)
+            _union(merged, getattr(self, name), NAMES_K)
+            setattr(self, name, merged)
+        if older.training is not None and (self.training is None or older.training["verdict"]["p_training"]
+                                           > self.training["verdict"]["p_training"]):
+            self.training = older.training
+        self.first_training = older.first_training or self.first_training
+        self.newest = self.newest or older.newest
+
+    def decide(self, tail: Verdict | None = None, tail_weight: float = 0.0,
+               tail_span: tuple[float | None, float | None] = (None, None)) -> Verdict:
+        """The run's verdict: the parts folded so far plus, when given, the open part (`tail`, `tail_weight`
+        windows). The summary itself is not changed."""
+        s = self
+        if tail is not None and tail_weight > 0:
+            s = VerdictSummary.from_dict(self.to_dict())
+            s.fold(tail, tail_weight, *tail_span)
+        total = sum(s.weight.values())
+        if total <= 0 or s.newest is None:
+            return Verdict(0.5, "uncertain", reasons=("between_bands",))
+        p = s.p_sum / total
+        if set(s.weight) == {"not_training"}:
+            band, reasons = "not_training", ()
+        elif s.weight.get("training", 0.0) / total >= 0.5:
+            band, reasons = "training", ()
+        else:
+            band = "uncertain"
+            reasons = tuple(dict.fromkeys([*(["mixed_phases"] if len(s.weight) > 1 else []), *s.reasons])) or (
+                "between_bands",)
+        lead = Verdict.from_dict(s.training["verdict"] if band == "training" and s.training else s.newest)
+        return Verdict(
+            p_training=round(p, 4), band=band, top_features=list(lead.top_features), model_id=lead.model_id,
+            model_version=lead.model_version, reasons=reasons, out_features=tuple(s.out_features),
+            missing=tuple(s.missing), p_low=round(s.p_low_sum / total, 4) if s.wide else None,
+            p_high=round(s.p_high_sum / total, 4) if s.wide else None,
+            in_distribution=None if s.unchecked else not s.out_of_distribution)
+
+    def basis(self, tail: Verdict | None = None, tail_weight: float = 0.0) -> dict[str, Any]:
+        """What the run's verdict rests on, for the case evidence: parts judged, windows per band, extremes, how
+        many parts were out of distribution or lacked information, and the most confident training part."""
+        s = self
+        if tail is not None and tail_weight > 0:
+            s = VerdictSummary.from_dict(self.to_dict())
+            s.fold(tail, tail_weight)
+        return {"rule": "whole run: not_training only if every part was; training if >= half the windows were "
+                        "in confidently training parts; else uncertain",
+                "windows": self.windows, "parts_judged": s.blocks, "blocks_completed": self.blocks,
+                "part_windows": HISTORY_K, "windows_by_band": dict(s.weight), "p_max": s.p_max, "p_min": s.p_min,
+                "parts_out_of_distribution": s.out_of_distribution,
+                "parts_missing_information": s.missing_information,
+                "training_part": None if s.training is None else {
+                    "start": s.training["start"], "end": s.training["end"],
+                    "p_training": s.training["verdict"]["p_training"],
+                    "top_features": s.training["verdict"]["top_features"]},
+                "first_training_part": s.first_training}
+
+
+def combine_verdicts(parts: Sequence[Verdict], weights: Sequence[float]) -> Verdict:
+    """One verdict for a whole run from the verdicts of its consecutive parts (oldest first), by the same rule
+    the detect engine applies as a run goes on (VerdictSummary). `trainwatch classify` judges a run's parts the
+    same way (detectors/classifier.py combine_parts; tests/test_run_verdict.py checks the two agree)."""
+    s = VerdictSummary()
+    for v, w in zip(parts, weights, strict=True):
+        s.fold(v, float(w))
+    return s.decide()
+
+
 @dataclass(slots=True)
 class RunState(_Plain):
     run_id: str
@@ -59,7 +208,8 @@ class RunState(_Plain):
     seen: dict[str, list[float]] = field(default_factory=dict)  # "workload|start" -> [flop, low, high]
     basis: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
-    verdict: dict[str, Any] | None = None
+    verdict: dict[str, Any] | None = None  # the run-level verdict (VerdictSummary.decide) and since when
+    judged: dict[str, Any] = field(default_factory=dict)  # VerdictSummary: the verdicts over the whole run
     bands_seen: dict[str, int] = field(default_factory=dict)
     crossed: dict[str, Any] | None = None  # first crossing: at, reason, figures (whatever the person's status)
     source_windows: list[str] = field(default_factory=list)
@@ -89,7 +239,8 @@ class RunState(_Plain):
         return {"run_id": self.run_id, "accelerators": dict(self.accelerators),
                 "device_count": self.device_count or None, "node_count": self.node_count or None,
                 "start": self.started_at, "end": self.last_end or None,
-                "job_ids": list(self.job_ids), "workload_ids": list(self.workload_ids)}
+                "job_ids": list(self.job_ids), "workload_ids": list(self.workload_ids),
+                "verdict_basis": (self.verdict or {}).get("basis")}
 
     def add_window(self, key: str, window_end: float, flop: tuple[float, float, float], window_s: float,
                    horizon_s: float = REPLACE_HORIZON_S) -> bool:
