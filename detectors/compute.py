@@ -2,11 +2,12 @@
 
 Formula (DESIGN.md, "Compute accounting"):
 - `tensor_active` basis: FLOP = interval x peak(precision) x tensor_active. Unknown precision: point at BF16
-  peak, band [BF16 peak x ACHIEVABLE_SHARE, FP8 peak] (FP8 doubles the peak on Hopper-class parts). The low end
-  takes the share of peak a tuned BF16 matmul achieves (H100 ~80 %, reference/accelerators.md after
-  stas00/ml-engineering): a tensor-active cycle is not a cycle at the dense peak. Measured on the real H200 capture
-  (data/gpu_capture_h200, benchmarks/compute_truth.py) the train / LoRA model FLOP is 0.89 / 0.88 of
-  tensor_active x BF16 peak x time, so a low end at the full peak lay above the truth.
+  peak, band [BF16 peak x achievable share, FP8 peak] (FP8 doubles the peak on Hopper-class parts). The low end
+  takes the part's achievable share of peak, a catalog column with its source per part (detectors/catalog.py:
+  the Maximum Achievable Matmul FLOPS measured by stas00/ml-engineering where published, e.g. A100 0.87, B200
+  0.78, MI300X 0.51; Hopper parts 0.65, measured on the real H200 capture A, where serving's decode did 0.67 of
+  tensor_active x BF16 peak x time and train / LoRA 0.89 / 0.88; `DEFAULT_ACHIEVABLE_SHARE` 0.8, said so in the
+  row, where nothing is known): a tensor-active cycle is not a cycle at the dense peak.
 - `utilisation_power` basis (tensor activity missing; nvidia-smi-level fields only), weaker and flagged:
   activity a = GPU utilisation (or graphics-engine / SM activity), damped by the power fraction when power and
   TDP are known; FLOP = interval x BF16 peak x a x MFU, with MFU point 0.40 (Epoch AI's assumption), low 0.10,
@@ -29,6 +30,7 @@ from functools import cache
 
 import numpy as np
 
+from detectors.catalog import DEFAULT_ACHIEVABLE_SHARE, resolve
 from schemas.window_sums import BASES
 
 #: Basis codes: the index of each name in the window sums' layout (schemas/window_sums.py).
@@ -36,10 +38,10 @@ BASIS_NONE, BASIS_UTIL_POWER, BASIS_TENSOR, BASIS_UNKNOWN_ACCELERATOR = (
     BASES.index(b) for b in ("none", "utilisation_power", "tensor_active", "unknown_accelerator"))
 BASIS_NAMES = dict(enumerate(BASES))
 MFU_POINT, MFU_LOW, MFU_HIGH = 0.40, 0.10, 0.60
-#: Share of the dense peak that tensor-active cycles achieve at least (the tensor basis's low end): a tuned BF16
-#: matmul reaches ~80 % of peak on H100 (reference/accelerators.md, after stas00/ml-engineering; B200 ~78 %, AMD
-#: MI300X ~51 %, so the low end is optimistic for parts slower to reach peak: a per-part share needs a catalog column).
-ACHIEVABLE_SHARE = 0.8
+#: Share of the dense peak that tensor-active cycles achieve at least (the tensor basis's low end) when the part's own
+#: is not given: per part it is the catalog's `achievable_share` (`achievable_share(model)`); this default is the one
+#: the catalog gives a part without a figure, and what an unknown part gets.
+ACHIEVABLE_SHARE = DEFAULT_ACHIEVABLE_SHARE
 #: Power drawn by an idle, clocked-up part, as a share of TDP (H100/A100 idle at 60-90 W of 400-700 W).
 IDLE_POWER_SHARE = 0.15
 
@@ -52,10 +54,12 @@ def estimate_flop(
     tensor_active: np.ndarray,
     activity: np.ndarray,
     power_frac: np.ndarray,
+    achievable_share: np.ndarray | float = ACHIEVABLE_SHARE,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-sample FLOP (point, low, high) and basis code. Missing inputs are NaN; NaN peaks mean unknown model.
 
-    `activity` is a 0-1 utilisation proxy; `power_frac` is power / TDP (NaN when either is unknown).
+    `activity` is a 0-1 utilisation proxy; `power_frac` is power / TDP (NaN when either is unknown);
+    `achievable_share` is each sample's part's share of peak (`achievable_share(model)`), the tensor basis's low end.
     """
     dt = np.nan_to_num(interval_s, nan=0.0)
     pk_point = np.nan_to_num(peak_point, nan=0.0)
@@ -76,7 +80,8 @@ def estimate_flop(
     # the point at the point peak (BF16 for a known part; the catalog's median for an unknown one), the low at the low
     point = np.where(has_tensor, dt * pk_point * ta,
                      np.where(power_only, dt * pk_point * a_p * MFU_POINT, dt * pk_point * act * MFU_POINT))
-    low = np.where(has_tensor, dt * pk_low * ta * ACHIEVABLE_SHARE,
+    share = np.clip(np.nan_to_num(np.asarray(achievable_share, dtype=float), nan=ACHIEVABLE_SHARE), 0.0, 1.0)
+    low = np.where(has_tensor, dt * pk_low * ta * share,
                    np.where(power_only, dt * pk_low * a_p * MFU_POINT / 4.0, dt * pk_low * act * low_mfu))
     high = np.where(has_tensor, dt * pk_high * ta,
                     np.where(has_act, dt * pk_high * act * MFU_HIGH,
@@ -84,6 +89,14 @@ def estimate_flop(
     basis = np.where(has_tensor, BASIS_TENSOR,
                      np.where(has_act | power_only, BASIS_UTIL_POWER, BASIS_NONE)).astype(np.int8)
     return point, low, high, basis
+
+
+@cache
+def achievable_share(model_name: str | None) -> float:
+    """The share of peak the part's tensor-active cycles achieve at least (catalog column, with its source there);
+    a part the catalog does not know gets the default (its peaks are the catalog-wide band anyway)."""
+    acc = resolve(model_name)
+    return acc.achievable_share if acc is not None else ACHIEVABLE_SHARE
 
 
 @cache
