@@ -389,11 +389,6 @@ class TierModel(BaseEstimator):
         self.n_train_ = len(y)
         return self
 
-    def __setstate__(self, state: dict[str, Any]) -> None:  # TRANSITIONAL: format-2 pickles name it gbm_
-        if "gbm_" in state:
-            state["estimator_"] = state.pop("gbm_")
-        super().__setstate__(state)
-
     def raw_proba(self, X: np.ndarray) -> np.ndarray:
         if self.estimator_ is None:
             return np.full(len(X), self.prior_)

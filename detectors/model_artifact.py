@@ -21,7 +21,8 @@ from schemas.errors import ArtifactError
 from schemas.serde import dumps, loads
 
 #: Bump when the pickled object's layout or the sidecar's keys change; old artifacts then refuse to load.
-ARTIFACT_FORMAT = 2
+#: 3: the estimator takes its per-tier model as `estimator` (cloned per tier; TierModel wraps its own classifier).
+ARTIFACT_FORMAT = 3
 MODEL_FILE = "classifier.joblib"
 SIDECAR_FILE = "classifier.json"
 #: The artifact shipped in the package.
