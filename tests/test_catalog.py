@@ -15,7 +15,7 @@ from detectors.compute import ACHIEVABLE_SHARE, BASIS_TENSOR, achievable_share, 
 RENTED = ("Tesla V100-SXM2-32GB", "Tesla T4", "NVIDIA A10G", "NVIDIA L40", "NVIDIA L4",
           "NVIDIA RTX 6000 Ada Generation", "NVIDIA GH200 480GB", "AMD Instinct MI210", "NVIDIA H20",
           "NVIDIA H100 80GB HBM3", "NVIDIA H200",
-          "NVIDIA A100-SXM4-80GB", "AMD Instinct MI300X", "NVIDIA L40S", "NVIDIA B200")
+          "NVIDIA A100-SXM4-80GB", "AMD Instinct MI300X", "NVIDIA L40S", "NVIDIA B200", "NVIDIA H100 NVL")
 
 
 def test_every_part_has_an_achievable_share_with_its_source():
@@ -41,6 +41,8 @@ def test_the_shares_are_the_cited_figures():
     assert {resolve(n).achievable_share for n in ("NVIDIA H100 80GB HBM3", "NVIDIA GH200 480GB", "NVIDIA H800")} == {
         h200.achievable_share}
     assert resolve("Tesla T4").achievable_share == DEFAULT_ACHIEVABLE_SHARE  # nothing published: the default
+    nvl = resolve("NVIDIA H100 NVL")  # its own row (400 W, 94 GB), not the SXM one's 700 W / 80 GB
+    assert (nvl.key, nvl.tdp_w, nvl.memory_gib) == ("H100-NVL", 400.0, 94.0)
     assert achievable_share("Mystery X9") == achievable_share(None) == ACHIEVABLE_SHARE == DEFAULT_ACHIEVABLE_SHARE
 
 
