@@ -64,8 +64,11 @@ def test_windows_add_up_to_the_per_sample_formula() -> None:
     w0 = wins[0]
     assert (w0.device_count, w0.node_count, w0.basis, w0.accelerators) == (8, 2, "tensor_active", {
         "NVIDIA H100 80GB HBM3": 8})
-    # band [BF16 peak x the achievable share of it, FP8 peak]: a tensor-active cycle is not one at the dense peak
-    assert w0.flop_low == pytest.approx(ACHIEVABLE_SHARE * w0.flop)
+    # band [BF16 peak x the part's achievable share of it, FP8 peak]: a tensor-active cycle is not one at the dense
+    # peak, and how far below it is the part's (catalog column): Hopper 0.65, not the default 0.8
+    share = resolve("NVIDIA H100 80GB HBM3").achievable_share
+    assert share == pytest.approx(0.65) and share != ACHIEVABLE_SHARE
+    assert w0.flop_low == pytest.approx(share * w0.flop)
     assert w0.flop_high == pytest.approx(2 * w0.flop, rel=0.01)
     assert w0.offsets["telemetry:0"][0] == 0
 
@@ -313,6 +316,22 @@ def test_unknown_accelerator_is_kept_and_flagged_and_smi_only_uses_the_weaker_ba
     assert smi.basis == "utilisation_power" and smi.flop > 0 and smi.flop_low < smi.flop < smi.flop_high
     assert "tensor_active" in smi.missing_fields
 
+
+
+def test_each_part_in_one_batch_gets_its_own_achievable_share() -> None:
+    """(issue 14) The tensor basis's low end is the part's share of peak (catalog column), per row of a mixed batch:
+    MI300X 0.511, A100 0.869, T4 the default 0.8 (no figure of its own)."""
+    parts = {"wl-mi": "AMD Instinct MI300X", "wl-a100": "NVIDIA A100-SXM4-80GB", "wl-t4": "Tesla T4"}
+    specs = [synth.WorkloadSpec(w, nodes=1, gpus_per_node=2, accelerator=a) for w, a in parts.items()]
+    core = IngestCore()
+    run(core, [v for _, v in synth.native(synth.samples(specs, T0, 60, 10.0))])
+    wins = {w.workload_id: w for w in core.drain()}
+    for wid, part in parts.items():
+        w = wins[wid]
+        assert w.basis == "tensor_active"
+        assert w.flop_low == pytest.approx(resolve(part).achievable_share * w.flop), wid
+    assert wins["wl-mi"].flop_low / wins["wl-mi"].flop == pytest.approx(0.511, abs=1e-3)
+    assert wins["wl-t4"].flop_low / wins["wl-t4"].flop == pytest.approx(ACHIEVABLE_SHARE)
 
 def test_interval_defaults_to_the_gap_capped() -> None:
     rows = synth.samples([synth.WorkloadSpec("wl-g", nodes=1, gpus_per_node=1)], T0, 60, 10.0, with_interval=False)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from detectors.catalog import resolve
-from detectors.compute import BASIS_UNKNOWN_ACCELERATOR, estimate_flop, unknown_accelerator_peaks
+from detectors.compute import ACHIEVABLE_SHARE, BASIS_UNKNOWN_ACCELERATOR, estimate_flop, unknown_accelerator_peaks
 from schemas.telemetry import METRIC_FIELDS
 from schemas.window_sums import BASES, STAT_FIELDS, SYNC_FIELDS, write_sums
 
@@ -33,12 +33,13 @@ _N_SUMS = _N_STATS + 4 + len(BASES) + 1
 
 @cache
 def device_params(accelerator: str | None, precision: str | None
-                  ) -> tuple[float, float, float, float, float, float]:
-    """(peak point, low, high, TDP W, memory MiB, 1 if the catalog knows the part else 0). An unknown (or absent)
-    part gets the catalog-wide peaks (a wide band, never a zero) and no TDP or memory (NaN)."""
+                  ) -> tuple[float, float, float, float, float, float, float]:
+    """(peak point, low, high, TDP W, memory MiB, 1 if the catalog knows the part else 0, the part's achievable
+    share of peak: the tensor basis's low end). An unknown (or absent) part gets the catalog-wide peaks (a wide band,
+    never a zero), no TDP or memory (NaN) and the default share."""
     acc = resolve(accelerator)
     if acc is None:
-        return (*unknown_accelerator_peaks(precision), math.nan, math.nan, 0.0)
+        return (*unknown_accelerator_peaks(precision), math.nan, math.nan, 0.0, ACHIEVABLE_SHARE)
     if precision is not None:
         p = acc.peak(precision)
         lo = hi = p
@@ -47,7 +48,7 @@ def device_params(accelerator: str | None, precision: str | None
         lo, hi = acc.low_precision_band
     tdp = acc.tdp_w if acc.tdp_w else math.nan
     mem = acc.memory_gib * 1024.0 if acc.memory_gib else math.nan
-    return p, lo, hi, tdp, mem, 1.0
+    return p, lo, hi, tdp, mem, 1.0, acc.achievable_share
 
 
 class Unit:
@@ -178,10 +179,10 @@ def row_stats(b: Batch, idx: np.ndarray, dt: np.ndarray, coded: Callable[[list],
     n = len(idx)
     if b.precision.count(None) == len(b.precision):  # precision rarely reported: key by model alone
         code, uniq = coded(b.accelerator)
-        table = np.array([device_params(a, None) for a in uniq], dtype=np.float64).reshape(len(uniq), 6)
+        table = np.array([device_params(a, None) for a in uniq], dtype=np.float64).reshape(len(uniq), 7)
     else:
         code, uniq = coded(list(zip(b.accelerator, b.precision, strict=True)))
-        table = np.array([device_params(a, pr) for a, pr in uniq], dtype=np.float64).reshape(len(uniq), 6)
+        table = np.array([device_params(a, pr) for a, pr in uniq], dtype=np.float64).reshape(len(uniq), 7)
     params = table[code]
     known = params[:, 5] > 0
     no_dt = np.isnan(dt)
@@ -201,7 +202,8 @@ def row_stats(b: Batch, idx: np.ndarray, dt: np.ndarray, coded: Callable[[list],
     for alt in ("gr_engine_active", "sm_active"):
         activity = np.where(np.isnan(activity), x[:, _COL[alt]], activity)
     fp, flo, fhi, basis = estimate_flop(dt_high, params[:, 0], params[:, 1], params[:, 2],
-                                        x[:, _COL["tensor_active"]], activity, x[:, _COL["power_frac"]])
+                                        x[:, _COL["tensor_active"]], activity, x[:, _COL["power_frac"]],
+                                        achievable_share=params[:, 6])
     if any_no_dt:
         fp, flo = np.where(no_dt, 0.0, fp), np.where(no_dt, 0.0, flo)
     basis = np.where(known, basis, BASIS_UNKNOWN_ACCELERATOR)  # unknown model: kept, flagged, its own wide band
