@@ -47,6 +47,7 @@ from threadpoolctl import ThreadpoolController
 from detectors.catalog import load_catalog
 from detectors.classifier_base import Verdict
 from detectors.fields import field_of as _attr
+from detectors.state import combine_verdicts
 from detectors.windows import UNIT_FEATURES
 
 BANDS = ("training", "not_training", "uncertain")
@@ -881,31 +882,7 @@ def combine_parts(parts: Sequence[Verdict], weights: Sequence[float]) -> Verdict
     P is the window-weighted mean. `not_training` needs every part confidently not training; `training` needs at
     least half the windows in confidently training parts (a run that trains is a training run even with idle or
     serving stretches); anything else is `uncertain` (`mixed_phases` when parts disagree). The reasons,
-    out-of-distribution features and missing fields of every part are kept; top features come from the part
-    that decided (the strongest training part, else the newest)."""
-    w = np.asarray(weights, dtype=float)
-    p = float(np.average([v.p_training for v in parts], weights=w))
-    train_share = float(w[[v.band == "training" for v in parts]].sum() / w.sum())
-    if all(v.band == "not_training" for v in parts):
-        band, reasons = "not_training", ()
-    elif train_share >= 0.5:
-        band, reasons = "training", ()
-    else:
-        band = "uncertain"
-        bands = {v.band for v in parts}
-        reasons = tuple(dict.fromkeys([*(["mixed_phases"] if len(bands) > 1 else []),
-                                       *(r for v in parts for r in v.reasons)])) or ("between_bands",)
-    trained = [v for v in parts if v.band == "training"]
-    lead = max(trained, key=lambda v: v.p_training) if band == "training" and trained else parts[-1]
-    lows = [v.p_low if v.p_low is not None else v.p_training for v in parts]
-    highs = [v.p_high if v.p_high is not None else v.p_training for v in parts]
-    wide = any(v.p_low is not None for v in parts)
-    ind = [v.in_distribution for v in parts]
-    return Verdict(
-        p_training=round(p, 4), band=band, top_features=list(lead.top_features), model_id=lead.model_id,
-        model_version=lead.model_version, reasons=reasons,
-        out_features=tuple(dict.fromkeys(f for v in parts for f in v.out_features)),
-        missing=tuple(dict.fromkeys(f for v in parts for f in v.missing)),
-        p_low=round(float(np.average(lows, weights=w)), 4) if wide else None,
-        p_high=round(float(np.average(highs, weights=w)), 4) if wide else None,
-        in_distribution=None if any(i is None for i in ind) else all(ind))
+    out-of-distribution features and missing fields of the parts are kept (the first 16 of each); top features come
+    from the part that decided (the strongest training part, else the newest). The rule is written once, in
+    `detectors.state.combine_verdicts`, the one the detect engine applies as a run goes on."""
+    return combine_verdicts(parts, weights)

@@ -153,16 +153,51 @@ def _random_verdict(rng: random.Random) -> Verdict:
                    rng.choice([True, True, False, None]))
 
 
+def _reference_rule(parts: Sequence[Verdict], weights: Sequence[float]) -> Verdict:
+    """The whole-run rule spelled out over the full list of parts (what the bounded summary must reproduce)."""
+    total = sum(weights)
+    p = sum(v.p_training * w for v, w in zip(parts, weights, strict=True)) / total
+    trained = sum(w for v, w in zip(parts, weights, strict=True) if v.band == "training")
+    if all(v.band == "not_training" for v in parts):
+        band, reasons = "not_training", ()
+    elif trained / total >= 0.5:
+        band, reasons = "training", ()
+    else:
+        band = "uncertain"
+        mixed = ["mixed_phases"] if len({v.band for v in parts}) > 1 else []
+        reasons = tuple(dict.fromkeys([*mixed, *(r for v in parts for r in v.reasons)])) or ("between_bands",)
+    strong = [v for v in parts if v.band == "training"]
+    lead = max(strong, key=lambda v: v.p_training) if band == "training" else parts[-1]
+    wide = any(v.p_low is not None for v in parts)
+
+    def avg(side: str) -> float:
+        return round(sum((getattr(v, side) if getattr(v, side) is not None else v.p_training) * w
+                         for v, w in zip(parts, weights, strict=True)) / total, 4)
+
+    ind = [v.in_distribution for v in parts]
+    return Verdict(round(p, 4), band, list(lead.top_features), lead.model_id, lead.model_version, reasons,
+                   tuple(dict.fromkeys(f for v in parts for f in v.out_features)),
+                   tuple(dict.fromkeys(f for v in parts for f in v.missing)),
+                   avg("p_low") if wide else None, avg("p_high") if wide else None,
+                   None if None in ind else all(ind))
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_the_engine_rule_is_the_one_classify_applies_to_a_whole_run(seed: int):
-    """One definition: the run-level summary's rule gives what classifier.combine_parts (used by `trainwatch
-    classify` over a whole file) gives, part for part."""
+    """One definition: `trainwatch classify` (classifier.combine_parts, over a whole file) and the engine (a run's
+    bounded summary, folded block by block with the open block judged last) give the whole-run rule spelled out
+    over every part, part for part."""
     rng = random.Random(seed)
     for _ in range(200):
         parts = [_random_verdict(rng) for _ in range(rng.randint(1, 7))]
         weights = [rng.choice([16, 16, 16, 9]) for _ in parts]
-        a, b = combine_verdicts(parts, weights), combine_parts(parts, weights)
-        assert _rounded(a) == _rounded(b), (parts, weights)
+        want = _rounded(_reference_rule(parts, weights))
+        assert _rounded(combine_parts(parts, weights)) == want, (parts, weights)
+        engine = VerdictSummary()  # as the engine: completed blocks folded, the newest judged as the open one
+        for v, w in zip(parts[:-1], weights[:-1], strict=True):
+            engine.fold(v, w)
+        got = engine.decide(parts[-1], weights[-1]) if engine.blocks else combine_verdicts(parts, weights)
+        assert _rounded(got) == want, (parts, weights)
 
 
 def _rounded(v: Verdict) -> dict[str, Any]:
