@@ -7,7 +7,8 @@ accounting (detectors/compute.py), as ratios.
 Per capture (capture B's figures carry a `b.` prefix and its runs sit under `runs_b`), capture variant
 (profiling fields: tensor_active basis; the same with the precision reported; nvidia-smi only: utilisation /
 power basis) and run: estimated FLOP (point, low, high) / the manifest's model FLOP, whether the truth lies inside
-the band the product reports (the tensor basis's low end at detectors/compute.py's ACHIEVABLE_SHARE of peak).
+the band the product reports (the tensor basis's low end at the part's achievable share of peak, the catalog's
+column: H200 0.65).
 Ratios, not timings: the figures do not depend on the machine.
 """
 
@@ -18,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from detectors.compute import ACHIEVABLE_SHARE
+from detectors.compute import achievable_share
 from pipeline.gpu_capture import CAPTURE_B_DIR, CAPTURE_DIR
 from pipeline.model_eval import COMPUTE_TRUTH_RUNS, compute_vs_truth
 from schemas.serde import dumps
@@ -33,7 +34,7 @@ CAPTURES = (("", "runs", CAPTURE_DIR), ("b.", "runs_b", CAPTURE_B_DIR))
 def run() -> dict[str, Any]:
     figures: dict[str, Any] = {}
     out: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "capture": "data/gpu_capture_h200",
-                           "capture_b": "data/gpu_capture_h200_b", "achievable_share": ACHIEVABLE_SHARE,
+                           "capture_b": "data/gpu_capture_h200_b", "achievable_share": achievable_share("NVIDIA H200"),
                            "figures": figures}
     for prefix, key, folder in CAPTURES:
         res = compute_vs_truth(folder)
