@@ -186,8 +186,8 @@ class VerdictSummary(_Plain):
 
 def combine_verdicts(parts: Sequence[Verdict], weights: Sequence[float]) -> Verdict:
     """One verdict for a whole run from the verdicts of its consecutive parts (oldest first), by the same rule
-    the detect engine applies as a run goes on (VerdictSummary). `trainwatch classify` judges a run's parts the
-    same way (detectors/classifier.py combine_parts; tests/test_run_verdict.py checks the two agree)."""
+    the detect engine applies as a run goes on (VerdictSummary). `trainwatch classify` judges a run's parts with
+    it (detectors/classifier.py combine_parts calls it; tests/test_run_verdict.py checks both against the rule)."""
     s = VerdictSummary()
     for v, w in zip(parts, weights, strict=True):
         s.fold(v, float(w))
