@@ -737,6 +737,8 @@ def test_window_partials_survive_a_restart_each_written_once():
     tabs2.before_window(0, st2, second)
     st2.on_window(second)
     tabs2.save(0, st2)
+    assert st2.settling == [("wl-t", T0)]  # the window waits to settle (DetectStage), across the restart too
+    st2.flush()
     (run,) = st2.engine.runs.values()
     assert run.used == pytest.approx(3e15)
     assert [k for _, k, _ in tabs2.partials.sent] == [f"0|wl-t|{T0!r}|w-1".encode()]

@@ -198,7 +198,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                 if windows:
                     await stored("windows", lambda ws=windows: rt.store.insert_windows(ws))
                 tabs.save(p, st)
-                await carry(p, st, out, reached, st.watermark, len(events) < BATCH)
+                await carry(p, st, out, reached, st.applied_to, len(events) < BATCH)
 
     @app.timer(max(1.0, settings.detect.owner_idle_s / 4))
     async def quiet_partitions() -> None:
@@ -255,7 +255,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     async def deadlines() -> None:
         """The deadline monitor at the event time every local partition has reached (a partition not met yet by
         this process: its recovered checkpoint's watermark)."""
-        marks = tabs.recovered_watermarks() | {p: s.watermark for p, s in tabs.stages.items()}
+        marks = tabs.recovered_watermarks() | {p: s.applied_to for p, s in tabs.stages.items()}
         wm = min(marks.values()) if marks else float("-inf")
         if wm > float("-inf"):
             for m in await stored("deadline tick", lambda: rt.cases.tick(wm, time.time())):

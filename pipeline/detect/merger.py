@@ -30,8 +30,16 @@ class WindowMerger:
 
     def current(self, w: WindowAggregate) -> WorkloadWindow | None:
         """The merge of the partials of w's workload-window seen so far (None: none), without adding w."""
-        parts = self._parts.get((w.workload_id, w.window_start))
+        return self.current_key((w.workload_id, w.window_start))
+
+    def current_key(self, key: tuple[str, float]) -> WorkloadWindow | None:
+        """The merge of the partials seen so far of the workload-window (workload id, window start)."""
+        parts = self._parts.get(key)
         return merge_partials(parts.values()) if parts else None
+
+    def has(self, key: tuple[str, float]) -> bool:
+        """Whether a partial of the workload-window (workload id, window start) has been seen (and not expired)."""
+        return bool(self._parts.get(key))
 
     def expire(self, watermark: float) -> int:
         """Forget windows that ended more than the horizon before `watermark` (event time). Returns how many."""

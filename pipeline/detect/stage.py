@@ -16,6 +16,16 @@ becomes `monitored` when the record shows a U.S. person; the cases stage revises
 as long as the run's state lives, `detectors.engine.IDLE_TTL_S` (6 h of event time after the run's last window);
 after that, the run's case is no longer revised by it (its identity snapshot still is).
 
+Settling. A workload-window's partials come from every telemetry partition that carries the workload's nodes, at
+different moments (each ingest partition emits when its own watermark passes). The engine decides on what it is
+handed (a first classification, a crossing), so a first merge of 8 of 16 devices could open a case the whole
+window never would. A new workload-window therefore waits, merged as its partials arrive, until the clock has
+passed its end by `settle_s` (two windows by default), and is then applied in event-time order with the held CIP
+records and allocations (equal ends in workload order, as one ingest partition emits them): the engine sees the
+whole window whatever the telemetry partitioning, as in the replay. A partial arriving after its window was applied
+(a correction, or one trailing the clock by more than `settle_s`) is applied at once and the engine replaces the
+window. `applied_to` is the event time the engine has reached (the owners' partition mark).
+
 Owners. The engine queues owner messages (contributions, memberships, retractions) in its outbox. With
 `owners="local"` (in process) the stage applies them at once to the engine's own aggregator, in the order made;
 with `owners="external"` (the faust app) they are returned for the transport to carry to the owners agent.
@@ -64,6 +74,10 @@ class DetectOutput:
 
 
 Side = CipRecord | AllocationEvent
+#: a workload-window waiting to settle: (workload id, window start, window end)
+WindowKey = tuple[str, float, float]
+#: how long past its end a new workload-window waits for the partials of other telemetry partitions (windows)
+SETTLE_WINDOWS = 2.0
 
 
 def _side_time(rec: Side) -> float:
@@ -72,8 +86,10 @@ def _side_time(rec: Side) -> float:
 
 class DetectStage:
     def __init__(self, policy: Policy, classifier: WorkloadClassifier | None = None, window_s: float = 60.0,
-                 lateness_s: float = 3600.0, *, owners: Literal["local", "external"] = "local") -> None:
+                 lateness_s: float = 3600.0, *, owners: Literal["local", "external"] = "local",
+                 settle_s: float | None = None) -> None:
         self.policy = policy
+        self.settle_s = SETTLE_WINDOWS * window_s if settle_s is None else settle_s
         self.classifier = classifier
         self.window_s = window_s
         self.engine = DetectEngine(policy, classifier, window_s)  # owner messages: routed here (module docstring)
@@ -81,22 +97,37 @@ class DetectStage:
         self.merger = WindowMerger(lateness_s)
         #: event time: the latest window end seen (the clock held records wait for)
         self.watermark = float("-inf")
-        #: CIP records and allocations ahead of the clock: (event time, arrival seq, record)
-        self._held: list[tuple[float, int, Side]] = []
+        #: windows settling and CIP records / allocations ahead of the clock, in the order they apply:
+        #: (event time, 0 = window (its end) / 1 = record, workload id ("" for a record), arrival seq, item)
+        self._held: list[tuple[float, int, str, int, WindowKey | Side]] = []
+        self._settling: set[tuple[str, float]] = set()
         self._seq = 0
 
     # -- inputs ------------------------------------------------------------------------------------------------
 
     def on_window(self, w: WindowAggregate) -> DetectOutput:
-        out = self._release(before=w.window_end)
+        key = (w.workload_id, w.window_start)
+        applied_before = self.merger.has(key) and key not in self._settling
         # A partial seen before (a replay) hands over the same merge again: the engine skips a workload-window it
         # holds as is, and restores one its state lost (a crash between the partials and the engine checkpoint).
         merged = self.merger.add(w) or self.merger.current(w)
         self.watermark = max(self.watermark, w.window_end)
-        if merged is None:
-            return out
-        out.accounts.add(w.account_id or "")
-        return out.extend(self._routed(self.engine.on_window(merged)))
+        out = DetectOutput()
+        if applied_before:  # a correction or a trailing partial: the engine replaces the window now
+            if merged is not None:
+                out.accounts.add(w.account_id or "")
+                out.extend(self._routed(self.engine.on_window(merged)))
+        elif key not in self._settling:
+            self._settling.add(key)
+            heapq.heappush(self._held, (w.window_end, 0, w.workload_id, self._seq,
+                                        (w.workload_id, w.window_start, w.window_end)))
+            self._seq += 1
+        return out.extend(self._release(self.applied_to))
+
+    @property
+    def applied_to(self) -> float:
+        """The event time the engine has reached: windows ending up to it are applied, records before it."""
+        return self.watermark - self.settle_s
 
     def on_cip(self, rec: CipRecord) -> DetectOutput:
         return self._side(rec)
@@ -113,27 +144,42 @@ class DetectStage:
         return self._routed([])
 
     def flush(self) -> DetectOutput:
-        """Release every held record (the windows stopped: end of input, or an idle partition)."""
-        return self._release(before=float("inf"))
+        """Apply every settling window and held record (the windows stopped: end of input, or an idle partition)."""
+        return self._release(float("inf"))
 
     @property
-    def held(self) -> list[Side]:
-        return [r for _, _, r in sorted(self._held)]
+    def held(self) -> list[WindowKey | Side]:
+        """What waits, in the order it will apply: settling windows' keys and CIP records / allocations."""
+        return [x[-1] for x in sorted(self._held, key=lambda x: x[:4])]
 
     # -- internals ---------------------------------------------------------------------------------------------
 
     def _side(self, rec: Side) -> DetectOutput:
         t = _side_time(rec)
-        if t < self.watermark:  # behind the clock: applied now (a late CIP record revises)
+        if t < self.applied_to:  # behind the clock: applied now (a late CIP record revises)
             return self._apply(rec)
-        heapq.heappush(self._held, (t, self._seq, rec))
+        heapq.heappush(self._held, (t, 1, "", self._seq, rec))
         self._seq += 1
         return DetectOutput()
 
-    def _release(self, before: float) -> DetectOutput:
+    def _release(self, upto: float) -> DetectOutput:
+        """Apply, in order, the windows ending at or before `upto` and the records before it."""
         out = DetectOutput()
-        while self._held and self._held[0][0] < before:
-            out.extend(self._apply(heapq.heappop(self._held)[2]))
+        while self._held and (self._held[0][0] < upto or (self._held[0][0] == upto and self._held[0][1] == 0)):
+            item = heapq.heappop(self._held)[-1]
+            if isinstance(item, tuple):
+                out.extend(self._apply_window(item))
+            else:
+                out.extend(self._apply(item))
+        return out
+
+    def _apply_window(self, key: WindowKey) -> DetectOutput:
+        self._settling.discard((key[0], key[1]))
+        merged = self.merger.current_key((key[0], key[1]))
+        if merged is None:  # its partials expired meanwhile (a flush long after): nothing to apply
+            return DetectOutput()
+        out = self._routed(self.engine.on_window(merged))
+        out.accounts.add(merged.account_id or "")
         return out
 
     def _apply(self, rec: Side) -> DetectOutput:
@@ -158,15 +204,26 @@ class DetectStage:
     # -- state as plain data -------------------------------------------------------------------------------------
 
     def held_to_list(self) -> list[dict[str, Any]]:
-        return [{"kind": "cip" if isinstance(r, CipRecord) else "allocation", "record": r.model_dump(mode="json")}
+        return [{"kind": "window", "key": list(r)} if isinstance(r, tuple) else
+                {"kind": "cip" if isinstance(r, CipRecord) else "allocation", "record": r.model_dump(mode="json")}
                 for r in self.held]
 
     def load_held(self, items: list[dict[str, Any]]) -> None:
-        self._held = []
+        self._held, self._settling = [], set()
         for x in items:
-            rec: Side = (CipRecord if x["kind"] == "cip" else AllocationEvent).model_validate(x["record"])
-            heapq.heappush(self._held, (_side_time(rec), self._seq, rec))
+            if x["kind"] == "window":
+                wid, start, end = x["key"]
+                self._settling.add((wid, start))
+                heapq.heappush(self._held, (end, 0, wid, self._seq, (wid, start, end)))
+            else:
+                rec: Side = (CipRecord if x["kind"] == "cip" else AllocationEvent).model_validate(x["record"])
+                heapq.heappush(self._held, (_side_time(rec), 1, "", self._seq, rec))
             self._seq += 1
+
+    @property
+    def settling(self) -> list[tuple[str, float]]:
+        """The (workload, window start) of the windows waiting to settle (their partials must stay loaded)."""
+        return sorted(self._settling)
 
     def to_dict(self) -> dict[str, Any]:
         return {"engine": self.engine.to_dict(), "merger": self.merger.to_dict(), "watermark": self.watermark,

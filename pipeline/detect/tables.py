@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from detectors.classifier_base import WorkloadClassifier
 from detectors.owner_aggregate import ALL_OWNERS, EventTimeOwners
 from detectors.snapshot import from_split, split_dirty, split_shared
-from pipeline.detect.stage import DetectStage
+from pipeline.detect.stage import SETTLE_WINDOWS, DetectStage
 from pipeline.settings import Settings
 from schemas.policy import Policy
 from schemas.windows import WindowAggregate
@@ -73,18 +73,23 @@ class StageTables:
             if k.startswith(prefix):
                 _, wid, start, _ = k.decode().split("|", 3)
                 idx.setdefault((wid, float(start)), []).append(k)
+        for mkey in st.settling:  # windows waiting to settle are applied from their partials: load them now
+            self._load_partials(p, st, mkey)
         self.stages[p] = st
         return st, True
 
     def before_window(self, p: int, st: DetectStage, w: WindowAggregate) -> None:
         """The merger keeps the partials of the windows it has met; the others come from the `partials` table."""
         mkey = (w.workload_id, w.window_start)
+        self._load_partials(p, st, mkey)
+        if w.window_id not in st.merger._parts.get(mkey, {}):
+            self.touched.setdefault(p, {})[f"{p}|{w.workload_id}|{w.window_start!r}|{w.window_id}".encode()] = w
+
+    def _load_partials(self, p: int, st: DetectStage, mkey: tuple[str, float]) -> None:
         idx = self.index.setdefault(p, {})
         if mkey not in st.merger._parts and idx.get(mkey):
             st.merger._parts[mkey] = {x.window_id: x for x in (WindowAggregate.model_validate(json.loads(
                 self.partials.data[k])) for k in idx[mkey] if k in self.partials.data)}
-        if w.window_id not in st.merger._parts.get(mkey, {}):
-            self.touched.setdefault(p, {})[f"{p}|{w.workload_id}|{w.window_start!r}|{w.window_id}".encode()] = w
 
     def save(self, p: int, st: DetectStage) -> None:
         self._save_partials(p, st)
@@ -126,8 +131,9 @@ class StageTables:
                 self.engine.send_changelog(p, k, v)
 
     def recovered_watermarks(self) -> dict[int, float]:
-        """Partition -> watermark of its checkpoint (for partitions this process has not met yet)."""
-        return {int(k.split(b"|", 1)[0]): json.loads(v)["stage_watermark"]
+        """Partition -> event time its checkpoint had applied (for partitions this process has not met yet)."""
+        settle = SETTLE_WINDOWS * self.settings.window_s  # what the stage had applied (DetectStage.applied_to)
+        return {int(k.split(b"|", 1)[0]): json.loads(v)["stage_watermark"] - settle
                 for k, v in list(self.engine.data.items()) if k.endswith(b"|shared")}
 
 
