@@ -294,6 +294,10 @@ def _messages(t0: float) -> list[bytes]:
     return [*out, dumps(late)]
 
 
+@pytest.mark.xfail(strict=True, reason="train/serve skew since 5ef0266: DetectStage settles a workload-window "
+                   "(2 windows) before the engine sees it, so a correction arriving meanwhile is merged into its "
+                   "first entry; model_train.HistoryBuilder still records every per-delivery merge. Fix: settle "
+                   "in HistoryBuilder as DetectStage does, then retrain (issue 12 / 14)")
 def test_training_histories_are_the_engines_histories():
     from detectors.classifier import history_entry, normalise_history
     from detectors.state import HISTORY_K
