@@ -1,9 +1,9 @@
 """Training data and training for the workload classifier (`trainwatch model train`).
 
 Data path, the one the detect stage runs: telemetry samples -> the ingest stage's windowing core
-(pipeline/ingest: partial window aggregates, late-data corrections included) -> the detect stage's merger
-(pipeline/detect/merger.py: merge_partials of every partial seen so far, per delivery) -> history entries shaped
-exactly as detectors/engine.py builds them (`history_entry`), the last HISTORY_K kept. So the features a model is
+(pipeline/ingest: partial window aggregates, late-data corrections included) -> the detect stage itself
+(pipeline/detect/stage.py DetectStage: merging, settling a new workload-window, the engine) -> the history entries
+the engine hands its classifier (HistoryBuilder records them), the last HISTORY_K kept. So the features a model is
 trained on are the features it is asked about at detect time. Labels come from the simulator's ground truth
 (`is_training`), groups from its `source_family` (a whole family is held out per calibration fold and per
 evaluation fold). Histories are kept per workload (the engine's are per stitched run; in the eval scenario every
@@ -26,13 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from detectors.classifier import GbmWorkloadClassifier, TierModel, default_gbm, history_entry
+from detectors.classifier import GbmWorkloadClassifier, TierModel, default_gbm
+from detectors.classifier_base import Verdict
 from detectors.model_artifact import ArtifactMeta, packaged_dir, save_artifact
 from detectors.state import HISTORY_K
 from detectors.windows import WorkloadWindow
-from pipeline.detect.merger import WindowMerger
+from pipeline.detect.stage import DetectStage
 from pipeline.ingest.aggregate import Batch, WindowConfig
 from pipeline.ingest.stage import IngestCore, SourceMessage
+from schemas.policy import load_policy
 from schemas.serde import dumps, loads
 from schemas.telemetry import METRIC_FIELDS, SMI_FIELDS
 from schemas.windows import WindowAggregate
@@ -63,6 +65,8 @@ DEFAULT_PARAMS: dict[str, Any] = {
 }
 #: The eval scenario at this scale: 174 workloads at seed 7 (4 source families) over 12 h, ~7M samples.
 TRAIN_SCENARIO: dict[str, Any] = {"scale": 3.0}
+#: The account a window without one is filed under (the engine drops unattributed windows).
+UNATTRIBUTED = "unattributed"
 MODEL_ID = "trainwatch-workload-gbm"
 MODEL_VERSION = "5"
 #: Fields written as whole numbers by the simulator's line writer (MiB, MHz, bytes, mJ).
@@ -74,10 +78,25 @@ _INT_FIELDS = frozenset(("fb_used_mib", "fb_free_mib", "sm_clock_mhz", "mem_cloc
 # ---------------------------------------------------------------------------------------------------------------
 # partial aggregates -> merged windows -> engine-shaped history entries
 # ---------------------------------------------------------------------------------------------------------------
+class _Recorder:
+    """The detect engine's classifier while training data is built: records each history the engine judges (its
+    newest entry is the window just applied) and answers "uncertain" (the verdict does not shape histories)."""
+
+    def __init__(self, builder: HistoryBuilder) -> None:
+        self.builder = builder
+
+    def predict(self, history: Sequence[Any]) -> Verdict:
+        self.builder._record(history[-1])
+        return Verdict(0.5, "uncertain")
+
+
 @dataclass
 class HistoryBuilder:
-    """Drives the detect stage's merger over partial aggregates and records, per workload, every history entry in
-    delivery order (as the engine appends them). `keep_windows` also keeps each window's latest merge."""
+    """Drives the detect stage itself (pipeline/detect/stage.py DetectStage: its merger, its settling of a new
+    workload-window for `settle_s`, its engine) over partial aggregates and records, per workload, the newest entry
+    of every history the engine hands its classifier, in order. So the entries are the engine's by construction,
+    whatever the stage does before the engine (one definition of merging and settling). `keep_windows` also keeps
+    each window's latest merge. Call `finish()` at the end of input (the stage's flush: settling windows apply)."""
 
     window: WindowConfig = field(default_factory=WindowConfig)
     keep_windows: bool = False
@@ -85,19 +104,28 @@ class HistoryBuilder:
     windows: dict[tuple[str, float], WorkloadWindow] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.merger = WindowMerger(self.window.allowed_lateness_s)
-        self.watermark = float("-inf")
+        # The policy shapes the engine's detections, never its histories.
+        self.stage = DetectStage(load_policy("demo"), _Recorder(self), self.window.window_s,
+                                 self.window.allowed_lateness_s)
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        wid = entry["workload_id"]
+        self.entries[wid].append(entry)
+        if self.keep_windows:
+            merged = self.stage.merger.current_key((wid, entry["window_start"]))
+            if merged is not None:
+                self.windows[(wid, entry["window_start"])] = merged
 
     def add(self, partials: Iterable[WindowAggregate]) -> None:
         for p in partials:
-            merged = self.merger.add(p)
-            if merged is None:
-                continue
-            self.watermark = max(self.watermark, p.window_end)
-            self.entries[merged.workload_id].append(history_entry(merged))
-            if self.keep_windows:
-                self.windows[(merged.workload_id, merged.window_start)] = merged
-        self.merger.expire(self.watermark)
+            if not p.account_id:  # the engine drops an unattributed window; `trainwatch classify` input may lack it
+                p = p.model_copy(update={"account_id": UNATTRIBUTED})
+            self.stage.on_window(p)
+        self.stage.on_time()  # partials and idle runs expire at the watermark, as in the detect stage
+
+    def finish(self) -> None:
+        """The end of input: windows still settling are applied (the runner's / faust app's flush)."""
+        self.stage.flush()
 
 
 def histories_from_messages(values: Iterable[bytes], now: float, window: WindowConfig | None = None,
@@ -122,6 +150,7 @@ def histories_from_messages(values: Iterable[bytes], now: float, window: WindowC
     if msgs:
         flush()
     hb.add(core.drain())
+    hb.finish()
     return hb, dead
 
 
@@ -233,6 +262,7 @@ def simulated_entries(scenario: str, seed: int, **params: Any) -> tuple[dict[str
         core.add_rows(TOPIC, 0, b)  # IngestCore.process minus decoding
         hb.add(core.ready())
     hb.add(core.drain())
+    hb.finish()
     truth = {w.workload_id: {"is_training": w.is_training, "source_family": w.source_family,
                              "archetype": w.archetype + (f":{w.variant}" if w.variant else "")} for w in sc.workloads}
     return dict(hb.entries), truth, h.hexdigest()

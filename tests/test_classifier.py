@@ -294,10 +294,6 @@ def _messages(t0: float) -> list[bytes]:
     return [*out, dumps(late)]
 
 
-@pytest.mark.xfail(strict=True, reason="train/serve skew since 5ef0266: DetectStage settles a workload-window "
-                   "(2 windows) before the engine sees it, so a correction arriving meanwhile is merged into its "
-                   "first entry; model_train.HistoryBuilder still records every per-delivery merge. Fix: settle "
-                   "in HistoryBuilder as DetectStage does, then retrain (issue 12 / 14)")
 def test_training_histories_are_the_engines_histories():
     from detectors.classifier import history_entry, normalise_history
     from detectors.state import HISTORY_K
@@ -325,11 +321,16 @@ def test_training_histories_are_the_engines_histories():
     for p in partials:
         stage.on_window(p)
     hb.add(partials)
-    # Each engine call saw exactly the entries the training path records, in the same order.
-    for wid in ("wl-train", "wl-serve"):
-        calls = [h for h in rec.seen if h[-1]["workload_id"] == wid]
-        assert calls and calls[-1] == hb.entries[wid][-HISTORY_K:]
-        assert [c[-1] for c in calls] == hb.entries[wid]
+    for end in (False, True):  # while the last windows settle, and after the end of input applied them
+        if end:
+            stage.flush()
+            hb.finish()
+        # Each engine call saw exactly the entries the training path records, in the same order.
+        for wid in ("wl-train", "wl-serve"):
+            calls = [h for h in rec.seen if h[-1]["workload_id"] == wid]
+            assert calls and calls[-1] == hb.entries[wid][-HISTORY_K:]
+            assert [c[-1] for c in calls] == hb.entries[wid]
+            assert all(c == hb.entries[wid][:i + 1][-HISTORY_K:] for i, c in enumerate(calls))
     # A correction is a second delivery of a window: the model counts the window once, at its latest merge.
     train = hb.entries["wl-train"]
     assert len(train) > len({e["window_start"] for e in train})
