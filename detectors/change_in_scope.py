@@ -76,14 +76,8 @@ class ChangeInScope(Detector):
             return Reserved(event.ts, sum(_num(r.get("count")) for r in acct.reservations.values()), event.event_id)
         if state.run is None or _g(event, "window_end") is None:
             return None
-        # What the account does now: the classifier's newest judgement, not the run verdict (which averages over the
-        # whole run and so is slow to move when the use changes).
-        latest = state.run.latest or {}
         verdict = state.verdict
-        if "p_training" in latest:
-            p = _num(latest["p_training"])
-        else:
-            p = verdict.p_training if verdict is not None else _num((state.run.verdict or {}).get("p_training", 0.5))
+        p = verdict.p_training if verdict is not None else _num((state.run.verdict or {}).get("p_training", 0.5))
         devices = _num(_g(event, "device_count")) or float(len(_g(event, "devices") or ()))
         return WindowUse(end=_num(_g(event, "window_end")), window_s=state.window_s,
                          workload_id=str(_g(event, "workload_id")), devices=devices, flop=_num(_g(event, "flop")),

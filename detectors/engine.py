@@ -330,7 +330,6 @@ class DetectEngine:
             s.covered, s.open_since, open_n = s.windows, None, 0
         verdict = tail if s.blocks == 0 else s.decide(tail, open_n, (s.open_since, end))
         run.judged = s.to_dict()
-        run.latest = {"p_training": tail.p_training, "band": tail.band}
         prev = run.verdict or {}
         since = prev.get("since") if prev.get("band") == verdict.band else (start if not prev else end)
         run.verdict = {**verdict.to_dict(), "since": since,

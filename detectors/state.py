@@ -210,9 +210,6 @@ class RunState(_Plain):
     history: list[dict[str, Any]] = field(default_factory=list)
     verdict: dict[str, Any] | None = None  # the run-level verdict (VerdictSummary.decide) and since when
     judged: dict[str, Any] = field(default_factory=dict)  # VerdictSummary: the verdicts over the whole run
-    #: the classifier's newest judgement (its newest HISTORY_K windows): P and band, what the run does now
-    #: (change_in_scope reads it; the run verdict above averages over the whole run)
-    latest: dict[str, Any] | None = None
     bands_seen: dict[str, int] = field(default_factory=dict)
     crossed: dict[str, Any] | None = None  # first crossing: at, reason, figures (whatever the person's status)
     source_windows: list[str] = field(default_factory=list)

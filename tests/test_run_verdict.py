@@ -215,24 +215,3 @@ def test_summary_merge_is_folding_the_older_parts_first():
         whole.fold(v, 16)
     newer.merge(older)
     assert _rounded(newer.decide()) == _rounded(whole.decide())
-
-
-def test_change_in_scope_reads_the_newest_judgement_not_the_whole_run_verdict():
-    """A change of scope is about what the account does now: 48 windows of inference, then 16 of training in the
-    same run. The run verdict averages over the run (P stays low); the run state keeps the classifier's newest
-    judgement (run.latest) and change_in_scope's baseline reads that P."""
-    from detectors.change_in_scope import ChangeInScope
-    from detectors.classifier_base import Verdict as V
-
-    eng = DetectEngine(demo())
-    eng.on_cip(cip("acct-f"))
-    serve = [window("wl-1", "acct-f", i, flop=1e15, features=INFERENCE) for i in range(48)]
-    train = [window("wl-1", "acct-f", 48 + i, flop=1e15) for i in range(16)]
-    feed(eng, serve + train)
-    (run,) = eng.runs.values()
-    newest = eng.classifier.predict(run.history)
-    assert run.latest == {"p_training": newest.p_training, "band": newest.band} and newest.band == "training"
-    assert run.verdict["p_training"] < 0.5 < newest.p_training  # the whole run is still mostly inference
-    ctx = eng._ctx("acct-f", run=run, verdict=V.from_dict(run.verdict))
-    obs = ChangeInScope._observation(ctx, train[-1])
-    assert obs is not None and obs.p_training == pytest.approx(newest.p_training)
