@@ -22,6 +22,7 @@ from collections.abc import Callable
 from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import Message as KafkaMessage
 
+from pipeline.detect.store_retry import TRANSIENT
 from pipeline.settings import Settings
 from pipeline.store import DeadLetter, Store
 from schemas.errors import TrainwatchError
@@ -29,6 +30,7 @@ from schemas.errors import TrainwatchError
 log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "trainwatch-dlq-sink"
+FIRST_RETRY_S, MAX_RETRY_S = 0.2, 5.0  # backoff while the store is down (as the detect agents', store_retry.py)
 UNLABELLED = "unlabelled"
 
 
@@ -71,6 +73,9 @@ class DlqSink:
         self.batch_size = batch_size
         self.clock = clock
         self.stored = 0
+        self._held: list[DeadLetter] | None = None  # a batch read but not yet stored (the store was down)
+        self._down_since: float | None = None
+        self._retry_s = FIRST_RETRY_S
         self.consumer = Consumer(settings.kafka.client_config(**{
             "group.id": group_id,
             "enable.auto.commit": False,  # commit after the insert
@@ -88,20 +93,42 @@ class DlqSink:
         self.consumer.subscribe([self.topic])
 
     def step(self, timeout: float = 1.0) -> int:
-        """Read up to batch_size letters, store them, then commit. Returns how many were stored."""
-        msgs = self.consumer.consume(self.batch_size, timeout)
-        good = []
-        for m in msgs:
-            err = m.error()
-            if err is None:
-                good.append(m)
-            elif err.code() != KafkaError._PARTITION_EOF:
-                log.warning("%s: consume error: %s", self.topic, err)
-        if not good:
+        """Read up to batch_size letters, store them, then commit. Returns how many were stored.
+
+        A store outage must not cost letters or stop the sink (in `run --stage all` it is a thread that nothing
+        restarts): the batch is held, uncommitted, and retried with capped backoff on the next steps; no new letter
+        is read meanwhile. A commit that fails after the insert (the group rebalanced while the store was down) is
+        logged: the letters are stored, and the ones read again land on their own rows (content-hash ids)."""
+        if self._held is None:
+            msgs = self.consumer.consume(self.batch_size, timeout)
+            good = []
+            for m in msgs:
+                err = m.error()
+                if err is None:
+                    good.append(m)
+                elif err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("%s: consume error: %s", self.topic, err)
+            if not good:
+                return 0
+            now = self.clock()
+            self._held = [letter_from(m, now) for m in good]
+        try:
+            n = self.store.insert_dead_letters(self._held)
+        except TRANSIENT as exc:
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                log.warning("dlq sink: store unavailable, holding %d letter(s) until it answers: %s",
+                            len(self._held), exc)
+            time.sleep(self._retry_s)
+            self._retry_s = min(MAX_RETRY_S, self._retry_s * 2)
             return 0
-        now = self.clock()
-        n = self.store.insert_dead_letters([letter_from(m, now) for m in good])
-        self.consumer.commit(asynchronous=False)
+        if self._down_since is not None:
+            log.warning("dlq sink: store back after %.1f s", time.monotonic() - self._down_since)
+        self._held, self._down_since, self._retry_s = None, None, FIRST_RETRY_S
+        try:
+            self.consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            log.warning("dlq sink: commit after insert failed (%s); re-read letters land on their own rows", exc)
         self.stored += n
         return n
 

@@ -8,9 +8,10 @@ import uuid
 
 import orjson
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from pipeline.dlq_sink import UNLABELLED, DlqSink
+from pipeline.faults import _FlakyClient
 from pipeline.ingest.dlq import DeadLetter as IngestLetter
 from pipeline.settings import Settings
 from pipeline.store import Store
@@ -68,3 +69,39 @@ def test_missing_dlq_topic_is_one_line(kafka_bootstrap: str, store: Store) -> No
     settings = make_settings(kafka_bootstrap, "t", "w", f"no-such-dlq-{uuid.uuid4().hex[:8]}")
     with pytest.raises(TrainwatchError, match="does not exist"):
         DlqSink(settings, store)
+
+
+def test_a_store_outage_holds_the_letters_and_loses_none(kafka_bootstrap: str, unique_topic, store: Store,
+                                                         tmp_path) -> None:
+    """In `run --stage all` the sink is a thread nothing restarts: a store outage must hold its batch, uncommitted,
+    and store it when the store answers (it used to raise, and the thread died for the rest of the run)."""
+    tel, dlq = "gpu.telemetry-y", unique_topic("dlq")
+    settings = make_settings(kafka_bootstrap, tel, "windows-y", dlq)
+    p = Producer({"bootstrap.servers": kafka_bootstrap})
+    for off in range(3):
+        d = IngestLetter.of("malformed_json", "malformed JSON", tel, 0, off, b"\x00bad" + bytes([off]), b"n")
+        p.produce(dlq, d.raw, d.key, headers=d.headers())
+    assert p.flush(30) == 0
+    down = tmp_path / "store-down"
+    down.touch()
+    flaky = Store(_FlakyClient(store.client, down), store.database, [])
+    group = f"dlq-{uuid.uuid4().hex}"
+    sink = DlqSink(settings, flaky, group_id=group)
+    try:
+        deadline = time.monotonic() + 30
+        while sink._held is None and time.monotonic() < deadline:  # read, then the insert fails
+            assert sink.step() == 0
+        assert sink._held is not None and len(sink._held) == 3
+        assert sink.step() == 0 and store.dead_letters(tel) == []  # still down: held, nothing stored
+        down.unlink()
+        assert sink.step() == 3
+    finally:
+        sink.close()
+    assert sorted(d.offset for d in store.dead_letters(tel)) == [0, 1, 2]
+    # committed after the insert: the group's offsets are past the three letters
+    c = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})
+    try:
+        parts = [TopicPartition(dlq, i) for i in c.list_topics(dlq, timeout=10).topics[dlq].partitions]
+        assert sum(max(tp.offset, 0) for tp in c.committed(parts, timeout=10)) == 3
+    finally:
+        c.close()
