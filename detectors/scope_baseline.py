@@ -6,9 +6,10 @@ exponentially weighted mean of buckets (log scale, log rate, linear P). Once it 
 a bucket that is training-like (P >= p_low) and moves away from it (scale x-fold, P from below one half into
 the training band, or rate x-fold from a baseline that was not training-like) starts a candidate change;
 `dwell` such buckets in a row confirm it, and the change is dated to the first of them. A confirmed change
-re-baselines to the new level, so one development alarms once. Candidate buckets are kept out of the baseline,
-so it stays the "before" of the report. Reservations are compared with the baseline's scale: reserved devices
-x-fold the devices in use is a change too.
+re-baselines to the new level, so one development alarms once (and when it was confirmed while its P(training)
+was still undecided, that P firming up within `min_baseline_s` is adopted, not alarmed again). Candidate buckets
+are kept out of the baseline, so it stays the "before" of the report. Reservations are compared with the
+baseline's scale: reserved devices x-fold the devices in use is a change too.
 
 Event time only; state is plain data (to_dict / from_dict) kept in AccountState.activity. `step()` is the pure
 transition the engine's update step applies: (state, one observation) -> (next state, the changes it confirmed).
@@ -124,6 +125,10 @@ class ScopeBaseline:
     latest_end: float = 0.0
     reserved: float = 0.0  # devices reserved now
     changes: int = 0
+    #: Until this event time the last change's P(training) is still firming up (it was confirmed between p_low and
+    #: p_high, e.g. on devices while the new run's verdict was young): a later move in P alone is that run's verdict
+    #: settling, adopted into the baseline, not a second development.
+    p_firming_until: float = 0.0
 
     # -- plain data ------------------------------------------------------------------------------------------
 
@@ -212,6 +217,11 @@ class ScopeBaseline:
                                                                                            window_s, window_s)))
             return []
         moved = self._moved(devices, p, rate, params)
+        if moved and end <= self.p_firming_until and all(m["what"] == "p_training" for m in moved):
+            self.candidate = []
+            self._fold(start, window_s, devices, p, rate, params.alpha)
+            self.p_training = p  # the firmed verdict is the new level's; nothing to alarm again
+            return []
         if not moved:
             self.candidate = []
             self._fold(start, window_s, devices, p, rate, params.alpha)
@@ -232,6 +242,8 @@ class ScopeBaseline:
         self.log_rate = math.log(max(after["flop_per_s"], RATE_FLOOR))
         self.since = cand[0][0]
         self.changes += 1
+        undecided = params.p_low <= after["p_training"] < params.p_high
+        self.p_firming_until = end + params.min_baseline_s if undecided else 0.0
         return [change]
 
     def _moved(self, devices: float, p: float, rate: float, params: ScopeParams) -> list[dict[str, Any]]:

@@ -63,6 +63,20 @@ def test_inference_then_large_training_alarms_once_naming_what_and_when():
     assert "devices 9.0x" in c.summary() and "inference-like to training-like" in c.summary()
 
 
+def test_a_verdict_firming_up_after_the_change_is_the_same_development():
+    """Confirmed on devices while the new run's P(training) was undecided (0.46), its later firming up to training is
+    adopted, not a second alarm; once the baseline has held the new level for min_baseline_s a move alarms again."""
+    base = ScopeBaseline()
+    feed(base, SERVING)
+    start = len(SERVING)
+    firming = [(36.0, 4e16, 0.46)] * 10 + [(36.0, 4e16, 0.93)] * 30  # P firms up 10 windows after the change
+    got = feed(base, firming, i0=start)
+    assert [(i, [x["what"] for x in c.changes]) for i, c in got] == [(start + P.dwell, ["devices", "flop_per_s"])]
+    assert base.p_training == pytest.approx(0.93)  # the firmed verdict is the baseline's level now
+    later = feed(base, [(36.0, 4e16, 0.93)] * 10 + [(400.0, 5e17, 0.93)] * 5, i0=start + len(firming))
+    assert [[x["what"] for x in c.changes] for _, c in later] == [["devices"]]  # a new development still alarms
+
+
 def test_short_spike_and_inference_growth_are_not_changes():
     base = ScopeBaseline()
     feed(base, SERVING)
