@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.ingest import synth
+from pipeline.ingest.aggregate import WindowConfig
 from pipeline.ingest.kafka_stage import KafkaIngestStage
 from pipeline.ingest.status import group_status
 from pipeline.settings import IngestSettings, KafkaSettings, Settings, TopicSettings
@@ -82,7 +83,9 @@ def test_status_reads_the_groups_commits_lag_and_event_time(kafka_bootstrap: str
     tel, out, dlq = unique_topic("st-tel", partitions=2), unique_topic("st-win"), unique_topic("st-dlq")
     rows = synth.samples([synth.WorkloadSpec("wl-a", nodes=1, gpus_per_node=2)], T0, 300, 10.0)
     produce(kafka_bootstrap, tel, synth.native(rows), partition=0)
-    ticks = close_windows(kafka_bootstrap, tel, 1, T0 + 300)  # partition 0 only; partition 1 stays empty
+    # Partition 0 only (1 stays empty); the ticks lie past the commit point's hold for re-deliveries
+    # (WindowConfig.dedup_replay_s after a window closed), so the data windows no longer hold it.
+    ticks = close_windows(kafka_bootstrap, tel, 1, T0 + 300 + WindowConfig().dedup_replay_s)
     settings = Settings(kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap),
                         topics=TopicSettings(telemetry=tel, windows=out, dlq=dlq), ingest=IngestSettings(batch_size=7))
     group = f"st-{tel}"
