@@ -46,6 +46,7 @@ ROLES = ("telemetry", "windows", "cip", "allocations", "detections", "cases", "d
 PARTITIONS = 4
 WINDOW_S = 60.0
 RESUME_CAP_S = 60.0  # a worker not committing again within this after a fault counts as "not resumed"
+STALLED_S = 90.0  # drain: nothing moved for this long with detect lag left = done (the lag is recorded)
 
 # Worker and replay read the store through this script (chDB: one process per engine path, so never in ours).
 STORE_SCRIPT = """
@@ -481,14 +482,18 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
     while not produced.is_set():
         worker.supervise()
         time.sleep(0.5)
-    t_drain, quiet_since, last = time.monotonic(), time.monotonic(), None
+    # Done when nothing moved for 20 s with detect's lag at 0, or for STALLED_S with some lag left: detect holds the
+    # offsets of windows it is still settling (the stream's last ones never settle), so its lag need not reach 0,
+    # and waiting out the 600 s cap for it made the CI's quick run take 823 s instead of ~250 s. The lag left is
+    # recorded; a worker that truly stopped short shows as lost cases and totals in the comparison.
+    t_drain, quiet_since, last, d_lag = time.monotonic(), time.monotonic(), None, 0
     while time.monotonic() - t_drain < 600:
         worker.supervise()
         d_lag = ends(dwatch, detect_in) - committed(dwatch, detect_in)
         state = (ends(dwatch, [topics["windows"], topics["cases"]]), committed(dwatch, detect_in))
-        if state != last or d_lag != 0:
+        if state != last:
             last, quiet_since = state, time.monotonic()
-        elif time.monotonic() - quiet_since >= 20:
+        elif time.monotonic() - quiet_since >= (20 if d_lag == 0 else STALLED_S):
             break
         time.sleep(1.0)
     drained_s = time.monotonic() - t_drain
@@ -519,6 +524,7 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
     return {
         "scenario": plan.scenario, "messages": counts.get("produced"), "undelivered": counts.get("undelivered"),
         "stream_s": plan.stream_s, "replay_s": round(replay_s, 1), "drain_s": round(drained_s, 1),
+        "drain_lag_left": d_lag,
         "wall_s": round(time.monotonic() - t_begin, 1), "worker_starts": worker.starts,
         "worker_own_exits": worker.own_exits, "final_stop_rc": rc,
         "worker_import_s": import_s, "load_average_1m": round(load, 1), "first_start_s": first,
