@@ -204,6 +204,26 @@ def test_duplicates_are_counted_once(kafka_bootstrap: str, topics) -> None:
                                                                   rel=1e-9)
 
 
+def kill_9_once_committed(cmd: list[str], env: dict[str, str], bootstrap: str, group: str, topic: str,
+                          partitions: int, at_least: float, deadline_s: float = 40.0) -> None:
+    """Start the ingest stage `cmd`, wait (with a deadline) until its group committed `at_least` messages of `topic`,
+    then kill -9 it."""
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + deadline_s
+        while _committed(bootstrap, group, topic, partitions) < at_least:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, f"the stage did not commit {at_least:g} messages"
+            time.sleep(0.05)  # polling interval of a wait that has a deadline
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stderr.close()
+
+
 def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
@@ -228,20 +248,7 @@ def test_killed_and_restarted_stage_loses_nothing_and_counts_nothing_twice(kafka
            # its session to expire
            "TRAINWATCH_KAFKA__EXTRA": '{"group.instance.id": "ingest-0", "session.timeout.ms": "10000"}'}
     cmd = [sys.executable, "-m", "pipeline", "ingest", "run", "--group", group]
-    first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + DEADLINE_S
-        while _committed(kafka_bootstrap, group, tel, 3) < 600:  # some batches written and committed
-            assert first.poll() is None, first.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the stage committed nothing"
-            time.sleep(0.05)  # polling interval of a wait that has a deadline
-        first.send_signal(signal.SIGKILL)
-        first.wait(10)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait(10)
-        first.stderr.close()
+    kill_9_once_committed(cmd, env, kafka_bootstrap, group, tel, 3, 600, DEADLINE_S)  # some batches committed
     assert _committed(kafka_bootstrap, group, tel, 3) < len(pairs_sent), "killed too late to test anything"
     second = subprocess.run([*cmd, "--idle-exit", "3", "--max-seconds", str(DEADLINE_S)], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=DEADLINE_S + 30)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import pytest
 from pipeline.ingest import synth
 from pipeline.ingest.stage import IngestCore, SourceMessage
 from schemas.windows import WindowAggregate
-from tests.test_ingest_kafka import T0, _committed, close_windows, produce, read_all, windows
+from tests.test_ingest_kafka import T0, close_windows, kill_9_once_committed, produce, read_all, windows
 
 pytestmark = pytest.mark.kafka
 
@@ -68,20 +67,7 @@ def test_kill_9_mid_stream_keeps_totals_per_account_exact(kafka_bootstrap: str, 
     cmd = [sys.executable, "-m", "pipeline", "ingest", "run", "--group", group]
     total = len(pairs)
     for share in (0.25, 0.5, 0.75):  # kill -9 once the stage has committed this share of the stream
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + DEADLINE_S
-            while _committed(kafka_bootstrap, group, tel, PARTITIONS) < share * total:
-                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-                assert time.monotonic() < deadline, f"the stage did not commit {share:.0%} of the stream"
-                time.sleep(0.05)  # polling interval of a wait that has a deadline
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-            proc.stderr.close()
+        kill_9_once_committed(cmd, env, kafka_bootstrap, group, tel, PARTITIONS, share * total, DEADLINE_S)
     last = subprocess.run([*cmd, "--idle-exit", "3", "--max-seconds", str(DEADLINE_S)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=DEADLINE_S + 30)
     assert last.returncode == 0, last.stderr[-2000:]
