@@ -31,6 +31,7 @@ from confluent_kafka.admin import AdminClient
 
 from benchmarks.chaos import PARTITIONS, REPO, RESULTS, ROLES, Worker, _consumer, _produce_paced, committed, ends
 from pipeline.classifier_loader import BACKGROUND_ENV
+from pipeline.detect.startup import phases
 
 CAP_S = 60.0
 SETTLE_S = 4.0  # after a recovery, before the next kill: the new worker has committed and runs normally
@@ -44,6 +45,12 @@ def _wait_detect(c, detect_in: list[str], worker: Worker, before: int, t_from: f
             return round(time.monotonic() - t_from, 2)
         time.sleep(0.25)
     return None
+
+
+def _phases_since(log: Path, t_kill: float) -> dict[str, list[float]]:
+    """The last start's startup phases (pipeline/detect/startup.py): [seconds after the kill, process CPU s]."""
+    text = log.read_text(errors="replace").rsplit("===== start", 1)[-1]
+    return {k: [round(at - t_kill, 2), cpu] for k, (at, cpu) in sorted(phases(text).items(), key=lambda kv: kv[1])}
 
 
 def run(kills: int, stream_s: float, bootstrap: str, tmp: Path) -> dict:
@@ -89,13 +96,14 @@ def run(kills: int, stream_s: float, bootstrap: str, tmp: Path) -> dict:
                 break
             before, load = committed(dwatch, detect_in), os.getloadavg()[0]
             worker.env = {**env, **({BACKGROUND_ENV: "1"} if variant == "background" else {})}
-            t_k = time.monotonic()
+            t_k, e_k = time.monotonic(), time.time()
             worker.kill9()
             worker.start()
             took = _wait_detect(dwatch, detect_in, worker, before, t_k, CAP_S)
+            ph = _phases_since(worker.log_path, e_k)
             runs.append({"variant": variant, "resumed_s": took, "load1": round(load, 2),
-                         "at_s": round(t_k - t0, 1)})
-            print(f"[recovery] kill {i + 1}: {variant} resumed after {took} s (load {load:.1f})", file=sys.stderr)
+                         "at_s": round(t_k - t0, 1), "phases_s": ph})
+            print(f"[recovery] kill {i + 1}: {variant} resumed after {took} s (load {load:.1f}) {ph}", file=sys.stderr)
         logs = {n: ends(dwatch, [n]) for n in changelog_topics(app_id)}
     finally:
         done.wait(max(0.0, stream_s - (time.monotonic() - t0)) + 30.0)  # the producer ends before its topics go

@@ -36,6 +36,7 @@ from pipeline.classifier_loader import BackgroundClassifier, load_classifier
 from pipeline.detect.feed_audit import unpublished
 from pipeline.detect.security import faust_credentials
 from pipeline.detect.stage import DetectOutput, DetectStage
+from pipeline.detect.startup import phase
 from pipeline.detect.store_retry import stored
 from pipeline.detect.tables import OwnersTables, StageTables, dumps
 from pipeline.detect.topics import owners_topic
@@ -77,12 +78,14 @@ class DetectRuntime:
     def store(self) -> Store:
         if self._store is None:  # opened in the worker, never at import or app build
             self._store = Store.connect(self.settings.clickhouse_dsn, self.settings.database)
+            phase("store-open")
         return self._store
 
     @property
     def cases(self) -> CaseService:
         if self._cases is None:
             self._cases = CaseService(self.store, self.policy)
+            phase("cases-loaded")
         return self._cases
 
     def close(self) -> None:
@@ -112,6 +115,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     # With TRAINWATCH_BACKGROUND_CLASSIFIER=1 the artifact loads while the worker joins (measured slower here, so
     # off by default); the detect agent then waits for it before its first batch (pipeline/classifier_loader.py).
     rt = DetectRuntime(settings, policy, classifier or load_classifier(settings.model_path, policy, background=True))
+    phase("classifier")
     topics, raw = settings.topics, {"key_serializer": "raw", "value_serializer": "raw"}
     inputs = app.topic(topics.windows, topics.cip, topics.allocations, **raw)
     detections, feed = app.topic(topics.detections, **raw), app.topic(topics.cases, **raw)
@@ -126,6 +130,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                                 idle_s=settings.detect.owner_idle_s)
     owner_tabs = OwnersTables(table["owners"], rt.owners)
     within_s, started = settings.detect.batch_within_s, time.monotonic()
+    app.on_partitions_assigned.connect(lambda *_a, **_k: phase("assigned"))  # type: ignore[arg-type]
+    app.on_rebalance_complete.connect(lambda *_a, **_k: phase("recovered"))  # type: ignore[arg-type]
 
     async def dead_letter(exc: InvalidMessage, ev: Any) -> None:
         m = ev.message  # ev.value None: a tombstone
@@ -173,6 +179,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     @app.agent(inputs, concurrency=1)
     async def detect(stream: Any) -> None:
         async for events in stream.take_events(BATCH, within=within_s):
+            phase("first-batch")
             if isinstance(rt.classifier, BackgroundClassifier) and not rt.classifier.ready:
                 try:  # off the event loop, so heartbeats and fetches go on meanwhile
                     await asyncio.get_running_loop().run_in_executor(None, rt.classifier.wait)
@@ -184,6 +191,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                 by_part.setdefault(ev.message.partition, []).append(ev)
             for p, evs in by_part.items():
                 st, new = tabs.stage(p)
+                phase("stage-restored")
                 if new:  # re-send what the restored state implies for the owners (a publish lost in a crash)
                     st.engine.owner_outbox += st.engine.owner_snapshot()
                 rt.last_input[p] = time.monotonic()
@@ -195,10 +203,12 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                     except InvalidMessage as exc:
                         await dead_letter(exc, ev)
                 out.extend(st.on_time())  # idle run/account state expires (event time)
+                phase("first-fed")
                 if windows:
                     await stored("windows", lambda ws=windows: rt.store.insert_windows(ws))
                 tabs.save(p, st)
                 await carry(p, st, out, reached, st.applied_to, len(events) < BATCH)
+            phase("first-batch-done")
 
     @app.timer(max(1.0, settings.detect.owner_idle_s / 4))
     async def quiet_partitions() -> None:
@@ -235,6 +245,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     async def cases(stream: Any) -> None:
         for m in await stored("feed audit", lambda: unpublished(rt.settings, rt.store, rt.policy)):
             await feed.send(key=m.key, value=encode(m))
+        phase("feed-audited")
         async for events in stream.take_events(BATCH, within=within_s):
             dets = []
             for ev in events:
@@ -261,4 +272,5 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             for m in await stored("deadline tick", lambda: rt.cases.tick(wm, time.time())):
                 await feed.send(key=m.key, value=encode(m))
 
+    phase("app-built")
     return app, rt

@@ -29,11 +29,16 @@ def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: 
 def run_detect(settings: Settings, *, app_id: str = "trainwatch-detect", partitions: int = 1,
                loglevel: str = "WARNING") -> None:
     """Run the detect + cases app until SIGTERM/SIGINT."""
+    from pipeline.detect.startup import phase
+
+    phase("detect-entry")
     import faust
 
     from pipeline.detect.faust_app import make_app
 
+    phase("imported")
     n = ensure_topics(settings, partitions, app_id=app_id)
+    phase("topics-checked")
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # faust creates only its own folder in it
     app, rt = make_app(settings, app_id=app_id, partitions=n)
     if settings.detect.metrics_port is not None:
