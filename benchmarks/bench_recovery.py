@@ -1,12 +1,14 @@
 """Restart-to-consuming time of a `run --stage all` worker after kill -9, with the classifier loaded eagerly (the
-baseline) and in the background (pipeline/classifier_loader.py, opt-in), in the same run.
+baseline, TRAINWATCH_BACKGROUND_CLASSIFIER=0) and in the background (the default, pipeline/classifier_loader.py),
+in the same run, and where each restart's time went (pipeline/detect/startup.py phases: seconds after the kill,
+process CPU seconds).
 
 `python -m benchmarks.bench_recovery [--kills 3] [--stream-s 150]` writes `benchmarks/results/recovery.json`.
 
 On the running broker (TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS, default 127.0.0.1:9092) with topics, app id and groups
 of its own (deleted at the end): the demo folder is produced paced, one worker (static group membership) consumes
-it, and is killed with kill -9 mid-stream and restarted at once, eager (baseline) and with
-TRAINWATCH_BACKGROUND_CLASSIFIER=1 in ABBA order (changelogs grow along the stream), `--kills` times each.
+it, and is killed with kill -9 mid-stream and restarted at once, eager (baseline) and background in ABBA order
+(changelogs grow along the stream), `--kills` times each.
 Recovery = seconds from the kill until the detect app's group commits past what it had committed before,
 polled every 0.25 s, as benchmarks/chaos.py measures it (its functions, imported).
 The changelogs are created by `topics create` with the compaction configs (pipeline/topics.py) in both variants,
@@ -95,7 +97,7 @@ def run(kills: int, stream_s: float, bootstrap: str, tmp: Path) -> dict:
                 print("[recovery] stream ended before every kill; use a longer --stream-s", file=sys.stderr)
                 break
             before, load = committed(dwatch, detect_in), os.getloadavg()[0]
-            worker.env = {**env, **({BACKGROUND_ENV: "1"} if variant == "background" else {})}
+            worker.env = {**env, BACKGROUND_ENV: "1" if variant == "background" else "0"}
             t_k, e_k = time.monotonic(), time.time()
             worker.kill9()
             worker.start()

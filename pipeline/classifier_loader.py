@@ -5,11 +5,12 @@ The packaged, versioned artifact by default. A missing, corrupted or incompatibl
 change which runs become cases. The interim transparent rule is available only when asked for by name ("rule").
 
 A restarted worker should consume again within seconds, and importing scikit-learn and unpickling the model is a
-large part of its start (docs/faust.md, recovery). `background=True` loads the artifact in a thread while the
-worker joins its group and replays its changelogs; the first `predict` (or `wait`) blocks until the model is there,
-so no window is ever classified by anything else, and a load failure is raised there (ArtifactError).
-It is opt-in (TRAINWATCH_BACKGROUND_CLASSIFIER=1): measured on 2 CPUs it did not shorten a restart (the load thread
-competes for the GIL with faust's start and replay; benchmarks/results/recovery.json), so the default stays eager.
+large part of its start (~1.5 CPU s; docs/faust.md, recovery). `background=True` (the faust app) loads the artifact
+in a thread while the worker joins its group and replays its changelogs; the first `predict` (or `wait`) blocks
+until the model is there, so no window is ever classified by anything else, and a load failure is raised there
+(ArtifactError). Measured (benchmarks/results/recovery.json, 2 CPUs at load ~8): a restart consumed again after a
+median 9.1 s with it, 17.1 s loading eagerly. TRAINWATCH_BACKGROUND_CLASSIFIER=0 loads eagerly (the benchmark's
+baseline). (It did not pay while the CLI imported scikit-learn for its model commands before the worker started.)
 """
 
 from __future__ import annotations
@@ -83,11 +84,11 @@ def load_classifier(model_path: Path | str | None, policy: Policy, *,
                     background: bool = False) -> WorkloadClassifier:
     """`None`: the packaged artifact; a path: that artifact directory (or one of its files); "rule": the interim
     RuleClassifier with the policy's band thresholds. Raises ArtifactError when the artifact cannot be used
-    (with `background` and TRAINWATCH_BACKGROUND_CLASSIFIER=1: from the first use, see BackgroundClassifier)."""
+    (with `background`, unless TRAINWATCH_BACKGROUND_CLASSIFIER=0: from the first use, see BackgroundClassifier)."""
     if isinstance(model_path, str) and model_path == RULE:
         u = policy.uncertainty
         return RuleClassifier(u.p_training_high, u.p_training_low)
-    if background and os.environ.get(BACKGROUND_ENV, "") in ("1", "true", "yes"):
+    if background and os.environ.get(BACKGROUND_ENV, "1") not in ("0", "false", "no"):
         if model_path is not None and not Path(model_path).exists():  # the common operator error: still at start
             raise ArtifactError(f"{model_path}: classifier artifact not found")
         return BackgroundClassifier(model_path)

@@ -27,19 +27,19 @@ def _history(n: int = 6) -> list[dict]:
 
 def test_background_classifier_gives_the_eager_verdicts(monkeypatch: pytest.MonkeyPatch) -> None:
     policy = load_policy("demo")
-    monkeypatch.setenv("TRAINWATCH_BACKGROUND_CLASSIFIER", "1")
+    monkeypatch.delenv("TRAINWATCH_BACKGROUND_CLASSIFIER", raising=False)  # the default: in the background
     lazy = load_classifier(None, policy, background=True)
     assert isinstance(lazy, BackgroundClassifier)
     eager = load_classifier(None, policy)
     for n in (1, 3, 6):
         assert lazy.predict(_history(n)) == eager.predict(_history(n))  # predict waits for the load
     assert lazy.ready
-    monkeypatch.delenv("TRAINWATCH_BACKGROUND_CLASSIFIER")  # the default (and the benchmark's baseline): eager
+    monkeypatch.setenv("TRAINWATCH_BACKGROUND_CLASSIFIER", "0")  # the benchmark's baseline: eager
     assert not isinstance(load_classifier(None, policy, background=True), BackgroundClassifier)
 
 
 def test_background_load_failure_is_raised_never_hidden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRAINWATCH_BACKGROUND_CLASSIFIER", "1")
+    monkeypatch.delenv("TRAINWATCH_BACKGROUND_CLASSIFIER", raising=False)
     policy = load_policy("demo")
     with pytest.raises(ArtifactError):  # a wrong path still fails at start
         load_classifier(tmp_path / "nowhere", policy, background=True)

@@ -48,9 +48,11 @@ def _published_ids(settings: Settings, topic: str, timeout_s: float = 30.0) -> s
         c.close()
 
 
-def unpublished(settings: Settings, store: Store, policy: Policy) -> list[CaseFeedMessage]:
-    """Feed messages for case events in the store that the feed topic does not hold."""
-    have = _published_ids(settings, settings.topics.cases)
+def unpublished(settings: Settings, store: Store, policy: Policy,
+                have: set[str] | None = None) -> list[CaseFeedMessage]:
+    """Feed messages for case events in the store that the feed topic does not hold (`have`: the feed's message ids,
+    read here when not given; the faust app reads them in a thread, off its event loop)."""
+    have = _published_ids(settings, settings.topics.cases) if have is None else have
     rows = store.query("SELECT DISTINCT case_id, event_id FROM case_events")
     missing: dict[str, set[str]] = {}
     for r in rows:

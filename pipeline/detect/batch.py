@@ -1,0 +1,133 @@
+"""One batch of the faust detect app's agents as plain code: Kafka messages in, what to store and send out.
+
+The agents (pipeline/detect/faust_app.py) only turn faust events into `Msg`, call these, and carry the results
+(store writes, sends, acks). Nothing here touches Kafka or the store, so each step is testable with plain data
+(tests/test_detect_batch.py):
+- `by_partition`: a batch split per input partition, each in arrival order;
+- `feed_partition`: one partition's messages into its DetectStage (restored from the tables at first use), bad
+  messages become dead letters, never lost; `flush_partition`: what a quiet partition held, applied;
+- `owner_payloads`: the stage's owner messages stamped with where their account stood (event time, docs/faust.md);
+- `receive_owner_messages` / `decode_detections`: the owners and cases agents' batches;
+- `dead_letter`: the letter for a message that does not parse.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from detectors.owner_aggregate import stamped
+from pipeline.detect.stage import DetectOutput, DetectStage
+from pipeline.detect.tables import OwnersTables, StageTables
+from pipeline.settings import TopicSettings
+from pipeline.store import DeadLetter
+from schemas.allocation import AllocationEvent
+from schemas.cip import CipRecord
+from schemas.detection import Detection
+from schemas.errors import InvalidMessage
+from schemas.owner import OwnerMessage
+from schemas.serde import decode
+from schemas.windows import WindowAggregate
+
+
+@dataclass(frozen=True)
+class Msg:
+    """A consumed message as the batch code needs it (value None: a tombstone)."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+
+
+@dataclass
+class PartitionBatch:
+    """What one partition's messages of a batch produced, in the order the transport must carry it: the dead letters,
+    CIP records and windows to the store, then (after the stage's state is queued to the changelogs) `out`."""
+
+    stage: DetectStage
+    out: DetectOutput = field(default_factory=DetectOutput)
+    #: account -> its latest window end already sent to the owners, before this batch (owner_payloads)
+    reached: dict[str, float] = field(default_factory=dict)
+    windows: list[WindowAggregate] = field(default_factory=list)
+    cips: list[CipRecord] = field(default_factory=list)
+    letters: list[DeadLetter] = field(default_factory=list)
+
+
+def dead_letter(exc: InvalidMessage, m: Msg, at: float) -> DeadLetter:
+    return DeadLetter(reason=exc.reason or "schema_violation", detail=str(exc)[:1000], topic=m.topic,
+                      partition=m.partition, offset=m.offset, raw=m.value or b"", at=at)
+
+
+def by_partition(msgs: Iterable[Msg]) -> dict[int, list[Msg]]:
+    out: dict[int, list[Msg]] = {}
+    for m in msgs:
+        out.setdefault(m.partition, []).append(m)
+    return out
+
+
+def feed_partition(tabs: StageTables, p: int, msgs: list[Msg], topics: TopicSettings, at: float) -> PartitionBatch:
+    """Partition p's messages (windows, CIP records, allocations, any order) into its stage, then idle state expires
+    (event time). A stage restored just now first re-sends what its state implies for the owners (a publish lost in
+    a crash: contributions replace, retractions are idempotent)."""
+    st, new = tabs.stage(p)
+    if new:
+        st.engine.owner_outbox += st.engine.owner_snapshot()
+    b = PartitionBatch(st, reached=st.engine.account_progress())
+    for m in msgs:
+        try:
+            if m.topic == topics.windows:
+                w = decode(WindowAggregate, m.value)
+                b.windows.append(w)
+                tabs.before_window(p, st, w)
+                b.out.extend(st.on_window(w))
+            elif m.topic == topics.cip:
+                cip = decode(CipRecord, m.value)
+                b.cips.append(cip)
+                b.out.extend(st.on_cip(cip))
+            else:
+                b.out.extend(st.on_allocation(decode(AllocationEvent, m.value)))
+        except InvalidMessage as exc:
+            b.letters.append(dead_letter(exc, m, at))
+    b.out.extend(st.on_time())
+    return b
+
+
+def flush_partition(st: DetectStage) -> PartitionBatch:
+    """A quiet partition's held CIP records / allocations and settling windows, applied (DetectStage.flush)."""
+    b = PartitionBatch(st, reached=st.engine.account_progress())
+    b.out = st.flush()
+    return b
+
+
+def owner_payloads(b: PartitionBatch, p: int, lateness_s: float) -> list[dict[str, Any]]:
+    """The batch's owner messages as sent to the owners topic: each stamped with its account's place (`wm`)."""
+    msgs = [m.root.model_dump() for m in b.out.owner_messages]
+    return stamped(msgs, p, b.reached, b.stage.watermark - lateness_s)
+
+
+def receive_owner_messages(tabs: OwnersTables, msgs: list[Msg], at: float) -> tuple[list[Detection], list[DeadLetter]]:
+    """An owners-agent batch into the tables' EventTimeOwners: the owner-level detections, and dead letters for what
+    is not an owner message. The caller saves the tables."""
+    tabs.begin()
+    out: list[Detection] = []
+    letters: list[DeadLetter] = []
+    for m in msgs:
+        try:
+            out += tabs.receive(OwnerMessage.model_validate(json.loads(m.value or b"")).root.model_dump(), m.partition)
+        except (ValueError, KeyError, TypeError) as exc:  # not an owner message: kept as a letter, carry on
+            letters.append(dead_letter(InvalidMessage(f"owner message: {exc!r}", reason="schema_violation"), m, at))
+    return out, letters
+
+
+def decode_detections(msgs: list[Msg], at: float) -> tuple[list[Detection], list[DeadLetter]]:
+    dets: list[Detection] = []
+    letters: list[DeadLetter] = []
+    for m in msgs:
+        try:
+            dets.append(decode(Detection, m.value))
+        except InvalidMessage as exc:
+            letters.append(dead_letter(exc, m, at))
+    return dets, letters

@@ -1,0 +1,133 @@
+"""The faust detect app's batch code without Kafka (pipeline/detect/batch.py, pipeline/detect/runtime.py): what one
+batch of windows / CIP records / allocations / owner messages / detections turns into, and the runtime's decisions
+(partition marks, idle partitions, the deadline monitor's event time)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from detectors.owner_aggregate import QUIET, partition_mark
+from pipeline.detect.batch import (
+    Msg,
+    by_partition,
+    decode_detections,
+    feed_partition,
+    owner_payloads,
+    receive_owner_messages,
+)
+from pipeline.detect.runtime import DetectRuntime, idle_partitions, mark_due, tick_watermark
+from pipeline.detect.tables import OwnersTables, StageTables, dumps
+from pipeline.settings import Settings, TopicSettings
+from schemas.serde import encode
+from schemas.windows import WindowAggregate
+from tests.detector_builders import T0, W, cip, demo, owner
+
+TOPICS = TopicSettings()
+
+
+class _Table:
+    def __init__(self, data: dict[bytes, bytes] | None = None) -> None:
+        self.data: dict[bytes, bytes] = dict(data or {})
+        self.sent: list[tuple[int | None, bytes, bytes | None]] = []
+
+    def send_changelog(self, partition: int | None, key: bytes, value: bytes | None) -> None:
+        self.sent.append((partition, key, value))
+
+
+def _window(i: int, account: str = "acct-b") -> WindowAggregate:
+    start = T0 + i * W
+    return WindowAggregate(window_id=f"w-{i}", workload_id="wl-b", account_id=account, partition=0,
+                           window_start=start, window_end=start + W, sample_count=6, device_count=4, node_count=1,
+                           devices=[f"GPU-{d}" for d in range(4)], nodes=["n-0"], device_seconds=240.0, flop=1e15,
+                           flop_low=1e15, flop_high=1e15, basis="tensor_active")
+
+
+def _msgs(*items: tuple[str, bytes | None], partition: int = 0) -> list[Msg]:
+    return [Msg(topic, partition, off, value) for off, (topic, value) in enumerate(items)]
+
+
+def _tables(engine: _Table | None = None, partials: _Table | None = None) -> StageTables:
+    return StageTables(engine or _Table(), partials or _Table(), Settings(model_path="rule"), demo(), None)
+
+
+def test_by_partition_keeps_arrival_order_per_partition() -> None:
+    msgs = [Msg("t", p, o, b"") for o, p in enumerate([1, 0, 1, 2, 0])]
+    assert {p: [m.offset for m in ms] for p, ms in by_partition(msgs).items()} == {1: [0, 2], 0: [1, 4], 2: [3]}
+
+
+def test_bad_messages_become_dead_letters_and_the_rest_is_fed() -> None:
+    tabs = _tables()
+    rec = cip("acct-b", owners=[owner("own-x")])
+    msgs = _msgs((TOPICS.windows, encode(_window(0))), (TOPICS.windows, b"{not json"), (TOPICS.cip, encode(rec)),
+                 (TOPICS.cip, None), (TOPICS.allocations, b'{"kind": "nonsense"}'),
+                 *((TOPICS.windows, encode(_window(i))) for i in (1, 2, 3)))
+    b = feed_partition(tabs, 0, msgs, TOPICS, at=123.0)
+    assert [(x.topic, x.offset, x.raw, x.at) for x in b.letters] == [
+        (TOPICS.windows, 1, b"{not json", 123.0), (TOPICS.cip, 3, b"", 123.0),
+        (TOPICS.allocations, 4, b'{"kind": "nonsense"}', 123.0)]
+    assert all(x.reason for x in b.letters)
+    assert [w.window_id for w in b.windows] == ["w-0", "w-1", "w-2", "w-3"]  # to the store, every partial
+    assert b.cips == [rec]  # to the store on arrival
+    assert b.out.cips == [rec]  # applied: the clock (window ends) passed its time
+    assert b.stage.watermark == T0 + 4 * W and b.stage is tabs.stages[0]
+    kinds = [m.root.model_dump()["kind"] for m in b.out.owner_messages]
+    assert "member" in kinds  # the CIP names a foreign owner: the owners agent learns the membership
+    payloads = owner_payloads(b, 0, lateness_s=3600.0)
+    assert [p["kind"] for p in payloads] == kinds and all(p["partition"] == 0 for p in payloads)
+    assert all(p["wm"] >= b.stage.watermark - 3600.0 for p in payloads)
+
+
+def test_a_restored_stage_resends_what_its_state_implies_for_the_owners() -> None:
+    """A membership published before a kill -9 may never have been sent (a crash between the changelog and the
+    send): the first batch after the restore re-sends it, even with nothing new to read."""
+    tabs = _tables()
+    msgs = _msgs((TOPICS.cip, encode(cip("acct-b", owners=[owner("own-x")]))),
+                 *((TOPICS.windows, encode(_window(i))) for i in range(4)))
+    b = feed_partition(tabs, 0, msgs, TOPICS, at=0.0)
+    tabs.save(0, b.stage)
+    again = feed_partition(tabs, 0, [], TOPICS, at=0.0)  # the same process: nothing to re-send
+    assert again.out.owner_messages == []
+    restored = _tables(_Table(tabs.engine.data), _Table(tabs.partials.data))
+    after = feed_partition(restored, 0, [], TOPICS, at=0.0)
+    sent = [(m.root.model_dump()["kind"], m.root.model_dump()["owner_id"]) for m in after.out.owner_messages]
+    assert ("member", "own-x") in sent
+    assert after.stage.watermark == b.stage.watermark
+
+
+def test_owner_and_detection_batches_keep_bad_messages_as_letters() -> None:
+    tabs = OwnersTables(_Table(), _owners())
+    good = dumps(partition_mark(0, T0))
+    out, letters = receive_owner_messages(tabs, _msgs(("o", good), ("o", b"[1, 2]"), ("o", b"\xff")), at=5.0)
+    assert out == [] and [(x.offset, x.reason) for x in letters] == [(1, "schema_violation"), (2, "schema_violation")]
+    assert b"*|0" not in tabs.table.data  # the source partitions' marks: saved by the caller, after the batch
+    tabs.save()
+    assert b"*|0" in tabs.table.data
+    dets, letters = decode_detections(_msgs(("d", b"{}"), ("d", None)), at=1.0)
+    assert dets == [] and [x.offset for x in letters] == [0, 1]
+
+
+def _owners() -> Any:
+    from detectors import registry
+    from detectors.owner_aggregate import EventTimeOwners, OwnerAggregator, owner_level
+
+    return EventTimeOwners(OwnerAggregator(demo(), W, owner_level(registry.build())), sources=1, idle_s=120.0)
+
+
+def test_partition_marks_once_per_window_of_progress_or_when_caught_up() -> None:
+    assert not mark_due(None, float("-inf"), True, W)  # nothing applied yet: no mark
+    assert mark_due(None, T0, False, W)  # the first
+    assert not mark_due(T0, T0 + W / 2, False, W)  # less than a window on, still reading a backlog
+    assert mark_due(T0, T0 + W / 2, True, W)  # caught up: the owners should not wait
+    assert mark_due(T0, T0 + W, False, W)
+    assert not mark_due(T0, T0, True, W)  # unchanged
+    assert mark_due(T0, QUIET, True, W) and mark_due(QUIET, T0 + W, False, W)  # quiet, and back
+    rt = DetectRuntime(Settings(model_path="rule"), demo())
+    assert rt.mark(3, T0, False) and not rt.mark(3, T0 + 1, False) and rt.marked == {3: T0}
+
+
+def test_idle_partitions_and_the_deadline_watermark() -> None:
+    assert idle_partitions({2, 0, 1}, {0: 100.0, 1: 10.0}, started=50.0, idle_s=60.0, now=120.0) == [1, 2]
+    assert idle_partitions({0}, {}, started=100.0, idle_s=60.0, now=120.0) == []  # counts from the start
+    assert tick_watermark({}, {}) == float("-inf")
+    assert tick_watermark({0: 50.0, 1: 70.0}, {1: 90.0, 2: 80.0}) == 50.0  # partition 0 not met yet: its checkpoint
+    assert tick_watermark({0: 50.0}, {0: 95.0}) == 95.0
