@@ -20,25 +20,13 @@ import faust
 
 from detectors.classifier_base import WorkloadClassifier
 from detectors.owner_aggregate import ALL_OWNERS, QUIET, partition_mark
-from pipeline.detect.batch import (
-    Msg,
-    PartitionBatch,
-    by_partition,
-    decode_detections,
-    feed_partition,
-    flush_partition,
-    owner_payloads,
-    receive_owner_messages,
-)
+from pipeline.detect import batch
 from pipeline.detect.config import faust_config
-from pipeline.detect.feed_audit import unpublished
-from pipeline.detect.runtime import DetectRuntime, idle_partitions, published_ids, tick_watermark
+from pipeline.detect.runtime import DetectRuntime, idle_partitions, tick_watermark
 from pipeline.detect.startup import phase
-from pipeline.detect.store_retry import stored
 from pipeline.detect.tables import OwnersTables, StageTables, dumps
 from pipeline.detect.topics import owners_topic
 from pipeline.settings import Settings
-from pipeline.store import DeadLetter
 from pipeline.topics import CHANGELOG_CONFIG, TABLES
 from schemas.errors import ArtifactError
 from schemas.serde import encode
@@ -49,8 +37,8 @@ BATCH = 500  # events per take (waiting at most settings.detect.batch_within_s);
 TICK_EVERY_S = 5.0
 
 
-def _msg(ev: Any) -> Msg:
-    return Msg(ev.message.topic, ev.message.partition, ev.message.offset, ev.value)
+def _msg(ev: Any) -> batch.Msg:
+    return batch.Msg(ev.message.topic, ev.message.partition, ev.message.offset, ev.value)
 
 
 def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partitions: int = 1,
@@ -72,28 +60,23 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     app.on_partitions_assigned.connect(lambda *_a, **_k: phase("assigned"))  # type: ignore[arg-type]
     app.on_rebalance_complete.connect(lambda *_a, **_k: phase("recovered"))  # type: ignore[arg-type]
 
-    async def store_letters(letters: list[DeadLetter]) -> None:
-        if letters:
-            await stored("dead letters", lambda: rt.store.insert_dead_letters(letters))
-
     async def mark(p: int, wm: float, caught_up: bool) -> None:
         """Partition p's mark to every owners partition, after the messages it covers (runtime.mark_due)."""
         if rt.mark(p, wm, caught_up):
             for k in range(partitions):
                 await owner_topic.send(key=ALL_OWNERS.encode(), value=dumps(partition_mark(p, wm)), partition=k)
 
-    async def carry(p: int, b: PartitionBatch, wm: float, caught_up: bool) -> None:
+    async def carry(p: int, b: batch.PartitionBatch, wm: float, caught_up: bool) -> None:
         """A partition's outputs to their transports, after its state is queued to the changelogs."""
         rt.metrics.observe_detections(b.out.detections)
         rt.metrics.observe_event_time("detect", b.stage.watermark if b.stage.watermark > float("-inf") else None)
         for d in b.out.detections:
             await detections.send(key=d.account_id.encode(), value=encode(d))
-        for c in owner_payloads(b, p, lateness_s):
+        for c in batch.owner_payloads(b, p, lateness_s):
             await owner_topic.send(key=c["owner_id"].encode(), value=dumps(c))
         await mark(p, wm, caught_up)
-        for cip in b.out.cips:  # as applied in event time: identity refresh and revisions of the account's cases
-            for m in await stored("identity update", lambda c=cip: rt.cases.update_identity(c, time.time())):
-                await feed.send(key=m.key, value=encode(m))
+        for m in await rt.identity_updates(b.out.cips):
+            await feed.send(key=m.key, value=encode(m))
 
     @app.agent(inputs, concurrency=1)
     async def detect(stream: Any) -> None:
@@ -104,14 +87,10 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             except ArtifactError as exc:  # as fatal as at start: never classify without the model
                 await app.crash(exc)
                 raise
-            for p, msgs in by_partition(map(_msg, events)).items():
+            for p, msgs in batch.by_partition(map(_msg, events)).items():
                 rt.last_input[p] = time.monotonic()
-                b = feed_partition(tabs, p, msgs, topics, time.time())
-                await store_letters(b.letters)
-                if b.cips:
-                    await stored("CIP records", lambda cs=b.cips: rt.store.upsert_cip(cs))
-                if b.windows:
-                    await stored("windows", lambda ws=b.windows: rt.store.insert_windows(ws))
+                b = batch.feed_partition(tabs, p, msgs, topics, time.time())
+                await rt.store_inputs(b)
                 tabs.save(p, b.stage)
                 await carry(p, b, b.stage.applied_to, len(events) < BATCH)
             phase("first-batch-done")
@@ -124,7 +103,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         for p in idle_partitions(mine, rt.last_input, started, settings.detect.owner_idle_s, time.monotonic()):
             st = tabs.stages.get(p)
             if st is not None and st.held:
-                b = flush_partition(st)
+                b = batch.flush_partition(st)
                 tabs.save(p, st)
                 await carry(p, b, QUIET, True)
             await mark(p, QUIET, True)
@@ -132,37 +111,30 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     @app.agent(owner_topic, concurrency=1)
     async def owners(stream: Any) -> None:
         async for events in stream.take_events(BATCH, within=within_s):
-            out, letters = receive_owner_messages(owner_tabs, list(map(_msg, events)), time.time())
-            await store_letters(letters)
+            out, letters = batch.receive_owner_messages(owner_tabs, list(map(_msg, events)), time.time())
+            await rt.store_letters(letters)
             owner_tabs.save()
             for d in out:
                 await detections.send(key=d.account_id.encode(), value=encode(d))
 
     @app.agent(detections, concurrency=1)
     async def cases(stream: Any) -> None:
-        have = await published_ids(settings)  # in a thread: on the event loop it held up a restart's join (~1 s)
-        for m in await stored("feed audit", lambda: unpublished(settings, rt.store, rt.policy, have)):
+        rt.preload()  # the case book, loaded while the consumer thread joins the group (the first batch needs it)
+        for m in await rt.feed_gaps():
             await feed.send(key=m.key, value=encode(m))
         phase("feed-audited")
         async for events in stream.take_events(BATCH, within=within_s):
-            dets, letters = decode_detections(list(map(_msg, events)), time.time())
-            await store_letters(letters)
-            if not dets:
-                continue
-            await stored("detections", lambda ds=dets: rt.store.insert_detections(ds))
-            msgs = await stored("cases", lambda ds=dets: rt.cases.process(ds, time.time()))
-            rt.metrics.observe_case_events(m.change for m in msgs)
-            rt.metrics.observe_event_time("cases", max(d.event_time for d in dets))
-            for m in msgs:
+            dets, letters = batch.decode_detections(list(map(_msg, events)), time.time())
+            await rt.store_letters(letters)
+            for m in await rt.apply_detections(dets) if dets else []:
                 await feed.send(key=m.key, value=encode(m))
 
     @app.timer(TICK_EVERY_S)
     async def deadlines() -> None:
         """The deadline monitor at the event time every local partition has reached."""
         wm = tick_watermark(tabs.recovered_watermarks(), {p: s.applied_to for p, s in tabs.stages.items()})
-        if wm > float("-inf"):
-            for m in await stored("deadline tick", lambda: rt.cases.tick(wm, time.time())):
-                await feed.send(key=m.key, value=encode(m))
+        for m in await rt.deadline_tick(wm):
+            await feed.send(key=m.key, value=encode(m))
 
     phase("app-built")
     return app, rt

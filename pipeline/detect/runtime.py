@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from detectors import registry
 from detectors.classifier_base import WorkloadClassifier
 from detectors.owner_aggregate import EventTimeOwners, OwnerAggregator, owner_level
+from pipeline.cases.feed import CaseFeedMessage
 from pipeline.cases.service import CaseService
 from pipeline.classifier_loader import BackgroundClassifier, load_classifier
-from pipeline.detect.feed_audit import _published_ids
+from pipeline.detect.batch import PartitionBatch
+from pipeline.detect.feed_audit import _published_ids, unpublished
 from pipeline.detect.startup import phase
+from pipeline.detect.store_retry import stored
 from pipeline.detect.tables import StageTables
 from pipeline.settings import Settings
 from pipeline.stage_metrics import StageMetrics
-from pipeline.store import Store
+from pipeline.store import DeadLetter, Store
+from schemas.cip import CipRecord
+from schemas.detection import Detection
 from schemas.policy import Policy, load_policy
 
 log = logging.getLogger(__name__)
@@ -101,12 +107,53 @@ class DetectRuntime:
                                     sources=partitions, idle_s=settings.detect.owner_idle_s)
         return rt
 
+    def preload(self) -> CaseService:
+        """Open the store and load the case book now (~1 CPU s with a few cases; the first batch needs it)."""
+        return self.cases
+
     def mark(self, p: int, wm: float, caught_up: bool) -> bool:
         """Whether partition p's mark `wm` is to be sent now (then recorded as sent)."""
         if not mark_due(self.marked.get(p), wm, caught_up, self.settings.window_s):
             return False
         self.marked[p] = wm
         return True
+
+    # -- store side of a batch: every call retried while the store is down (store_retry), results for the feed ------
+
+    async def store_letters(self, letters: list[DeadLetter]) -> None:
+        if letters:
+            await stored("dead letters", lambda: self.store.insert_dead_letters(letters))
+
+    async def store_inputs(self, b: PartitionBatch) -> None:
+        """A partition batch's dead letters, CIP records (PII, account owners) and window partials."""
+        await self.store_letters(b.letters)
+        if b.cips:
+            await stored("CIP records", lambda: self.store.upsert_cip(b.cips))
+        if b.windows:
+            await stored("windows", lambda: self.store.insert_windows(b.windows))
+
+    async def identity_updates(self, cips: list[CipRecord]) -> list[CaseFeedMessage]:
+        """CIP records as the stage applied them: identity refresh and revisions of their accounts' cases."""
+        out: list[CaseFeedMessage] = []
+        for cip in cips:
+            out += await stored("identity update", lambda c=cip: self.cases.update_identity(c, time.time()))
+        return out
+
+    async def apply_detections(self, dets: list[Detection]) -> list[CaseFeedMessage]:
+        """Detections stored, then applied to the cases (store = truth, deterministic ids)."""
+        await stored("detections", lambda: self.store.insert_detections(dets))
+        msgs = await stored("cases", lambda: self.cases.process(dets, time.time()))
+        self.metrics.observe_case_events(m.change for m in msgs)
+        self.metrics.observe_event_time("cases", max(d.event_time for d in dets))
+        return msgs
+
+    async def feed_gaps(self) -> list[CaseFeedMessage]:
+        """Case events in the store that the feed lacks (a kill between the store write and the publish)."""
+        have = await published_ids(self.settings)
+        return await stored("feed audit", lambda: unpublished(self.settings, self.store, self.policy, have))
+
+    async def deadline_tick(self, wm: float) -> list[CaseFeedMessage]:
+        return await stored("deadline tick", lambda: self.cases.tick(wm, time.time())) if wm > float("-inf") else []
 
     async def classifier_loaded(self) -> None:
         """Wait (off the event loop: heartbeats and fetches go on) for a classifier loading in the background.
