@@ -43,9 +43,10 @@ def test_the_engine_is_handed_whole_windows_in_event_time_order() -> None:
     stage = DetectStage(demo(), None, W)
     seen = handed(stage)
     feed(stage)
-    assert stage.applied_to == T0 + 5 * W - 2 * W  # the clock (the latest window end) less two windows
-    assert seen == [(T0, 8), (T0 + W, 8), (T0 + 2 * W, 8)]  # the windows ending by then, each whole
-    assert [k[:2] for k in stage.held] == [("wl-s", T0 + 3 * W), ("wl-s", T0 + 4 * W)]
+    # the slowest telemetry partition's latest window end (partition 1: T0 + 4W) less two windows
+    assert stage.applied_to == T0 + 4 * W - 2 * W
+    assert seen == [(T0, 8), (T0 + W, 8)]  # the windows ending by then, each whole
+    assert [k[:2] for k in stage.held] == [("wl-s", T0 + 2 * W), ("wl-s", T0 + 3 * W), ("wl-s", T0 + 4 * W)]
     stage.flush()  # the end of the input: everything applies
     assert seen == [(T0 + i * W, 8) for i in range(4)] + [(T0 + 4 * W, 4)]
 
@@ -68,4 +69,5 @@ def test_a_partial_after_its_window_settled_replaces_it_at_once_and_the_held_sta
     assert back.held == stage.held and back.settling == stage.settling
     seen2 = handed(back)
     back.flush()
-    assert [s for s, _ in seen2] == [T0 + 3 * W, T0 + 4 * W]
+    assert back.progress == stage.progress == {0: T0 + 5 * W, 1: T0 + 4 * W, 2: T0 + W}
+    assert [s for s, _ in seen2] == [T0 + 2 * W, T0 + 3 * W, T0 + 4 * W]

@@ -19,12 +19,18 @@ after that, the run's case is no longer revised by it (its identity snapshot sti
 Settling. A workload-window's partials come from every telemetry partition that carries the workload's nodes, at
 different moments (each ingest partition emits when its own watermark passes). The engine decides on what it is
 handed (a first classification, a crossing), so a first merge of 8 of 16 devices could open a case the whole
-window never would. A new workload-window therefore waits, merged as its partials arrive, until the clock has
-passed its end by `settle_s` (two windows by default), and is then applied in event-time order with the held CIP
-records and allocations (equal ends in workload order, as one ingest partition emits them): the engine sees the
-whole window whatever the telemetry partitioning, as in the replay. A partial arriving after its window was applied
-(a correction, or one trailing the clock by more than `settle_s`) is applied at once and the engine replaces the
-window. `applied_to` is the event time the engine has reached (the owners' partition mark).
+window never would. A new workload-window therefore waits, merged as its partials arrive, until the *slowest*
+telemetry partition seen here has passed its end by `settle_s` (two windows by default), and is then applied in
+event-time order with the held CIP records and allocations (equal ends in workload order, as one ingest partition
+emits them): the engine sees the whole window whatever the telemetry partitioning, as in the replay. Each telemetry
+partition's progress is the latest window end seen from it (`progress`, by the windows' `partition`); the fastest
+one alone would settle windows whose other partials a lagging partition has not emitted yet (one partition may run
+minutes ahead: Kafka fetch order; in process a batch is read partition by partition). A partition more than
+`partition_wait_s` (15 windows) behind the clock is idle, ended or carries none of these accounts lately: it is not
+waited for, so nothing stalls and a window waits at most settle_s + partition_wait_s past the clock. A partial
+arriving after its window was applied (a correction, or one from a partition past that bound) is applied at once
+and the engine replaces the window. `applied_to` is the event time the engine has reached (the owners' partition
+mark).
 
 Owners. The engine queues owner messages (contributions, memberships, retractions) in its outbox. With
 `owners="local"` (in process) the stage applies them at once to the engine's own aggregator, in the order made;
@@ -78,6 +84,9 @@ Side = CipRecord | AllocationEvent
 WindowKey = tuple[str, float, float]
 #: how long past its end a new workload-window waits for the partials of other telemetry partitions (windows)
 SETTLE_WINDOWS = 2.0
+#: how far (event time) a telemetry partition may trail the fastest one and still hold windows back (windows); one
+#: further behind (idle, ended, or carrying none of this partition's accounts for a while) is not waited for
+PARTITION_WAIT_WINDOWS = 15.0
 
 
 def _side_time(rec: Side) -> float:
@@ -87,9 +96,10 @@ def _side_time(rec: Side) -> float:
 class DetectStage:
     def __init__(self, policy: Policy, classifier: WorkloadClassifier | None = None, window_s: float = 60.0,
                  lateness_s: float = 3600.0, *, owners: Literal["local", "external"] = "local",
-                 settle_s: float | None = None) -> None:
+                 settle_s: float | None = None, partition_wait_s: float | None = None) -> None:
         self.policy = policy
         self.settle_s = SETTLE_WINDOWS * window_s if settle_s is None else settle_s
+        self.partition_wait_s = PARTITION_WAIT_WINDOWS * window_s if partition_wait_s is None else partition_wait_s
         self.classifier = classifier
         self.window_s = window_s
         self.engine = DetectEngine(policy, classifier, window_s)  # owner messages: routed here (module docstring)
@@ -102,6 +112,8 @@ class DetectStage:
         self._held: list[tuple[float, int, str, int, WindowKey | Side]] = []
         self._settling: set[tuple[str, float]] = set()
         self._seq = 0
+        #: telemetry partition -> the latest window end seen from it (its ingest watermark, as far as seen here)
+        self.progress: dict[int, float] = {}
 
     # -- inputs ------------------------------------------------------------------------------------------------
 
@@ -112,6 +124,7 @@ class DetectStage:
         # holds as is, and restores one its state lost (a crash between the partials and the engine checkpoint).
         merged = self.merger.add(w) or self.merger.current(w)
         self.watermark = max(self.watermark, w.window_end)
+        self.progress[w.partition] = max(self.progress.get(w.partition, float("-inf")), w.window_end)
         out = DetectOutput()
         if applied_before:  # a correction or a trailing partial: the engine replaces the window now
             if merged is not None:
@@ -126,8 +139,11 @@ class DetectStage:
 
     @property
     def applied_to(self) -> float:
-        """The event time the engine has reached: windows ending up to it are applied, records before it."""
-        return self.watermark - self.settle_s
+        """The event time the engine has reached: windows ending up to it are applied, records before it. It
+        follows the slowest telemetry partition seen (a window's other partials come from there), but never more
+        than `partition_wait_s` behind the clock (a partition that far behind is idle or gone here)."""
+        slowest = min(self.progress.values(), default=self.watermark)
+        return max(slowest, self.watermark - self.partition_wait_s) - self.settle_s
 
     def on_cip(self, rec: CipRecord) -> DetectOutput:
         return self._side(rec)
@@ -204,14 +220,20 @@ class DetectStage:
     # -- state as plain data -------------------------------------------------------------------------------------
 
     def held_to_list(self) -> list[dict[str, Any]]:
+        """What waits, as plain data, and the telemetry partitions' progress that decides when it applies (kind
+        "progress": a runtime persisting only this list restores the whole settling state)."""
         return [{"kind": "window", "key": list(r)} if isinstance(r, tuple) else
                 {"kind": "cip" if isinstance(r, CipRecord) else "allocation", "record": r.model_dump(mode="json")}
-                for r in self.held]
+                for r in self.held] + [{"kind": "progress", "partition": p, "end": t}
+                                       for p, t in sorted(self.progress.items())]
 
     def load_held(self, items: list[dict[str, Any]]) -> None:
         self._held, self._settling = [], set()
         for x in items:
-            if x["kind"] == "window":
+            if x["kind"] == "progress":
+                self.progress[int(x["partition"])] = max(self.progress.get(int(x["partition"]), float("-inf")),
+                                                         float(x["end"]))
+            elif x["kind"] == "window":
                 wid, start, end = x["key"]
                 self._settling.add((wid, start))
                 heapq.heappush(self._held, (end, 0, wid, self._seq, (wid, start, end)))
