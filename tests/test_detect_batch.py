@@ -34,9 +34,9 @@ class _Table:
         self.sent.append((partition, key, value))
 
 
-def _window(i: int, account: str = "acct-b") -> WindowAggregate:
+def _window(i: int, account: str = "acct-b", part: int = 0) -> WindowAggregate:
     start = T0 + i * W
-    return WindowAggregate(window_id=f"w-{i}", workload_id="wl-b", account_id=account, partition=0,
+    return WindowAggregate(window_id=f"w-{i}-{part}", workload_id="wl-b", account_id=account, partition=part,
                            window_start=start, window_end=start + W, sample_count=6, device_count=4, node_count=1,
                            devices=[f"GPU-{d}" for d in range(4)], nodes=["n-0"], device_seconds=240.0, flop=1e15,
                            flop_low=1e15, flop_high=1e15, basis="tensor_active")
@@ -66,7 +66,7 @@ def test_bad_messages_become_dead_letters_and_the_rest_is_fed() -> None:
         (TOPICS.windows, 1, b"{not json", 123.0), (TOPICS.cip, 3, b"", 123.0),
         (TOPICS.allocations, 4, b'{"kind": "nonsense"}', 123.0)]
     assert all(x.reason for x in b.letters)
-    assert [w.window_id for w in b.windows] == ["w-0", "w-1", "w-2", "w-3"]  # to the store, every partial
+    assert [w.window_id for w in b.windows] == ["w-0-0", "w-1-0", "w-2-0", "w-3-0"]  # to the store, every partial
     assert b.cips == [rec]  # to the store on arrival
     assert b.out.cips == [rec]  # applied: the clock (window ends) passed its time
     assert b.stage.watermark == T0 + 4 * W and b.stage is tabs.stages[0]
@@ -131,3 +131,16 @@ def test_idle_partitions_and_the_deadline_watermark() -> None:
     assert tick_watermark({}, {}) == float("-inf")
     assert tick_watermark({0: 50.0, 1: 70.0}, {1: 90.0, 2: 80.0}) == 50.0  # partition 0 not met yet: its checkpoint
     assert tick_watermark({0: 50.0}, {0: 95.0}) == 95.0
+
+
+def test_the_deadline_watermark_of_a_restored_partition_is_what_its_stage_had_applied() -> None:
+    """With one telemetry partition behind, the stage has applied less than its clock less settle_s; a restarted
+    worker's deadline tick must not run ahead of that for a partition it has not met yet."""
+    tabs = _tables()
+    behind = (TOPICS.windows, encode(_window(0, part=1)))
+    msgs = _msgs(*((TOPICS.windows, encode(_window(i))) for i in range(4)), behind)
+    b = feed_partition(tabs, 0, msgs, TOPICS, at=0.0)
+    tabs.save(0, b.stage)
+    assert b.stage.applied_to < b.stage.watermark - b.stage.settle_s  # partition 1 holds it back
+    restored = _tables(_Table(tabs.engine.data), _Table(tabs.partials.data))
+    assert restored.recovered_watermarks() == {0: b.stage.applied_to}

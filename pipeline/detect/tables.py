@@ -118,7 +118,7 @@ class StageTables:
         if shared is not None or p not in self.shared:
             self.shared[p] = shared if shared is not None else split_shared(st.engine)
         entries = {prefix + b"shared": dumps({**self.shared[p], "stage_watermark": st.watermark,
-                                              "held": st.held_to_list()})}
+                                              "applied_to": st.applied_to, "held": st.held_to_list()})}
         entries |= {prefix + b"a|" + aid.encode(): dumps(part) for aid, part in parts.items()}
         for k in (prefix + b"a|" + aid.encode() for aid in deleted):
             if k in self.written or k in self.engine.data:
@@ -131,10 +131,15 @@ class StageTables:
                 self.engine.send_changelog(p, k, v)
 
     def recovered_watermarks(self) -> dict[int, float]:
-        """Partition -> event time its checkpoint had applied (for partitions this process has not met yet)."""
-        settle = SETTLE_WINDOWS * self.settings.window_s  # what the stage had applied (DetectStage.applied_to)
-        return {int(k.split(b"|", 1)[0]): json.loads(v)["stage_watermark"] - settle
-                for k, v in list(self.engine.data.items()) if k.endswith(b"|shared")}
+        """Partition -> event time its checkpoint had applied (DetectStage.applied_to, which follows the slowest
+        telemetry partition: not simply the watermark less settle_s), for partitions this process has not met yet."""
+        settle = SETTLE_WINDOWS * self.settings.window_s  # entries written before applied_to was kept
+        out: dict[int, float] = {}
+        for k, v in list(self.engine.data.items()):
+            if k.endswith(b"|shared"):
+                d = json.loads(v)
+                out[int(k.split(b"|", 1)[0])] = d.get("applied_to", d["stage_watermark"] - settle)
+        return out
 
 
 class OwnersTables:
