@@ -68,6 +68,23 @@ def test_a_partition_lagging_past_the_bound_is_not_waited_for() -> None:
     assert decisions(lagging(4), partition_wait_s=2 * W) != decisions(lockstep())
 
 
+def test_a_partition_going_quiet_holds_windows_back_once_and_the_state_round_trips() -> None:
+    """Partition 1 stops (its nodes' jobs ended): windows wait for it until it is partition_wait_s behind, then settle
+    settle_s behind partition 0 again, not partition_wait_s behind for ever. A restored stage keeps the progress."""
+    stage = DetectStage(demo(), None, W)
+    for i in range(4):
+        stage.on_window(partial(i, 0))
+        stage.on_window(partial(i, 1))
+    for i in range(4, 12):
+        stage.on_window(partial(i, 0))
+    assert stage.applied_to == T0 + 4 * W - 2 * W  # waiting for partition 1 (8 windows behind)
+    for i in range(12, 30):
+        stage.on_window(partial(i, 0))
+    assert stage.applied_to == stage.watermark - 2 * W  # partition 1 is past the bound: not waited for
+    back = DetectStage.from_dict(stage.to_dict(), demo(), None, W)
+    assert back.progress == stage.progress and back.applied_to == stage.applied_to and back.held == stage.held
+
+
 def test_settling_on_the_clock_alone_decided_on_half_windows() -> None:
     """What the rule is for: settling on the detect partition's own clock (a partition wait of 0, the stage before)
     handed the engine partition 0's half of each window first, and the crossing moved."""

@@ -27,7 +27,8 @@ partition's progress is the latest window end seen from it (`progress`, by the w
 one alone would settle windows whose other partials a lagging partition has not emitted yet (one partition may run
 minutes ahead: Kafka fetch order; in process a batch is read partition by partition). A partition more than
 `partition_wait_s` (15 windows) behind the clock is idle, ended or carries none of these accounts lately: it is not
-waited for, so nothing stalls and a window waits at most settle_s + partition_wait_s past the clock. A partial
+waited for, so nothing stalls, a window waits at most settle_s + partition_wait_s past the clock, and a partition
+going quiet costs that wait once (afterwards windows settle settle_s behind the partitions still moving). A partial
 arriving after its window was applied (a correction, or one from a partition past that bound) is applied at once
 and the engine replaces the window. `applied_to` is the event time the engine has reached (the owners' partition
 mark).
@@ -114,6 +115,7 @@ class DetectStage:
         self._seq = 0
         #: telemetry partition -> the latest window end seen from it (its ingest watermark, as far as seen here)
         self.progress: dict[int, float] = {}
+        self._applied_to = float("-inf")
 
     # -- inputs ------------------------------------------------------------------------------------------------
 
@@ -140,10 +142,14 @@ class DetectStage:
     @property
     def applied_to(self) -> float:
         """The event time the engine has reached: windows ending up to it are applied, records before it. It
-        follows the slowest telemetry partition seen (a window's other partials come from there), but never more
-        than `partition_wait_s` behind the clock (a partition that far behind is idle or gone here)."""
-        slowest = min(self.progress.values(), default=self.watermark)
-        return max(slowest, self.watermark - self.partition_wait_s) - self.settle_s
+        follows the slowest telemetry partition seen (a window's other partials come from there) among those within
+        `partition_wait_s` of the clock: one further behind is idle or gone here and is not waited for (so a
+        partition going quiet holds windows back once, for that long, not for ever). It never moves back (a
+        partition first seen, or back from quiet, holds back only what is not applied yet)."""
+        floor = self.watermark - self.partition_wait_s
+        slowest = min((t for t in self.progress.values() if t >= floor), default=self.watermark)
+        self._applied_to = max(self._applied_to, slowest - self.settle_s)
+        return self._applied_to
 
     def on_cip(self, rec: CipRecord) -> DetectOutput:
         return self._side(rec)
@@ -225,12 +231,15 @@ class DetectStage:
         return [{"kind": "window", "key": list(r)} if isinstance(r, tuple) else
                 {"kind": "cip" if isinstance(r, CipRecord) else "allocation", "record": r.model_dump(mode="json")}
                 for r in self.held] + [{"kind": "progress", "partition": p, "end": t}
-                                       for p, t in sorted(self.progress.items())]
+                                       for p, t in sorted(self.progress.items())] + (
+            [{"kind": "applied_to", "t": self._applied_to}] if self._applied_to > float("-inf") else [])
 
     def load_held(self, items: list[dict[str, Any]]) -> None:
         self._held, self._settling = [], set()
         for x in items:
-            if x["kind"] == "progress":
+            if x["kind"] == "applied_to":
+                self._applied_to = max(self._applied_to, float(x["t"]))
+            elif x["kind"] == "progress":
                 self.progress[int(x["partition"])] = max(self.progress.get(int(x["partition"]), float("-inf")),
                                                          float(x["end"]))
             elif x["kind"] == "window":
