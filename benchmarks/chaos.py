@@ -404,11 +404,12 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
     watch = _consumer(cluster.bootstrap, group)
     dwatch = _consumer(cluster.bootstrap, app_id)
     detect_in = [topics["windows"], topics["cip"], topics["allocations"], f"{app_id}-owners-repartition"]
+    detect_own = detect_in[:3]  # the detect agent's inputs: the owners agent (same group) commits on its own topic
 
     def progress() -> tuple[int, int]:
         # ingest: windows written (only the ingest stage writes them). Its committed offset is no signal: it stays
-        # below the oldest open window, which a quiet workload can hold for long. detect: the app group's commits.
-        return ends(watch, [topics["windows"]]), committed(dwatch, detect_in)
+        # below the oldest open window, which a quiet workload can hold for long. detect: the detect agent's commits.
+        return ends(watch, [topics["windows"]]), committed(dwatch, detect_own)
 
     produced = threading.Event()
     counts: dict[str, int] = {}
@@ -449,6 +450,8 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
         t_f = time.monotonic()
         if kind == "kill":
             worker.kill9()
+            # read after the kill: a write or commit the dying worker had in flight is not a recovery
+            before = progress()
             worker.start()
             f.recovery = wait_resumed(before, t_f)
         elif kind == "broker":
