@@ -126,6 +126,8 @@ class DetectStage:
         # holds as is, and restores one its state lost (a crash between the partials and the engine checkpoint).
         merged = self.merger.add(w) or self.merger.current(w)
         self.watermark = max(self.watermark, w.window_end)
+        if w.partition not in self.progress:  # a partition first seen: the windows still held wait for it too
+            self._applied_to = float("-inf")
         self.progress[w.partition] = max(self.progress.get(w.partition, float("-inf")), w.window_end)
         out = DetectOutput()
         if applied_before:  # a correction or a trailing partial: the engine replaces the window now
@@ -144,8 +146,8 @@ class DetectStage:
         """The event time the engine has reached: windows ending up to it are applied, records before it. It
         follows the slowest telemetry partition seen (a window's other partials come from there) among those within
         `partition_wait_s` of the clock: one further behind is idle or gone here and is not waited for (so a
-        partition going quiet holds windows back once, for that long, not for ever). It never moves back (a
-        partition first seen, or back from quiet, holds back only what is not applied yet)."""
+        partition going quiet holds windows back once, for that long, not for ever). It moves back only when a
+        partition is first seen (what was applied stays applied; the windows still held wait for it too)."""
         floor = self.watermark - self.partition_wait_s
         slowest = min((t for t in self.progress.values() if t >= floor), default=self.watermark)
         self._applied_to = max(self._applied_to, slowest - self.settle_s)
