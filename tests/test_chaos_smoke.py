@@ -1,9 +1,10 @@
 """The reduced chaos run (benchmarks/chaos.py --quick) on its own 3-broker cluster: the demo through
 `trainwatch run --stage all` under 3 kill -9 of the worker, one broker kill -9 and a 30 s store outage, compared
-with a clean replay. Asserts what must hold whatever else differs: no reportable case of the replay is lost, no
-reportable (policy, reason, subject) gets more cases than in the replay, the feed and the case events hold each
-message once after FINAL, and the cluster this run started is stopped again. The figures go to chaos-quick.json
-(informational: benchmarks/results/chaos.json comes from the full run, `make chaos`)."""
+with a clean replay. Asserts what must hold whatever else differs: no reportable case of the replay is lost and
+none is extra, no reportable (policy, reason, subject) gets more cases than in the replay, the feed and the case
+events hold each message once after FINAL, every killed worker consumed again, and the cluster this run started
+is stopped again. The figures go to chaos-quick.json (informational: benchmarks/results/chaos.json comes from the
+full run, `make chaos`)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,13 @@ def test_quick_chaos_run_loses_no_reportable_case(tmp_path: Path) -> None:
     assert s["cases_replay"] > 0
     assert s["lost_reportable"] == [], summary
     assert s["duplicate_reportable"] == [], summary
+    assert s["extra_reportable"] == [], summary
     assert s["case_events_final"] <= s["case_events_raw"]
+    # idempotence through kills and outages: each case event and feed message once, after FINAL
+    assert s["duplicate_case_events"] == 0 and s["duplicate_feed_messages"] == 0, summary
+    # every killed worker consumed again (ingest and detect) within the run's resume cap
+    for stage in ("ingest", "detect"):
+        assert s["recovery_after_kill_s"][stage]["not_resumed"] == 0, s["recovery_after_kill_s"]
     # the cluster is ours and gone: nothing listens on its ports any more
     for port in (base, base + 2, base + 4):
         with socket.socket() as sock:
