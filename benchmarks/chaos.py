@@ -488,7 +488,11 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
     # Done when nothing moved for 20 s with detect's lag at 0, or for STALLED_S with some lag left: detect holds the
     # offsets of windows it is still settling (the stream's last ones never settle), so its lag need not reach 0,
     # and waiting out the 600 s cap for it made the CI's quick run take 823 s instead of ~250 s. The lag left is
-    # recorded; a worker that truly stopped short shows as lost cases and totals in the comparison.
+    # recorded; a worker that truly stopped short shows as lost cases and totals in the comparison. "Nothing moved"
+    # lasts past detect.source_quiet_s: windows held for a telemetry partition that stopped last apply only then.
+    from pipeline.settings import load_settings
+
+    still_s = max(20.0, load_settings().detect.source_quiet_s + 15.0)
     t_drain, quiet_since, last, d_lag = time.monotonic(), time.monotonic(), None, 0
     while time.monotonic() - t_drain < 600:
         worker.supervise()
@@ -496,7 +500,7 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
         state = (ends(dwatch, [topics["windows"], topics["cases"]]), committed(dwatch, detect_in))
         if state != last:
             last, quiet_since = state, time.monotonic()
-        elif time.monotonic() - quiet_since >= (20 if d_lag == 0 else STALLED_S):
+        elif time.monotonic() - quiet_since >= (still_s if d_lag == 0 else max(STALLED_S, still_s)):
             break
         time.sleep(1.0)
     drained_s = time.monotonic() - t_drain

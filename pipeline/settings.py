@@ -117,6 +117,11 @@ class DetectSettings(BaseModel):
     #: Processing seconds without input after which a detect partition counts as caught up: its held CIP records /
     #: allocations are applied and it stops holding back the owners' event-time horizon (above the window period).
     owner_idle_s: float = Field(default=OWNER_IDLE_S, gt=0)
+    #: Processing seconds without a window from a telemetry partition after which a detect partition stops waiting
+    #: for it to settle windows (pipeline/detect/batch.py QuietSources). 45 s: over a worker's restart plus catch-up
+    #: and a broker failover as measured in the chaos run (ingest back within 26 s of a broker kill, detect within
+    #: 21 s of a kill -9), and over a 30 s store outage (the detect agent waits on the store, hearing nothing).
+    source_quiet_s: float = Field(default=45.0, gt=0)
     #: Prometheus /metrics of the detect + cases worker (detections per detector, case events, event-time lag).
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_addr: str = "127.0.0.1"

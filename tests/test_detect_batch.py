@@ -6,21 +6,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from detectors.owner_aggregate import QUIET, partition_mark
 from pipeline.detect.batch import (
     Msg,
+    QuietSources,
     by_partition,
     decode_detections,
     feed_partition,
     owner_payloads,
     receive_owner_messages,
+    release_quiet,
 )
 from pipeline.detect.runtime import DetectRuntime, idle_partitions, mark_due, tick_watermark
+from pipeline.detect.stage import DetectStage
 from pipeline.detect.tables import OwnersTables, StageTables, dumps
 from pipeline.settings import Settings, TopicSettings
 from schemas.serde import encode
 from schemas.windows import WindowAggregate
 from tests.detector_builders import T0, W, cip, demo, owner
+from tests.test_detect_settle import handed, partial
 
 TOPICS = TopicSettings()
 
@@ -144,3 +150,71 @@ def test_the_deadline_watermark_of_a_restored_partition_is_what_its_stage_had_ap
     assert b.stage.applied_to < b.stage.watermark - b.stage.settle_s  # partition 1 holds it back
     restored = _tables(_Table(tabs.engine.data), _Table(tabs.partials.data))
     assert restored.recovered_watermarks() == {0: b.stage.applied_to}
+
+
+def _stalled_feed(tabs: StageTables, sources: QuietSources | None, now: float, windows: range,
+                  part1: range = range(0)) -> list[tuple[int, int]]:
+    """One batch: partition 0's partials of `windows` (and partition 1's of `part1`) of a 4+4-device workload; what
+    the engine is handed, as (window index, devices)."""
+    st, _ = tabs.stage(0)
+    seen = handed(st)
+    msgs = _msgs(*((TOPICS.windows, encode(partial(T0 + i * W, part))) for i in sorted({*windows, *part1})
+                   for part, sent in ((0, windows), (1, part1)) if i in sent))
+    feed_partition(tabs, 0, msgs, TOPICS, at=0.0, sources=sources, now=now)
+    return [(round((s - T0) / W), d) for s, d in seen]
+
+
+def test_a_partition_stalled_for_seconds_is_waited_for_however_far_behind_in_event_time() -> None:
+    """The chaos run's extra scope case (issue 12): the stream is replayed ~60x real time, so an ingest partition
+    restarting or behind a broker failover for 20 s falls 20 windows of event time behind. Left out of settling on
+    event-time distance (15 windows, the in-process rule), the stage handed the engine half windows (4 of 8 devices)
+    of every window while it was out; on the faust path the partition is waited for until it has been quiet for
+    `detect.source_quiet_s` of processing time, and every window is applied whole."""
+    before = DetectStage(demo(), None, W, owners="external")  # the event-time rule alone (as on faust before)
+    seen = handed(before)
+    for i in range(30):
+        before.on_window(partial(T0 + i * W, 0))
+        if i < 2:
+            before.on_window(partial(T0 + i * W, 1))
+    assert seen[:3] == [(T0, 8), (T0 + W, 8), (T0 + 2 * W, 4)] and len(seen) == 28  # the cause: half windows
+
+    tabs, sources = _tables(), QuietSources(quiet_s=45.0)
+    assert _stalled_feed(tabs, sources, 100.0, range(2), part1=range(2)) == []  # settle_s: nothing yet
+    assert _stalled_feed(tabs, sources, 105.0, range(2, 30)) == []  # partition 1 stalls 28 windows, 5 s: held
+    assert _stalled_feed(tabs, sources, 120.0, range(30, 31), part1=range(2, 31)) == [(i, 8) for i in range(29)]
+
+
+def test_a_partition_quiet_for_source_quiet_s_is_left_out_in_a_batch_or_by_the_timer() -> None:
+    tabs, sources = _tables(), QuietSources(quiet_s=45.0)
+    _stalled_feed(tabs, sources, 100.0, range(4), part1=range(4))  # both partitions up to window 4
+    assert _stalled_feed(tabs, sources, 140.0, range(4, 10)) == []  # partition 1 quiet 40 s: still waited for
+    assert _stalled_feed(tabs, sources, 146.0, range(10, 12)) == [(2, 8), (3, 8)] + [(i, 4) for i in range(4, 10)]
+    st, _ = tabs.stage(0)
+    assert st.quiet == {1} and st.applied_to == T0 + 10 * W
+    assert release_quiet(st, 0, sources, 150.0) is None  # nothing newly quiet
+    # the timer's path: partition 0 stops too; 45 s after its last window the stage waits for nobody
+    b = release_quiet(st, 0, sources, 191.0)
+    assert b is not None and st.quiet == {0, 1} and st.applied_to == st.watermark - st.settle_s
+    _stalled_feed(tabs, sources, 192.0, range(12, 13), part1=range(12, 13))  # a window from 1: waited for again
+    assert st.quiet == set()
+
+
+def test_after_a_restart_every_partition_counts_as_heard_from_at_the_start() -> None:
+    """A partition left out before a restart is waited for again after it (the restarted worker's clock starts
+    at its first batch): the restored stage holds windows back, it never releases them early. applied_to and the
+    progress come back from the held list (the one place they are kept)."""
+    tabs, sources = _tables(), QuietSources(quiet_s=45.0)
+    _stalled_feed(tabs, sources, 100.0, range(4), part1=range(4))
+    _stalled_feed(tabs, sources, 200.0, range(4, 10))  # partition 1 quiet for 100 s: left out
+    st, _ = tabs.stage(0)
+    tabs.save(0, st)
+    assert st.quiet == {1} and st.applied_to == T0 + 8 * W
+    shared = orjson.loads(tabs.engine.data[b"0|shared"])
+    assert "applied_to" not in shared  # kept once, in the held list
+    restored = _tables(_Table(tabs.engine.data), _Table(tabs.partials.data))
+    assert restored.recovered_watermarks() == {0: T0 + 8 * W}
+    again = QuietSources(quiet_s=45.0)
+    assert _stalled_feed(restored, again, 5.0, range(10, 14)) == []  # partition 1 waited for again
+    back, _ = restored.stage(0)
+    assert back.progress == st.progress | {0: T0 + 14 * W} and back.applied_to == T0 + 8 * W and back.quiet == set()
+    assert _stalled_feed(restored, again, 51.0, range(14, 15))[-1] == (12, 4)  # quiet 46 s since the restart

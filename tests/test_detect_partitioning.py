@@ -70,7 +70,8 @@ def test_a_partition_lagging_past_the_bound_is_not_waited_for() -> None:
 
 def test_a_partition_going_quiet_holds_windows_back_once_and_the_state_round_trips() -> None:
     """Partition 1 stops (its nodes' jobs ended): windows wait for it until it is partition_wait_s behind, then settle
-    settle_s behind partition 0 again, not partition_wait_s behind for ever. A restored stage keeps the progress."""
+    settle_s behind partition 0 again, not partition_wait_s behind for ever. A restored stage keeps the progress.
+    (The in-process rule, event time; the faust app leaves a partition out on the wall clock: test_detect_batch.)"""
     stage = DetectStage(demo(), None, W)
     for i in range(4):
         stage.on_window(partial(i, 0))

@@ -6,6 +6,8 @@ The agents (pipeline/detect/faust_app.py) only turn faust events into `Msg`, cal
 - `by_partition`: a batch split per input partition, each in arrival order;
 - `feed_partition`: one partition's messages into its DetectStage (restored from the tables at first use), bad
   messages become dead letters, never lost; `flush_partition`: what a quiet partition held, applied;
+- `QuietSources`: which telemetry partitions a detect partition has not heard from for a while (processing time),
+  so its stage stops waiting for them to settle windows (`release_quiet`: the timer's check between batches);
 - `owner_payloads`: the stage's owner messages stamped with where their account stood (event time, docs/faust.md);
 - `receive_owner_messages` / `decode_detections`: the owners and cases agents' batches;
 - `dead_letter`: the letter for a message that does not parse.
@@ -68,10 +70,40 @@ def by_partition(msgs: Iterable[Msg]) -> dict[int, list[Msg]]:
     return out
 
 
-def feed_partition(tabs: StageTables, p: int, msgs: list[Msg], topics: TopicSettings, at: float) -> PartitionBatch:
-    """Partition p's messages (windows, CIP records, allocations, any order) into its stage, then idle state expires
-    (event time). A stage restored just now first re-sends what its state implies for the owners (a publish lost in
-    a crash: contributions replace, retractions are idempotent)."""
+@dataclass
+class QuietSources:
+    """Which telemetry partitions each detect partition has stopped hearing from, on the worker's monotonic clock.
+
+    A window's partials come from every telemetry partition carrying its nodes; the stage settles it once the slowest
+    partition it waits for has passed it (DetectStage). A partition whose windows stop reaching a detect partition
+    (its accounts' jobs there ended, its ingest ended) must stop being waited for, or nothing settles. Event time
+    cannot say which it is: a partition whose ingest is restarting, catching up, or behind a broker failover is
+    minutes of event time behind when the stream is replayed fast (the chaos run: ~60x), yet alive, and its partials
+    are still coming. So a partition counts as quiet after `quiet_s` seconds without a window from it here
+    (`detect.source_quiet_s`). A partition first met in this process (a restart, a rebalance) counts as heard from
+    then: a restored stage waits, it never releases early."""
+
+    quiet_s: float
+    #: detect partition -> telemetry partition -> monotonic time of its last window here (or of first meeting it)
+    heard: dict[int, dict[int, float]] = field(default_factory=dict)
+
+    def heard_from(self, p: int, sources: Iterable[int], now: float) -> None:
+        h = self.heard.setdefault(p, {})
+        for k in sources:
+            h[k] = now
+
+    def quiet(self, p: int, known: Iterable[int], now: float) -> set[int]:
+        """The telemetry partitions of `known` (the stage's progress) not heard from for quiet_s."""
+        h = self.heard.setdefault(p, {})
+        return {k for k in known if now - h.setdefault(k, now) >= self.quiet_s}
+
+
+def feed_partition(tabs: StageTables, p: int, msgs: list[Msg], topics: TopicSettings, at: float,
+                   sources: QuietSources | None = None, now: float = 0.0) -> PartitionBatch:
+    """Partition p's messages (windows, CIP records, allocations, any order) into its stage, then (with `sources`,
+    `now` on its clock) the telemetry partitions heard from are noted and the quiet ones no longer waited for, then
+    idle state expires (event time). A stage restored just now first re-sends what its state implies for the owners
+    (a publish lost in a crash: contributions replace, retractions are idempotent)."""
     st, new = tabs.stage(p)
     if new:
         st.engine.owner_outbox += st.engine.owner_snapshot()
@@ -91,7 +123,22 @@ def feed_partition(tabs: StageTables, p: int, msgs: list[Msg], topics: TopicSett
                 b.out.extend(st.on_allocation(decode(AllocationEvent, m.value)))
         except InvalidMessage as exc:
             b.letters.append(dead_letter(exc, m, at))
+    if sources is not None:
+        sources.heard_from(p, {w.partition for w in b.windows}, now)
+        b.out.extend(st.set_quiet(sources.quiet(p, st.progress, now)))
     b.out.extend(st.on_time())
+    return b
+
+
+def release_quiet(st: DetectStage, p: int, sources: QuietSources, now: float) -> PartitionBatch | None:
+    """Between batches (a timer): what partition p's stage held only for telemetry partitions gone quiet since its
+    last batch, applied (None: no partition newly quiet). Without it the last windows before a partition's input
+    stops would wait for the whole detect partition's idle flush."""
+    quiet = sources.quiet(p, st.progress, now)
+    if quiet <= st.quiet:
+        return None
+    b = PartitionBatch(st, reached=st.engine.account_progress())
+    b.out = st.set_quiet(quiet)
     return b
 
 

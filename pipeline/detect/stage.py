@@ -25,13 +25,19 @@ event-time order with the held CIP records and allocations (equal ends in worklo
 emits them): the engine sees the whole window whatever the telemetry partitioning, as in the replay. Each telemetry
 partition's progress is the latest window end seen from it (`progress`, by the windows' `partition`); the fastest
 one alone would settle windows whose other partials a lagging partition has not emitted yet (one partition may run
-minutes ahead: Kafka fetch order; in process a batch is read partition by partition). A partition more than
-`partition_wait_s` (15 windows) behind the clock is idle, ended or carries none of these accounts lately: it is not
-waited for, so nothing stalls, a window waits at most settle_s + partition_wait_s past the clock, and a partition
-going quiet costs that wait once (afterwards windows settle settle_s behind the partitions still moving). A partial
-arriving after its window was applied (a correction, or one from a partition past that bound) is applied at once
-and the engine replaces the window. `applied_to` is the event time the engine has reached (the owners' partition
-mark).
+minutes ahead: Kafka fetch order; in process a batch is read partition by partition). A partition that is idle,
+ended or carries none of these accounts lately is not waited for, so nothing stalls; which one that is, the caller
+says, since the stage has no wall clock:
+- the transport (the faust app) names the partitions it has not heard from for a while of *processing* time
+  (`set_quiet`, pipeline/detect/batch.py `QuietSources`) and sets `partition_wait_s` to infinity: a partition
+  restarting or catching up is minutes of event time behind when the stream is replayed fast, yet it is alive;
+- without one (the in-process runner reads a finite input, no wall clock) a partition more than `partition_wait_s`
+  (15 windows of event time) behind the clock is left out, and the end of the input flushes.
+A partition going quiet costs that wait once (afterwards windows settle settle_s behind the partitions still
+moving); a window from it brings it back. A partial arriving after its window was applied (a correction, or one
+from a partition left out) is applied at once and the engine replaces the window. `applied_to` is the event time
+the engine has reached (the owners' partition mark): it follows the slowest partition waited for, never moves back
+except when a partition is first seen (the windows still held wait for it too; what was applied stays applied).
 
 Owners. The engine queues owner messages (contributions, memberships, retractions) in its outbox. With
 `owners="local"` (in process) the stage applies them at once to the engine's own aggregator, in the order made;
@@ -41,7 +47,7 @@ with `owners="external"` (the faust app) they are returned for the transport to 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -115,6 +121,8 @@ class DetectStage:
         self._seq = 0
         #: telemetry partition -> the latest window end seen from it (its ingest watermark, as far as seen here)
         self.progress: dict[int, float] = {}
+        #: telemetry partitions the transport reported quiet (set_quiet): left out of the settling minimum
+        self.quiet: frozenset[int] = frozenset()
         self._applied_to = float("-inf")
 
     # -- inputs ------------------------------------------------------------------------------------------------
@@ -129,6 +137,8 @@ class DetectStage:
         if w.partition not in self.progress:  # a partition first seen: the windows still held wait for it too
             self._applied_to = float("-inf")
         self.progress[w.partition] = max(self.progress.get(w.partition, float("-inf")), w.window_end)
+        self.quiet -= {w.partition}  # heard from again: waited for
+        self._advance()
         out = DetectOutput()
         if applied_before:  # a correction or a trailing partial: the engine replaces the window now
             if merged is not None:
@@ -143,15 +153,24 @@ class DetectStage:
 
     @property
     def applied_to(self) -> float:
-        """The event time the engine has reached: windows ending up to it are applied, records before it. It
-        follows the slowest telemetry partition seen (a window's other partials come from there) among those within
-        `partition_wait_s` of the clock: one further behind is idle or gone here and is not waited for (so a
-        partition going quiet holds windows back once, for that long, not for ever). It moves back only when a
-        partition is first seen (what was applied stays applied; the windows still held wait for it too)."""
-        floor = self.watermark - self.partition_wait_s
-        slowest = min((t for t in self.progress.values() if t >= floor), default=self.watermark)
-        self._applied_to = max(self._applied_to, slowest - self.settle_s)
+        """The event time the engine has reached: windows ending up to it are applied, records before it."""
         return self._applied_to
+
+    def _advance(self) -> None:
+        """applied_to after the progress changed: settle_s behind the slowest telemetry partition waited for (a
+        window's other partials come from there), i.e. not reported quiet and within `partition_wait_s` of the
+        clock; with none, settle_s behind the clock. A high-water mark (on_window resets it for a new partition)."""
+        floor = self.watermark - self.partition_wait_s
+        slowest = min((t for p, t in self.progress.items() if p not in self.quiet and t >= floor),
+                      default=self.watermark)
+        self._applied_to = max(self._applied_to, slowest - self.settle_s)
+
+    def set_quiet(self, partitions: Iterable[int]) -> DetectOutput:
+        """The transport's word on which telemetry partitions it has not heard from for a while (wall clock, which
+        the stage does not read): they are no longer waited for, and what waited only for them applies now."""
+        self.quiet = frozenset(partitions)
+        self._advance()
+        return self._release(self._applied_to)
 
     def on_cip(self, rec: CipRecord) -> DetectOutput:
         return self._side(rec)
@@ -228,8 +247,10 @@ class DetectStage:
     # -- state as plain data -------------------------------------------------------------------------------------
 
     def held_to_list(self) -> list[dict[str, Any]]:
-        """What waits, as plain data, and the telemetry partitions' progress that decides when it applies (kind
-        "progress": a runtime persisting only this list restores the whole settling state)."""
+        """What waits, as plain data, the telemetry partitions' progress that decides when it applies (kind
+        "progress") and applied_to (kind "applied_to"): a runtime persisting only this list restores the whole
+        settling state. The quiet partitions are not kept: after a restart every partition counts as heard from at
+        the start (the transport's clock starts again), so a restored stage waits rather than releases early."""
         return [{"kind": "window", "key": list(r)} if isinstance(r, tuple) else
                 {"kind": "cip" if isinstance(r, CipRecord) else "allocation", "record": r.model_dump(mode="json")}
                 for r in self.held] + [{"kind": "progress", "partition": p, "end": t}
@@ -252,6 +273,12 @@ class DetectStage:
                 rec: Side = (CipRecord if x["kind"] == "cip" else AllocationEvent).model_validate(x["record"])
                 heapq.heappush(self._held, (_side_time(rec), 1, "", self._seq, rec))
             self._seq += 1
+        self._advance()
+
+    @staticmethod
+    def applied_in(held: list[dict[str, Any]]) -> float:
+        """applied_to as held_to_list() kept it (-inf: nothing applied yet)."""
+        return max((float(x["t"]) for x in held if x["kind"] == "applied_to"), default=float("-inf"))
 
     @property
     def settling(self) -> list[tuple[str, float]]:

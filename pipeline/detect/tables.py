@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from detectors.classifier_base import WorkloadClassifier
 from detectors.owner_aggregate import ALL_OWNERS, EventTimeOwners
 from detectors.snapshot import from_split, split_dirty, split_shared
-from pipeline.detect.stage import SETTLE_WINDOWS, DetectStage
+from pipeline.detect.stage import DetectStage
 from pipeline.settings import Settings
 from schemas.policy import Policy
 from schemas.windows import WindowAggregate
@@ -55,8 +55,10 @@ class StageTables:
         st = self.stages.get(p)
         if st is not None:
             return st, False
+        # Telemetry partitions are left out of settling when quiet on the wall clock (batch.QuietSources), not
+        # when far behind in event time: a fast replay puts a restarting partition minutes behind (DetectStage).
         st = DetectStage(self.policy, self.classifier, self.settings.window_s,
-                         self.settings.ingest.allowed_lateness_s, owners="external")
+                         self.settings.ingest.allowed_lateness_s, owners="external", partition_wait_s=float("inf"))
         prefix = f"{p}|".encode()
         mine = {k: v for k, v in self.engine.data.items() if k.startswith(prefix)}
         shared = mine.pop(prefix + b"shared", None)
@@ -118,7 +120,7 @@ class StageTables:
         if shared is not None or p not in self.shared:
             self.shared[p] = shared if shared is not None else split_shared(st.engine)
         entries = {prefix + b"shared": dumps({**self.shared[p], "stage_watermark": st.watermark,
-                                              "applied_to": st.applied_to, "held": st.held_to_list()})}
+                                              "held": st.held_to_list()})}
         entries |= {prefix + b"a|" + aid.encode(): dumps(part) for aid, part in parts.items()}
         for k in (prefix + b"a|" + aid.encode() for aid in deleted):
             if k in self.written or k in self.engine.data:
@@ -131,15 +133,11 @@ class StageTables:
                 self.engine.send_changelog(p, k, v)
 
     def recovered_watermarks(self) -> dict[int, float]:
-        """Partition -> event time its checkpoint had applied (DetectStage.applied_to, which follows the slowest
-        telemetry partition: not simply the watermark less settle_s), for partitions this process has not met yet."""
-        settle = SETTLE_WINDOWS * self.settings.window_s  # entries written before applied_to was kept
-        out: dict[int, float] = {}
-        for k, v in list(self.engine.data.items()):
-            if k.endswith(b"|shared"):
-                d = json.loads(v)
-                out[int(k.split(b"|", 1)[0])] = d.get("applied_to", d["stage_watermark"] - settle)
-        return out
+        """Partition -> event time its checkpoint had applied (DetectStage.applied_to, kept in its held list: it
+        follows the slowest telemetry partition, not simply the watermark less settle_s), for partitions this
+        process has not met yet."""
+        return {int(k.split(b"|", 1)[0]): DetectStage.applied_in(json.loads(v).get("held", []))
+                for k, v in list(self.engine.data.items()) if k.endswith(b"|shared")}
 
 
 class OwnersTables:
