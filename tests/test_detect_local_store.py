@@ -1,0 +1,154 @@
+"""The detect app's local RocksDB table store (pipeline/detect/local_store.py) on the real broker: a worker holding
+state is killed -9; its DB is readable at once (the LOCK went with the process) and equals the changelogs up to the
+offset it records; the restart loads it, replays only the tail and gives the in-process runner's cases, once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+import rocksdict
+from confluent_kafka import Consumer, TopicPartition
+
+from pipeline.detect.config import table_store
+from pipeline.detect.faust_app import owners_topic
+from pipeline.detect.local_store import OFFSET_KEY, SYNCED_KEY
+from pipeline.runner import InProcessPipeline
+from pipeline.settings import KafkaSettings, Settings
+from pipeline.simulator import simulate
+from pipeline.sources import read_folder
+from pipeline.topics import changelog_topics
+from schemas.policy import load_policy
+from tests.test_faust_detect import (
+    DEADLINE_S,
+    REPO,
+    case_rows,
+    delivery_order,
+    lag,
+    produce,
+    read_topic,
+    reap,
+    rule,
+    stage_topics,
+    stop,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def test_store_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRAINWATCH_TABLE_STORE", raising=False)
+    assert table_store(Settings(data_dir=tmp_path), "a") == ("memory://", None)  # no worker identity: in memory
+    url, tabledir = table_store(Settings(data_dir=tmp_path, kafka=KafkaSettings(group_instance_id="w/1")), "a")
+    assert url == "trainwatch-local://" and tabledir == tmp_path / "a-data" / "tables-w_1"
+    monkeypatch.setenv("TRAINWATCH_TABLE_STORE", "memory")  # the benchmark's baseline
+    assert table_store(Settings(data_dir=tmp_path, kafka=KafkaSettings(group_instance_id="w")), "a")[0] == "memory://"
+
+
+def changelog_state(bootstrap: str, topic: str, upto: int | None = None) -> dict[bytes, bytes]:
+    """The compacted view of a 1-partition changelog (last value per key, tombstones removed), to offset `upto`."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}", "enable.auto.commit": False})
+    try:
+        _, hi = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+        end = hi if upto is None else upto + 1
+        state: dict[bytes, bytes] = {}
+        if end == 0:
+            return state
+        c.assign([TopicPartition(topic, 0, 0)])
+        pos = -1
+        while pos < end - 1:
+            for m in c.consume(500, 1.0):
+                if m.error() is None and m.offset() < end:
+                    if m.value() is None:
+                        state.pop(m.key(), None)
+                    else:
+                        state[m.key()] = m.value()
+                    pos = max(pos, m.offset())
+        return state
+    finally:
+        c.close()
+
+
+def db_state(path: Path) -> tuple[dict[bytes, bytes], int]:
+    db = rocksdict.Rdict(str(path))  # raises if a LOCK were still held
+    try:
+        items = {k: v for k, v in db.items() if k not in (OFFSET_KEY, SYNCED_KEY)}
+        return items, int(db[OFFSET_KEY])
+    finally:
+        db.close()
+
+
+def test_kill_9_keeps_a_consistent_local_store_and_the_restart_uses_it(tmp_path: Path, kafka_bootstrap: str,
+                                                                        unique_topic, store) -> None:
+    folder = simulate("demo", tmp_path / "demo")
+    items = delivery_order(folder)
+    app_id = f"ls-{uuid.uuid4().hex[:10]}"
+    topics = stage_topics(unique_topic, kafka_bootstrap, "ls", app_id)
+    db = f"ls_{uuid.uuid4().hex[:10]}"
+    env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "TRAINWATCH_POLICY": "demo",
+           "TRAINWATCH_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'worker-store'}", "TRAINWATCH_DATABASE": db,
+           "TRAINWATCH_MODEL_PATH": "rule", "TRAINWATCH_DATA_DIR": str(tmp_path / "var"),
+           "TRAINWATCH_KAFKA__GROUP_INSTANCE_ID": app_id,
+           **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
+    env.pop("TRAINWATCH_CONFIG", None)
+    env.pop("TRAINWATCH_TABLE_STORE", None)
+    tables = tmp_path / "var" / f"{app_id}-data" / f"tables-{app_id}"
+    cmd = [sys.executable, "-m", "pipeline", "run", "--stage", "detect", "--app-id", app_id]
+    log_path = tmp_path / "worker.log"
+    log = log_path.open("wb")
+    inputs = [topics["windows"], topics["cip"], topics["allocations"], owners_topic(app_id), topics["detections"]]
+
+    def start() -> subprocess.Popen:
+        log.write(b"===== start\n")
+        log.flush()
+        return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+    half = len(items) // 2
+    produce(kafka_bootstrap, topics, items[:half])
+    proc = start()
+    try:
+        wait_for(lambda: lag(kafka_bootstrap, app_id, inputs) == 0, "first half consumed", proc, log_path,
+                 2 * DEADLINE_S)
+        proc.kill()  # SIGKILL, holding state
+        proc.wait(10)
+        held = {}
+        for name in changelog_topics(app_id):
+            table = name.removeprefix(f"{app_id}-").removesuffix("-changelog")
+            got, offset = db_state(tables / f"{table}-0.rocks")
+            assert got == changelog_state(kafka_bootstrap, name, offset), f"{table}: DB != changelog to {offset}"
+            held[table] = len(got)
+        assert held["engine"] > 0 and held["partials"] > 0, held
+        produce(kafka_bootstrap, topics, items[half:])
+        proc = start()
+        wait_for(lambda: lag(kafka_bootstrap, app_id, inputs) == 0, "consumer lag 0", proc, log_path, 2 * DEADLINE_S)
+        assert stop(proc, 30) is not None
+    finally:
+        reap(proc)
+        log.close()
+    restart = log_path.read_text(errors="replace").rsplit("===== start", 1)[-1]
+    assert f"local store engine-0: {held['engine']} entries" in restart, restart[-3000:]
+    for name in changelog_topics(app_id):  # after a clean stop: the DB is the whole changelog
+        table = name.removeprefix(f"{app_id}-").removesuffix("-changelog")
+        assert db_state(tables / f"{table}-0.rocks")[0] == changelog_state(kafka_bootstrap, name), table
+
+    InProcessPipeline(store, load_policy("demo"), rule()).run(read_folder(folder))
+    expected = case_rows(store)
+    assert expected, "the demo scenario opens cases"
+    feed = read_topic(kafka_bootstrap, topics["cases"])
+    script = ("import sys, orjson; from pipeline.store import Store\n"
+              "s = Store.connect(sys.argv[1], sys.argv[2])\n"
+              "cs = [[c.case_id, c.status, c.reason, c.beneficial_owner_id or c.account_id, c.knowledge_at]"
+              " for c in s.list_cases()]\n"
+              "ev = s.query('SELECT count() n, uniqExact(event_id) u, groupArray(event_id) ids FROM case_events')[0]\n"
+              "print(orjson.dumps({'cases': cs, 'n': ev['n'], 'u': ev['u'], 'ids': ev['ids']}).decode())\n")
+    got = orjson.loads(subprocess.run([sys.executable, "-c", script, env["TRAINWATCH_CLICKHOUSE_DSN"], db],
+                                      cwd=REPO, capture_output=True, check=True, timeout=60).stdout)
+    assert {tuple(c) for c in got["cases"]} == expected, restart[-3000:]
+    assert got["n"] == got["u"], "a case event was written twice"
+    assert {m["message_id"] for m in feed} == set(got["ids"]), "feed (after dedup) != case events"
