@@ -1,18 +1,19 @@
-"""Restart-to-consuming time of a `run --stage all` worker after kill -9, with the classifier loaded eagerly (the
-baseline, TRAINWATCH_BACKGROUND_CLASSIFIER=0) and in the background (the default, pipeline/classifier_loader.py),
-in the same run, and where each restart's time went (pipeline/detect/startup.py phases: seconds after the kill,
-process CPU seconds).
+"""Restart-to-consuming time of a `run --stage all` worker after kill -9 with the detect tables in memory (the
+baseline, TRAINWATCH_TABLE_STORE=memory: a restart replays every changelog in full) and in the local RocksDB store
+(the default for a worker with a group.instance.id, pipeline/detect/local_store.py: a restart loads its DB and
+replays the changelogs' tail), in the same run, at a small and a large state, and where each restart's time went
+(pipeline/detect/startup.py phases: seconds after the kill, process CPU seconds).
 
-`python -m benchmarks.bench_recovery [--kills 3] [--stream-s 150]` writes `benchmarks/results/recovery.json`.
+`python -m benchmarks.bench_recovery [--scenario scope] [--stream-s 300] [--at 25,150,260]` writes
+`benchmarks/results/recovery.json`.
 
 On the running broker (TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS, default 127.0.0.1:9092) with topics, app id and groups
-of its own (deleted at the end): the demo folder is produced paced, one worker (static group membership) consumes
-it, and is killed with kill -9 mid-stream and restarted at once, eager (baseline) and background in ABBA order
-(changelogs grow along the stream), `--kills` times each.
+of its own (deleted at the end): the scenario's folder is produced paced over `--stream-s`, one worker (static
+group membership) consumes it; at each `--at` point (seconds after the first commit) it is killed -9 and restarted
+twice in a row, once per store (memory first at odd points, local first at even ones), so both meet the same state.
 Recovery = seconds from the kill until the detect app's group commits past what it had committed before,
-polled every 0.25 s, as benchmarks/chaos.py measures it (its functions, imported).
-The changelogs are created by `topics create` with the compaction configs (pipeline/topics.py) in both variants,
-so the ratio isolates the classifier load; the load average at each kill is recorded.
+polled every 0.25 s, as benchmarks/chaos.py measures it (its functions, imported). The state at each kill is the
+changelogs' end offsets (what a memory restart replays) and the entries the local store loaded from its DBs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -33,6 +35,7 @@ from confluent_kafka.admin import AdminClient
 
 from benchmarks.chaos import PARTITIONS, REPO, RESULTS, ROLES, Worker, _consumer, _produce_paced, committed, ends
 from pipeline.classifier_loader import BACKGROUND_ENV
+from pipeline.detect.config import STORE_ENV
 from pipeline.detect.startup import phases
 
 CAP_S = 60.0
@@ -55,23 +58,31 @@ def _phases_since(log: Path, t_kill: float) -> dict[str, list[float]]:
     return {k: [round(at - t_kill, 2), cpu] for k, (at, cpu) in sorted(phases(text).items(), key=lambda kv: kv[1])}
 
 
-def run(kills: int, stream_s: float, bootstrap: str, tmp: Path) -> dict:
+def _loaded(log: Path) -> tuple[int, int]:
+    """(entries the local store loaded, partitions) from the last start's log (0, 0 for the memory store)."""
+    text = log.read_text(errors="replace").rsplit("===== start", 1)[-1]
+    ns = [int(m) for m in re.findall(r"local store [\w-]+: (\d+) entries", text)]
+    return sum(ns), len(ns)
+
+
+def run(scenario: str, at: list[float], stream_s: float, bootstrap: str, tmp: Path) -> dict:
     import subprocess
 
     from pipeline.simulator import simulate
     from pipeline.topics import changelog_topics
 
-    folder = simulate("demo", tmp / "demo", seed=0)
+    folder = simulate(scenario, tmp / scenario, seed=0)
     tag = uuid.uuid4().hex[:8]
     topics = {r: f"bench-rec-{tag}-{r}" for r in ROLES}
     app_id, group = f"bench-rec-{tag}", f"bench-rec-{tag}-ingest"
-    env = {**os.environ, "TRAINWATCH_POLICY": "demo", "TRAINWATCH_DATA_DIR": str(tmp / "var"),
+    env = {**os.environ, "TRAINWATCH_POLICY": "demo",
+           "TRAINWATCH_DATA_DIR": str(tmp / "var"),
            "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "TRAINWATCH_CLICKHOUSE_DSN": f"chdb://{tmp / 'store'}",
            "TRAINWATCH_DATABASE": f"bench_{tag}", "TRAINWATCH_KAFKA__GROUP_INSTANCE_ID": f"bench-rec-{tag}",
            "TRAINWATCH_TOPIC_CONFIG__PARTITIONS": str(PARTITIONS), "TRAINWATCH_TOPIC_CONFIG__REPLICATION_FACTOR": "1",
            **{f"TRAINWATCH_TOPICS__{r.upper()}": t for r, t in topics.items()}}
-    env.pop("TRAINWATCH_CONFIG", None)
-    env.pop(BACKGROUND_ENV, None)
+    for k in ("TRAINWATCH_CONFIG", BACKGROUND_ENV, STORE_ENV):
+        env.pop(k, None)
     made = [*topics.values(), f"{app_id}-owners-repartition", *changelog_topics(app_id)]
     res = subprocess.run([sys.executable, "-m", "pipeline", "topics", "create", "--app-id", app_id], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=120)
@@ -90,24 +101,30 @@ def run(kills: int, stream_s: float, bootstrap: str, tmp: Path) -> dict:
         worker.start()
         producer.start()
         first = _wait_detect(dwatch, detect_in, worker, 0, t0, 180.0)
-        for i in range(2 * kills):
-            variant = "eager" if i % 4 in (0, 3) else "background"
-            time.sleep(SETTLE_S)
-            if done.is_set():
-                print("[recovery] stream ended before every kill; use a longer --stream-s", file=sys.stderr)
-                break
-            load = os.getloadavg()[0]
-            worker.env = {**env, BACKGROUND_ENV: "1" if variant == "background" else "0"}
-            t_k, e_k = time.monotonic(), time.time()
-            worker.kill9()
-            # read after the kill: a commit the dying worker had in flight landed after a read before it (0.08 s)
-            before = committed(dwatch, detect_in)
-            worker.start()
-            took = _wait_detect(dwatch, detect_in, worker, before, t_k, CAP_S)
-            ph = _phases_since(worker.log_path, e_k)
-            runs.append({"variant": variant, "resumed_s": took, "load1": round(load, 2),
-                         "at_s": round(t_k - t0, 1), "phases_s": ph})
-            print(f"[recovery] kill {i + 1}: {variant} resumed after {took} s (load {load:.1f}) {ph}", file=sys.stderr)
+        t_first = time.monotonic()
+        for n, point in enumerate(at):
+            time.sleep(max(0.0, t_first + point - time.monotonic()))
+            for variant in (("memory", "local") if n % 2 == 0 else ("local", "memory")):
+                time.sleep(SETTLE_S)
+                if done.is_set():
+                    print("[recovery] stream ended before every kill; use a longer --stream-s", file=sys.stderr)
+                    break
+                load = os.getloadavg()[0]
+                worker.env = {**env, STORE_ENV: variant}
+                state = {c: ends(dwatch, [c]) for c in changelog_topics(app_id)}
+                t_k, e_k = time.monotonic(), time.time()
+                worker.kill9()
+                # read after the kill: a commit the dying worker had in flight landed after a read before it (0.08 s)
+                before = committed(dwatch, detect_in)
+                worker.start()
+                took = _wait_detect(dwatch, detect_in, worker, before, t_k, CAP_S)
+                ph = _phases_since(worker.log_path, e_k)
+                loaded, parts = _loaded(worker.log_path)
+                runs.append({"variant": variant, "point": n, "resumed_s": took, "load1": round(load, 2),
+                             "at_s": round(t_k - t0, 1), "changelog_messages": sum(state.values()),
+                             "local_entries_loaded": loaded, "local_dbs": parts, "phases_s": ph})
+                print(f"[recovery] point {n} ({round(t_k - t0)} s, changelogs {sum(state.values())}): {variant} "
+                      f"resumed after {took} s (load {load:.1f}, loaded {loaded}) {ph}", file=sys.stderr)
         logs = {n: ends(dwatch, [n]) for n in changelog_topics(app_id)}
     finally:
         done.wait(max(0.0, stream_s - (time.monotonic() - t0)) + 30.0)  # the producer ends before its topics go
@@ -118,27 +135,36 @@ def run(kills: int, stream_s: float, bootstrap: str, tmp: Path) -> dict:
             with contextlib.suppress(Exception):
                 fut.result(30)
 
-    def med(v: str) -> float | None:
-        xs = [r["resumed_s"] for r in runs if r["variant"] == v and r["resumed_s"] is not None]
+    def med(v: str, point: int | None = None) -> float | None:
+        xs = [r["resumed_s"] for r in runs if r["variant"] == v and r["resumed_s"] is not None
+              and (point is None or r["point"] == point)]
         return round(statistics.median(xs), 2) if xs else None
 
-    eager, bg = med("eager"), med("background")
-    return {"what": "seconds from kill -9 of `run --stage all` until the detect group commits again (median)",
-            "bootstrap": bootstrap, "partitions": PARTITIONS, "stream_s": stream_s, "first_start_s": first,
-            "eager_median_s": eager, "background_median_s": bg,
-            "ratio_background_vs_eager": round(bg / eager, 2) if eager and bg else None,
+    per_point = []
+    for n in sorted({r["point"] for r in runs}):
+        m, loc = med("memory", n), med("local", n)
+        msgs = max(r["changelog_messages"] for r in runs if r["point"] == n)
+        per_point.append({"point": n, "changelog_messages": msgs, "memory_s": m, "local_s": loc,
+                          "ratio_local_vs_memory": round(loc / m, 2) if m and loc else None})
+    mem, loc = med("memory"), med("local")
+    return {"what": "seconds from kill -9 of `run --stage all` until the detect group commits again: tables in memory "
+                    "(full changelog replay) vs the local RocksDB store (tail replay), same run, same state",
+            "scenario": scenario, "bootstrap": bootstrap, "partitions": PARTITIONS, "stream_s": stream_s,
+            "first_start_s": first, "per_point": per_point, "memory_median_s": mem, "local_median_s": loc,
+            "ratio_local_vs_memory": round(loc / mem, 2) if mem and loc else None,
             "runs": runs, "changelog_end_offsets": logs, "cpus": os.cpu_count(),
-            "worker_restarts_on_own": len(worker.own_exits), "produced": counts}
+            "worker_restarts_on_own": len(worker.own_exits), "own_exits": worker.own_exits, "produced": counts}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kills", type=int, default=3, help="kills per variant (eager, background), ABBA")
-    ap.add_argument("--stream-s", type=float, default=150.0)
+    ap.add_argument("--scenario", choices=("demo", "scope"), default="scope")
+    ap.add_argument("--stream-s", type=float, default=300.0)
+    ap.add_argument("--at", default="25,150,260", help="kill points, seconds after the first commit (comma-separated)")
     args = ap.parse_args(argv)
     bootstrap = os.environ.get("TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as d:
-        result = run(args.kills, args.stream_s, bootstrap, Path(d))
+        result = run(args.scenario, [float(x) for x in args.at.split(",")], args.stream_s, bootstrap, Path(d))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "recovery.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
     print(orjson.dumps({k: v for k, v in result.items() if k != "runs"}).decode())

@@ -84,8 +84,12 @@ def db_state(path: Path) -> tuple[dict[bytes, bytes], int]:
         db.close()
 
 
+@pytest.mark.parametrize("handover", [False, True], ids=["restart", "moved-away-and-back"])
 def test_kill_9_keeps_a_consistent_local_store_and_the_restart_uses_it(tmp_path: Path, kafka_bootstrap: str,
-                                                                        unique_topic, store) -> None:
+                                                                        unique_topic, store, handover: bool) -> None:
+    """restart: worker A holding state is killed -9 and restarted. moved-away-and-back: while A is dead, worker B
+    (another id, no DB: a full replay) takes the partition and moves the tables on (tombstones included); A restarts
+    on its older DB, replays from its offset and must end equal to the changelog (nothing stale left)."""
     folder = simulate("demo", tmp_path / "demo")
     items = delivery_order(folder)
     app_id = f"ls-{uuid.uuid4().hex[:10]}"
@@ -94,7 +98,7 @@ def test_kill_9_keeps_a_consistent_local_store_and_the_restart_uses_it(tmp_path:
     env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "TRAINWATCH_POLICY": "demo",
            "TRAINWATCH_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'worker-store'}", "TRAINWATCH_DATABASE": db,
            "TRAINWATCH_MODEL_PATH": "rule", "TRAINWATCH_DATA_DIR": str(tmp_path / "var"),
-           "TRAINWATCH_KAFKA__GROUP_INSTANCE_ID": app_id,
+           "TRAINWATCH_KAFKA__GROUP_INSTANCE_ID": app_id, "TRAINWATCH_KAFKA__SESSION_TIMEOUT_S": "6",
            **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
     env.pop("TRAINWATCH_CONFIG", None)
     env.pop("TRAINWATCH_TABLE_STORE", None)
@@ -104,12 +108,13 @@ def test_kill_9_keeps_a_consistent_local_store_and_the_restart_uses_it(tmp_path:
     log = log_path.open("wb")
     inputs = [topics["windows"], topics["cip"], topics["allocations"], owners_topic(app_id), topics["detections"]]
 
-    def start() -> subprocess.Popen:
-        log.write(b"===== start\n")
+    def start(worker_id: str = app_id) -> subprocess.Popen:
+        log.write(f"===== start {worker_id}\n".encode())
         log.flush()
-        return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, env={**env, "TRAINWATCH_KAFKA__GROUP_INSTANCE_ID": worker_id}, cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT)
 
-    half = len(items) // 2
+    half = len(items) // (3 if handover else 2)
     produce(kafka_bootstrap, topics, items[:half])
     proc = start()
     try:
@@ -124,6 +129,17 @@ def test_kill_9_keeps_a_consistent_local_store_and_the_restart_uses_it(tmp_path:
             assert got == changelog_state(kafka_bootstrap, name, offset), f"{table}: DB != changelog to {offset}"
             held[table] = len(got)
         assert held["engine"] > 0 and held["partials"] > 0, held
+        if handover:
+            produce(kafka_bootstrap, topics, items[half:2 * half])
+            proc = start(f"{app_id}-b")
+            wait_for(lambda: lag(kafka_bootstrap, app_id, inputs) == 0, "B consumed", proc, log_path, 2 * DEADLINE_S)
+            proc.kill()
+            proc.wait(10)
+            log_b = log_path.read_text(errors="replace").rsplit("===== start", 1)[-1]
+            assert "local store engine-0: 0 entries" in log_b, "B has no DB of its own: a full replay"
+            after = changelog_state(kafka_bootstrap, f"{app_id}-partials-changelog")
+            assert set(db_state(tables / "partials-0.rocks")[0]) - set(after), "B deleted nothing A holds"
+            half *= 2
         produce(kafka_bootstrap, topics, items[half:])
         proc = start()
         wait_for(lambda: lag(kafka_bootstrap, app_id, inputs) == 0, "consumer lag 0", proc, log_path, 2 * DEADLINE_S)
