@@ -104,6 +104,14 @@ BAND_FLOOR = 0.5
 #: error, so it needs P <= 0.2 and out-of-fold share of training runs among its calls <= 1 - NOT_TRAINING_TARGET.
 NOT_TRAINING_CEIL = 0.2
 NOT_TRAINING_TARGET = 0.99
+#: Young runs (issue 14): the training rows are histories of whole `history_k` windows almost always (a random delivery
+#: of a long workload), so a run's first windows lie where the tier has barely been calibrated. Measured on the
+#: prefixes of runs (their first 1..k windows): version 5's smi tier called 21 of 81 training runs confidently
+#: not_training on their first window (23 % of those calls training). `fit_young` measures per tier the fewest
+#: windows from which every length keeps that share <= 1 - NOT_TRAINING_TARGET; a run with fewer is `uncertain`
+#: (reason `short_history`), never confidently not_training. A model never measured so (fit alone) has no such rule:
+#: `train_and_save` measures it on the training seed's runs, so the shipped artifact always carries it.
+SHORT_HISTORY = "short_history"
 SCALE_FEATURES = ("scale_devices", "scale_nodes", "scale_log_device_seconds", "duration_log_s", "history_windows")
 #: How many devices a run holds is a simulator prior, not evidence: the simulator gives training 8 GPUs per node,
 #: real clusters train on 1, 2 or 4 (issue 14: 2- and 4-GPU training runs called not_training, moved by
@@ -556,6 +564,42 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         self.model_id = model_id
         self.model_version = model_version
 
+    # -- young runs -------------------------------------------------------------------------------------------
+    def fit_young(self, prefixes: Sequence[Sequence[Any]], y: Sequence[int]) -> dict[str, Any]:
+        """Measure per tier the fewest windows a run needs before a confident not_training is allowed
+        (`min_history_windows_`). `prefixes`: the first 1..history_k windows of runs seen from their start (each
+        prefix one history), `y` their labels. Per tier (its own input: smi = DCGM columns hidden; full = the rows
+        that route to it) and per length m, the share of training runs among the confident not_training calls; the
+        minimum is the smallest n such that every length >= n keeps it <= 1 - NOT_TRAINING_TARGET. Returns the
+        per-length table (the evidence)."""
+        y_arr = np.asarray(y, dtype=int)
+        f = self.featurizer_
+        X = f.transform(prefixes)
+        n = X[:, f.feature_names_out_.index("history_windows")]
+        self.min_history_windows_: dict[str, int] = {}
+        table: dict[str, Any] = {}
+        for t in self.tiers_:
+            rows = np.ones(len(X), dtype=bool) if t == "smi" else self.tier_of(X) == t
+            Xt = self._tier_input(X[rows], t)  # smi: every prefix with its DCGM columns hidden
+            band = np.array([d["band"] for d in self.assess(Xt, young=np.zeros(len(Xt), dtype=bool))])
+            yt, nt = y_arr[rows], n[rows]
+            per: dict[str, dict[str, Any]] = {}
+            for m in range(1, self.history_k + 1):
+                calls = (nt == m) & (band == "not_training")
+                per[str(m)] = {"histories": int((nt == m).sum()), "training": int(((nt == m) & (yt == 1)).sum()),
+                          "not_training_calls": int(calls.sum()), "of_them_training": int((calls & (yt == 1)).sum())}
+            ok = [p["of_them_training"] <= (1.0 - NOT_TRAINING_TARGET) * p["not_training_calls"] for p in per.values()]
+            need = self.history_k
+            while need > 1 and ok[need - 2]:
+                need -= 1
+            self.min_history_windows_[t] = int(need)
+            table[t] = {"min_history_windows": int(need), "per_length": per}
+        return table
+
+    def min_windows(self, tier: str) -> int:
+        """Fewest windows of a run's start before a confident not_training (1, no rule, until `fit_young`)."""
+        return int(getattr(self, "min_history_windows_", {}).get(tier, 1))
+
     # -- fitting -----------------------------------------------------------------------------------------------
     def _tier_model(self) -> TierModel:
         """A fresh, unfitted copy of the tier model (each tier fits its own)."""
@@ -691,13 +735,18 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         out[:, cols] = np.tile(ref[:, cols], (len(Xv), 1))
         return out
 
-    def assess(self, X: np.ndarray, variants: Sequence[np.ndarray | None] | None = None) -> list[dict[str, Any]]:
+    def assess(self, X: np.ndarray, variants: Sequence[np.ndarray | None] | None = None,
+               young: np.ndarray | None = None) -> list[dict[str, Any]]:
         """Everything a verdict needs, per feature row: calibrated P (the mean over what is unknown), its 5-95 %
         range, band, tier, reasons, missing groups, out-of-distribution features.
 
         `variants[i]` (optional) holds alternative rows for row i where a missing group could be bounded from
-        the data (power in watts for an unknown TDP): they replace the row and the spread over them is kept."""
+        the data (power in watts for an unknown TDP): they replace the row and the spread over them is kept.
+        `young[i]`: row i's history starts at its run's start (default: every row), so fewer windows than the
+        tier's `min_windows` make a not_training verdict `uncertain` (`short_history`)."""
         tiers = self.tier_of(X)
+        n_windows = X[:, self.featurizer_.feature_names_out_.index("history_windows")]
+        young = np.ones(len(X), dtype=bool) if young is None else np.asarray(young, dtype=bool)
         out: list[dict[str, Any]] = []
         for t in TIERS:
             rows = np.flatnonzero(tiers == t)
@@ -732,7 +781,12 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
                     is_ood, names_out = bool(ood[j]), ood_names[j]
                 widened = bool(missing) or len(Xv) > 1
                 reasons = []
-                if band == "uncertain":
+                # a young run's not_training is read off windows the tier was barely calibrated on: not confident
+                short = bool(young[r]) and band == "not_training" and not n_windows[r] >= self.min_windows(t)
+                if short:
+                    band = "uncertain"
+                    reasons.append(SHORT_HISTORY)
+                if band == "uncertain" and not short:
                     # the mean alone would have been confident: only what is unknown keeps it open
                     if not widened or m.band(np.array([p]))[0] == "uncertain":
                         reasons.append("between_bands")
@@ -826,11 +880,11 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         return self.featurizer_.transform(hs)
 
     # -- verdicts ------------------------------------------------------------------------------------------------
-    def _verdict(self, history: Sequence[Any]) -> tuple[Verdict, dict[str, Any]]:
+    def _verdict(self, history: Sequence[Any], young: bool = True) -> tuple[Verdict, dict[str, Any]]:
         x = self.featurizer_.transform_one(history)
         with _openmp().limit(limits=1, user_api="openmp"):
             variants = self.unit_variants(history)
-            a = self.assess(x[None, :], [variants])[0]
+            a = self.assess(x[None, :], [variants], np.array([young]))[0]
             top = self.contributions(x if variants is None else variants[len(variants) // 2], a["tier"])
         missing = list(a["missing"])
         if variants is not None:
@@ -859,7 +913,9 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         parts = [hist[max(0, e - k) : e] for e in reversed(cuts)]
         if len(parts) > 1 and len(parts[0]) < k // 2:  # a short oldest remainder joins the next part's judgement
             parts = parts[1:]
-        return combine_parts([self._verdict(p)[0] for p in parts], [len(p) for p in parts])
+        # only the first part holds the run's start (a later part is no young run, whatever its length)
+        return combine_parts([self._verdict(p, young=i == 0)[0] for i, p in enumerate(parts)],
+                             [len(p) for p in parts])
 
     def explain_tiers(self) -> dict[str, dict[str, float]]:
         return {

@@ -68,7 +68,7 @@ TRAIN_SCENARIO: dict[str, Any] = {"scale": 3.0}
 #: The account a window without one is filed under (the engine drops unattributed windows).
 UNATTRIBUTED = "unattributed"
 MODEL_ID = "trainwatch-workload-gbm"
-MODEL_VERSION = "5"
+MODEL_VERSION = "5.1"  # 5.1: version 5's fit + the short-history rule (fit_young, issue 14 young runs)
 #: Fields written as whole numbers by the simulator's line writer (MiB, MHz, bytes, mJ).
 _INT_FIELDS = frozenset(("fb_used_mib", "fb_free_mib", "sm_clock_mhz", "mem_clock_mhz", "pcie_tx_bytes",
                          "pcie_rx_bytes", "nvlink_tx_bytes", "nvlink_rx_bytes", "net_tx_bytes", "net_rx_bytes",
@@ -167,6 +167,36 @@ def sample_histories(entries: Sequence[Any], rng: np.random.Generator, n: int) -
         extra = rng.choice(np.arange(1, len(entries)), size=min(n - 1, len(entries) - 1), replace=False)
         ends.update(int(e) for e in extra)
     return [list(entries[max(0, e - HISTORY_K) : e]) for e in sorted(ends)]
+
+
+def run_prefixes(entries: dict[str, list[dict[str, Any]]], truth: dict[str, dict[str, Any]],
+                 window_s: float = WINDOW_S) -> tuple[list[list[Any]], np.ndarray, np.ndarray]:
+    """(histories, labels, workloads): the engine's history after each of a run's first HISTORY_K windows, for every
+    workload seen from its start (its first window after the scenario's first two: one running at the start has no
+    start in the data). A correction of a window already seen is skipped (same length again). The young runs
+    `GbmWorkloadClassifier.fit_young` measures the short-history rule on."""
+    from detectors.classifier import normalise_history
+
+    starts = [e[0]["window_start"] for e in entries.values() if e]
+    t0 = min(starts) if starts else 0.0
+    H: list[list[Any]] = []
+    y: list[int] = []
+    wl: list[str] = []
+    for w in sorted(entries):
+        e, t = entries[w], truth.get(w)
+        if not e or t is None or e[0]["window_start"] <= t0 + 2 * window_s:
+            continue
+        seen = 0
+        for k in range(1, len(e) + 1):
+            n = len(normalise_history(e[:k]))
+            if n > HISTORY_K:
+                break
+            if n > seen:
+                seen = n
+                H.append(list(e[:k]))
+                y.append(int(bool(t["is_training"])))
+                wl.append(w)
+    return H, np.array(y, dtype=int), np.array(wl)
 
 
 @dataclass
@@ -340,9 +370,12 @@ def train_and_save(
     out_dir: Path | None = None, *, seed: int = 7, scenario_params: dict[str, Any] | None = None,
     params: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
 ) -> tuple[Path, GbmWorkloadClassifier, Dataset]:
-    """Simulate the `eval` scenario, train on all of it, save the artifact (default: the packaged one)."""
-    ds = simulated_dataset("eval", seed, **{**TRAIN_SCENARIO, **(scenario_params or {})})
+    """Simulate the `eval` scenario, train on all of it, measure the short-history rule on its runs' first windows
+    (`fit_young`), save the artifact (default: the packaged one)."""
+    entries, truth, digest = simulated_entries("eval", seed, **{**TRAIN_SCENARIO, **(scenario_params or {})})
+    ds = dataset_from_entries(entries, truth, digest, seed, HISTORIES_PER_WORKLOAD)
     model = train_model(ds, params)
+    young = model.fit_young(*run_prefixes(entries, truth)[:2])
     meta = ArtifactMeta(
         model_id=MODEL_ID,
         model_version=MODEL_VERSION,
@@ -350,7 +383,8 @@ def train_and_save(
         params={**DEFAULT_PARAMS, **(params or {}), "scenario": "eval", "seed": seed,
                 "scenario_params": {**TRAIN_SCENARIO, **(scenario_params or {})}, "histories": len(ds.y),
                 "workloads": len(set(ds.workloads.tolist()))},
-        metrics={"tiers": model.explain_tiers(), **(metrics or {})},
+        metrics={"tiers": model.explain_tiers(), "min_history_windows": model.min_history_windows_,
+                 "young_runs": young, **(metrics or {})},
     )
     path = save_artifact(model, meta, out_dir or packaged_dir())
     return path, model, ds

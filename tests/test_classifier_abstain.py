@@ -3,6 +3,8 @@ policy's asymmetric stakes for a `not_training` verdict."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -153,3 +155,60 @@ def test_catalog_has_the_rented_parts_each_with_a_source_and_pcie_is_not_sxm():
     pcie = resolve("NVIDIA A100-PCIE-40GB")
     assert (pcie.tdp_w, pcie.memory_gib) == (250.0, 40.0)  # not the SXM row's 400 W / 80 GiB
     assert resolve("TITAN X") is None  # unknown stays unknown: the classify basis says unknown_accelerator
+
+
+#: The first window of a simulated 24-GPU pretraining run on nvidia-smi-only nodes (eval scenario seed 7,
+#: wl-0a3db6233a7bf6e3f864, hopper-cloud), its nvidia-smi-level features as the engine hands them over: version 5's
+#: smi tier gave it P 0.000 on its first three windows (issue 14, young runs).
+PRETRAIN_SMI_WINDOW = {
+    "mean_gpu_util": 0.9778, "std_gpu_util": 0.0224, "mean_mem_copy_util": 0.2986, "std_mem_copy_util": 0.0169,
+    "mean_power": 0.4795, "std_power": 0.0133, "mean_fb_used": 0.8492, "std_fb_used": 0.0028,
+    "mean_sm_clock": 1525.5579, "std_sm_clock": 32.3138, "mean_mem_clock": 4000.0, "std_mem_clock": 0.0,
+    "sync_devices_util": 0.1494, "sync_nodes_util": 0.7795, "sync_devices_power": 0.071, "sync_nodes_power": 0.4188,
+    "profile_cv_util": 0.0075, "profile_ac1_util": 0.1157, "profile_cv_power": 0.0062, "profile_ac1_power": 0.0013,
+    "mem_occupancy": 0.8492, "devices_per_node": 8.0,
+}
+
+
+def test_a_young_pretraining_run_is_never_confidently_not_training():
+    from detectors.classifier import SHORT_HISTORY
+    from detectors.model_artifact import load_artifact
+
+    model, meta = load_artifact(None)
+    need = model.min_windows("smi")
+    assert 1 < need <= model.history_k and meta.metrics["min_history_windows"]["smi"] == need
+    run = [{"workload_id": "pre", "window_start": 60.0 * i, "window_end": 60.0 * (i + 1), "device_count": 24,
+            "node_count": 3, "basis": "utilisation_power", "features": dict(PRETRAIN_SMI_WINDOW)} for i in range(need)]
+    x = model.featurizer_.transform([run[:1]])
+    # what the tier alone says of its first window: confidently not_training (the error the rule exists for)
+    assert model.assess(x, young=np.array([False]))[0]["band"] == "not_training"
+    for n in range(1, need):
+        v = model.predict(run[:n])
+        assert v.model_id.endswith("/smi") and v.band == "uncertain" and SHORT_HISTORY in v.reasons, (n, v)
+    # the same windows later in a run (not its start) are judged as the tier judges them
+    assert model.assess(x, young=np.array([True]))[0]["reasons"] == (SHORT_HISTORY,)
+
+
+def test_fit_young_measures_the_windows_a_not_training_call_needs(power_model):
+    from detectors.classifier import SHORT_HISTORY
+
+    rng = np.random.default_rng(13)
+    prefixes, y = [], []
+    for k in range(80):
+        t = k % 2 == 0
+        h = _hist(rng, t, 16)
+        if t:  # a training run's first three windows look idle (loading data, compiling)
+            for w in h[:3]:
+                w["features"].update(mean_power=0.15, mean_power_watts=0.15 * TDP)
+        prefixes += [h[:n] for n in range(1, 17)]
+        y += [int(t)] * 16
+    model = copy.deepcopy(power_model)  # the module's fixture stays unmeasured
+    assert model.min_windows("smi") == 1  # unmeasured: no rule
+    table = model.fit_young(prefixes, y)
+    need = model.min_windows("smi")
+    assert need > 3 and table["smi"]["min_history_windows"] == need
+    assert table["smi"]["per_length"]["1"]["of_them_training"] > 0  # what it measured: young runs called idle
+    young = [h for h, t in zip(prefixes, y, strict=True) if t and len(h) < need]
+    verdicts = [model.predict(h) for h in young]
+    assert all(v.band != "not_training" for v in verdicts)
+    assert any(SHORT_HISTORY in v.reasons for v in verdicts)
