@@ -36,6 +36,7 @@ REASONS = (
     "no_utilisation_or_power",  # nvidia-smi's core readings absent: outside every provider the model has seen
     "mixed_phases",  # parts of the run disagree (some training-like, some not)
     "between_bands",  # calibrated P between the confident thresholds
+    "short_history",  # a run's first windows, fewer than its tier was measured to need for a not_training call
 )
 
 
