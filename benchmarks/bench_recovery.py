@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -160,11 +161,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenario", choices=("demo", "scope"), default="scope")
     ap.add_argument("--stream-s", type=float, default=300.0)
+    ap.add_argument("--keep-log", type=Path, default=None, help="copy the worker's log here at the end")
     ap.add_argument("--at", default="25,150,260", help="kill points, seconds after the first commit (comma-separated)")
     args = ap.parse_args(argv)
     bootstrap = os.environ.get("TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as d:
-        result = run(args.scenario, [float(x) for x in args.at.split(",")], args.stream_s, bootstrap, Path(d))
+        try:
+            result = run(args.scenario, [float(x) for x in args.at.split(",")], args.stream_s, bootstrap, Path(d))
+        finally:
+            if args.keep_log and (Path(d) / "worker.log").exists():
+                shutil.copy(Path(d) / "worker.log", args.keep_log)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "recovery.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
     print(orjson.dumps({k: v for k, v in result.items() if k != "runs"}).decode())

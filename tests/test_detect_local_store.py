@@ -39,8 +39,6 @@ from tests.test_faust_detect import (
     wait_for,
 )
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow]
-
 
 def test_store_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRAINWATCH_TABLE_STORE", raising=False)
@@ -84,6 +82,8 @@ def db_state(path: Path) -> tuple[dict[bytes, bytes], int]:
         db.close()
 
 
+@pytest.mark.kafka
+@pytest.mark.slow
 @pytest.mark.parametrize("handover", [False, True], ids=["restart", "moved-away-and-back"])
 def test_kill_9_keeps_a_consistent_local_store_and_the_restart_uses_it(tmp_path: Path, kafka_bootstrap: str,
                                                                         unique_topic, store, handover: bool) -> None:
