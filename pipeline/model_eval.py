@@ -19,6 +19,7 @@ recall and F1 are charged for uncertainty; the same figures over p >= 0.5 are gi
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,8 @@ def capture_eval(model: Any, folder: Path = CAPTURE_DIR) -> dict[str, Any]:
     for name, kw in CAPTURE_SETS.items():
         ds = capture_dataset(folder, **kw)  # type: ignore[arg-type]
         if ds is None:
+            print(f"GPU capture not found: {folder}/samples.jsonl does not exist; its figures are skipped",
+                  file=sys.stderr)  # a real set is never skipped silently
             return {"skipped": f"{folder}/samples.jsonl not found"}
         out[name] = verdict_block(model, ds)
     return out

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +45,11 @@ WINDOW_S = 60.0
 TOPIC = "gpu.telemetry"
 #: Histories taken per workload (ending at random deliveries), so training sees young and old workloads.
 HISTORIES_PER_WORKLOAD = 8
-MIGPROFILER_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "migprofiler_a100"
+#: The repository's root: a relative data path is looked up against it too, so the set is found from any directory.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: The MIGProfiler set: TRAINWATCH_MIGPROFILER_DIR, else ../shared/data/migprofiler_a100 beside the repository.
+MIGPROFILER_ENV = "TRAINWATCH_MIGPROFILER_DIR"
+MIGPROFILER_DIR = Path(os.environ.get(MIGPROFILER_ENV) or REPO_ROOT.parent / "shared" / "data" / "migprofiler_a100")
 #: Parameter prefixes of the shipped estimator's nested parts (scikit-learn's `set_params` names):
 #: GbmWorkloadClassifier -> estimator (TierModel: calibration, bands) -> estimator (HistGradientBoosting).
 TIER = "estimator__"
@@ -307,11 +313,24 @@ def simulated_dataset(scenario: str, seed: int, per_workload: int = HISTORIES_PE
 # ---------------------------------------------------------------------------------------------------------------
 # MIGProfiler real runs
 # ---------------------------------------------------------------------------------------------------------------
-def migprofiler_dataset(data_dir: Path = MIGPROFILER_DIR) -> Dataset | None:
+def resolve_data_dir(path: Path | str) -> Path:
+    """A data folder as given when it exists (absolute, or relative to the working directory); a relative one that
+    does not is looked up against the repository root (`../shared/...` in the docs is relative to it)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    return (REPO_ROOT / p).resolve()
+
+
+def migprofiler_dataset(data_dir: Path | str = MIGPROFILER_DIR) -> Dataset | None:
     """One workload per benchmark run (sessions_index.csv), samples from its dcgm.csv, through the ingest stage
-    as native JSON messages; None when absent. Runs are scored on their last history (whole run)."""
+    as native JSON messages. Runs are scored on their last history (whole run). None when the set is absent, with a
+    line on stderr naming where it was looked for (a real set is never skipped silently)."""
+    data_dir = resolve_data_dir(data_dir)
     index = data_dir / "sessions_index.csv"
     if not index.is_file():
+        print(f"MIGProfiler set not found: {index} does not exist; its figures are skipped (set --migprofiler or "
+              f"{MIGPROFILER_ENV})", file=sys.stderr)
         return None
     with index.open() as f:
         rows = list(csv.DictReader(f))

@@ -395,3 +395,15 @@ def test_migprofiler_signal_transfer_keeps_direction_from_the_other_source():
         assert block["n"] == 80 and block["positives"] == 20
         assert block["fb_occupancy"]["recall"] == 1.0 and block["fb_occupancy"]["fpr"] <= 0.05
         assert block["gract_spread"]["auc"] < 0.1  # direction learnt on the other variant is backwards here
+
+
+def test_migprofiler_path_is_found_from_any_directory_and_a_missing_set_is_said(tmp_path, monkeypatch, capsys):
+    from pipeline.model_train import MIGPROFILER_DIR, REPO_ROOT, migprofiler_dataset, resolve_data_dir
+
+    assert MIGPROFILER_DIR.is_absolute()
+    monkeypatch.chdir(tmp_path)  # another working directory: `../shared/...` is the repository's, not the cwd's
+    rel = "../shared/data/migprofiler_a100"
+    assert resolve_data_dir(rel) == (REPO_ROOT / rel).resolve()
+    assert migprofiler_dataset(tmp_path / "absent") is None
+    err = capsys.readouterr().err
+    assert "MIGProfiler set not found" in err and str(tmp_path / "absent") in err
