@@ -10,10 +10,25 @@ serialises only those (tests check the sum of the parts against the whole).
 
 Owner messages (detectors/owner_aggregate.py) are queued in `owner_outbox`, never applied here: the caller routes
 them (DetectStage: to the engine's own `owner_agg` in process, to the owners topic on Kafka).
+
+A corrected window re-decides (ARCHITECTURE.md, "Windows reach the engine cumulatively"). Each account keeps a
+journal of the inputs applied to it over the last `redecide_s` of event time, in steps of one window end, each step
+with a snapshot of the account's part of the state taken before it. When a window already applied comes again with
+other figures (late rows of a slow partition, merged in), the account is put back to the snapshot before that
+window's first delivery and the journal is applied again with the corrected window in its place: every decision
+that depends on it (verdict, crossing, change in scope) comes out as if the whole window had come first. Detections
+are never emitted twice: one re-found identical is dropped, one re-found under its id with other content is emitted
+again (it supersedes: the store keeps the latest per id, the case book takes it as new figures), and one the
+corrected history no longer makes stands (`redecided["stood"]`). Owner sums get the re-decided figures (latest
+values replace); an owner's own crossing is not re-decided. Older corrections replace the window's figures and the
+decisions stand. The journal lives in memory only: after a restart corrections of windows applied before it do not
+re-decide.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -26,8 +41,17 @@ from detectors.fields import finite_or_zero as _num
 from detectors.foreign_person import ForeignDetermination, determine
 from detectors.owner_aggregate import OwnerAggregator, contribution, membership, owner_level, retraction
 from detectors.reservation_potential import reservation_potential
-from detectors.runs import RunStitcher, footprint_of
-from detectors.state import HISTORY_K, SOURCE_WINDOWS_K, AccountState, OwnerState, RunState, VerdictSummary
+from detectors.runs import RunRecord, RunStitcher, footprint_of
+from detectors.state import (
+    HISTORY_K,
+    REPLACE_HORIZON_S,
+    SOURCE_WINDOWS_K,
+    AccountState,
+    OwnerState,
+    RunState,
+    VerdictSummary,
+)
+from schemas import serde
 from schemas.allocation import AllocationEvent
 from schemas.cip import CipRecord
 from schemas.detection import Detection
@@ -39,12 +63,47 @@ RELEASE_KINDS = ("instance_stopped", "job_stopped", "reservation_released")
 STOP_KINDS = ("instance_stopped", "job_stopped")
 RESERVATION_KINDS = ("reserved", "reservation_changed")
 IDLE_TTL_S = 6 * 3600.0
+#: How far back in event time (behind the account's newest input) a corrected window still re-decides: the simulator's
+#: late rows come 90-900 s after their window, which detect applied once settled (two windows after the slowest
+#: telemetry partition); 20 windows covers that with room.
+REDECIDE_S = 1200.0
+_WORKLOAD_MAPS = ("workload_run", "workload_end", "workload_fp")
+#: Classifier verdicts remembered by the history judged (a re-decision re-applies the windows of the account's other
+#: runs with histories already judged: the classifier is most of the cost of applying a window)
+VERDICT_MEMO_K = 4096
+_MISSING = object()
+
+
+class _Step:
+    """One step of an account's journal: the inputs applied to it up to event time `t` (one window end), the
+    account's part of the state before them, what they emitted (detection id -> fingerprint) and what the
+    stitcher's `stopped` map held before an input of theirs changed it."""
+
+    __slots__ = ("emitted", "inputs", "keys", "snap", "stopped", "t")
+
+    def __init__(self, t: float, snap: bytes) -> None:
+        self.t, self.snap = t, snap
+        self.inputs: list[tuple[str, Any]] = []
+        self.keys: set[tuple[Any, float]] = set()  # (workload, window start) of the windows among the inputs
+        self.emitted: dict[str, str] = {}
+        self.stopped: dict[str, Any] = {}
+
+
+def _fingerprint(det: Detection) -> str:
+    return content_id("fp", serde.dumps(det.model_dump(mode="json"), sort_keys=True).decode())
+
+
+def _window_sig(w: Any) -> tuple[float, ...]:
+    """What a re-delivery of a window may change: its figures (equal: a replay, nothing to decide again)."""
+    return (_num(_g(w, "flop")), _num(_g(w, "flop_low")), _num(_g(w, "flop_high")), _num(_g(w, "device_count")),
+            _num(_g(w, "sample_count")))
 _CIP_FACTS = ("us_person", "country", "beneficial_owners", "reseller", "customer_name")
 
 
 class DetectEngine:
     def __init__(self, policy: Policy, classifier: WorkloadClassifier | None = None, window_s: float = 60.0,
-                 detectors: Iterable[Detector] | None = None, idle_ttl_s: float = IDLE_TTL_S):
+                 detectors: Iterable[Detector] | None = None, idle_ttl_s: float = IDLE_TTL_S,
+                 redecide_s: float = REDECIDE_S):
         self.policy = policy
         u = policy.uncertainty
         self.classifier = classifier or RuleClassifier(u.p_training_high, u.p_training_low)
@@ -71,6 +130,16 @@ class DetectEngine:
         self._dirty: set[str] = set()
         self._emitted_by: dict[str, list[str]] | None = None
         self._shared_sent: str | None = None
+        # Re-deciding corrected windows (module docstring): account -> journal steps, oldest first; the step the
+        # input being applied belongs to; while re-applying, the ids the discarded steps emitted (-> fingerprint).
+        self.redecide_s = redecide_s
+        self._journal: dict[str, list[_Step]] = {}
+        self._step_now: _Step | None = None
+        self._redo: dict[str, str] | None = None
+        #: what re-deciding did: corrections re-decided, inputs applied again, detections re-emitted with other
+        #: content (superseding), detections the corrected history no longer makes (they stand), corrections too old
+        self.redecided: dict[str, int] = {"corrections": 0, "inputs": 0, "superseded": 0, "stood": 0, "too_old": 0}
+        self._verdicts: OrderedDict[bytes, Verdict] = OrderedDict()
 
     @property
     def owners(self) -> dict[str, OwnerState]:
@@ -95,13 +164,30 @@ class DetectEngine:
                     self._dirty.add(holder.account_id)
 
     def _emit(self, det: Detection) -> bool:
-        """Remember a detection id (False: emitted before). Its id goes into its account's checkpoint part."""
-        if det.detection_id in self.emitted:
-            return False
-        self.emitted[det.detection_id] = det.account_id
+        """Remember a detection id (False: emitted before). Its id goes into its account's checkpoint part. While a
+        correction is re-applied, a detection the discarded steps emitted comes out again only with other content
+        (the first time it is re-found; it supersedes the one emitted under its id)."""
+        did = det.detection_id
+        if did in self.emitted:
+            if self._redo is None or did not in self._redo:
+                return False
+            fp = _fingerprint(det)
+            if fp == self._redo.pop(did):
+                self._note_emitted(did, fp)
+                return False
+            self.redecided["superseded"] += 1
+            self._note_emitted(did, fp)
+            return True
+        self.emitted[did] = det.account_id
         if self._emitted_by is not None:
-            self._emitted_by.setdefault(det.account_id, []).append(det.detection_id)
+            self._emitted_by.setdefault(det.account_id, []).append(did)
+        if self._step_now is not None:
+            self._note_emitted(did, _fingerprint(det))
         return True
+
+    def _note_emitted(self, did: str, fp: str) -> None:
+        if self._step_now is not None:
+            self._step_now.emitted[did] = fp
 
     def determination(self, account_id: str) -> ForeignDetermination:
         return determine(self.cips.get(account_id), self.policy)
@@ -127,6 +213,8 @@ class DetectEngine:
             except Exception:  # errors are data: count it per detector, never stop the stream
                 self.errors[d.id] = self.errors.get(d.id, 0) + 1
                 continue
+            if ctx.run is not None:
+                self._note_own_case(ctx.run, found)  # found, not only emitted: a re-applied claim still claims
             out += [det for det in found if self._emit(det)]
         return out
 
@@ -144,6 +232,148 @@ class DetectEngine:
 
     def on_cip(self, cip: CipRecord) -> list[Detection]:
         """Latest updated_at wins (a conflict is noted); accounts are re-evaluated, since CIP may come late."""
+        return self._journaled(cip.account_id, "cip", cip, None)
+
+    def on_allocation(self, ev: AllocationEvent) -> list[Detection]:
+        return self._journaled(ev.account_id, "alloc", ev, ev.ts)
+
+    def on_window(self, w: Any) -> list[Detection]:
+        """One merged workload window (detectors/windows.py WorkloadWindow, or anything with its fields). A window
+        already applied that comes again with other figures re-decides (module docstring)."""
+        aid = _g(w, "account_id")
+        wid = _g(w, "workload_id")
+        start, end = _num(_g(w, "window_start")), _num(_g(w, "window_end"))
+        if not aid or not wid or end <= 0:
+            self.errors["window_unattributed"] = self.errors.get("window_unattributed", 0) + 1
+            return []
+        key = (wid, start)
+        held = [si for si, step in enumerate(self._journal.get(aid, ())) if key in step.keys]
+        if held:
+            steps = self._journal[aid]
+            first = (held[0], next(ii for ii, (kind, x) in enumerate(steps[held[0]].inputs) if kind == "win"
+                                   and (_g(x, "workload_id"), _num(_g(x, "window_start"))) == key))
+            latest = [x for kind, x in steps[held[-1]].inputs if kind == "win"
+                      and (_g(x, "workload_id"), _num(_g(x, "window_start"))) == key][-1]
+            if _window_sig(latest) == _window_sig(w):
+                return []  # this window as already applied (a replay): nothing changes
+            return self._redecide(aid, first, w)
+        return self._journaled(aid, "win", w, end)
+
+    # -- the journal: re-deciding corrected windows ---------------------------------------------------------------
+
+    def _journaled(self, aid: str, kind: str, x: Any, t: float | None) -> list[Detection]:
+        """Apply one input, recorded in its account's journal (a new step, with a snapshot, at a later event time)."""
+        if self.redecide_s <= 0:
+            return self._apply(kind, x)
+        steps = self._journal.setdefault(aid, [])
+        if not steps or (t is not None and t > steps[-1].t):
+            steps.append(_Step(t if t is not None else self.watermark, self._snapshot(aid)))
+            newest = steps[-1].t
+            while len(steps) > 1 and steps[1].t < newest - self.redecide_s:
+                steps.pop(0)  # its windows are past the horizon: a correction of them no longer re-decides
+        step = steps[-1]
+        step.inputs.append((kind, x))
+        if kind == "win":
+            step.keys.add((_g(x, "workload_id"), _num(_g(x, "window_start"))))
+        if kind == "alloc":
+            for ref in (x.workload_id, x.job_id):
+                if ref and x.kind in STOP_KINDS and ref not in step.stopped:
+                    step.stopped[ref] = self.stitcher.stopped.get(ref, _MISSING)
+        self._step_now = step
+        try:
+            return self._apply(kind, x)
+        finally:
+            self._step_now = None
+
+    def _apply(self, kind: str, x: Any) -> list[Detection]:
+        if kind == "win":
+            return self._apply_window(x)
+        if kind == "alloc":
+            return self._apply_allocation(x)
+        return self._apply_cip(x)
+
+    def _snapshot(self, aid: str) -> bytes:
+        """The account's part of the state (as detectors/snapshot.py splits it, less the emitted ids), as JSON."""
+        st = self.stitcher
+        recs = {rid: r for rid, r in st.runs.items() if r.account_id == aid}
+        wls = {w for r in recs.values() for w in r.workloads}
+        cip = self.cips.get(aid)
+        return serde.dumps({
+            "account": self.accounts.get(aid), "runs": {k: r for k, r in self.runs.items() if r.account_id == aid},
+            "recs": recs, "wl": {m: {w: getattr(st, m)[w] for w in wls if w in getattr(st, m)} for m in _WORKLOAD_MAPS},
+            "cip": cip.model_dump(mode="json") if cip is not None else None, "named": self.named_owners.get(aid)})
+
+    def _restore(self, aid: str, snap: bytes, steps: list[_Step]) -> None:
+        """Put the account's part back as `snap` holds it, undoing what `steps` (the discarded ones) changed."""
+        d = serde.loads(snap)
+        st = self.stitcher
+        wids = {w for r in st.runs.values() if r.account_id == aid for w in r.workloads}
+        wids |= {str(_g(x, "workload_id")) for step in steps for kind, x in step.inputs if kind == "win"}
+        for m in _WORKLOAD_MAPS:
+            old, cur = d["wl"][m], getattr(st, m)
+            for w in wids | set(old):
+                if w in old:
+                    cur[w] = old[w]
+                else:
+                    cur.pop(w, None)
+        for step in reversed(steps):  # the earliest value before any discarded input changed it wins
+            for ref, v in step.stopped.items():
+                if v is _MISSING:
+                    st.stopped.pop(ref, None)
+                else:
+                    st.stopped[ref] = v
+        for rid in [k for k, r in st.runs.items() if r.account_id == aid]:
+            st.runs.pop(rid)
+        st.runs.update({k: RunRecord(**r) for k, r in d["recs"].items()})
+        for rid in [k for k, r in self.runs.items() if r.account_id == aid]:
+            self.runs.pop(rid)
+        self.runs.update({k: RunState.from_dict(r) for k, r in d["runs"].items()})
+        if d["account"] is None:
+            self.accounts.pop(aid, None)
+        else:
+            self.accounts[aid] = AccountState.from_dict(d["account"])
+        if d["cip"] is None:
+            self.cips.pop(aid, None)
+        else:
+            self.cips[aid] = CipRecord.model_validate(d["cip"])
+        if d["named"] is None:
+            self.named_owners.pop(aid, None)
+        else:
+            self.named_owners[aid] = list(d["named"])
+        self._owner_index = None
+
+    def _redecide(self, aid: str, first: tuple[int, int], w: Any) -> list[Detection]:
+        """The account back to the step of the window's first delivery, then its journal applied again from there
+        with the corrected window in that place (and its later deliveries dropped: `w` is their merge)."""
+        steps = self._journal[aid]
+        si, ii = first
+        gone = steps[si:]
+        key = (_g(w, "workload_id"), _num(_g(w, "window_start")))
+        inputs: list[tuple[str, Any]] = []
+        for n, (kind, x) in enumerate(i for step in gone for i in step.inputs):
+            if kind == "win" and (_g(x, "workload_id"), _num(_g(x, "window_start"))) == key:
+                if n == ii:
+                    inputs.append(("win", w))
+                continue
+            inputs.append((kind, x))
+        redo = {did: fp for step in gone for did, fp in step.emitted.items()}
+        del steps[si:]
+        self._touch(aid)
+        self._restore(aid, gone[0].snap, gone)
+        self.redecided["corrections"] += 1
+        self.redecided["inputs"] += len(inputs)
+        out: list[Detection] = []
+        self._redo = redo
+        try:
+            for kind, x in inputs:
+                t = None if kind == "cip" else (x.ts if kind == "alloc" else _num(_g(x, "window_end")))
+                out += self._journaled(aid, kind, x, t)
+        finally:
+            self._redo = None
+        self.redecided["stood"] += len(redo)  # emitted from the partial window, not made again: they stand
+        return out
+
+    def _apply_cip(self, cip: CipRecord) -> list[Detection]:
         aid = cip.account_id
         self._touch(aid)
         acct = self._account(aid)
@@ -176,13 +406,11 @@ class DetectEngine:
         for run in [r for r in self.runs.values() if r.account_id == aid]:
             verdict = Verdict.from_dict(run.verdict) if run.verdict else None
             ctx = self._ctx(aid, run=run, verdict=verdict)
-            dets = self._run(ctx, cip, per_run_on_cip=True)
-            self._note_own_case(run, dets)
-            out += dets
+            out += self._run(ctx, cip, per_run_on_cip=True)
             self._owners_after(aid, run, run.last_end, None)
         return out
 
-    def on_allocation(self, ev: AllocationEvent) -> list[Detection]:
+    def _apply_allocation(self, ev: AllocationEvent) -> list[Detection]:
         self._touch(ev.account_id, (ev.workload_id, ev.job_id))
         acct = self._account(ev.account_id)
         acct.note_event(ev.ts)
@@ -214,8 +442,7 @@ class DetectEngine:
             acct.potential_at = ev.ts
         return self._run(self._ctx(ev.account_id), ev)
 
-    def on_window(self, w: Any) -> list[Detection]:
-        """One merged workload window (detectors/windows.py WorkloadWindow, or anything with its fields)."""
+    def _apply_window(self, w: Any) -> list[Detection]:
         aid = _g(w, "account_id")
         wid = _g(w, "workload_id")
         start, end = _num(_g(w, "window_start")), _num(_g(w, "window_end"))
@@ -247,17 +474,29 @@ class DetectEngine:
             self.errors["window_beyond_horizon"] = self.errors.get("window_beyond_horizon", 0) + 1
             return []
         basis = str(_g(w, "basis") or "none")
-        run.basis[basis] = run.basis.get(basis, 0) + 1
+        entry = {"workload_id": wid, "window_start": start, "window_end": end,
+                 "device_count": _g(w, "device_count", 0), "node_count": _g(w, "node_count") or
+                 len(_g(w, "nodes") or ()), "basis": basis, "features": {}}
+        at = next((i for i, h in enumerate(run.history) if h["workload_id"] == wid and h["window_start"] == start),
+                  None)
+        if not is_new:  # a correction past the re-decide horizon: its figures replace, decisions stand
+            self.redecided["too_old"] += 1
+            was = run.history[at]["basis"] if at is not None else None
+            if was is not None and run.basis.get(was, 0) > 0:
+                run.basis[was] -= 1
+        if is_new or at is not None:
+            run.basis[basis] = run.basis.get(basis, 0) + 1
         for win_id in list(_g(w, "window_ids") or ()) or [_g(w, "window_id") or content_id("win", wid, start)]:
             if win_id not in run.source_windows:
                 run.source_windows.append(win_id)
         del run.source_windows[:-SOURCE_WINDOWS_K]
         feats = _g(w, "features")
-        run.history.append({"workload_id": wid, "window_start": start, "window_end": end,
-                            "device_count": _g(w, "device_count", 0), "node_count": _g(w, "node_count") or
-                            len(_g(w, "nodes") or ()), "basis": basis,
-                            "features": dict(feats) if isinstance(feats, Mapping) else {}})
-        del run.history[:-HISTORY_K]
+        entry["features"] = dict(feats) if isinstance(feats, Mapping) else {}
+        if at is not None:
+            run.history[at] = entry  # each window once in the history, its latest delivery (a merge of all)
+        elif is_new:
+            run.history.append(entry)
+            del run.history[:-HISTORY_K]
         run.describe_window(workload_id=wid, job_id=job, accelerators=_g(w, "accelerators"),
                             device_count=_g(w, "device_count") or len(_g(w, "devices") or ()),
                             node_count=_g(w, "node_count") or len(_g(w, "nodes") or ()))
@@ -272,7 +511,6 @@ class DetectEngine:
         for old in sorted(runs_seen, key=lambda k: runs_seen[k]["last"])[:-16]:
             runs_seen.pop(old)
         out = self._run(self._ctx(aid, run=run, verdict=verdict), w)
-        self._note_own_case(run, out)
         self._owners_after(aid, run, end, start)
         return out
 
@@ -315,11 +553,19 @@ class DetectEngine:
         HISTORY_K windows (what it was trained on); each time HISTORY_K new windows have come, that judgement is
         folded into the run's summary as a completed block, and the run verdict combines the blocks with the open
         one. Until the first block completes the run verdict is the classifier's own."""
-        try:
-            tail = self.classifier.predict(run.history)
-        except Exception:  # a classifier failure is uncertainty, never a crash
-            self.errors["classifier"] = self.errors.get("classifier", 0) + 1
-            tail = Verdict(0.5, "uncertain", [], "error", "", reasons=("between_bands",))
+        key = hashlib.blake2b(serde.dumps([id(self.classifier), run.history]), digest_size=16).digest()
+        tail = self._verdicts.get(key)
+        if tail is not None:
+            self._verdicts.move_to_end(key)
+        else:
+            try:
+                tail = self.classifier.predict(run.history)
+                self._verdicts[key] = tail
+                if len(self._verdicts) > VERDICT_MEMO_K:
+                    self._verdicts.popitem(last=False)
+            except Exception:  # a classifier failure is uncertainty, never a crash
+                self.errors["classifier"] = self.errors.get("classifier", 0) + 1
+                tail = Verdict(0.5, "uncertain", [], "error", "", reasons=("between_bands",))
         s = VerdictSummary.from_dict(run.judged)
         if is_new:
             s.windows += 1
@@ -334,7 +580,8 @@ class DetectEngine:
         since = prev.get("since") if prev.get("band") == verdict.band else (start if not prev else end)
         run.verdict = {**verdict.to_dict(), "since": since,
                        "basis": s.basis(tail, open_n)}
-        run.bands_seen[verdict.band] = run.bands_seen.get(verdict.band, 0) + 1
+        if is_new:  # windows judged per band: a corrected window was counted when it first came
+            run.bands_seen[verdict.band] = run.bands_seen.get(verdict.band, 0) + 1
         return verdict
 
     def _owners_after(self, aid: str, run: RunState, end: float, start: float | None) -> None:
@@ -409,6 +656,10 @@ class DetectEngine:
         self._dirty.update(gone)
         for aid in gone:
             self.accounts.pop(aid)
+        # Journals of accounts without input for longer than a window may still be corrected (REPLACE_HORIZON_S).
+        for aid in [a for a, steps in self._journal.items() if not steps or steps[-1].t < event_time -
+                    REPLACE_HORIZON_S]:
+            self._journal.pop(aid)
         return []
 
     def on_windows(self, windows: Iterable[Any]) -> list[Detection]:

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 RATE_FLOOR = 1e12  # FLOP/s: below this a rate is "idle", so x-fold from nothing is not a change
-PENDING_K = 4  # open buckets kept; older ones are folded (a window later than that is dropped as late)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,10 +168,14 @@ class ScopeBaseline:
 
     def observe_window(self, *, end: float, window_s: float, workload_id: str, devices: float, flop: float,
                        p_training: float, params: ScopeParams) -> list[Change]:
-        """One workload-window of the account (a re-delivered one replaces); closed buckets are judged."""
+        """One workload-window of the account (a re-delivered one replaces while its bucket is open); closed buckets
+        are judged."""
         key = repr(float(end))
-        if key not in self.pending and end <= self.latest_end - PENDING_K * window_s:
-            return []  # too late: its bucket was judged already
+        if key not in self.pending and end < self.latest_end:
+            # Its bucket was judged already (buckets close in window order): judging it again on this window alone
+            # would fold that window end into the baseline twice. The engine re-decides a corrected window by
+            # re-applying the account's inputs from before it (detectors/engine.py); older ones are dropped here.
+            return []
         self.pending.setdefault(key, {})[workload_id] = [max(0.0, devices), max(0.0, flop),
                                                          min(1.0, max(0.0, p_training))]
         self.latest_end = max(self.latest_end, end)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -817,3 +818,75 @@ def test_a_new_owner_level_detector_runs_where_owner_sums_cross():
     dets = feed(claimed, [window("wl-a", "acct-a", i, flop=1e17) for i in range(6)])
     dets += feed(claimed, [window("wl-b", "acct-b", i, flop=1e17) for i in range(6)])
     assert len(by(dets, "toy_windows")) == 2 and by(dets, "owner_aggregate") == by(dets, "toy_owner") == []
+
+
+# -- corrected windows: each window once, and decisions as if the whole window had come first ------------------------
+
+def _half(w: WorkloadWindow) -> WorkloadWindow:
+    """The window as a first, partial merge delivers it: half its devices and FLOP (a slow partition's rows later)."""
+    n = w.device_count // 2
+    return dataclasses.replace(w, devices=w.devices[:n], device_count=n, flop=w.flop / 2, flop_low=w.flop_low / 2,
+                               flop_high=w.flop_high / 2, sample_count=w.sample_count // 2, accelerators={"H100": n})
+
+
+def _stream(deliver_partial: bool, redecide_s: float | None = None) -> tuple[DetectEngine, list[Detection]]:
+    """Account acct-c (foreign) runs 8 windows of 3e17 (crossing T inside window 3); acct-o runs beside it. With
+    `deliver_partial`, window 3 first comes half-merged and its rest after window 5, with a CIP update of another
+    account and an allocation of acct-c between."""
+    eng = DetectEngine(demo()) if redecide_s is None else DetectEngine(demo(), redecide_s=redecide_s)
+    out = eng.on_cip(cip("acct-c")) + eng.on_cip(cip("acct-o"))
+    for i in range(8):
+        w = window("wl-c", "acct-c", i, flop=3e17)
+        out += feed(eng, [_half(w) if deliver_partial and i == 3 else w, window("wl-o", "acct-o", i, flop=1e16)])
+        if i == 4:
+            out += eng.on_allocation(alloc("acct-c", "reserved", T0 + 5 * W, reserved_until=T0 + 7200))
+            out += eng.on_cip(cip("acct-o", updated_at=T0))
+        if deliver_partial and i == 5:
+            out += feed(eng, [window("wl-c", "acct-c", 3, flop=3e17)])  # the late rows, merged: the whole window
+    return eng, out
+
+
+def _latest(dets: list[Detection]) -> dict[str, tuple[float, str, str]]:
+    """Each detection id as finally stated (a re-decided detection supersedes the one emitted under its id)."""
+    return {d.detection_id: (d.event_time, d.outcome, d.reason) for d in dets}
+
+
+def test_a_window_delivered_twice_or_corrected_is_held_once_and_counted_once():
+    whole, _ = _stream(False)
+    partial, _ = _stream(True)
+    twice, _ = _stream(False)
+    feed(twice, [window("wl-c", "acct-c", 6, flop=3e17), window("wl-o", "acct-o", 2, flop=1e16)])  # re-delivered
+    for eng in (partial, twice):
+        (run,) = [r for r in eng.runs.values() if r.account_id == "acct-c"]
+        keys = [(h["workload_id"], h["window_start"]) for h in run.history]
+        assert len(keys) == len(set(keys)) == 8
+        assert (run.used, run.used_low, run.used_high) == pytest.approx((8 * 3e17, 8 * 2.7e17, 8 * 6e17))
+        assert run.basis == {"tensor_active": 8} and run.judged["windows"] == 8 and sum(run.bands_seen.values()) == 8
+        # Re-decided from the snapshot before the partial window: the very state of the single delivery.
+        assert eng.to_dict() == whole.to_dict()
+    # Past the re-decide horizon a correction replaces the window's figures; its totals are still counted once.
+    old, _ = _stream(True, redecide_s=30.0)
+    (run,) = [r for r in old.runs.values() if r.account_id == "acct-c"]
+    assert old.redecided["too_old"] == 1 and old.redecided["corrections"] == 0
+    assert run.used == pytest.approx(8 * 3e17) and run.basis == {"tensor_active": 8}
+    assert sorted(h["window_start"] for h in run.history) == [T0 + i * W for i in range(8)]
+    assert next(h for h in run.history if h["window_start"] == T0 + 3 * W)["device_count"] == 8
+
+
+def test_a_corrected_window_gives_the_detections_of_the_whole_window_first():
+    _, whole = _stream(False)
+    eng, partial = _stream(True)
+    ct = by(whole, "compute_threshold")
+    assert [(d.outcome, d.event_time) for d in ct] == [("reportable", pytest.approx(expected_crossing(3e17, 8)))]
+    # On the half window the crossing was interpolated 40 s into window 3 (not 20 s); the correction re-decides it
+    # under the same id (a superseding version).
+    first = by(partial, "compute_threshold")[0]
+    assert first.detection_id == ct[0].detection_id and first.event_time == pytest.approx(T0 + 3 * W + 40)
+    assert _latest(partial) == _latest(whole)
+    assert eng.redecided["corrections"] == 1 and eng.redecided["superseded"] == 1 and eng.redecided["stood"] == 0
+    # Idempotent: the correction again, or any earlier delivery again, changes nothing and emits nothing.
+    again = feed(eng, [window("wl-c", "acct-c", 3, flop=3e17), window("wl-c", "acct-c", 5, flop=3e17)])
+    assert again == [] and eng.redecided["corrections"] == 1
+    # Without re-deciding, the decision taken on the half window would stand.
+    _, stood = _stream(True, redecide_s=0.0)
+    assert _latest(stood) != _latest(whole)

@@ -19,6 +19,7 @@ from detectors.state import AccountState, RunState
 from pipeline.scope_eval import detect_folder, score
 from pipeline.simulator import simulate
 from pipeline.simulator.scope_scenario import CHANGE_KINDS, CONTROL_KINDS
+from schemas.detection import Detection
 from tests.detector_builders import INFERENCE, T0, TRAINING, W, alloc, cip, demo, window
 
 P = ScopeParams()
@@ -193,7 +194,7 @@ def test_detector_in_the_engine_reports_info_only():
 def demo_scored(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder: Path = simulate("demo", tmp_path_factory.mktemp("scope") / "demo", seed=0)
     truth = orjson.loads((folder / "ground_truth.json").read_bytes())
-    return score(detect_folder(folder), truth, 60.0)
+    return score(latest_versions(detect_folder(folder)), truth, 60.0)
 
 
 def test_demo_scope_change_is_detected_quickly_without_false_alarms(demo_scored: dict):
@@ -210,6 +211,12 @@ def test_demo_scope_change_is_detected_quickly_without_false_alarms(demo_scored:
 
 # -- the labelled `scope` scenario ------------------------------------------------------------------------------
 
+def latest_versions(dets: list[Detection]) -> list[Detection]:
+    """Each detection id once, its latest version, in the order first emitted: a detection re-emitted under its id
+    (re-decided on a corrected window, detectors/engine.py) supersedes the one before, as in the store."""
+    return list({d.detection_id: d for d in dets}.values())
+
+
 SCOPE_SCALE = 0.5  # 2 accounts per change kind, 1 per control kind
 # At most 3x the devices beside serving that goes on, P(training) of the mix under the band: only a >= 10x compute
 # rate gives it away, so some are missed (docs/classifier.md); it is scored, not required.
@@ -220,7 +227,7 @@ HARD = "inference_to_finetune"
 def scope_scored(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder: Path = simulate("scope", tmp_path_factory.mktemp("scope") / "scope", seed=0, scale=SCOPE_SCALE)
     truth = orjson.loads((folder / "ground_truth.json").read_bytes())
-    return score(detect_folder(folder), truth, 60.0)
+    return score(latest_versions(detect_folder(folder)), truth, 60.0)
 
 
 def test_scope_scenario_changes_are_detected_quickly_and_dated(scope_scored: dict):
@@ -259,3 +266,20 @@ def test_scope_scenario_controls_raise_no_false_alarm(scope_scored: dict):
     fa = scope_scored["false_alarms"]
     assert fa["n"] == 0 and fa["account_days"] > 1.0 and fa["per_account_day"] == 0.0
     assert scope_scored["scope_change"]["detected"] > 0  # the same run does alarm: the quiet is not a dead detector
+
+
+def test_a_late_window_of_a_bucket_already_judged_is_not_folded_again():
+    """A bucket is judged once, when a later window end comes. A correction of one of its windows that comes after
+    that used to open the bucket again and judge it on that window alone (its window end folded twice, on part of
+    its devices); the engine re-decides such a correction from its journal, the baseline drops it."""
+    base, p = ScopeBaseline(), ScopeParams()
+    for i in range(40):
+        base.observe_window(end=T0 + (i + 1) * W, window_s=W, workload_id="a", devices=2, flop=1e15, p_training=0.1,
+                            params=p)
+    before = base.to_dict()
+    assert base.observe_window(end=T0 + 38 * W, window_s=W, workload_id="a", devices=16, flop=9e16,
+                               p_training=0.95, params=p) == []
+    assert base.to_dict() == before
+    # The open bucket (the newest window end) still takes a re-delivery in place.
+    base.observe_window(end=T0 + 40 * W, window_s=W, workload_id="a", devices=3, flop=1e15, p_training=0.1, params=p)
+    assert base.pending == {repr(T0 + 40 * W): {"a": [3.0, 1e15, 0.1]}} and base.covered_s == before["covered_s"]
