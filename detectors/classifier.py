@@ -908,7 +908,9 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         hist = normalise_history(history)
         k = self.history_k
         if len(hist) <= k:
-            return self._verdict(hist)[0]
+            # Young: fewer deliveries than the engine holds. A full history of an old run whose corrections
+            # collapse into fewer windows is not young (the engine keeps only the last `history_k` deliveries).
+            return self._verdict(hist, young=len(history) < k)[0]
         cuts = list(range(len(hist), 0, -k))
         parts = [hist[max(0, e - k) : e] for e in reversed(cuts)]
         if len(parts) > 1 and len(parts[0]) < k // 2:  # a short oldest remainder joins the next part's judgement

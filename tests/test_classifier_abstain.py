@@ -212,3 +212,20 @@ def test_fit_young_measures_the_windows_a_not_training_call_needs(power_model):
     verdicts = [model.predict(h) for h in young]
     assert all(v.band != "not_training" for v in verdicts)
     assert any(SHORT_HISTORY in v.reasons for v in verdicts)
+
+
+def test_an_old_runs_history_of_corrections_is_not_young():
+    from detectors.classifier import SHORT_HISTORY
+    from detectors.model_artifact import load_artifact
+
+    model, _ = load_artifact(None)
+    need = model.min_windows("smi")
+    win = [{"workload_id": "pre", "window_start": 60.0 * i, "window_end": 60.0 * (i + 1), "device_count": 24,
+            "node_count": 3, "basis": "utilisation_power", "features": dict(PRETRAIN_SMI_WINDOW)}
+           for i in range(model.history_k // 2)]
+    assert len(win) < need
+    # what the engine holds for an old run whose every window came twice (a late partial, then its correction)
+    engine_history = [w for w in win for _ in (0, 1)][-model.history_k :]
+    assert len(engine_history) == model.history_k
+    assert SHORT_HISTORY not in model.predict(engine_history).reasons
+    assert SHORT_HISTORY in model.predict(win).reasons  # the same windows delivered once each: a young run
