@@ -85,22 +85,23 @@ _INT_FIELDS = frozenset(("fb_used_mib", "fb_free_mib", "sm_clock_mhz", "mem_cloc
 # partial aggregates -> merged windows -> engine-shaped history entries
 # ---------------------------------------------------------------------------------------------------------------
 class _Recorder:
-    """The detect engine's classifier while training data is built: records each history the engine judges (its
-    newest entry is the window just applied) and answers "uncertain" (the verdict does not shape histories)."""
+    """The detect engine's classifier while training data is built: records each history the engine judges and
+    answers "uncertain" (the verdict does not shape histories)."""
 
     def __init__(self, builder: HistoryBuilder) -> None:
         self.builder = builder
 
     def predict(self, history: Sequence[Any]) -> Verdict:
-        self.builder._record(history[-1])
+        self.builder._record(history)
         return Verdict(0.5, "uncertain")
 
 
 @dataclass
 class HistoryBuilder:
     """Drives the detect stage itself (pipeline/detect/stage.py DetectStage: its merger, its settling of a new
-    workload-window for `settle_s`, its engine) over partial aggregates and records, per workload, the newest entry
-    of every history the engine hands its classifier, in order. So the entries are the engine's by construction,
+    workload-window for `settle_s`, its engine) over partial aggregates and records, per workload, every window of
+    the histories the engine hands its classifier, once each at its latest merge, in window order (as the engine's
+    history holds them since ec0083c). So the entries are the engine's by construction,
     whatever the stage does before the engine (one definition of merging and settling). `keep_windows` also keeps
     each window's latest merge. Call `finish()` at the end of input (the stage's flush: settling windows apply)."""
 
@@ -114,13 +115,24 @@ class HistoryBuilder:
         self.stage = DetectStage(load_policy("demo"), _Recorder(self), self.window.window_s,
                                  self.window.allowed_lateness_s)
 
-    def _record(self, entry: dict[str, Any]) -> None:
-        wid = entry["workload_id"]
-        self.entries[wid].append(entry)
-        if self.keep_windows:
-            merged = self.stage.merger.current_key((wid, entry["window_start"]))
-            if merged is not None:
-                self.windows[(wid, entry["window_start"])] = merged
+    def _record(self, history: Sequence[dict[str, Any]]) -> None:
+        """Fold one history the engine handed over into its workloads' entries. Since ec0083c the engine's history
+        holds each window once, its latest merge (a correction replaces the entry in place, and a re-decision hands
+        earlier histories again), so every entry handed over replaces the one of its window or is appended."""
+        for entry in history:
+            wid, start = entry["workload_id"], entry["window_start"]
+            got = self.entries[wid]
+            at = next((i for i in range(len(got) - 1, -1, -1) if got[i]["window_start"] == start), None)
+            if at is None:
+                got.append(entry)
+                if len(got) > 1 and got[-2]["window_start"] > start:  # a re-decision can hand an earlier one last
+                    got.sort(key=lambda e: e["window_start"])
+            elif got[at] != entry:
+                got[at] = entry
+            if self.keep_windows:
+                merged = self.stage.merger.current_key((wid, start))
+                if merged is not None:
+                    self.windows[(wid, start)] = merged
 
     def add(self, partials: Iterable[WindowAggregate]) -> None:
         for p in partials:
