@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from dataclasses import fields
 from typing import Any
 
 from detectors import registry
@@ -41,7 +42,7 @@ from detectors.fields import finite_or_zero as _num
 from detectors.foreign_person import ForeignDetermination, determine
 from detectors.owner_aggregate import OwnerAggregator, contribution, membership, owner_level, retraction
 from detectors.reservation_potential import reservation_potential
-from detectors.runs import RunRecord, RunStitcher, footprint_of
+from detectors.runs import RunStitcher, footprint_of
 from detectors.state import (
     HISTORY_K,
     REPLACE_HORIZON_S,
@@ -81,12 +82,25 @@ class _Step:
 
     __slots__ = ("emitted", "inputs", "keys", "snap", "stopped", "t")
 
-    def __init__(self, t: float, snap: bytes) -> None:
+    def __init__(self, t: float, snap: dict[str, Any]) -> None:
         self.t, self.snap = t, snap
         self.inputs: list[tuple[str, Any]] = []
         self.keys: set[tuple[Any, float]] = set()  # (workload, window start) of the windows among the inputs
         self.emitted: dict[str, str] = {}
         self.stopped: dict[str, Any] = {}
+
+
+def _clone(obj: Any) -> Any:
+    """A copy of a state dataclass that later changes to the original do not reach: its lists and dicts are copied
+    one level down. What they hold is shared: the engine replaces those values, never changes them in place (history
+    entries, `seen` figures, verdicts, the scope baseline); an account's `activity["runs"]`, changed in place, is
+    copied too. Sharing keeps a journal of 20 steps per account near the size of the state itself."""
+    kw = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    out = type(obj)(**{k: dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v
+                       for k, v in kw.items()})
+    if isinstance(out, AccountState) and isinstance(out.activity.get("runs"), dict):
+        out.activity["runs"] = dict(out.activity["runs"])
+    return out
 
 
 def _fingerprint(det: Detection) -> str:
@@ -292,20 +306,20 @@ class DetectEngine:
             return self._apply_allocation(x)
         return self._apply_cip(x)
 
-    def _snapshot(self, aid: str) -> bytes:
-        """The account's part of the state (as detectors/snapshot.py splits it, less the emitted ids), as JSON."""
+    def _snapshot(self, aid: str) -> dict[str, Any]:
+        """The account's part of the state (as detectors/snapshot.py splits it, less the emitted ids), copied."""
         st = self.stitcher
-        recs = {rid: r for rid, r in st.runs.items() if r.account_id == aid}
+        recs = {rid: _clone(r) for rid, r in st.runs.items() if r.account_id == aid}
         wls = {w for r in recs.values() for w in r.workloads}
-        cip = self.cips.get(aid)
-        return serde.dumps({
-            "account": self.accounts.get(aid), "runs": {k: r for k, r in self.runs.items() if r.account_id == aid},
-            "recs": recs, "wl": {m: {w: getattr(st, m)[w] for w in wls if w in getattr(st, m)} for m in _WORKLOAD_MAPS},
-            "cip": cip.model_dump(mode="json") if cip is not None else None, "named": self.named_owners.get(aid)})
+        acct = self.accounts.get(aid)
+        return {"account": _clone(acct) if acct is not None else None,
+                "runs": {k: _clone(r) for k, r in self.runs.items() if r.account_id == aid}, "recs": recs,
+                "wl": {m: {w: getattr(st, m)[w] for w in wls if w in getattr(st, m)} for m in _WORKLOAD_MAPS},
+                "cip": self.cips.get(aid), "named": self.named_owners.get(aid)}
 
-    def _restore(self, aid: str, snap: bytes, steps: list[_Step]) -> None:
-        """Put the account's part back as `snap` holds it, undoing what `steps` (the discarded ones) changed."""
-        d = serde.loads(snap)
+    def _restore(self, aid: str, d: dict[str, Any], steps: list[_Step]) -> None:
+        """Put the account's part back as the snapshot `d` holds it (its objects are taken over: the step it belonged
+        to is discarded), undoing what `steps` (the discarded ones) changed."""
         st = self.stitcher
         wids = {w for r in st.runs.values() if r.account_id == aid for w in r.workloads}
         wids |= {str(_g(x, "workload_id")) for step in steps for kind, x in step.inputs if kind == "win"}
@@ -324,18 +338,18 @@ class DetectEngine:
                     st.stopped[ref] = v
         for rid in [k for k, r in st.runs.items() if r.account_id == aid]:
             st.runs.pop(rid)
-        st.runs.update({k: RunRecord(**r) for k, r in d["recs"].items()})
+        st.runs.update(d["recs"])
         for rid in [k for k, r in self.runs.items() if r.account_id == aid]:
             self.runs.pop(rid)
-        self.runs.update({k: RunState.from_dict(r) for k, r in d["runs"].items()})
+        self.runs.update(d["runs"])
         if d["account"] is None:
             self.accounts.pop(aid, None)
         else:
-            self.accounts[aid] = AccountState.from_dict(d["account"])
+            self.accounts[aid] = d["account"]
         if d["cip"] is None:
             self.cips.pop(aid, None)
         else:
-            self.cips[aid] = CipRecord.model_validate(d["cip"])
+            self.cips[aid] = d["cip"]
         if d["named"] is None:
             self.named_owners.pop(aid, None)
         else:

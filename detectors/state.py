@@ -90,6 +90,15 @@ class VerdictSummary(_Plain):
     first_training: dict[str, Any] | None = None  # the earliest confidently training part: start, end, P
     newest: dict[str, Any] | None = None  # the newest part's verdict
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> VerdictSummary:
+        """A summary that owns its containers: folding into it never changes `d` (a run's `judged`, which the
+        engine's journal of corrected windows shares with its snapshots)."""
+        s: VerdictSummary = _Plain.from_dict.__func__(cls, d)  # type: ignore[attr-defined]
+        s.weight = dict(s.weight)
+        s.reasons, s.out_features, s.missing = list(s.reasons), list(s.out_features), list(s.missing)
+        return s
+
     def fold(self, v: Verdict, weight: float, start: float | None = None, end: float | None = None) -> None:
         """One more part (newer than every part folded so far) of `weight` windows spanning [start, end]."""
         self.blocks += 1

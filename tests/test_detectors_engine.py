@@ -829,20 +829,21 @@ def _half(w: WorkloadWindow) -> WorkloadWindow:
                                flop_high=w.flop_high / 2, sample_count=w.sample_count // 2, accelerators={"H100": n})
 
 
-def _stream(deliver_partial: bool, redecide_s: float | None = None) -> tuple[DetectEngine, list[Detection]]:
-    """Account acct-c (foreign) runs 8 windows of 3e17 (crossing T inside window 3); acct-o runs beside it. With
-    `deliver_partial`, window 3 first comes half-merged and its rest after window 5, with a CIP update of another
-    account and an allocation of acct-c between."""
+def _stream(deliver_partial: bool, redecide_s: float | None = None, n: int = 8,
+            late: int = 3) -> tuple[DetectEngine, list[Detection]]:
+    """Account acct-c (foreign) runs n windows of 3e17 (crossing T inside window 3); acct-o runs beside it. With
+    `deliver_partial`, window `late` first comes half-merged and its rest two windows later, with a CIP update of
+    another account and an allocation of acct-c between."""
     eng = DetectEngine(demo()) if redecide_s is None else DetectEngine(demo(), redecide_s=redecide_s)
     out = eng.on_cip(cip("acct-c")) + eng.on_cip(cip("acct-o"))
-    for i in range(8):
+    for i in range(n):
         w = window("wl-c", "acct-c", i, flop=3e17)
-        out += feed(eng, [_half(w) if deliver_partial and i == 3 else w, window("wl-o", "acct-o", i, flop=1e16)])
-        if i == 4:
-            out += eng.on_allocation(alloc("acct-c", "reserved", T0 + 5 * W, reserved_until=T0 + 7200))
-            out += eng.on_cip(cip("acct-o", updated_at=T0))
-        if deliver_partial and i == 5:
-            out += feed(eng, [window("wl-c", "acct-c", 3, flop=3e17)])  # the late rows, merged: the whole window
+        out += feed(eng, [_half(w) if deliver_partial and i == late else w, window("wl-o", "acct-o", i, flop=1e16)])
+        if i == late + 1:
+            out += eng.on_allocation(alloc("acct-c", "reserved", T0 + i * W + W, reserved_until=T0 + 7200))
+            out += eng.on_cip(cip("acct-o", updated_at=T0 + i))
+        if deliver_partial and i == late + 2:
+            out += feed(eng, [window("wl-c", "acct-c", late, flop=3e17)])  # the late rows, merged: the whole window
     return eng, out
 
 
@@ -864,6 +865,11 @@ def test_a_window_delivered_twice_or_corrected_is_held_once_and_counted_once():
         assert run.basis == {"tensor_active": 8} and run.judged["windows"] == 8 and sum(run.bands_seen.values()) == 8
         # Re-decided from the snapshot before the partial window: the very state of the single delivery.
         assert eng.to_dict() == whole.to_dict()
+    # The same when the corrected window completes a block of 16 (the verdict summary folds it in: a snapshot sharing
+    # the summary it folded into would be changed by the first delivery).
+    long_whole, _ = _stream(False, n=24, late=15)
+    long_partial, _ = _stream(True, n=24, late=15)
+    assert long_partial.redecided["corrections"] == 1 and long_partial.to_dict() == long_whole.to_dict()
     # Past the re-decide horizon a correction replaces the window's figures; its totals are still counted once.
     old, _ = _stream(True, redecide_s=30.0)
     (run,) = [r for r in old.runs.values() if r.account_id == "acct-c"]
