@@ -10,7 +10,8 @@ replays the changelogs' tail), in the same run, at a small and a large state, an
 On the running broker (TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS, default 127.0.0.1:9092) with topics, app id and groups
 of its own (deleted at the end): the scenario's folder is produced paced over `--stream-s`, one worker (static
 group membership) consumes it; at each `--at` point (seconds after the first commit) it is killed -9 and restarted
-twice in a row, once per store (memory first at odd points, local first at even ones), so both meet the same state.
+three times in a row: memory store, local store (its DB's tail is what the memory worker wrote meanwhile:
+`local_after_memory`), local store again (the steady case, `local`), so all meet the same state.
 Recovery = seconds from the kill until the detect app's group commits past what it had committed before,
 polled every 0.25 s, as benchmarks/chaos.py measures it (its functions, imported). The state at each kill is the
 changelogs' end offsets (what a memory restart replays) and the entries the local store loaded from its DBs.
@@ -105,13 +106,15 @@ def run(scenario: str, at: list[float], stream_s: float, bootstrap: str, tmp: Pa
         t_first = time.monotonic()
         for n, point in enumerate(at):
             time.sleep(max(0.0, t_first + point - time.monotonic()))
-            for variant in (("memory", "local") if n % 2 == 0 else ("local", "memory")):
+            # memory first; the first local restart then replays what the memory worker wrote since (its DB's tail
+            # is that long: `local_after_memory`); the second is the steady case (`local`: its DB is current)
+            for variant in ("memory", "local_after_memory", "local"):
                 time.sleep(SETTLE_S)
                 if done.is_set():
                     print("[recovery] stream ended before every kill; use a longer --stream-s", file=sys.stderr)
                     break
                 load = os.getloadavg()[0]
-                worker.env = {**env, STORE_ENV: variant}
+                worker.env = {**env, STORE_ENV: variant.split("_")[0]}
                 state = {c: ends(dwatch, [c]) for c in changelog_topics(app_id)}
                 t_k, e_k = time.monotonic(), time.time()
                 worker.kill9()
@@ -146,6 +149,7 @@ def run(scenario: str, at: list[float], stream_s: float, bootstrap: str, tmp: Pa
         m, loc = med("memory", n), med("local", n)
         msgs = max(r["changelog_messages"] for r in runs if r["point"] == n)
         per_point.append({"point": n, "changelog_messages": msgs, "memory_s": m, "local_s": loc,
+                          "local_after_memory_s": med("local_after_memory", n),
                           "ratio_local_vs_memory": round(loc / m, 2) if m and loc else None})
     mem, loc = med("memory"), med("local")
     return {"what": "seconds from kill -9 of `run --stage all` until the detect group commits again: tables in memory "
