@@ -130,7 +130,9 @@ def score(dets: list[Detection], truth: dict[str, Any], window_s: float, params:
     reasons = ALARM_REASONS if explicit else ("use_changed",)
     accts = truth_by_account(truth, params)
     by_acct: dict[str, list[Detection]] = defaultdict(list)
-    for d in dets:
+    # Each detection id once, its latest version: the engine re-emits a detection it re-decided on a corrected
+    # window under the same id (detectors/engine.py), which supersedes the earlier one, as in the store.
+    for d in {d.detection_id: d for d in dets}.values():
         if d.detector_id == DETECTOR:
             by_acct[d.account_id].append(d)
     per: dict[str, Any] = {}

@@ -19,7 +19,6 @@ from detectors.state import AccountState, RunState
 from pipeline.scope_eval import detect_folder, score
 from pipeline.simulator import simulate
 from pipeline.simulator.scope_scenario import CHANGE_KINDS, CONTROL_KINDS
-from schemas.detection import Detection
 from tests.detector_builders import INFERENCE, T0, TRAINING, W, alloc, cip, demo, window
 
 P = ScopeParams()
@@ -194,7 +193,7 @@ def test_detector_in_the_engine_reports_info_only():
 def demo_scored(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder: Path = simulate("demo", tmp_path_factory.mktemp("scope") / "demo", seed=0)
     truth = orjson.loads((folder / "ground_truth.json").read_bytes())
-    return score(latest_versions(detect_folder(folder)), truth, 60.0)
+    return score(detect_folder(folder), truth, 60.0)
 
 
 def test_demo_scope_change_is_detected_quickly_without_false_alarms(demo_scored: dict):
@@ -211,12 +210,6 @@ def test_demo_scope_change_is_detected_quickly_without_false_alarms(demo_scored:
 
 # -- the labelled `scope` scenario ------------------------------------------------------------------------------
 
-def latest_versions(dets: list[Detection]) -> list[Detection]:
-    """Each detection id once, its latest version, in the order first emitted: a detection re-emitted under its id
-    (re-decided on a corrected window, detectors/engine.py) supersedes the one before, as in the store."""
-    return list({d.detection_id: d for d in dets}.values())
-
-
 SCOPE_SCALE = 0.5  # 2 accounts per change kind, 1 per control kind
 # At most 3x the devices beside serving that goes on, P(training) of the mix under the band: only a >= 10x compute
 # rate gives it away, so some are missed (docs/classifier.md); it is scored, not required.
@@ -227,7 +220,7 @@ HARD = "inference_to_finetune"
 def scope_scored(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder: Path = simulate("scope", tmp_path_factory.mktemp("scope") / "scope", seed=0, scale=SCOPE_SCALE)
     truth = orjson.loads((folder / "ground_truth.json").read_bytes())
-    return score(latest_versions(detect_folder(folder)), truth, 60.0)
+    return score(detect_folder(folder), truth, 60.0)
 
 
 def test_scope_scenario_changes_are_detected_quickly_and_dated(scope_scored: dict):
