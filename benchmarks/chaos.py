@@ -489,10 +489,11 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
     # offsets of windows it is still settling (the stream's last ones never settle), so its lag need not reach 0,
     # and waiting out the 600 s cap for it made the CI's quick run take 823 s instead of ~250 s. The lag left is
     # recorded; a worker that truly stopped short shows as lost cases and totals in the comparison. "Nothing moved"
-    # lasts past detect.source_quiet_s: windows held for a telemetry partition that stopped last apply only then.
+    # lasts past detect.owner_idle_s: windows held for a telemetry partition that stopped last (within
+    # detect.source_quiet_s of the end) apply only at the idle partition's flush.
     from pipeline.settings import load_settings
 
-    still_s = max(20.0, load_settings().detect.source_quiet_s + 15.0)
+    still_s = max(20.0, load_settings().detect.owner_idle_s + 15.0)
     t_drain, quiet_since, last, d_lag = time.monotonic(), time.monotonic(), None, 0
     while time.monotonic() - t_drain < 600:
         worker.supervise()

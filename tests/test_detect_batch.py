@@ -17,7 +17,6 @@ from pipeline.detect.batch import (
     feed_partition,
     owner_payloads,
     receive_owner_messages,
-    release_quiet,
 )
 from pipeline.detect.runtime import DetectRuntime, idle_partitions, mark_due, tick_watermark
 from pipeline.detect.stage import DetectStage
@@ -184,17 +183,16 @@ def test_a_partition_stalled_for_seconds_is_waited_for_however_far_behind_in_eve
     assert _stalled_feed(tabs, sources, 120.0, range(30, 31), part1=range(2, 31)) == [(i, 8) for i in range(29)]
 
 
-def test_a_partition_quiet_for_source_quiet_s_is_left_out_in_a_batch_or_by_the_timer() -> None:
+def test_a_partition_quiet_for_source_quiet_s_is_left_out() -> None:
     tabs, sources = _tables(), QuietSources(quiet_s=45.0)
     _stalled_feed(tabs, sources, 100.0, range(4), part1=range(4))  # both partitions up to window 4
     assert _stalled_feed(tabs, sources, 140.0, range(4, 10)) == []  # partition 1 quiet 40 s: still waited for
     assert _stalled_feed(tabs, sources, 146.0, range(10, 12)) == [(2, 8), (3, 8)] + [(i, 4) for i in range(4, 10)]
     st, _ = tabs.stage(0)
     assert st.quiet == {1} and st.applied_to == T0 + 10 * W
-    assert release_quiet(st, 0, sources, 150.0) is None  # nothing newly quiet
-    # the timer's path: partition 0 stops too; 45 s after its last window the stage waits for nobody
-    b = release_quiet(st, 0, sources, 191.0)
-    assert b is not None and st.quiet == {0, 1} and st.applied_to == st.watermark - st.settle_s
+    # partition 0 stops too: a batch 45 s after its last window (a CIP record, say) finds the stage waiting for nobody
+    assert _stalled_feed(tabs, sources, 191.0, range(0)) == []
+    assert st.quiet == {0, 1} and st.applied_to == st.watermark - st.settle_s
     _stalled_feed(tabs, sources, 192.0, range(12, 13), part1=range(12, 13))  # a window from 1: waited for again
     assert st.quiet == set()
 

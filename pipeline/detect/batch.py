@@ -7,7 +7,7 @@ The agents (pipeline/detect/faust_app.py) only turn faust events into `Msg`, cal
 - `feed_partition`: one partition's messages into its DetectStage (restored from the tables at first use), bad
   messages become dead letters, never lost; `flush_partition`: what a quiet partition held, applied;
 - `QuietSources`: which telemetry partitions a detect partition has not heard from for a while (processing time),
-  so its stage stops waiting for them to settle windows (`release_quiet`: the timer's check between batches);
+  so its stage stops waiting for them to settle windows (checked in each batch, after its messages);
 - `owner_payloads`: the stage's owner messages stamped with where their account stood (event time, docs/faust.md);
 - `receive_owner_messages` / `decode_detections`: the owners and cases agents' batches;
 - `dead_letter`: the letter for a message that does not parse.
@@ -129,17 +129,6 @@ def feed_partition(tabs: StageTables, p: int, msgs: list[Msg], topics: TopicSett
     b.out.extend(st.on_time())
     return b
 
-
-def release_quiet(st: DetectStage, p: int, sources: QuietSources, now: float) -> PartitionBatch | None:
-    """Between batches (a timer): what partition p's stage held only for telemetry partitions gone quiet since its
-    last batch, applied (None: no partition newly quiet). Without it the last windows before a partition's input
-    stops would wait for the whole detect partition's idle flush."""
-    quiet = sources.quiet(p, st.progress, now)
-    if quiet <= st.quiet:
-        return None
-    b = PartitionBatch(st, reached=st.engine.account_progress())
-    b.out = st.set_quiet(quiet)
-    return b
 
 
 def flush_partition(st: DetectStage) -> PartitionBatch:

@@ -8,13 +8,13 @@ faust events into plain messages, call the batch code (pipeline/detect/batch.py)
   refresh / revisions; then the batch is acked.
 - `owners` applies owner messages in event time (EventTimeOwners, table `owners`) across partitions.
 - `cases` applies detections with CaseService and publishes the feed (at start: case events the feed lacks).
-- Timers: quiet partitions (held records released, marked QUIET to the owners), quiet telemetry partitions (no
-  longer waited for to settle windows, `batch.QuietSources`), the deadline monitor.
+- Timers: quiet partitions (held records released, marked QUIET to the owners), the deadline monitor. Telemetry
+  partitions quiet for `detect.source_quiet_s` are left out of settling in the batches (`batch.QuietSources`), not
+  by a timer: a timer's outputs could interleave with a batch's and its mark overtake owner messages it covers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -60,9 +60,6 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     owner_tabs = OwnersTables(table["owners"], rt.owners)
     within_s, started, lateness_s = settings.detect.batch_within_s, time.monotonic(), settings.ingest.allowed_lateness_s
     sources = batch.QuietSources(settings.detect.source_quiet_s)
-    # A batch and the timers that release held windows take turns: a stage's outputs go out in the order made, so a
-    # partition mark never overtakes owner messages it covers (the owners would apply those out of order).
-    turn = asyncio.Lock()
     app.on_partitions_assigned.connect(lambda *_a, **_k: phase("assigned"))  # type: ignore[arg-type]
     app.on_rebalance_complete.connect(lambda *_a, **_k: phase("recovered"))  # type: ignore[arg-type]
 
@@ -93,40 +90,26 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             except ArtifactError as exc:  # as fatal as at start: never classify without the model
                 await app.crash(exc)
                 raise
-            async with turn:
-                for p, msgs in batch.by_partition(map(_msg, events)).items():
-                    rt.last_input[p] = now = time.monotonic()
-                    b = batch.feed_partition(tabs, p, msgs, topics, time.time(), sources, now)
-                    await rt.store_inputs(b)
-                    tabs.save(p, b.stage)
-                    await carry(p, b, b.stage.applied_to, len(events) < BATCH)
+            for p, msgs in batch.by_partition(map(_msg, events)).items():
+                rt.last_input[p] = now = time.monotonic()
+                b = batch.feed_partition(tabs, p, msgs, topics, time.time(), sources, now)
+                await rt.store_inputs(b)
+                tabs.save(p, b.stage)
+                await carry(p, b, b.stage.applied_to, len(events) < BATCH)
             phase("first-batch-done")
 
     @app.timer(max(1.0, settings.detect.owner_idle_s / 4))
     async def quiet_partitions() -> None:
         """A partition without input for `detect.owner_idle_s` (end of a finite input, or no data at all): the
         records held ahead of its windows are applied, and it is marked QUIET to the owners."""
-        async with turn:
-            mine = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.windows}
-            for p in idle_partitions(mine, rt.last_input, started, settings.detect.owner_idle_s, time.monotonic()):
-                st = tabs.stages.get(p)
-                if st is not None and st.held:
-                    b = batch.flush_partition(st)
-                    tabs.save(p, st)
-                    await carry(p, b, QUIET, True)
-                await mark(p, QUIET, True)
-
-    @app.timer(max(1.0, min(TICK_EVERY_S, settings.detect.source_quiet_s / 4)))
-    async def quiet_sources() -> None:
-        """Between batches: windows held only for telemetry partitions gone quiet since a partition's last batch
-        apply now (the last ones before a partition's input stops, say), not at its whole-partition idle flush."""
-        async with turn:
-            mine = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.windows}
-            for p, st in [(p, st) for p, st in tabs.stages.items() if p in mine]:
-                b = batch.release_quiet(st, p, sources, time.monotonic())
-                if b is not None:
-                    tabs.save(p, st)
-                    await carry(p, b, st.applied_to, True)
+        mine = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.windows}
+        for p in idle_partitions(mine, rt.last_input, started, settings.detect.owner_idle_s, time.monotonic()):
+            st = tabs.stages.get(p)
+            if st is not None and st.held:
+                b = batch.flush_partition(st)
+                tabs.save(p, st)
+                await carry(p, b, QUIET, True)
+            await mark(p, QUIET, True)
 
     @app.agent(owner_topic, concurrency=1)
     async def owners(stream: Any) -> None:
