@@ -457,12 +457,10 @@ class DetectEngine:
         return self._run(self._ctx(ev.account_id), ev)
 
     def _apply_window(self, w: Any) -> list[Detection]:
+        """Apply a window on_window has checked (every window in a journal came through it)."""
         aid = _g(w, "account_id")
         wid = _g(w, "workload_id")
         start, end = _num(_g(w, "window_start")), _num(_g(w, "window_end"))
-        if not aid or not wid or end <= 0:
-            self.errors["window_unattributed"] = self.errors.get("window_unattributed", 0) + 1
-            return []
         self._touch(aid, (wid,))
         acct = self._account(aid)
         acct.note_event(start)
