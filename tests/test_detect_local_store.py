@@ -10,7 +10,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import orjson
 import pytest
 import rocksdict
 from confluent_kafka import Consumer, TopicPartition
@@ -37,6 +36,7 @@ from tests.test_faust_detect import (
     stage_topics,
     stop,
     wait_for,
+    worker_cases,
 )
 
 
@@ -157,14 +157,7 @@ def test_kill_9_keeps_a_consistent_local_store_and_the_restart_uses_it(tmp_path:
     expected = case_rows(store)
     assert expected, "the demo scenario opens cases"
     feed = read_topic(kafka_bootstrap, topics["cases"])
-    script = ("import sys, orjson; from pipeline.store import Store\n"
-              "s = Store.connect(sys.argv[1], sys.argv[2])\n"
-              "cs = [[c.case_id, c.status, c.reason, c.beneficial_owner_id or c.account_id, c.knowledge_at]"
-              " for c in s.list_cases()]\n"
-              "ev = s.query('SELECT count() n, uniqExact(event_id) u, groupArray(event_id) ids FROM case_events')[0]\n"
-              "print(orjson.dumps({'cases': cs, 'n': ev['n'], 'u': ev['u'], 'ids': ev['ids']}).decode())\n")
-    got = orjson.loads(subprocess.run([sys.executable, "-c", script, env["TRAINWATCH_CLICKHOUSE_DSN"], db],
-                                      cwd=REPO, capture_output=True, check=True, timeout=60).stdout)
+    got = worker_cases(env["TRAINWATCH_CLICKHOUSE_DSN"], db)
     assert {tuple(c) for c in got["cases"]} == expected, restart[-3000:]
     assert got["n"] == got["u"], "a case event was written twice"
     assert {m["message_id"] for m in feed} == set(got["ids"]), "feed (after dedup) != case events"

@@ -157,6 +157,18 @@ def reap(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
+def worker_cases(dsn: str, db: str) -> dict:
+    """A worker's cases and case-event ids, read in a subprocess (chDB allows one path per process)."""
+    script = ("import sys, orjson; from pipeline.store import Store\n"
+              "s = Store.connect(sys.argv[1], sys.argv[2])\n"
+              "cs = [[c.case_id, c.status, c.reason, c.beneficial_owner_id or c.account_id, c.knowledge_at]"
+              " for c in s.list_cases()]\n"
+              "ev = s.query('SELECT count() n, uniqExact(event_id) u, groupArray(event_id) ids FROM case_events')[0]\n"
+              "print(orjson.dumps({'cases': cs, 'n': ev['n'], 'u': ev['u'], 'ids': ev['ids']}).decode())\n")
+    return orjson.loads(subprocess.run([sys.executable, "-c", script, dsn, db], cwd=REPO, capture_output=True,
+                                       check=True, timeout=60).stdout)
+
+
 def case_rows(store: Store) -> set[tuple]:
     return {(c.case_id, c.status, c.reason, c.beneficial_owner_id or c.account_id, c.knowledge_at)
             for c in store.list_cases()}
@@ -202,15 +214,7 @@ def test_kill_and_restart_gives_the_same_cases_once(tmp_path: Path, kafka_bootst
     expected = case_rows(store)
     assert expected, "the demo scenario opens cases"
     feed = read_topic(kafka_bootstrap, topics["cases"])
-    # The worker's store: a subprocess, since chDB allows one path per process.
-    script = ("import sys, orjson; from pipeline.store import Store\n"
-              "s = Store.connect(sys.argv[1], sys.argv[2])\n"
-              "cs = [[c.case_id, c.status, c.reason, c.beneficial_owner_id or c.account_id, c.knowledge_at]"
-              " for c in s.list_cases()]\n"
-              "ev = s.query('SELECT count() n, uniqExact(event_id) u, groupArray(event_id) ids FROM case_events')[0]\n"
-              "print(orjson.dumps({'cases': cs, 'n': ev['n'], 'u': ev['u'], 'ids': ev['ids']}).decode())\n")
-    got = orjson.loads(subprocess.run([sys.executable, "-c", script, env["TRAINWATCH_CLICKHOUSE_DSN"], db],
-                                      cwd=REPO, capture_output=True, check=True, timeout=60).stdout)
+    got = worker_cases(env["TRAINWATCH_CLICKHOUSE_DSN"], db)
     assert {tuple(c) for c in got["cases"]} == expected, log_path.read_text(errors="replace")[-3000:]
     assert got["n"] == got["u"], "a case event was written twice"
     assert {m["message_id"] for m in feed} == set(got["ids"]), "feed (after dedup) != case events"
