@@ -410,3 +410,77 @@ def test_info_held_for_a_case_not_yet_open_survives_a_restart(store) -> None:
     (case,) = store.list_cases()
     assert info.detection_id in case.evidence["detections"]
     assert sorted(e.action for e in store.case_events(case.case_id)) == ["evidence_added", "opened"]
+
+
+# ---- re-decided detections (the engine re-emits a detection under its id with other content) ---------------------
+
+
+def test_a_redecided_detection_moves_knowledge_later_once_and_a_redelivery_changes_nothing():
+    book = CaseBook(BIS)
+    first = det(t=T0)
+    opened = only(book.apply([first], {}, NOW))
+    assert opened.knowledge_at == T0 and opened.due_at == T0 + 15 * DAY
+    # the engine re-decided the run on a corrected window: same id, the crossing 3 windows later
+    later = det(t=T0 + 180)
+    assert later.detection_id == first.detection_id
+    out = book.apply([later], {}, NOW + 60)
+    case = only(out)
+    assert case.knowledge_at == T0 + 180 and case.due_at == T0 + 180 + 15 * DAY and case.version == 2
+    (event,) = out.events
+    assert (event.action, event.from_status, event.to_status, event.at) == ("redecided", "open", "open", T0 + 180)
+    assert event.details["knowledge_at"] == {"from": T0, "to": T0 + 180}
+    assert event.details["due_at"] == {"from": T0 + 15 * DAY, "to": T0 + 180 + 15 * DAY}
+    assert event.details["why"] == "detection_redecided" and event.details["supersedes"]["event_time"] == T0
+    # the evidence holds the latest version only
+    (entry,) = case.evidence["detections"].values()
+    assert entry["event_time"] == T0 + 180
+    # at-least-once redelivery of either version (same id, same content) changes nothing
+    assert not book.apply([later], {}, NOW + 120)
+    assert not book.apply([first], {}, NOW + 180)
+    assert not CaseBook(BIS, [case]).apply([first, later], {}, NOW + 240)
+
+
+def test_a_redecided_detection_dates_the_case_from_the_other_findings_still_counted():
+    book = CaseBook(BIS)
+    used = det(t=T0)
+    projected = det(t=T0 + 120, detector="projection", reason="compute_projected")
+    book.apply([used, projected], {}, NOW)
+    # the finding that dated the case moves 10 min later: the projection (T0 + 120) now dates it
+    out = book.apply([det(t=T0 + 600)], {}, NOW + 60)
+    assert only(out).knowledge_at == T0 + 120 and out.events[0].action == "redecided"
+    # a finding that did not date the case moves: the date stands, the evidence takes the new figures
+    out = book.apply([det(t=T0 + 900)], {}, NOW + 120)
+    assert only(out).knowledge_at == T0 + 120 and out.events[0].action == "evidence_added"
+    assert out.events[0].details["supersedes"]["event_time"] == T0 + 600
+    # re-decided earlier: it moves earlier, audited the same way
+    out = book.apply([det(t=T0 - 60)], {}, NOW + 180)
+    assert only(out).knowledge_at == T0 - 60 and out.events[0].details["knowledge_at"] == {"from": T0 + 120,
+                                                                                            "to": T0 - 60}
+
+
+def test_versions_of_one_id_in_one_batch_count_in_arrival_order():
+    book = CaseBook(BIS)
+    # re-decided earlier within the same batch: the later-received version wins, whatever its event time
+    out = book.apply([det(t=T0 + 300), det(t=T0)], {}, NOW)
+    case = only(out)
+    assert case.knowledge_at == T0 and [e.action for e in out.events] == ["opened"]
+    assert [e["event_time"] for e in case.evidence["detections"].values()] == [T0]
+
+
+def test_a_redecided_detection_that_no_longer_meets_the_standard_leaves_the_date():
+    book = CaseBook(EU)  # needs_review is not knowledge
+    book.apply([det(t=T0, policy=EU)], {}, NOW)
+    out = book.apply([det("needs_review", t=T0 + 300, policy=EU)], {}, NOW + 60)
+    case = only(out)
+    assert case.status == "open" and case.knowledge_at == T0  # the pipeline never downgrades; an analyst decides
+    assert out.events[0].action == "evidence_added" and out.events[0].details["supersedes"]["outcome"] == "reportable"
+
+
+def test_a_reopened_case_is_redated_only_from_findings_after_the_dismissal():
+    book = CaseBook(BIS)
+    cid = only(book.apply([det("needs_review", t=T0, reason="uncertain")], {}, NOW)).case_id
+    book.dismiss(cid, "carol", NOW + 10, "eval job")
+    assert only(book.apply([det(t=T0 + DAY)], {}, NOW + 20)).knowledge_at == T0 + DAY  # reopened
+    # the reopening finding is re-decided later: the dismissed uncertain finding (T0) does not count again
+    case = only(book.apply([det(t=T0 + DAY + 300)], {}, NOW + 30))
+    assert case.status == "open" and case.knowledge_at == T0 + DAY + 300

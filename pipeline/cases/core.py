@@ -12,6 +12,13 @@ Rules (ARCHITECTURE.md "Case semantics" 6-7):
 - **Knowledge.** knowledge_at = the earliest event_time of any applied detection that met the standard: outcome
   reportable, or needs_review when `policy.uncertainty.needs_review_is_knowledge`. A late, out-of-order detection
   with an earlier event time moves it earlier. due_at follows from knowledge_at (`due_at()` below).
+- **Re-decided detections.** The engine re-emits a detection it re-decided on corrected figures under the same id
+  with other content. There is no version field: versions of an id are ordered by arrival (the detections topic is
+  keyed by account, so one id's versions stay in order), and a version already received is a redelivery. The new
+  version replaces the old in the evidence; when the old one dated the case, knowledge_at is taken again from the
+  latest version of each finding counted since the clock started, so it can move later (due_at with it): the
+  event is `redecided` with knowledge_at / due_at from -> to, `why` and `supersedes` (the replaced version). A
+  detection the corrected history no longer makes is not withdrawn by the engine: it stands.
 - **Upgrades.** needs_review + reportable -> open ("confirmed"); monitored + needs_review/reportable -> that status
   ("escalated", e.g. a CIP update showed a foreign owner). The pipeline never downgrades a case (but see
   Revisions): only an analyst dismisses. acknowledged and reported cases take new evidence without a status change.
@@ -27,8 +34,9 @@ Rules (ARCHITECTURE.md "Case semantics" 6-7):
   case's clock restarts at the reopening detection's event time (the dismissal said the earlier evidence was not
   knowledge).
 - **Idempotence.** Each applied detection's content fingerprint is kept in the case's evidence (`applied`, the
-  newest MAX_APPLIED). A replayed detection is skipped, so replays yield no new version and no event; any new
-  content (a new detection, or new figures under an old detection id) bumps the version once per batch.
+  newest MAX_APPLIED). A replayed detection (or any version already received) is skipped, so replays yield no new
+  version and no event; any new content (a new detection, or new figures under an old detection id) bumps the
+  version once per batch.
 - **Business days** (`reporting.day_kind = "business"`): UTC calendar, Saturdays and Sundays skipped, no public
   holidays; knowledge on a weekend starts counting at the next Monday 00:00 UTC; the due time keeps the time of
   day of knowledge. Reminders are in calendar days before that due time.
@@ -190,6 +198,12 @@ def _revised_to_us_person(case: Case, det: Detection) -> bool:
     return (det.evidence.get("foreign_person") or {}).get("status") == "us_person" and _stood_on_unknown(case)
 
 
+def _entry_fp(case: Case, detection_id: str) -> str | None:
+    """The fingerprint of the version of a detection the case holds now (None: not in its evidence)."""
+    entry = case.evidence.get("detections", {}).get(detection_id)
+    return entry.get("fingerprint") if entry else None
+
+
 def _detection_entry(det: Detection, fp: str) -> dict[str, Any]:
     return {
         "detector_id": det.detector_id,
@@ -278,7 +292,8 @@ class CaseBook:
     def _hold(self, cid: str, det: Detection, fp: str) -> None:
         pending = self._pending_info.setdefault(cid, [])
         if all(fingerprint(p) != fp for p in pending):
-            pending[:] = [*pending, det][-_PENDING_INFO_PER_CASE:]
+            # a newer version of a held detection replaces it (arrival order, as in `apply`)
+            pending[:] = [*(p for p in pending if p.detection_id != det.detection_id), det][-_PENDING_INFO_PER_CASE:]
         while len(self._pending_info) > _PENDING_INFO_CASES:
             self._pending_info.pop(next(iter(self._pending_info)))
 
@@ -290,8 +305,12 @@ class CaseBook:
         return list(self._cases.values())
 
     def _knowledge(self, det: Detection) -> bool:
-        return det.outcome == "reportable" or (
-            det.outcome == "needs_review" and self.policy.uncertainty.needs_review_is_knowledge
+        return self._counts(det.outcome)
+
+    def _counts(self, outcome: str) -> bool:
+        """An outcome that meets the knowledge standard under this policy."""
+        return outcome == "reportable" or (
+            outcome == "needs_review" and self.policy.uncertainty.needs_review_is_knowledge
         )
 
     # ---- detections ----------------------------------------------------------------------------------------------
@@ -300,8 +319,11 @@ class CaseBook:
         """Apply detections (any order; sorted by event time for determinism). `cips`: latest record per account."""
         working: dict[str, Case] = {}
         events: list[CaseEvent] = []
+        # Versions of one detection id are ordered by arrival (the engine re-emits a re-decided detection under its
+        # id and carries no version field): within a batch only the last one received counts.
+        latest = {d.detection_id: d for d in detections}
         # Info after the detections that open cases at the same event time, so it can attach to them.
-        for det in sorted(detections, key=lambda d: (d.event_time, d.outcome == "info", d.detection_id)):
+        for det in sorted(latest.values(), key=lambda d: (d.event_time, d.outcome == "info", d.detection_id)):
             cid = case_id_for(det)
             current = working.get(cid) or self._cases.get(cid)
             fp = fingerprint(det)
@@ -316,8 +338,8 @@ class CaseBook:
                     working[cid] = case
                     events.append(event)
                     case, event = self._merge(case, info, fingerprint(info), now)
-            elif fp in current.evidence.get("applied", ()):
-                continue  # a replay
+            elif fp in current.evidence.get("applied", ()) or _entry_fp(current, det.detection_id) == fp:
+                continue  # a replay (or a redelivery of a version already received: versions never go back)
             else:
                 case, event = self._merge(current, det, fp, now)
             working[cid] = case
@@ -361,7 +383,9 @@ class CaseBook:
 
     def _merge(self, case: Case, det: Detection, fp: str, now: float) -> tuple[Case, CaseEvent]:
         evidence = copy.deepcopy(case.evidence)
-        evidence.setdefault("detections", {})[det.detection_id] = _detection_entry(det, fp)
+        # A detection id seen before with other content: the engine re-decided it; this version replaces the other.
+        prev = evidence.setdefault("detections", {}).get(det.detection_id)
+        evidence["detections"][det.detection_id] = _detection_entry(det, fp)
         evidence["applied"] = [*evidence.get("applied", []), fp][-MAX_APPLIED:]
         status, knowledge, action = case.status, case.knowledge_at, "evidence_added"
         updates: dict[str, Any] = {}
@@ -379,6 +403,16 @@ class CaseBook:
             # was never met. Not an analyst's downgrade: the pipeline's own earlier premise was wrong.
             status, action, knowledge = "monitored", "revised", None
             updates["suggested_inquiry"] = None
+        if (prev is not None and action == "evidence_added" and status in REPORTABLE_STATUSES
+                and knowledge is not None and prev["event_time"] == knowledge and self._counts(prev["outcome"])):
+            # The superseded version dated the case: date it again from the latest version of each finding counted
+            # in this spell of the clock (not those before a dismissal or an earlier start: they never counted).
+            counted = [e["event_time"] for did, e in case.evidence.get("detections", {}).items()
+                       if did != det.detection_id and self._counts(e["outcome"]) and e["event_time"] >= knowledge]
+            if counted or self._knowledge(det):
+                knowledge = min(counted, default=float("inf"))
+            # else the new version no longer meets the standard and nothing else does: the date stands (the pipeline
+            # never downgrades a case; an analyst decides)
         if status in REPORTABLE_STATUSES and self._knowledge(det):
             knowledge = det.event_time if knowledge is None else min(knowledge, det.event_time)
         if status == "needs_review" and case.suggested_inquiry is None:
@@ -396,6 +430,14 @@ class CaseBook:
         details: dict[str, Any] = {}
         if knowledge != case.knowledge_at:
             details["knowledge_at"] = {"from": case.knowledge_at, "to": knowledge}
+        if prev is not None:
+            details["supersedes"] = {"fingerprint": prev.get("fingerprint"), "event_time": prev["event_time"],
+                                     "outcome": prev["outcome"]}
+            if "knowledge_at" in details and action == "evidence_added":
+                # the case's clock moved because the engine re-decided this finding on corrected figures
+                action = "redecided"
+                details["why"] = "detection_redecided"
+                details["due_at"] = {"from": case.due_at, "to": new.due_at}
         return new, self._event(new, det, fp, action, case.status, status, now, details)
 
     def _with_inquiry(self, case: Case, events: list[CaseEvent], now: float) -> Case:
