@@ -370,7 +370,10 @@ class Store:
         return self._insert(_WINDOWS, windows)
 
     def insert_detections(self, detections: Sequence[Detection]) -> int:
-        return self._insert(_DETECTIONS, detections)
+        """The table keeps one row per detection id, the last inserted (ReplacingMergeTree without a version column):
+        a detection the engine re-decided is re-emitted under its id and supersedes. Within a batch the last version
+        of an id is the only one written, so that never rests on how ClickHouse sorts one insert block."""
+        return self._insert(_DETECTIONS, list({d.detection_id: d for d in detections}.values()))
 
     def upsert_cases(self, cases: Sequence[Case]) -> int:
         """Insert case versions; readers see the highest version of each case_id."""
@@ -537,7 +540,7 @@ class Store:
         )
 
     def list_detections(self, account_id: str | None = None) -> list[Detection]:
-        """Stored detections, by event time."""
+        """Stored detections, one per id (its latest version), by event time."""
         where = "WHERE account_id = {a:String}" if account_id is not None else ""
         return self._select(_DETECTIONS, where, "ORDER BY event_time, detection_id", {"a": account_id})
 

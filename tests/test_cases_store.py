@@ -227,3 +227,32 @@ def test_cli_rejects_nan_and_bogus_status_and_show_survives_a_stored_nan(store: 
     store.append_case_events([bad])
     res = runner.invoke(cli_app, ["cases", "show", case.case_id, *where])
     assert res.exit_code == 0 and "invalid time (nan)" in res.output
+
+
+def test_a_redecided_detection_moves_the_stored_case_later_with_one_event_and_one_feed_message(store: Store):
+    """The engine re-emits a detection it re-decided (same id, crossing 3 windows later): the stored case's
+    knowledge_at and due_at move later, one `redecided` event, one feed message saying so; a redelivery of either
+    version, in this process or after a restart, writes and sends nothing."""
+    store.upsert_cip([cip()])
+    first, later = det(t=T0), det(t=T0 + 180)
+    svc = CaseService(store, BIS)
+    for batch, now in (([first], NOW), ([later], NOW + 60)):
+        store.insert_detections(batch)  # as the runner does: stored, then applied
+        msgs = svc.process(batch, now)
+    (msg,) = msgs
+    case = store.get_case(msg.case.case_id)
+    assert (case.knowledge_at, case.due_at, case.version) == (T0 + 180, T0 + 180 + 15 * DAY, 2)
+    assert msg.change.action == "redecided" and msg.case.knowledge_at == T0 + 180
+    assert msg.change.details["knowledge_at"] == {"from": T0, "to": T0 + 180}
+    assert msg.change.details["due_at"] == {"from": T0 + 15 * DAY, "to": T0 + 180 + 15 * DAY}
+    assert msg.report["dates"]["due_at"] == T0 + 180 + 15 * DAY and len(msg.report["evidence"]) == 1
+    assert [e.action for e in store.case_events(case.case_id)] == ["opened", "redecided"]
+    # the evidence, the detections table and so the console's evidence list hold the latest version only
+    assert [e["event_time"] for e in case.evidence["detections"].values()] == [T0 + 180]
+    assert store.list_detections() == [later]
+
+    assert svc.process([later], NOW + 120) == []
+    assert svc.process([first], NOW + 180) == []
+    restarted = CaseService(store, BIS)
+    assert restarted.process([first, later], NOW + 240) == []
+    assert store.get_case(case.case_id).version == 2 and len(store.case_events(case.case_id)) == 2

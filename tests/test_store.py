@@ -473,3 +473,25 @@ def test_detections_by_detector_counts_latest_detections(store: Store) -> None:
     expected = Counter((d.detector_id, d.detector_version, d.outcome) for d in dets)
     rows = store.query("SELECT detector_id, detector_version, outcome, detections FROM detections_by_detector")
     assert {(r["detector_id"], r["detector_version"], r["outcome"]): r["detections"] for r in rows} == expected
+
+
+def test_a_redecided_detection_is_one_row_per_id_its_latest_version(store: Store) -> None:
+    """The engine re-emits a re-decided detection under its id with other content: the table, list_detections and
+    the analyst view show one row per id, the version received last (also within one insert batch)."""
+    first = make_detection("compute", 1, "reportable", "acct-1", 1)
+    other = make_detection("compute", 1, "reportable", "acct-2", 2)
+    redecided = first.model_copy(update={"outcome": "needs_review", "event_time": T0 + 180})
+    store.insert_detections([first, other])
+    store.insert_detections([redecided])
+    store.insert_detections([redecided])  # at-least-once redelivery
+    assert store.list_detections() == [other, redecided]
+    rows = store.query("SELECT detector_id, outcome, detections, first_event_time FROM detections_by_detector "
+                       "ORDER BY outcome")
+    assert rows == [{"detector_id": "compute", "outcome": "needs_review", "detections": 1,
+                     "first_event_time": T0 + 180},
+                    {"detector_id": "compute", "outcome": "reportable", "detections": 1, "first_event_time": T0 + 2}]
+    # both versions in one batch (a detect batch that applied a window and its correction): the last one counts
+    again = redecided.model_copy(update={"event_time": T0 + 240})
+    store.insert_detections([again, first, other, redecided])
+    assert store.list_detections(account_id="acct-1") == [redecided]
+    assert store.query("SELECT count() AS n FROM detections FINAL") == [{"n": 2}]
