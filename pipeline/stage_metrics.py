@@ -3,7 +3,10 @@ on the hot path, turned into metric families only when Prometheus scrapes.
 
 - `StageMetrics`: what a stage observed (detections per detector and outcome, case changes per action, the newest
   event time per stage, hence its event-time lag behind the wall clock). A stage calls `observe_*` after each
-  batch; nothing here blocks or allocates per message.
+  batch; nothing here blocks or allocates per message. `trainwatch_detections_total` counts *emissions*: a
+  detection the engine re-decides is re-emitted under its id and counted again (its rate is the detect stage's
+  work). How many distinct findings there are, each at its latest version, is the store's `detections_by_detector`
+  (one row per detection id).
 - `CaseStoreCollector`: the case book as it stands in the store (cases per status, pending cases due within 3
   days and overdue), read from ClickHouse at scrape time, so every process that serves it (the console's
   /metrics, a stage's metrics port) reports the same numbers.
@@ -41,7 +44,7 @@ class StageMetrics:
         self.batches: Counter[str] = Counter()
 
     def observe_detections(self, detections: Iterable[Any]) -> None:
-        """Detections (schemas.detection.Detection) emitted by the detect stage."""
+        """Detections (schemas.detection.Detection) emitted by the detect stage, each emission (re-emissions too)."""
         with self._lock:
             self.batches["detect"] += 1
             for d in detections:
@@ -67,8 +70,9 @@ class StageMetrics:
             dets, events = dict(self.detections), dict(self.case_events)
             times, batches = dict(self.event_time), dict(self.batches)
         now = self.clock()
-        fam = CounterMetricFamily("trainwatch_detections", "Detections emitted, per detector and outcome",
-                                  labels=["detector", "outcome"])
+        fam = CounterMetricFamily("trainwatch_detections", "Detection emissions, per detector and outcome (a "
+                                  "re-decided detection re-emitted under its id counts again; distinct findings: "
+                                  "the store's detections_by_detector)", labels=["detector", "outcome"])
         for (det, outcome), n in sorted(dets.items()):
             fam.add_metric([det, outcome], n)
         yield fam
