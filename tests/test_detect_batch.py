@@ -216,3 +216,14 @@ def test_after_a_restart_every_partition_counts_as_heard_from_at_the_start() -> 
     back, _ = restored.stage(0)
     assert back.progress == st.progress | {0: T0 + 14 * W} and back.applied_to == T0 + 8 * W and back.quiet == set()
     assert _stalled_feed(restored, again, 51.0, range(14, 15))[-1] == (12, 4)  # quiet 46 s since the restart
+
+
+def test_quiet_is_a_query_and_a_partition_first_met_counts_as_heard_from_then() -> None:
+    """`quiet` only reads: the first meeting is noted by `meet` (feed_partition, after the batch's windows)."""
+    sources = QuietSources(quiet_s=45.0)
+    assert sources.quiet(0, {1, 2}, 100.0) == set() and sources.heard == {}
+    sources.heard_from(0, {1}, 100.0)
+    sources.meet(0, {1, 2}, 120.0)  # 1 was heard from at 100: its time stays; 2 first met at 120
+    assert sources.heard == {0: {1: 100.0, 2: 120.0}}
+    assert sources.quiet(0, {1, 2}, 150.0) == {1} and sources.quiet(0, {1, 2}, 165.0) == {1, 2}
+    assert sources.heard == {0: {1: 100.0, 2: 120.0}}

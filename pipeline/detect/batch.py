@@ -88,14 +88,22 @@ class QuietSources:
     heard: dict[int, dict[int, float]] = field(default_factory=dict)
 
     def heard_from(self, p: int, sources: Iterable[int], now: float) -> None:
+        """Windows from `sources` reached detect partition p at `now`."""
         h = self.heard.setdefault(p, {})
         for k in sources:
             h[k] = now
 
-    def quiet(self, p: int, known: Iterable[int], now: float) -> set[int]:
-        """The telemetry partitions of `known` (the stage's progress) not heard from for quiet_s."""
+    def meet(self, p: int, known: Iterable[int], now: float) -> None:
+        """The telemetry partitions of `known` (the stage's progress) first met here count as heard from `now`: a
+        stage restored with progress from partitions this process has not heard from yet waits for them."""
         h = self.heard.setdefault(p, {})
-        return {k for k in known if now - h.setdefault(k, now) >= self.quiet_s}
+        for k in known:
+            h.setdefault(k, now)
+
+    def quiet(self, p: int, known: Iterable[int], now: float) -> set[int]:
+        """The telemetry partitions of `known` not heard from for quiet_s (a query: one never met is not quiet)."""
+        h = self.heard.get(p, {})
+        return {k for k in known if k in h and now - h[k] >= self.quiet_s}
 
 
 def feed_partition(tabs: StageTables, p: int, msgs: list[Msg], topics: TopicSettings, at: float,
@@ -125,6 +133,7 @@ def feed_partition(tabs: StageTables, p: int, msgs: list[Msg], topics: TopicSett
             b.letters.append(dead_letter(exc, m, at))
     if sources is not None:
         sources.heard_from(p, {w.partition for w in b.windows}, now)
+        sources.meet(p, st.progress, now)
         b.out.extend(st.set_quiet(sources.quiet(p, st.progress, now)))
     b.out.extend(st.on_time())
     return b
