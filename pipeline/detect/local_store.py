@@ -7,7 +7,10 @@ detect app writes tables from batches that mix partitions and from timers (no ev
 where tables.py scans its tables each batch. Here reads stay in the dict and RocksDB is only the restart cache:
 - a changelog message is written to the partition's DB once the broker acknowledged it, in one write batch with its
   offset (the persisted offset faust's recovery seeks to): the DB never holds what the changelog lacks, and a kill
-  -9 (the DB's WAL survives a killed process; the OS drops its LOCK) leaves value and offset consistent;
+  -9 (the DB's WAL survives a killed process; the OS drops its LOCK) leaves value and offset consistent. The acks
+  of one produce response come as a burst of delivery callbacks in one turn of the event loop: they are collected
+  and written as one batch per partition at the end of that turn (one RocksDB write per burst, not per message; a
+  kill before it leaves the DB at the older offset, and recovery replays from there);
 - recovery (faust replaying the changelog from the persisted offset) writes the same way;
 - on assignment a partition's DB is loaded into the dict; on revocation its keys leave the dict and the DB closes.
 - a DB not written for `STALE_AFTER_S` is dropped (a full replay instead): another worker may have had the partition
@@ -20,6 +23,7 @@ Tables must have bytes keys and values (the detect app's tables do). Selected by
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import time
@@ -57,6 +61,11 @@ class LocalStore(memory.Store):
         self._refreshed = 0.0
         self.loaded: dict[int, int] = {}  # partition -> entries loaded from its DB at the last assignment
         self.dropped: list[int] = []  # partitions whose DB was dropped as stale (a full replay instead)
+        #: acknowledged changelog messages not yet in their DB, per partition, in ack order: (key, value, offset)
+        self._acked: dict[int, list[tuple[bytes, bytes | None, int]]] = {}
+        self._flush_due = False
+        self.writes = 0  # RocksDB write batches made, and acknowledged changelog messages written by them
+        self.acked = 0
         table = self.table
         orig = table.send_changelog
 
@@ -97,6 +106,7 @@ class LocalStore(memory.Store):
         now = time.time()
         wb.put(SYNCED_KEY, now)
         self._db(p).write(wb)
+        self.writes += 1
         if now - self._refreshed > REFRESH_S:  # an idle partition of a busy worker stays fresh too
             self._refreshed = now
             for q, db in list(self._dbs.items()):
@@ -109,9 +119,25 @@ class LocalStore(memory.Store):
         if fut.cancelled() or fut.exception() is not None:
             return  # not in the changelog: never in the DB (the producer error stops the worker)
         res = fut.result()
-        p = res.topic_partition.partition
-        if p in self._dbs:  # a partition revoked meanwhile is not written
-            self._write(p, [(key, value)], res.offset)
+        self.acked += 1
+        self._acked.setdefault(res.topic_partition.partition, []).append((key, value, res.offset))
+        if self._flush_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (called directly): written now
+            self._flush_acked()
+            return
+        self._flush_due = True
+        loop.call_soon(self._flush_acked)  # after the other callbacks of this burst, already queued
+
+    def _flush_acked(self) -> None:
+        """The acknowledged messages collected so far into their partitions' DBs, one write batch each."""
+        self._flush_due = False
+        acked, self._acked = self._acked, {}
+        for p, items in acked.items():
+            if p in self._dbs:  # a partition revoked meanwhile is not written
+                self._write(p, [(k, v) for k, v, _ in items], max(o for _, _, o in items))
 
     def persisted_offset(self, tp: TP) -> int | None:
         return self._offsets.get(tp.partition)
@@ -123,6 +149,7 @@ class LocalStore(memory.Store):
     def apply_changelog_batch(self, batch: Iterable[EventT], to_key: Callable[[Any], Any],
                               to_value: Callable[[Any], Any]) -> None:
         events = list(batch)
+        self._flush_acked()  # in the order acknowledged: what was sent before the recovery reads
         super().apply_changelog_batch(events, to_key, to_value)
         per: dict[int, list[tuple[bytes, bytes | None]]] = {}
         last: dict[int, int] = {}
@@ -176,6 +203,7 @@ class LocalStore(memory.Store):
                  self._path(p), self._offsets.get(p), " (stale DB dropped)" if p in self.dropped else "")
 
     def _close(self, p: int) -> None:
+        self._acked.pop(p, None)
         db = self._dbs.pop(p, None)
         self._offsets.pop(p, None)
         for k in [k for k, q in self._key_partition.items() if q == p]:
@@ -185,6 +213,9 @@ class LocalStore(memory.Store):
             db.close()
 
     async def on_stop(self) -> None:
+        self._flush_acked()
+        log.info("local store %s: %d acknowledged changelog messages in %d RocksDB writes (recovery included)",
+                 self.table.name, self.acked, self.writes)
         for p in list(self._dbs):
             db = self._dbs.pop(p)
             db.close()
