@@ -90,6 +90,18 @@ class VerdictSummary(_Plain):
     first_training: dict[str, Any] | None = None  # the earliest confidently training part: start, end, P
     newest: dict[str, Any] | None = None  # the newest part's verdict
 
+    def to_dict(self) -> dict[str, Any]:
+        """As `asdict`, without its deep copy (the engine writes a run's summary at every window): the containers
+        are copied one level; the part verdicts in them are shared, since `fold` and `merge` only ever replace
+        those, never change them in place."""
+        return {"windows": self.windows, "covered": self.covered, "open_since": self.open_since,
+                "blocks": self.blocks, "weight": dict(self.weight), "p_sum": self.p_sum, "p_low_sum": self.p_low_sum,
+                "p_high_sum": self.p_high_sum, "wide": self.wide, "p_max": self.p_max, "p_min": self.p_min,
+                "reasons": list(self.reasons), "out_features": list(self.out_features), "missing": list(self.missing),
+                "out_of_distribution": self.out_of_distribution, "unchecked": self.unchecked,
+                "missing_information": self.missing_information, "training": self.training,
+                "first_training": self.first_training, "newest": self.newest}
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> VerdictSummary:
         """A summary that owns its containers: folding into it never changes `d` (a run's `judged`, which the
