@@ -256,3 +256,25 @@ def test_a_redecided_detection_moves_the_stored_case_later_with_one_event_and_on
     restarted = CaseService(store, BIS)
     assert restarted.process([first, later], NOW + 240) == []
     assert store.get_case(case.case_id).version == 2 and len(store.case_events(case.case_id)) == 2
+
+
+def test_a_held_finding_redecided_before_the_release_is_released_at_its_latest_version(store: Store):
+    """A suppression holds a finding, the engine re-decides it (same id, earlier crossing) while held: the end
+    releases the latest version only, even after a redelivery of the older one."""
+    from pipeline.cases import suppressions as sup_ops
+    from tests.test_suppressions import _add
+
+    store.upsert_cip([cip()])
+    sid = _add(store, policy=BIS)
+    first, redecided = det(t=T0 + 600), det(t=T0 + 300)
+    svc = CaseService(store, BIS)
+    assert svc.process([first], NOW) == [] and svc.process([redecided], NOW + 10) == []
+    assert svc.process([first], NOW + 20) == []  # redelivery of the older version: held again, stays superseded
+    states = {h["event_time"]: h["state"] for h in store.suppression_hits(sid)}
+    assert states == {T0 + 600: sup_ops.SUPERSEDED, T0 + 300: sup_ops.HELD}
+    # the suppression ends: one case opens, from the re-decided version alone
+    svc.tick(T0 + DAY + 60, NOW + 30)
+    (case,) = store.list_cases()
+    (entry,) = case.evidence["detections"].values()
+    assert entry["evidence"]["suppression"]["held_event_time"] == T0 + 300
+    assert [e.action for e in store.case_events(case.case_id)] == ["opened"]

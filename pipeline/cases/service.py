@@ -67,7 +67,9 @@ class CaseService:
     ) -> list[CaseFeedMessage]:
         """Apply a batch of detections at processing time `now`; returns the feed messages to publish.
         `cips`: latest CIP record per account where the caller has it; the rest are read from the store."""
-        dets = list(detections)
+        # the last version received of each detection id (the engine re-emits a re-decided one under its id), so a
+        # suppression holds, and the book applies, only that one (CaseBook: versions in arrival order)
+        dets = list({d.detection_id: d for d in detections}.values())
         if not dets:
             return []
         self._refresh(case_id_for(d) for d in dets)
@@ -77,8 +79,9 @@ class CaseService:
                 known[acct] = rec
         sups = self.store.list_suppressions()
         if sups:
-            parts = sup_ops.split(dets, sups, self.book, known, self._held_before(dets))
-            self._hold(parts.held, now)
+            held_before = self._held_before(dets)
+            parts = sup_ops.split(dets, sups, self.book, known, held_before)
+            self._hold(parts.held, now, held_before)
             dets = parts.passed
         return self._write(self.book.apply(dets, known, now))
 
@@ -89,10 +92,27 @@ class CaseService:
                                 "WHERE fingerprint IN {f:Array(String)}", {"f": [fingerprint(d) for d in dets]})
         return {r["fingerprint"]: r["suppression_id"] for r in rows}
 
-    def _hold(self, held: list[tuple[Suppression, Detection]], now: float) -> None:
+    def _hold(self, held: list[tuple[Suppression, Detection]], now: float, held_before: Mapping[str, str]) -> None:
         if not held:
             return
-        self.store.insert_suppression_hits([sup_ops.hit_row(s, d, now) for s, d in held])
+        # A new version of a detection (re-decided by the engine) supersedes the versions of its id still held by the
+        # same suppression: only the latest is released (SUPERSEDED is the hits table's highest state, so a replay of
+        # an older version, held again, stays superseded).
+        new = [(s, d) for s, d in held if fingerprint(d) not in held_before]
+        older = self.store.query(
+            "SELECT suppression_id, fingerprint, detection FROM suppression_hits FINAL WHERE state = {held:UInt8} AND "
+            "detection_id IN {ids:Array(String)}", {"held": sup_ops.HELD, "ids": [d.detection_id for _, d in new]},
+        ) if new else []
+        latest = {(s.suppression_id, d.detection_id): fingerprint(d) for s, d in new}
+        sups = {s.suppression_id: s for s, _ in held}
+        superseded = []
+        for r in older:
+            det = serde.decode(Detection, r["detection"])
+            fp = latest.get((r["suppression_id"], det.detection_id))
+            if fp is not None and fp != r["fingerprint"]:
+                row = sup_ops.hit_row(sups[r["suppression_id"]], det, now, sup_ops.SUPERSEDED)
+                superseded.append({**row, "fingerprint": r["fingerprint"]})  # the stored row's key, as stored
+        self.store.insert_suppression_hits([sup_ops.hit_row(s, d, now) for s, d in held] + superseded)
         self.store.append_suppression_events([
             sup_ops.sup_event(s.suppression_id, "held", d.event_time, now, sup_ops.PIPELINE_ACTOR, fingerprint(d),
                               {"detection_id": d.detection_id, "detector_id": d.detector_id, "outcome": d.outcome,

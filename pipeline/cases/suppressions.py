@@ -18,7 +18,9 @@ later than the policy's `suppressions.max_days`. Its window is in event time, li
   ARCHITECTURE.md ("Suppressions and knowledge") says why and how the audit shows it.
 - **Idempotent.** Ids are content hashes; a replayed finding already held is held again (same row, same event),
   even after the release, so a replay never dates a case differently; a released hit stays released (the hits
-  table keeps the higher state), and the released copy's fingerprint is in the case's `applied` list.
+  table keeps the higher state), and the released copy's fingerprint is in the case's `applied` list. A new version
+  of a held detection (the engine re-decided it; same id, other content) is held in turn and marks the older one's
+  hit `SUPERSEDED`: only the latest version received is released.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from schemas.detection import Detection
 from schemas.ids import content_id
 from schemas.policy import Policy
 
-HELD, RELEASED = 0, 1
+#: hit states; the hits table keeps the highest: a released hit stays released, a superseded one superseded
+HELD, RELEASED, SUPERSEDED = 0, 1, 2
 PIPELINE_ACTOR = "pipeline"
 SCOPES: tuple[str, ...] = ("account", "owner", "run")
 
@@ -164,9 +167,12 @@ def released_copy(det: Detection, sup: Suppression, policy: Policy) -> Detection
 
 def release(book: CaseBook, sup: Suppression, held: Sequence[Detection], cips: Mapping[str, CipRecord],
             now: float) -> CaseChanges:
-    """Apply the findings `sup` held, in their original order, as released copies; the case events name it."""
+    """Apply the findings `sup` held, in their original order, as released copies; the case events name it.
+    `held` in the order they were held: of several versions of one detection id (re-decided by the engine) only the
+    last held is released, as the case book counts versions in arrival order."""
     out = CaseChanges()
-    for det in sorted(held, key=lambda d: (d.event_time, d.detection_id)):
+    latest = {d.detection_id: d for d in held}
+    for det in sorted(latest.values(), key=lambda d: (d.event_time, d.detection_id)):
         copy = released_copy(det, sup, book.policy)
         changes = book.apply([copy], cips, now)
         for i, ev in enumerate(changes.events):
