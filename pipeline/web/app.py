@@ -117,8 +117,15 @@ def _fmt_days(d: float | None) -> str:
 
 
 def _fmt_detail(x: Any, key: str) -> str:
-    """An audit detail value: epoch times (keys ending in _at) as UTC text, the rest as is."""
-    if key.endswith("_at") and isinstance(x, int | float) and not isinstance(x, bool):
+    """An audit detail value: epoch times (keys ending in _at, event_time) as UTC text, a change {from, to} as
+    "from → to" (e.g. knowledge_at and due_at moved by a re-decided detection), other objects key by key."""
+    if isinstance(x, dict):
+        if set(x) == {"from", "to"}:
+            return f"{_fmt_detail(x['from'], key)} → {_fmt_detail(x['to'], key)}"
+        return ", ".join(f"{k} {_fmt_detail(v, k)}" for k, v in x.items())
+    if x is None:
+        return "—"
+    if (key.endswith("_at") or key == "event_time") and isinstance(x, int | float) and not isinstance(x, bool):
         return utc(float(x)) or ""
     return str(x)
 
