@@ -22,7 +22,9 @@ again (it supersedes: the store keeps the latest per id, the case book takes it 
 corrected history no longer makes stands (`redecided["stood"]`). Owner sums get the re-decided figures (latest
 values replace); an owner's own crossing is not re-decided. Older corrections replace the window's figures and the
 decisions stand. The journal lives in memory only: after a restart corrections of windows applied before it do not
-re-decide.
+re-decide. Several corrections of one account at once (`on_corrections`, a batch's) roll back once, to the earliest,
+and replay once: re-deciding each in turn replayed the later windows again for every one (the classifier is most of
+the cost of a replay).
 """
 
 from __future__ import annotations
@@ -152,7 +154,8 @@ class DetectEngine:
         self._redo: dict[str, str] | None = None
         #: what re-deciding did: corrections re-decided, inputs applied again, detections re-emitted with other
         #: content (superseding), detections the corrected history no longer makes (they stand), corrections too old
-        self.redecided: dict[str, int] = {"corrections": 0, "inputs": 0, "superseded": 0, "stood": 0, "too_old": 0}
+        self.redecided: dict[str, int] = {"corrections": 0, "rollbacks": 0, "inputs": 0, "superseded": 0, "stood": 0,
+                                          "too_old": 0}
         self._verdicts: OrderedDict[bytes, Verdict] = OrderedDict()
 
     @property
@@ -260,18 +263,49 @@ class DetectEngine:
         if not aid or not wid or end <= 0:
             self.errors["window_unattributed"] = self.errors.get("window_unattributed", 0) + 1
             return []
-        key = (wid, start)
+        fix = self._correction(aid, (wid, start), w)
+        if fix is None:
+            return self._journaled(aid, "win", w, end)
+        return self._redecide(aid, {(wid, start): fix}) if fix else []
+
+    def on_corrections(self, windows: Iterable[Any]) -> list[Detection]:
+        """Windows already applied that come again (a batch's corrections), as `on_window` each would take them, but
+        with one rollback and one replay per account: the account goes back to the step of the earliest one's first
+        delivery and its journal is applied again with every corrected window in its place. The state comes out as
+        after one `on_window` per correction; only the in-between versions of a detection (a correction re-decided
+        while the next one's rows were still missing) are not emitted. One not in the journal (too old, or not
+        applied before) goes through `on_window`."""
+        out: list[Detection] = []
+        held: list[tuple[str, tuple[Any, float], Any]] = []
+        for w in windows:
+            aid, wid = _g(w, "account_id"), _g(w, "workload_id")
+            key = (wid, _num(_g(w, "window_start")))
+            if aid and wid and _num(_g(w, "window_end")) > 0 and self._correction(aid, key, w) is not None:
+                held.append((aid, key, w))
+            else:
+                out += self.on_window(w)
+        fixes: dict[str, dict[tuple[Any, float], tuple[int, int, Any]]] = {}
+        for aid, key, w in held:  # where in the journal: after the others above (they may add to its last step)
+            fix = self._correction(aid, key, w)
+            if fix:
+                fixes.setdefault(aid, {})[key] = fix  # a later merge of the same window replaces (it holds more)
+        for aid, fx in fixes.items():
+            out += self._redecide(aid, fx)
+        return out
+
+    def _correction(self, aid: str, key: tuple[Any, float], w: Any) -> tuple[int, int, Any] | tuple[()] | None:
+        """Where `w` (a window of the account's journal) was first delivered: (step, input index, w); () when `w`
+        is that window as already applied (a replay: nothing changes); None when the journal does not hold it."""
         held = [si for si, step in enumerate(self._journal.get(aid, ())) if key in step.keys]
-        if held:
-            steps = self._journal[aid]
-            first = (held[0], next(ii for ii, (kind, x) in enumerate(steps[held[0]].inputs) if kind == "win"
-                                   and (_g(x, "workload_id"), _num(_g(x, "window_start"))) == key))
-            latest = [x for kind, x in steps[held[-1]].inputs if kind == "win"
-                      and (_g(x, "workload_id"), _num(_g(x, "window_start"))) == key][-1]
-            if _window_sig(latest) == _window_sig(w):
-                return []  # this window as already applied (a replay): nothing changes
-            return self._redecide(aid, first, w)
-        return self._journaled(aid, "win", w, end)
+        if not held:
+            return None
+        steps = self._journal[aid]
+        latest = [x for kind, x in steps[held[-1]].inputs if kind == "win"
+                  and (_g(x, "workload_id"), _num(_g(x, "window_start"))) == key][-1]
+        if _window_sig(latest) == _window_sig(w):
+            return ()
+        return (held[0], next(ii for ii, (kind, x) in enumerate(steps[held[0]].inputs) if kind == "win"
+                              and (_g(x, "workload_id"), _num(_g(x, "window_start"))) == key), w)
 
     # -- the journal: re-deciding corrected windows ---------------------------------------------------------------
 
@@ -356,25 +390,32 @@ class DetectEngine:
             self.named_owners[aid] = list(d["named"])
         self._owner_index = None
 
-    def _redecide(self, aid: str, first: tuple[int, int], w: Any) -> list[Detection]:
-        """The account back to the step of the window's first delivery, then its journal applied again from there
-        with the corrected window in that place (and its later deliveries dropped: `w` is their merge)."""
+    def _redecide(self, aid: str, fixes: Mapping[tuple[Any, float], tuple[int, int, Any]]) -> list[Detection]:
+        """The account back to the step of the earliest corrected window's first delivery, then its journal applied
+        again from there with each corrected window in the place of its first delivery (its later deliveries
+        dropped: the corrected window is their merge). `fixes`: (workload, window start) -> (step, input index in
+        that step, corrected window)."""
         steps = self._journal[aid]
-        si, ii = first
+        si = min(f[0] for f in fixes.values())
         gone = steps[si:]
-        key = (_g(w, "workload_id"), _num(_g(w, "window_start")))
+        offset = dict.fromkeys(range(si, si + len(gone)), 0)
+        for j in range(si + 1, si + len(gone)):
+            offset[j] = offset[j - 1] + len(steps[j - 1].inputs)
+        at = {key: offset[f[0]] + f[1] for key, f in fixes.items()}
         inputs: list[tuple[str, Any]] = []
         for n, (kind, x) in enumerate(i for step in gone for i in step.inputs):
-            if kind == "win" and (_g(x, "workload_id"), _num(_g(x, "window_start"))) == key:
-                if n == ii:
-                    inputs.append(("win", w))
+            key = (_g(x, "workload_id"), _num(_g(x, "window_start"))) if kind == "win" else None
+            if key in fixes:
+                if n == at[key]:
+                    inputs.append(("win", fixes[key][2]))
                 continue
             inputs.append((kind, x))
         redo = {did: fp for step in gone for did, fp in step.emitted.items()}
         del steps[si:]
         self._touch(aid)
         self._restore(aid, gone[0].snap, gone)
-        self.redecided["corrections"] += 1
+        self.redecided["corrections"] += len(fixes)
+        self.redecided["rollbacks"] += 1
         self.redecided["inputs"] += len(inputs)
         out: list[Detection] = []
         self._redo = redo

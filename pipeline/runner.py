@@ -140,10 +140,7 @@ class InProcessPipeline:
         if not windows:
             return
         self.store.insert_windows(windows)
-        out = DetectOutput()
-        for w in windows:
-            out.extend(self.detect.on_window(w))
-        self._carry(out)
+        self._carry(self.detect.on_windows(windows))  # one batch: an account's corrections re-decide once
 
     def _carry(self, out: DetectOutput) -> None:
         """The detect core's outputs to the cases stage: CIP records as applied, then detections, then identity."""

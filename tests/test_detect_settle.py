@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.detect.stage import DetectStage
 from schemas.windows import WindowAggregate
-from tests.detector_builders import T0, W, demo
+from tests.detector_builders import T0, W, alloc, demo
 
 
 def partial(start: float, part: int, workload: str = "wl-s") -> WindowAggregate:
@@ -71,3 +71,24 @@ def test_a_partial_after_its_window_settled_replaces_it_at_once_and_the_held_sta
     back.flush()
     assert back.progress == stage.progress == {0: T0 + 5 * W, 1: T0 + 4 * W, 2: T0 + W}
     assert [s for s, _ in seen2] == [T0 + 2 * W, T0 + 3 * W, T0 + 4 * W]
+
+
+def test_in_a_batch_an_accounts_corrections_wait_for_its_next_input_and_re_decide_once() -> None:
+    """DetectStage.on_windows: a trailing partial of a window already applied waits, merged with the account's other
+    corrections, until the account's next input or the batch's end; then one rollback for them all."""
+    stage = DetectStage(demo(), None, W, settle_s=0.0)
+    for i in range(4):
+        stage.on_window(partial(T0 + i * W, 0))
+    seen, red = handed(stage), stage.engine.redecided
+    stage.on_windows([partial(T0 + W, 1), partial(T0 + 2 * W, 1)])
+    assert seen == [] and red["corrections"] == 2 and red["rollbacks"] == 1  # through on_corrections
+    stage.begin_batch()
+    stage.on_window(partial(T0 + W, 2))
+    stage.on_allocation(alloc("acct-s", "reserved", T0 + W, reserved_until=T0 + 7200))  # behind the clock: now
+    assert red["corrections"] == 3 and red["rollbacks"] == 2  # the account's correction went first
+    stage.on_window(partial(T0 + 2 * W, 2))
+    assert red["corrections"] == 3
+    stage.end_batch()
+    assert seen == [] and red["corrections"] == 4 and red["rollbacks"] == 3
+    stage.on_window(partial(T0 + 3 * W, 1))  # outside a batch: at once, as before
+    assert seen == [(T0 + 3 * W, 8)] and red["rollbacks"] == 4

@@ -896,3 +896,34 @@ def test_a_corrected_window_gives_the_detections_of_the_whole_window_first():
     # Without re-deciding, the decision taken on the half window would stand.
     _, stood = _stream(True, redecide_s=0.0)
     assert _latest(stood) != _latest(whole)
+
+
+def _two_late(batched: bool) -> tuple[DetectEngine, list[Detection]]:
+    """_stream with windows 3 and 4 of acct-c first half-merged, both corrected two windows after window 4: in one
+    batch (on_corrections, with a replay of window 6 between) or one by one (on_window each)."""
+    eng = DetectEngine(demo())
+    out = eng.on_cip(cip("acct-c")) + eng.on_cip(cip("acct-o"))
+    for i in range(8):
+        w = window("wl-c", "acct-c", i, flop=3e17)
+        out += feed(eng, [_half(w) if i in (3, 4) else w, window("wl-o", "acct-o", i, flop=1e16)])
+        if i == 4:
+            out += eng.on_allocation(alloc("acct-c", "reserved", T0 + i * W + W, reserved_until=T0 + 7200))
+            out += eng.on_cip(cip("acct-o", updated_at=T0 + i))
+        if i == 6:
+            late = [window("wl-c", "acct-c", 3, flop=3e17), window("wl-o", "acct-o", 6, flop=1e16),
+                    window("wl-c", "acct-c", 4, flop=3e17)]
+            out += eng.on_corrections(late) + owners_here(eng) if batched else feed(eng, late)
+    return eng, out
+
+
+def test_an_accounts_corrections_in_one_batch_roll_back_once_to_the_state_of_the_whole_windows():
+    whole, whole_dets = _stream(False)
+    batched, dets = _two_late(True)
+    one_by_one, _ = _two_late(False)
+    assert batched.redecided["corrections"] == one_by_one.redecided["corrections"] == 2
+    assert batched.redecided["rollbacks"] == 1 and one_by_one.redecided["rollbacks"] == 2
+    assert batched.redecided["inputs"] < one_by_one.redecided["inputs"]
+    assert batched.to_dict() == one_by_one.to_dict() == whole.to_dict()
+    assert _latest(dets) == _latest(whole_dets)
+    assert batched.on_corrections([window("wl-c", "acct-c", 3, flop=3e17)]) == []  # as applied: nothing to do
+

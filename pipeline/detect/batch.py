@@ -116,6 +116,7 @@ def feed_partition(tabs: StageTables, p: int, msgs: list[Msg], topics: TopicSett
     if new:
         st.engine.owner_outbox += st.engine.owner_snapshot()
     b = PartitionBatch(st, reached=st.engine.account_progress())
+    st.begin_batch()  # an account's corrections in this batch re-decide once (DetectStage.begin_batch)
     for m in msgs:
         try:
             if m.topic == topics.windows:
@@ -131,6 +132,7 @@ def feed_partition(tabs: StageTables, p: int, msgs: list[Msg], topics: TopicSett
                 b.out.extend(st.on_allocation(decode(AllocationEvent, m.value)))
         except InvalidMessage as exc:
             b.letters.append(dead_letter(exc, m, at))
+    b.out.extend(st.end_batch())
     if sources is not None:
         sources.heard_from(p, {w.partition for w in b.windows}, now)
         sources.meet(p, st.progress, now)

@@ -124,6 +124,9 @@ class DetectStage:
         #: telemetry partitions the transport reported quiet (set_quiet): left out of the settling minimum
         self.quiet: frozenset[int] = frozenset()
         self._applied_to = float("-inf")
+        #: within a batch (begin_batch .. end_batch): account -> the (workload, window start) of its corrections
+        #: not yet handed to the engine, in arrival order
+        self._corrections: dict[str, dict[tuple[str, float], None]] | None = None
 
     # -- inputs ------------------------------------------------------------------------------------------------
 
@@ -143,13 +146,49 @@ class DetectStage:
         if applied_before:  # a correction or a trailing partial: the engine replaces the window now
             if merged is not None:
                 out.accounts.add(w.account_id or "")
-                out.extend(self._routed(self.engine.on_window(merged)))
+                if self._corrections is not None:  # in a batch: with the account's others, before its next input
+                    self._corrections.setdefault(w.account_id or "", {})[key] = None
+                else:
+                    out.extend(self._routed(self.engine.on_window(merged)))
         elif key not in self._settling:
             self._settling.add(key)
             heapq.heappush(self._held, (w.window_end, 0, w.workload_id, self._seq,
                                         (w.workload_id, w.window_start, w.window_end)))
             self._seq += 1
         return out.extend(self._release(self.applied_to))
+
+    def begin_batch(self) -> None:
+        """From here to `end_batch`, a correction (a partial of a window already applied) waits, merged with the
+        account's later ones, until the account's next input or the batch's end: consecutive corrections of an
+        account re-decide once (DetectEngine.on_corrections), not once each."""
+        if self._corrections is None:
+            self._corrections = {}
+
+    def end_batch(self) -> DetectOutput:
+        """The batch's waiting corrections to the engine; corrections apply at once again."""
+        out = self._corrected(None)
+        self._corrections = None
+        return out
+
+    def on_windows(self, windows: Iterable[WindowAggregate]) -> DetectOutput:
+        """`on_window` for each, as one batch (begin_batch / end_batch)."""
+        self.begin_batch()
+        out = DetectOutput()
+        for w in windows:
+            out.extend(self.on_window(w))
+        return out.extend(self.end_batch())
+
+    def _corrected(self, account: str | None) -> DetectOutput:
+        """The waiting corrections of `account` (None: of every account) to the engine, before its next input."""
+        if not self._corrections:
+            return DetectOutput()
+        accounts = list(self._corrections) if account is None else [account] if account in self._corrections else []
+        out = DetectOutput()
+        for a in accounts:
+            merged = [m for m in map(self.merger.current_key, self._corrections.pop(a)) if m is not None]
+            out.accounts.add(a)
+            out.extend(self._routed(self.engine.on_corrections(merged)))
+        return out
 
     @property
     def applied_to(self) -> float:
@@ -221,16 +260,18 @@ class DetectStage:
         merged = self.merger.current_key((key[0], key[1]))
         if merged is None:  # its partials expired meanwhile (a flush long after): nothing to apply
             return DetectOutput()
-        out = self._routed(self.engine.on_window(merged))
+        out = self._corrected(merged.account_id or "")
+        out.extend(self._routed(self.engine.on_window(merged)))
         out.accounts.add(merged.account_id or "")
         return out
 
     def _apply(self, rec: Side) -> DetectOutput:
+        out = self._corrected(rec.account_id)
         if isinstance(rec, CipRecord):
-            out = self._routed(self.engine.on_cip(rec))
+            out.extend(self._routed(self.engine.on_cip(rec)))
             out.cips.append(rec)
         else:
-            out = self._routed(self.engine.on_allocation(rec))
+            out.extend(self._routed(self.engine.on_allocation(rec)))
         out.accounts.add(rec.account_id)
         return out
 
