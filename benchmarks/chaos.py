@@ -9,10 +9,11 @@ paced so the stream lasts as long as the faults do; one `trainwatch run --stage 
 membership) consumes it. Faults, in a seeded random order at random moments: kill -9 of the worker's process group
 (restarted at once, as a supervisor would), kill -9 of one broker (restarted 20 s later by kafka.sh), and the
 ClickHouse store failing every call for 30 s (pipeline/faults.py). A worker that exits on its own is restarted and
-counted. Once the stream is produced and the worker idle, it is stopped and its store and feed are compared with
-the replay: cases lost / extra (by case id, and by policy + reason + subject), knowledge_at moved by more than a
-window, duplicate case events (raw vs FINAL), duplicate feed messages, compute totals per account, and the time
-from each kill until the restarted worker writes windows again (ingest) and commits (detect).
+counted. The stream then goes on with idle tick nodes (no account, 0 FLOP) that carry every detect partition past
+the last sample, as a live stream would. Once it is produced and the worker idle, it is stopped and its store and
+feed are compared with the replay: cases lost / extra (by case id, and by policy + reason + subject), knowledge_at
+moved by more than a window, duplicate case events (raw vs FINAL), duplicate feed messages, compute totals per
+account, and the time from each kill until the restarted worker writes windows again (ingest) and commits (detect).
 
 Nothing here asserts: tests/test_chaos_smoke.py runs --quick and asserts the properties that must hold.
 """
@@ -32,6 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,12 @@ PARTITIONS = 4
 WINDOW_S = 60.0
 RESUME_CAP_S = 60.0  # a worker not committing again within this after a fault counts as "not resumed"
 STALLED_S = 90.0  # drain: nothing moved for this long with detect lag left = done (the lag is recorded)
+# One workload id per detect partition: ingest keys a window without account by its workload, and librdkafka's
+# default partitioner puts a key on CRC-32(key) % partitions.
+TICK_WORKLOADS = tuple(next(w for w in (f"chaos-tick-{i}" for i in range(64))
+                            if zlib.crc32(w.encode()) % PARTITIONS == d) for d in range(PARTITIONS))
+STILL_S = 20.0  # drain: nothing moved for this long with detect lag 0 = done
+DRAIN_CAP_S = 600.0  # drain: at most this, plus the worker's idle waits (owner_idle_s + source_quiet_s)
 
 # Worker and replay read the store through this script (chDB: one process per engine path, so never in ours).
 STORE_SCRIPT = """
@@ -115,6 +123,8 @@ class Cluster:
                     "TRAINWATCH_KAFKA_PORT": str(port), "TRAINWATCH_KAFKA_CONTROLLER_PORT": str(port + 1),
                     "TRAINWATCH_KAFKA_OWNER": self.owner, "PYTHON": sys.executable}
         self.bootstrap = ",".join(f"127.0.0.1:{port + 2 * i}" for i in range(3))
+        self.started: dict[str, Any] = {}
+        self._starter = threading.Thread()
 
     def sh(self, cmd: str, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(KAFKA_SH), cmd, *args], env=self.env, capture_output=True, text=True,
@@ -126,6 +136,25 @@ class Cluster:
         if res.returncode != 0:
             raise SystemExit(f"cluster did not start: {res.stderr[-2000:]}")
         return time.monotonic() - t0
+
+    def start_in_background(self) -> None:
+        """Start the cluster while the first scenario simulates and replays (JVM start and replay overlap)."""
+
+        def run() -> None:
+            try:
+                self.started["s"] = self.start()
+            except SystemExit as exc:
+                self.started["error"] = exc
+
+        self._starter = threading.Thread(target=run, daemon=True)
+        self._starter.start()
+
+    def wait_started(self) -> float:
+        """Seconds the start took (raises what start raised)."""
+        self._starter.join()
+        if "error" in self.started:
+            raise self.started["error"]
+        return self.started["s"]
 
     def pid(self, node: int) -> int:
         return int((self.home / f"cluster-{self.port}" / f"node-{node}" / "kafka.pid").read_text())
@@ -252,14 +281,21 @@ def _produce_paced(bootstrap: str, topics: dict[str, str], folder: Path, seconds
             ahead = i / rate - (time.monotonic() - t0)
             if ahead > 0:
                 time.sleep(ahead)
-    # The stream goes on: two nodes per telemetry partition report once, past the last sample by more than a window
-    # and the watermark lag, so ingest closes the last windows as a continuing stream would (the replay closes
-    # them at the end of its file). Their workload has no account: detect counts it unattributed.
-    for part in range(PARTITIONS) if last_ts > float("-inf") else ():
-        for k in range(2):
-            tick = {"ts": last_ts + 150.0, "node": f"chaos-tick-{part}-{k}", "device": f"chaos-tick-{part}-{k}",
-                    "workload_id": "chaos-tick", "accelerator": "tick", "gpu_util": 0.0}
-            p.produce(topics["telemetry"], orjson.dumps(tick), tick["node"].encode(), partition=part)
+    # The stream goes on past its last sample L, as a live one would (the replay instead flushes at the end of its
+    # file), in three rounds of ticks at L + 200, 450 and 700 s (each within ingest.max_clock_skew_s, 300 s, of the
+    # round before, so none is lettered clock_ahead). Each telemetry partition carries a tick node per detect
+    # partition, of a workload keyed to that partition (TICK_WORKLOADS): every detect partition hears every
+    # telemetry partition reach past L + 450, so its stage settles every real window (slowest partition - settle_s,
+    # two windows) and its owners mark passes every real contribution (less OWNER_SKEW_S) in a batch, not at
+    # detect's idle flush (detect.owner_idle_s, 120 s), which the drain would otherwise have to wait out. The ticks'
+    # workloads have no account (detect counts them unattributed) and idle GPUs (0 FLOP): no case, no compute.
+    for ahead in (200.0, 450.0, 700.0) if last_ts > float("-inf") else ():
+        for part in range(PARTITIONS):
+            for d, wid in enumerate(TICK_WORKLOADS):
+                node = f"chaos-tick-{part}-{d}"
+                tick = {"ts": last_ts + ahead, "node": node, "device": node, "workload_id": wid, "accelerator": "tick",
+                        "gpu_util": 0.0}
+                p.produce(topics["telemetry"], orjson.dumps(tick), node.encode(), partition=part)
     counts["undelivered"] = p.flush(120)
     counts["produced"] = len(recs)
     done.set()
@@ -386,6 +422,7 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
            "TRAINWATCH_TOPIC_CONFIG__PARTITIONS": str(PARTITIONS), "TRAINWATCH_TOPIC_CONFIG__REPLICATION_FACTOR": "3",
            "TRAINWATCH_TOPIC_CONFIG__MIN_INSYNC_REPLICAS": "2",
            **{f"TRAINWATCH_TOPICS__{r.upper()}": t for r, t in topics.items()}}
+    cluster.wait_started()
     res = subprocess.run([sys.executable, "-m", "pipeline", "topics", "create", "--app-id", app_id], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     if res.returncode != 0:
@@ -485,23 +522,30 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
     while not produced.is_set():
         worker.supervise()
         time.sleep(0.5)
-    # Done when nothing moved for 20 s with detect's lag at 0, or for STALLED_S with some lag left: detect holds the
-    # offsets of windows it is still settling (the stream's last ones never settle), so its lag need not reach 0,
-    # and waiting out the 600 s cap for it made the CI's quick run take 823 s instead of ~250 s. The lag left is
-    # recorded; a worker that truly stopped short shows as lost cases and totals in the comparison. "Nothing moved"
-    # lasts past detect.owner_idle_s: windows held for a telemetry partition that stopped last (within
-    # detect.source_quiet_s of the end) apply only at the idle partition's flush.
-    from pipeline.settings import load_settings
-
-    still_s = max(20.0, load_settings().detect.owner_idle_s + 15.0)
-    t_drain, quiet_since, last, d_lag = time.monotonic(), time.monotonic(), None, 0
-    while time.monotonic() - t_drain < 600:
+    # Done when detect's lag is 0 (its agents: detect, owners, cases) and nothing moved for STILL_S. The ticks after
+    # the last sample (_produce_paced) settle every real window and pass every owner contribution in batches, so
+    # nothing waits for detect's idle flush (detect.owner_idle_s without input): waiting that out as a stillness made
+    # the quick run 580 s (its outputs restarted the wait). With lag left, nothing moving for STALLED_S is done too:
+    # the lag is recorded, and a worker that truly stopped short shows as lost cases and totals in the comparison.
+    # The cap grows by the worker's idle waits (owner_idle_s + source_quiet_s), so a slow but progressing drain is
+    # not cut off by them.
+    idle_s, quiet_s = orjson.loads(subprocess.run(
+        [sys.executable, "-c", "import orjson; from pipeline.settings import load_settings; d = load_settings().detect;"
+         " print(orjson.dumps([d.owner_idle_s, d.source_quiet_s]).decode())"], env=env, cwd=REPO, check=True,
+        capture_output=True, text=True, timeout=120).stdout.strip().splitlines()[-1])
+    cap_s = DRAIN_CAP_S + idle_s + quiet_s
+    drain_in = [*detect_in, topics["detections"]]  # + the cases agent's input (same group)
+    t_drain = quiet_since = time.monotonic()
+    last = None
+    d_lag = 0
+    while time.monotonic() - t_drain < cap_s:
         worker.supervise()
-        d_lag = ends(dwatch, detect_in) - committed(dwatch, detect_in)
-        state = (ends(dwatch, [topics["windows"], topics["cases"]]), committed(dwatch, detect_in))
+        d_lag = ends(dwatch, drain_in) - committed(dwatch, drain_in)
+        state = (ends(dwatch, [topics["windows"], topics["cases"], *drain_in[3:]]), committed(dwatch, drain_in),
+                 worker.starts)
         if state != last:
             last, quiet_since = state, time.monotonic()
-        elif time.monotonic() - quiet_since >= (still_s if d_lag == 0 else max(STALLED_S, still_s)):
+        elif time.monotonic() - quiet_since >= (STILL_S if d_lag == 0 else STALLED_S):
             break
         time.sleep(1.0)
     drained_s = time.monotonic() - t_drain
@@ -532,7 +576,7 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
     return {
         "scenario": plan.scenario, "messages": counts.get("produced"), "undelivered": counts.get("undelivered"),
         "stream_s": plan.stream_s, "replay_s": round(replay_s, 1), "drain_s": round(drained_s, 1),
-        "drain_lag_left": d_lag,
+        "drain_lag_left": d_lag, "drain_cap_s": cap_s, "detect_owner_idle_s": idle_s, "detect_source_quiet_s": quiet_s,
         "wall_s": round(time.monotonic() - t_begin, 1), "worker_starts": worker.starts,
         "worker_own_exits": worker.own_exits, "final_stop_rc": rc,
         "worker_import_s": import_s, "load_average_1m": round(load, 1), "first_start_s": first,
@@ -611,26 +655,27 @@ def main(argv: list[str] | None = None) -> None:
     else:  # 20 worker kills in all, one broker kill, one store outage
         plans = [Plan("demo", 10, True, 0.0, 300.0), Plan("scope", 10, False, 30.0, 330.0)]
     if args.clean:
-        plans = [Plan(p.scenario, 0, False, 0.0, p.stream_s) for p in plans]
+        plans = [dataclasses.replace(p, kills=0, broker_kill=False, store_outage_s=0.0) for p in plans]
     if args.only:
-        plans = [Plan(p.scenario, p.kills if args.only == "kill" else 0, p.broker_kill and args.only == "broker",
-                      p.store_outage_s if args.only == "store" else 0.0, p.stream_s) for p in plans]
+        plans = [dataclasses.replace(p, kills=p.kills if args.only == "kill" else 0,
+                                     broker_kill=p.broker_kill and args.only == "broker",
+                                     store_outage_s=p.store_outage_s if args.only == "store" else 0.0) for p in plans]
     if args.scenario:
         # the full run's plan for it; with --quick (demo only) the quick faults on that scenario
         plans = [p for p in plans if p.scenario == args.scenario] or [dataclasses.replace(plans[0],
                                                                                           scenario=args.scenario)]
     if args.stream_s:
-        plans = [Plan(p.scenario, p.kills, p.broker_kill, p.store_outage_s, args.stream_s) for p in plans]
+        plans = [dataclasses.replace(p, stream_s=args.stream_s) for p in plans]
     t0 = time.monotonic()
     home = Path(tempfile.mkdtemp(prefix="tw-chaos-kafka-"))
     cluster = Cluster(args.port, home)
-    started_s = cluster.start()
+    cluster.start_in_background()
     result: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "machine": f"{os.cpu_count()} CPUs", "seed": args.seed, "quick": args.quick,
                               "clean": args.clean, "only": args.only, "static_membership": not args.dynamic,
                               "classifier": os.environ.get("TRAINWATCH_MODEL_PATH") or "packaged",
                               "cluster": {"brokers": 3, "replication_factor": 3, "min_insync_replicas": 2,
-                                          "partitions": PARTITIONS, "start_s": round(started_s, 1)},
+                                          "partitions": PARTITIONS},
                               "scenarios": []}
     # SIGTERM ends the run like Ctrl-C: the finally below kills the workers and stops the cluster.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -639,10 +684,14 @@ def main(argv: list[str] | None = None) -> None:
             for plan in plans:
                 result["scenarios"].append(run_scenario(plan, cluster, rng, Path(d), static=not args.dynamic,
                                                           keep=args.keep))
+        # started while the first scenario replayed: its start overlapped the replays
+        result["cluster"]["start_s"] = round(cluster.wait_started(), 1)
     finally:
         for w in _WORKERS:
             if w.proc is not None and w.proc.poll() is None:
                 w.kill9()
+        if cluster._starter.is_alive():  # a start under way would leave nodes that stop cannot find yet
+            cluster._starter.join()
         cluster.stop()
         subprocess.run(["rm", "-rf", str(home)], check=False)
     result["wall_s"] = round(time.monotonic() - t0, 1)
