@@ -112,6 +112,13 @@ NOT_TRAINING_TARGET = 0.99
 #: (reason `short_history`), never confidently not_training. A model never measured so (fit alone) has no such rule:
 #: `train_and_save` measures it on the training seed's runs, so the shipped artifact always carries it.
 SHORT_HISTORY = "short_history"
+#: Young runs' P (issue 14: "missing information is never evidence"): the tiers' calibration was fitted on whole
+#: histories, so on a run's first windows P is not calibrated (version 5.1's smi tier read a new 32-GPU pretraining
+#: run P 0.000 on its first window, which delayed the change-in-scope call). `fit_young` fits per tier and history
+#: length m a weight w_m in [0, 1] (least squares on the training seed's run starts, non-decreasing in m) and a young
+#: run's P reads prior + w_m (P - prior): near the tier's base rate while the history says little, the model's own P
+#: once it has enough windows. Bands stay the model's: a confident call needs the unshrunk P in its band as before
+#: (and a training call the shrunk P as well), so shrinking never makes a call confident.
 SCALE_FEATURES = ("scale_devices", "scale_nodes", "scale_log_device_seconds", "duration_log_s", "history_windows")
 #: How many devices a run holds is a simulator prior, not evidence: the simulator gives training 8 GPUs per node,
 #: real clusters train on 1, 2 or 4 (issue 14: 2- and 4-GPU training runs called not_training, moved by
@@ -594,7 +601,45 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
                 need -= 1
             self.min_history_windows_[t] = int(need)
             table[t] = {"min_history_windows": int(need), "per_length": per}
+            p_raw = np.array([d["p"] for d in self.assess(Xt, young=np.zeros(len(Xt), dtype=bool))])
+            table[t]["shrink"] = self._fit_shrink(t, p_raw, yt, nt)
         return table
+
+    def _fit_shrink(self, tier: str, p: np.ndarray, y: np.ndarray, n: np.ndarray) -> dict[str, Any]:
+        """Per history length m < history_k, the weight w_m that best maps a young run's P to its label as
+        prior + w_m (P - prior) (least squares = Brier, clipped to [0, 1]), made non-decreasing in m (more windows
+        never count for less); the prior is the base rate of the young runs. Length history_k: w = 1."""
+        from sklearn.isotonic import IsotonicRegression
+
+        prior = float(y.mean()) if len(y) else 0.5
+        ms = np.arange(1, self.history_k)
+        raw, cnt = [], []
+        for m in ms:
+            sel = n == m
+            d = p[sel] - prior
+            den = float((d * d).sum())
+            raw.append(float(np.clip(((y[sel] - prior) * d).sum() / den, 0.0, 1.0)) if den > 0 else 1.0)
+            cnt.append(max(int(sel.sum()), 1))
+        w = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True).fit(ms, raw, sample_weight=cnt).predict(ms)
+        weights = [round(float(x), 4) for x in w] + [1.0]
+        self.young_shrink_ = {**getattr(self, "young_shrink_", {}), tier: {"prior": prior, "weights": weights}}
+        brier = {}
+        for m in ms:
+            sel = n == m
+            if sel.any():
+                ps = prior + weights[m - 1] * (p[sel] - prior)
+                brier[str(int(m))] = {"raw": round(float(((p[sel] - y[sel]) ** 2).mean()), 4),
+                                      "shrunk": round(float(((ps - y[sel]) ** 2).mean()), 4)}
+        return {"prior": round(prior, 4), "weights_raw": [round(x, 4) for x in raw], "weights": weights,
+                "brier": brier}
+
+    def shrink(self, tier: str, n_windows: float, p: float | None) -> float | None:
+        """A young run's P read towards its tier's prior by the windows it has (identity when not fitted)."""
+        fit = getattr(self, "young_shrink_", {}).get(tier)
+        if p is None or fit is None or not n_windows < self.history_k:
+            return p
+        w = fit["weights"][max(int(n_windows), 1) - 1]
+        return float(fit["prior"] + w * (p - fit["prior"]))
 
     def min_windows(self, tier: str) -> int:
         """Fewest windows of a run's start before a confident not_training (1, no rule, until `fit_young`)."""
@@ -783,6 +828,11 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
                 reasons = []
                 # a young run's not_training is read off windows the tier was barely calibrated on: not confident
                 short = bool(young[r]) and band == "not_training" and not n_windows[r] >= self.min_windows(t)
+                if young[r] and n_windows[r] < self.history_k:
+                    # a young run reads towards the prior; a training call needs the evidence to hold there too
+                    p, lo, hi = (self.shrink(t, n_windows[r], v) for v in (p, lo, hi))
+                    if band == "training" and p < m.t_high_:
+                        short = True
                 if short:
                     band = "uncertain"
                     reasons.append(SHORT_HISTORY)

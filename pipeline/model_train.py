@@ -74,7 +74,7 @@ TRAIN_SCENARIO: dict[str, Any] = {"scale": 3.0}
 #: The account a window without one is filed under (the engine drops unattributed windows).
 UNATTRIBUTED = "unattributed"
 MODEL_ID = "trainwatch-workload-gbm"
-MODEL_VERSION = "5.1"  # 5.1: version 5's fit + the short-history rule (fit_young, issue 14 young runs)
+MODEL_VERSION = "5.2"  # 5.2: 5.1 + young runs read P towards the prior by windows seen (fit_young, issue 14)
 #: Fields written as whole numbers by the simulator's line writer (MiB, MHz, bytes, mJ).
 _INT_FIELDS = frozenset(("fb_used_mib", "fb_free_mib", "sm_clock_mhz", "mem_clock_mhz", "pcie_tx_bytes",
                          "pcie_rx_bytes", "nvlink_tx_bytes", "nvlink_rx_bytes", "net_tx_bytes", "net_rx_bytes",

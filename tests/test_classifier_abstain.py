@@ -4,6 +4,7 @@ policy's asymmetric stakes for a `not_training` verdict."""
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -229,3 +230,48 @@ def test_an_old_runs_history_of_corrections_is_not_young():
     assert len(engine_history) == model.history_k
     assert SHORT_HISTORY not in model.predict(engine_history).reasons
     assert SHORT_HISTORY in model.predict(win).reasons  # the same windows delivered once each: a young run
+
+
+def test_a_young_runs_p_reads_towards_the_prior_and_makes_no_call_confident(power_model):
+    rng = np.random.default_rng(17)
+    prefixes, y = [], []
+    for k in range(80):
+        t = k % 2 == 0
+        h = _hist(rng, t, 16)
+        if t:  # a training run's first three windows look idle: P from them alone is confidently wrong
+            for w in h[:3]:
+                w["features"].update(mean_power=0.15, mean_power_watts=0.15 * TDP)
+        prefixes += [h[:n] for n in range(1, 17)]
+        y += [int(t)] * 16
+    model = copy.deepcopy(power_model)
+    assert not getattr(model, "young_shrink_", {})  # unmeasured: P as the tier gives it
+    table = model.fit_young(prefixes, y)
+    fit = model.young_shrink_["smi"]
+    w = fit["weights"]
+    assert len(w) == model.history_k and w[-1] == 1.0 and all(a <= b for a, b in itertools.pairwise(w))
+    assert w[0] < 0.9 and table["smi"]["shrink"]["brier"]["1"]["shrunk"] < table["smi"]["shrink"]["brier"]["1"]["raw"]
+    X = model.featurizer_.transform(prefixes)
+    raw = model.assess(X, young=np.zeros(len(X), dtype=bool))
+    young = model.assess(X, young=np.ones(len(X), dtype=bool))
+    n = X[:, model.featurizer_.feature_names_out_.index("history_windows")]
+    for a, b, m in zip(raw, young, n, strict=True):
+        assert b["band"] in (a["band"], "uncertain")  # shrinking never makes a call confident
+        if m < model.history_k:  # between the tier's P and the prior, by the windows seen
+            assert min(a["p"], fit["prior"]) - 1e-9 <= b["p"] <= max(a["p"], fit["prior"]) + 1e-9
+        else:
+            assert b["p"] == a["p"]
+
+
+def test_the_packaged_models_first_window_of_a_pretraining_run_reads_near_the_prior():
+    from detectors.model_artifact import load_artifact
+
+    model, meta = load_artifact(None)
+    fit = model.young_shrink_["smi"]
+    run = [{"workload_id": "pre", "window_start": 60.0 * i, "window_end": 60.0 * (i + 1), "device_count": 24,
+            "node_count": 3, "basis": "utilisation_power", "features": dict(PRETRAIN_SMI_WINDOW)} for i in range(2)]
+    x = model.featurizer_.transform([run[:1]])
+    assert model.assess(x, young=np.array([False]))[0]["p"] < 0.01  # the tier alone: 0.000 (5.1's P)
+    v = model.predict(run[:1])
+    # missing history is no evidence: P near the base rate, above the scope baseline's p_low (0.2), still uncertain
+    assert v.band == "uncertain" and 0.2 < v.p_training < fit["prior"]
+    assert meta.metrics["young_runs"]["smi"]["shrink"]["weights"] == fit["weights"]
