@@ -484,3 +484,15 @@ def test_a_reopened_case_is_redated_only_from_findings_after_the_dismissal():
     # the reopening finding is re-decided later: the dismissed uncertain finding (T0) does not count again
     case = only(book.apply([det(t=T0 + DAY + 300)], {}, NOW + 30))
     assert case.status == "open" and case.knowledge_at == T0 + DAY + 300
+
+
+def test_an_uncertain_finding_redecided_as_training_later_confirms_and_dates_the_case_then():
+    book = CaseBook(BIS)  # needs_review counts as knowledge
+    book.apply([det("needs_review", t=T0)], {}, NOW)
+    # the same finding (same id) re-decided on the corrected window: training, its crossing 2 windows later
+    out = book.apply([det("reportable", t=T0 + 120)], {}, NOW + 60)
+    case = only(out)
+    assert case.status == "open" and case.knowledge_at == T0 + 120 and case.due_at == T0 + 120 + 15 * DAY
+    (event,) = out.events
+    assert event.action == "confirmed" and event.details["why"] == "detection_redecided"
+    assert event.details["knowledge_at"] == {"from": T0, "to": T0 + 120}

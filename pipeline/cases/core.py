@@ -403,7 +403,7 @@ class CaseBook:
             # was never met. Not an analyst's downgrade: the pipeline's own earlier premise was wrong.
             status, action, knowledge = "monitored", "revised", None
             updates["suggested_inquiry"] = None
-        if (prev is not None and action == "evidence_added" and status in REPORTABLE_STATUSES
+        if (prev is not None and action in ("evidence_added", "confirmed") and status in REPORTABLE_STATUSES
                 and knowledge is not None and prev["event_time"] == knowledge and self._counts(prev["outcome"])):
             # The superseded version dated the case: date it again from the latest version of each finding counted
             # in this spell of the clock (not those before a dismissal or an earlier start: they never counted).
@@ -433,9 +433,9 @@ class CaseBook:
         if prev is not None:
             details["supersedes"] = {"fingerprint": prev.get("fingerprint"), "event_time": prev["event_time"],
                                      "outcome": prev["outcome"]}
-            if "knowledge_at" in details and action == "evidence_added":
+            if "knowledge_at" in details:
                 # the case's clock moved because the engine re-decided this finding on corrected figures
-                action = "redecided"
+                action = "redecided" if action == "evidence_added" else action
                 details["why"] = "detection_redecided"
                 details["due_at"] = {"from": case.due_at, "to": new.due_at}
         return new, self._event(new, det, fp, action, case.status, status, now, details)
