@@ -138,6 +138,10 @@ class ShadowTee:
     def on_window(self, w: Any) -> DetectOutput:
         return self._tee("on_window", w)
 
+    def on_windows(self, windows: Iterable[Any]) -> DetectOutput:
+        # every DetectStage method the runner calls must be teed here: __getattr__ would send it to the live one only
+        return self._tee("on_windows", list(windows))
+
     def on_cip(self, rec: CipRecord) -> DetectOutput:
         return self._tee("on_cip", rec)
 
