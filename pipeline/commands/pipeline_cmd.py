@@ -51,6 +51,11 @@ def replay_folder(folder: Path, store: Store, policy_name: str, settings: Settin
         return pipe.run(read_folder(folder), progress=bar.update)
 
 
+def _distinct(detections: Sequence[Any]) -> int:
+    """Detections by id: a re-decided detection is emitted again under its id and counts once."""
+    return len({d.detection_id for d in detections})
+
+
 def _utc(t: float | None) -> str:
     return "—" if t is None else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))
 
@@ -103,7 +108,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(dumps({"counters": dict(res.counters), "cases": [c.model_dump(mode="json") for c in cases]}))
             return
         typer.echo(f"replayed {folder}: " + ", ".join(f"{k}={v}" for k, v in sorted(res.counters.items())))
-        typer.echo(f"{len(res.detections)} detections, {len(cases)} cases in {st.database}")
+        typer.echo(f"{_distinct(res.detections)} detections, {len(cases)} cases in {st.database}")
 
     @app.command("demo")
     def demo(
@@ -150,7 +155,7 @@ def _print_summary(cases: list[Case], res: RunResult, m: dict, folder: Path, t_s
     echo(f"telemetry: {c.get('samples_in', 0):,} samples, {c.get('duplicates', 0)} duplicates suppressed, "
          f"{sum(v for k, v in c.items() if k.startswith('dlq.'))} dead-lettered "
          f"({', '.join(f'{k[4:]}={v}' for k, v in sorted(c.items()) if k.startswith('dlq.'))}); "
-         f"{c.get('windows', 0):,} window aggregates; {len(res.detections)} detections")
+         f"{c.get('windows', 0):,} window aggregates; {_distinct(res.detections)} detections")
     echo("")
     echo(f"{'status':<13}{'reason':<18}{'subject':<28}{'knowledge at (event time)':<26}{'report due':<22}compute")
     for case in sorted(cases, key=lambda x: (x.status not in REPORTABLE_STATUSES, x.due_at or 9e18)):
