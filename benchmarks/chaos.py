@@ -53,6 +53,7 @@ STALLED_S = 90.0  # drain: nothing moved for this long with detect lag left = do
 # default partitioner puts a key on CRC-32(key) % partitions.
 TICK_WORKLOADS = tuple(next(w for w in (f"chaos-tick-{i}" for i in range(64))
                             if zlib.crc32(w.encode()) % PARTITIONS == d) for d in range(PARTITIONS))
+TICK_EVERY_S = 5.0  # while faults are still due after the folder is produced, a round of ticks this often
 STILL_S = 20.0  # drain: nothing moved for this long with detect lag 0 = done
 DRAIN_CAP_S = 600.0  # drain: at most this, plus the worker's idle waits (owner_idle_s + source_quiet_s)
 
@@ -251,7 +252,7 @@ class Worker:
 
 
 def _produce_paced(bootstrap: str, topics: dict[str, str], folder: Path, seconds: float, done: threading.Event,
-                   counts: dict[str, int]) -> None:
+                   counts: dict[str, int], faults_done: threading.Event) -> None:
     from pipeline.sources import read_folder
 
     recs = list(read_folder(folder))
@@ -289,13 +290,25 @@ def _produce_paced(bootstrap: str, topics: dict[str, str], folder: Path, seconds
     # two windows) and its owners mark passes every real contribution (less OWNER_SKEW_S) in a batch, not at
     # detect's idle flush (detect.owner_idle_s, 120 s), which the drain would otherwise have to wait out. The ticks'
     # workloads have no account (detect counts them unattributed) and idle GPUs (0 FLOP): no case, no compute.
-    for ahead in (200.0, 450.0, 700.0) if last_ts > float("-inf") else ():
+    # While faults are still due (a fault waits for the one before to recover, so on a loaded machine the last ones
+    # can come after the folder is produced), a round every TICK_EVERY_S, 100 s on: a worker killed then still has
+    # something to consume, and its recovery can be seen.
+    def round_at(ahead: float) -> None:
         for part in range(PARTITIONS):
             for d, wid in enumerate(TICK_WORKLOADS):
                 node = f"chaos-tick-{part}-{d}"
                 tick = {"ts": last_ts + ahead, "node": node, "device": node, "workload_id": wid, "accelerator": "tick",
                         "gpu_util": 0.0}
                 p.produce(topics["telemetry"], orjson.dumps(tick), node.encode(), partition=part)
+        p.poll(0)
+
+    rounds = [200.0, 450.0, 700.0] if last_ts > float("-inf") else []
+    for ahead in rounds:
+        round_at(ahead)
+    while rounds and not faults_done.wait(TICK_EVERY_S):
+        rounds.append(rounds[-1] + 100.0)
+        round_at(rounds[-1])
+    counts["tick_rounds"] = len(rounds)
     counts["undelivered"] = p.flush(120)
     counts["produced"] = len(recs)
     done.set()
@@ -450,8 +463,9 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
 
     produced = threading.Event()
     counts: dict[str, int] = {}
+    faults_done = threading.Event()
     producer = threading.Thread(target=_produce_paced, args=(cluster.bootstrap, topics, folder, plan.stream_s,
-                                                             produced, counts), daemon=True)
+                                                             produced, counts, faults_done), daemon=True)
     t_start = time.monotonic()
     worker.start()
     producer.start()
@@ -519,6 +533,7 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
         print(f"[chaos] {plan.scenario} {f.kind} at {f.at_s}s -> resumed {f.recovery} {f.note}", file=sys.stderr)
 
     # drain: the whole folder produced, then detect caught up and nothing new for a while
+    faults_done.set()
     while not produced.is_set():
         worker.supervise()
         time.sleep(0.5)
@@ -575,6 +590,7 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
     rec = {k: [r[k] for r in kills] for k in ("ingest", "detect")}
     return {
         "scenario": plan.scenario, "messages": counts.get("produced"), "undelivered": counts.get("undelivered"),
+        "tick_rounds": counts.get("tick_rounds"),
         "stream_s": plan.stream_s, "replay_s": round(replay_s, 1), "drain_s": round(drained_s, 1),
         "drain_lag_left": d_lag, "drain_cap_s": cap_s, "detect_owner_idle_s": idle_s, "detect_source_quiet_s": quiet_s,
         "wall_s": round(time.monotonic() - t_begin, 1), "worker_starts": worker.starts,
