@@ -35,8 +35,10 @@ import math
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import numpy as np
+import sklearn
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.isotonic import IsotonicRegression
@@ -458,8 +460,45 @@ class OodGuard(BaseEstimator):
         with np.errstate(invalid="ignore"):
             return (Xq < lo - pad) | (Xq > hi + pad)
 
+    def _ref_parts(self) -> tuple[np.ndarray, ...]:
+        # What nan_euclidean_distances derives from the reference rows on every call (a 2,000-row copy, its mask,
+        # norms and squares), derived once per fitted guard: a window's check then costs its own row only.
+        hit = _REF_PARTS.get(self)
+        if hit is not None and hit[0] is self.ref_:
+            return hit[1]
+        Y = np.array(self.ref_, dtype=np.float64)
+        missing = np.isnan(Y)
+        Y[missing] = 0
+        # the masks pre-cast to what np.dot casts them to on each call (float for the BLAS product, int64 for the count)
+        parts = (Y, missing.astype(np.float64), np.einsum("ij,ij->i", Y, Y)[None, :], Y * Y,
+                 (~missing).astype(np.int64))
+        _REF_PARTS[self] = (self.ref_, parts)
+        return parts
+
+    def _ref_distances(self, Zq: np.ndarray) -> np.ndarray:
+        """`nan_euclidean_distances(Zq, self.ref_)`, the same operations in the same order (bit-identical), without
+        its per-call validation and reference preprocessing."""
+        Y, missing_Y, y_norm, YY, present_Y = self._ref_parts()
+        X = np.array(Zq, dtype=np.float64)
+        missing_X = np.isnan(X)
+        X[missing_X] = 0
+        d = -2 * (X @ Y.T)
+        d += np.einsum("ij,ij->i", X, X)[:, None]
+        d += y_norm
+        np.maximum(d, 0, out=d)
+        d -= np.dot(X * X, missing_Y.T)
+        d -= np.dot(missing_X, YY.T)
+        np.clip(d, 0, None, out=d)
+        present_count = np.dot(1 - missing_X, present_Y.T)
+        d[present_count == 0] = np.nan
+        np.maximum(1, present_count, out=present_count)
+        d /= present_count
+        d *= X.shape[1]
+        np.sqrt(d, out=d)
+        return d
+
     def _knn(self, Zq: np.ndarray, Zr: np.ndarray) -> np.ndarray:
-        d = nan_euclidean_distances(Zq, Zr)
+        d = self._ref_distances(Zq) if Zr is getattr(self, "ref_", None) else nan_euclidean_distances(Zq, Zr)
         d = np.where(np.isnan(d), np.inf, d)
         k = min(self.k, d.shape[1])
         part = np.partition(d, k - 1, axis=1)[:, :k]
@@ -519,13 +558,19 @@ class OodGuard(BaseEstimator):
             out = [self.names_[j] for j in np.flatnonzero(env[i])]
             if far[i] and not out:
                 # farthest features from the nearest training row: what makes this row unlike anything seen
-                d = nan_euclidean_distances(Z[i : i + 1], self.ref_)[0]
+                d = self._ref_distances(Z[i : i + 1])[0]
                 nn = self.ref_[int(np.nanargmin(np.where(np.isnan(d), np.inf, d)))]
                 gap = np.abs(Z[i] - nn)
                 order = [j for j in np.argsort(-np.nan_to_num(gap, nan=-1.0)) if not np.isnan(gap[j])][:3]
                 out = [self.names_[j] for j in order]
             names.append(tuple(out))
         return env.any(axis=1) | far, names, score
+
+
+#: OodGuard -> (its ref_, what the distances derive from it); weak, so a dropped model takes its entry along.
+_REF_PARTS: WeakKeyDictionary[OodGuard, tuple[np.ndarray, tuple[np.ndarray, ...]]] = WeakKeyDictionary()
+#: HistoryFeaturizer -> (its column_metric_, the smi core columns' mask), likewise.
+_SMI_CORE_COLS: WeakKeyDictionary[HistoryFeaturizer, tuple[Any, np.ndarray]] = WeakKeyDictionary()
 
 
 @cache
@@ -751,8 +796,12 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
 
     def _has_smi_core(self, X: np.ndarray) -> np.ndarray:
         f = self.featurizer_
-        cols = np.array([any(t in m.lower() for t in SMI_CORE_TOKENS) and s
-                         for m, s in zip(f.column_metric_, f.smi_columns_, strict=True)])
+        hit = _SMI_CORE_COLS.get(f)  # a fitted featurizer's columns do not change: found once, not per window
+        if hit is None or hit[0] is not f.column_metric_:
+            hit = (f.column_metric_, np.array([any(t in m.lower() for t in SMI_CORE_TOKENS) and s
+                                               for m, s in zip(f.column_metric_, f.smi_columns_, strict=True)]))
+            _SMI_CORE_COLS[f] = hit
+        cols = hit[1]
         return (~np.isnan(X[:, cols])).any(axis=1) if cols.any() else np.zeros(len(X), dtype=bool)
 
     def tier_of(self, X: np.ndarray) -> np.ndarray:
@@ -781,14 +830,15 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         return out
 
     def assess(self, X: np.ndarray, variants: Sequence[np.ndarray | None] | None = None,
-               young: np.ndarray | None = None) -> list[dict[str, Any]]:
+               young: np.ndarray | None = None, *, raw: np.ndarray | None = None) -> list[dict[str, Any]]:
         """Everything a verdict needs, per feature row: calibrated P (the mean over what is unknown), its 5-95 %
         range, band, tier, reasons, missing groups, out-of-distribution features.
 
         `variants[i]` (optional) holds alternative rows for row i where a missing group could be bounded from
         the data (power in watts for an unknown TDP): they replace the row and the spread over them is kept.
         `young[i]`: row i's history starts at its run's start (default: every row), so fewer windows than the
-        tier's `min_windows` make a not_training verdict `uncertain` (`short_history`)."""
+        tier's `min_windows` make a not_training verdict `uncertain` (`short_history`).
+        `raw[i]` (optional): row i's raw model probability on its tier input, already computed by the caller."""
         tiers = self.tier_of(X)
         n_windows = X[:, self.featurizer_.feature_names_out_.index("history_windows")]
         young = np.ones(len(X), dtype=bool) if young is None else np.asarray(young, dtype=bool)
@@ -799,7 +849,7 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
                 continue
             m, guard = self.tiers_[t], getattr(self, "guards_", {}).get(t)
             Xt = self._tier_input(X[rows], t)
-            p_base = m.predict_proba(Xt)
+            p_base = m.predict_proba(Xt) if raw is None else m.calibrator_.predict(np.asarray(raw)[rows])
             ood, ood_names, _ = guard.check(Xt) if guard is not None else (np.zeros(len(rows), bool), [()] * len(rows),
                                                                           None)
             act, core = self._has_activity(Xt), self._has_smi_core(Xt)
@@ -869,13 +919,22 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
 
     def contributions(self, x: np.ndarray, tier: str) -> list[tuple[str, float]]:
         """Per-feature change in the raw model probability when that feature is made missing (top_k by size)."""
-        xi = self._tier_input(x[None, :], tier)[0]
-        present = np.flatnonzero(~np.isnan(xi))
+        probe, present = self._probe(x, tier)
         if present.size == 0:
             return []
+        return self._ranked(self.tiers_[tier].raw_proba(probe), present)
+
+    def _probe(self, x: np.ndarray, tier: str) -> tuple[np.ndarray, np.ndarray]:
+        """(the tier-input row, then one copy per present feature with that feature missing; the present columns)."""
+        xi = self._tier_input(x[None, :], tier)[0]
+        present = np.flatnonzero(~np.isnan(xi))
         probe = np.repeat(xi[None, :], present.size + 1, axis=0)
         probe[np.arange(1, present.size + 1), present] = np.nan
-        raw = self.tiers_[tier].raw_proba(probe)
+        return probe, present
+
+    def _ranked(self, raw: np.ndarray, present: np.ndarray) -> list[tuple[str, float]]:
+        if present.size == 0:
+            return []
         delta = raw[0] - raw[1:]
         order = np.argsort(-np.abs(delta), kind="stable")[: self.top_k]
         names = self.featurizer_.feature_names_out_
@@ -932,10 +991,18 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
     # -- verdicts ------------------------------------------------------------------------------------------------
     def _verdict(self, history: Sequence[Any], young: bool = True) -> tuple[Verdict, dict[str, Any]]:
         x = self.featurizer_.transform_one(history)
-        with _openmp().limit(limits=1, user_api="openmp"):
+        # One row per call: scikit-learn's input and parameter validation was most of a window's cost (the rows are
+        # built here, NaN = missing is what the model and the guard expect); it changes no value.
+        with _openmp().limit(limits=1, user_api="openmp"), sklearn.config_context(
+                assume_finite=True, skip_parameter_validation=True):
             variants = self.unit_variants(history)
-            a = self.assess(x[None, :], [variants], np.array([young]))[0]
-            top = self.contributions(x if variants is None else variants[len(variants) // 2], a["tier"])
+            # the verdict's row and its contribution probe in one model call (the per-call cost is per tree, not
+            # per row; each row's result does not depend on the others)
+            tier = str(self.tier_of(x[None, :])[0])
+            probe, present = self._probe(x if variants is None else variants[len(variants) // 2], tier)
+            raw = self.tiers_[tier].raw_proba(np.vstack([self._tier_input(x[None, :], tier), probe]))
+            a = self.assess(x[None, :], [variants], np.array([young]), raw=raw[:1])[0]
+            top = self._ranked(raw[1:], present)
         missing = list(a["missing"])
         if variants is not None:
             missing = [g + (" (bounded from readings: accelerator unknown)" if g in ("power", "memory") else "")

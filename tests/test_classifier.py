@@ -279,6 +279,21 @@ def test_packaged_artifact_loads():
     assert isinstance(est.predict([]), Verdict)
 
 
+def test_guard_distances_are_sklearns_bit_for_bit():
+    # the out-of-distribution check's own distances (reference parts derived once) must stay what
+    # nan_euclidean_distances gives: a verdict may sit on the kNN threshold
+    from sklearn.metrics.pairwise import nan_euclidean_distances
+
+    est, _ = load_artifact()
+    rng = np.random.default_rng(0)
+    for guard in est.guards_.values():
+        ref = guard.ref_
+        for i in range(30):
+            q = ref[rng.integers(len(ref), size=1 + i % 3)] + rng.normal(0, [0.0, 0.01, 3.0][i % 3], (1 + i % 3, 1))
+            q[rng.random(q.shape) < 0.02 * i] = np.nan
+            assert np.array_equal(guard._ref_distances(q), nan_euclidean_distances(q, ref), equal_nan=True)
+
+
 # --- the detect engine's history shape, and the loader ------------------------------------------------------------
 def _messages(t0: float) -> list[bytes]:
     """Two workloads on 60 s windows, 10 s samples, plus late samples that make ingest emit a correction."""
