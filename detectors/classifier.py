@@ -830,7 +830,8 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         return out
 
     def assess(self, X: np.ndarray, variants: Sequence[np.ndarray | None] | None = None,
-               young: np.ndarray | None = None, *, raw: np.ndarray | None = None) -> list[dict[str, Any]]:
+               young: np.ndarray | None = None, *, raw: np.ndarray | None = None,
+               fill_raw: Sequence[np.ndarray | None] | None = None) -> list[dict[str, Any]]:
         """Everything a verdict needs, per feature row: calibrated P (the mean over what is unknown), its 5-95 %
         range, band, tier, reasons, missing groups, out-of-distribution features.
 
@@ -838,7 +839,8 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         the data (power in watts for an unknown TDP): they replace the row and the spread over them is kept.
         `young[i]`: row i's history starts at its run's start (default: every row), so fewer windows than the
         tier's `min_windows` make a not_training verdict `uncertain` (`short_history`).
-        `raw[i]` (optional): row i's raw model probability on its tier input, already computed by the caller."""
+        `raw[i]` (optional): row i's raw model probability on its tier input, already computed by the caller;
+        `fill_raw[i]` likewise for the rows `_fill` makes of row i (None: computed here)."""
         tiers = self.tier_of(X)
         n_windows = X[:, self.featurizer_.feature_names_out_.index("history_windows")]
         young = np.ones(len(X), dtype=bool) if young is None else np.asarray(young, dtype=bool)
@@ -859,7 +861,8 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
                 missing = self.missing_groups(Xt[j], t)
                 still = self.missing_groups(Xv[0], t)
                 if missing or len(Xv) > 1:
-                    pc = m.predict_proba(self._fill(Xv, t, still))
+                    pre = fill_raw[r] if fill_raw is not None else None
+                    pc = m.predict_proba(self._fill(Xv, t, still)) if pre is None else m.calibrator_.predict(pre)
                     p, lo, hi = float(pc.mean()), float(np.quantile(pc, 0.05)), float(np.quantile(pc, 0.95))
                     # the 5-95 % range in one band; not_training (asymmetric stakes) also needs the highest candidate
                     # in it: a flat trace of an unknown part whose range ended on the cut was closed (issue 14)
@@ -1000,9 +1003,16 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
             # per row; each row's result does not depend on the others)
             tier = str(self.tier_of(x[None, :])[0])
             probe, present = self._probe(x if variants is None else variants[len(variants) // 2], tier)
-            raw = self.tiers_[tier].raw_proba(np.vstack([self._tier_input(x[None, :], tier), probe]))
-            a = self.assess(x[None, :], [variants], np.array([young]), raw=raw[:1])[0]
-            top = self._ranked(raw[1:], present)
+            xt = self._tier_input(x[None, :], tier)
+            # and the rows assess fills in for what is missing (the same rule as there)
+            xv = self._tier_input(variants, tier) if variants is not None and len(variants) else xt
+            filled = (self._fill(xv, tier, self.missing_groups(xv[0], tier))
+                      if self.missing_groups(xt[0], tier) or len(xv) > 1 else xt[:0])
+            raw = self.tiers_[tier].raw_proba(np.vstack([xt, filled, probe]))
+            n = 1 + len(filled)
+            a = self.assess(x[None, :], [variants], np.array([young]), raw=raw[:1],
+                            fill_raw=[raw[1:n] if len(filled) else None])[0]
+            top = self._ranked(raw[n:], present)
         missing = list(a["missing"])
         if variants is not None:
             missing = [g + (" (bounded from readings: accelerator unknown)" if g in ("power", "memory") else "")
