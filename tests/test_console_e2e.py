@@ -9,8 +9,6 @@ import io
 import json
 import logging
 import re
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,10 +26,8 @@ from pipeline.web.config import ConsoleSettings, ConsoleUser
 from pipeline.web.redact import identity_values
 from pipeline.web.views import Console
 from schemas.policy import load_policy
+from tests.web_browser import chromium, served
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "trainwatch.json"
 # Cheap argon2 parameters for test users only (the hash carries its parameters; production hashes use defaults).
 _HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
@@ -78,31 +74,14 @@ def app(demo_store: Store) -> Any:
 
 @pytest.fixture(scope="module")
 def base_url(app: Any) -> Iterator[str]:
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with served(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def _login(browser: Any, base_url: str, user: str) -> Any:

@@ -4,8 +4,6 @@ moved, as UTC text; served by uvicorn in this process, driven by Debian's chromi
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +15,8 @@ from pipeline.store import Store
 from pipeline.web.app import create_app
 from pipeline.web.views import Console
 from tests.test_cases_core import BIS, DAY, NOW, T0, cip, det
-from tests.test_console_e2e import CHROMIUM, CHROMIUM_ARGS, _login, _settings
+from tests.test_console_e2e import _login, _settings
+from tests.web_browser import chromium, served
 
 
 @pytest.fixture
@@ -33,31 +32,15 @@ def redecided_store(store: Store) -> tuple[Store, str]:
 
 @pytest.fixture
 def base_url(redecided_store: tuple[Store, str]) -> Iterator[str]:
-    import uvicorn
-
     app = create_app(Console(redecided_store[0], BIS.id), _settings(), as_of="event")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
+    with served(app) as url:
+        yield url
 
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def test_case_page_shows_the_latest_version_once_and_the_move_in_the_audit(
