@@ -3,12 +3,9 @@
 `make_app(settings)` builds the app; nothing happens at import. At-least-once (docs/faust.md). The agents only turn
 faust events into plain messages, call the batch code (pipeline/detect/batch.py) and carry its results:
 - `detect` feeds each input partition's DetectStage; the batch's dead letters, CIP records and windows go to the
-  store, its outputs (detections, owner messages then the partition's mark, the CIP records as applied to the
-  cases' identity refresh / revisions), acknowledged by the brokers (`outputs_acked`), and only then its state to
-  the `engine` / `partials` changelogs (pipeline/detect/tables.py); then the batch is acked. Outputs before state:
-  a kill -9 between the two re-makes the outputs from the older state (duplicates, idempotent downstream), where
-  state first could keep a state that says a detection was made whose message never reached the broker, and the
-  re-read window, a replay to that state, would never make it again (a case dated later, or lost).
+  store, its state to the `engine` / `partials` changelogs (pipeline/detect/tables.py), then its outputs:
+  detections, owner messages (then the partition's mark), the CIP records as applied to the cases' identity
+  refresh / revisions; then the batch is acked.
 - `owners` applies owner messages in event time (EventTimeOwners, table `owners`) across partitions.
 - `cases` applies detections with CaseService and publishes the feed (at start: case events the feed lacks).
 - Timers: quiet partitions (held records released, marked QUIET to the owners), the deadline monitor. Telemetry
@@ -72,12 +69,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             for k in range(partitions):
                 await owner_topic.send(key=ALL_OWNERS.encode(), value=dumps(partition_mark(p, wm)), partition=k)
 
-    async def outputs_acked() -> None:
-        """Every message sent so far acknowledged (acks=all): only then may state that records them be written."""
-        await app.producer.flush()
-
     async def carry(p: int, b: batch.PartitionBatch, wm: float, caught_up: bool) -> None:
-        """A partition's outputs to their transports; its state is saved after they are acked (module docstring)."""
+        """A partition's outputs to their transports, after its state is queued to the changelogs."""
         rt.metrics.observe_detections(b.out.detections)
         rt.metrics.observe_event_time("detect", b.stage.watermark if b.stage.watermark > float("-inf") else None)
         for d in b.out.detections:
@@ -101,9 +94,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                 rt.last_input[p] = now = time.monotonic()
                 b = batch.feed_partition(tabs, p, msgs, topics, time.time(), sources, now)
                 await rt.store_inputs(b)
-                await carry(p, b, b.stage.applied_to, len(events) < BATCH)
-                await outputs_acked()
                 tabs.save(p, b.stage)
+                await carry(p, b, b.stage.applied_to, len(events) < BATCH)
             phase("first-batch-done")
 
     @app.timer(max(1.0, settings.detect.owner_idle_s / 4))
@@ -115,9 +107,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             st = tabs.stages.get(p)
             if st is not None and st.held:
                 b = batch.flush_partition(st)
-                await carry(p, b, QUIET, True)
-                await outputs_acked()
                 tabs.save(p, st)
+                await carry(p, b, QUIET, True)
             await mark(p, QUIET, True)
 
     @app.agent(owner_topic, concurrency=1)
@@ -125,10 +116,9 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         async for events in stream.take_events(BATCH, within=within_s):
             out, letters = batch.receive_owner_messages(owner_tabs, list(map(_msg, events)), time.time())
             await rt.store_letters(letters)
+            owner_tabs.save()
             for d in out:
                 await detections.send(key=d.account_id.encode(), value=encode(d))
-            await outputs_acked()
-            owner_tabs.save()
 
     @app.agent(detections, concurrency=1)
     async def cases(stream: Any) -> None:
