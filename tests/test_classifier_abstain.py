@@ -171,6 +171,28 @@ PRETRAIN_SMI_WINDOW = {
 }
 
 
+def _pretrain_run(n: int) -> list[dict]:
+    """The first `n` windows of a 24-GPU pretraining run as an nvidia-smi-only provider sends them."""
+    return [{"workload_id": "pre", "window_start": 60.0 * i, "window_end": 60.0 * (i + 1), "device_count": 24,
+             "node_count": 3, "basis": "utilisation_power", "features": dict(PRETRAIN_SMI_WINDOW)} for i in range(n)]
+
+
+def _young_prefixes(seed: int) -> tuple[list[list[dict]], list[int]]:
+    """Every prefix (1..16 windows) of 80 runs, half training; a training run's first three windows look idle
+    (loading data, compiling), so P from them alone is confidently wrong."""
+    rng = np.random.default_rng(seed)
+    prefixes, y = [], []
+    for k in range(80):
+        t = k % 2 == 0
+        h = _hist(rng, t, 16)
+        if t:
+            for w in h[:3]:
+                w["features"].update(mean_power=0.15, mean_power_watts=0.15 * TDP)
+        prefixes += [h[:n] for n in range(1, 17)]
+        y += [int(t)] * 16
+    return prefixes, y
+
+
 def test_a_young_pretraining_run_is_never_confidently_not_training():
     from detectors.classifier import SHORT_HISTORY
     from detectors.model_artifact import load_artifact
@@ -178,8 +200,7 @@ def test_a_young_pretraining_run_is_never_confidently_not_training():
     model, meta = load_artifact(None)
     need = model.min_windows("smi")
     assert 1 < need <= model.history_k and meta.metrics["min_history_windows"]["smi"] == need
-    run = [{"workload_id": "pre", "window_start": 60.0 * i, "window_end": 60.0 * (i + 1), "device_count": 24,
-            "node_count": 3, "basis": "utilisation_power", "features": dict(PRETRAIN_SMI_WINDOW)} for i in range(need)]
+    run = _pretrain_run(need)
     x = model.featurizer_.transform([run[:1]])
     # what the tier alone says of its first window: confidently not_training (the error the rule exists for)
     assert model.assess(x, young=np.array([False]))[0]["band"] == "not_training"
@@ -193,16 +214,7 @@ def test_a_young_pretraining_run_is_never_confidently_not_training():
 def test_fit_young_measures_the_windows_a_not_training_call_needs(power_model):
     from detectors.classifier import SHORT_HISTORY
 
-    rng = np.random.default_rng(13)
-    prefixes, y = [], []
-    for k in range(80):
-        t = k % 2 == 0
-        h = _hist(rng, t, 16)
-        if t:  # a training run's first three windows look idle (loading data, compiling)
-            for w in h[:3]:
-                w["features"].update(mean_power=0.15, mean_power_watts=0.15 * TDP)
-        prefixes += [h[:n] for n in range(1, 17)]
-        y += [int(t)] * 16
+    prefixes, y = _young_prefixes(13)
     model = copy.deepcopy(power_model)  # the module's fixture stays unmeasured
     assert model.min_windows("smi") == 1  # unmeasured: no rule
     table = model.fit_young(prefixes, y)
@@ -221,9 +233,7 @@ def test_an_old_runs_history_of_corrections_is_not_young():
 
     model, _ = load_artifact(None)
     need = model.min_windows("smi")
-    win = [{"workload_id": "pre", "window_start": 60.0 * i, "window_end": 60.0 * (i + 1), "device_count": 24,
-            "node_count": 3, "basis": "utilisation_power", "features": dict(PRETRAIN_SMI_WINDOW)}
-           for i in range(model.history_k // 2)]
+    win = _pretrain_run(model.history_k // 2)
     assert len(win) < need
     # what the engine holds for an old run whose every window came twice (a late partial, then its correction)
     engine_history = [w for w in win for _ in (0, 1)][-model.history_k :]
@@ -233,16 +243,7 @@ def test_an_old_runs_history_of_corrections_is_not_young():
 
 
 def test_a_young_runs_p_reads_towards_the_prior_and_makes_no_call_confident(power_model):
-    rng = np.random.default_rng(17)
-    prefixes, y = [], []
-    for k in range(80):
-        t = k % 2 == 0
-        h = _hist(rng, t, 16)
-        if t:  # a training run's first three windows look idle: P from them alone is confidently wrong
-            for w in h[:3]:
-                w["features"].update(mean_power=0.15, mean_power_watts=0.15 * TDP)
-        prefixes += [h[:n] for n in range(1, 17)]
-        y += [int(t)] * 16
+    prefixes, y = _young_prefixes(17)
     model = copy.deepcopy(power_model)
     assert not getattr(model, "young_shrink_", {})  # unmeasured: P as the tier gives it
     table = model.fit_young(prefixes, y)
@@ -267,8 +268,7 @@ def test_the_packaged_models_first_window_of_a_pretraining_run_reads_near_the_pr
 
     model, meta = load_artifact(None)
     fit = model.young_shrink_["smi"]
-    run = [{"workload_id": "pre", "window_start": 60.0 * i, "window_end": 60.0 * (i + 1), "device_count": 24,
-            "node_count": 3, "basis": "utilisation_power", "features": dict(PRETRAIN_SMI_WINDOW)} for i in range(2)]
+    run = _pretrain_run(2)
     x = model.featurizer_.transform([run[:1]])
     assert model.assess(x, young=np.array([False]))[0]["p"] < 0.01  # the tier alone: 0.000 (5.1's P)
     v = model.predict(run[:1])
