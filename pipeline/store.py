@@ -424,6 +424,16 @@ class Store:
         return self.query(f"SELECT {', '.join(_HIT_COLUMNS)} FROM suppression_hits FINAL {where} "
                           "ORDER BY event_time, fingerprint", {"i": suppression_id} if suppression_id else {})
 
+    def suppression_counts(self) -> dict[str, dict[str, int]]:
+        """Per suppression id: the findings it held, one per detection id (a re-decided detection's versions, each
+        a hit row, are one finding), and how many of those it released (no version of the id still held: a version
+        re-decided after the release waits for the next one)."""
+        rows = self.query(
+            "SELECT suppression_id, count() AS held, countIf(released) AS released FROM ("
+            " SELECT suppression_id, detection_id, countIf(state = 0) = 0 AND countIf(state = 1) > 0 AS released"
+            " FROM suppression_hits FINAL GROUP BY suppression_id, detection_id) GROUP BY suppression_id")
+        return {r["suppression_id"]: {"held": int(r["held"]), "released": int(r["released"])} for r in rows}
+
     def upsert_labels(self, labels: Sequence[CaseLabel]) -> int:
         return self._insert(_LABELS, labels)
 

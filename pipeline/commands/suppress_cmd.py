@@ -134,15 +134,16 @@ def list_(
     """Every suppression with its state (active / expired / ended) and how many findings it held."""
     with _store(store_dsn, database) as (store, _):
         sups = store.list_suppressions()
-        hits = {s.suppression_id: store.suppression_hits(s.suppression_id) for s in sups}
+        # one finding per detection id: a re-decided detection's versions are separate hit rows (store docstring)
+        counts = store.suppression_counts()
     now = time.time()
+    zero = {"held": 0, "released": 0}
     if as_json:
-        typer.echo(dumps([{**s.model_dump(mode="json"), "held": len(hits[s.suppression_id]),
-                           "released": sum(1 for h in hits[s.suppression_id] if h["state"] == sup_ops.RELEASED)}
-                          for s in sups]).decode())
+        typer.echo(dumps([{**s.model_dump(mode="json"), **counts.get(s.suppression_id, zero)} for s in sups]).decode())
         return
     for s in sups:
-        typer.echo(f"{_row(s, now)}\theld {len(hits[s.suppression_id])}")
+        n = counts.get(s.suppression_id, zero)
+        typer.echo(f"{_row(s, now)}\theld {n['held']}\treleased {n['released']}")
 
 
 @suppress_app.command("show")
