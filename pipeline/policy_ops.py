@@ -22,7 +22,9 @@ with its own app id (consumer group, changelogs, owners topic) and ShadowCaseSer
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import functools
+import inspect
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,21 +113,76 @@ class Shadow:
     cips: dict[str, CipRecord]
 
 
+#: DetectStage's public methods that only read its state: ShadowTee answers them from the live stage alone.
+STAGE_READS = frozenset({"held_to_list", "to_dict"})
+#: Public methods a tee cannot stand in for: they load one stage's own persisted state, and each policy's stage has
+#: its own (restore the stages one by one, then tee them).
+STAGE_REFUSED = frozenset({"load_held"})
+
+
+def stage_inputs() -> frozenset[str]:
+    """DetectStage's input methods, which ShadowTee hands to every shadow: every public method called on an instance
+    (not a property, classmethod or staticmethod) that is not a read (STAGE_READS) or refused (STAGE_REFUSED). A
+    method added to DetectStage is therefore teed unless someone says otherwise."""
+    out = set()
+    for name in dir(DetectStage):
+        raw = inspect.getattr_static(DetectStage, name)
+        if name.startswith("_") or isinstance(raw, property | classmethod | staticmethod) or not callable(raw):
+            continue
+        out.add(name)
+    return frozenset(out - STAGE_READS - STAGE_REFUSED)
+
+
+_STAGE_INPUTS = stage_inputs()
+
+
 class ShadowTee:
-    """Stands in for the runner's DetectStage: every input goes to the live stage (whose output is returned) and to
-    each shadow's stage, whose output goes straight to that shadow's case service (as the runner's _carry does)."""
+    """Stands in for the runner's DetectStage: every input goes to each shadow's stage, whose output goes straight to
+    that shadow's case service (as the runner's _carry does), and to the live stage, whose output is returned.
+
+    Teed by construction: any public DetectStage method but the reads and the refused (stage_inputs) is an input and
+    reaches the shadows; properties and attributes are read from the live stage; an attribute set on the tee (a
+    setting, e.g. partition_wait_s) is set on every stage. Before, inputs were listed here one by one and anything
+    else fell through to the live stage only: a method added to DetectStage (on_windows) silently starved the
+    shadows (261f80d). tests/test_shadow_tee.py feeds every input through a tee and directly and compares."""
+
+    _OWN = frozenset({"live", "shadows", "clock"})
 
     def __init__(self, live: DetectStage, shadows: Sequence[tuple[DetectStage, ShadowCaseService]], clock: Any):
         self.live = live
         self.shadows = [Shadow(stage, cases, {}) for stage, cases in shadows]
         self.clock = clock
 
-    def __getattr__(self, name: str) -> Any:  # watermark, held, ... of the live stage
-        return getattr(self.live, name)
+    def __getattr__(self, name: str) -> Any:  # only for what the tee itself lacks
+        if name in _STAGE_INPUTS:
+            return functools.partial(self._tee, name)
+        if name in STAGE_REFUSED:
+            raise TypeError(f"ShadowTee.{name}: each policy's stage loads its own state; call it on each stage "
+                            "(tee.live, tee.shadows[i].stage), not on the tee")
+        if name.startswith("_") or name in self._OWN:  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.live, name)  # watermark, held, applied_to, ... of the live stage
 
-    def _tee(self, method: str, *args: Any) -> DetectOutput:
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+            return
+        if not hasattr(self.live, name):
+            raise AttributeError(f"ShadowTee: DetectStage has no attribute {name!r} to set")
+        for stage in (self.live, *(sh.stage for sh in self.shadows)):
+            setattr(stage, name, value)
+
+    def _tee(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        # a one-shot iterable (the runner's generator of windows) is read once, for every stage
+        args = tuple(list(a) if isinstance(a, Iterator) else a for a in args)
+        kwargs = {k: list(v) if isinstance(v, Iterator) else v for k, v in kwargs.items()}
         for sh in self.shadows:
-            out: DetectOutput = getattr(sh.stage, method)(*args)
+            out = getattr(sh.stage, method)(*args, **kwargs)
+            if out is None:  # begin_batch
+                continue
+            if not isinstance(out, DetectOutput):
+                raise TypeError(f"DetectStage.{method} returned {type(out).__name__}, not DetectOutput: if it only "
+                                "reads the stage, add it to pipeline.policy_ops.STAGE_READS")
             for cip in out.cips:
                 prev = sh.cips.get(cip.account_id)
                 if prev is None or cip.updated_at >= prev.updated_at:
@@ -133,26 +190,7 @@ class ShadowTee:
             sh.cases.process(out.detections, self.clock(), sh.cips)
             for cip in out.cips:
                 sh.cases.update_identity(cip, self.clock())
-        return getattr(self.live, method)(*args)
-
-    def on_window(self, w: Any) -> DetectOutput:
-        return self._tee("on_window", w)
-
-    def on_windows(self, windows: Iterable[Any]) -> DetectOutput:
-        # every DetectStage method the runner calls must be teed here: __getattr__ would send it to the live one only
-        return self._tee("on_windows", list(windows))
-
-    def on_cip(self, rec: CipRecord) -> DetectOutput:
-        return self._tee("on_cip", rec)
-
-    def on_allocation(self, ev: Any) -> DetectOutput:
-        return self._tee("on_allocation", ev)
-
-    def on_time(self) -> DetectOutput:
-        return self._tee("on_time")
-
-    def flush(self) -> DetectOutput:
-        return self._tee("flush")
+        return getattr(self.live, method)(*args, **kwargs)
 
 
 # ---- policy diff -------------------------------------------------------------------------------------------------
