@@ -14,6 +14,7 @@ from pipeline.cases.core import (
     UnknownCase,
     add_business_days,
     case_id_for,
+    fingerprint,
 )
 from pipeline.cases.deadline import OVERDUE, REMINDER, DeadlineMonitor
 from schemas.cip import BeneficialOwner, CipRecord, IpAccess
@@ -496,3 +497,71 @@ def test_an_uncertain_finding_redecided_as_training_later_confirms_and_dates_the
     (event,) = out.events
     assert event.action == "confirmed" and event.details["why"] == "detection_redecided"
     assert event.details["knowledge_at"] == {"from": T0, "to": T0 + 120}
+
+
+# ---- telling a redelivery from a new version: fingerprints kept per detection id, not per case ----------------------
+
+
+def test_a_redelivered_old_version_is_never_applied_again_however_many_other_versions_the_case_took():
+    """The case used to keep the last 512 fingerprints of the whole case: a redelivery of a version pushed out of
+    that list by other findings' versions came back as new, superseded the latest and moved knowledge_at back."""
+    book = CaseBook(BIS)
+    first, redecided = det(t=T0), det(t=T0 + 180)  # the engine re-decided the crossing 3 windows later
+    book.apply([first], {}, NOW)
+    assert only(book.apply([redecided], {}, NOW + 1)).knowledge_at == T0 + 180
+    # another finding on the same case is re-decided 600 times (far more than the old per-case list held)
+    for i in range(600):
+        book.apply([det(t=T0 + 600 + i, detector="projection", reason="compute_projected")], {}, NOW + 2 + i)
+    case = book.get(case_id_for(first))
+    assert case.knowledge_at == T0 + 180
+    # at-least-once redelivery of the old version, of the latest, and of an early version of the other finding
+    assert not book.apply([first], {}, NOW + 1000)
+    assert not book.apply([redecided], {}, NOW + 1001)
+    assert not book.apply([det(t=T0 + 600 + 540, detector="projection", reason="compute_projected")], {}, NOW + 1002)
+    assert book.get(case.case_id).version == case.version and book.get(case.case_id).knowledge_at == T0 + 180
+    versions = case.evidence["versions"]  # per id, in arrival order; the other id's newest 64
+    assert versions[first.detection_id] == [fingerprint(first), fingerprint(redecided)] and len(versions) == 2
+    # ... also in a book loaded from the stored case (a restart)
+    assert not CaseBook(BIS, [case]).apply([first, redecided], {}, NOW + 1003)
+
+
+def test_a_case_stored_before_per_id_versions_still_skips_what_its_case_wide_list_holds():
+    book = CaseBook(BIS)
+    first = det(t=T0)
+    case = only(book.apply([first], {}, NOW))
+    legacy = case.model_copy(update={"evidence": {**{k: v for k, v in case.evidence.items() if k != "versions"},
+                                                  "applied": [fingerprint(first)]}})
+    old = CaseBook(BIS, [legacy])
+    assert not old.apply([first], {}, NOW + 1)  # found in the old case-wide list
+    later = det(t=T0 + 180)
+    assert only(old.apply([later], {}, NOW + 2)).knowledge_at == T0 + 180  # a new version still applies
+    assert old.get(case.case_id).evidence["versions"] == {first.detection_id: [fingerprint(later)]}
+    assert not old.apply([first], {}, NOW + 3) and not old.apply([later], {}, NOW + 4)
+
+
+def test_a_redelivered_older_version_of_a_pending_info_detection_never_replaces_the_newer():
+    book = CaseBook(BIS)
+    info_v1 = det("info", t=T0 - 300, detector="change_in_scope", reason="use_changed", evidence={"v": 1})
+    info_v2 = det("info", t=T0 - 240, detector="change_in_scope", reason="use_changed", evidence={"v": 2})
+    assert info_v1.detection_id == info_v2.detection_id
+    for d in (info_v1, info_v2, info_v1):  # the second v1 is a redelivery while the case is not open yet
+        assert not book.apply([d], {}, NOW)
+    case = only(book.apply([det(t=T0)], {}, NOW + 1))  # the case opens: the held info attaches, as v2
+    assert case.evidence["detections"][info_v1.detection_id]["evidence"] == {"v": 2}
+    assert case.evidence["versions"][info_v1.detection_id] == [fingerprint(info_v1), fingerprint(info_v2)]
+    assert not book.apply([info_v1], {}, NOW + 2)  # and after it opened
+
+
+def test_the_bound_a_return_to_an_earlier_versions_exact_content_reads_as_a_redelivery():
+    """Versions carry no order but arrival: the engine re-deciding A -> B -> A sends A again, byte for byte what a
+    redelivery of A would be. The case keeps B (no event, no version) until the id's next version; this pins the
+    documented bound (pipeline/cases/core.py, Idempotence) so a change to it is deliberate."""
+    book = CaseBook(BIS)
+    a, b, c = det(t=T0), det(t=T0 + 180), det(t=T0 + 120)
+    book.apply([a], {}, NOW)
+    book.apply([b], {}, NOW + 1)
+    assert not book.apply([a], {}, NOW + 2)
+    case = book.get(case_id_for(a))
+    assert case.knowledge_at == T0 + 180 and case.version == 2
+    out = book.apply([c], {}, NOW + 3)  # the next version applies as usual
+    assert only(out).knowledge_at == T0 + 120 and out.events[0].action == "redecided"

@@ -33,10 +33,17 @@ Rules (ARCHITECTURE.md "Case semantics" 6-7):
   Updated figures of a detector and reason already seen are kept as evidence but reopen nothing. A reopened
   case's clock restarts at the reopening detection's event time (the dismissal said the earlier evidence was not
   knowledge).
-- **Idempotence.** Each applied detection's content fingerprint is kept in the case's evidence (`applied`, the
-  newest MAX_APPLIED). A replayed detection (or any version already received) is skipped, so replays yield no new
-  version and no event; any new content (a new detection, or new figures under an old detection id) bumps the
-  version once per batch.
+- **Idempotence.** The case keeps, per detection id, the fingerprints of the versions of it received
+  (`evidence.versions`: id -> fingerprints in arrival order, the latest last; at most MAX_VERSIONS_PER_ID per id).
+  A replayed detection, or a redelivery of any version of its id already received, is skipped however many other
+  findings the case took since (the bound is per id, not per case: only an id re-decided more than
+  MAX_VERSIONS_PER_ID times forgets its oldest versions), so replays yield no new version and no event; any new
+  content (a new detection, or new figures under an old detection id) bumps the version once per batch. Cases
+  stored before kept one list for the whole case (`evidence.applied`, the newest 512 fingerprints): it is still read,
+  no longer grown. **Bound:** versions carry no order but arrival, so the engine re-deciding a finding back to the
+  exact content of an earlier version (A, B, then A again) is taken for a redelivery of A: the case keeps B until
+  the id's next version. A redelivery (Kafka re-reading from a committed offset, a replay) cannot be told from that
+  by content; only a version order carried by the detection could.
 - **Business days** (`reporting.day_kind = "business"`): UTC calendar, Saturdays and Sundays skipped, no public
   holidays; knowledge on a weekend starts counting at the next Monday 00:00 UTC; the due time keeps the time of
   day of knowledge. Reminders are in calendar days before that due time.
@@ -62,8 +69,10 @@ from schemas.policy import Policy, Reporting
 #: How strong an outcome is, for "stronger evidence" and for upgrades.
 OUTCOME_RANK: dict[str, int] = {"info": 0, "monitored": 1, "needs_review": 2, "reportable": 3}
 _STATUS_FOR_OUTCOME: dict[str, str] = {"reportable": "open", "needs_review": "needs_review", "monitored": "monitored"}
-#: Fingerprints kept per case for replay detection; a replay of something older than this re-applies as evidence.
-MAX_APPLIED = 512
+#: Fingerprints kept per detection id (evidence.versions) to tell a redelivery from a new version; a version older
+#: than this many versions of its own id, redelivered, would apply again. The engine emits a new version of an id only
+#: for a correction inside its re-decide journal (20 windows), so ids have few (module docstring: measured).
+MAX_VERSIONS_PER_ID = 64
 PIPELINE_ACTOR = "pipeline"
 INQUIRY_SENT = "inquiry_sent"
 INQUIRY_ESCALATED = "inquiry_escalated"
@@ -204,6 +213,23 @@ def _entry_fp(case: Case, detection_id: str) -> str | None:
     return entry.get("fingerprint") if entry else None
 
 
+def received(case: Case, det: Detection, fp: str) -> bool:
+    """This version of `det` reached the case before (a replay or a redelivery: it changes nothing): among the
+    versions kept for its id, the one the case holds, or (cases stored before evidence.versions) the case's list."""
+    return (fp in case.evidence.get("versions", {}).get(det.detection_id, ())
+            or _entry_fp(case, det.detection_id) == fp or fp in case.evidence.get("applied", ()))
+
+
+def _with_version(versions: Mapping[str, list[str]], detection_id: str, fps: Iterable[str]) -> dict[str, list[str]]:
+    """`versions` with `fps` received for `detection_id` (arrival order; each once; the newest MAX_VERSIONS_PER_ID)."""
+    seen = list(versions.get(detection_id, []))
+    for fp in fps:
+        if fp in seen:
+            seen.remove(fp)  # taken again as the latest (a version the engine went back to after a pending hold)
+        seen.append(fp)
+    return {**versions, detection_id: seen[-MAX_VERSIONS_PER_ID:]}
+
+
 def _detection_entry(det: Detection, fp: str) -> dict[str, Any]:
     return {
         "detector_id": det.detector_id,
@@ -275,6 +301,9 @@ class CaseBook:
         self.policy = policy
         self._cases: dict[str, Case] = {}
         self._pending_info: dict[str, list[Detection]] = {}  # case id -> info detections awaiting their case
+        #: case id -> detection id -> fingerprints of the versions of a pending info detection received (as
+        #: evidence.versions, so a redelivered older version neither replaces the newer while it waits nor after)
+        self._pending_versions: dict[str, dict[str, list[str]]] = {}
         self.load(cases)
 
     def load(self, cases: Iterable[Case]) -> None:
@@ -291,11 +320,17 @@ class CaseBook:
 
     def _hold(self, cid: str, det: Detection, fp: str) -> None:
         pending = self._pending_info.setdefault(cid, [])
-        if all(fingerprint(p) != fp for p in pending):
+        versions = self._pending_versions.setdefault(cid, {})
+        if fp not in versions.get(det.detection_id, ()):
             # a newer version of a held detection replaces it (arrival order, as in `apply`)
             pending[:] = [*(p for p in pending if p.detection_id != det.detection_id), det][-_PENDING_INFO_PER_CASE:]
+            versions.update(_with_version(versions, det.detection_id, [fp]))
+            for gone in versions.keys() - {p.detection_id for p in pending}:
+                del versions[gone]
         while len(self._pending_info) > _PENDING_INFO_CASES:
-            self._pending_info.pop(next(iter(self._pending_info)))
+            evicted = next(iter(self._pending_info))
+            self._pending_info.pop(evicted)
+            self._pending_versions.pop(evicted, None)
 
     def get(self, case_id: str) -> Case | None:
         return self._cases.get(case_id)
@@ -338,8 +373,12 @@ class CaseBook:
                     working[cid] = case
                     events.append(event)
                     case, event = self._merge(case, info, fingerprint(info), now)
-            elif fp in current.evidence.get("applied", ()) or _entry_fp(current, det.detection_id) == fp:
-                continue  # a replay (or a redelivery of a version already received: versions never go back)
+                # the versions of those info detections received while they waited count as received
+                versions = case.evidence["versions"]
+                for did, fps in self._pending_versions.pop(cid, {}).items():
+                    versions[did] = _with_version({did: fps}, did, versions.get(did, []))[did]
+            elif received(current, det, fp):
+                continue  # a replay, or a redelivery of a version of this id already received (module docstring)
             else:
                 case, event = self._merge(current, det, fp, now)
             working[cid] = case
@@ -374,7 +413,8 @@ class CaseBook:
             due_at=due_at(knowledge, self.policy.reporting),
             updated_at=now,
             detectors=[det.detector_id],
-            evidence={"detections": {det.detection_id: _detection_entry(det, fp)}, "applied": [fp]},
+            evidence={"detections": {det.detection_id: _detection_entry(det, fp)},
+                      "versions": {det.detection_id: [fp]}},
             identity=identity_snapshot(cip, det.beneficial_owner_id),
             suggested_inquiry=self._inquiry(det) if status == "needs_review" else None,
         )
@@ -386,7 +426,7 @@ class CaseBook:
         # A detection id seen before with other content: the engine re-decided it; this version replaces the other.
         prev = evidence.setdefault("detections", {}).get(det.detection_id)
         evidence["detections"][det.detection_id] = _detection_entry(det, fp)
-        evidence["applied"] = [*evidence.get("applied", []), fp][-MAX_APPLIED:]
+        evidence["versions"] = _with_version(evidence.get("versions", {}), det.detection_id, [fp])
         status, knowledge, action = case.status, case.knowledge_at, "evidence_added"
         updates: dict[str, Any] = {}
         if case.status == "dismissed":

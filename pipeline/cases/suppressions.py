@@ -18,9 +18,9 @@ later than the policy's `suppressions.max_days`. Its window is in event time, li
   ARCHITECTURE.md ("Suppressions and knowledge") says why and how the audit shows it.
 - **Idempotent.** Ids are content hashes; a replayed finding already held is held again (same row, same event),
   even after the release, so a replay never dates a case differently; a released hit stays released (the hits
-  table keeps the higher state), and the released copy's fingerprint is in the case's `applied` list. A new version
-  of a held detection (the engine re-decided it; same id, other content) is held in turn and marks the older one's
-  hit `SUPERSEDED`: only the latest version received is released.
+  table keeps the higher state), and the released copy's fingerprint is among its id's `versions` in the case. A
+  new version of a held detection (the engine re-decided it; same id, other content) is held in turn and marks the
+  older one's hit `SUPERSEDED`: only the latest version received is released.
 """
 
 from __future__ import annotations
