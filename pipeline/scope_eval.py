@@ -237,3 +237,70 @@ def evaluate(scenario: str = "demo", *, scale: float = 1.0, seed: int = 0, model
     res = score(dets, truth, float(truth.get("window_s", 60.0)), policy_name=policy_name)
     res.update({"scenario": scenario, "seed": seed, "scale": scale, "elapsed_s": round(time.perf_counter() - t0, 1)})
     return res
+
+
+def trace_accounts(folder: Path, accounts: set[str], policy_name: str = "demo",
+                   model: str | None = None) -> list[dict[str, Any]]:
+    """Every bucket the scope baseline judged for `accounts` over a simulator folder, in judging order: window end,
+    each workload's (devices, FLOP, P) as the baseline received them, the bucket's (devices, P, FLOP/s), the
+    baseline's level and dwell before it, and the changes it gave. A diagnostic (why a change came late): it wraps
+    ScopeBaseline._judge for the run of this call only."""
+    from detectors import scope_baseline as sb
+
+    truth = orjson.loads((folder / "ground_truth.json").read_bytes())
+    owner = {w["workload_id"]: w["account_id"] for w in truth["workloads"]}
+    judge = sb.ScopeBaseline._judge
+    log: list[dict[str, Any]] = []
+
+    def traced(self: Any, end: float, window_s: float, wins: dict[str, list[float]], params: ScopeParams, *,
+               known_at: float) -> list[Any]:
+        before = {"base_devices": self.scale, "base_p": self.p_training, "base_rate": self.rate,
+                  "dwell": len(self.candidate)}
+        changes = judge(self, end, window_s, wins, params, known_at=known_at)
+        acct = {owner.get(w) for w in wins}
+        if acct & accounts:
+            dev, p, rate = sb._bucket_of(wins, window_s)
+            log.append({"account": sorted(a for a in acct if a), "end": end, "known_at": known_at,
+                        "workloads": {w: [round(v[0], 2), v[1], round(v[2], 4)] for w, v in wins.items()},
+                        "bucket": {"devices": dev, "p_training": round(p, 4), "flop_per_s": rate}, **before,
+                        "changes": [c.to_dict() for c in changes]})
+        return changes
+
+    sb.ScopeBaseline._judge = traced  # type: ignore[method-assign]
+    try:
+        detect_folder(folder, policy_name, model=model)
+    finally:
+        sb.ScopeBaseline._judge = judge  # type: ignore[method-assign]
+    return log
+
+
+def main() -> None:
+    """`python -m pipeline.scope_eval trace --seed 2 --account A [--out FILE]`: the baseline's buckets of one
+    account of the `scope` scenario (simulated into a temporary folder), as JSON."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("what", choices=["trace"])
+    ap.add_argument("--scenario", default="scope")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--account", action="append", required=True)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="scope-trace-") as tmp:
+        params = {"scale": args.scale} if args.scenario != "demo" else {}
+        folder = simulate(args.scenario, Path(tmp) / args.scenario, seed=args.seed, **params)
+        truth = orjson.loads((folder / "ground_truth.json").read_bytes())
+        log = trace_accounts(folder, set(args.account))
+    labels = [x for x in truth.get("scope_changes") or () if x["account_id"] in args.account]
+    text = json.dumps({"scenario": args.scenario, "seed": args.seed, "scale": args.scale, "labels": labels,
+                       "buckets": log}, indent=1)
+    if args.out:
+        args.out.write_text(text + "\n")
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
