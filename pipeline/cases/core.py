@@ -71,7 +71,8 @@ OUTCOME_RANK: dict[str, int] = {"info": 0, "monitored": 1, "needs_review": 2, "r
 _STATUS_FOR_OUTCOME: dict[str, str] = {"reportable": "open", "needs_review": "needs_review", "monitored": "monitored"}
 #: Fingerprints kept per detection id (evidence.versions) to tell a redelivery from a new version; a version older
 #: than this many versions of its own id, redelivered, would apply again. The engine emits a new version of an id only
-#: for a correction inside its re-decide journal (20 windows), so ids have few (module docstring: measured).
+#: for a correction inside its re-decide journal (20 windows), so ids have few: at most 3 in the scope replay at 4
+#: telemetry partitions (70 ids, 14 re-decided), 2 in the demo's.
 MAX_VERSIONS_PER_ID = 64
 PIPELINE_ACTOR = "pipeline"
 INQUIRY_SENT = "inquiry_sent"
