@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
-from dataclasses import fields
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, fields, is_dataclass
 from typing import Any
 
 from detectors import registry
@@ -44,7 +44,7 @@ from detectors.fields import finite_or_zero as _num
 from detectors.foreign_person import ForeignDetermination, determine
 from detectors.owner_aggregate import OwnerAggregator, contribution, membership, owner_level, retraction
 from detectors.reservation_potential import reservation_potential
-from detectors.runs import RunStitcher, footprint_of
+from detectors.runs import RunRecord, RunStitcher, footprint_of
 from detectors.state import (
     HISTORY_K,
     REPLACE_HORIZON_S,
@@ -54,12 +54,14 @@ from detectors.state import (
     RunState,
     VerdictSummary,
 )
+from detectors.windows import WorkloadWindow
 from schemas import serde
 from schemas.allocation import AllocationEvent
 from schemas.cip import CipRecord
 from schemas.detection import Detection
 from schemas.ids import content_id
 from schemas.policy import Policy
+from schemas.windows import WindowAggregate
 
 HOLD_KINDS = ("instance_started", "job_started", "reserved", "reservation_changed")
 RELEASE_KINDS = ("instance_stopped", "job_stopped", "reservation_released")
@@ -70,6 +72,10 @@ IDLE_TTL_S = 6 * 3600.0
 #: late rows come 90-900 s after their window, which detect applied once settled (two windows after the slowest
 #: telemetry partition); 20 windows covers that with room.
 REDECIDE_S = 1200.0
+#: Steps past the re-decide horizon an account's journal keeps before it drops them (they no longer re-decide): its
+#: oldest step's snapshot is what a runtime persists to rebuild the journal after a restart, so it changes (and is
+#: written again) once per this many steps, not at every window end.
+JOURNAL_REBASE_STEPS = 10
 _WORKLOAD_MAPS = ("workload_run", "workload_end", "workload_fp")
 #: Classifier verdicts remembered by the history judged (a re-decision re-applies the windows of the account's other
 #: runs with histories already judged: the classifier is most of the cost of applying a window)
@@ -82,14 +88,18 @@ class _Step:
     account's part of the state before them, what they emitted (detection id -> fingerprint) and what the
     stitcher's `stopped` map held before an input of theirs changed it."""
 
-    __slots__ = ("emitted", "inputs", "keys", "snap", "stopped", "t")
+    __slots__ = ("emitted", "expired", "inputs", "keys", "snap", "snap_d", "stopped", "t")
 
-    def __init__(self, t: float, snap: dict[str, Any]) -> None:
-        self.t, self.snap = t, snap
+    def __init__(self, t: float, snap: dict[str, Any] | None) -> None:
+        self.t, self.snap = t, snap  # snap None: not rebuilt yet (a journal restored from plain data)
+        self.snap_d: dict[str, Any] | None = None  # the snapshot as plain data, once made (it never changes)
         self.inputs: list[tuple[str, Any]] = []
         self.keys: set[tuple[Any, float]] = set()  # (workload, window start) of the windows among the inputs
         self.emitted: dict[str, str] = {}
         self.stopped: dict[str, Any] = {}
+        #: runs of the account that expired (on_time) during the step: (inputs applied before, run id); a rebuild of
+        #: the journal drops them where the live engine did
+        self.expired: list[tuple[int, str]] = []
 
 
 def _clone(obj: Any) -> Any:
@@ -103,6 +113,71 @@ def _clone(obj: Any) -> Any:
     if isinstance(out, AccountState) and isinstance(out.activity.get("runs"), dict):
         out.activity["runs"] = dict(out.activity["runs"])
     return out
+
+
+def _copy_snap(d: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot's copy that can be taken over by the live state while the original stays in its step."""
+    return {"account": _clone(d["account"]) if d["account"] is not None else None,
+            "runs": {k: _clone(r) for k, r in d["runs"].items()}, "recs": {k: _clone(r) for k, r in d["recs"].items()},
+            "wl": {m: dict(v) for m, v in d["wl"].items()}, "cip": d["cip"],
+            "named": list(d["named"]) if d["named"] is not None else None}
+
+
+def _snap_to_dict(d: dict[str, Any]) -> dict[str, Any]:
+    return {"account": d["account"].to_dict() if d["account"] is not None else None,
+            "runs": {k: r.to_dict() for k, r in d["runs"].items()},
+            "recs": {k: asdict(r) for k, r in d["recs"].items()}, "wl": d["wl"],
+            "cip": d["cip"].model_dump(mode="json") if d["cip"] is not None else None,
+            "named": d["named"]}
+
+
+def _snap_from_dict(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {"account": AccountState.from_dict(d["account"]) if d.get("account") is not None else None,
+            "runs": {k: RunState.from_dict(r) for k, r in d.get("runs", {}).items()},
+            "recs": {k: RunRecord(**r) for k, r in d.get("recs", {}).items()},
+            "wl": {m: dict(d.get("wl", {}).get(m, {})) for m in _WORKLOAD_MAPS},
+            "cip": CipRecord.model_validate(d["cip"]) if d.get("cip") is not None else None,
+            "named": list(d["named"]) if d.get("named") is not None else None}
+
+
+#: the fields a window reference keeps besides its partials' ids: its key, and what `_window_sig` compares
+_REF_FIELDS = ("workload_id", "account_id", "window_start", "window_end", "flop", "flop_low", "flop_high",
+               "device_count", "sample_count")
+
+
+def _is_ref(x: Any) -> bool:
+    return isinstance(x, Mapping) and bool(x.get("ref"))
+
+
+def _input_to_dict(kind: str, x: Any, refs: bool) -> Any:
+    """One journal input as plain data. A merged window whose partials a runtime keeps (`refs`) is referenced by
+    their ids (the merge is rebuilt from them on demand), else kept whole."""
+    if kind != "win":
+        return x.model_dump(mode="json")
+    if _is_ref(x):
+        return dict(x)
+    if refs and _g(x, "window_ids"):
+        return {"ref": 1, "window_ids": list(_g(x, "window_ids")), **{f: _g(x, f) for f in _REF_FIELDS}}
+    if isinstance(x, WorkloadWindow):
+        return {"cls": "ww", **asdict(x)}
+    if isinstance(x, WindowAggregate):
+        return {"cls": "wa", **x.model_dump(mode="json")}
+    return {"cls": "map", **(asdict(x) if is_dataclass(x) and not isinstance(x, type) else dict(x))}
+
+
+def _input_from_dict(kind: str, d: Mapping[str, Any]) -> Any:
+    if kind == "cip":
+        return CipRecord.model_validate(d)
+    if kind == "alloc":
+        return AllocationEvent.model_validate(d)
+    if d.get("ref"):
+        return dict(d)  # resolved when the journal is replayed (DetectEngine.window_source)
+    body = {k: v for k, v in d.items() if k != "cls"}
+    if d.get("cls") == "ww":
+        return WorkloadWindow(**body)
+    if d.get("cls") == "wa":
+        return WindowAggregate.model_validate(body)
+    return body
 
 
 def _fingerprint(det: Detection) -> str:
@@ -152,6 +227,11 @@ class DetectEngine:
         self._journal: dict[str, list[_Step]] = {}
         self._step_now: _Step | None = None
         self._redo: dict[str, str] | None = None
+        self._silent = False  # rebuilding a restored journal: inputs applied again only to retake its snapshots
+        #: resolves a window reference of a restored journal ({"window_ids", "workload_id", "window_start", ...})
+        #: to the merged window (None: its partials are gone). Set by a runtime that keeps the partials
+        #: (pipeline/detect/tables.py); with it the journal's windows are persisted as references.
+        self.window_source: Callable[[Mapping[str, Any]], Any] | None = None
         #: what re-deciding did: corrections re-decided, inputs applied again, detections re-emitted with other
         #: content (superseding), detections the corrected history no longer makes (they stand), corrections too old
         self.redecided: dict[str, int] = {"corrections": 0, "rollbacks": 0, "inputs": 0, "superseded": 0, "stood": 0,
@@ -185,6 +265,8 @@ class DetectEngine:
         correction is re-applied, a detection the discarded steps emitted comes out again only with other content
         (the first time it is re-found; it supersedes the one emitted under its id)."""
         did = det.detection_id
+        if self._silent:  # everything a rebuild finds was emitted (or stood) before the restart
+            return False
         if did in self.emitted:
             if self._redo is None or did not in self._redo:
                 return False
@@ -296,10 +378,10 @@ class DetectEngine:
     def _correction(self, aid: str, key: tuple[Any, float], w: Any) -> tuple[int, int, Any] | tuple[()] | None:
         """Where `w` (a window of the account's journal) was first delivered: (step, input index, w); () when `w`
         is that window as already applied (a replay: nothing changes); None when the journal does not hold it."""
-        held = [si for si, step in enumerate(self._journal.get(aid, ())) if key in step.keys]
+        steps = self._journal.get(aid, [])
+        held = [si for si in range(self._live_from(steps), len(steps)) if key in steps[si].keys]
         if not held:
             return None
-        steps = self._journal[aid]
         latest = [x for kind, x in steps[held[-1]].inputs if kind == "win"
                   and (_g(x, "workload_id"), _num(_g(x, "window_start"))) == key][-1]
         if _window_sig(latest) == _window_sig(w):
@@ -316,9 +398,7 @@ class DetectEngine:
         steps = self._journal.setdefault(aid, [])
         if not steps or (t is not None and t > steps[-1].t):
             steps.append(_Step(t if t is not None else self.watermark, self._snapshot(aid)))
-            newest = steps[-1].t
-            while len(steps) > 1 and steps[1].t < newest - self.redecide_s:
-                steps.pop(0)  # its windows are past the horizon: a correction of them no longer re-decides
+            self._trim(steps)
         step = steps[-1]
         step.inputs.append((kind, x))
         if kind == "win":
@@ -332,6 +412,27 @@ class DetectEngine:
             return self._apply(kind, x)
         finally:
             self._step_now = None
+
+    def _live_from(self, steps: list[_Step]) -> int:
+        """The first step a correction still re-decides from: the newest one that began before the horizon
+        (`redecide_s` behind the newest step); those before it are kept only as the base of a rebuild."""
+        if not steps:
+            return 0
+        cut, k = steps[-1].t - self.redecide_s, 0
+        while k + 1 < len(steps) and steps[k + 1].t < cut:
+            k += 1
+        return k
+
+    def _trim(self, steps: list[_Step]) -> None:
+        """Steps past the horizon: their snapshots dropped (never a base again), and the steps themselves once
+        JOURNAL_REBASE_STEPS of them have gathered, down to the newest one with a snapshot at or before the first
+        live step (the journal's base: steps[0] always has a snapshot)."""
+        k = self._live_from(steps)
+        for step in steps[1:k]:
+            step.snap = step.snap_d = None
+        if k >= JOURNAL_REBASE_STEPS:
+            j = max(i for i in range(k + 1) if steps[i].snap is not None)
+            del steps[:j]
 
     def _apply(self, kind: str, x: Any) -> list[Detection]:
         if kind == "win":
@@ -397,6 +498,13 @@ class DetectEngine:
         that step, corrected window)."""
         steps = self._journal[aid]
         si = min(f[0] for f in fixes.values())
+        if not self._ready(aid, si):  # a restored journal whose windows can no longer be rebuilt: as too old
+            self.errors["journal_unresolved"] = self.errors.get("journal_unresolved", 0) + 1
+            self._journal.pop(aid, None)
+            out: list[Detection] = []
+            for f in sorted(fixes.values(), key=lambda f: f[:2]):
+                out += self._journaled(aid, "win", f[2], _num(_g(f[2], "window_end")))
+            return out
         gone = steps[si:]
         offset = dict.fromkeys(range(si, si + len(gone)), 0)
         for j in range(si + 1, si + len(gone)):
@@ -417,7 +525,7 @@ class DetectEngine:
         self.redecided["corrections"] += len(fixes)
         self.redecided["rollbacks"] += 1
         self.redecided["inputs"] += len(inputs)
-        out: list[Detection] = []
+        out = []
         self._redo = redo
         try:
             for kind, x in inputs:
@@ -427,6 +535,94 @@ class DetectEngine:
             self._redo = None
         self.redecided["stood"] += len(redo)  # emitted from the partial window, not made again: they stand
         return out
+
+    def _ready(self, aid: str, si: int) -> bool:
+        """The journal of `aid` ready to re-decide from step `si`: its windows from the nearest snapshot at or
+        before `si` resolved (a restored journal keeps references), and the snapshot of `si` rebuilt when it has
+        none. False: a window's partials are gone (nothing has changed)."""
+        steps = self._journal[aid]
+        j = max(i for i in range(si + 1) if steps[i].snap is not None)
+        for step in steps[j:]:
+            for n, (kind, x) in enumerate(step.inputs):
+                if kind == "win" and _is_ref(x):
+                    w = self.window_source(x) if self.window_source is not None else None
+                    if w is None:
+                        return False
+                    step.inputs[n] = ("win", w)
+        if j < si:
+            self._rebuild(aid, steps, j, si)
+        return True
+
+    def _rebuild(self, aid: str, steps: list[_Step], j: int, si: int) -> None:
+        """Retake the snapshots of steps j+1..si of a restored journal: the account back to step j's snapshot, and
+        the inputs of steps j..si-1 applied again (silently: what they emit was emitted before the restart, their
+        owner messages were sent, their errors counted), with the run expiries the live engine did between them.
+        Leaves the account as before step si (the re-decision restores that snapshot next)."""
+        outbox, errors, counts = len(self.owner_outbox), dict(self.errors), dict(self.redecided)
+        self._restore(aid, _copy_snap(steps[j].snap), steps[j:])  # type: ignore[arg-type]
+        self._silent = True
+        try:
+            for k in range(j, si):
+                step = steps[k]
+                if k > j:
+                    step.snap = self._snapshot(aid)
+                for n, (kind, x) in enumerate(step.inputs):
+                    self._expire_runs([rid for at, rid in step.expired if at == n])
+                    self._apply(kind, x)
+                self._expire_runs([rid for at, rid in step.expired if at >= len(step.inputs)])
+            steps[si].snap = self._snapshot(aid)
+        finally:
+            self._silent = False
+            del self.owner_outbox[outbox:]
+            self.errors.clear()
+            self.errors.update(errors)  # in place: the owner aggregator shares the dict
+            self.redecided.update(counts)
+
+    def _expire_runs(self, rids: list[str]) -> None:
+        """Drop runs as `on_time` did (RunStitcher.expire for these runs alone)."""
+        st = self.stitcher
+        for rid in rids:
+            rec = st.runs.pop(rid, None)
+            for w in rec.workloads if rec is not None else ():
+                for m in (st.workload_run, st.workload_end, st.stopped, st.workload_fp):
+                    m.pop(w, None)
+            self.runs.pop(rid, None)
+
+    # -- the journal as plain data (detectors/snapshot.py puts it in the account's part) ----------------------------
+
+    def journal_to_dict(self, aid: str) -> dict[str, Any] | None:
+        """What rebuilds the account's journal after a restart: the snapshot of its oldest step (`base`) and each
+        step's inputs, emitted ids, stop times replaced and run expiries; not the other steps' snapshots (a rebuild
+        retakes them, `_rebuild`, only for an account a correction reaches). Windows are kept as references to
+        their partials where a `window_source` can resolve them. The base is the same object until the journal
+        drops its oldest steps (JOURNAL_REBASE_STEPS): a runtime may skip writing it again by identity."""
+        steps = self._journal.get(aid)
+        if not steps:
+            return None
+        base = steps[0]
+        if base.snap_d is None:
+            base.snap_d = _snap_to_dict(base.snap)  # type: ignore[arg-type]
+        refs = self.window_source is not None
+        return {"base": base.snap_d, "steps": [
+            {"t": s.t, "in": [[kind, _input_to_dict(kind, x, refs)] for kind, x in s.inputs], "em": dict(s.emitted),
+             "st": {ref: None if v is _MISSING else v for ref, v in s.stopped.items()},
+             "ex": [list(e) for e in s.expired]} for s in steps]}
+
+    def load_journal(self, aid: str, d: Mapping[str, Any]) -> None:
+        """The journal `journal_to_dict` made: its base snapshot on the oldest step, the others rebuilt on demand."""
+        steps: list[_Step] = []
+        for i, sd in enumerate(d.get("steps", [])):
+            step = _Step(float(sd["t"]), _snap_from_dict(d["base"]) if i == 0 else None)
+            step.snap_d = d["base"] if i == 0 else None
+            step.inputs = [(kind, _input_from_dict(kind, x)) for kind, x in sd.get("in", [])]
+            step.keys = {(_g(x, "workload_id"), _num(_g(x, "window_start"))) for kind, x in step.inputs
+                         if kind == "win"}
+            step.emitted = dict(sd.get("em", {}))
+            step.stopped = {ref: _MISSING if v is None else v for ref, v in sd.get("st", {}).items()}
+            step.expired = [(int(at), str(rid)) for at, rid in sd.get("ex", [])]
+            steps.append(step)
+        if steps:
+            self._journal[aid] = steps
 
     def _apply_cip(self, cip: CipRecord) -> list[Detection]:
         aid = cip.account_id
@@ -699,6 +895,10 @@ class DetectEngine:
         cutoff = event_time - self.idle_ttl_s
         runs = [r for r in (*self.stitcher.runs.values(), *self.runs.values()) if r.last_end < cutoff]
         self._dirty.update(r.account_id for r in runs)  # expiry's marks: what it drops
+        for aid, rid in dict.fromkeys((r.account_id, r.run_id) for r in runs):
+            if self._journal.get(aid):  # where in the journal the run went (a rebuild drops it there too)
+                last = self._journal[aid][-1]
+                last.expired.append((len(last.inputs), rid))
         for rid in self.stitcher.expire(cutoff):  # drops each run with its workload entries
             self.runs.pop(rid, None)
         for rid in [r for r, s in self.runs.items() if s.last_end < cutoff]:
@@ -713,6 +913,7 @@ class DetectEngine:
         for aid in [a for a, steps in self._journal.items() if not steps or steps[-1].t < event_time -
                     REPLACE_HORIZON_S]:
             self._journal.pop(aid)
+            self._dirty.add(aid)  # its part no longer holds the journal
         return []
 
     def on_windows(self, windows: Iterable[Any]) -> list[Detection]:

@@ -2,6 +2,10 @@
 `engine` table): `split` / `from_split` round-trip it; `split_dirty` returns only the accounts the engine marked as
 changed since the last call (every path that changes an account's part marks it; tests check the sum of the parts
 against `split`). Kept out of the engine: it is a concern of the runtime that persists the state.
+
+An account's part holds its re-decide journal too (`journal`: DetectEngine.journal_to_dict, the snapshot of its
+oldest step and the inputs since), so an engine restored after a restart re-decides a correction of a window applied
+before it as the engine that never stopped would (tests/test_journal_restore.py).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from schemas.policy import Policy
 def _empty_part() -> dict[str, Any]:
     """One account's entry of `DetectEngine.split()` before it is filled."""
     return {"account": None, "cip": None, "runs": {}, "stitched": {}, "workload_run": {}, "workload_end": {},
-            "stopped": {}, "workload_fp": {}, "emitted": [], "named_owners": []}
+            "stopped": {}, "workload_fp": {}, "emitted": [], "named_owners": [], "journal": None}
 
 
 def split(engine: DetectEngine) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -52,6 +56,10 @@ def split(engine: DetectEngine) -> tuple[dict[str, Any], dict[str, dict[str, Any
         part(aid)["emitted"].append(did)
     for aid, owners in d["named_owners"].items():
         part(aid)["named_owners"] = owners
+    for aid in engine._journal:
+        journal = engine.journal_to_dict(aid)
+        if journal is not None:
+            part(aid)["journal"] = journal
     shared = {"window_s": d["window_s"], "watermark": d["watermark"], "errors": d["errors"],
               "owners": d["owners"], "stitcher": {"window_s": st["window_s"], "gap_s": st["gap_s"], **rest}}
     return shared, dict(parts)
@@ -110,6 +118,9 @@ def split_dirty(engine: DetectEngine) -> tuple[dict[str, Any] | None, dict[str, 
             part(aid)["emitted"] = sorted(engine._emitted_by[aid])
         if aid in engine.named_owners:
             part(aid)["named_owners"] = list(engine.named_owners[aid])
+        journal = engine.journal_to_dict(aid)
+        if journal is not None:
+            part(aid)["journal"] = journal
     return shared, dict(parts), sorted(dirty - set(parts))
 
 
@@ -117,7 +128,7 @@ def mark_all_dirty(engine: DetectEngine) -> None:
     """The next `split_dirty` returns every part and the shared one (e.g. nothing of this state is written)."""
     engine._dirty |= (set(engine.accounts) | set(engine.cips) | {r.account_id for r in engine.runs.values()}
                     | {r.account_id for r in engine.stitcher.runs.values()} | set(engine.emitted.values())
-                    | set(engine.named_owners))
+                    | set(engine.named_owners) | set(engine._journal))
     engine._shared_sent = None
 
 
@@ -143,4 +154,8 @@ def from_split(shared: Mapping[str, Any], parts: Mapping[str, Mapping[str, Any]]
         d["emitted"].update(dict.fromkeys(p.get("emitted", []), aid))
         if p.get("named_owners"):
             d["named_owners"][aid] = list(p["named_owners"])
-    return DetectEngine.from_dict(d, policy, classifier, detectors)
+    engine = DetectEngine.from_dict(d, policy, classifier, detectors)
+    for aid, p in parts.items():
+        if p.get("journal"):
+            engine.load_journal(aid, p["journal"])
+    return engine

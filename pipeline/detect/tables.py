@@ -6,7 +6,10 @@
   whole set again with each new partial, which with 4 telemetry partitions was 2.5x the bytes a restart replays).
   `stage(p)` restores a partition's stage (first use in a process), `before_window` fills the merger from the
   table, `save(p)` writes what the batch changed (only the accounts the engine marked, only entries whose bytes
-  changed; tombstones for what is gone).
+  changed; tombstones for what is gone). An account's re-decide journal (DetectEngine.journal_to_dict) rides in its
+  entry, with its windows as references to the `partials` table (rebuilt from there, `window_source`); the snapshot
+  it rebuilds from has its own entry `p|j|<account>`, written only when the journal drops its oldest steps (every
+  JOURNAL_REBASE_STEPS windows), not with each batch.
 - `OwnersTables`: the owners agent's state (table `owners`): per owner its state and clock, per owners partition the
   source partitions' latest marks (key `*|k`).
 
@@ -21,6 +24,7 @@ from typing import Any, Protocol
 from detectors.classifier_base import WorkloadClassifier
 from detectors.owner_aggregate import ALL_OWNERS, EventTimeOwners
 from detectors.snapshot import from_split, split_dirty, split_shared
+from detectors.windows import merge_partials
 from pipeline.detect.stage import DetectStage
 from pipeline.settings import Settings
 from schemas.policy import Policy
@@ -49,6 +53,7 @@ class StageTables:
         self.touched: dict[int, dict[bytes, WindowAggregate]] = {}  # partition -> partials new in this batch
         #: partition -> (workload, window start) -> partials keys in the table (built when the stage is restored)
         self.index: dict[int, dict[tuple[str, float], list[bytes]]] = {}
+        self.bases: dict[bytes, Any] = {}  # journal base entries as last written (the engine's object: by identity)
 
     def stage(self, p: int) -> tuple[DetectStage, bool]:
         """Partition p's stage, and whether it was built just now (its owner snapshot is then to be re-sent)."""
@@ -64,7 +69,14 @@ class StageTables:
         shared = mine.pop(prefix + b"shared", None)
         if shared is not None:
             sh = json.loads(shared)
-            parts = {k[len(prefix) + 2:].decode(): json.loads(v) for k, v in mine.items()}
+            parts = {k[len(prefix) + 2:].decode(): json.loads(v) for k, v in mine.items()
+                     if k.startswith(prefix + b"a|")}
+            for aid, part in parts.items():
+                journal, base = part.get("journal"), mine.get(prefix + b"j|" + aid.encode())
+                if journal:  # its base as written with these steps (a kill between the two entries: no journal)
+                    b = json.loads(base) if base is not None else None
+                    ok = b is not None and journal["steps"] and b["t"] == journal["steps"][0]["t"]
+                    part["journal"] = {**journal, "base": b["base"]} if ok else None  # type: ignore[index]
             st.engine = from_split(sh, parts, self.policy, self.classifier)
             st.watermark = sh["stage_watermark"]
             st.load_held(sh.get("held", []))  # CIP records / allocations ahead of the windows, offsets committed
@@ -77,6 +89,7 @@ class StageTables:
                 idx.setdefault((wid, float(start)), []).append(k)
         for mkey in st.settling:  # windows waiting to settle are applied from their partials: load them now
             self._load_partials(p, st, mkey)
+        st.engine.window_source = lambda ref: self._merged(p, st, ref)
         self.stages[p] = st
         return st, True
 
@@ -92,6 +105,15 @@ class StageTables:
         if mkey not in st.merger._parts and idx.get(mkey):
             st.merger._parts[mkey] = {x.window_id: x for x in (WindowAggregate.model_validate(json.loads(
                 self.partials.data[k])) for k in idx[mkey] if k in self.partials.data)}
+
+    def _merged(self, p: int, st: DetectStage, ref: Any) -> Any:
+        """A journal's window reference merged again from its partials (None: one is gone from the table)."""
+        key = (ref["workload_id"], float(ref["window_start"]))
+        self._load_partials(p, st, key)
+        parts = st.merger._parts.get(key, {})
+        if not ref["window_ids"] or any(i not in parts for i in ref["window_ids"]):
+            return None
+        return merge_partials(parts[i] for i in ref["window_ids"])
 
     def save(self, p: int, st: DetectStage) -> None:
         self._save_partials(p, st)
@@ -121,8 +143,21 @@ class StageTables:
             self.shared[p] = shared if shared is not None else split_shared(st.engine)
         entries = {prefix + b"shared": dumps({**self.shared[p], "stage_watermark": st.watermark,
                                               "held": st.held_to_list()})}
-        entries |= {prefix + b"a|" + aid.encode(): dumps(part) for aid, part in parts.items()}
-        for k in (prefix + b"a|" + aid.encode() for aid in deleted):
+        gone = [prefix + t + aid.encode() for aid in deleted for t in (b"a|", b"j|")]
+        for aid, part in parts.items():
+            jkey = prefix + b"j|" + aid.encode()
+            journal = part.get("journal")
+            if journal:
+                base = journal["base"]
+                part["journal"] = {k: v for k, v in journal.items() if k != "base"}
+                if self.bases.get(jkey) is not base:  # a new base (the engine's object changes with it)
+                    entries[jkey] = dumps({"t": journal["steps"][0]["t"], "base": base})
+                    self.bases[jkey] = base
+            else:
+                gone.append(jkey)
+            entries[prefix + b"a|" + aid.encode()] = dumps(part)
+        for k in gone:
+            self.bases.pop(k, None)
             if k in self.written or k in self.engine.data:
                 self.written.pop(k, None)
                 self.engine.data.pop(k, None)
