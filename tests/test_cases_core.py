@@ -552,6 +552,47 @@ def test_a_redelivered_older_version_of_a_pending_info_detection_never_replaces_
     assert not book.apply([info_v1], {}, NOW + 2)  # and after it opened
 
 
+def test_versions_superseded_within_one_batch_were_received_too():
+    """Of several versions of an id in one batch only the last applies; the others were received all the same, so a
+    later redelivery of one of them (alone) is no new version."""
+    book = CaseBook(BIS)
+    a, b, c = det(t=T0), det(t=T0 + 180), det(t=T0 + 60)
+    case = only(book.apply([a, b], {}, NOW))  # opens at b
+    assert case.knowledge_at == T0 + 180
+    assert not book.apply([a], {}, NOW + 1)  # the old book applied it: knowledge_at back to T0, a redecided event
+    out = book.apply([det(t=T0 + 240), c], {}, NOW + 2)  # a merge: c applies, T0 + 240 was received before it
+    assert only(out).knowledge_at == T0 + 60
+    assert book.get(case.case_id).evidence["versions"][a.detection_id] == [
+        fingerprint(x) for x in (a, b, det(t=T0 + 240), c)]
+    assert not book.apply([det(t=T0 + 240)], {}, NOW + 3) and not book.apply([b], {}, NOW + 4)
+    info_a = det("info", t=T0, detector="change_in_scope", reason="use_changed", run="run-9", evidence={"v": 1})
+    info_b = det("info", t=T0, detector="change_in_scope", reason="use_changed", run="run-9", evidence={"v": 2})
+    assert not book.apply([info_a, info_b], {}, NOW + 5)  # held for run-9's case, as info_b
+    assert not book.apply([info_a], {}, NOW + 6)
+    opened = only(book.apply([det(t=T0 + 60, run="run-9")], {}, NOW + 7))
+    assert opened.evidence["detections"][info_a.detection_id]["evidence"] == {"v": 2}
+
+
+def test_the_case_service_hands_the_book_a_batchs_superseded_versions_too(store) -> None:
+    """On chDB, through CaseService (which counts a batch once per id): the version superseded within the batch is
+    kept as received, with and without a suppression standing, also after a restart."""
+    from pipeline.cases.service import CaseService
+    from tests.test_suppressions import _add
+
+    store.upsert_cip([cip()])
+    a, b = det(t=T0), det(t=T0 + 180)
+    svc = CaseService(store, BIS)
+    (msg,) = svc.process([a, b], NOW)
+    assert msg.case.knowledge_at == T0 + 180
+    assert svc.process([a], NOW + 1) == [] and CaseService(store, BIS).process([a], NOW + 2) == []
+    _add(store, subject="acct-other")  # a suppression that holds none of these: the split runs, passes both
+    other_run_a, other_run_b = det(t=T0, run="run-2"), det(t=T0 + 120, run="run-2")
+    (msg,) = CaseService(store, BIS).process([other_run_a, other_run_b], NOW + 3)
+    assert msg.case.knowledge_at == T0 + 120
+    assert CaseService(store, BIS).process([other_run_a], NOW + 4) == []
+    assert {c.run_id: c.version for c in store.list_cases()} == {"run-1": 1, "run-2": 1}
+
+
 def test_the_bound_a_return_to_an_earlier_versions_exact_content_reads_as_a_redelivery():
     """Versions carry no order but arrival: the engine re-deciding A -> B -> A sends A again, byte for byte what a
     redelivery of A would be. The case keeps B (no event, no version) until the id's next version; this pins the

@@ -37,13 +37,14 @@ Rules (ARCHITECTURE.md "Case semantics" 6-7):
   (`evidence.versions`: id -> fingerprints in arrival order, the latest last; at most MAX_VERSIONS_PER_ID per id).
   A replayed detection, or a redelivery of any version of its id already received, is skipped however many other
   findings the case took since (the bound is per id, not per case: only an id re-decided more than
-  MAX_VERSIONS_PER_ID times forgets its oldest versions), so replays yield no new version and no event; any new
-  content (a new detection, or new figures under an old detection id) bumps the version once per batch. Cases
-  stored before kept one list for the whole case (`evidence.applied`, the newest 512 fingerprints): it is still read,
-  no longer grown. **Bound:** versions carry no order but arrival, so the engine re-deciding a finding back to the
-  exact content of an earlier version (A, B, then A again) is taken for a redelivery of A: the case keeps B until
-  the id's next version. A redelivery (Kafka re-reading from a committed offset, a replay) cannot be told from that
-  by content; only a version order carried by the detection could.
+  MAX_VERSIONS_PER_ID times forgets its oldest versions; versions superseded within one batch are kept as received
+  too), so replays yield no new version and no event; any new content (a new detection, or new figures under an old
+  detection id) bumps the version once per batch. Cases stored before kept one list for the whole case
+  (`evidence.applied`, the newest 512 fingerprints): it is still read, no longer grown. **Bound:** versions carry
+  no order but arrival, so the engine re-deciding a finding back to the exact content of an earlier version (A, B,
+  then A again) is taken for a redelivery of A: the case keeps B until the id's next version. A redelivery (Kafka
+  re-reading from a committed offset, a replay) cannot be told from that by content; only a version order carried
+  by the detection could.
 - **Business days** (`reporting.day_kind = "business"`): UTC calendar, Saturdays and Sundays skipped, no public
   holidays; knowledge on a weekend starts counting at the next Monday 00:00 UTC; the due time keeps the time of
   day of knowledge. Reminders are in calendar days before that due time.
@@ -52,7 +53,7 @@ Rules (ARCHITECTURE.md "Case semantics" 6-7):
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -221,14 +222,18 @@ def received(case: Case, det: Detection, fp: str) -> bool:
             or _entry_fp(case, det.detection_id) == fp or fp in case.evidence.get("applied", ()))
 
 
-def _with_version(versions: Mapping[str, list[str]], detection_id: str, fps: Iterable[str]) -> dict[str, list[str]]:
-    """`versions` with `fps` received for `detection_id` (arrival order; each once; the newest MAX_VERSIONS_PER_ID)."""
-    seen = list(versions.get(detection_id, []))
-    for fp in fps:
-        if fp in seen:
-            seen.remove(fp)  # taken again as the latest (a version the engine went back to after a pending hold)
-        seen.append(fp)
-    return {**versions, detection_id: seen[-MAX_VERSIONS_PER_ID:]}
+def _with_version(versions: Mapping[str, list[str]], detection_id: str, fp: str) -> dict[str, list[str]]:
+    """`versions` with `fp` received as the latest version of `detection_id` (the newest MAX_VERSIONS_PER_ID kept)."""
+    seen = [v for v in versions.get(detection_id, []) if v != fp]
+    return {**versions, detection_id: [*seen, fp][-MAX_VERSIONS_PER_ID:]}
+
+
+def _fold(versions: dict[str, list[str]], detection_id: str, before: Sequence[str]) -> None:
+    """Record in place versions of `detection_id` received before the latest one `versions` holds for it."""
+    have = versions.get(detection_id, [])
+    head, last = have[:-1], have[-1:]
+    kept = [v for v in head if v not in before] + [v for v in before if v not in last]
+    versions[detection_id] = (kept + last)[-MAX_VERSIONS_PER_ID:]
 
 
 def _detection_entry(det: Detection, fp: str) -> dict[str, Any]:
@@ -325,7 +330,7 @@ class CaseBook:
         if fp not in versions.get(det.detection_id, ()):
             # a newer version of a held detection replaces it (arrival order, as in `apply`)
             pending[:] = [*(p for p in pending if p.detection_id != det.detection_id), det][-_PENDING_INFO_PER_CASE:]
-            versions.update(_with_version(versions, det.detection_id, [fp]))
+            versions.update(_with_version(versions, det.detection_id, fp))
             for gone in versions.keys() - {p.detection_id for p in pending}:
                 del versions[gone]
         while len(self._pending_info) > _PENDING_INFO_CASES:
@@ -356,8 +361,14 @@ class CaseBook:
         working: dict[str, Case] = {}
         events: list[CaseEvent] = []
         # Versions of one detection id are ordered by arrival (the engine re-emits a re-decided detection under its
-        # id and carries no version field): within a batch only the last one received counts.
-        latest = {d.detection_id: d for d in detections}
+        # id and carries no version field): within a batch only the last one received counts. The ones before it were
+        # received too: they are kept with it, so that a later redelivery of one of them does not read as new.
+        batch = list(detections)
+        latest = {d.detection_id: d for d in batch}
+        earlier: dict[str, list[str]] = {}
+        for d in batch if len(latest) < len(batch) else ():
+            if d is not latest[d.detection_id]:
+                earlier.setdefault(d.detection_id, []).append(fingerprint(d))
         # Info after the detections that open cases at the same event time, so it can attach to them.
         for det in sorted(latest.values(), key=lambda d: (d.event_time, d.outcome == "info", d.detection_id)):
             cid = case_id_for(det)
@@ -368,6 +379,8 @@ class CaseBook:
                     # Info never opens a case, but it explains one that opens later: keep it until then, so a
                     # replay (which finds the case already open) attaches exactly what the first run did.
                     self._hold(cid, det, fp)
+                    if det.detection_id in earlier and cid in self._pending_versions:
+                        _fold(self._pending_versions[cid], det.detection_id, earlier[det.detection_id])
                     continue
                 case, event = self._open(cid, det, fp, cips.get(det.account_id), now)
                 for info in self._pending_info.pop(cid, []):
@@ -375,13 +388,14 @@ class CaseBook:
                     events.append(event)
                     case, event = self._merge(case, info, fingerprint(info), now)
                 # the versions of those info detections received while they waited count as received
-                versions = case.evidence["versions"]
                 for did, fps in self._pending_versions.pop(cid, {}).items():
-                    versions[did] = _with_version({did: fps}, did, versions.get(did, []))[did]
+                    _fold(case.evidence["versions"], did, fps)
             elif received(current, det, fp):
                 continue  # a replay, or a redelivery of a version of this id already received (module docstring)
             else:
                 case, event = self._merge(current, det, fp, now)
+            if det.detection_id in earlier:  # (case's evidence is this change's own copy)
+                _fold(case.evidence["versions"], det.detection_id, earlier[det.detection_id])
             working[cid] = case
             events.append(event)
         out = CaseChanges(events=events)
@@ -427,7 +441,7 @@ class CaseBook:
         # A detection id seen before with other content: the engine re-decided it; this version replaces the other.
         prev = evidence.setdefault("detections", {}).get(det.detection_id)
         evidence["detections"][det.detection_id] = _detection_entry(det, fp)
-        evidence["versions"] = _with_version(evidence.get("versions", {}), det.detection_id, [fp])
+        evidence["versions"] = _with_version(evidence.get("versions", {}), det.detection_id, fp)
         status, knowledge, action = case.status, case.knowledge_at, "evidence_added"
         updates: dict[str, Any] = {}
         if case.status == "dismissed":

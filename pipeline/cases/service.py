@@ -68,8 +68,10 @@ class CaseService:
         """Apply a batch of detections at processing time `now`; returns the feed messages to publish.
         `cips`: latest CIP record per account where the caller has it; the rest are read from the store."""
         # the last version received of each detection id (the engine re-emits a re-decided one under its id), so a
-        # suppression holds, and the book applies, only that one (CaseBook: versions in arrival order)
-        dets = list({d.detection_id: d for d in detections}.values())
+        # suppression holds, and the book applies, only that one (CaseBook: versions in arrival order); the book is
+        # handed the earlier ones of a passed id too, to keep them as received (a later redelivery is no new version)
+        batch = list(detections)
+        dets = list({d.detection_id: d for d in batch}.values())
         if not dets:
             return []
         self._refresh(case_id_for(d) for d in dets)
@@ -82,8 +84,9 @@ class CaseService:
             held_before = self._held_before(dets)
             parts = sup_ops.split(dets, sups, self.book, known, held_before)
             self._hold(parts.held, now, held_before)
-            dets = parts.passed
-        return self._write(self.book.apply(dets, known, now))
+            passed = {d.detection_id for d in parts.passed}
+            batch = [d for d in batch if d.detection_id in passed]
+        return self._write(self.book.apply(batch, known, now))
 
     # ---- suppressions (pipeline/cases/suppressions.py) -----------------------------------------------------------
 
