@@ -75,7 +75,7 @@ REDECIDE_S = 1200.0
 #: Steps past the re-decide horizon an account's journal keeps before it drops them (they no longer re-decide): its
 #: oldest step's snapshot is what a runtime persists to rebuild the journal after a restart, so it changes (and is
 #: written again) once per this many steps, not at every window end.
-JOURNAL_REBASE_STEPS = 10
+JOURNAL_REBASE_STEPS = 20
 _WORKLOAD_MAPS = ("workload_run", "workload_end", "workload_fp")
 #: Classifier verdicts remembered by the history judged (a re-decision re-applies the windows of the account's other
 #: runs with histories already judged: the classifier is most of the cost of applying a window)

@@ -146,3 +146,42 @@ def test_a_restarted_detect_stage_re_decides_from_the_journal_it_saved():
         assert _dump(dets) == _dump(never)
         st, _ = tabs.stage(0)
         assert st.engine.redecided["corrections"] == 1 and st.engine.redecided["too_old"] == 0
+    # What the changelog holds: per account its journal's base and steps, each step's windows as partial ids.
+    steps = {k: v for k, v in tabs.engine.data.items() if k.startswith(b"0|s|acct-c|")}
+    assert len(steps) >= 5 and all(b'"ref":1' in v for v in steps.values()) and b"0|j|acct-c" in tabs.engine.data
+    assert not any(b'"sums"' in v for v in steps.values())  # references, not the merged windows
+
+
+def test_a_journal_whose_entries_do_not_match_is_dropped():
+    """A kill between the entries of one save can leave a step entry that is not the one the account's entry lists:
+    the restored journal is dropped (never replayed wrong: a correction then replaces figures only)."""
+    settings = Settings(model_path="rule")
+    _, tabs = _stage_stream(None)
+    data = dict(tabs.engine.data)
+    assert StageTables(_Table(data), _Table(tabs.partials.data), settings, demo(), None).stage(0)[0].engine._journal
+    key = min(k for k in data if k.startswith(b"0|s|acct-c|"))
+    data[key] = data[key].replace(b'"ref":1', b'"ref":2')
+    st, _ = StageTables(_Table(data), _Table(tabs.partials.data), settings, demo(), None).stage(0)
+    assert "acct-c" not in st.engine._journal and "acct-o" in st.engine._journal
+
+
+def test_a_restored_journal_whose_partials_are_gone_replaces_figures_only():
+    """A window reference that can no longer be merged again (its partials gone from the table): the account's
+    journal is dropped and the correction counted as one past the horizon, once; nothing is rolled back."""
+    eng = DetectEngine(demo())
+    eng.window_source = lambda ref: None  # windows persisted as references to partials that will be gone
+    eng.on_cip(cip("acct-c"))
+    for i in range(6):
+        w = window("wl-c", "acct-c", i, flop=3e17)
+        feed(eng, [_half(w) if i == 3 else w])
+    shared, parts = split(eng)
+    wins = [x for s in parts["acct-c"]["journal"]["steps"] for kind, x in s["in"] if kind == "win"]
+    assert len(wins) == 6 and all(x["ref"] == 1 for x in wins)
+    restored = from_split(json.loads(json.dumps(shared)), json.loads(json.dumps(parts)), demo())
+    restored.window_source = lambda ref: None
+    before = restored.runs.copy()
+    feed(restored, [window("wl-c", "acct-c", 3, flop=3e17)])
+    assert restored.errors["journal_unresolved"] == 1 and restored.redecided["too_old"] == 1
+    assert restored.redecided["corrections"] == 0 and "acct-c" in restored._journal  # a fresh journal from here
+    (run,) = restored.runs.values()
+    assert set(before) == set(restored.runs) and run.used == eng.runs[run.run_id].used + 1.5e17

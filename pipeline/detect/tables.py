@@ -6,10 +6,13 @@
   whole set again with each new partial, which with 4 telemetry partitions was 2.5x the bytes a restart replays).
   `stage(p)` restores a partition's stage (first use in a process), `before_window` fills the merger from the
   table, `save(p)` writes what the batch changed (only the accounts the engine marked, only entries whose bytes
-  changed; tombstones for what is gone). An account's re-decide journal (DetectEngine.journal_to_dict) rides in its
-  entry, with its windows as references to the `partials` table (rebuilt from there, `window_source`); the snapshot
-  it rebuilds from has its own entry `p|j|<account>`, written only when the journal drops its oldest steps (every
-  JOURNAL_REBASE_STEPS windows), not with each batch.
+  changed; tombstones for what is gone). An account's re-decide journal (DetectEngine.journal_to_dict) is kept in
+  entries of its own so that a batch writes only what it changed: each step `p|s|<account>|<t>` (its windows as
+  references to the `partials` table, merged again from there on demand: `window_source`), written when it gets
+  inputs; the snapshot the journal rebuilds from, `p|j|<account>`, written when the journal drops its oldest steps
+  (every JOURNAL_REBASE_STEPS windows). The account's entry lists the steps with a checksum of each: a restore whose
+  step or base entries do not match it (a kill between the entries of one save) drops the journal (a correction
+  then replaces figures only, as one past the horizon).
 - `OwnersTables`: the owners agent's state (table `owners`): per owner its state and clock, per owners partition the
   source partitions' latest marks (key `*|k`).
 
@@ -19,6 +22,7 @@ No faust import: a table is anything with `.data` (a dict of bytes) and `.send_c
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any, Protocol
 
 from detectors.classifier_base import WorkloadClassifier
@@ -54,6 +58,7 @@ class StageTables:
         #: partition -> (workload, window start) -> partials keys in the table (built when the stage is restored)
         self.index: dict[int, dict[tuple[str, float], list[bytes]]] = {}
         self.bases: dict[bytes, Any] = {}  # journal base entries as last written (the engine's object: by identity)
+        self.step_keys: dict[bytes, set[bytes]] = {}  # account entry key -> its journal's step entries written
 
     def stage(self, p: int) -> tuple[DetectStage, bool]:
         """Partition p's stage, and whether it was built just now (its owner snapshot is then to be re-sent)."""
@@ -72,11 +77,10 @@ class StageTables:
             parts = {k[len(prefix) + 2:].decode(): json.loads(v) for k, v in mine.items()
                      if k.startswith(prefix + b"a|")}
             for aid, part in parts.items():
-                journal, base = part.get("journal"), mine.get(prefix + b"j|" + aid.encode())
-                if journal:  # its base as written with these steps (a kill between the two entries: no journal)
-                    b = json.loads(base) if base is not None else None
-                    ok = b is not None and journal["steps"] and b["t"] == journal["steps"][0]["t"]
-                    part["journal"] = {**journal, "base": b["base"]} if ok else None  # type: ignore[index]
+                part["journal"] = self._journal_of(prefix, aid, part.get("journal"), mine)
+                if part["journal"] is not None:
+                    self.step_keys[prefix + b"a|" + aid.encode()] = {
+                        self._step_key(prefix, aid, s["t"]) for s in part["journal"]["steps"]}
             st.engine = from_split(sh, parts, self.policy, self.classifier)
             st.watermark = sh["stage_watermark"]
             st.load_held(sh.get("held", []))  # CIP records / allocations ahead of the windows, offsets committed
@@ -92,6 +96,26 @@ class StageTables:
         st.engine.window_source = lambda ref: self._merged(p, st, ref)
         self.stages[p] = st
         return st, True
+
+    @staticmethod
+    def _step_key(prefix: bytes, aid: str, t: float) -> bytes:
+        return prefix + b"s|" + aid.encode() + b"|" + repr(float(t)).encode()
+
+    def _journal_of(self, prefix: bytes, aid: str, index: Any, mine: dict[bytes, bytes]) -> dict[str, Any] | None:
+        """An account's journal from its entries, when they are those its account entry lists (else None)."""
+        if not index:
+            return None
+        base = mine.get(prefix + b"j|" + aid.encode())
+        b = json.loads(base) if base is not None else None
+        if b is None or b["t"] != index[0][0]:
+            return None
+        steps = []
+        for t, crc in index:
+            raw = mine.get(self._step_key(prefix, aid, t))
+            if raw is None or zlib.crc32(raw) != crc:
+                return None
+            steps.append(json.loads(raw))
+        return {"base": b["base"], "steps": steps}
 
     def before_window(self, p: int, st: DetectStage, w: WindowAggregate) -> None:
         """The merger keeps the partials of the windows it has met; the others come from the `partials` table."""
@@ -144,18 +168,26 @@ class StageTables:
         entries = {prefix + b"shared": dumps({**self.shared[p], "stage_watermark": st.watermark,
                                               "held": st.held_to_list()})}
         gone = [prefix + t + aid.encode() for aid in deleted for t in (b"a|", b"j|")]
+        gone += [k for aid in deleted for k in sorted(self.step_keys.pop(prefix + b"a|" + aid.encode(), set()))]
         for aid, part in parts.items():
-            jkey = prefix + b"j|" + aid.encode()
+            akey, jkey = prefix + b"a|" + aid.encode(), prefix + b"j|" + aid.encode()
             journal = part.get("journal")
+            steps: dict[bytes, bytes] = {}
             if journal:
                 base = journal["base"]
-                part["journal"] = {k: v for k, v in journal.items() if k != "base"}
                 if self.bases.get(jkey) is not base:  # a new base (the engine's object changes with it)
                     entries[jkey] = dumps({"t": journal["steps"][0]["t"], "base": base})
                     self.bases[jkey] = base
+                steps = {self._step_key(prefix, aid, s["t"]): dumps(s) for s in journal["steps"]}
+                part["journal"] = [[s["t"], zlib.crc32(v)] for s, v in zip(journal["steps"], steps.values(),
+                                                                           strict=True)]
             else:
                 gone.append(jkey)
-            entries[prefix + b"a|" + aid.encode()] = dumps(part)
+            gone += sorted(self.step_keys.pop(akey, set()) - set(steps))
+            if steps:
+                self.step_keys[akey] = set(steps)
+            entries |= steps
+            entries[akey] = dumps(part)
         for k in gone:
             self.bases.pop(k, None)
             if k in self.written or k in self.engine.data:
