@@ -308,7 +308,9 @@ class CaseBook:
         self._cases: dict[str, Case] = {}
         self._pending_info: dict[str, list[Detection]] = {}  # case id -> info detections awaiting their case
         #: case id -> detection id -> fingerprints of the versions of a pending info detection received (as
-        #: evidence.versions, so a redelivered older version neither replaces the newer while it waits nor after)
+        #: evidence.versions, so a redelivered older version neither replaces the newer while it waits nor after).
+        #: In memory: after a restart only the stored (latest) version is known (CaseService re-derives it), and an
+        #: older one redelivered before the case opens replaces it until the next version comes
         self._pending_versions: dict[str, dict[str, list[str]]] = {}
         self.load(cases)
 
