@@ -21,8 +21,10 @@ are never emitted twice: one re-found identical is dropped, one re-found under i
 again (it supersedes: the store keeps the latest per id, the case book takes it as new figures), and one the
 corrected history no longer makes stands (`redecided["stood"]`). Owner sums get the re-decided figures (latest
 values replace); an owner's own crossing is not re-decided. Older corrections replace the window's figures and the
-decisions stand. The journal lives in memory only: after a restart corrections of windows applied before it do not
-re-decide. Several corrections of one account at once (`on_corrections`, a batch's) roll back once, to the earliest,
+decisions stand. The journal survives a restart (`journal_to_dict` / `load_journal`, in the account's part of the
+split state): the snapshot of its oldest step and every step's inputs; a restored engine retakes the other steps'
+snapshots by applying the inputs again silently, only for an account a correction reaches (`_ready`). Several
+corrections of one account at once (`on_corrections`, a batch's) roll back once, to the earliest,
 and replay once: re-deciding each in turn replayed the later windows again for every one (the classifier is most of
 the cost of a replay).
 """
