@@ -15,6 +15,7 @@ from pipeline.detect.batch import (
     by_partition,
     decode_detections,
     feed_partition,
+    flush_partition,
     owner_payloads,
     receive_owner_messages,
 )
@@ -97,6 +98,27 @@ def test_a_restored_stage_resends_what_its_state_implies_for_the_owners() -> Non
     sent = [(m.root.model_dump()["kind"], m.root.model_dump()["owner_id"]) for m in after.out.owner_messages]
     assert ("member", "own-x") in sent
     assert after.stage.watermark == b.stage.watermark
+
+
+def test_an_idle_partition_restored_after_a_restart_applies_what_it_held() -> None:
+    """A worker restarted after its input stopped never gets a batch for the partition: the idle flush restores
+    the stage from the tables and applies what it held (here a CIP record ahead of the windows), as the stage that
+    never stopped would; a partition without state, or with nothing held, gives nothing to do."""
+    tabs = _tables()
+    ahead = cip("acct-b", owners=[owner("own-x")], updated_at=T0 + 10 * W)
+    msgs = _msgs(*((TOPICS.windows, encode(_window(i))) for i in range(4)), (TOPICS.cip, encode(ahead)))
+    b = feed_partition(tabs, 0, msgs, TOPICS, at=0.0)
+    assert b.out.cips == [] and b.stage.held  # ahead of the windows' clock: held
+    tabs.save(0, b.stage)
+    restored = _tables(_Table(tabs.engine.data), _Table(tabs.partials.data))
+    assert flush_partition(restored, 1) is None  # no state for partition 1
+    out = flush_partition(restored, 0)
+    assert out is not None and out.out.cips == [ahead] and not out.stage.held
+    sent = {(m.root.model_dump()["kind"], m.root.model_dump()["owner_id"]) for m in out.out.owner_messages}
+    assert ("member", "own-x") in sent  # applied, and the state's owner messages re-sent on the restore
+    never_stopped = flush_partition(tabs, 0)
+    assert never_stopped is not None and never_stopped.out.cips == [ahead]
+    assert flush_partition(restored, 0) is None  # met now, nothing held
 
 
 def test_owner_and_detection_batches_keep_bad_messages_as_letters() -> None:

@@ -5,7 +5,8 @@ The agents (pipeline/detect/faust_app.py) only turn faust events into `Msg`, cal
 (tests/test_detect_batch.py):
 - `by_partition`: a batch split per input partition, each in arrival order;
 - `feed_partition`: one partition's messages into its DetectStage (restored from the tables at first use), bad
-  messages become dead letters, never lost; `flush_partition`: what a quiet partition held, applied;
+  messages become dead letters, never lost; `flush_partition`: what an idle partition held, applied (its
+  stage restored first if this process has not met it);
 - `QuietSources`: which telemetry partitions a detect partition has not heard from for a while (processing time),
   so its stage stops waiting for them to settle windows (checked in each batch, after its messages);
 - `owner_payloads`: the stage's owner messages stamped with where their account stood (event time, docs/faust.md);
@@ -142,10 +143,21 @@ def feed_partition(tabs: StageTables, p: int, msgs: list[Msg], topics: TopicSett
 
 
 
-def flush_partition(st: DetectStage) -> PartitionBatch:
-    """A quiet partition's held CIP records / allocations and settling windows, applied (DetectStage.flush)."""
+def flush_partition(tabs: StageTables, p: int) -> PartitionBatch | None:
+    """An idle partition's held CIP records / allocations and settling windows, applied (DetectStage.flush). A stage
+    this process has not met yet is restored from the tables first (a worker restarted after its input stopped:
+    without this its settling windows and held records would wait for input that never comes), and re-sends what
+    its state implies for the owners, as `feed_partition` does. None: nothing to do (no state, or nothing held)."""
+    if p not in tabs.stages and p not in tabs.recovered_watermarks():
+        return None
+    st, new = tabs.stage(p)
+    if not new and not st.held:
+        return None
     b = PartitionBatch(st, reached=st.engine.account_progress())
+    if new:
+        st.engine.owner_outbox += st.engine.owner_snapshot()
     b.out = st.flush()
+    b.out.extend(st.on_time())  # idle state expired, and the queued owner messages taken out (DetectStage._routed)
     return b
 
 

@@ -102,12 +102,13 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     async def quiet_partitions() -> None:
         """A partition without input for `detect.owner_idle_s` (end of a finite input, or no data at all): the
         records held ahead of its windows are applied, and it is marked QUIET to the owners."""
+        if app.rebalancing or app.in_recovery:  # a table still replaying its changelog is no state to restore
+            return
         mine = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.windows}
         for p in idle_partitions(mine, rt.last_input, started, settings.detect.owner_idle_s, time.monotonic()):
-            st = tabs.stages.get(p)
-            if st is not None and st.held:
-                b = batch.flush_partition(st)
-                tabs.save(p, st)
+            b = batch.flush_partition(tabs, p)
+            if b is not None:
+                tabs.save(p, b.stage)
                 await carry(p, b, QUIET, True)
             await mark(p, QUIET, True)
 
