@@ -69,9 +69,13 @@ raw = s.query("SELECT count() AS n, uniqExact(event_id) AS u FROM case_events")[
 fin = s.query("SELECT count() AS n FROM case_events FINAL")[0]
 win = s.query("SELECT ifNull(account_id, '') AS a, window_start AS t, sum(flop) AS f FROM windows FINAL GROUP BY a, t")
 raw_flop = s.query("SELECT ifNull(account_id, '') AS a, sum(flop) AS f FROM windows GROUP BY a")
+# every stored partial (raw, not FINAL): kept with --keep, to tell a partial never stored from one replaced
+rows = s.query("SELECT window_id AS i, workload_id AS w, partition AS p, revision AS r, window_start AS t, "
+               "sample_count AS n, flop AS f FROM windows")
 print(orjson.dumps({"cases": cases, "events_raw": raw["n"], "events_unique": raw["u"], "events_final": fin["n"],
                     "windows": [[r["a"], r["t"], r["f"]] for r in win],
-                    "raw_flop": {r["a"]: r["f"] for r in raw_flop}}).decode())
+                    "raw_flop": {r["a"]: r["f"] for r in raw_flop},
+                    "partials": [[r["i"], r["w"], r["p"], r["r"], r["t"], r["n"], r["f"]] for r in rows]}).decode())
 """
 
 # The partitioned reference: the same in-process replay with telemetry spread over the topic's partitions by node,
@@ -187,8 +191,9 @@ def ends(c: Consumer, topics: list[str]) -> int:
         return -1
 
 
-def read_all(bootstrap: str, topic: str, parse: bool = True) -> list[Any]:
-    """Every message of `topic` (parsed JSON; with parse=False the dead letters' reason headers)."""
+def read_all(bootstrap: str, topic: str, parse: bool | str = True) -> list[Any]:
+    """Every message of `topic` (parsed JSON; "pos": with its partition `_p` and offset `_o`; with parse=False the
+    dead letters' reason headers)."""
     c = _consumer(bootstrap, f"chaos-read-{uuid.uuid4().hex}")
     try:
         want = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(PARTITIONS)}
@@ -199,7 +204,8 @@ def read_all(bootstrap: str, topic: str, parse: bool = True) -> list[Any]:
         while want and time.monotonic() < deadline:
             for m in c.consume(1000, 1.0):
                 if m.error() is None:
-                    out.append(orjson.loads(m.value()) if parse else
+                    out.append({**orjson.loads(m.value()), "_p": m.partition(), "_o": m.offset()} if parse == "pos" else
+                               orjson.loads(m.value()) if parse else
                                dict(m.headers() or []).get("dlq.reason", b"?").decode(errors="replace"))
                     if m.offset() + 1 >= want.get(m.partition(), 0):
                         want.pop(m.partition(), None)
@@ -586,6 +592,15 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
         for name, data in (("replay", ref), ("replay-partitioned", ref_part), ("kafka", got), ("feed", feed)):
             (keep / f"{plan.scenario}-{name}.json").write_bytes(orjson.dumps(data))
         (keep / f"{plan.scenario}-worker.log").write_bytes((tmp / f"{plan.scenario}-worker.log").read_bytes())
+        # the windows topic as ingest wrote it (partition, offset, the partial's identity): a partial missing from
+        # the store is then either never produced (ingest) or produced and not stored (detect)
+        (keep / f"{plan.scenario}-windows-topic.json").write_bytes(orjson.dumps(
+            [[m["window_id"], m["workload_id"], m["partition"], m["revision"], m["window_start"], m["sample_count"],
+              m["flop"], m["_p"], m["_o"]] for m in read_all(cluster.bootstrap, topics["windows"], parse="pos")]))
+    # offsets faust saw missing on an input partition (pipeline/detect/fetch_guard.py logs each): none are real on
+    # these topics, and one counted as acknowledged would commit past unread input
+    from pipeline.detect.fetch_guard import GAP_WARNING
+    gaps = (tmp / f"{plan.scenario}-worker.log").read_text(errors="replace").count(GAP_WARNING)
     kills = [f.recovery for f in faults if f.kind == "kill"]
     rec = {k: [r[k] for r in kills] for k in ("ingest", "detect")}
     return {
@@ -596,7 +611,7 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
         "wall_s": round(time.monotonic() - t_begin, 1), "worker_starts": worker.starts,
         "worker_own_exits": worker.own_exits, "final_stop_rc": rc,
         "worker_import_s": import_s, "load_average_1m": round(load, 1), "first_start_s": first,
-        "faults": [f.__dict__ for f in faults], "dead_letters_by_reason": reasons,
+        "faults": [f.__dict__ for f in faults], "dead_letters_by_reason": reasons, "faust_offset_gaps": gaps,
         "recovery_after_kill_s": {k: {"values": v, "max": max((x for x in v if x is not None), default=None),
                                       "median": statistics.median([x for x in v if x is not None]) if any(
                                           x is not None for x in v) else None,

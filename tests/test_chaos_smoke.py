@@ -60,6 +60,8 @@ def test_quick_chaos_run_loses_no_reportable_case(tmp_path: Path) -> None:
                                  "duplicate_feed_messages", "worker_own_exits", "compute_max_abs_rel",
                                  "compute_max_abs_rel_upto_last_window")}
     assert s["cases_replay"] > 0
+    # no restart saw faust's read position jump past unread input (pipeline/detect/fetch_guard.py)
+    assert s["faust_offset_gaps"] == 0, s["faust_offset_gaps"]
     assert s["lost_reportable"] == [], summary
     assert s["duplicate_reportable"] == [], summary
     assert s["extra_reportable"] == [], summary

@@ -24,6 +24,7 @@ from detectors.classifier_base import WorkloadClassifier
 from detectors.owner_aggregate import ALL_OWNERS, QUIET, partition_mark
 from pipeline.detect import batch
 from pipeline.detect.config import faust_config
+from pipeline.detect.fetch_guard import guard_consumer
 from pipeline.detect.runtime import DetectRuntime, idle_partitions, tick_watermark
 from pipeline.detect.startup import phase
 from pipeline.detect.tables import OwnersTables, StageTables, dumps
@@ -49,6 +50,9 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     rt = DetectRuntime.build(settings, partitions, classifier)
     app = faust.App(app_id, **faust_config(settings, app_id, partitions))
     topics, raw = settings.topics, {"key_serializer": "raw", "value_serializer": "raw"}
+    # Topics only this project's idempotent producers write (no compaction, no transactions): never a real gap.
+    own = {topics.windows, topics.detections, owners_topic(app_id)}
+    guard_consumer(app, contiguous=own.__contains__)  # a restart never commits past unread input (fetch_guard.py)
     inputs = app.topic(topics.windows, topics.cip, topics.allocations, **raw)
     detections, feed = app.topic(topics.detections, **raw), app.topic(topics.cases, **raw)
     # Owner messages, repartitioned by beneficial owner: one owner's accounts may sit on any input partition.
