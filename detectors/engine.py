@@ -610,6 +610,12 @@ class DetectEngine:
              "st": {ref: None if v is _MISSING else v for ref, v in s.stopped.items()},
              "ex": [list(e) for e in s.expired]} for s in steps]}
 
+    def journal_oldest_window(self) -> float:
+        """The earliest window start among the journals' windows (inf: none): a runtime persisting them as references
+        keeps their partials until then."""
+        return min((_num(_g(x, "window_start")) for steps in self._journal.values() for step in steps
+                    for kind, x in step.inputs if kind == "win"), default=float("inf"))
+
     def load_journal(self, aid: str, d: Mapping[str, Any]) -> None:
         """The journal `journal_to_dict` made: its base snapshot on the oldest step, the others rebuilt on demand."""
         steps: list[_Step] = []
