@@ -185,3 +185,19 @@ def test_a_restored_journal_whose_partials_are_gone_replaces_figures_only():
     assert restored.redecided["corrections"] == 0 and "acct-c" in restored._journal  # a fresh journal from here
     (run,) = restored.runs.values()
     assert set(before) == set(restored.runs) and run.used == eng.runs[run.run_id].used + 1.5e17
+
+
+def test_partials_a_journal_holds_outlive_the_lateness_until_the_journal_goes():
+    """The partials table drops a window's partials an allowed lateness behind the partition's watermark, unless a
+    journal still holds the window (an account lagging the others): a restart must be able to merge it again."""
+    _, tabs = _stage_stream(None)
+    st, _ = tabs.stage(0)
+    lateness = tabs.settings.ingest.allowed_lateness_s
+    held = {k for k in tabs.partials.data if k.startswith(b"0|wl-c|")}
+    assert held and st.engine.journal_oldest_window() == T0
+    st.watermark += lateness + 10 * W  # the partition moved on; acct-c's journal is younger than REPLACE_HORIZON_S
+    tabs.save(0, st)
+    assert held <= set(tabs.partials.data)
+    st.engine.on_time(st.watermark + lateness)  # now idle past the horizon: the journals go, then their partials
+    tabs.save(0, st)
+    assert not st.engine._journal and not held & set(tabs.partials.data)
