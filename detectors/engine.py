@@ -427,12 +427,14 @@ class DetectEngine:
 
     def _trim(self, steps: list[_Step]) -> None:
         """Steps past the horizon: their snapshots dropped (never a base again), and the steps themselves once
-        JOURNAL_REBASE_STEPS of them have gathered, down to the newest one with a snapshot at or before the first
-        live step (the journal's base: steps[0] always has a snapshot)."""
+        JOURNAL_REBASE_STEPS of them have gathered (where a `window_source` says the journal is persisted), down to
+        the newest one with a snapshot at or before the first live step (the journal's base: steps[0] always has
+        a snapshot)."""
         k = self._live_from(steps)
         for step in steps[1:k]:
             step.snap = step.snap_d = None
-        if k >= JOURNAL_REBASE_STEPS:
+        # Without a runtime persisting references (in process) nothing rereads the base: dropped at once.
+        if k >= (JOURNAL_REBASE_STEPS if self.window_source is not None else 1):
             j = max(i for i in range(k + 1) if steps[i].snap is not None)
             del steps[:j]
 
