@@ -3,9 +3,12 @@
 `make_app(settings)` builds the app; nothing happens at import. At-least-once (docs/faust.md). The agents only turn
 faust events into plain messages, call the batch code (pipeline/detect/batch.py) and carry its results:
 - `detect` feeds each input partition's DetectStage; the batch's dead letters, CIP records and windows go to the
-  store, its state to the `engine` / `partials` changelogs (pipeline/detect/tables.py), then its outputs:
-  detections, owner messages (then the partition's mark), the CIP records as applied to the cases' identity
-  refresh / revisions; then the batch is acked.
+  store, its outputs (detections, owner messages then the partition's mark, the CIP records as applied to the
+  cases' identity refresh / revisions), acknowledged by the brokers (`outputs_acked`), and only then its state to
+  the `engine` / `partials` changelogs (pipeline/detect/tables.py); then the batch is acked. Outputs before state:
+  a kill -9 between the two re-makes the outputs from the older state (duplicates, idempotent downstream), where
+  state first could keep a state that says a detection was made whose message never reached the broker, and the
+  re-read window, a replay to that state, would never make it again (a case dated later, or lost).
 - `owners` applies owner messages in event time (EventTimeOwners, table `owners`) across partitions.
 - `cases` applies detections with CaseService and publishes the feed (at start: case events the feed lacks).
 - Timers: quiet partitions (held records released, marked QUIET to the owners), the deadline monitor. Telemetry
@@ -15,6 +18,7 @@ faust events into plain messages, call the batch code (pipeline/detect/batch.py)
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -73,17 +77,28 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             for k in range(partitions):
                 await owner_topic.send(key=ALL_OWNERS.encode(), value=dumps(partition_mark(p, wm)), partition=k)
 
-    async def carry(p: int, b: batch.PartitionBatch, wm: float, caught_up: bool) -> None:
-        """A partition's outputs to their transports, after its state is queued to the changelogs."""
+    async def outputs_acked(sent: list[Any]) -> None:
+        """The messages `sent` acknowledged (acks=all): only then may state that records them be written. One that
+        failed stops the worker (its batch is read again after the restart) rather than be recorded as sent."""
+        await app.producer.flush()
+        try:
+            await asyncio.gather(*sent)
+        except Exception as exc:
+            await app.crash(exc)
+            raise
+
+    async def carry(p: int, b: batch.PartitionBatch, wm: float, caught_up: bool) -> list[Any]:
+        """A partition's outputs to their transports (their delivery futures); its state is saved after they are
+        acked (module docstring)."""
         rt.metrics.observe_detections(b.out.detections)
         rt.metrics.observe_event_time("detect", b.stage.watermark if b.stage.watermark > float("-inf") else None)
-        for d in b.out.detections:
-            await detections.send(key=d.account_id.encode(), value=encode(d))
-        for c in batch.owner_payloads(b, p, lateness_s):
-            await owner_topic.send(key=c["owner_id"].encode(), value=dumps(c))
+        sent = [await detections.send(key=d.account_id.encode(), value=encode(d)) for d in b.out.detections]
+        sent += [await owner_topic.send(key=c["owner_id"].encode(), value=dumps(c))
+                 for c in batch.owner_payloads(b, p, lateness_s)]
         await mark(p, wm, caught_up)
         for m in await rt.identity_updates(b.out.cips):
-            await feed.send(key=m.key, value=encode(m))
+            sent.append(await feed.send(key=m.key, value=encode(m)))
+        return sent
 
     @app.agent(inputs, concurrency=1)
     async def detect(stream: Any) -> None:
@@ -98,8 +113,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                 rt.last_input[p] = now = time.monotonic()
                 b = batch.feed_partition(tabs, p, msgs, topics, time.time(), sources, now)
                 await rt.store_inputs(b)
+                await outputs_acked(await carry(p, b, b.stage.applied_to, len(events) < BATCH))
                 tabs.save(p, b.stage)
-                await carry(p, b, b.stage.applied_to, len(events) < BATCH)
             phase("first-batch-done")
 
     @app.timer(max(1.0, settings.detect.owner_idle_s / 4))
@@ -112,8 +127,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         for p in idle_partitions(mine, rt.last_input, started, settings.detect.owner_idle_s, time.monotonic()):
             b = batch.flush_partition(tabs, p)
             if b is not None:
+                await outputs_acked(await carry(p, b, QUIET, True))
                 tabs.save(p, b.stage)
-                await carry(p, b, QUIET, True)
             await mark(p, QUIET, True)
 
     @app.agent(owner_topic, concurrency=1)
@@ -121,9 +136,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         async for events in stream.take_events(BATCH, within=within_s):
             out, letters = batch.receive_owner_messages(owner_tabs, list(map(_msg, events)), time.time())
             await rt.store_letters(letters)
+            await outputs_acked([await detections.send(key=d.account_id.encode(), value=encode(d)) for d in out])
             owner_tabs.save()
-            for d in out:
-                await detections.send(key=d.account_id.encode(), value=encode(d))
 
     @app.agent(detections, concurrency=1)
     async def cases(stream: Any) -> None:
