@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.detect.fetch_guard import GAP_WARNING, defer_resume_until_seek, refuse_gaps
+from pipeline.detect.fetch_guard import GAP_WARNING, commit_after_state, defer_resume_until_seek, refuse_gaps
 
 
 @dataclass(frozen=True)
@@ -83,3 +83,42 @@ def test_gaps_are_logged_and_refused_on_topics_without_gaps(caplog: pytest.LogCa
     text = [r.getMessage() for r in caplog.records]
     assert len(text) == 2 and all(GAP_WARNING in t for t in text)
     assert "refused" in text[0] and "362..486" in text[0] and "refused" not in text[1]
+
+
+@dataclass
+class Buffer:
+    """faust's ProducerBuffer as the guard sees it: flush() sends what it can and gives up (here one at a time)."""
+
+    pending: list[str]
+    sent: list[str]
+    should_stop: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.pending)
+
+    async def flush(self) -> None:
+        if self.pending:
+            self.sent.append(self.pending.pop(0))
+
+
+def test_a_commit_waits_until_the_table_writes_are_sent() -> None:
+    sent: list[str] = []
+    producer = type("P", (), {})()
+    producer.buffer = Buffer(["engine 0", "partials 0", "engine 1"], sent)
+
+    async def flush() -> None:
+        sent.append("flush")
+
+    producer.flush = flush
+    c = Consumer()
+    commits: list[dict[str, int]] = []
+
+    async def commit(offsets: dict[str, int]) -> bool:
+        commits.append(dict(offsets, after=len(sent)))
+        return True
+
+    c._commit = commit  # type: ignore[attr-defined]
+    commit_after_state(c, lambda: producer)
+    assert asyncio.run(c._commit({"windows-0": 42}))  # type: ignore[attr-defined]
+    assert sent == ["engine 0", "partials 0", "engine 1", "flush"] and commits == [{"windows-0": 42, "after": 4}]
