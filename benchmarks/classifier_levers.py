@@ -56,6 +56,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "leaves5_min120": {f"{GBM}max_leaf_nodes": 5, f"{GBM}min_samples_leaf": 120},
     # the shipped recipe with 5.1/5.2's young-run rules (short history, P read towards the prior) fitted per fold on
     # the training families' run starts, as `trainwatch model train` fits them on the training seed
+    "fit_seed1": {"random_state": 1},  # the fit's own seed (masked-field copies, reference rows, guard sample)
+    "fit_seed2": {"random_state": 2},
     "base_young": {YOUNG: True},
     "leaves7_min80_young": {f"{GBM}max_leaf_nodes": 7, f"{GBM}min_samples_leaf": 80, YOUNG: True},
 }
