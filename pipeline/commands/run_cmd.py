@@ -8,14 +8,18 @@ dead_letters. `all` runs ingest and the sink in threads beside the faust worker 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 
 import typer
 
 from pipeline.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
 
 
 class StageName(StrEnum):
@@ -29,6 +33,20 @@ def _ingest(settings: Settings, group: str, stop: threading.Event) -> None:
     from pipeline.ingest.kafka_stage import KafkaIngestStage
 
     KafkaIngestStage(settings, group_id=group).run(stop=stop.is_set)
+
+
+def _or_stop(stage: Callable[..., None], args: tuple, failed: list[str]) -> None:
+    """A stage thread of `run --stage all`. One that raises (a fatal consumer error, outputs it could not deliver)
+    stops the whole worker, which then exits 1 for its supervisor to restart: a process with a dead stage thread would
+    otherwise go on looking alive (seen in the chaos run: ingest fenced after a broker kill, nothing ingested for
+    minutes while detect ran on)."""
+    try:
+        stage(*args)
+    except BaseException as exc:
+        log.error("stage %s failed, stopping the worker (its supervisor restarts it): %s", stage.__name__, exc)
+        failed.append(stage.__name__)
+        os.kill(os.getpid(), signal.SIGTERM)  # faust's worker stops on it (agents, commits, producer flush)
+        raise
 
 
 def _dlq(settings: Settings, stop: threading.Event) -> None:
@@ -90,13 +108,17 @@ def register(app: typer.Typer) -> None:
         from pipeline.detect.worker import run_detect
 
         thread = None
+        failed: list[str] = []
         if stage is StageName.all:
-            thread = threading.Thread(target=_ingest, args=(settings, ingest_group, stop), name="ingest", daemon=True)
+            thread = threading.Thread(target=_or_stop, args=(_ingest, (settings, ingest_group, stop), failed),
+                                      name="ingest", daemon=True)
             thread.start()
-            threading.Thread(target=_dlq, args=(settings, stop), name="dlq", daemon=True).start()
+            threading.Thread(target=_or_stop, args=(_dlq, (settings, stop), failed), name="dlq", daemon=True).start()
         try:
             run_detect(settings, app_id=app_id, partitions=n, loglevel=loglevel)
         finally:
             stop.set()
             if thread is not None:
                 thread.join(timeout=60)
+            if failed:  # a stage thread died: exit non-zero, whatever faust's stop returned
+                raise SystemExit(1)

@@ -169,6 +169,10 @@ class KafkaIngestStage:
         for (topic, part), ms in by_part.items():
             if topic is None or any(m.error() is not None for m in ms):  # errors are rare: filter only then
                 for m in ms:
+                    if m.error() is not None and (m.error().fatal() or m.error().code() == KafkaError._FATAL):
+                        # e.g. a static member fenced after a coordinator failover: this consumer is done for good,
+                        # nothing is read any more. Out: the process restarts and replays from the last commit.
+                        raise KafkaException(m.error())
                     if m.error() is not None and m.error().code() != KafkaError._PARTITION_EOF:
                         log.warning("consume error: %s", m.error())
                 ms = [m for m in ms if m.error() is None]
