@@ -286,6 +286,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--account", action="append", required=True)
+    ap.add_argument("--around", type=int, default=None,
+                    help="only the buckets within this many windows of a labelled change time")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="scope-trace-") as tmp:
@@ -294,6 +296,10 @@ def main() -> None:
         truth = orjson.loads((folder / "ground_truth.json").read_bytes())
         log = trace_accounts(folder, set(args.account))
     labels = [x for x in truth.get("scope_changes") or () if x["account_id"] in args.account]
+    if args.around is not None:
+        window_s = float(truth.get("window_s", 60.0))
+        t_cs = [x["t_change"] for x in labels if x.get("t_change") is not None]
+        log = [b for b in log if any(abs(b["end"] - t) <= args.around * window_s for t in t_cs)]
     text = json.dumps({"scenario": args.scenario, "seed": args.seed, "scale": args.scale, "labels": labels,
                        "buckets": log}, indent=1)
     if args.out:
