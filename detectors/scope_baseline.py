@@ -8,8 +8,10 @@ the training band, or rate x-fold from a baseline that was not training-like) st
 `dwell` such buckets in a row confirm it, and the change is dated to the first of them. A confirmed change
 re-baselines to the new level, so one development alarms once (and when it was confirmed while its P(training)
 was still undecided, that P firming up within `min_baseline_s` is adopted, not alarmed again). Candidate buckets
-are kept out of the baseline, so it stays the "before" of the report. Reservations are compared with the
-baseline's scale: reserved devices x-fold the devices in use is a change too.
+are kept out of the baseline, so it stays the "before" of the report. While a dwell is open, a bucket whose devices
+still pass the scale test but whose P dips under p_low is held (neither folded nor ending the dwell; at most `dwell`
+per dwell): a young run's P flickers across p_low, and folding those dips would absorb the grown devices unalarmed.
+Reservations are compared with the baseline's scale: reserved devices x-fold the devices in use is a change too.
 
 Event time only; state is plain data (to_dict / from_dict) kept in AccountState.activity. `step()` is the pure
 transition the engine's update step applies: (state, one observation) -> (next state, the changes it confirmed).
@@ -128,6 +130,9 @@ class ScopeBaseline:
     #: p_high, e.g. on devices while the new run's verdict was young): a later move in P alone is that run's verdict
     #: settling, adopted into the baseline, not a second development.
     p_firming_until: float = 0.0
+    #: Dips under p_low held in the open dwell (grown devices, P flickering): bounded by `dwell`, so a run that stays
+    #: under p_low still ends the dwell and is folded as before. 0 in state saved before this field existed.
+    held: int = 0
 
     # -- plain data ------------------------------------------------------------------------------------------
 
@@ -221,18 +226,25 @@ class ScopeBaseline:
             return []
         moved = self._moved(devices, p, rate, params)
         if moved and end <= self.p_firming_until and all(m["what"] == "p_training" for m in moved):
-            self.candidate = []
+            self.candidate, self.held = [], 0
             self._fold(start, window_s, devices, p, rate, params.alpha)
             self.p_training = p  # the firmed verdict is the new level's; nothing to alarm again
             return []
+        if not moved and self.candidate and p < params.p_low and self._grown(devices, params) \
+                and self.held < params.dwell:
+            # A dip of the grown level under p_low inside the dwell (measured on scope seed 2's smi account: P 0.28,
+            # 0.10, 0.37, 0.16, ...): held out of both the baseline and the dwell, so the flicker neither restarts
+            # the dwell nor lifts the "before" level towards the new devices.
+            self.held += 1
+            return []
         if not moved:
-            self.candidate = []
+            self.candidate, self.held = [], 0
             self._fold(start, window_s, devices, p, rate, params.alpha)
             return []
         self.candidate.append([start, end, devices, p, rate])
         if len(self.candidate) < params.dwell:
             return []
-        cand, self.candidate = self.candidate, []
+        cand, self.candidate, self.held = self.candidate, [], 0
         n = len(cand)
         # Scale and rate: the dwell's mean; P(training): its latest (a verdict firms up as the run's history grows).
         after = {"devices": sum(c[2] for c in cand) / n, "p_training": cand[-1][3],
@@ -255,7 +267,7 @@ class ScopeBaseline:
             return []  # clearly not training: growth of inference is not a change of scope
         out: list[dict[str, Any]] = []
         scale = self.scale
-        if devices >= params.scale_factor * scale and devices - scale >= params.min_devices_added:
+        if self._grown(devices, params):
             out.append({"what": "devices", "before": scale, "after": devices, "factor": devices / scale})
         if self.p_training < 0.5 <= params.p_high <= p:
             out.append({"what": "p_training", "before": self.p_training, "after": p,
@@ -266,3 +278,8 @@ class ScopeBaseline:
         if self.p_training < 0.5 and rate >= params.rate_factor * base_rate:
             out.append({"what": "flop_per_s", "before": base_rate, "after": rate, "factor": rate / base_rate})
         return out
+
+    def _grown(self, devices: float, params: ScopeParams) -> bool:
+        """Devices x-fold (and +min_devices_added) the baseline's scale."""
+        scale = self.scale
+        return devices >= params.scale_factor * scale and devices - scale >= params.min_devices_added
