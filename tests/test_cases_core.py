@@ -606,3 +606,25 @@ def test_the_bound_a_return_to_an_earlier_versions_exact_content_reads_as_a_rede
     assert case.knowledge_at == T0 + 180 and case.version == 2
     out = book.apply([c], {}, NOW + 3)  # the next version applies as usual
     assert only(out).knowledge_at == T0 + 120 and out.events[0].action == "redecided"
+
+
+def test_the_case_reason_is_the_finding_that_dates_it_in_any_arrival_order() -> None:
+    """A run's used crossing can reach the case book before the projected crossing that dates the run earlier (on
+    Kafka, the projection re-decided on a correction after the used crossing was sent): the case ends the same."""
+    used, projected = det(t=T0 + 68.6, reason="compute_used"), det(t=T0, reason="compute_projected")
+    ends = []
+    for order in ([projected, used], [used, projected]):
+        book = CaseBook(BIS)
+        for d in order:
+            book.apply([d], {}, NOW)
+        (case,) = book.cases
+        ends.append((case.case_id, case.reason, case.knowledge_at, case.due_at))
+    assert ends[0] == ends[1] and ends[0][1:3] == ("compute_projected", T0)
+    later = CaseBook(BIS)
+    later.apply([used], {}, NOW)
+    out = later.apply([projected], {}, NOW)
+    assert out.events[-1].details["reason"] == {"from": "compute_used", "to": "compute_projected"}
+    tie = CaseBook(BIS)  # a finding at the same time as the one that dates the case changes nothing
+    tie.apply([used], {}, NOW)
+    tie.apply([det(t=T0 + 68.6, reason="compute_projected")], {}, NOW)
+    assert tie.cases[0].reason == "compute_used"

@@ -472,6 +472,11 @@ class CaseBook:
             # never downgrades a case; an analyst decides)
         if status in REPORTABLE_STATUSES and self._knowledge(det):
             knowledge = det.event_time if knowledge is None else min(knowledge, det.event_time)
+            if det.reason != case.reason and (case.knowledge_at is None or det.event_time < case.knowledge_at) and (
+                    knowledge == det.event_time):
+                # The case's reason is the finding that dates it, whatever order the findings came in (on Kafka a
+                # run's used crossing can arrive before the projected crossing a correction re-decides earlier)
+                updates["reason"] = det.reason
         if status == "needs_review" and case.suggested_inquiry is None:
             updates["suggested_inquiry"] = self._inquiry(det)
         new = case.model_copy(
@@ -487,6 +492,8 @@ class CaseBook:
         details: dict[str, Any] = {}
         if knowledge != case.knowledge_at:
             details["knowledge_at"] = {"from": case.knowledge_at, "to": knowledge}
+        if "reason" in updates:
+            details["reason"] = {"from": case.reason, "to": updates["reason"]}
         if prev is not None:
             details["supersedes"] = {"fingerprint": prev.get("fingerprint"), "event_time": prev["event_time"],
                                      "outcome": prev["outcome"]}
