@@ -72,7 +72,10 @@ raw_flop = s.query("SELECT ifNull(account_id, '') AS a, sum(flop) AS f FROM wind
 # every stored partial (raw, not FINAL): kept with --keep, to tell a partial never stored from one replaced
 rows = s.query("SELECT window_id AS i, workload_id AS w, partition AS p, revision AS r, window_start AS t, "
                "sample_count AS n, flop AS f FROM windows")
-print(orjson.dumps({"cases": cases, "events_raw": raw["n"], "events_unique": raw["u"], "events_final": fin["n"],
+dets = s.query("SELECT detection_id AS i, account_id AS a, reason AS r, outcome AS o, event_time AS t, "
+               "detector_id AS d FROM detections")  # raw: every version stored (kept with --keep)
+print(orjson.dumps({"detections": [[r["i"], r["a"], r["r"], r["o"], r["t"], r["d"]] for r in dets],
+                    "cases": cases, "events_raw": raw["n"], "events_unique": raw["u"], "events_final": fin["n"],
                     "windows": [[r["a"], r["t"], r["f"]] for r in win],
                     "raw_flop": {r["a"]: r["f"] for r in raw_flop},
                     "partials": [[r["i"], r["w"], r["p"], r["r"], r["t"], r["n"], r["f"]] for r in rows]}).decode())
