@@ -21,7 +21,7 @@ from pipeline.detect.batch import (
 )
 from pipeline.detect.runtime import DetectRuntime, idle_partitions, mark_due, tick_watermark
 from pipeline.detect.stage import DetectStage
-from pipeline.detect.tables import OwnersTables, StageTables, dumps
+from pipeline.detect.tables import MemoryTable, OwnersTables, StageTables, dumps
 from pipeline.settings import Settings, TopicSettings
 from schemas.serde import encode
 from schemas.windows import WindowAggregate
@@ -31,13 +31,7 @@ from tests.test_detect_settle import handed, partial
 TOPICS = TopicSettings()
 
 
-class _Table:
-    def __init__(self, data: dict[bytes, bytes] | None = None) -> None:
-        self.data: dict[bytes, bytes] = dict(data or {})
-        self.sent: list[tuple[int | None, bytes, bytes | None]] = []
-
-    def send_changelog(self, partition: int | None, key: bytes, value: bytes | None) -> None:
-        self.sent.append((partition, key, value))
+_Table = MemoryTable  # pipeline/detect/tables.py
 
 
 def _window(i: int, account: str = "acct-b", part: int = 0) -> WindowAggregate:

@@ -25,6 +25,7 @@ from detectors.snapshot import from_split, split, split_dirty
 from detectors.state import RUN_IDS_K
 from detectors.windows import WorkloadWindow
 from pipeline.detect.stage import DetectStage
+from pipeline.detect.tables import MemoryTable
 from schemas.detection import Detection
 from tests.detector_builders import INFERENCE, SMI_ONLY, T0, TRAINING, W, alloc, cip, demo, owner, window, with_foreign
 
@@ -694,15 +695,7 @@ def test_a_replayed_window_never_counts_twice_however_many_workloads_the_run_has
     assert run.used == pytest.approx(used) and eng.errors.get("window_beyond_horizon") == 1
 
 
-class _Table:
-    """A faust table as pipeline/detect/tables.py uses it: data, and the changelog messages sent."""
-
-    def __init__(self, data: dict | None = None) -> None:
-        self.data: dict[bytes, bytes] = dict(data or {})
-        self.sent: list[tuple[int | None, bytes, bytes | None]] = []
-
-    def send_changelog(self, partition: int | None, key: bytes, value: bytes | None) -> None:
-        self.sent.append((partition, key, value))
+_Table = MemoryTable  # pipeline/detect/tables.py
 
 
 def test_window_partials_survive_a_restart_each_written_once():

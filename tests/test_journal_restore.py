@@ -9,7 +9,7 @@ import json
 
 from detectors.engine import DetectEngine
 from detectors.snapshot import from_split, split
-from pipeline.detect.tables import StageTables
+from pipeline.detect.tables import MemoryTable, StageTables
 from pipeline.settings import Settings
 from schemas.detection import Detection
 from schemas.windows import WindowAggregate
@@ -80,13 +80,7 @@ def test_a_restored_engine_restored_again_before_the_journal_is_rebuilt_keeps_it
     assert eng.to_dict() == never.to_dict()
 
 
-class _Table:
-    def __init__(self, data: dict | None = None) -> None:
-        self.data: dict[bytes, bytes] = dict(data or {})
-        self.sent: list[tuple[int | None, bytes, bytes | None]] = []
-
-    def send_changelog(self, partition: int | None, key: bytes, value: bytes | None) -> None:
-        self.sent.append((partition, key, value))
+_Table = MemoryTable  # pipeline/detect/tables.py
 
 
 def _partial(i: int, part: int, flop: float, account: str = "acct-c", workload: str = "wl-c") -> WindowAggregate:

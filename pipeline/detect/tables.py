@@ -41,6 +41,17 @@ class Table(Protocol):
     def send_changelog(self, partition: int | None, key: Any, value: Any) -> Any: ...
 
 
+class MemoryTable:
+    """A `Table` in memory (tests, tools): its data, and the changelog messages sent, in order."""
+
+    def __init__(self, data: dict[bytes, bytes] | None = None) -> None:
+        self.data: dict[bytes, bytes] = dict(data or {})
+        self.sent: list[tuple[int | None, bytes, bytes | None]] = []
+
+    def send_changelog(self, partition: int | None, key: bytes, value: bytes | None) -> None:
+        self.sent.append((partition, key, value))
+
+
 def dumps(d: Any) -> bytes:
     # stdlib json: the state holds ±inf (an unset watermark), which orjson would turn into null.
     return json.dumps(d, separators=(",", ":")).encode()
