@@ -11,7 +11,8 @@ Rules (ARCHITECTURE.md "Case semantics" 6-7):
   (it is recorded as evidence on a case that exists).
 - **Knowledge.** knowledge_at = the earliest event_time of any applied detection that met the standard: outcome
   reportable, or needs_review when `policy.uncertainty.needs_review_is_knowledge`. A late, out-of-order detection
-  with an earlier event time moves it earlier. due_at follows from knowledge_at (`due_at()` below).
+  with an earlier event time moves it earlier, and gives the case its reason (the case's reason is the finding
+  that dates it, in any arrival order; a tie keeps the earlier). due_at follows from knowledge_at (`due_at()` below).
 - **Re-decided detections.** The engine re-emits a detection it re-decided on corrected figures under the same id
   with other content. There is no version field: versions of an id are ordered by arrival (the detections topic is
   keyed by account, so one id's versions stay in order), and a version already received is a redelivery. The new
