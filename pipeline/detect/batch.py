@@ -107,15 +107,21 @@ class QuietSources:
         return {k for k in known if k in h and now - h[k] >= self.quiet_s}
 
 
+def _stage(tabs: StageTables, p: int) -> tuple[DetectStage, bool]:
+    """Partition p's stage; one restored just now first re-sends what its state implies for the owners (a publish
+    lost in a crash: contributions replace, retractions are idempotent)."""
+    st, new = tabs.stage(p)
+    if new:
+        st.engine.owner_outbox += st.engine.owner_snapshot()
+    return st, new
+
+
 def feed_partition(tabs: StageTables, p: int, msgs: list[Msg], topics: TopicSettings, at: float,
                    sources: QuietSources | None = None, now: float = 0.0) -> PartitionBatch:
     """Partition p's messages (windows, CIP records, allocations, any order) into its stage, then (with `sources`,
     `now` on its clock) the telemetry partitions heard from are noted and the quiet ones no longer waited for, then
-    idle state expires (event time). A stage restored just now first re-sends what its state implies for the owners
-    (a publish lost in a crash: contributions replace, retractions are idempotent)."""
-    st, new = tabs.stage(p)
-    if new:
-        st.engine.owner_outbox += st.engine.owner_snapshot()
+    idle state expires (event time). A stage restored just now first re-sends its owner snapshot (`_stage`)."""
+    st, _ = _stage(tabs, p)
     b = PartitionBatch(st, reached=st.engine.account_progress())
     st.begin_batch()  # an account's corrections in this batch re-decide once (DetectStage.begin_batch)
     for m in msgs:
@@ -146,16 +152,14 @@ def feed_partition(tabs: StageTables, p: int, msgs: list[Msg], topics: TopicSett
 def flush_partition(tabs: StageTables, p: int) -> PartitionBatch | None:
     """An idle partition's held CIP records / allocations and settling windows, applied (DetectStage.flush). A stage
     this process has not met yet is restored from the tables first (a worker restarted after its input stopped:
-    without this its settling windows and held records would wait for input that never comes), and re-sends what
-    its state implies for the owners, as `feed_partition` does. None: nothing to do (no state, or nothing held)."""
-    if p not in tabs.stages and p not in tabs.recovered_watermarks():
+    without this its settling windows and held records would wait for input that never comes), re-sending its
+    owner snapshot as `feed_partition` does. None: nothing to do (no state, or nothing held)."""
+    if not tabs.has_state(p):
         return None
-    st, new = tabs.stage(p)
+    st, new = _stage(tabs, p)
     if not new and not st.held:
         return None
     b = PartitionBatch(st, reached=st.engine.account_progress())
-    if new:
-        st.engine.owner_outbox += st.engine.owner_snapshot()
     b.out = st.flush()
     b.out.extend(st.on_time())  # idle state expired, and the queued owner messages taken out (DetectStage._routed)
     return b

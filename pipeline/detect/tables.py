@@ -213,6 +213,10 @@ class StageTables:
                 self.written[k] = self.engine.data[k] = v
                 self.engine.send_changelog(p, k, v)
 
+    def has_state(self, p: int) -> bool:
+        """Whether partition p has a stage: met in this process, or checkpointed in the table."""
+        return p in self.stages or f"{p}|shared".encode() in self.engine.data
+
     def recovered_watermarks(self) -> dict[int, float]:
         """Partition -> event time its checkpoint had applied (DetectStage.applied_to, kept in its held list: it
         follows the slowest telemetry partition, not simply the watermark less settle_s), for partitions this
