@@ -403,6 +403,44 @@ def _compare(ref: dict, got: dict, feed: list[dict]) -> dict:
     }
 
 
+def _runs(offsets: list[int]) -> list[list[int]]:
+    """Sorted offsets as [first, last] runs of consecutive ones."""
+    out: list[list[int]] = []
+    for o in sorted(offsets):
+        if out and o == out[-1][1] + 1:
+            out[-1][1] = o
+        else:
+            out.append([o, o])
+    return out
+
+
+def partial_accounting(reference: list, topic: list, stored: list) -> dict:
+    """Where window partials went missing: the partitioned replay's partials absent from (or with other figures on)
+    the windows topic are ingest's doing; the topic's absent from the Kafka store are detect's (with the topic
+    partition and offset runs they sit at). A partial is (workload, telemetry partition, window start) at its
+    highest revision (window ids differ between runs: they carry the topic's name)."""
+
+    def final(rows: list) -> dict[tuple, list]:
+        out: dict[tuple, list] = {}
+        for r in rows:
+            key = (r[1], r[2], r[4])
+            if key not in out or r[3] > out[key][3]:
+                out[key] = r
+        return out
+
+    ref, top, sto = final(reference), final(topic), final(stored)
+    differs = [k for k in ref.keys() & top.keys() if abs(ref[k][6] - top[k][6]) > 1e-9 * max(1.0, abs(ref[k][6]))]
+    stored_ids = {(r[0], r[3]) for r in stored}
+    unstored = [m for m in topic if (m[0], m[3]) not in stored_ids]
+    at: dict[int, list[int]] = {}
+    for m in unstored:
+        at.setdefault(m[7], []).append(m[8])
+    return {"reference": len(ref), "topic": len(top), "stored": len(sto),
+            "absent_from_topic": len(ref.keys() - top.keys()), "flop_differs_on_topic": len(differs),
+            "on_topic_not_stored": len(unstored),
+            "not_stored_at": {str(p): _runs(o)[:20] for p, o in sorted(at.items())}}
+
+
 def _restart_brokers(cluster: Cluster, out: list[subprocess.CompletedProcess], after_s: float) -> None:
     time.sleep(after_s)
     out.append(cluster.sh("start", "--brokers", "3"))  # starts only the node that is down
@@ -590,16 +628,18 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
     cmp["partitioning_effect"] = {k: part_cmp[k] for k in keys}
     vs_part = _compare(ref_part, got, feed)
     cmp["vs_partitioned_replay"] = {k: vs_part[k] for k in keys}
+    # the windows topic as ingest wrote it (partition, offset, the partial's identity): a partial missing from the
+    # store is then either never produced (ingest) or produced and not stored (detect)
+    topic_rows = [[m["window_id"], m["workload_id"], m["partition"], m["revision"], m["window_start"],
+                   m["sample_count"], m["flop"], m["_p"], m["_o"]]
+                  for m in read_all(cluster.bootstrap, topics["windows"], parse="pos")]
+    cmp["partials"] = partial_accounting(ref_part["partials"], topic_rows, got["partials"])
     if keep is not None:  # what the comparison saw, for finding why a difference happens
         keep.mkdir(parents=True, exist_ok=True)
         for name, data in (("replay", ref), ("replay-partitioned", ref_part), ("kafka", got), ("feed", feed)):
             (keep / f"{plan.scenario}-{name}.json").write_bytes(orjson.dumps(data))
         (keep / f"{plan.scenario}-worker.log").write_bytes((tmp / f"{plan.scenario}-worker.log").read_bytes())
-        # the windows topic as ingest wrote it (partition, offset, the partial's identity): a partial missing from
-        # the store is then either never produced (ingest) or produced and not stored (detect)
-        (keep / f"{plan.scenario}-windows-topic.json").write_bytes(orjson.dumps(
-            [[m["window_id"], m["workload_id"], m["partition"], m["revision"], m["window_start"], m["sample_count"],
-              m["flop"], m["_p"], m["_o"]] for m in read_all(cluster.bootstrap, topics["windows"], parse="pos")]))
+        (keep / f"{plan.scenario}-windows-topic.json").write_bytes(orjson.dumps(topic_rows))
     # offsets faust saw missing on an input partition (pipeline/detect/fetch_guard.py logs each): none are real on
     # these topics, and one counted as acknowledged would commit past unread input
     from pipeline.detect.fetch_guard import GAP_WARNING

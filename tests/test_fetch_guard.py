@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from pipeline.detect.fetch_guard import GAP_WARNING, commit_after_state, defer_resume_until_seek, refuse_gaps
+from pipeline.detect.fetch_guard import (
+    GAP_WARNING,
+    commit_after_state,
+    defer_resume_until_seek,
+    refuse_gaps,
+    withhold_acks_on_failure,
+)
 
 
 @dataclass(frozen=True)
@@ -122,3 +128,47 @@ def test_a_commit_waits_until_the_table_writes_are_sent() -> None:
     commit_after_state(c, lambda: producer)
     assert asyncio.run(c._commit({"windows-0": 42}))  # type: ignore[attr-defined]
     assert sent == ["engine 0", "partials 0", "engine 1", "flush"] and commits == [{"windows-0": 42, "after": 4}]
+
+
+@dataclass
+class Event:
+    message: Any
+
+
+class Acks:
+    """faust's consumer side of `Message.ack`: the offsets it would count as acknowledged (and commit past)."""
+
+    def __init__(self) -> None:
+        self.offsets: list[int] = []
+
+    def ack(self, message: Any) -> None:
+        self.offsets.append(message.offset)
+
+
+def _batch(n: int) -> list[Event]:
+    from faust.types.tuples import Message
+
+    return [Event(Message("windows", 0, off, 0.0, 0, None, b"k", b"v", None)) for off in range(n)]
+
+
+@pytest.mark.parametrize("cut", [RuntimeError("store call is wrong"), asyncio.CancelledError()])
+def test_a_batch_cut_short_is_never_acknowledged(cut: BaseException) -> None:
+    """take_events acks the batch in a finally, after the agent's body left: a failed body leaves nothing to count
+    (real faust Message objects, whose ack is what take_events calls)."""
+    events, acks = _batch(3), Acks()
+    with pytest.raises(type(cut)), withhold_acks_on_failure(events):
+        raise cut
+    for ev in events:  # what take_events' finally then does
+        if ev.message.ack(acks):
+            acks.ack(ev.message)
+    assert acks.offsets == []
+
+
+def test_a_batch_that_completes_is_acknowledged() -> None:
+    events, acks = _batch(3), Acks()
+    with withhold_acks_on_failure(events):
+        pass
+    for ev in events:
+        if ev.message.ack(acks):
+            acks.ack(ev.message)
+    assert acks.offsets == [0, 1, 2]

@@ -28,7 +28,7 @@ from detectors.classifier_base import WorkloadClassifier
 from detectors.owner_aggregate import ALL_OWNERS, QUIET, partition_mark
 from pipeline.detect import batch
 from pipeline.detect.config import faust_config
-from pipeline.detect.fetch_guard import guard_consumer
+from pipeline.detect.fetch_guard import guard_consumer, withhold_acks_on_failure
 from pipeline.detect.runtime import DetectRuntime, idle_partitions, tick_watermark
 from pipeline.detect.startup import phase
 from pipeline.detect.tables import OwnersTables, StageTables, dumps
@@ -103,19 +103,21 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     @app.agent(inputs, concurrency=1)
     async def detect(stream: Any) -> None:
         async for events in stream.take_events(BATCH, within=within_s):
-            phase("first-batch")
-            try:
-                await rt.classifier_loaded()
-            except ArtifactError as exc:  # as fatal as at start: never classify without the model
-                await app.crash(exc)
-                raise
-            for p, msgs in batch.by_partition(map(_msg, events)).items():
-                rt.last_input[p] = now = time.monotonic()
-                b = batch.feed_partition(tabs, p, msgs, topics, time.time(), sources, now)
-                await rt.store_inputs(b)
-                await outputs_acked(await carry(p, b, b.stage.applied_to, len(events) < BATCH))
-                tabs.save(p, b.stage)
-            phase("first-batch-done")
+            # a batch cut short (an error, a stop) is read again, never acknowledged (fetch_guard.py)
+            with withhold_acks_on_failure(events):
+                phase("first-batch")
+                try:
+                    await rt.classifier_loaded()
+                except ArtifactError as exc:  # as fatal as at start: never classify without the model
+                    await app.crash(exc)
+                    raise
+                for p, msgs in batch.by_partition(map(_msg, events)).items():
+                    rt.last_input[p] = now = time.monotonic()
+                    b = batch.feed_partition(tabs, p, msgs, topics, time.time(), sources, now)
+                    await rt.store_inputs(b)
+                    await outputs_acked(await carry(p, b, b.stage.applied_to, len(events) < BATCH))
+                    tabs.save(p, b.stage)
+                phase("first-batch-done")
 
     @app.timer(max(1.0, settings.detect.owner_idle_s / 4))
     async def quiet_partitions() -> None:
@@ -134,10 +136,11 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     @app.agent(owner_topic, concurrency=1)
     async def owners(stream: Any) -> None:
         async for events in stream.take_events(BATCH, within=within_s):
-            out, letters = batch.receive_owner_messages(owner_tabs, list(map(_msg, events)), time.time())
-            await rt.store_letters(letters)
-            await outputs_acked([await detections.send(key=d.account_id.encode(), value=encode(d)) for d in out])
-            owner_tabs.save()
+            with withhold_acks_on_failure(events):
+                out, letters = batch.receive_owner_messages(owner_tabs, list(map(_msg, events)), time.time())
+                await rt.store_letters(letters)
+                await outputs_acked([await detections.send(key=d.account_id.encode(), value=encode(d)) for d in out])
+                owner_tabs.save()
 
     @app.agent(detections, concurrency=1)
     async def cases(stream: Any) -> None:
@@ -146,10 +149,11 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             await feed.send(key=m.key, value=encode(m))
         phase("feed-audited")
         async for events in stream.take_events(BATCH, within=within_s):
-            dets, letters = batch.decode_detections(list(map(_msg, events)), time.time())
-            await rt.store_letters(letters)
-            for m in await rt.apply_detections(dets) if dets else []:
-                await feed.send(key=m.key, value=encode(m))
+            with withhold_acks_on_failure(events):
+                dets, letters = batch.decode_detections(list(map(_msg, events)), time.time())
+                await rt.store_letters(letters)
+                for m in await rt.apply_detections(dets) if dets else []:
+                    await feed.send(key=m.key, value=encode(m))
 
     @app.timer(TICK_EVERY_S)
     async def deadlines() -> None:
