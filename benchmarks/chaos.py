@@ -640,10 +640,13 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
             (keep / f"{plan.scenario}-{name}.json").write_bytes(orjson.dumps(data))
         (keep / f"{plan.scenario}-worker.log").write_bytes((tmp / f"{plan.scenario}-worker.log").read_bytes())
         (keep / f"{plan.scenario}-windows-topic.json").write_bytes(orjson.dumps(topic_rows))
-    # offsets faust saw missing on an input partition (pipeline/detect/fetch_guard.py logs each): none are real on
-    # these topics, and one counted as acknowledged would commit past unread input
+    # offsets faust saw missing on an input partition (pipeline/detect/fetch_guard.py logs each: none are real on
+    # these topics, and one counted as acknowledged would commit past unread input), and the seeks back the agents'
+    # ledger made when a message came past unread input (pipeline/detect/input_ledger.py)
     from pipeline.detect.fetch_guard import GAP_WARNING
-    gaps = (tmp / f"{plan.scenario}-worker.log").read_text(errors="replace").count(GAP_WARNING)
+    from pipeline.detect.input_ledger import REWIND_WARNING
+    worker_log = (tmp / f"{plan.scenario}-worker.log").read_text(errors="replace")
+    gaps, rewinds = worker_log.count(GAP_WARNING), worker_log.count(REWIND_WARNING)
     kills = [f.recovery for f in faults if f.kind == "kill"]
     rec = {k: [r[k] for r in kills] for k in ("ingest", "detect")}
     return {
@@ -655,6 +658,7 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
         "worker_own_exits": worker.own_exits, "final_stop_rc": rc,
         "worker_import_s": import_s, "load_average_1m": round(load, 1), "first_start_s": first,
         "faults": [f.__dict__ for f in faults], "dead_letters_by_reason": reasons, "faust_offset_gaps": gaps,
+        "input_rewinds": rewinds,
         "recovery_after_kill_s": {k: {"values": v, "max": max((x for x in v if x is not None), default=None),
                                       "median": statistics.median([x for x in v if x is not None]) if any(
                                           x is not None for x in v) else None,

@@ -66,14 +66,14 @@ def test_quick_chaos_run_loses_no_reportable_case(tmp_path: Path) -> None:
                                  "duplicate_feed_messages", "worker_own_exits", "compute_max_abs_rel",
                                  "compute_max_abs_rel_upto_last_window")}
     assert s["cases_replay"] > 0
-    # no restart saw faust's read position jump past unread input (pipeline/detect/fetch_guard.py)
-    assert s["faust_offset_gaps"] == 0, s["faust_offset_gaps"]
     assert s["lost_reportable"] == [], summary
     assert s["duplicate_reportable"] == [], summary
     assert s["extra_reportable"] == [], summary
     # exactly once where it counts: no window partial lost or counted twice through kills, a broker kill, an outage
-    # every window partial ingest wrote reached the store (none skipped by a commit past it: a restart, a stop)
-    assert s["partials"]["on_topic_not_stored"] == 0, s["partials"]
+    # every window partial ingest wrote reached the store: none skipped by a commit past it (a restart, a stop).
+    # faust may still deliver past unread input after a restart (faust_offset_gaps, input_rewinds: informational);
+    # the agents then read it again in order (pipeline/detect/input_ledger.py), which this checks
+    assert s["partials"]["on_topic_not_stored"] == 0, (s["partials"], s["faust_offset_gaps"], s["input_rewinds"])
     assert s["compute_max_abs_rel_upto_last_window"] < 1e-9, ({
         a: v for a, v in s["compute_per_account"].items() if abs(v["rel_upto_kafka_last_window"]) >= 1e-9},
         s["partials"])

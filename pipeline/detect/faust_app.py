@@ -29,6 +29,7 @@ from detectors.owner_aggregate import ALL_OWNERS, QUIET, partition_mark
 from pipeline.detect import batch
 from pipeline.detect.config import faust_config
 from pipeline.detect.fetch_guard import guard_consumer, withhold_acks_on_failure
+from pipeline.detect.input_ledger import InputLedger
 from pipeline.detect.runtime import DetectRuntime, idle_partitions, tick_watermark
 from pipeline.detect.startup import phase
 from pipeline.detect.tables import OwnersTables, StageTables, dumps
@@ -56,7 +57,16 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     topics, raw = settings.topics, {"key_serializer": "raw", "value_serializer": "raw"}
     # Topics only this project's idempotent producers write (no compaction, no transactions): never a real gap.
     own = {topics.windows, topics.detections, owners_topic(app_id)}
-    guard_consumer(app, contiguous=own.__contains__)  # a restart never commits past unread input (fetch_guard.py)
+    # a restart never commits past unread input, nor processes past it (fetch_guard.py, input_ledger.py)
+    ledger = InputLedger(own.__contains__)
+    guard_consumer(app, ledger)
+
+    async def admitted(events: list[Any]) -> list[Any]:
+        """The batch's events the ledger takes in order; partitions delivered past unread input are sought back."""
+        take, rewind = ledger.admit(events)
+        for tp, offset in rewind.items():
+            await app.consumer.seek(tp, offset)
+        return take
     inputs = app.topic(topics.windows, topics.cip, topics.allocations, **raw)
     detections, feed = app.topic(topics.detections, **raw), app.topic(topics.cases, **raw)
     # Owner messages, repartitioned by beneficial owner: one owner's accounts may sit on any input partition.
@@ -105,6 +115,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         async for events in stream.take_events(BATCH, within=within_s):
             # a batch cut short (an error, a stop) is read again, never acknowledged (fetch_guard.py)
             with withhold_acks_on_failure(events):
+                if not (events := await admitted(events)):
+                    continue
                 phase("first-batch")
                 try:
                     await rt.classifier_loaded()
@@ -137,6 +149,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     async def owners(stream: Any) -> None:
         async for events in stream.take_events(BATCH, within=within_s):
             with withhold_acks_on_failure(events):
+                if not (events := await admitted(events)):
+                    continue
                 out, letters = batch.receive_owner_messages(owner_tabs, list(map(_msg, events)), time.time())
                 await rt.store_letters(letters)
                 await outputs_acked([await detections.send(key=d.account_id.encode(), value=encode(d)) for d in out])
@@ -150,6 +164,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         phase("feed-audited")
         async for events in stream.take_events(BATCH, within=within_s):
             with withhold_acks_on_failure(events):
+                if not (events := await admitted(events)):
+                    continue
                 dets, letters = batch.decode_detections(list(map(_msg, events)), time.time())
                 await rt.store_letters(letters)
                 for m in await rt.apply_detections(dets) if dets else []:

@@ -22,6 +22,8 @@ the next commit moves past messages that were never given to an agent. Logged wi
   then moves past a batch half done (tests/test_detect_stop_mid_batch.py lost 437 of 2803 partials on one SIGTERM
   while a batch waited for the store). A batch that fails is marked so that faust's ack of it counts nothing: the
   commit stops below it and a restart reads it again.
+- `track_inputs`: the agents' own record of which offsets they took (pipeline/detect/input_ledger.py) learns where
+  reading starts at each seek and caps each commit.
 - `commit_after_state`: an offset commit waits until faust's producer buffer is empty. Table writes (the
   changelogs: engine state, partials, owners) go through that buffer (`send_soon`), and faust's own flush before a
   commit gives up after 0.1 s without a send (`ProducerBuffer.flush_atmost`), which a broker outage or a full
@@ -35,6 +37,8 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
+
+from pipeline.detect.input_ledger import InputLedger
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +117,43 @@ def commit_after_state(consumer: Any, producer: Callable[[], Any]) -> None:
     consumer._commit = _commit
 
 
-def guard_consumer(app: Any, contiguous: Callable[[str], bool]) -> None:
-    """The guards on the app's consumer, installed as faust creates it (before any assignment)."""
+def track_inputs(consumer: Any, ledger: InputLedger) -> None:
+    """After each seek to the committed offsets, the ledger learns where reading starts (the committed offset; the
+    log start where none is committed or it is 0, which faust treats as none); each commit is capped by it."""
+    seek: Callable[[], Awaitable[Any]] = consumer.perform_seek
+    commit: Callable[[Any], Awaitable[bool]] = consumer._commit
+
+    async def perform_seek() -> Any:
+        out = await seek()
+        mine = [tp for tp in consumer.assignment() if ledger.contiguous(tp.topic)]
+        starts = {tp: o for tp in mine if (o := consumer._committed_offset.get(tp))}
+        rest = [tp for tp in mine if tp not in starts]
+        if rest:
+            try:
+                starts.update({tp: int(o) for tp, o in (await consumer.earliest_offsets(*rest)).items()})
+            except Exception as exc:  # the broker did not answer: those stay as faust keeps them (untracked)
+                log.warning("input ledger: no log start for %d partition(s), not tracked until the next seek: %s",
+                            len(rest), exc)
+                ledger.forget(rest)
+        ledger.start(starts)
+        return out
+
+    async def _commit(offsets: Any) -> bool:
+        return await commit(ledger.cap(offsets))
+
+    consumer.perform_seek, consumer._commit = perform_seek, _commit
+
+
+def guard_consumer(app: Any, ledger: InputLedger) -> None:
+    """The guards on the app's consumer, installed as faust creates it (before any assignment). The ledger's seek
+    hook goes on first, so that it knows where reading starts before the deferred partitions resume."""
     new_consumer = app._new_consumer
 
     def _new_consumer() -> Any:
         c = new_consumer()
+        track_inputs(c, ledger)
         defer_resume_until_seek(c)
-        refuse_gaps(c, contiguous)
+        refuse_gaps(c, ledger.contiguous)
         commit_after_state(c, lambda: app.producer)
         return c
 
