@@ -24,7 +24,7 @@ from confluent_kafka import Message as KafkaMessage
 
 from pipeline.detect.store_retry import TRANSIENT
 from pipeline.settings import Settings
-from pipeline.store import DeadLetter, Store
+from pipeline.store import DeadLetter, Store, StoreError
 from schemas.errors import TrainwatchError
 
 log = logging.getLogger(__name__)
@@ -149,9 +149,34 @@ class DlqSink:
         self.consumer.close()
 
 
+def open_store_waiting(settings: Settings, stop: Callable[[], bool] | None = None, *, first_delay_s: float = 0.5,
+                       max_delay_s: float = 5.0) -> Store | None:
+    """The settings' store, waiting out an outage (an unreachable server: the driver's transient errors) with capped
+    backoff; None if `stop()` turns true meanwhile. A store that answers with an error is raised at once. Without
+    this a worker restarted during a store outage stopped at once, again and again (30 restarts in 30 s in a quick
+    chaos run), where it should wait, as its stages do for a store that goes away later."""
+    delay, warned = first_delay_s, False
+    while True:
+        try:
+            return Store.from_settings(settings)
+        except StoreError as exc:
+            if not isinstance(exc.__cause__, TRANSIENT):
+                raise
+            if not warned:
+                log.warning("dlq sink: store unavailable at start, waiting until it answers: %s", exc)
+                warned = True
+        if stop is not None and stop():
+            return None
+        time.sleep(delay)
+        delay = min(max_delay_s, delay * 2)
+
+
 def run_dlq_sink(settings: Settings, *, stop: Callable[[], bool] | None = None, group_id: str = DEFAULT_GROUP) -> int:
-    """The `run --stage dlq` entry: the settings' store and DLQ topic until `stop()`."""
-    with Store.from_settings(settings) as store:
+    """The `run --stage dlq` entry: the settings' store (waited for) and DLQ topic until `stop()`."""
+    store = open_store_waiting(settings, stop)
+    if store is None:
+        return 0
+    with store:
         sink = DlqSink(settings, store, group_id=group_id)
         log.info("dlq sink: %s -> %s/%s", sink.topic, settings.clickhouse_dsn, settings.database)
         return sink.run(stop=stop)
