@@ -19,6 +19,7 @@ faust events into plain messages, call the batch code (pipeline/detect/batch.py)
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -40,6 +41,8 @@ from schemas.errors import ArtifactError
 from schemas.serde import encode
 
 __all__ = ["DetectRuntime", "make_app", "owners_topic"]
+
+log = logging.getLogger(__name__)
 
 BATCH = 500  # events per take (waiting at most settings.detect.batch_within_s); the unit of checkpoint and ack
 TICK_EVERY_S = 5.0
@@ -65,7 +68,10 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         """The batch's events the ledger takes in order; partitions delivered past unread input are sought back."""
         take, rewind = ledger.admit(events)
         for tp, offset in rewind.items():
-            await app.consumer.seek(tp, offset)
+            try:
+                await app.consumer.seek(tp, offset)
+            except Exception as exc:  # e.g. revoked meanwhile: its next owner reads from the (capped) commit
+                log.warning("input ledger: seek back of %s[%d] to %d failed: %s", tp.topic, tp.partition, offset, exc)
         return take
     inputs = app.topic(topics.windows, topics.cip, topics.allocations, **raw)
     detections, feed = app.topic(topics.detections, **raw), app.topic(topics.cases, **raw)
