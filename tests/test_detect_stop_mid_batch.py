@@ -19,16 +19,15 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pipeline.detect.faust_app import owners_topic
 from pipeline.runner import InProcessPipeline
 from pipeline.simulator import simulate
 from pipeline.sources import read_folder
 from schemas.policy import load_policy
 from tests.test_faust_detect import (
-    DEADLINE_S,
+    REPO,
     case_rows,
     delivery_order,
-    lag,
+    drain_and_stop,
     produce,
     read_topic,
     reap,
@@ -41,7 +40,6 @@ from tests.test_faust_detect import (
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def stored_partials(dsn: str, db: str) -> set[str]:
@@ -82,9 +80,7 @@ def test_stop_while_a_batch_waits_for_the_store_loses_none_of_it(tmp_path: Path,
         stop(proc, 60)  # a deployment's stop, the batch half done
         down.unlink()
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        inputs = [topics["windows"], topics["cip"], topics["allocations"], owners_topic(app_id), topics["detections"]]
-        wait_for(lambda: lag(kafka_bootstrap, app_id, inputs) == 0, "consumer lag 0", proc, log_path, 2 * DEADLINE_S)
-        assert stop(proc, 30) is not None
+        drain_and_stop(kafka_bootstrap, app_id, topics, proc, log_path)
     finally:
         reap(proc)
         log.close()

@@ -150,6 +150,13 @@ def stop(proc: subprocess.Popen, timeout_s: float = 60) -> int:
     return proc.wait(timeout_s)
 
 
+def drain_and_stop(bootstrap: str, app_id: str, topics: dict[str, str], proc: subprocess.Popen, log: Path) -> None:
+    """Wait until the worker has committed every input (detect's, the owners', the cases'), then stop it."""
+    inputs = [topics["windows"], topics["cip"], topics["allocations"], owners_topic(app_id), topics["detections"]]
+    wait_for(lambda: lag(bootstrap, app_id, inputs) == 0, "consumer lag 0", proc, log, 2 * DEADLINE_S)
+    assert stop(proc, 30) is not None
+
+
 def reap(proc: subprocess.Popen) -> None:
     """Kill a worker a failed test left running, so no process outlives its test."""
     if proc.poll() is None:
@@ -202,9 +209,7 @@ def test_kill_and_restart_gives_the_same_cases_once(tmp_path: Path, kafka_bootst
         proc.wait(10)
         produce(kafka_bootstrap, topics, items[half:])
         proc = start()
-        inputs = [topics["windows"], topics["cip"], topics["allocations"], owners_topic(app_id), topics["detections"]]
-        wait_for(lambda: lag(kafka_bootstrap, app_id, inputs) == 0, "consumer lag 0", proc, log_path, 2 * DEADLINE_S)
-        assert stop(proc, 30) is not None
+        drain_and_stop(kafka_bootstrap, app_id, topics, proc, log_path)
     finally:
         reap(proc)
         log.close()
