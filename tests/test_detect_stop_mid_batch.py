@@ -87,7 +87,8 @@ def test_stop_while_a_batch_waits_for_the_store_loses_none_of_it(tmp_path: Path,
 
     produced = {orjson.loads(v)["window_id"] for s, _, v in items if s == "windows"}
     missing = produced - stored_partials(dsn, db)
-    assert not missing, f"{len(missing)} of {len(produced)} window partials never stored"
+    assert not missing, f"{len(missing)} of {len(produced)} window partials never stored:\n" + \
+        log_path.read_text(errors="replace")[-6000:]
     InProcessPipeline(store, load_policy("demo"), rule()).run(read_folder(folder))
     assert {tuple(c) for c in worker_cases(dsn, db)["cases"]} == case_rows(store), \
         log_path.read_text(errors="replace")[-3000:]

@@ -1,7 +1,7 @@
 """pipeline/detect/input_ledger.py on faust's own message objects: messages are taken in order from where reading
 starts, one delivered past unread input is held back (never counted by faust's ack) and its partition sought back
-once, and a commit never passes the next offset the agents expect. The real consumer under kill -9 is
-tests/test_chaos_smoke.py, which asserts every partial on the windows topic reached the store."""
+(again, until reading reaches it), and a commit never passes the next offset the agents expect. The real consumer
+under kill -9 is tests/test_chaos_smoke.py, which asserts every partial on the windows topic reached the store."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from faust.types.tuples import TP, Message
 
-from pipeline.detect.input_ledger import InputLedger
+from pipeline.detect.input_ledger import RESEEK_AFTER_S, InputLedger
 
 W0, W1, CIP = TP("windows", 0), TP("windows", 1), TP("cip", 0)
 
@@ -40,7 +40,7 @@ def acked_by_faust(evs: list[Event]) -> list[int]:
 def test_messages_in_order_are_taken_and_the_commit_follows_them() -> None:
     led = ledger()
     led.start({W0: 10, W1: 0})
-    take, rewind = led.admit(events(W0, 10, 11, 12) + events(W1, 0, 1))
+    take, rewind = led.admit(events(W0, 10, 11, 12) + events(W1, 0, 1), 0.0)
     assert offsets(take) == [(0, 10), (0, 11), (0, 12), (1, 0), (1, 1)] and rewind == {}
     assert led.cap({W0: 13, W1: 2}) == {W0: 13, W1: 2}
     assert led.cap({W0: 20, W1: 9}) == {W0: 13, W1: 2}  # never past what was taken
@@ -51,16 +51,16 @@ def test_a_partition_delivered_past_unread_input_is_held_and_read_again() -> Non
     led.start({W1: 0})  # nothing committed: reading starts at the log start
     first = events(W1, 12, 13) + events(W0, 5)  # what faust delivered first after a restart: 0..11 never came
     led.start({W0: 5})
-    take, rewind = led.admit(first)
+    take, rewind = led.admit(first, 0.0)
     assert offsets(take) == [(0, 5)] and rewind == {W1: 0}
     assert acked_by_faust(first) == [5]  # the held ones are never counted: no commit can pass them
     assert led.cap({W1: 14, W0: 6}) == {W1: 0, W0: 6}
     # more of the stale delivery: held, no second seek for the same hole
     stale = events(W1, 14)
-    assert led.admit(stale) == ([], {}) and acked_by_faust(stale) == []
+    assert led.admit(stale, 0.0) == ([], {}) and acked_by_faust(stale) == []
     # the seek back delivers from 0, in order: taken, and the commit may follow again
     again = events(W1, *range(0, 15))
-    take, rewind = led.admit(again)
+    take, rewind = led.admit(again, 0.0)
     assert offsets(take) == [(1, o) for o in range(15)] and rewind == {}
     assert led.cap({W1: 15}) == {W1: 15}
 
@@ -68,16 +68,16 @@ def test_a_partition_delivered_past_unread_input_is_held_and_read_again() -> Non
 def test_a_second_hole_after_the_first_is_sought_back_too() -> None:
     led = ledger()
     led.start({W0: 0})
-    assert led.admit(events(W0, 3))[1] == {W0: 0}
-    assert offsets(led.admit(events(W0, 0, 1, 2, 3))[0]) == [(0, 0), (0, 1), (0, 2), (0, 3)]
-    assert led.admit(events(W0, 7))[1] == {W0: 4}
+    assert led.admit(events(W0, 3), 0.0)[1] == {W0: 0}
+    assert offsets(led.admit(events(W0, 0, 1, 2, 3), 0.0)[0]) == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert led.admit(events(W0, 7), 0.0)[1] == {W0: 4}
 
 
 def test_messages_read_again_below_the_next_offset_are_taken() -> None:
     led = ledger()
     led.start({W0: 0})
-    led.admit(events(W0, 0, 1, 2))
-    take, rewind = led.admit(events(W0, 1, 2, 3))  # a seek to an older commit: read again, harmless
+    led.admit(events(W0, 0, 1, 2), 0.0)
+    take, rewind = led.admit(events(W0, 1, 2, 3), 0.0)  # a seek to an older commit: read again, harmless
     assert offsets(take) == [(0, 1), (0, 2), (0, 3)] and rewind == {} and led.next[W0] == 4
 
 
@@ -85,7 +85,7 @@ def test_topics_with_real_gaps_are_not_tracked() -> None:
     led = ledger()
     led.start({CIP: 0, W0: 0})
     assert CIP not in led.next
-    take, rewind = led.admit(events(CIP, 7, 40))  # compaction: gaps are real there
+    take, rewind = led.admit(events(CIP, 7, 40), 0.0)  # compaction: gaps are real there
     assert offsets(take) == [(0, 7), (0, 40)] and rewind == {}
     assert led.cap({CIP: 41}) == {CIP: 41}
 
@@ -93,14 +93,30 @@ def test_topics_with_real_gaps_are_not_tracked() -> None:
 def test_a_new_start_replaces_where_reading_begins() -> None:
     led = ledger()
     led.start({W0: 0})
-    assert led.admit(events(W0, 5))[1] == {W0: 0}
+    assert led.admit(events(W0, 5), 0.0)[1] == {W0: 0}
     led.start({W0: 5})  # a rebalance's seek: the committed offset moved meanwhile
-    assert offsets(led.admit(events(W0, 5, 6))[0]) == [(0, 5), (0, 6)] and led.rewinding == {}
+    assert offsets(led.admit(events(W0, 5, 6), 0.0)[0]) == [(0, 5), (0, 6)] and led.rewinding == {}
 
 
 def test_a_forgotten_partition_is_taken_as_delivered() -> None:
     led = ledger()
     led.start({W0: 0})
     led.forget([W0])  # its log start could not be read: faust's own bookkeeping, as before the ledger
-    take, rewind = led.admit(events(W0, 9))
+    take, rewind = led.admit(events(W0, 9), 0.0)
     assert offsets(take) == [(0, 9)] and rewind == {} and led.cap({W0: 10}) == {W0: 10}
+
+
+def test_a_seek_back_reading_has_not_reached_is_asked_again_until_it_is() -> None:
+    """faust's fetcher may deliver what it fetched before the seek, moving its read offset past the offsets sought
+    back, which it then drops: a one-shot seek back stalled the partition (no input taken for minutes)."""
+    led = ledger()
+    led.start({W0: 0})
+    assert led.admit(events(W0, 15), 0.0)[1] == {W0: 0}
+    assert led.admit(events(W0, 16), 1.0)[1] == {}  # the fetch from before the seek: not asked twice at once
+    assert led.overdue(1.0) == {}
+    assert led.overdue(RESEEK_AFTER_S) == {W0: 0}  # nothing more came (no newer input): the timer asks again
+    assert led.overdue(RESEEK_AFTER_S + 1.0) == {}
+    assert led.admit(events(W0, 17), 2 * RESEEK_AFTER_S + 0.5)[1] == {W0: 0}  # still past it: asked again
+    take, rewind = led.admit(events(W0, *range(18)), 2 * RESEEK_AFTER_S + 1.0)
+    assert offsets(take) == [(0, o) for o in range(18)] and rewind == {}
+    assert led.overdue(100.0) == {} and led.rewinding == {}

@@ -66,13 +66,21 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
 
     async def admitted(events: list[Any]) -> list[Any]:
         """The batch's events the ledger takes in order; partitions delivered past unread input are sought back."""
-        take, rewind = ledger.admit(events)
+        take, rewind = ledger.admit(events, time.monotonic())
+        await seek_back(rewind)
+        return take
+
+    async def seek_back(rewind: dict[Any, int]) -> None:
         for tp, offset in rewind.items():
             try:
                 await app.consumer.seek(tp, offset)
             except Exception as exc:  # e.g. revoked meanwhile: its next owner reads from the (capped) commit
                 log.warning("input ledger: seek back of %s[%d] to %d failed: %s", tp.topic, tp.partition, offset, exc)
-        return take
+
+    @app.timer(1.0)
+    async def reseek() -> None:
+        """Seeks back that reading has not reached, asked again (input_ledger.py: faust may drop the re-read)."""
+        await seek_back(ledger.overdue(time.monotonic()))
     inputs = app.topic(topics.windows, topics.cip, topics.allocations, **raw)
     detections, feed = app.topic(topics.detections, **raw), app.topic(topics.cases, **raw)
     # Owner messages, repartitioned by beneficial owner: one owner's accounts may sit on any input partition.

@@ -8,7 +8,10 @@ truthiness, so a partition without a committed offset, or committed at 0, has no
 first is taken as the start, and the first commit covers every offset below it. Rather than trust that bookkeeping,
 the ledger knows where reading must start (the committed offset, or the log start where there is none: `start`), takes
 each batch's messages in order (`admit`), holds back every message of a partition after a hole and asks for a
-seek back to it, and caps each commit at the next offset it expects (`cap`).
+seek back to it, and caps each commit at the next offset it expects (`cap`). A seek back is asked again until reading
+reaches it (`overdue`): faust's fetcher goes on delivering what it fetched before the seek, each such message moves
+faust's read offset past the offsets sought back, and faust then drops them as already read; the partition would
+stall (seen once in tests/test_detect_stop_mid_batch.py: no commit lost, no input taken for 120 s).
 
 Only topics this project's idempotent producers write are tracked (the `contiguous` predicate, as fetch_guard's
 `refuse_gaps`): the CIP and allocations topics are the provider's, where compaction or transactions make real gaps.
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: the warning each seek back logs (benchmarks/chaos.py counts it in the worker's log)
 REWIND_WARNING = "input ledger: delivered past unread input"
+#: how long a seek back may take to show before it is asked again (seconds)
+RESEEK_AFTER_S = 2.0
 
 
 @dataclass
@@ -33,23 +38,29 @@ class InputLedger:
     contiguous: Callable[[str], bool]
     #: partition (faust TP) -> the next offset the agents must take
     next: dict[Any, int] = field(default_factory=dict)
-    #: partition -> the offset a seek back was asked for (one per hole, until reading reaches it again)
+    #: partition -> the offset a seek back was asked for (until reading reaches it again)
     rewinding: dict[Any, int] = field(default_factory=dict)
+    #: partition -> when (monotonic seconds) that seek back was last asked
+    asked_at: dict[Any, float] = field(default_factory=dict)
 
     def start(self, starts: Mapping[Any, int]) -> None:
         """Where reading starts again after a seek (the committed offset, else the log start), per partition."""
         for tp, offset in starts.items():
             if self.contiguous(tp.topic):
                 self.next[tp] = offset
-                self.rewinding.pop(tp, None)
+                self._reached(tp)
 
     def forget(self, partitions: Sequence[Any]) -> None:
         """No longer track these (where reading starts is unknown): their messages are taken as delivered."""
         for tp in partitions:
             self.next.pop(tp, None)
-            self.rewinding.pop(tp, None)
+            self._reached(tp)
 
-    def admit(self, events: Sequence[Any]) -> tuple[list[Any], dict[Any, int]]:
+    def _reached(self, tp: Any) -> None:
+        self.rewinding.pop(tp, None)
+        self.asked_at.pop(tp, None)
+
+    def admit(self, events: Sequence[Any], now: float) -> tuple[list[Any], dict[Any, int]]:
         """The events to process now, in order, and the partitions to seek back (partition -> offset).
 
         A message at or below the next expected offset is taken (below: read again after a seek, harmless: every
@@ -70,14 +81,24 @@ class InputLedger:
                 ev.message.acked = True
                 if self.rewinding.get(tp) != want:
                     self.rewinding[tp] = rewind[tp] = want
+                    self.asked_at[tp] = now
                     log.warning("%s: %s[%d] offset %d delivered while %d was next; reading it again from %d",
                                 REWIND_WARNING, tp.topic, tp.partition, offset, want, want)
                 continue
             take.append(ev)
             if offset == want:
                 self.next[tp] = want + 1
-                self.rewinding.pop(tp, None)
-        return take, rewind
+                self._reached(tp)
+        return take, rewind | self.overdue(now)
+
+    def overdue(self, now: float) -> dict[Any, int]:
+        """The seeks back asked `RESEEK_AFTER_S` ago or more that reading has not reached: to ask again (also when
+        nothing is delivered at all, the partition having no newer input: the transport calls this on a timer)."""
+        due = {tp: o for tp, o in self.rewinding.items() if now - self.asked_at.get(tp, now) >= RESEEK_AFTER_S}
+        for tp, o in due.items():
+            self.asked_at[tp] = now
+            log.info("input ledger: %s[%d] not read again from %d yet: seeking back again", tp.topic, tp.partition, o)
+        return due
 
     def cap(self, offsets: Mapping[Any, int]) -> dict[Any, int]:
         """Commit offsets no higher than the next offset each tracked partition expects."""
