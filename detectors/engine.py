@@ -237,7 +237,7 @@ class DetectEngine:
         #: what re-deciding did: corrections re-decided, inputs applied again, detections re-emitted with other
         #: content (superseding), detections the corrected history no longer makes (they stand), corrections too old
         self.redecided: dict[str, int] = {"corrections": 0, "rollbacks": 0, "inputs": 0, "superseded": 0, "stood": 0,
-                                          "too_old": 0}
+                                          "too_old": 0, "late_inputs": 0}
         self._verdicts: OrderedDict[bytes, Verdict] = OrderedDict()
 
     @property
@@ -398,6 +398,10 @@ class DetectEngine:
         if self.redecide_s <= 0:
             return self._apply(kind, x)
         steps = self._journal.setdefault(aid, [])
+        si = self._late_at(steps, t)
+        if si is not None and self._ready(aid, si):
+            self.redecided["late_inputs"] += 1
+            return self._redecide(aid, {}, (si, kind, x))
         if not steps or (t is not None and t > steps[-1].t):
             steps.append(_Step(t if t is not None else self.watermark, self._snapshot(aid)))
             self._trim(steps)
@@ -414,6 +418,17 @@ class DetectEngine:
             return self._apply(kind, x)
         finally:
             self._step_now = None
+
+    def _late_at(self, steps: list[_Step], t: float | None) -> int | None:
+        """The step a first delivery at event time `t` belongs before when it comes after later inputs (a window or
+        allocation fetched late: another topic or partition read ahead): the first step after `t`, if re-decided
+        still (the replay applies inputs in event-time order; this puts it there). None: in order, too old, or a
+        re-application (replayed inputs keep their places)."""
+        if (t is None or not steps or t >= steps[-1].t or t < steps[-1].t - self.redecide_s or self._redo is not None
+                or self._silent):
+            return None
+        si = next(i for i, step in enumerate(steps) if step.t > t)
+        return si if si >= self._live_from(steps) else None
 
     def _live_from(self, steps: list[_Step]) -> int:
         """The first step a correction still re-decides from: the newest one that began before the horizon
@@ -495,14 +510,16 @@ class DetectEngine:
             self.named_owners[aid] = list(d["named"])
         self._owner_index = None
 
-    def _redecide(self, aid: str, fixes: Mapping[tuple[Any, float], tuple[int, int, Any]]) -> list[Detection]:
+    def _redecide(self, aid: str, fixes: Mapping[tuple[Any, float], tuple[int, int, Any]],
+                  insert: tuple[int, str, Any] | None = None) -> list[Detection]:
         """The account back to the step of the earliest corrected window's first delivery, then its journal applied
         again from there with each corrected window in the place of its first delivery (its later deliveries
         dropped: the corrected window is their merge). `fixes`: (workload, window start) -> (step, input index in
-        that step, corrected window)."""
+        that step, corrected window). `insert`: (step, kind, input) a late first delivery, applied first in that
+        step's place (`_late_at`; the caller checked `_ready`)."""
         steps = self._journal[aid]
-        si = min(f[0] for f in fixes.values())
-        if not self._ready(aid, si):  # a restored journal whose windows can no longer be rebuilt: as too old
+        si = min([f[0] for f in fixes.values()] + ([insert[0]] if insert else []))
+        if fixes and not self._ready(aid, si):  # a restored journal whose windows can no longer be rebuilt: as too old
             self.errors["journal_unresolved"] = self.errors.get("journal_unresolved", 0) + 1
             self._journal.pop(aid, None)
             out: list[Detection] = []
@@ -516,6 +533,8 @@ class DetectEngine:
         at = {key: offset[f[0]] + f[1] for key, f in fixes.items()}
         inputs: list[tuple[str, Any]] = []
         for n, (kind, x) in enumerate(i for step in gone for i in step.inputs):
+            if insert and n == offset[insert[0]]:
+                inputs.append((insert[1], insert[2]))
             key = (_g(x, "workload_id"), _num(_g(x, "window_start"))) if kind == "win" else None
             if key in fixes:
                 if n == at[key]:
