@@ -18,6 +18,7 @@ from pipeline.detect.fetch_guard import (
     refuse_gaps,
     withhold_acks_on_failure,
 )
+from pipeline.detect.input_ledger import InputLedger
 
 
 @dataclass(frozen=True)
@@ -155,20 +156,29 @@ def _batch(n: int) -> list[Event]:
 def test_a_batch_cut_short_is_never_acknowledged(cut: BaseException) -> None:
     """take_events acks the batch in a finally, after the agent's body left: a failed body leaves nothing to count
     (real faust Message objects, whose ack is what take_events calls)."""
-    events, acks = _batch(3), Acks()
-    with pytest.raises(type(cut)), withhold_acks_on_failure(events):
+    events, acks, ledger = _batch(3), Acks(), _ledger()
+    with pytest.raises(type(cut)), withhold_acks_on_failure(events, ledger):
+        ledger.admit(events, 0.0)
         raise cut
     for ev in events:  # what take_events' finally then does
         if ev.message.ack(acks):
             acks.ack(ev.message)
     assert acks.offsets == []
+    # messages behind the batch acknowledged on the way out: faust would commit past the batch; the cap holds at it
+    assert ledger.cap({events[0].message.tp: 15}) == {events[0].message.tp: 0}
 
 
 def test_a_batch_that_completes_is_acknowledged() -> None:
-    events, acks = _batch(3), Acks()
-    with withhold_acks_on_failure(events):
-        pass
+    events, acks, ledger = _batch(3), Acks(), _ledger()
+    with withhold_acks_on_failure(events, ledger):
+        ledger.admit(events, 0.0)
     for ev in events:
         if ev.message.ack(acks):
             acks.ack(ev.message)
     assert acks.offsets == [0, 1, 2]
+    assert ledger.cap({events[0].message.tp: 3}) == {events[0].message.tp: 3}
+
+
+def _ledger() -> InputLedger:
+    """Tracking nothing as contiguous: only the batches' outstanding offsets cap the commit."""
+    return InputLedger(lambda topic: False)

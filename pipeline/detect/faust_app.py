@@ -128,7 +128,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     async def detect(stream: Any) -> None:
         async for events in stream.take_events(BATCH, within=within_s):
             # a batch cut short (an error, a stop) is read again, never acknowledged (fetch_guard.py)
-            with withhold_acks_on_failure(events):
+            with withhold_acks_on_failure(events, ledger):
                 if not (events := await admitted(events)):
                     continue
                 phase("first-batch")
@@ -162,7 +162,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     @app.agent(owner_topic, concurrency=1)
     async def owners(stream: Any) -> None:
         async for events in stream.take_events(BATCH, within=within_s):
-            with withhold_acks_on_failure(events):
+            with withhold_acks_on_failure(events, ledger):
                 if not (events := await admitted(events)):
                     continue
                 out, letters = batch.receive_owner_messages(owner_tabs, list(map(_msg, events)), time.time())
@@ -177,7 +177,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             await feed.send(key=m.key, value=encode(m))
         phase("feed-audited")
         async for events in stream.take_events(BATCH, within=within_s):
-            with withhold_acks_on_failure(events):
+            with withhold_acks_on_failure(events, ledger):
                 if not (events := await admitted(events)):
                     continue
                 dets, letters = batch.decode_detections(list(map(_msg, events)), time.time())

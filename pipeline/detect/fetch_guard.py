@@ -88,17 +88,21 @@ def refuse_gaps(consumer: Any, contiguous: Callable[[str], bool]) -> None:
 
 
 @contextmanager
-def withhold_acks_on_failure(events: Sequence[Any]) -> Iterator[None]:
-    """Around one `take_events` batch: if it raises (or is cancelled), its events' later ack by faust is a no-op.
+def withhold_acks_on_failure(events: Sequence[Any], ledger: InputLedger) -> Iterator[None]:
+    """Around one `take_events` batch: if it raises (or is cancelled), its events' later ack by faust is a no-op and
+    the ledger keeps them outstanding (the commit stays below them); if it completes, the ledger lets them go.
 
     `Message.ack` does nothing for a message already marked acked, so marking them here, before the generator's
-    `finally` runs, keeps their offsets out of the consumer's acked list: the commit can never pass them."""
+    `finally` runs, keeps their offsets out of the consumer's acked list. That alone did not hold the commit: faust
+    commits the first run of acknowledged offsets, and messages behind the batch may still be acknowledged on the way
+    out (input_ledger.py); the ledger's cap does."""
     try:
         yield
     except BaseException:
         for ev in events:
             ev.message.acked = True
         raise
+    ledger.done(events)
 
 
 def commit_after_state(consumer: Any, producer: Callable[[], Any]) -> None:
