@@ -20,8 +20,10 @@ that depends on it (verdict, crossing, change in scope) comes out as if the whol
 are never emitted twice: one re-found identical is dropped, one re-found under its id with other content is emitted
 again (it supersedes: the store keeps the latest per id, the case book takes it as new figures), and one the
 corrected history no longer makes stands (`redecided["stood"]`). Owner sums get the re-decided figures (latest
-values replace); an owner's own crossing is not re-decided. Older corrections replace the window's figures and the
-decisions stand. The journal survives a restart (`journal_to_dict` / `load_journal`, in the account's part of the
+values replace; the owner's log re-decides its crossing, detectors/owner_aggregate.py). Older corrections replace the
+window's figures and the decisions stand. A first delivery that comes after later inputs of its account (a window or
+an allocation fetched late) goes back to its event-time place the same way (`_late_at`): decisions come out as if it
+had come in order. The journal survives a restart (`journal_to_dict` / `load_journal`, in the account's part of the
 split state): the snapshot of its oldest step and every step's inputs; a restored engine retakes the other steps'
 snapshots by applying the inputs again silently, only for an account a correction reaches (`_ready`). Several
 corrections of one account at once (`on_corrections`, a batch's) roll back once, to the earliest,
@@ -49,6 +51,7 @@ from detectors.reservation_potential import reservation_potential
 from detectors.runs import RunRecord, RunStitcher, footprint_of
 from detectors.state import (
     HISTORY_K,
+    REDECIDE_S,
     REPLACE_HORIZON_S,
     SOURCE_WINDOWS_K,
     AccountState,
@@ -70,10 +73,6 @@ RELEASE_KINDS = ("instance_stopped", "job_stopped", "reservation_released")
 STOP_KINDS = ("instance_stopped", "job_stopped")
 RESERVATION_KINDS = ("reserved", "reservation_changed")
 IDLE_TTL_S = 6 * 3600.0
-#: How far back in event time (behind the account's newest input) a corrected window still re-decides: the simulator's
-#: late rows come 90-900 s after their window, which detect applied once settled (two windows after the slowest
-#: telemetry partition); 20 windows covers that with room.
-REDECIDE_S = 1200.0
 #: Steps past the re-decide horizon an account's journal keeps before it drops them (they no longer re-decide): its
 #: oldest step's snapshot is what a runtime persists to rebuild the journal after a restart, so it changes (and is
 #: written again) once per this many steps, not at every window end.
@@ -869,7 +868,8 @@ class DetectEngine:
     def apply_owner_messages(self) -> list[Detection]:
         """In process: apply the queued owner messages to this engine's own aggregator, in the order made."""
         msgs, self.owner_outbox = self.owner_outbox, []
-        return [d for m in msgs for d in self.owner_agg.apply(m) if self._emit(d)]
+        # an owner's crossing re-decided under the same id is a new version (OwnerAggregator._redecide): emitted
+        return [d for m in msgs for d in self.owner_agg.apply(m) if self._emit(d) or "redecided_from" in d.evidence]
 
     def _contributions(self, aid: str, run: RunState, end: float, start: float | None) -> list[dict[str, Any]]:
         acct = self._account(aid)

@@ -11,14 +11,18 @@ so accounts of one owner on different partitions are summed all the same.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from detectors.base import DetectContext, Detector, inquiry_text
 from detectors.foreign_person import ForeignDetermination
-from detectors.state import RUN_IDS_K, AccountState, OwnerState
+from detectors.state import REDECIDE_S, RUN_IDS_K, AccountState, OwnerState
 from schemas.detection import Detection
 from schemas.policy import Policy
+
+#: the figures of a run an owner's log keeps per window end (enough to find the crossing again: owner_crossing)
+_FIGURES = ("used", "used_low", "used_high", "rate", "t", "reserved_until", "own_case", "band", "basis")
 
 
 def owner_crossing(owner: OwnerState, *, threshold: float, count_projected: bool, t: float,
@@ -92,6 +96,8 @@ class OwnerAggregate(Detector):
             "used_flop_high": c["used_high"], "projected_flop": c["projected"], "crossing": c["basis"],
             "basis": combined_basis(c["runs"]), "run": combined_run(c["runs"]), "runs": c["runs"],
         }
+        if c.get("redecided_from"):  # a contribution out of event-time order moved the crossing made before
+            evidence["redecided_from"] = c["redecided_from"]
         if outcome == "needs_review":
             evidence["suggested_inquiry"] = inquiry_text(state.account_id, None, c["used"], c["projected"])
         workloads = sorted({w for r in c["runs"].values() for w in r.get("workloads", [])})
@@ -166,7 +172,8 @@ class OwnerAggregator:
         self.errors = errors if errors is not None else {}
 
     def apply(self, c: Mapping[str, Any]) -> list[Detection]:
-        """Apply one contribution or retraction; the detection when this owner's sum first crosses."""
+        """Apply one contribution or retraction; the detection when this owner's sum first crosses, and again when a
+        contribution that arrives out of event-time order moves the crossing (`_redecide`)."""
         kind = message_kind(c)
         if kind not in ("contribution", "retract"):  # memberships, marks, ticks only matter to EventTimeOwners
             return []
@@ -176,34 +183,101 @@ class OwnerAggregator:
             if owner is not None and aid in owner.accounts:
                 owner.accounts.remove(aid)
                 owner.runs = {k: r for k, r in owner.runs.items() if r["account_id"] != aid}
+                owner.base = {k: r for k, r in owner.base.items() if r["account_id"] != aid}
+                owner.log = [e for e in owner.log if e["account_id"] != aid]
             return []
-        th = self.policy.thresholds
         owner = self.owners.get(oid)
         if owner is None:
             owner = self.owners[oid] = OwnerState(oid)
         if aid not in owner.accounts:
             owner.accounts.append(aid)
             owner.accounts.sort()
+        owner.account_ctx[aid] = {"determination": c["determination"], "cip_notes": list(c.get("cip_notes") or []),
+                                  "foreign_since": c.get("foreign_since")}
+        late = bool(owner.log) and float(c["t"]) < owner.log[-1]["t"]
         before = sum(r["used"] for r in owner.runs.values() if not r.get("own_case"))
-        owner.runs[c["run_id"]] = dict(c["entry"])
+        entry, rid = dict(c["entry"]), c["run_id"]
+        if rid not in owner.runs or entry.get("t", 0.0) >= owner.runs[rid].get("t", 0.0):
+            owner.runs[rid] = entry  # the run's latest figures (a re-sent older one does not replace them)
+        self._log(owner, c)
+        if late:
+            return self._redecide(owner)
         if owner.crossed is not None:
             return []
-        end, start = c["t"], c.get("start")
-        x = owner_crossing(owner, threshold=th.training_ops, count_projected=th.count_projected, t=end,
-                           account_id=aid)
+        x = self._crossing(owner, owner.runs, before, c)
+        return self._detect(owner, x) if x is not None else []
+
+    def _crossing(self, owner: OwnerState, runs: dict[str, dict[str, Any]], before: float,
+                  c: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The crossing that contribution `c` makes with the owner's runs as `runs` (after it), or None. A crossing
+        by use is interpolated within c's window from `before` (the sum before it); never before the account's
+        customer became foreign."""
+        th = self.policy.thresholds
+        end, start = float(c["t"]), c.get("start")
+        view = OwnerState(owner.owner_id, accounts=owner.accounts, runs=runs)
+        x = owner_crossing(view, threshold=th.training_ops, count_projected=th.count_projected, t=end,
+                           account_id=c["account_id"])
         if x is None:
-            return []
+            return None
         if x["basis"] == "used" and start is not None and x["used"] > before:
             frac = min(1.0, max(0.0, (th.training_ops - before) / (x["used"] - before)))
             x["at"] = start + frac * (end - start)
-        if c.get("foreign_since") is not None:
-            x["at"] = max(x["at"], c["foreign_since"])
+        foreign_since = owner.account_ctx.get(c["account_id"], {}).get("foreign_since", c.get("foreign_since"))
+        if foreign_since is not None:
+            x["at"] = max(x["at"], foreign_since)
+        return x
+
+    def _log(self, owner: OwnerState, c: Mapping[str, Any]) -> None:
+        """Contribution `c` into the owner's log in event-time order (one entry per run and window end: a later one
+        replaces, as re-decided figures do); entries older than REDECIDE_S behind the newest fold into `base`."""
+        e = {"run_id": c["run_id"], "account_id": c["account_id"], "t": float(c["t"]), "start": c.get("start"),
+             "entry": {k: c["entry"].get(k) for k in _FIGURES}}
+        log = owner.log
+        at = next((i for i, x in enumerate(log) if (x["run_id"], x["t"]) == (e["run_id"], e["t"])), None)
+        if at is not None:
+            log[at] = e
+        else:
+            log.insert(bisect_right([x["t"] for x in log], e["t"]), e)
+        cut = log[-1]["t"] - REDECIDE_S
+        while log and log[0]["t"] < cut:
+            old = log.pop(0)
+            owner.base[old["run_id"]] = {**old["entry"], "account_id": old["account_id"]}
+
+    def _redecide(self, owner: OwnerState) -> list[Detection]:
+        """The owner's log applied again in event-time order from its base: the first crossing it makes. A crossing
+        found at another time (or through another account) than the one made replaces it and is detected again (the
+        case book takes the new version's time); none found, or one made before the log's first window: the one made
+        stands."""
+        first = owner.log[0]
+        if owner.crossed is not None and owner.crossed["at"] < (first["start"] if first["start"] is not None
+                                                                else first["t"]):
+            return []  # it crossed before what the log holds: nothing there can move it
+        runs = {k: dict(r) for k, r in owner.base.items()}
+        for e in owner.log:
+            before = sum(r["used"] for r in runs.values() if not r.get("own_case"))
+            runs[e["run_id"]] = {**owner.runs.get(e["run_id"], {}), **e["entry"], "account_id": e["account_id"]}
+            x = self._crossing(owner, runs, before, e)
+            if x is None:
+                continue
+            was = owner.crossed
+            if was is not None and abs(x["at"] - was["at"]) < 1e-6 and x["account_id"] == was["account_id"]:
+                return []
+            x["runs"] = {k: {**owner.runs.get(k, {}), **r} for k, r in x["runs"].items()}
+            if was is not None:
+                x["redecided_from"] = {"at": was["at"], "account_id": was["account_id"]}
+            return self._detect(owner, x)
+        return []
+
+    def _detect(self, owner: OwnerState, x: dict[str, Any]) -> list[Detection]:
+        """Record crossing `x` and run the owner-level detectors on it."""
         owner.crossed = x
         if not self.detectors:
             return []
-        ctx = DetectContext(self.policy, self.window_s, aid, ForeignDetermination(**c["determination"]),
-                            account=AccountState(aid, cip_notes=list(c.get("cip_notes") or [])), owner=owner,
-                            knowledge_floor=c.get("foreign_since"))
+        aid = x["account_id"]
+        ctx_d = owner.account_ctx.get(aid, {})
+        ctx = DetectContext(self.policy, self.window_s, aid, ForeignDetermination(**ctx_d["determination"]),
+                            account=AccountState(aid, cip_notes=list(ctx_d.get("cip_notes") or [])), owner=owner,
+                            knowledge_floor=ctx_d.get("foreign_since"))
         out: list[Detection] = []
         for d in self.detectors:
             try:
@@ -255,8 +329,9 @@ class EventTimeOwners:
 
     The bound (ARCHITECTURE.md): a message that arrives behind the horizon already passed (a window trailing its
     partition's watermark by more than `skew_s`, a CIP record applied late, figures re-sent after a restart) is
-    applied at once, out of order. With windows in order that does not happen, and the sum crosses at the window the
-    in-process runner finds, or at another account's window of the same minute (knowledge_at within one window).
+    applied at once; the aggregator's log then re-decides the crossing in event-time order (`OwnerAggregator`), within
+    REDECIDE_S. With windows in order that does not happen, and the sum crosses at the window the in-process runner
+    finds, or at another account's window of the same minute (knowledge_at within one window).
 
     Liveness: a source partition without input for `detect.owner_idle_s` sends `QUIET` (the faust app): it no longer
     holds anything back until its next real mark.

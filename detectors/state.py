@@ -321,9 +321,22 @@ class AccountState(_Plain):
             del self.recent_events[: len(self.recent_events) - RECENT_EVENTS_K]
 
 
+#: How far back in event time (behind the newest input) an input still re-decides, in an account's journal
+#: (detectors/engine.py) and in an owner's log: the simulator's late rows come 90-900 s after their window, which
+#: detect applied once settled (two windows after the slowest telemetry partition); 20 windows covers that with room.
+REDECIDE_S = 1200.0
+
+
 @dataclass(slots=True)
 class OwnerState(_Plain):
     owner_id: str
     accounts: list[str] = field(default_factory=list)
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # run id -> account, used, rate, ..., band
     crossed: dict[str, Any] | None = None
+    #: the contributions of the last `REDECIDE_S` of event time, in event-time order (detectors/owner_aggregate.py
+    #: `OwnerAggregator`): the crossing is found again from them when one arrives out of order
+    log: list[dict[str, Any]] = field(default_factory=list)
+    #: run id -> its figures before the log's first entry
+    base: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: account -> what an owner detection made at its contribution needs (determination, CIP notes, foreign since)
+    account_ctx: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -12,7 +12,7 @@ import pytest
 
 from detectors.engine import DetectEngine
 from schemas.detection import Detection
-from tests.detector_builders import INFERENCE, T0, W, alloc, cip, demo, window
+from tests.detector_builders import INFERENCE, T0, W, alloc, cip, demo, owner, window
 
 
 def latest(dets: list[Detection]) -> dict[str, tuple[str, str, float]]:
@@ -72,3 +72,36 @@ def test_a_late_input_delivered_again_changes_nothing() -> None:
     shuffled = [w for i, w in enumerate(wins) if i != 2] + [wins[2]]
     _, eng = run([cip("acct-f"), *shuffled])
     assert eng.on_window(wins[2]) == [] and eng.redecided["late_inputs"] == 1
+
+
+def test_an_owners_crossing_moved_by_a_late_window_of_the_same_account_is_a_new_version() -> None:
+    """In process the engine remembers every detection id it emitted; the owner's crossing re-decided under the same
+    id (the same crossing account) comes out again, with where it was before."""
+    owned = [cip(a, us_person=True, country="US", owners=[owner("own-x", 50.0)]) for a in ("acct-a", "acct-b")]
+    wins = [window("wl-b", "acct-b", i, flop=1e17) for i in range(2)]  # acct-b: 2e17 early on
+    wins += [window("wl-a", "acct-a", i, flop=1e17) for i in range(10)]  # acct-a crosses with its 8th window
+    wins.sort(key=lambda w: w.window_end)
+    in_order, _ = run([*owned, *wins])
+    late = next(w for w in wins if (w.account_id, w.window_start) == ("acct-a", T0 + 2 * W))
+    shuffled, _ = run([*owned, *[w for w in wins if w is not late], late])
+    ref = [d for d in in_order if d.reason == "owner_aggregate"]
+    got = [d for d in shuffled if d.reason == "owner_aggregate"]
+    assert len(ref) == 1 and ref[0].account_id == "acct-a" and ref[0].event_time == T0 + 8 * W
+    assert len(got) == 2 and {d.detection_id for d in got} == {ref[0].detection_id}
+    assert got[0].event_time == T0 + 9 * W and got[-1].event_time == ref[0].event_time
+    assert got[-1].evidence["redecided_from"] == {"at": T0 + 9 * W, "account_id": "acct-a"}
+
+
+def test_a_late_window_long_after_an_owners_crossing_leaves_it_where_it_was() -> None:
+    """The owner's log holds the last REDECIDE_S; a crossing made before it stands (re-applying the log from its base,
+    already over the threshold, would date it at the log's first entry: the demo's owner case moved 6 min late)."""
+    owned = [cip(a, us_person=True, country="US", owners=[owner("own-x", 50.0)]) for a in ("acct-a", "acct-b")]
+    # each account stays below T alone (110 x 6e15); together they cross in their 84th window
+    wins = [window(f"wl-{a[-1]}", a, i, flop=6e15) for i in range(110) for a in ("acct-a", "acct-b")]
+    in_order, _ = run([*owned, *wins])
+    late = wins[-5]  # acct-a's 108th window, 24 windows after the crossing
+    dets, eng = run([*owned, *[w for w in wins if w is not late], late])
+    (ref,) = [d for d in in_order if d.reason == "owner_aggregate"]
+    (oa,) = [d for d in dets if d.reason == "owner_aggregate"]
+    assert T0 + 83 * W < ref.event_time < T0 + 84 * W and oa.event_time == ref.event_time
+    assert eng.owners["own-x"].crossed["at"] == ref.event_time and eng.redecided["late_inputs"] == 1

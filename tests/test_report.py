@@ -142,9 +142,9 @@ def test_owner_case_report_describes_the_summed_runs():
     recs = {a: db.cip(a, us_person=True, country="US", owners=[db.owner("own-z", 50.0)]) for a in ("acct-y", "acct-z")}
     for rec in recs.values():
         eng.on_cip(rec)
-    dets = [d for i in range(6) for d in eng.on_window(db.window("wl-y", "acct-y", i, flop=1e17, devices=8))]
-    dets += [d for i in range(6) for d in eng.on_window(db.window("wl-z", "acct-z", i, flop=1e17, devices=4,
-                                                                   model="A100"))]
+    dets = [d for i in range(6) for w in (db.window("wl-y", "acct-y", i, flop=1e17, devices=8),
+                                          db.window("wl-z", "acct-z", i, flop=1e17, devices=4, model="A100"))
+            for d in eng.on_window(w)]  # in event-time order
     dets += eng.apply_owner_messages()  # in process (DetectStage does this after each input)
     (oa,) = [d for d in dets if d.detector_id == "owner_aggregate"]
     _, rep = _engine_report(dets, recs, pol, oa)
