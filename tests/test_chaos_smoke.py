@@ -2,7 +2,7 @@
 --stage all` under 3 kill -9 of the worker, one broker kill -9 and a 30 s store outage, compared with a clean
 replay. Asserts what must hold whatever else differs: no reportable case of the replay is lost and none is extra, no
 reportable (policy, reason, subject) gets more cases than in the replay, no case's knowledge_at moved by more than a
-window (an expected failure while issue #12's late dating under faults is open), compute totals per account are
+window, compute totals per account are
 exact up to the last window the Kafka path closed (the replay flushes its open windows at the end of the file, a
 stream keeps them open), the feed and the case events hold each message once after FINAL, every killed worker
 consumed again, and the cluster this run started is stopped again. The figures go to chaos-quick.json
@@ -87,14 +87,9 @@ def test_quick_chaos_run_loses_no_reportable_case(tmp_path: Path) -> None:
     for port in (base, base + 2, base + 4):
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", port)) != 0, f"broker still listening on {port}"
-    # every case of the replay the Kafka path also has is dated the same, within one window (chaos._compare).
-    # Checked last, after everything above held: a known open defect of issue #12 is reported as an expected
-    # failure naming the moved cases, not hidden, and the test passes when none moved. The causes found so far
-    # (faust committing past unread input, state saved before outputs, a batch cut short acknowledged) are fixed;
-    # left: findings dated by the order detect applied its inputs in. A crossing is dated "when the sum was first
-    # known" (compute_threshold.crossing), so a partial detect applies later than the replay did after a restart
-    # moves it later although the data was there (acct-resold +113 s, own-shared-7 +161 s); acct-sm's special-
-    # measures finding, 55 -> 60 min, is still seen too (the fresh-clone CI of 12ac169; likely its allocation at 55
-    # applied after the window at 60, unproven). 2 of 7 quick runs with the input ledger on Dec 5.
-    if s["knowledge_at_moved"]:
-        pytest.xfail(f"issue #12, knowledge_at dated late under faults: {s['knowledge_at_moved']}")
+    # every case of the replay the Kafka path also has is dated the same, within one window (chaos._compare). The
+    # causes found were fixed one by one (faust committing past unread input, state saved before outputs, a batch cut
+    # short acknowledged, a commit past input taken and not done) and last the findings dated by the order detect
+    # applied its inputs in: an input fetched after later ones of its account, or an owner's contribution after
+    # newer ones, now goes back to its event-time place and re-decides (tests/test_engine_event_order.py).
+    assert s["knowledge_at_moved"] == [], summary
