@@ -9,10 +9,15 @@
   changed; tombstones for what is gone). An account's re-decide journal (DetectEngine.journal_to_dict) is kept in
   entries of its own so that a batch writes only what it changed: each step `p|s|<account>|<t>` (its windows as
   references to the `partials` table, merged again from there on demand: `window_source`), written when it gets
-  inputs; the snapshot the journal rebuilds from, `p|j|<account>`, written when the journal drops its oldest steps
-  (every JOURNAL_REBASE_STEPS windows). The account's entry lists the steps with a checksum of each: a restore whose
-  step or base entries do not match it (a kill between the entries of one save) drops the journal (a correction
-  then replaces figures only, as one past the horizon).
+  inputs; the snapshot the journal rebuilds from, `p|j|<account>|<t>`, written when the journal drops its oldest
+  steps (every JOURNAL_REBASE_STEPS windows). The account's entry lists the steps with a checksum of each. A save is
+  copy-on-write, so that a kill -9 between any two of its changelog messages leaves a journal that restores: a step
+  entry's key carries its checksum (`p|s|<account>|<t>|<crc>`: a step that gains inputs is a new entry, not the old
+  one rewritten), the new entries go first, then the account's entry, and only then the tombstones of the entries
+  it no longer lists (left over after a kill: tombstoned by the next save). Written in place, a kill between the
+  step and the account entry dropped the journal at restore, and a correction then replaced figures only: a crossing
+  computed without its late rows stood (quick chaos run h-61: acct-resold dated 124 s late). A restore whose entries
+  do not match the account's entry still drops the journal (never replayed wrong).
 - `OwnersTables`: the owners agent's state (table `owners`): per owner its state and clock, per owners partition the
   source partitions' latest marks (key `*|k`).
 
@@ -93,10 +98,12 @@ class StageTables:
             parts = {k[len(prefix) + 2:].decode(): json.loads(v) for k, v in mine.items()
                      if k.startswith(prefix + b"a|")}
             for aid, part in parts.items():
-                part["journal"] = self._journal_of(prefix, aid, part.get("journal"), mine)
-                if part["journal"] is not None:
-                    self.step_keys[prefix + b"a|" + aid.encode()] = {
-                        self._step_key(prefix, aid, s["t"]) for s in part["journal"]["steps"]}
+                index = part.get("journal")
+                part["journal"] = self._journal_of(prefix, aid, index, mine)
+                # every journal entry of the account, listed or left over: the next save tombstones what it no
+                # longer lists
+                own = (prefix + b"s|" + aid.encode() + b"|", prefix + b"j|" + aid.encode() + b"|")
+                self.step_keys[prefix + b"a|" + aid.encode()] = {k for k in mine if k.startswith(own)}
             st.engine = from_split(sh, parts, self.policy, self.classifier)
             st.watermark = sh["stage_watermark"]
             st.load_held(sh.get("held", []))  # CIP records / allocations ahead of the windows, offsets committed
@@ -117,20 +124,24 @@ class StageTables:
         return st, True
 
     @staticmethod
-    def _step_key(prefix: bytes, aid: str, t: float) -> bytes:
-        return prefix + b"s|" + aid.encode() + b"|" + repr(float(t)).encode()
+    def _step_key(prefix: bytes, aid: str, t: float, crc: int) -> bytes:
+        return prefix + b"s|" + aid.encode() + b"|" + repr(float(t)).encode() + b"|" + str(crc).encode()
+
+    @staticmethod
+    def _base_key(prefix: bytes, aid: str, t: float) -> bytes:
+        return prefix + b"j|" + aid.encode() + b"|" + repr(float(t)).encode()
 
     def _journal_of(self, prefix: bytes, aid: str, index: Any, mine: dict[bytes, bytes]) -> dict[str, Any] | None:
         """An account's journal from its entries, when they are those its account entry lists (else None)."""
         if not index:
             return None
-        base = mine.get(prefix + b"j|" + aid.encode())
+        base = mine.get(self._base_key(prefix, aid, index[0][0]))
         b = json.loads(base) if base is not None else None
         if b is None or b["t"] != index[0][0]:
             return None
         steps = []
         for t, crc in index:
-            raw = mine.get(self._step_key(prefix, aid, t))
+            raw = mine.get(self._step_key(prefix, aid, t, crc))
             if raw is None or zlib.crc32(raw) != crc:
                 return None
             steps.append(json.loads(raw))
@@ -182,44 +193,53 @@ class StageTables:
 
     def _save_engine(self, p: int, st: DetectStage) -> None:
         """Entries `p|shared` and `p|a|<account>`: only the accounts the engine marked since the last save are
-        serialised (`split_dirty`); accounts gone from the state are tombstoned."""
+        serialised (`split_dirty`); accounts gone from the state are tombstoned. Journal entries copy-on-write
+        (module docstring): new entries, then the account's entry, then the tombstones of those it no longer lists."""
         prefix = f"{p}|".encode()
         shared, parts, deleted = split_dirty(st.engine)
         if shared is not None or p not in self.shared:
             self.shared[p] = shared if shared is not None else split_shared(st.engine)
         entries = {prefix + b"shared": dumps({**self.shared[p], "stage_watermark": st.watermark,
                                               "held": st.held_to_list()})}
-        gone = [prefix + t + aid.encode() for aid in deleted for t in (b"a|", b"j|")]
+        gone = [prefix + b"a|" + aid.encode() for aid in deleted]
         gone += [k for aid in deleted for k in sorted(self.step_keys.pop(prefix + b"a|" + aid.encode(), set()))]
+        later: list[bytes] = []  # tombstones that must follow the entries (copy-on-write)
         for aid, part in parts.items():
-            akey, jkey = prefix + b"a|" + aid.encode(), prefix + b"j|" + aid.encode()
+            akey = prefix + b"a|" + aid.encode()
             journal = part.get("journal")
-            steps: dict[bytes, bytes] = {}
+            keep: dict[bytes, bytes] = {}
             if journal:
-                base = journal["base"]
+                base, t0 = journal["base"], journal["steps"][0]["t"]
+                jkey = self._base_key(prefix, aid, t0)
                 if self.bases.get(jkey) is not base:  # a new base (the engine's object changes with it)
-                    entries[jkey] = dumps({"t": journal["steps"][0]["t"], "base": base})
+                    keep[jkey] = dumps({"t": t0, "base": base})
                     self.bases[jkey] = base
-                steps = {self._step_key(prefix, aid, s["t"]): dumps(s) for s in journal["steps"]}
-                part["journal"] = [[s["t"], zlib.crc32(v)] for s, v in zip(journal["steps"], steps.values(),
-                                                                           strict=True)]
-            else:
-                gone.append(jkey)
-            gone += sorted(self.step_keys.pop(akey, set()) - set(steps))
-            if steps:
-                self.step_keys[akey] = set(steps)
-            entries |= steps
+                else:
+                    keep[jkey] = self.written.get(jkey) or self.engine.data.get(jkey) or dumps({"t": t0, "base": base})
+                raws = [dumps(s) for s in journal["steps"]]
+                part["journal"] = [[s["t"], zlib.crc32(v)] for s, v in zip(journal["steps"], raws, strict=True)]
+                keep |= {self._step_key(prefix, aid, t, crc): v
+                         for (t, crc), v in zip(part["journal"], raws, strict=True)}
+            later += sorted(self.step_keys.pop(akey, set()) - set(keep))
+            if keep:
+                self.step_keys[akey] = set(keep)
+            entries |= keep
             entries[akey] = dumps(part)
         for k in gone:
-            self.bases.pop(k, None)
-            if k in self.written or k in self.engine.data:
-                self.written.pop(k, None)
-                self.engine.data.pop(k, None)
-                self.engine.send_changelog(p, k, None)
+            self._tombstone(p, k)
         for k, v in entries.items():
             if self.written.get(k) != v:
                 self.written[k] = self.engine.data[k] = v
                 self.engine.send_changelog(p, k, v)
+        for k in later:
+            self._tombstone(p, k)
+
+    def _tombstone(self, p: int, k: bytes) -> None:
+        self.bases.pop(k, None)
+        if k in self.written or k in self.engine.data:
+            self.written.pop(k, None)
+            self.engine.data.pop(k, None)
+            self.engine.send_changelog(p, k, None)
 
     def has_state(self, p: int) -> bool:
         """Whether partition p has a stage: met in this process, or checkpointed in the table."""
