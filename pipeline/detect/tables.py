@@ -41,7 +41,8 @@ from pipeline.settings import Settings
 from schemas.policy import Policy
 from schemas.windows import WindowAggregate
 
-log = logging.getLogger(__name__)
+#: INFO lines on the worker's start (pipeline/detect/startup.py sets its level): shown under the default WARNING
+log = logging.getLogger("trainwatch.startup")
 
 
 class Table(Protocol):
