@@ -94,6 +94,23 @@ def _partial(i: int, part: int, flop: float, account: str = "acct-c", workload: 
                            features=dict(window("x", "x", 0).features or {}))
 
 
+def _batch(tabs: StageTables, items: list) -> list[Detection]:
+    """One detect batch of partition 0 through the tables, as batch.feed_partition runs it, then saved."""
+    st, _ = tabs.stage(0)
+    st.begin_batch()
+    out: list[Detection] = []
+    for x in items:
+        if isinstance(x, WindowAggregate):
+            tabs.before_window(0, st, x)
+            out.extend(st.on_window(x))
+        else:
+            out.extend(st.on_cip(x))
+    out.extend(st.end_batch())
+    out.extend(st.on_time())
+    tabs.save(0, st)
+    return out
+
+
 def _stage_stream(restart_at: int | None) -> tuple[list[Detection], StageTables]:
     """The faust detect path without Kafka (StageTables over dict tables, one batch per window): acct-c's windows
     come from telemetry partitions 0 and 1; partition 1's half of window 3 comes late, after window 5 (a
@@ -104,17 +121,7 @@ def _stage_stream(restart_at: int | None) -> tuple[list[Detection], StageTables]
     out: list[Detection] = []
 
     def batch(items: list) -> None:
-        st, _ = tabs.stage(0)
-        st.begin_batch()
-        for x in items:
-            if isinstance(x, WindowAggregate):
-                tabs.before_window(0, st, x)
-                out.extend(st.on_window(x))
-            else:
-                out.extend(st.on_cip(x))
-        out.extend(st.end_batch())
-        out.extend(st.on_time())
-        tabs.save(0, st)
+        out.extend(_batch(tabs, items))
 
     batch([cip("acct-c", updated_at=T0 - 10), cip("acct-o", updated_at=T0 - 10)])
     for i in range(10):
@@ -169,17 +176,7 @@ def test_a_kill_between_any_two_messages_of_a_save_leaves_a_journal_that_restore
     tabs = StageTables(_Table(), _Table(), settings, demo(), None)
 
     def batch(items: list) -> None:
-        st, _ = tabs.stage(0)
-        st.begin_batch()
-        for x in items:
-            if isinstance(x, WindowAggregate):
-                tabs.before_window(0, st, x)
-                st.on_window(x)
-            else:
-                st.on_cip(x)
-        st.end_batch()
-        st.on_time()
-        tabs.save(0, st)
+        _batch(tabs, items)
 
     batch([cip("acct-c", updated_at=T0 - 10)])
     cuts = 0
