@@ -98,13 +98,17 @@ class StageTables:
             sh = json.loads(shared)
             parts = {k[len(prefix) + 2:].decode(): json.loads(v) for k, v in mine.items()
                      if k.startswith(prefix + b"a|")}
+            # every journal entry of each account, listed or left over (one pass): the next save tombstones what
+            # it no longer lists. Keys: p|s|<account>|<t>|<crc>, p|j|<account>|<t>
+            entries: dict[str, set[bytes]] = {}
+            for k in mine:
+                kind = k[len(prefix):len(prefix) + 2]
+                if kind in (b"s|", b"j|"):
+                    aid = k[len(prefix) + 2:].rsplit(b"|", 2 if kind == b"s|" else 1)[0].decode()
+                    entries.setdefault(aid, set()).add(k)
             for aid, part in parts.items():
-                index = part.get("journal")
-                part["journal"] = self._journal_of(prefix, aid, index, mine)
-                # every journal entry of the account, listed or left over: the next save tombstones what it no
-                # longer lists
-                own = (prefix + b"s|" + aid.encode() + b"|", prefix + b"j|" + aid.encode() + b"|")
-                self.step_keys[prefix + b"a|" + aid.encode()] = {k for k in mine if k.startswith(own)}
+                part["journal"] = self._journal_of(prefix, aid, part.get("journal"), mine)
+                self.step_keys[prefix + b"a|" + aid.encode()] = entries.get(aid, set())
             st.engine = from_split(sh, parts, self.policy, self.classifier)
             st.watermark = sh["stage_watermark"]
             st.load_held(sh.get("held", []))  # CIP records / allocations ahead of the windows, offsets committed
