@@ -45,6 +45,10 @@ __all__ = ["DetectRuntime", "make_app", "owners_topic"]
 log = logging.getLogger(__name__)
 
 BATCH = 500  # events per take (waiting at most settings.detect.batch_within_s); the unit of checkpoint and ack
+# The detect agent's take is smaller: an input costs it 10-20 ms (the classifier's verdict; 2 shared CPUs), so a
+# restart's backlog read as 500 was 6-9 s before the first checkpoint (state saved, offsets committed), and a worker
+# killed again within that time would redo the same batch. 100 is 1-2 s; a quiet stream's takes are smaller anyway.
+DETECT_BATCH = 100
 TICK_EVERY_S = 5.0
 
 
@@ -126,7 +130,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
 
     @app.agent(inputs, concurrency=1)
     async def detect(stream: Any) -> None:
-        async for events in stream.take_events(BATCH, within=within_s):
+        async for events in stream.take_events(DETECT_BATCH, within=within_s):
             # a batch cut short (an error, a stop) is read again, never acknowledged (fetch_guard.py)
             with withhold_acks_on_failure(events, ledger):
                 if not (events := await admitted(events)):
@@ -141,7 +145,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                     rt.last_input[p] = now = time.monotonic()
                     b = batch.feed_partition(tabs, p, msgs, topics, time.time(), sources, now)
                     await rt.store_inputs(b)
-                    await outputs_acked(await carry(p, b, b.stage.applied_to, len(events) < BATCH))
+                    await outputs_acked(await carry(p, b, b.stage.applied_to, len(events) < DETECT_BATCH))
                     tabs.save(p, b.stage)
                 phase("first-batch-done")
 
