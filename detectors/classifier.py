@@ -201,6 +201,23 @@ def _trend(vals: np.ndarray) -> float:
     return float((xc * (y - y.mean())).sum() / (xc * xc).sum())
 
 
+def _trends(wm: np.ndarray, cnt: np.ndarray) -> np.ndarray:
+    """`_trend` of each column of `wm`, bit for bit. A column present in every window (most) is computed for all
+    such columns at once: each row of the transposed copy is contiguous, so numpy reduces it as it reduces the 1-D
+    column (the same pairwise sums); a column with gaps goes through `_trend` itself."""
+    k = len(wm)
+    out = np.full(wm.shape[1], np.nan)
+    full = cnt == k
+    if k >= 3 and full.any():
+        x = np.arange(k, dtype=float)
+        xc = x - x.mean()
+        y = np.ascontiguousarray(wm[:, full].T)
+        out[full] = (xc * (y - y.mean(axis=1)[:, None])).sum(axis=1) / (xc * xc).sum()
+    for j in np.flatnonzero(~full & (cnt >= 3)):
+        out[j] = _trend(wm[:, j])
+    return out
+
+
 class HistoryFeaturizer(BaseEstimator):
     """Turns window histories into a fixed feature matrix. fit learns the per-window feature names."""
 
@@ -265,13 +282,9 @@ class HistoryFeaturizer(BaseEstimator):
                 std = np.where(cnt > 1, np.nanstd(wm, axis=0), np.nan)
                 hi = np.where(cnt > 0, np.nanmax(wm, axis=0), np.nan)
                 lo = np.where(cnt > 0, np.nanmin(wm, axis=0), np.nan)
-            last = np.full(nf, np.nan)
-            for j in range(nf):
-                col = wm[:, j]
-                idx = np.flatnonzero(~np.isnan(col))
-                if idx.size:
-                    last[j] = col[idx[-1]]
-            trend = np.array([_trend(wm[:, j]) for j in range(nf)])
+            cols = np.arange(nf)
+            last = np.where(cnt > 0, wm[len(wm) - 1 - np.argmax(present[::-1], axis=0), cols], np.nan)
+            trend = _trends(wm, cnt)
             block = np.stack([mean, std, trend, last, hi, lo], axis=1)  # order follows STATS
             out[: nf * len(STATS)] = block.reshape(-1)
         recent = history[-self.history_k :]
