@@ -22,7 +22,7 @@ from collections.abc import Callable
 from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import Message as KafkaMessage
 
-from pipeline.detect.store_retry import TRANSIENT
+from pipeline.detect.store_retry import TRANSIENT, backoff
 from pipeline.settings import Settings
 from pipeline.store import DeadLetter, Store, StoreError
 from schemas.errors import TrainwatchError
@@ -155,8 +155,8 @@ def open_store_waiting(settings: Settings, stop: Callable[[], bool] | None = Non
     backoff; None if `stop()` turns true meanwhile. A store that answers with an error is raised at once. Without
     this a worker restarted during a store outage stopped at once, again and again (30 restarts in 30 s in a quick
     chaos run), where it should wait, as its stages do for a store that goes away later."""
-    delay, warned = first_delay_s, False
-    while True:
+    warned = False
+    for delay in backoff(first_delay_s, max_delay_s):
         try:
             return Store.from_settings(settings)
         except StoreError as exc:
@@ -168,7 +168,7 @@ def open_store_waiting(settings: Settings, stop: Callable[[], bool] | None = Non
         if stop is not None and stop():
             return None
         time.sleep(delay)
-        delay = min(max_delay_s, delay * 2)
+    raise AssertionError("unreachable: backoff() never ends")
 
 
 def run_dlq_sink(settings: Settings, *, stop: Callable[[], bool] | None = None, group_id: str = DEFAULT_GROUP) -> int:

@@ -22,7 +22,7 @@ from pipeline.classifier_loader import BackgroundClassifier, load_classifier
 from pipeline.detect.batch import PartitionBatch
 from pipeline.detect.feed_audit import _published_ids, unpublished
 from pipeline.detect.startup import phase
-from pipeline.detect.store_retry import stored
+from pipeline.detect.store_retry import backoff, stored
 from pipeline.detect.tables import StageTables
 from pipeline.settings import Settings
 from pipeline.stage_metrics import StageMetrics
@@ -37,15 +37,14 @@ log = logging.getLogger(__name__)
 async def published_ids(settings: Settings, max_delay_s: float = 5.0) -> set[str]:
     """The case feed's message ids (feed_audit), read in a thread so the event loop goes on (a restart's group join
     waited ~1 s behind it); retried with capped backoff while the feed cannot be read to its end in time."""
-    delay = 0.2
-    while True:
+    for delay in backoff(0.2, max_delay_s):
         try:
             return await asyncio.get_running_loop().run_in_executor(None, _published_ids, settings,
                                                                     settings.topics.cases)
         except TimeoutError as exc:
             log.warning("feed audit: %s; retrying", exc)
             await asyncio.sleep(delay)
-            delay = min(max_delay_s, delay * 2)
+    raise AssertionError("unreachable: backoff() never ends")
 
 
 def mark_due(last: float | None, wm: float, caught_up: bool, window_s: float) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from clickhouse_connect.driver.exceptions import OperationalError
@@ -25,11 +25,19 @@ T = TypeVar("T")
 TRANSIENT = (OperationalError, ConnectionError, TimeoutError, OSError)
 
 
+def backoff(first_s: float, max_s: float) -> Iterator[float]:
+    """Delays between retries: `first_s`, doubling, capped at `max_s` (every retry loop of the stages)."""
+    delay = first_s
+    while True:
+        yield delay
+        delay = min(max_s, delay * 2)
+
+
 async def stored(what: str, call: Callable[[], T], *, first_delay_s: float = 0.2, max_delay_s: float = 5.0) -> T:
     """`call()`, retried while the store is unreachable. Calls must be idempotent (the store's are: ids are
     content hashes, tables replace by id, case events carry insert dedup tokens)."""
-    delay, down_since, attempts = first_delay_s, None, 0
-    while True:
+    down_since, attempts = None, 0
+    for delay in backoff(first_delay_s, max_delay_s):
         try:
             out = call()
         except TRANSIENT as exc:
@@ -38,7 +46,6 @@ async def stored(what: str, call: Callable[[], T], *, first_delay_s: float = 0.2
                 down_since = time.monotonic()
                 log.warning("store unavailable during %s, retrying until it answers: %s", what, exc)
             await asyncio.sleep(delay)
-            delay = min(max_delay_s, delay * 2)
             continue
         if down_since is not None:
             log.warning("store back for %s after %.1f s (%d retries)", what, time.monotonic() - down_since, attempts)
