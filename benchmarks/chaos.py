@@ -221,6 +221,11 @@ def read_all(bootstrap: str, topic: str, parse: bool | str = True) -> list[Any]:
 _WORKERS: list[Worker] = []  # killed on the way out, whatever ends the run
 
 
+#: the supervisor's restart delay after a worker's own exit within SUPERVISOR_RESET_S of its start: first, doubling,
+#: capped (Worker.supervise)
+SUPERVISOR_FIRST_S, SUPERVISOR_MAX_S, SUPERVISOR_RESET_S = 0.5, 8.0, 30.0
+
+
 class Worker:
     def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path) -> None:
         self.cmd, self.env, self.log_path = cmd, env, log_path
@@ -228,6 +233,9 @@ class Worker:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.own_exits: list[dict[str, Any]] = []
+        self._started_at = 0.0
+        self._restart_at: float | None = None  # an own exit waits for this moment (supervise)
+        self._backoff = SUPERVISOR_FIRST_S
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
@@ -235,6 +243,7 @@ class Worker:
             self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         self.starts += 1
+        self._started_at, self._restart_at = time.monotonic(), None
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -243,10 +252,24 @@ class Worker:
         self.proc.wait(30)
 
     def supervise(self) -> None:
-        """Restart a worker that exited on its own (a supervisor's job), noting how it ended."""
-        if self.proc is not None and self.proc.poll() is not None:
+        """Restart a worker that exited on its own, noting how it ended, as a supervisor would (systemd's
+        RestartSec, Kubernetes' crash-loop back-off): at once after a run of SUPERVISOR_RESET_S or more, otherwise
+        after a delay that doubles with each quick exit (SUPERVISOR_FIRST_S .. SUPERVISOR_MAX_S), so a worker
+        that cannot start is not restarted many times a second."""
+        if self.proc is None or self.proc.poll() is None:
+            return
+        now = time.monotonic()
+        if self._restart_at is None:
             tail = self.log_path.read_text(errors="replace")[-600:]
-            self.own_exits.append({"rc": self.proc.returncode, "log_tail": tail.splitlines()[-4:]})
+            wait = 0.0
+            if now - self._started_at < SUPERVISOR_RESET_S:  # a quick exit: wait, and longer after the next
+                wait, self._backoff = self._backoff, min(SUPERVISOR_MAX_S, self._backoff * 2)
+            else:
+                self._backoff = SUPERVISOR_FIRST_S
+            self.own_exits.append({"rc": self.proc.returncode, "restart_after_s": wait,
+                                   "log_tail": tail.splitlines()[-4:]})
+            self._restart_at = now + wait
+        if now >= self._restart_at:
             self.start()
 
     def stop(self) -> int | None:

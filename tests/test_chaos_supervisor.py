@@ -1,0 +1,42 @@
+"""The chaos run's supervisor (benchmarks/chaos.py Worker.supervise) restarts a worker that exited on its own as a
+real supervisor would: a worker exiting right after its start waits longer before each restart (crash-loop back-off)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import chaos
+
+
+def _supervise_until(w: chaos.Worker, starts: int, within_s: float) -> float:
+    t0 = time.monotonic()
+    while w.starts < starts and time.monotonic() - t0 < within_s:
+        w.supervise()
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+def test_a_worker_exiting_at_once_is_restarted_after_a_growing_delay(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(chaos, "SUPERVISOR_FIRST_S", 0.2)
+    w = chaos.Worker([sys.executable, "-c", "import sys; sys.exit(3)"], {}, tmp_path / "w.log")
+    w.start()
+    w.proc.wait(30)
+    first = _supervise_until(w, 2, 10)
+    w.proc.wait(30)
+    second = _supervise_until(w, 3, 10)
+    assert w.starts == 3
+    assert [e["rc"] for e in w.own_exits] == [3, 3]
+    assert [e["restart_after_s"] for e in w.own_exits] == [0.2, 0.4]
+    assert 0.2 <= first < 2 and 0.4 <= second < 3
+
+
+def test_a_worker_that_ran_a_while_is_restarted_at_once(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(chaos, "SUPERVISOR_RESET_S", 0.0)  # every run counts as long
+    w = chaos.Worker([sys.executable, "-c", "import sys; sys.exit(1)"], {}, tmp_path / "w.log")
+    w.start()
+    w.proc.wait(30)
+    w.supervise()
+    assert w.starts == 2 and w.own_exits[0]["restart_after_s"] == 0.0
+    w.proc.wait(30)
