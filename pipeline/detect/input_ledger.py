@@ -85,11 +85,8 @@ class InputLedger:
         for ev in events:
             tp, offset = ev.message.tp, ev.message.offset
             want = self.next.get(tp)
-            if want is None or not self.contiguous(tp.topic):
-                take.append(ev)
-                self.outstanding.setdefault(tp, set()).add(offset)
-                continue
-            if tp in held or offset > want:
+            tracked = want is not None and self.contiguous(tp.topic)
+            if tracked and (tp in held or offset > want):
                 held.add(tp)
                 ev.message.acked = True
                 if self.rewinding.get(tp) != want:
@@ -100,7 +97,7 @@ class InputLedger:
                 continue
             take.append(ev)
             self.outstanding.setdefault(tp, set()).add(offset)
-            if offset == want:
+            if tracked and offset == want:
                 self.next[tp] = want + 1
                 self._reached(tp)
         return take, rewind | self.overdue(now)
