@@ -29,7 +29,7 @@ from detectors.classifier_base import WorkloadClassifier
 from detectors.owner_aggregate import ALL_OWNERS, QUIET, partition_mark
 from pipeline.detect import batch
 from pipeline.detect.config import faust_config
-from pipeline.detect.fetch_guard import drain_buffer, guard_consumer, withhold_acks_on_failure
+from pipeline.detect.fetch_guard import guard_consumer, withhold_acks_on_failure
 from pipeline.detect.input_ledger import InputLedger
 from pipeline.detect.runtime import DetectRuntime, idle_partitions, tick_watermark
 from pipeline.detect.startup import phase
@@ -115,12 +115,6 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             await app.crash(exc)
             raise
 
-    async def state_handed_over() -> None:
-        """The table writes just saved handed to the producer before the agent goes on. They wait in faust's buffer,
-        which sends one message per turn of the event loop: behind an agent busy with a restart's backlog they piled
-        up (1,449 in the chaos run) and the next offset commit, which waits for them, took 13 s (commit_after_state)."""
-        await drain_buffer(app.producer)
-
     async def carry(p: int, b: batch.PartitionBatch, wm: float, caught_up: bool) -> list[Any]:
         """A partition's outputs to their transports (their delivery futures); its state is saved after they are
         acked (module docstring)."""
@@ -153,7 +147,6 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                     await rt.store_inputs(b)
                     await outputs_acked(await carry(p, b, b.stage.applied_to, len(events) < DETECT_BATCH))
                     tabs.save(p, b.stage)
-                await state_handed_over()
                 phase("first-batch-done")
 
     @app.timer(max(1.0, settings.detect.owner_idle_s / 4))
@@ -168,7 +161,6 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             if b is not None:
                 await outputs_acked(await carry(p, b, QUIET, True))
                 tabs.save(p, b.stage)
-                await state_handed_over()
             await mark(p, QUIET, True)
 
     @app.agent(owner_topic, concurrency=1)
@@ -181,7 +173,6 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                 await rt.store_letters(letters)
                 await outputs_acked([await detections.send(key=d.account_id.encode(), value=encode(d)) for d in out])
                 owner_tabs.save()
-                await state_handed_over()
 
     @app.agent(detections, concurrency=1)
     async def cases(stream: Any) -> None:

@@ -105,20 +105,16 @@ def withhold_acks_on_failure(events: Sequence[Any], ledger: InputLedger) -> Iter
     ledger.done(events)
 
 
-async def drain_buffer(p: Any) -> None:
-    """Until faust's producer buffer (table writes) is empty: its flush() returns after 0.1 s without a send, so
-    again until empty (while the buffer still sends: a producer stopping at shutdown goes on as faust would)."""
-    while p.buffer.size and not p.buffer.should_stop:
-        await p.buffer.flush()
-
-
 def commit_after_state(consumer: Any, producer: Callable[[], Any]) -> None:
     """Each offset commit first empties the producer buffer (table writes) and flushes the producer."""
     commit: Callable[[Any], Awaitable[bool]] = consumer._commit
 
     async def _commit(offsets: Any) -> bool:
         p = producer()
-        await drain_buffer(p)
+        # flush() returns after 0.1 s without a send: again until empty (while the buffer still sends: a producer
+        # stopping at shutdown commits as faust would)
+        while p.buffer.size and not p.buffer.should_stop:
+            await p.buffer.flush()
         await p.flush()
         return await commit(offsets)
 
