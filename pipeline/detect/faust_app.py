@@ -45,9 +45,10 @@ __all__ = ["DetectRuntime", "make_app", "owners_topic"]
 log = logging.getLogger(__name__)
 
 BATCH = 500  # events per take (waiting at most settings.detect.batch_within_s); the unit of checkpoint and ack
-# The detect agent's take is smaller: an input costs it 10-20 ms (the classifier's verdict; 2 shared CPUs), so a
-# restart's backlog read as 500 was 6-9 s before the first checkpoint (state saved, offsets committed), and a worker
-# killed again within that time would redo the same batch. 100 is 1-2 s; a quiet stream's takes are smaller anyway.
+# The detect agent's take is smaller: an input costs it 10-30 ms (the classifier's verdict; 2 shared CPUs), so a
+# restart's backlog read as 500 took up to 11.6 s before the first checkpoint (state saved, offsets committed), and a
+# worker killed again within that time would redo the same batch. With 100: 0.3-5.8 s measured (docs/faust.md); a
+# quiet stream's takes are smaller anyway.
 DETECT_BATCH = 100
 TICK_EVERY_S = 5.0
 
