@@ -17,7 +17,8 @@ from pipeline.cases.deadline import OVERDUE, REMINDER
 from pipeline.cases.feed import CaseFeedMessage, CaseFeedProducer
 from pipeline.cases.service import CaseService
 from pipeline.commands import cases_cmd
-from pipeline.settings import KafkaSettings
+from pipeline.detect.feed_audit import unpublished
+from pipeline.settings import KafkaSettings, Settings
 from pipeline.store import Store
 from schemas import serde
 from tests.test_cases_core import BIS, DAY, NOW, T0, cip, det
@@ -90,6 +91,35 @@ def test_a_crash_between_the_event_and_the_case_write_loses_no_event(store: Stor
     (case,) = store.list_cases()
     assert [e.action for e in store.case_events(case.case_id)] == ["opened"] and case.version == 1
     assert len(store.query("SELECT event_id FROM case_events")) == 1  # stored once, not only collapsed on read
+
+
+def test_the_feed_audit_leaves_an_event_its_stored_case_does_not_hold_to_the_re_read_input(store: Store, monkeypatch):
+    """Killed between a finding's event and its case version on a case already stored: the worker's feed audit must
+    not publish that event with the case as it was, since the re-read input derives it again with the case that holds
+    it, under the same message id (a duplicate on the feed in the quick chaos run, Dec 5)."""
+    store.upsert_cip([cip()])
+    svc = CaseService(store, BIS)
+    published = {m.message_id for m in svc.process([det(t=T0)], NOW)}
+    second = [det(t=T0 + 60, detector="projection", reason="compute_projected")]
+
+    def killed(items):
+        raise RuntimeError("killed between the two inserts")
+
+    monkeypatch.setattr(store, "upsert_cases", killed)
+    with pytest.raises(RuntimeError):
+        svc.process(second, NOW + 10)
+    monkeypatch.undo()
+    (case,) = store.list_cases()
+    orphan = [e for e in store.case_events(case.case_id) if e.event_id not in published]
+    assert len(orphan) == 1 and case.version == 1  # the event stored, its case version not
+    assert unpublished(Settings(), store, BIS, have=published) == []
+
+    again = CaseService(store, BIS).process(second, NOW + 20)  # restart: the input read again
+    assert [m.message_id for m in again] == [orphan[0].event_id] and again[0].case.version == 2
+    # had the kill come after the case write, before the publish: the audit sends it, with the case holding it
+    (gap,) = unpublished(Settings(), store, BIS, have=published)
+    assert gap.message_id == orphan[0].event_id and gap.case.version == 2
+    assert unpublished(Settings(), store, BIS, have=published | {gap.message_id}) == []
 
 
 def test_deadline_events_are_stored_once_across_restarts(store: Store):

@@ -223,6 +223,19 @@ def received(case: Case, det: Detection, fp: str) -> bool:
             or _entry_fp(case, det.detection_id) == fp or fp in case.evidence.get("applied", ()))
 
 
+def holds_event(case: Case, event: CaseEvent) -> bool:
+    """Whether the stored `case` reflects `event`. A finding's event is written before its case (CaseService._write),
+    so a crash between the two leaves the event without the case version it made: its input is read again and
+    re-derives both, under the same event id. False only for such a finding event: its id is made from a version
+    (fingerprint) the case does not hold. Events of other kinds (actions, deadlines) are always held."""
+    det_id = event.details.get("detection_id")
+    if event.actor != PIPELINE_ACTOR or not isinstance(det_id, str):
+        return True
+    ev = case.evidence
+    fps = {*ev.get("versions", {}).get(det_id, ()), _entry_fp(case, det_id), *ev.get("applied", ())} - {None}
+    return any(content_id("cev", case.case_id, event.action, event.at, fp) == event.event_id for fp in fps)
+
+
 def _with_version(versions: Mapping[str, list[str]], detection_id: str, fp: str) -> dict[str, list[str]]:
     """`versions` with `fp` received as the latest version of `detection_id` (the newest MAX_VERSIONS_PER_ID kept)."""
     seen = [v for v in versions.get(detection_id, []) if v != fp]

@@ -3,15 +3,19 @@ write and the publish), republished by the faust app's `cases` agent at start. C
 
 from __future__ import annotations
 
+import logging
 import time
 
 from confluent_kafka import Consumer, TopicPartition
 
+from pipeline.cases.core import holds_event
 from pipeline.cases.feed import CaseFeedMessage, feed_messages
 from pipeline.settings import Settings
 from pipeline.store import Store
 from schemas.policy import Policy
 from schemas.serde import loads
+
+log = logging.getLogger(__name__)
 
 
 def _published_ids(settings: Settings, topic: str, timeout_s: float = 30.0) -> set[str]:
@@ -61,7 +65,14 @@ def unpublished(settings: Settings, store: Store, policy: Policy,
     out: list[CaseFeedMessage] = []
     for cid, ids in missing.items():
         case = store.get_case(cid)
-        if case is not None:
-            evs = [e for e in store.case_events(cid) if e.event_id in ids]
-            out += feed_messages([case], evs, policy)
+        if case is None:  # a crash after a new case's first events: the re-read input opens it, and publishes them
+            continue
+        evs = [e for e in store.case_events(cid) if e.event_id in ids]
+        # Not those the stored case does not reflect yet (the same crash on a case already stored): published here
+        # with the case as it was, they came again from the re-read input with the case that holds them, under the
+        # same message id (a duplicate on the feed in the quick chaos run, Dec 5; consumers keep the first).
+        if orphans := [e.event_id for e in evs if not holds_event(case, e)]:
+            log.warning("feed audit: %s: %d event(s) not in the stored case yet, left to the re-read input: %s",
+                        cid, len(orphans), orphans)
+        out += feed_messages([case], [e for e in evs if holds_event(case, e)], policy)
     return out
