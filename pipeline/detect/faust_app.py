@@ -29,7 +29,7 @@ from detectors.classifier_base import WorkloadClassifier
 from detectors.owner_aggregate import ALL_OWNERS, QUIET, partition_mark
 from pipeline.detect import batch
 from pipeline.detect.config import faust_config
-from pipeline.detect.fetch_guard import guard_consumer, withhold_acks_on_failure
+from pipeline.detect.fetch_guard import guard_consumer, hand_over, withhold_acks_on_failure
 from pipeline.detect.input_ledger import InputLedger
 from pipeline.detect.runtime import DetectRuntime, idle_partitions, tick_watermark
 from pipeline.detect.startup import phase
@@ -148,6 +148,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                     await rt.store_inputs(b)
                     await outputs_acked(await carry(p, b, b.stage.applied_to, len(events) < DETECT_BATCH))
                     tabs.save(p, b.stage)
+                    await hand_over(app.producer)
                 phase("first-batch-done")
 
     @app.timer(max(1.0, settings.detect.owner_idle_s / 4))
@@ -162,6 +163,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             if b is not None:
                 await outputs_acked(await carry(p, b, QUIET, True))
                 tabs.save(p, b.stage)
+                await hand_over(app.producer)
             await mark(p, QUIET, True)
 
     @app.agent(owner_topic, concurrency=1)
@@ -174,6 +176,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                 await rt.store_letters(letters)
                 await outputs_acked([await detections.send(key=d.account_id.encode(), value=encode(d)) for d in out])
                 owner_tabs.save()
+                await hand_over(app.producer)
 
     @app.agent(detections, concurrency=1)
     async def cases(stream: Any) -> None:

@@ -105,6 +105,20 @@ def withhold_acks_on_failure(events: Sequence[Any], ledger: InputLedger) -> Iter
     ledger.done(events)
 
 
+async def hand_over(p: Any) -> int:
+    """An agent's table writes handed from faust's producer buffer to the producer before it goes on; the number
+    handed over. The buffer sends one message per turn of the event loop, so behind an agent busy with a restart's
+    backlog the writes pile up (1,449 in a chaos run) and the next commit, which waits for them
+    (`commit_after_state`), took 13 s. Only a speed-up: it gives up as soon as 0.1 s passes without a send (a broker
+    down, a producer stopping at shutdown), so an agent is never held here; the commit still waits for all of it."""
+    buf = p.buffer
+    before = buf.size
+    while buf.size and not buf.should_stop and buf.state == "running":
+        if not await buf.flush_atmost(None):  # it returns after 0.1 s without a send
+            break
+    return max(0, before - buf.size)
+
+
 def commit_after_state(consumer: Any, producer: Callable[[], Any]) -> None:
     """Each offset commit first empties the producer buffer (table writes) and flushes the producer."""
     commit: Callable[[Any], Awaitable[bool]] = consumer._commit
