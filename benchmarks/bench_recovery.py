@@ -35,10 +35,20 @@ from pathlib import Path
 import orjson
 from confluent_kafka.admin import AdminClient
 
-from benchmarks.chaos import PARTITIONS, REPO, RESULTS, ROLES, Worker, _consumer, _produce_paced, committed, ends
+from benchmarks.chaos import (
+    PARTITIONS,
+    REPO,
+    RESULTS,
+    ROLES,
+    Worker,
+    _consumer,
+    _produce_paced,
+    committed,
+    ends,
+    phases_since,
+)
 from pipeline.classifier_loader import BACKGROUND_ENV
 from pipeline.detect.config import STORE_ENV
-from pipeline.detect.startup import phases
 
 CAP_S = 60.0
 SETTLE_S = 4.0  # after a recovery, before the next kill: the new worker has committed and runs normally
@@ -52,12 +62,6 @@ def _wait_detect(c, detect_in: list[str], worker: Worker, before: int, t_from: f
             return round(time.monotonic() - t_from, 2)
         time.sleep(0.25)
     return None
-
-
-def _phases_since(log: Path, t_kill: float) -> dict[str, list[float]]:
-    """The last start's startup phases (pipeline/detect/startup.py): [seconds after the kill, process CPU s]."""
-    text = log.read_text(errors="replace").rsplit("===== start", 1)[-1]
-    return {k: [round(at - t_kill, 2), cpu] for k, (at, cpu) in sorted(phases(text).items(), key=lambda kv: kv[1])}
 
 
 def _loaded(log: Path) -> tuple[int, int]:
@@ -122,7 +126,7 @@ def run(scenario: str, at: list[float], stream_s: float, bootstrap: str, tmp: Pa
                 before = committed(dwatch, detect_in)
                 worker.start()
                 took = _wait_detect(dwatch, detect_in, worker, before, t_k, CAP_S)
-                ph = _phases_since(worker.log_path, e_k)
+                ph = phases_since(worker.log_path, e_k)
                 loaded, parts = _loaded(worker.log_path)
                 runs.append({"variant": variant, "point": n, "resumed_s": took, "load1": round(load, 2),
                              "at_s": round(t_k - t0, 1), "changelog_messages": sum(state.values()),

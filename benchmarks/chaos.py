@@ -118,6 +118,8 @@ class Fault:
     at_s: float
     recovery: dict[str, float | None] = field(default_factory=dict)
     note: str = ""
+    # after a kill: the restarted worker's startup phases (pipeline/detect/startup.py), [s after the kill, CPU s]
+    phases: dict[str, list[float]] = field(default_factory=dict)
 
 
 class Cluster:
@@ -570,11 +572,14 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
         before = progress()
         t_f = time.monotonic()
         if kind == "kill":
+            e_kill = time.time()
             worker.kill9()
             # read after the kill: a write or commit the dying worker had in flight is not a recovery
             before = progress()
             worker.start()
             f.recovery = wait_resumed(before, t_f)
+            f.phases = phases_since(worker.log_path, e_kill)
+            f.recovery["detect_first_take"] = f.phases.get("first-batch", [None])[0]
         elif kind == "broker":
             node = rng.choice((1, 2, 3))
             with contextlib.suppress(ProcessLookupError):
@@ -671,7 +676,7 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
     worker_log = (tmp / f"{plan.scenario}-worker.log").read_text(errors="replace")
     gaps, rewinds = worker_log.count(GAP_WARNING), worker_log.count(REWIND_WARNING)
     kills = [f.recovery for f in faults if f.kind == "kill"]
-    rec = {k: [r[k] for r in kills] for k in ("ingest", "detect")}
+    rec = {k: [r.get(k) for r in kills] for k in ("ingest", "detect", "detect_first_take")}
     return {
         "scenario": plan.scenario, "messages": counts.get("produced"), "undelivered": counts.get("undelivered"),
         "tick_rounds": counts.get("tick_rounds"),
@@ -698,11 +703,26 @@ def _split(c: dict | None, compute: bool) -> str:
     return out + (f" / {c['compute_max_abs_rel']:.2g}" if compute else "")
 
 
+def _first_take(r: dict) -> str:
+    """Seconds from a kill until the restarted detect agent took its first input (older results: not measured)."""
+    t = r.get("detect_first_take")
+    return "-" if not t or t["max"] is None else f"{t['max']} / {t['median']:.1f} ({t['not_resumed']} never)"
+
+
+def phases_since(log: Path, t_kill: float) -> dict[str, list[float]]:
+    """The last start's startup phases (pipeline/detect/startup.py): [seconds after the kill, process CPU s]."""
+    from pipeline.detect.startup import phases
+
+    text = log.read_text(errors="replace").rsplit("===== start", 1)[-1]
+    return {k: [round(at - t_kill, 2), cpu] for k, (at, cpu) in sorted(phases(text).items(), key=lambda kv: kv[1])}
+
+
 def _table(result: dict) -> str:
     rows = ["| scenario | kills | broker kill | store outage | cases replay / kafka | lost | extra | knowledge moved "
             "| dup events | dup feed | compute max rel (to last window) | recovery after kill, max s (ingest / detect) "
-            "| worker exits | import alone s (load) | vs partitioned replay: lost / extra / moved / compute "
-            "| partitioning alone: lost / extra / moved |", "|---" * 16 + "|"]
+            "| detect takes input again after a kill, max / median s | worker exits | import alone s (load) "
+            "| vs partitioned replay: lost / extra / moved / compute "
+            "| partitioning alone: lost / extra / moved |", "|---" * 17 + "|"]
     for s in result["scenarios"]:
         kinds = [f["kind"] for f in s["faults"]]
         r = s["recovery_after_kill_s"]
@@ -716,7 +736,7 @@ def _table(result: dict) -> str:
             f"{s['duplicate_feed_messages']} | {s['compute_max_abs_rel']:.2g} "
             f"({s['compute_max_abs_rel_upto_last_window']:.2g}) | "
             f"{r['ingest']['max']} / {r['detect']['max']} ({r['ingest']['not_resumed']}+{r['detect']['not_resumed']} "
-            f"not within {RESUME_CAP_S:.0f} s) | {len(s['worker_own_exits'])} | "
+            f"not within {RESUME_CAP_S:.0f} s) | {_first_take(r)} | {len(s['worker_own_exits'])} | "
             f"{s.get('worker_import_s')} ({s.get('load_average_1m')}) | {_split(s.get('vs_partitioned_replay'), True)} "
             f"| {_split(s.get('partitioning_effect'), False)} |")
     return "\n".join(rows)

@@ -83,6 +83,9 @@ def test_quick_chaos_run_loses_no_reportable_case(tmp_path: Path) -> None:
     # every killed worker consumed again (ingest and detect) within the run's resume cap
     for stage in ("ingest", "detect"):
         assert s["recovery_after_kill_s"][stage]["not_resumed"] == 0, s["recovery_after_kill_s"]
+    # and each restarted detect agent's first input taken is in its log, seconds after the kill (chaos.phases_since)
+    took = s["recovery_after_kill_s"]["detect_first_take"]
+    assert took["not_resumed"] == 0 and 0 < took["max"] < 180, s["recovery_after_kill_s"]
     # the cluster is ours and gone: nothing listens on its ports any more
     for port in (base, base + 2, base + 4):
         with socket.socket() as sock:
