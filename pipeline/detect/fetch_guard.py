@@ -34,13 +34,18 @@ the next commit moves past messages that were never given to an agent. Logged wi
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from pipeline.detect.input_ledger import InputLedger
+from pipeline.detect.startup import phase
 
 log = logging.getLogger(__name__)
+startup_log = logging.getLogger("trainwatch.startup")  # INFO shown at the CLI's default level (startup.py)
+SLOW_COMMIT_S = 2.0  # an offset commit longer than this is logged with where its time went
+STARTUP_COMMITS = 12  # the first commits of a process are logged with what the ledger held back (restart tracing)
 
 #: the warning each gap logs (benchmarks/chaos.py counts it in the worker's log)
 GAP_WARNING = "faust offset gap"
@@ -124,13 +129,21 @@ def commit_after_state(consumer: Any, producer: Callable[[], Any]) -> None:
     commit: Callable[[Any], Awaitable[bool]] = consumer._commit
 
     async def _commit(offsets: Any) -> bool:
-        p = producer()
+        t0, p = time.monotonic(), producer()
+        waiting = p.buffer.size
         # flush() returns after 0.1 s without a send: again until empty (while the buffer still sends: a producer
         # stopping at shutdown commits as faust would)
         while p.buffer.size and not p.buffer.should_stop:
             await p.buffer.flush()
+        t1 = time.monotonic()
         await p.flush()
-        return await commit(offsets)
+        t2 = time.monotonic()
+        ok = await commit(offsets)
+        if (took := time.monotonic() - t0) > SLOW_COMMIT_S:
+            log.warning("offset commit took %.1f s: %d table writes sent in %.1f s, producer flush %.1f s, "
+                        "commit %.1f s", took, waiting, t1 - t0, t2 - t1, time.monotonic() - t2)
+        phase("first-commit")
+        return ok
 
     consumer._commit = _commit
 
@@ -156,8 +169,17 @@ def track_inputs(consumer: Any, ledger: InputLedger) -> None:
         ledger.start(starts)
         return out
 
+    logged = 0
+
     async def _commit(offsets: Any) -> bool:
-        return await commit(ledger.cap(offsets))
+        nonlocal logged
+        capped = ledger.cap(offsets)
+        if logged < STARTUP_COMMITS:  # where a restart's first commits went (faust's offsets, and the ledger's cap)
+            logged += 1
+            held = {f"{tp.topic}[{tp.partition}]": f"{o}->{capped[tp]}" for tp, o in offsets.items() if capped[tp] < o}
+            startup_log.info("commit %d: %d partition(s), %d held back by the input ledger %s", logged, len(offsets),
+                             len(held), held)
+        return await commit(capped)
 
     consumer.perform_seek, consumer._commit = perform_seek, _commit
 
