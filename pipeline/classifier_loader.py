@@ -34,9 +34,11 @@ def _load_artifact(model_path: Path | str | None) -> WorkloadClassifier:
     # imported here: detectors.model_artifact imports scikit-learn and joblib (about a second at start)
     from detectors.model_artifact import load_artifact
 
-    est, _meta = load_artifact(None if model_path is None else Path(model_path))
+    est, meta = load_artifact(None if model_path is None else Path(model_path))
     if not callable(getattr(est, "predict", None)):
         raise ArtifactError(f"{model_path or 'packaged artifact'}: {type(est).__name__} is not a workload classifier")
+    if meta.model_sha256:  # the model by content: the detect engine keeps its verdicts across restarts under it
+        est.memo_id = f"sha256:{meta.model_sha256}"
     return est
 
 

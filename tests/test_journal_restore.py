@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+from detectors.classifier_base import RuleClassifier
 from detectors.engine import DetectEngine
 from detectors.snapshot import from_split, split
 from pipeline.detect.tables import MemoryTable, StageTables
@@ -59,6 +60,54 @@ def test_a_restored_engine_re_decides_a_correction_of_a_window_applied_before_th
         # The journal itself survives: a second restart right after the first re-decides the same way.
         again = _restored(eng)
         assert split(again) == split(eng)
+
+
+class _Counting(RuleClassifier):
+    """The rule, counting its verdicts; `memo_id` as a loaded artifact has one (its sha256), or none."""
+
+    def __init__(self, memo_id: str | None) -> None:
+        super().__init__()
+        self.calls = 0
+        if memo_id:
+            self.memo_id = memo_id
+
+    def predict(self, history):
+        self.calls += 1
+        return super().predict(history)
+
+
+def _stream_counting(memo_id: str | None, restart_at: int = 5) -> tuple[DetectEngine, list[Detection], int]:
+    """`_stream` with a classifier that counts, restored at `restart_at` with a fresh one (a new process): the
+    verdicts the restored engine asked for (the correction at window 5 rebuilds the journal from its base)."""
+    eng = DetectEngine(demo(), _Counting(memo_id))
+    out = eng.on_cip(cip("acct-c")) + eng.on_cip(cip("acct-o"))
+    after = _Counting(memo_id)
+    for i in range(9):
+        if i == restart_at:
+            shared, parts = split(eng)
+            eng = from_split(json.loads(json.dumps(shared)), json.loads(json.dumps(parts)), demo(), after)
+        w = window("wl-c", "acct-c", i, flop=3e17)
+        out += feed(eng, [_half(w) if i == 3 else w, window("wl-o", "acct-o", i, flop=1e16)])
+        if i == 4:
+            out += eng.on_allocation(alloc("acct-c", "reserved", T0 + i * W + W, reserved_until=T0 + 7200))
+            out += eng.on_cip(cip("acct-o", updated_at=T0 + i))
+        if i == 5:
+            out += feed(eng, [window("wl-c", "acct-c", 3, flop=3e17)])
+    return eng, out, after.calls
+
+
+def test_a_restored_journal_keeps_its_verdicts_and_a_rebuild_does_not_classify_its_inputs_again():
+    """The first correction after a restart rebuilds the journal from its base, applying its inputs again; with a
+    model that has a content id, their verdicts come from the journal (a restart's first batch spent up to 8.5 of
+    9.7 s classifying them again in the chaos run), and the outcome is the same as classifying them."""
+    never, never_dets = _stream(None)
+    kept, kept_dets, kept_calls = _stream_counting("sha256:test-model")
+    redone, redone_dets, redone_calls = _stream_counting(None)
+    assert kept.redecided["corrections"] == redone.redecided["corrections"] == 1
+    assert _dump(kept_dets) == _dump(redone_dets) == _dump(never_dets)
+    assert kept.to_dict() == redone.to_dict() == never.to_dict()
+    # the rebuild replays acct-c's windows 0-2 (before the corrected one) from the journal's verdicts: 14 -> 11
+    assert redone_calls - kept_calls == 3, (kept_calls, redone_calls)
 
 
 def test_a_restored_engine_restored_again_before_the_journal_is_rebuilt_keeps_it():
