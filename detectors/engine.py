@@ -654,8 +654,9 @@ class DetectEngine:
             step.expired = [(int(at), str(rid)) for at, rid in sd.get("ex", [])]
             # its verdicts into the memo: a rebuild of the journal (the first correction after a restart) applies
             # these inputs again, and classifying them took most of a restart's first batch (up to 8.5 of 9.7 s)
-            step.verdicts = {bytes.fromhex(k): self._remember(bytes.fromhex(k), Verdict.from_dict(v))
-                             for k, v in sd.get("vd", {}).items()}
+            for k, v in sd.get("vd", {}).items():
+                key = bytes.fromhex(k)
+                step.verdicts[key] = self._remember(key, Verdict.from_dict(v))
             steps.append(step)
         if steps:
             self._journal[aid] = steps

@@ -18,27 +18,33 @@ from tests.detector_builders import T0, W, alloc, cip, demo, window
 from tests.test_detectors_engine import _half, feed
 
 
-def _restored(eng: DetectEngine) -> DetectEngine:
+def _restored(eng: DetectEngine, classifier: RuleClassifier | None = None) -> DetectEngine:
     """The engine as a restart finds it: its split state through JSON (the changelog's bytes) and back."""
     shared, parts = split(eng)
     shared, parts = json.loads(json.dumps(shared)), json.loads(json.dumps(parts))
-    return from_split(shared, parts, demo())
+    return from_split(shared, parts, demo(), classifier)
 
 
 def _dump(dets: list[Detection]) -> list[dict]:
     return [d.model_dump(mode="json") for d in dets]
 
 
-def _stream(restart_at: int | None, late: int = 3, n: int = 9) -> tuple[DetectEngine, list[Detection]]:
+Classifiers = tuple[RuleClassifier, RuleClassifier]
+
+
+def _stream(restart_at: int | None, late: int = 3, n: int = 9,
+            classifiers: Classifiers | None = None) -> tuple[DetectEngine, list[Detection]]:
     """Account acct-c (foreign) runs n windows of 3e17 (crossing T inside window 3); window `late` first comes
     half-merged and its rest two windows later, with an allocation of acct-c and a CIP update of acct-o between.
     With `restart_at`, the engine is restored from its split state before window `restart_at` (after the partial
-    window was applied: its correction then needs the journal from before the restart)."""
-    eng = DetectEngine(demo())
+    window was applied: its correction then needs the journal from before the restart). `classifiers`: the
+    engine's before and after the restart (default: the rule)."""
+    before, after = classifiers or (None, None)
+    eng = DetectEngine(demo(), before)
     out = eng.on_cip(cip("acct-c")) + eng.on_cip(cip("acct-o"))
     for i in range(n):
         if i == restart_at:
-            eng = _restored(eng)
+            eng = _restored(eng, after)
         w = window("wl-c", "acct-c", i, flop=3e17)
         out += feed(eng, [_half(w) if i == late else w, window("wl-o", "acct-o", i, flop=1e16)])
         if i == late + 1:
@@ -76,23 +82,11 @@ class _Counting(RuleClassifier):
         return super().predict(history)
 
 
-def _stream_counting(memo_id: str | None, restart_at: int = 5) -> tuple[DetectEngine, list[Detection], int]:
-    """`_stream` with a classifier that counts, restored at `restart_at` with a fresh one (a new process): the
-    verdicts the restored engine asked for (the correction at window 5 rebuilds the journal from its base)."""
-    eng = DetectEngine(demo(), _Counting(memo_id))
-    out = eng.on_cip(cip("acct-c")) + eng.on_cip(cip("acct-o"))
+def _stream_counting(memo_id: str | None) -> tuple[DetectEngine, list[Detection], int]:
+    """`_stream` restored at window 5 with a fresh counting classifier (a new process): the verdicts the restored
+    engine asked for (the correction at window 5 rebuilds the journal from its base)."""
     after = _Counting(memo_id)
-    for i in range(9):
-        if i == restart_at:
-            shared, parts = split(eng)
-            eng = from_split(json.loads(json.dumps(shared)), json.loads(json.dumps(parts)), demo(), after)
-        w = window("wl-c", "acct-c", i, flop=3e17)
-        out += feed(eng, [_half(w) if i == 3 else w, window("wl-o", "acct-o", i, flop=1e16)])
-        if i == 4:
-            out += eng.on_allocation(alloc("acct-c", "reserved", T0 + i * W + W, reserved_until=T0 + 7200))
-            out += eng.on_cip(cip("acct-o", updated_at=T0 + i))
-        if i == 5:
-            out += feed(eng, [window("wl-c", "acct-c", 3, flop=3e17)])
+    eng, out = _stream(5, classifiers=(_Counting(memo_id), after))
     return eng, out, after.calls
 
 
