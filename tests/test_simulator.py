@@ -201,6 +201,43 @@ def test_serving_is_diurnal_and_lora_shows_low_utilisation() -> None:
     assert 0.18 < lc["power_w"].mean() / 400.0 < 0.3
 
 
+def _job(arch: str, gpus: int, family: str = "hopper-cloud", **params: float) -> Workload:
+    return Workload(0, "wl", "job", "run", 0, arch, "H100", [0], gpus, T0, T0 + 86_400, 10.0, "bf16", True, None,
+                    0.3, 0.4, 7, source_family=family, params=dict(params))
+
+
+def test_realism_low_load_serving_single_gpu_training_and_idle_clocks() -> None:
+    """Issue 14's overlaps: serving at low load sits where input-bound training does (utilisation 5-30 %, memory
+    mostly free, low power); a job on one GPU of a node has no NVLink peer; an idle GPU may hold its clock."""
+    t = T0 + np.arange(0, 6 * 3600, 10.0)
+    srv = render(_job("serving", 1, variant="low_load"), t, np.random.default_rng(0), 700.0, 80.0, 3200.0)
+    assert 3.0 < srv["gpu_util"].mean() < 30.0
+    assert srv["fb_used_mib"].mean() / (80.0 * 1024) < 0.4
+    assert srv["power_w"].mean() / 700.0 < 0.3
+    assert srv["tensor_active"].mean() < 0.05  # decode of a few requests: little matrix math
+    one = render(_job("finetune_full", 1), t, np.random.default_rng(0), 700.0, 80.0, 3200.0)
+    eight = render(_job("finetune_full", 8), t, np.random.default_rng(0), 700.0, 80.0, 3200.0)
+    assert one["nvlink_tx_bytes"].max() == 0 and eight["nvlink_tx_bytes"].mean() > 1e9
+    assert one["gpu_util"].mean() == pytest.approx(eight["gpu_util"][:: 8].mean(), rel=0.05)  # the work is the same
+    # the idle clock is the node's (application clocks held or not), drawn per job whatever its class
+    held = []
+    for key in range(40):
+        w = _job("idle_reserved", 8)
+        w.sync_key = key
+        clk = render(w, t[:10], np.random.default_rng(0), 700.0, 80.0, 3200.0)["sm_clock_mhz"]
+        held.append(bool(clk.min() > 0.5 * 1980))
+    assert 0.2 < np.mean(held) < 0.8
+    default = _job("idle_reserved", 8, family="default")
+    assert render(default, t[:10], np.random.default_rng(0), 700.0, 80.0, 3200.0)["sm_clock_mhz"].max() < 400
+
+
+def test_random_mix_gives_training_1_to_8_gpus_per_node_and_every_serving_variant() -> None:
+    sc = build("eval", 11, scale=3.0)
+    gpus = {w.gpus_per_node for w in sc.workloads if w.archetype in ("finetune_full", "diffusion_train")}
+    assert {1, 2, 4, 8} <= gpus
+    assert {w.variant for w in sc.workloads if w.archetype == "serving"} == {None, "busy_flat", "low_load"}
+
+
 def test_shares_of_smi_nodes_and_malformed_messages_are_as_configured(tmp_path: Path) -> None:
     out = simulate("eval", tmp_path / "e", seed=1, scale=0.25, smi_share=0.5, malformed_share=0.02)
     m = orjson.loads((out / "manifest.json").read_bytes())

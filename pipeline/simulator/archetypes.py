@@ -98,7 +98,8 @@ def _train_like(w: Workload, t: np.ndarray, rng: np.random.Generator, n_dev: int
     act = np.clip(0.93 * busy + 0.02 * rng.standard_normal((n_t, n_dev)), 0.0, 1.0)
     multi = len(w.nodes) > 1
     net = (0.35 if multi else 0.002) * busy * (1.0 + 0.05 * rng.standard_normal((n_t, n_dev)))
-    nvl = 0.45 * busy * (1.0 + 0.05 * rng.standard_normal((n_t, n_dev)))
+    # all-reduce over NVLink needs a peer: a job on one GPU of a node has none (its draws are kept either way)
+    nvl = (0.45 if w.gpus_per_node > 1 else 0.0) * busy * (1.0 + 0.05 * rng.standard_normal((n_t, n_dev)))
     fb_level = w.params.get("fb", 0.85)
     if v in ("small_model", "input_bound"):
         fb_level = float(_wrng(w, 2).uniform(0.08, 0.5))  # small models and adapters leave most memory free
@@ -177,7 +178,17 @@ def serving(w: Workload, t: np.ndarray, rng: np.random.Generator, n_dev: int) ->
     ta = w.level * load * (1.0 + 0.03 * rng.standard_normal((n_t, n_dev)))
     act = np.clip(0.12 + 0.6 * load, 0.0, 1.0) * (1.0 + 0.03 * rng.standard_normal((n_t, n_dev)))
     fb = np.clip(w.params.get("fb", 0.55) + 0.25 * np.clip(load, 0, 1.2) / 1.2, 0.0, 0.97)
-    dram = np.clip(0.15 + 0.45 * load, 0.0, 1.0)  # decode is memory-bound
+    if w.variant == "low_load":
+        # A small model or few users (a benchmark, an internal endpoint): requests arrive now and then, each a short
+        # burst of decode kernels; the engine idles in between and a small model's KV cache leaves memory free.
+        # Utilisation 5-30 %, little tensor or DRAM work, low power: the region where input-bound training sits.
+        wr = _wrng(w, 6)
+        demand = float(wr.uniform(0.05, 0.35))
+        load = load * demand
+        ta = w.level * load * (1.0 + 0.03 * rng.standard_normal((n_t, n_dev)))
+        act = np.clip(0.01 + 0.6 * load * np.exp(0.4 * rng.standard_normal((n_t, n_dev))), 0.0, 1.0)
+        fb = float(wr.uniform(0.02, 0.3)) + 0.05 * np.clip(load, 0, 1.2)
+    dram = np.clip((0.005 if w.variant == "low_load" else 0.15) + 0.45 * load, 0.0, 1.0)  # decode is memory-bound
     nvl = (0.08 if g > 1 else 0.0) * load
     net = 0.004 * load
     util = np.clip(act * 1.15 + 0.03, 0.0, 1.0)
@@ -221,7 +232,7 @@ def mining(w: Workload, t: np.ndarray, rng: np.random.Generator, n_dev: int) -> 
 def idle_reserved(w: Workload, t: np.ndarray, rng: np.random.Generator, n_dev: int) -> Shapes:
     n_t = t.size
     z = np.zeros((n_t, n_dev))
-    fb = np.full((n_t, n_dev), 0.006)
+    fb = np.full((n_t, n_dev), w.params.get("fb", 0.006))
     return Shapes(z, z.copy(), z.copy(), z.copy(), z.copy(), fb, z.copy(), z.copy(), z.copy())
 
 
@@ -252,7 +263,7 @@ GENERATORS = {
 #: Mean power of a variant relative to its archetype's draw (builder.POWER_FRAC): input-bound training draws
 #: less, a saturated serving pool and training-like HPC more.
 _VARIANT_POWER = {"stalled": 0.8, "small_model": 0.75, "input_bound": 0.9, "busy_flat": 1.5, "memory_bound": 0.85,
-                  "training_like": 1.2}
+                  "training_like": 1.2, "low_load": 0.6}
 _NVLINK_BPS = 150e9  # per direction, per GPU, order of magnitude for NVLink 4 all-reduce traffic
 _PCIE_ONLY = ("L40S", "L4")
 
@@ -280,6 +291,9 @@ def render(w: Workload, t: np.ndarray, rng: np.random.Generator, tdp_w: float, m
     coupling = float(wr.uniform(0.15, 0.6)) if realism else 0.4
     base_frac = w.power_frac * _VARIANT_POWER.get(w.variant or "", 1.0)
     drift = 0.06 * hashed_normal(w.sync_key + 11, np.floor(t / 300.0).astype(np.int64))[:, None] if realism else 0.0
+    if realism and not s.pw.any():
+        # nothing runs: the part's idle draw with memory held (10-20 % of TDP; the real H200 idled at 17.6 %)
+        base_frac, coupling = float(_wrng(w, 7).uniform(0.1, 0.2)), 0.0
     pw = base_frac * ((1.0 - coupling) + coupling * s.pw / nominal) * (1.0 + drift) + 0.015 * noise
     power = np.clip(pw, 0.06, 1.02) * tdp_w
     sm_max, mem_clk = CLOCKS[w.model]
@@ -287,7 +301,10 @@ def render(w: Workload, t: np.ndarray, rng: np.random.Generator, tdp_w: float, m
     busy_clock = sm_max * clock_cap * (0.93 + 0.05 * np.clip(1.0 - pw, 0, 1))
     if realism:
         busy_clock = busy_clock * (1.0 + 0.02 * rng.standard_normal((n_t, n_dev)))
-    sm_clock = np.rint(np.where(act > 0.05, np.minimum(busy_clock, sm_max), sm_max * 0.17))
+    # An idle GPU drops to its idle clock, unless the node holds application clocks (persistence mode, a
+    # framework's context kept open): then it idles at its sustained clock whatever the job is (realism only).
+    idle_clock = sm_max * clock_cap if realism and float(wr.uniform()) < 0.5 else sm_max * 0.17
+    sm_clock = np.rint(np.where(act > 0.05, np.minimum(busy_clock, sm_max), idle_clock))
     ic_per_dev = interconnect_gbps * 1e9 / 8.0 / 8.0  # bytes/s of the node NIC per GPU
     sm_active = np.clip(act * (0.9 + 0.05 * noise), 0.0, 1.0)
     cols = {

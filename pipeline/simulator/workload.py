@@ -19,7 +19,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "finetune_full": ("stalled", "small_model"),
     "finetune_lora": ("input_bound",),
     "diffusion_train": ("stalled",),
-    "serving": ("busy_flat",),
+    "serving": ("busy_flat", "low_load"),
     "batch_inference": ("memory_bound",),
     "hpc_fp64": ("training_like",),
 }
@@ -66,12 +66,12 @@ class Workload:
             v = self.params["variant"]
             return None if v in (None, "", "base") else str(v)
         # Every other one of five consecutive jobs of an archetype (the random mix deals archetypes round robin),
-        # so each archetype gets its share whatever the seed; the variant among several by a hash of the job.
+        # so each archetype gets its share whatever the seed; of two variants, each takes one of the two slots.
         k = (self.index // len(ARCHETYPES)) % 5
         if k not in (1, 3):
             return None
         choices = VARIANTS[self.archetype]
-        return choices[int(np.random.default_rng([self.sync_key % (2**32), 0xA11]).integers(len(choices)))]
+        return choices[0] if k == 1 else choices[-1]
 
     @property
     def is_training(self) -> bool:
