@@ -166,11 +166,12 @@ def _var(xs: list[float]) -> float:
     return sum((x - mu) ** 2 for x in xs) / len(xs)
 
 
-def _synchrony(ws: WindowSums, name: str, scope: str, prof: list[float]) -> float | None:
+def _synchrony(ws: WindowSums, name: str, scope: str, prof: list[float], members: int) -> float | None:
     """var(workload-mean profile) / mean var(each device's or node's own profile): ~1 when they move together,
-    ~1/N when independent. None when undefined (too few buckets, or no variation at all)."""
+    ~1/N when independent. None when undefined (too few buckets, no variation at all, or one device / node: its
+    profile is the mean's, 1.0 by construction, which would read as lockstep from no evidence, issue 14)."""
     total, n = ws.spread[(name, scope)]
-    if n <= 0 or len(prof) < 2:
+    if n <= 0 or len(prof) < 2 or members < 2:
         return None
     within = total / n
     if within <= 1e-12:
@@ -213,8 +214,8 @@ def window_features(raw_sums: dict[str, float], device_count: int, node_count: i
         f[f"mean_{name}"], f[f"std_{name}"] = mean, std
     for name, field_ in _SYNC:
         prof = sums.profiles[field_]
-        f[f"sync_devices_{name}"] = _synchrony(sums, field_, "dev", prof)
-        f[f"sync_nodes_{name}"] = _synchrony(sums, field_, "node", prof)
+        f[f"sync_devices_{name}"] = _synchrony(sums, field_, "dev", prof, device_count)
+        f[f"sync_nodes_{name}"] = _synchrony(sums, field_, "node", prof, node_count)
         if len(prof) >= 2:
             mu = sum(prof) / len(prof)
             f[f"profile_cv_{name}"] = math.sqrt(_var(prof)) / mu if mu > 1e-12 else None

@@ -52,6 +52,15 @@ def test_synchrony_is_near_one_for_lockstep_devices_and_near_one_over_n_for_inde
     assert sync["sync_devices_power"] == pytest.approx(1.0, abs=0.05)
 
 
+def test_synchrony_of_a_lone_device_or_node_is_missing_not_lockstep() -> None:
+    one = merged(synth.WorkloadSpec("wl", nodes=1, gpus_per_node=1, synchronous=False))
+    node = merged(synth.WorkloadSpec("wl", nodes=1, gpus_per_node=4, synchronous=False))
+    for name in ("tensor", "util", "power"):
+        assert one[f"sync_devices_{name}"] is None and one[f"sync_nodes_{name}"] is None, name
+        assert node[f"sync_nodes_{name}"] is None and node[f"sync_devices_{name}"] is not None, name
+    assert node["sync_devices_tensor"] < 0.5  # four independent devices: ~1/4
+
+
 def test_smi_only_input_gives_none_for_tensor_features_not_zero() -> None:
     f = merged(synth.WorkloadSpec("wl", smi_only=True))
     for name in ("mean_tensor", "std_tensor", "sync_devices_tensor", "sync_nodes_tensor", "profile_cv_tensor",
