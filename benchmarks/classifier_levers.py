@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.classifier_heldout import RESULTS, _commit
+from detectors.classifier import SAMPLING_FEATURES
 from pipeline.model_eval import _fold_plan, binary_metrics
 from pipeline.model_train import (
     GBM,
@@ -59,6 +60,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "fit_seed1": {"random_state": 1},  # the fit's own seed (masked-field copies, reference rows, guard sample)
     "fit_seed2": {"random_state": 2},
     "base_young": {YOUNG: True},
+    # issue 14's sampling lever (2026-12-05 it was patched in; now a model parameter): the per-window statistics
+    # that depend on samples per window dropped, and with them power per utilisation
+    "sampling_free": {"drop_features": SAMPLING_FEATURES},
+    "sampling_free_no_ppu": {"drop_features": (*SAMPLING_FEATURES, "power_per_util")},
+    "profile_sync_free": {"drop_features": tuple(f for f in SAMPLING_FEATURES if not f.startswith("std_"))},
     "leaves7_min80_young": {f"{GBM}max_leaf_nodes": 7, f"{GBM}min_samples_leaf": 80, YOUNG: True},
 }
 KNN_SCALES = (0.727, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)

@@ -129,6 +129,17 @@ DEVICE_SCALE = frozenset(("scale_devices", "scale_nodes", "scale_log_device_seco
                           "devices_per_node"))
 
 
+#: Per-window statistics whose value depends on how many samples a window holds (issue 14, leave-one-family-out): at
+#: one sample per device per window (a provider sampling every 30-60 s) a within-window std is the spread between
+#: devices, the sub-window profile (sync, cv, lag-1 autocorrelation) is missing, at 1 s it is the work's burstiness.
+#: They carry the provider's sampling interval as much as the work, so a model reading them learns the provider.
+SAMPLING_FEATURES = (
+    *(f"std_{m}" for m in ("tensor", "sm", "sm_occupancy", "dram", "gr_engine", "gpu_util", "mem_copy_util", "power",
+                           "fb_used", "sm_clock", "mem_clock")),
+    *(f"sync_{s}_{m}" for s in ("devices", "nodes") for m in ("tensor", "util", "power")),
+    *(f"profile_{s}_{m}" for s in ("cv", "ac1") for m in ("tensor", "util", "power")),
+)
+
 #: nvidia-smi-level metric groups, by the tokens of the per-window features built from them (first match wins, so
 #: `power_per_util` is power and `mem_copy_util` is not utilisation). A group the training data always carries and
 #: a history lacks is filled in from reference rows (both classes) rather than read as evidence.
@@ -221,13 +232,15 @@ def _trends(wm: np.ndarray, cnt: np.ndarray) -> np.ndarray:
 class HistoryFeaturizer(BaseEstimator):
     """Turns window histories into a fixed feature matrix. fit learns the per-window feature names."""
 
-    def __init__(self, history_k: int = 5, derived: bool = True, device_scale: bool = True):
+    def __init__(self, history_k: int = 5, derived: bool = True, device_scale: bool = True,
+                 drop: tuple[str, ...] = ()):
         self.history_k = history_k
         self.derived = derived
         self.device_scale = device_scale
+        self.drop = drop
 
     def _dropped(self, name: str) -> bool:
-        return not getattr(self, "device_scale", True) and name in DEVICE_SCALE
+        return (not getattr(self, "device_scale", True) and name in DEVICE_SCALE) or name in getattr(self, "drop", ())
 
     def fit(self, histories: Sequence[Sequence[Any]], y: Any = None) -> HistoryFeaturizer:
         names: set[str] = set()
@@ -238,7 +251,8 @@ class HistoryFeaturizer(BaseEstimator):
                             and not self._dropped(k):
                         names.add(k)
         # derived ratios whose parts the data carries (their tier follows their name, like any feature)
-        self.derived_ = {d: spec for d, spec in DERIVED.items() if self.derived and {spec[0], spec[1]} <= names}
+        self.derived_ = {d: spec for d, spec in DERIVED.items()
+                         if self.derived and {spec[0], spec[1]} <= names and not self._dropped(d)}
         names.update(self.derived_)
         self.window_features_ = tuple(sorted(names))
         cols: list[str] = [f"{f}__{s}" for f in self.window_features_ for s in STATS]
@@ -353,8 +367,9 @@ def _lower_threshold(p: np.ndarray, y: np.ndarray, target: float, min_calls: int
 
 
 def default_gbm(random_state: int | None = 0) -> HistGradientBoostingClassifier:
-    """The shipped boosting settings (model card): 150 iterations, 15 leaves, min 40 per leaf, L2 1.0, missing
-    values native. No early stopping: it would hold out a random validation split, ignoring the source families."""
+    """The base boosting settings: 150 iterations, 15 leaves, min 40 per leaf, L2 1.0, missing values native (the
+    shipped model overrides some: pipeline/model_train.py DEFAULT_PARAMS). No early stopping: it would hold out a
+    random validation split, ignoring the source families."""
     return HistGradientBoostingClassifier(max_iter=150, learning_rate=0.08, max_leaf_nodes=15, min_samples_leaf=40,
                                           l2_regularization=1.0, max_features=1.0, early_stopping=False,
                                           random_state=random_state)
@@ -613,6 +628,7 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         augment_copies: int = 1,
         n_reference: int = 48,
         device_scale: bool = True,
+        drop_features: tuple[str, ...] = (),
         top_k: int = 5,
         random_state: int = 0,
         model_id: str = "trainwatch-workload-gbm",
@@ -624,6 +640,7 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         self.augment_copies = augment_copies
         self.n_reference = n_reference
         self.device_scale = device_scale
+        self.drop_features = drop_features
         self.top_k = top_k
         self.random_state = random_state
         self.model_id = model_id
@@ -741,7 +758,8 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
     def _fit(self, histories: Sequence[Sequence[Any]], y: Sequence[int], groups: Sequence[Any] | None = None):
         y_arr = np.asarray(y, dtype=int)
         g = np.asarray(groups if groups is not None else np.arange(len(y_arr)))
-        self.featurizer_ = HistoryFeaturizer(self.history_k, self.derived, self.device_scale).fit(histories)
+        self.featurizer_ = HistoryFeaturizer(self.history_k, self.derived, self.device_scale,
+                                             tuple(self.drop_features)).fit(histories)
         X = self.featurizer_.transform(histories)
         self.classes_ = np.array([0, 1])
         self.n_features_in_ = X.shape[1]

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import sklearn
 
-from detectors.classifier import STATS, GbmWorkloadClassifier, HistoryFeaturizer, TierModel, default_gbm, feature_tier
+from detectors.classifier import (
+    SAMPLING_FEATURES,
+    STATS,
+    GbmWorkloadClassifier,
+    HistoryFeaturizer,
+    TierModel,
+    default_gbm,
+    feature_tier,
+)
 from detectors.classifier_base import Verdict, WorkloadClassifier
 from detectors.model_artifact import ARTIFACT_FORMAT, SIDECAR_FILE, ArtifactMeta, load_artifact, save_artifact
 from schemas.errors import ArtifactError
@@ -107,6 +115,23 @@ def test_derived_ratios_follow_their_parts():
     assert feature_tier("dram_per_gr_engine") == "dcgm"
     assert feature_tier("fb_used_cv") == feature_tier("power_per_util") == "smi"
     assert HistoryFeaturizer(history_k=5, derived=False).fit([hist]).derived_ == {}
+
+
+def test_dropped_features_never_reach_the_model_nor_do_ratios_built_from_them():
+    feats = [{"mean_power": 0.5, "mean_gpu_util": 0.6, "std_gpu_util": 0.1, "profile_cv_util": 0.3,
+              "mean_fb_used": 0.4, "std_fb_used": 0.01} for _ in range(3)]
+    hist = [_window(i, f) for i, f in enumerate(feats)]
+    kept = HistoryFeaturizer(history_k=5).fit([hist])
+    assert {"std_gpu_util", "profile_cv_util", "fb_used_cv", "power_per_util"} <= set(kept.window_features_)
+    f = HistoryFeaturizer(history_k=5, drop=(*SAMPLING_FEATURES, "power_per_util")).fit([hist])
+    assert not {"std_gpu_util", "profile_cv_util", "std_fb_used", "fb_used_cv", "power_per_util"} & set(
+        f.window_features_)
+    assert {"mean_gpu_util", "mean_power", "mean_fb_used"} <= set(f.window_features_)
+    assert f.transform([hist]).shape[1] == len(f.feature_names_out_)
+    model = small_model(max_iter=5, min_samples_leaf=5, cv_folds=2).set_params(drop_features=("std_gpu_util",))
+    H = [[_window(i, {**feats[0], "mean_gpu_util": 0.3 + 0.5 * (k % 2)}) for i in range(3)] for k in range(40)]
+    model.fit(H, np.arange(40) % 2, np.arange(40) % 3)
+    assert not any(n.startswith("std_gpu_util__") for n in model.featurizer_.feature_names_out_)
 
 
 def test_hiding_a_metric_hides_the_ratios_built_from_it():
