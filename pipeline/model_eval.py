@@ -158,8 +158,8 @@ def loso_simulated(ds: Dataset, params: dict[str, Any] | None = None, max_folds:
 
 #: Families held out whole to test the abstention: the realism variants (pipeline/simulator/workload.py VARIANTS)
 #: and one archetype each side that nothing else resembles closely.
-HELDOUT_FAMILIES = ("finetune_lora:input_bound", "pretrain:stalled", "serving:busy_flat", "hpc_fp64:training_like",
-                    "batch_inference:memory_bound", "mining", "finetune_lora")
+HELDOUT_FAMILIES = ("finetune_lora:input_bound", "pretrain:stalled", "serving:busy_flat", "serving:low_load",
+                    "hpc_fp64:training_like", "batch_inference:memory_bound", "mining", "finetune_lora")
 
 
 def _outcomes(y: np.ndarray, a: list[dict[str, Any]]) -> dict[str, Any]:

