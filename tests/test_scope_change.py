@@ -201,7 +201,11 @@ def test_demo_scope_change_is_detected_quickly_without_false_alarms(demo_scored:
     assert row["kind"] == "scope_change"
     assert row["delay_s"] is not None and 0 <= row["delay_s"] <= (P.dwell + 2) * W
     assert abs(row["dating_error_s"]) <= 2 * W
-    assert "training-like" in row["what"] and "devices" in row["what"]
+    # explained by the grown devices and by the P move or the compute rate: under classifier 6.0 the new pretraining
+    # run reads P 0.80-0.82 in its 2nd-3rd windows, so the account's device-weighted P at confirmation is ~0.72,
+    # under the 0.8 band, and the P move is not part of the change (5.2 read it higher)
+    assert "devices" in row["what"]
+    assert "training-like" in row["what"] or "flop_per_s" in row["what"]
     assert row["false_alarms"] == 0 and "reservation_outgrew_use" in row["reasons"]
     steady = [a for a, r in demo_scored["per_account"].items() if r["kind"] == "no_training"]
     assert steady and demo_scored["false_alarms"]["n"] == 0
