@@ -84,7 +84,7 @@ def fold_rows(ds: Dataset, params: dict[str, Any], prefixes: tuple[list[Any], np
         test = np.isin(ds.groups, held)
         train = ds.subset(~test) if train_ds is None else train_ds.subset(~np.isin(train_ds.groups, held))
         t0 = time.perf_counter()
-        model = build_model(params).fit(train.histories, train.y, train.groups)
+        model = build_model(params).fit(train.histories, train.y, train.groups, train.archetypes)
         if young and prefixes is not None and family is not None:
             H, yp, wl = prefixes
             keep = np.array([family.get(str(w)) not in held for w in wl])
@@ -198,7 +198,8 @@ def young_training_precision(params: dict[str, Any], fit_seed: int, seeds: tuple
     not_training, hold back a 1-2-window run's training call?"""
     entries, truth = _entries(fit_seed, scale, cache)
     ds = dataset_from_entries(entries, truth, "", fit_seed, HISTORIES_PER_WORKLOAD)
-    model = build_model({k: v for k, v in params.items() if k != YOUNG}).fit(ds.histories, ds.y, ds.groups)
+    model = build_model({k: v for k, v in params.items() if k != YOUNG})
+    model.fit(ds.histories, ds.y, ds.groups, ds.archetypes)
     out: dict[str, Any] = {}
     for seed in seeds:
         e, t = _entries(seed, scale, cache)

@@ -49,6 +49,7 @@ from threadpoolctl import ThreadpoolController
 from detectors.catalog import load_catalog
 from detectors.classifier_base import Verdict
 from detectors.fields import field_of as _attr
+from detectors.kind_support import KindSupport
 from detectors.state import combine_verdicts
 from detectors.windows import UNIT_FEATURES
 
@@ -114,6 +115,9 @@ NOT_TRAINING_TARGET = 0.99
 #: (reason `short_history`), never confidently not_training. A model never measured so (fit alone) has no such rule:
 #: `train_and_save` measures it on the training seed's runs, so the shipped artifact always carries it.
 SHORT_HISTORY = "short_history"
+#: A confident call that leaves its band when one kind of work is left out of training, for a run unlike that kind
+#: (detectors/kind_support.py); the kinds are named in `out_features` as "kind:<name>".
+UNLIKE_KIND = "rests_on_unlike_kind"
 #: Young runs' P (issue 14: "missing information is never evidence"): the tiers' calibration was fitted on whole
 #: histories, so on a run's first windows P is not calibrated (version 5.1's smi tier read a new 32-GPU pretraining
 #: run P 0.000 on its first window, which delayed the change-in-scope call). `fit_young` fits per tier and history
@@ -610,8 +614,11 @@ def _openmp() -> ThreadpoolController:
 class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
     """Tiered, calibrated classifier over window histories; implements the WorkloadClassifier protocol.
 
-    fit(histories, y, groups): `histories` is a sequence of window sequences (oldest first), `y` 1 = training,
-    `groups` the source each history came from (a whole group is held out per calibration fold).
+    fit(histories, y, groups, kinds): `histories` is a sequence of window sequences (oldest first), `y` 1 =
+    training, `groups` the source each history came from (a whole group is held out per calibration fold), `kinds`
+    (optional) the kind of work each is (e.g. "serving:low_load"): with it and `kind_quantile`, each tier also
+    fits a `KindSupport`, and a confident call in `kind_bands` that rests on a kind the run is unlike becomes
+    uncertain (default: not_training only; on training calls it cost the leave-one-family-out F1 0.951 -> 0.911).
 
     `estimator` is the per-tier model, cloned once per tier (as `CalibratedClassifierCV(estimator=...)` does): a
     `TierModel` (its calibration and band settings and its own inner classifier), or a bare scikit-learn classifier
@@ -629,6 +636,8 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         n_reference: int = 48,
         device_scale: bool = True,
         drop_features: tuple[str, ...] = (),
+        kind_quantile: float | None = 0.95,
+        kind_bands: tuple[str, ...] = ("not_training",),
         top_k: int = 5,
         random_state: int = 0,
         model_id: str = "trainwatch-workload-gbm",
@@ -641,6 +650,8 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         self.n_reference = n_reference
         self.device_scale = device_scale
         self.drop_features = drop_features
+        self.kind_quantile = kind_quantile
+        self.kind_bands = kind_bands
         self.top_k = top_k
         self.random_state = random_state
         self.model_id = model_id
@@ -749,15 +760,18 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
                     out[r, metric_cols[m]] = np.nan
         return out
 
-    def fit(self, histories: Sequence[Sequence[Any]], y: Sequence[int], groups: Sequence[Any] | None = None):
+    def fit(self, histories: Sequence[Sequence[Any]], y: Sequence[int], groups: Sequence[Any] | None = None,
+            kinds: Sequence[str] | None = None):
         # One OpenMP thread: on a shared, busy host the thread team's spin-waits made fitting ~20x slower
         # (cProfile: 130 s of 216 s in the grower's split loop for 350 histories); the trees are small.
         with _openmp().limit(limits=1, user_api="openmp"):
-            return self._fit(histories, y, groups)
+            return self._fit(histories, y, groups, kinds)
 
-    def _fit(self, histories: Sequence[Sequence[Any]], y: Sequence[int], groups: Sequence[Any] | None = None):
+    def _fit(self, histories: Sequence[Sequence[Any]], y: Sequence[int], groups: Sequence[Any] | None = None,
+             kinds: Sequence[str] | None = None):
         y_arr = np.asarray(y, dtype=int)
         g = np.asarray(groups if groups is not None else np.arange(len(y_arr)))
+        kd = None if kinds is None else np.asarray(kinds).astype(str)
         self.featurizer_ = HistoryFeaturizer(self.history_k, self.derived, self.device_scale,
                                              tuple(self.drop_features)).fit(histories)
         X = self.featurizer_.transform(histories)
@@ -784,6 +798,17 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         tier_rows["smi"] = (Xs, y_arr, g)
         self.tiers_["smi"] = self._tier_model().fit(Xs, y_arr, g)
         self._fit_abstention(tier_rows, rng)
+        self.supports_: dict[str, KindSupport] = {}
+        if kd is not None and self.kind_quantile is not None:
+            # members on the tier's own rows (masked copies too); conformity on the histories as they were
+            kinds_of = {"full": (np.tile(kd[has_dcgm], 1 + self.augment_copies), int(has_dcgm.sum())),
+                        "smi": (kd, len(kd))}
+            for t, (Xt, yt, gt) in tier_rows.items():
+                kt, n0 = kinds_of[t]
+                classes = tuple(int(b == "training") for b in self.kind_bands)
+                self.supports_[t] = KindSupport(quantile=self.kind_quantile, classes=classes,
+                                                random_state=self.random_state).fit(
+                    self.tiers_[t], Xt, yt, kt, self.guards_[t]._z(Xt[:n0]), kt[:n0], gt[:n0])
         return self
 
     def _fit_abstention(self, tier_rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
@@ -886,6 +911,7 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
             ood, ood_names, _ = guard.check(Xt) if guard is not None else (np.zeros(len(rows), bool), [()] * len(rows),
                                                                           None)
             act, core = self._has_activity(Xt), self._has_smi_core(Xt)
+            support = getattr(self, "supports_", {}).get(t)  # an artifact before 6.1 has none
             for j, r in enumerate(rows):
                 alt = variants[r] if variants is not None else None
                 Xv = self._tier_input(alt, t) if alt is not None and len(alt) else Xt[j : j + 1]
@@ -936,10 +962,27 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
                     band = "uncertain"
                 out.append({"row": int(r), "p": p, "p_low": lo, "p_high": hi, "band": band, "tier": t,
                             "reasons": tuple(dict.fromkeys(reasons)) if band == "uncertain" else (),
-                            "missing": tuple(missing), "out_features": tuple(names_out) if is_ood else (),
+                            "missing": tuple(missing),
+                            "out_features": tuple(names_out) if is_ood else (),
                             "in_distribution": not is_ood})
+            if support is not None and guard is not None:
+                self._withdraw_unlike(out[len(out) - len(rows) :], Xt, support, m, guard)
         out.sort(key=lambda d: d["row"])
         return out
+
+    def _withdraw_unlike(self, entries: list[dict[str, Any]], Xt: np.ndarray, support: KindSupport, tier: TierModel,
+                         guard: OodGuard) -> None:
+        """A confident call in `kind_bands` (asymmetric stakes: by default not_training only) that rests on a kind
+        of work the run is unlike becomes uncertain, the kinds named (detectors/kind_support.py). `entries` are
+        the tier's verdicts in the order of its input rows `Xt`."""
+        pick = [j for j, d in enumerate(entries) if d["band"] in self.kind_bands]
+        if not pick:
+            return
+        bands = [entries[j]["band"] for j in pick]
+        for j, kinds in zip(pick, support.unlike_rows(tier, bands, Xt[pick], guard._z(Xt[pick])), strict=True):
+            if kinds:
+                entries[j].update(band="uncertain", reasons=(UNLIKE_KIND,),
+                                  out_features=tuple(f"kind:{k}" for k in kinds))
 
     def score_matrix(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(calibrated P(training), band, tier) for a feature matrix (abstention included)."""

@@ -37,6 +37,7 @@ REASONS = (
     "mixed_phases",  # parts of the run disagree (some training-like, some not)
     "between_bands",  # calibrated P between the confident thresholds
     "short_history",  # a run's first windows, fewer than its tier was measured to need for a not_training call
+    "rests_on_unlike_kind",  # the call leaves its band without one kind of work, and the run is unlike that kind
 )
 
 

@@ -138,7 +138,7 @@ def loso_simulated(ds: Dataset, params: dict[str, Any] | None = None, max_folds:
         train = ds.subset(~test)
         if len(set(train.y.tolist())) < 2:
             continue
-        model = build_model(params).fit(train.histories, train.y, train.groups)
+        model = build_model(params).fit(train.histories, train.y, train.groups, train.archetypes)
         X = model.featurizer_.transform([ds.histories[i] for i in np.flatnonzero(test)])
         p, b, t = model.score_matrix(X)
         p_full[test], b_full[test], t_full[test] = p, b, t
@@ -184,7 +184,7 @@ def heldout_families(train: Dataset, test: Dataset, families: tuple[str, ...] = 
         te_m = test.archetypes == fam
         if not te_m.any() or len(set(tr.y.tolist())) < 2:
             continue
-        model = build_model(params).fit(tr.histories, tr.y, tr.groups)
+        model = build_model(params).fit(tr.histories, tr.y, tr.groups, tr.archetypes)
         f = model.featurizer_
         X = f.transform([test.histories[i] for i in np.flatnonzero(te_m)])
         Xs = _smi_view(model, X)
