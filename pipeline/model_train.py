@@ -76,7 +76,7 @@ TRAIN_SCENARIO: dict[str, Any] = {"scale": 3.0}
 #: The account a window without one is filed under (the engine drops unattributed windows).
 UNATTRIBUTED = "unattributed"
 MODEL_ID = "trainwatch-workload-gbm"
-MODEL_VERSION = "6.0"  # 6.0: the realism-6 simulator (issue 14), lone-device synchrony missing, 7 leaves / min 80
+MODEL_VERSION = "6.1"  # 6.1: kind support (a not_training call must not rest on a kind the run is unlike)
 #: Fields written as whole numbers by the simulator's line writer (MiB, MHz, bytes, mJ).
 _INT_FIELDS = frozenset(("fb_used_mib", "fb_free_mib", "sm_clock_mhz", "mem_clock_mhz", "pcie_tx_bytes",
                          "pcie_rx_bytes", "nvlink_tx_bytes", "nvlink_rx_bytes", "net_tx_bytes", "net_rx_bytes",
@@ -396,7 +396,7 @@ def build_model(params: dict[str, Any] | None = None) -> GbmWorkloadClassifier:
 
 
 def train_model(ds: Dataset, params: dict[str, Any] | None = None) -> GbmWorkloadClassifier:
-    return build_model(params).fit(ds.histories, ds.y, ds.groups)
+    return build_model(params).fit(ds.histories, ds.y, ds.groups, ds.archetypes)
 
 
 def train_and_save(
