@@ -7,10 +7,12 @@ dead_letters. `all` runs ingest and the sink in threads beside the faust worker 
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -76,6 +78,8 @@ def register(app: typer.Typer) -> None:
             from pipeline.faults import store_down_while
 
             store_down_while(fault_store_down_file)
+        # `kill -USR1 PID` prints every thread's stack to stderr: what a worker that will not stop is waiting on
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger().setLevel(loglevel.upper())  # basicConfig is a no-op under the CLI's log_setup handler
         settings = load_settings(config)
@@ -119,6 +123,11 @@ def register(app: typer.Typer) -> None:
         finally:
             stop.set()
             if thread is not None:
+                t0 = time.monotonic()
                 thread.join(timeout=60)
+                if thread.is_alive():  # its uncommitted input is read again by the next worker
+                    log.warning("the ingest thread did not stop within 60 s; exiting without it")
+                elif time.monotonic() - t0 > 10:
+                    log.warning("the ingest thread took %.1f s to stop after detect", time.monotonic() - t0)
             if failed:  # a stage thread died: exit non-zero, whatever faust's stop returned
                 raise SystemExit(1)
