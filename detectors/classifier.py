@@ -42,7 +42,6 @@ import sklearn
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.isotonic import IsotonicRegression
-from sklearn.metrics.pairwise import nan_euclidean_distances
 from sklearn.model_selection import GroupKFold
 from threadpoolctl import ThreadpoolController
 
@@ -50,6 +49,7 @@ from detectors.catalog import load_catalog
 from detectors.classifier_base import Verdict
 from detectors.fields import field_of as _attr
 from detectors.kind_support import KindSupport
+from detectors.neighbours import distances, knn_mean, knn_mean_loo
 from detectors.state import combine_verdicts
 from detectors.windows import UNIT_FEATURES
 
@@ -492,51 +492,8 @@ class OodGuard(BaseEstimator):
         with np.errstate(invalid="ignore"):
             return (Xq < lo - pad) | (Xq > hi + pad)
 
-    def _ref_parts(self) -> tuple[np.ndarray, ...]:
-        # What nan_euclidean_distances derives from the reference rows on every call (a 2,000-row copy, its mask,
-        # norms and squares), derived once per fitted guard: a window's check then costs its own row only.
-        hit = _REF_PARTS.get(self)
-        if hit is not None and hit[0] is self.ref_:
-            return hit[1]
-        Y = np.array(self.ref_, dtype=np.float64)
-        missing = np.isnan(Y)
-        Y[missing] = 0
-        # the masks pre-cast to what np.dot casts them to on each call (float for the BLAS product, int64 for the count)
-        parts = (Y, missing.astype(np.float64), np.einsum("ij,ij->i", Y, Y)[None, :], Y * Y,
-                 (~missing).astype(np.int64))
-        _REF_PARTS[self] = (self.ref_, parts)
-        return parts
-
-    def _ref_distances(self, Zq: np.ndarray) -> np.ndarray:
-        """`nan_euclidean_distances(Zq, self.ref_)`, the same operations in the same order (bit-identical), without
-        its per-call validation and reference preprocessing."""
-        Y, missing_Y, y_norm, YY, present_Y = self._ref_parts()
-        X = np.array(Zq, dtype=np.float64)
-        missing_X = np.isnan(X)
-        X[missing_X] = 0
-        d = -2 * (X @ Y.T)
-        d += np.einsum("ij,ij->i", X, X)[:, None]
-        d += y_norm
-        np.maximum(d, 0, out=d)
-        d -= np.dot(X * X, missing_Y.T)
-        d -= np.dot(missing_X, YY.T)
-        np.clip(d, 0, None, out=d)
-        present_count = np.dot(1 - missing_X, present_Y.T)
-        d[present_count == 0] = np.nan
-        np.maximum(1, present_count, out=present_count)
-        d /= present_count
-        d *= X.shape[1]
-        np.sqrt(d, out=d)
-        return d
-
     def _knn(self, Zq: np.ndarray, Zr: np.ndarray) -> np.ndarray:
-        d = self._ref_distances(Zq) if Zr is getattr(self, "ref_", None) else nan_euclidean_distances(Zq, Zr)
-        d = np.where(np.isnan(d), np.inf, d)
-        k = min(self.k, d.shape[1])
-        part = np.partition(d, k - 1, axis=1)[:, :k]
-        with np.errstate(invalid="ignore"):
-            out = part.mean(axis=1)
-        return np.where(np.isfinite(out), out, np.nan)
+        return knn_mean(distances(Zq, self if Zr is getattr(self, "ref_", None) else None, Zr), self.k)
 
     def fit(self, X: np.ndarray, columns: np.ndarray, names: Sequence[str], groups: np.ndarray) -> OodGuard:
         present = (~np.isnan(X[:, columns])).mean(axis=0) >= 0.05
@@ -570,10 +527,7 @@ class OodGuard(BaseEstimator):
                 sub = tr if len(tr) <= self.max_ref else rng.choice(tr, self.max_ref, replace=False)
                 scores[te] = self._knn(Z[te], Z[sub])
         else:  # one source: leave each row out of its own neighbours
-            d = nan_euclidean_distances(Z, Z)
-            np.fill_diagonal(d, np.inf)
-            k = min(self.k, len(Z) - 1)
-            scores = np.sort(np.where(np.isnan(d), np.inf, d), axis=1)[:, :k].mean(axis=1) if k > 0 else scores
+            scores = knn_mean_loo(Z, self.k)
         finite = scores[np.isfinite(scores)]
         self.threshold_ = float(np.quantile(finite, self.quantile)) if finite.size else math.inf
         self.fit_scores_ = finite
@@ -590,7 +544,7 @@ class OodGuard(BaseEstimator):
             out = [self.names_[j] for j in np.flatnonzero(env[i])]
             if far[i] and not out:
                 # farthest features from the nearest training row: what makes this row unlike anything seen
-                d = self._ref_distances(Z[i : i + 1])[0]
+                d = distances(Z[i : i + 1], self, self.ref_)[0]
                 nn = self.ref_[int(np.nanargmin(np.where(np.isnan(d), np.inf, d)))]
                 gap = np.abs(Z[i] - nn)
                 order = [j for j in np.argsort(-np.nan_to_num(gap, nan=-1.0)) if not np.isnan(gap[j])][:3]
@@ -599,8 +553,6 @@ class OodGuard(BaseEstimator):
         return env.any(axis=1) | far, names, score
 
 
-#: OodGuard -> (its ref_, what the distances derive from it); weak, so a dropped model takes its entry along.
-_REF_PARTS: WeakKeyDictionary[OodGuard, tuple[np.ndarray, tuple[np.ndarray, ...]]] = WeakKeyDictionary()
 #: HistoryFeaturizer -> (its column_metric_, the smi core columns' mask), likewise.
 _SMI_CORE_COLS: WeakKeyDictionary[HistoryFeaturizer, tuple[Any, np.ndarray]] = WeakKeyDictionary()
 
@@ -803,9 +755,9 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
             # members on the tier's own rows (masked copies too); conformity on the histories as they were
             kinds_of = {"full": (np.tile(kd[has_dcgm], 1 + self.augment_copies), int(has_dcgm.sum())),
                         "smi": (kd, len(kd))}
+            classes = tuple(int(b == "training") for b in self.kind_bands)
             for t, (Xt, yt, gt) in tier_rows.items():
                 kt, n0 = kinds_of[t]
-                classes = tuple(int(b == "training") for b in self.kind_bands)
                 self.supports_[t] = KindSupport(quantile=self.kind_quantile, classes=classes,
                                                 random_state=self.random_state).fit(
                     self.tiers_[t], Xt, yt, kt, self.guards_[t]._z(Xt[:n0]), kt[:n0], gt[:n0])

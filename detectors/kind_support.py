@@ -29,15 +29,8 @@ from weakref import WeakKeyDictionary
 
 import numpy as np
 from sklearn.base import BaseEstimator
-from sklearn.metrics.pairwise import nan_euclidean_distances
 
-
-def _knn_mean(Zq: np.ndarray, Zr: np.ndarray, k: int) -> np.ndarray:
-    """Mean NaN-aware Euclidean distance from each query row to its k nearest reference rows."""
-    d = nan_euclidean_distances(Zq, Zr)
-    d = np.where(np.isnan(d), np.inf, d)
-    k = min(k, d.shape[1])
-    return np.partition(d, k - 1, axis=1)[:, :k].mean(axis=1)
+from detectors.neighbours import distances, knn_mean, knn_mean_loo
 
 
 def _slim(est: Any) -> Any:
@@ -88,11 +81,10 @@ class KindSupport(BaseEstimator):
             self.class_[kind] = cls
             self.members_.append(_slim(tier._new_estimator().fit(X[keep][:, tier.columns_], y[keep])))
             Zk, gk = Z[zk], z_groups[zk]
-            scores = [_knn_mean(Zk[gk == g], Zk[gk != g], self.k) for g in np.unique(gk) if (gk != g).sum() >= self.k]
+            scores = [knn_mean(distances(Zk[gk == g], None, Zk[gk != g]), self.k)
+                      for g in np.unique(gk) if (gk != g).sum() >= self.k]
             if not scores:  # one source family: each row against the kind's other rows
-                d = nan_euclidean_distances(Zk, Zk)
-                np.fill_diagonal(d, np.inf)
-                scores = [np.sort(np.where(np.isnan(d), np.inf, d), axis=1)[:, : self.k].mean(axis=1)]
+                scores = [knn_mean_loo(Zk, self.k)]
             s = np.concatenate(scores)
             s = s[np.isfinite(s)]
             self.threshold_[kind] = float(np.quantile(s, self.quantile)) if s.size else float("inf")
@@ -112,11 +104,6 @@ class KindSupport(BaseEstimator):
             _STACKS[self] = hit
         return hit[1], hit[2]
 
-    def member_p(self, tier: Any, xt: np.ndarray, kind: str) -> float:
-        """Calibrated P of the member fitted without `kind`, for one tier-input row."""
-        m = self.members_[self.kinds_.index(kind)]
-        return float(tier.calibrator_.predict(m.predict_proba(xt[None, tier.columns_])[:, 1])[0])
-
     def unlike_rows(self, tier: Any, bands: Sequence[str], Xt: np.ndarray, Z: np.ndarray) -> list[tuple[str, ...]]:
         """Per row, the kinds its confident band rests on and it is unlike (empty: the call stands). `Xt`: the rows
         as the tier reads them; `Z`: the same rows standardised as the tier's guard does. One distance and at most
@@ -128,8 +115,7 @@ class KindSupport(BaseEstimator):
             return [() for _ in bands]
         # every kind's rows in one distance call (one per kind was most of a call's cost), then split per kind
         stack, spans = self._stack()
-        D = nan_euclidean_distances(Z[asked], stack)
-        D = np.where(np.isnan(D), np.inf, D)
+        D = distances(Z[asked], self, stack)
         pos = np.full(len(bands), -1)
         pos[asked] = np.arange(asked.size)
         for kind in self.kinds_:
@@ -137,8 +123,7 @@ class KindSupport(BaseEstimator):
             if not rows.size:
                 continue
             a, b = spans[kind]
-            kk = min(self.k, b - a)
-            d = np.partition(D[pos[rows], a:b], kk - 1, axis=1)[:, :kk].mean(axis=1)
+            d = knn_mean(D[pos[rows], a:b], self.k)
             th = self.threshold_[kind]
             # like it (the call may rest on it), or too far off to be what the call rests on: not asked
             rows = rows[(d > th) & (d <= self.reach * th)]
@@ -150,10 +135,6 @@ class KindSupport(BaseEstimator):
             for r in rows[flips]:
                 out[r].append(kind)
         return [tuple(k) for k in out]
-
-    def unlike(self, tier: Any, band: str, xt: np.ndarray, z: np.ndarray) -> tuple[str, ...]:
-        """`unlike_rows` for one row."""
-        return self.unlike_rows(tier, [band], xt[None, :], z[None, :])[0]
 
 
 #: KindSupport -> (its reference rows stacked, each kind's span); weak, so a dropped model takes its entry along.

@@ -304,19 +304,23 @@ def test_packaged_artifact_loads():
     assert isinstance(est.predict([]), Verdict)
 
 
-def test_guard_distances_are_sklearns_bit_for_bit():
-    # the out-of-distribution check's own distances (reference parts derived once) must stay what
-    # nan_euclidean_distances gives: a verdict may sit on the kNN threshold
+def test_neighbour_distances_are_sklearns_bit_for_bit():
+    # the guard's and the kind support's own distances (reference parts derived once per fitted owner) must stay
+    # what nan_euclidean_distances gives: a verdict may sit on a kNN threshold
     from sklearn.metrics.pairwise import nan_euclidean_distances
+
+    from detectors.neighbours import distances
 
     est, _ = load_artifact()
     rng = np.random.default_rng(0)
-    for guard in est.guards_.values():
-        ref = guard.ref_
+    owners = [(g, g.ref_) for g in est.guards_.values()] + [(s, s._stack()[0]) for s in est.supports_.values()]
+    for owner, ref in owners:
         for i in range(30):
             q = ref[rng.integers(len(ref), size=1 + i % 3)] + rng.normal(0, [0.0, 0.01, 3.0][i % 3], (1 + i % 3, 1))
             q[rng.random(q.shape) < 0.02 * i] = np.nan
-            assert np.array_equal(guard._ref_distances(q), nan_euclidean_distances(q, ref), equal_nan=True)
+            want = nan_euclidean_distances(q, ref)
+            assert np.array_equal(distances(q, owner, ref), want, equal_nan=True)
+            assert np.array_equal(distances(q, None, ref), want, equal_nan=True)
 
 
 # --- the detect engine's history shape, and the loader ------------------------------------------------------------

@@ -24,6 +24,11 @@ def _blobs(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return np.vstack(X), np.array(y), np.array(kinds), np.array(groups)
 
 
+def _unlike(support: KindSupport, tier: TierModel, band: str, xt: np.ndarray, z: np.ndarray) -> tuple[str, ...]:
+    """`unlike_rows` for one row (the tier reads the same two features the guard would standardise)."""
+    return support.unlike_rows(tier, [band], xt[None, :], z[None, :])[0]
+
+
 @pytest.fixture(scope="module")
 def fitted() -> tuple[TierModel, KindSupport]:
     X, y, kinds, groups = _blobs(np.random.default_rng(0))
@@ -39,12 +44,13 @@ def test_a_call_resting_on_one_kind_the_run_is_unlike_is_named(fitted):
     edge = np.array([[0.8, 1.8]])
     p = tier.predict_proba(edge)
     assert tier.band(p)[0] == "not_training"
-    assert support.member_p(tier, edge[0], "serving") > tier.t_low_  # without serving the call leaves its band
-    assert support.unlike(tier, "not_training", edge[0], edge[0]) == ("serving",)
+    member = support.members_[support.kinds_.index("serving")]  # fitted without serving: the call leaves its band
+    assert tier.calibrator_.predict(member.predict_proba(edge[:, tier.columns_])[:, 1])[0] > tier.t_low_
+    assert _unlike(support, tier, "not_training", edge[0], edge[0]) == ("serving",)
     # a kind of the other class is never what a call rests on; nor is a kind beyond `reach` of the row
-    assert support.unlike(tier, "training", edge[0], edge[0]) == ()
+    assert _unlike(support, tier, "training", edge[0], edge[0]) == ()
     far = np.array([0.8, 5.0])
-    assert support.unlike(tier, "not_training", far, far) == ()
+    assert _unlike(support, tier, "not_training", far, far) == ()
 
 
 def test_a_run_like_the_kind_it_rests_on_keeps_its_call(fitted):
@@ -53,9 +59,9 @@ def test_a_run_like_the_kind_it_rests_on_keeps_its_call(fitted):
         row = np.array([x])
         band = str(tier.band(tier.predict_proba(row))[0])
         assert band != "uncertain"
-        assert support.unlike(tier, band, row[0], row[0]) == ()
+        assert _unlike(support, tier, band, row[0], row[0]) == ()
     # an uncertain band has nothing to withdraw
-    assert support.unlike(tier, "uncertain", np.array([0.8, 1.8]), np.array([0.8, 1.8])) == ()
+    assert _unlike(support, tier, "uncertain", np.array([0.8, 1.8]), np.array([0.8, 1.8])) == ()
 
 
 def test_a_slimmed_member_predicts_exactly_as_the_estimator_it_was(fitted):
