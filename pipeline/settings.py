@@ -179,6 +179,10 @@ class Settings(BaseSettings):
     #: Log lines of every command (pipeline/log_setup.py): text (people; colour only on a terminal), json, logfmt.
     log_format: Literal["text", "json", "logfmt"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "WARNING"
+    #: `trainwatch run` exits this long after SIGTERM / SIGINT even if a stage or a client library has not finished
+    #: stopping, every thread's stack logged first (pipeline/shutdown.py). A stop takes ~2 s; keep this under the
+    #: supervisor's grace period (Kubernetes: 30 s by default), so the stacks are written before a SIGKILL.
+    stop_timeout_s: float = Field(default=25.0, gt=0)
 
     @classmethod
     def settings_customise_sources(

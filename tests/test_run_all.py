@@ -7,11 +7,9 @@ both cleanly (exit 0), and what the feed carries is what the store holds.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -75,15 +73,9 @@ def test_run_all_opens_cases_and_stops_cleanly(tmp_path: Path, kafka_bootstrap: 
                                  for m in _cases_on_feed(kafka_bootstrap, topics["cases"]).values()),
                      "a case for acct-de-ai on the feed", proc, log_path, 90.0)
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-            try:
-                # In isolation it stops in ~2 s. In the full suite it has twice not stopped within 60 s (c5ca0cb's CI
-                # runs, nothing in its log after SIGTERM), so: a longer budget, and the stacks if it still hangs.
-                rc = stop(proc, 150)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGUSR1)  # faulthandler: every thread's stack into the log
-                time.sleep(2)
-                pytest.fail("run --stage all did not stop within 150 s of SIGTERM:\n"
-                            + log_path.read_text(errors="replace")[-6000:])
+            # It stops in ~2 s; its stop watchdog (pipeline/shutdown.py, stop_timeout_s 25 s) bounds a hung stop
+            # and writes every thread's stack into the log, which a failure below shows.
+            rc = stop(proc, 90)
         finally:
             reap(proc)
     tail = log_path.read_text(errors="replace")[-3000:]

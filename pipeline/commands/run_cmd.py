@@ -20,6 +20,7 @@ from pathlib import Path
 import typer
 
 from pipeline.settings import Settings, load_settings
+from pipeline.shutdown import StopWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -92,42 +93,49 @@ def register(app: typer.Typer) -> None:
             settings, shadow_id = shadow_settings(settings, shadow, app_id)
             run_shadow_detect(settings, app_id=shadow_id, loglevel=loglevel)
             return
+        watchdog = StopWatchdog(settings.stop_timeout_s)
+        stop = threading.Event()
+
+        def on_signal(sig: int, _frame: object) -> None:
+            watchdog.arm(signal.Signals(sig).name)
+            stop.set()
+
         if stage is StageName.dlq:  # needs only the DLQ topic, which the sink checks itself (one line)
-            dlq_stop = threading.Event()
-            signal.signal(signal.SIGTERM, lambda *_: dlq_stop.set())
-            signal.signal(signal.SIGINT, lambda *_: dlq_stop.set())
-            _dlq(settings, dlq_stop)
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+            _dlq(settings, stop)
+            watchdog.stopped()
             return
         # Every topic the stage(s) need must exist and be co-partitioned before anything starts (one line, exit 2);
         # `trainwatch topics create` provisions them. Under `all` ingest would otherwise start and write first.
         from pipeline import topics
 
         n = topics.require(settings, stage.value, app_id)
-        stop = threading.Event()
         if stage is StageName.ingest:
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
             _ingest(settings, ingest_group, stop)
+            watchdog.stopped()
             return
         from pipeline.detect.worker import run_detect
 
-        thread = None
+        threads: list[threading.Thread] = []
         failed: list[str] = []
         if stage is StageName.all:
-            thread = threading.Thread(target=_or_stop, args=(_ingest, (settings, ingest_group, stop), failed),
-                                      name="ingest", daemon=True)
-            thread.start()
-            threading.Thread(target=_or_stop, args=(_dlq, (settings, stop), failed), name="dlq", daemon=True).start()
+            for name, target, args in (("ingest", _ingest, (settings, ingest_group, stop)),
+                                       ("dlq", _dlq, (settings, stop))):
+                threads.append(threading.Thread(target=_or_stop, args=(target, args, failed), name=name, daemon=True))
+                threads[-1].start()
         try:
-            run_detect(settings, app_id=app_id, partitions=n, loglevel=loglevel)
+            run_detect(settings, app_id=app_id, partitions=n, loglevel=loglevel, on_stop_signal=watchdog.arm)
         finally:
+            watchdog.arm("detect stopped")  # a stage thread that failed stops detect without a signal
             stop.set()
-            if thread is not None:
-                t0 = time.monotonic()
-                thread.join(timeout=60)
-                if thread.is_alive():  # its uncommitted input is read again by the next worker
-                    log.warning("the ingest thread did not stop within 60 s; exiting without it")
-                elif time.monotonic() - t0 > 10:
-                    log.warning("the ingest thread took %.1f s to stop after detect", time.monotonic() - t0)
+            t0 = time.monotonic()
+            for thread in threads:  # each finishes its batch, commits and closes; the watchdog bounds the wait
+                thread.join()
+                if time.monotonic() - t0 > 10:
+                    log.warning("the %s thread took %.1f s to stop after detect", thread.name, time.monotonic() - t0)
             if failed:  # a stage thread died: exit non-zero, whatever faust's stop returned
                 raise SystemExit(1)
+            watchdog.stopped()

@@ -7,6 +7,7 @@ the producer is flushed. Unfinished batches are simply read again by the next st
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from pipeline.settings import Settings
 
@@ -27,8 +28,9 @@ def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: 
 
 
 def run_detect(settings: Settings, *, app_id: str = "trainwatch-detect", partitions: int = 1,
-               loglevel: str = "WARNING") -> None:
-    """Run the detect + cases app until SIGTERM/SIGINT."""
+               loglevel: str = "WARNING", on_stop_signal: Callable[[str], None] | None = None) -> None:
+    """Run the detect + cases app until SIGTERM/SIGINT; `on_stop_signal(name)` is called as the signal arrives
+    (before faust starts stopping: pipeline/shutdown.py bounds how long that may take)."""
     from pipeline.detect.startup import phase
 
     phase("detect-entry")
@@ -53,7 +55,19 @@ def run_detect(settings: Settings, *, app_id: str = "trainwatch-detect", partiti
         serve(settings.detect.metrics_port, settings.detect.metrics_addr, store=gauges, stage=rt.metrics)
     # override_logging=False: keep the CLI's structured handler (pipeline/log_setup.py); mode's own replaces it with
     # a colour handler on stdout and turns stderr writes (thread tracebacks) into one WARNING record per token.
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, override_logging=False)
+    class Worker(faust.Worker):
+        # mode's handlers for the stop signals (installed by the worker itself), with ours called first
+        def _on_sigterm(self) -> None:
+            if on_stop_signal is not None:
+                on_stop_signal("SIGTERM")
+            super()._on_sigterm()
+
+        def _on_sigint(self) -> None:
+            if on_stop_signal is not None:
+                on_stop_signal("SIGINT")
+            super()._on_sigint()
+
+    worker = Worker(app, loglevel=loglevel, quiet=True, override_logging=False)
     worker.spinner = None  # its progress spinner writes escape codes (ESC[?25h) to stdout, terminal or not
     log.info("detect app %s: %d partition(s), store %s/%s", app_id, n, settings.clickhouse_dsn, settings.database)
     try:
