@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -307,13 +307,13 @@ class _LazyShadowCases:
         return getattr(self._svc, name)
 
 
-def run_shadow_detect(settings: Settings, *, app_id: str, partitions: int = 1, loglevel: str = "WARNING") -> None:
+def run_shadow_detect(settings: Settings, *, app_id: str, partitions: int = 1, loglevel: str = "WARNING",
+                      on_stop_signal: Callable[[str], None] | None = None) -> None:
     """The faust detect app under a shadow policy until SIGTERM/SIGINT: the same agents and windows as the live
     worker (its own group), with ShadowCaseService for cases and ShadowStore for the store: no feed, no clock."""
-    import faust
-
     from pipeline import topics
     from pipeline.detect.faust_app import make_app
+    from pipeline.detect.worker import make_worker
 
     n = topics.require(settings, "detect", app_id)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -321,8 +321,7 @@ def run_shadow_detect(settings: Settings, *, app_id: str, partitions: int = 1, l
     store = ShadowStore(settings)
     rt._store = store  # type: ignore[assignment]
     rt._cases = _LazyShadowCases(store, rt.policy)  # type: ignore[assignment]
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, override_logging=False)
-    worker.spinner = None
+    worker = make_worker(app, loglevel, on_stop_signal)
     try:
         worker.execute_from_commandline()
     finally:

@@ -84,6 +84,7 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger().setLevel(loglevel.upper())  # basicConfig is a no-op under the CLI's log_setup handler
         settings = load_settings(config)
+        watchdog = StopWatchdog(settings.stop_timeout_s)
         if shadow is not None:
             from pipeline.policy_ops import run_shadow_detect, shadow_settings
             from schemas.errors import ConfigError
@@ -91,9 +92,9 @@ def register(app: typer.Typer) -> None:
             if stage is not StageName.detect:
                 raise ConfigError("--shadow runs a detect worker: use it with --stage detect")
             settings, shadow_id = shadow_settings(settings, shadow, app_id)
-            run_shadow_detect(settings, app_id=shadow_id, loglevel=loglevel)
+            run_shadow_detect(settings, app_id=shadow_id, loglevel=loglevel, on_stop_signal=watchdog.arm)
+            watchdog.stopped()
             return
-        watchdog = StopWatchdog(settings.stop_timeout_s)
         stop = threading.Event()
 
         def on_signal(sig: int, _frame: object) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from pipeline.settings import Settings
 
@@ -27,14 +28,37 @@ def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: 
     return topics.require(settings, "detect", app_id or topics.DEFAULT_APP_ID, timeout_s=timeout_s)
 
 
+def make_worker(app: Any, loglevel: str, on_stop_signal: Callable[[str], None] | None = None) -> Any:
+    """The faust worker for `app`, quiet, on the CLI's logging; `on_stop_signal(name)` is called as SIGTERM / SIGINT
+    arrives, before faust starts stopping (pipeline/shutdown.py bounds how long that may take)."""
+    import faust
+
+    class Worker(faust.Worker):
+        # mode installs these as the loop's signal handlers itself; ours is called first
+        def _on_sigterm(self) -> None:
+            if on_stop_signal is not None:
+                on_stop_signal("SIGTERM")
+            super()._on_sigterm()
+
+        def _on_sigint(self) -> None:
+            if on_stop_signal is not None:
+                on_stop_signal("SIGINT")
+            super()._on_sigint()
+
+    # override_logging=False: keep the CLI's structured handler (pipeline/log_setup.py); mode's own replaces it with
+    # a colour handler on stdout and turns stderr writes (thread tracebacks) into one WARNING record per token.
+    worker = Worker(app, loglevel=loglevel, quiet=True, override_logging=False)
+    worker.spinner = None  # its progress spinner writes escape codes (ESC[?25h) to stdout, terminal or not
+    return worker
+
+
 def run_detect(settings: Settings, *, app_id: str = "trainwatch-detect", partitions: int = 1,
                loglevel: str = "WARNING", on_stop_signal: Callable[[str], None] | None = None) -> None:
-    """Run the detect + cases app until SIGTERM/SIGINT; `on_stop_signal(name)` is called as the signal arrives
-    (before faust starts stopping: pipeline/shutdown.py bounds how long that may take)."""
+    """Run the detect + cases app until SIGTERM/SIGINT (`on_stop_signal`: as `make_worker`)."""
     from pipeline.detect.startup import phase
 
     phase("detect-entry")
-    import faust
+    import faust  # noqa: F401  (its import is the phase timed)
 
     from pipeline.detect.faust_app import make_app
 
@@ -53,22 +77,7 @@ def run_detect(settings: Settings, *, app_id: str = "trainwatch-detect", partiti
         gauges = None if settings.clickhouse_dsn.startswith("chdb") else Store.connect(settings.clickhouse_dsn,
                                                                                         settings.database)
         serve(settings.detect.metrics_port, settings.detect.metrics_addr, store=gauges, stage=rt.metrics)
-    # override_logging=False: keep the CLI's structured handler (pipeline/log_setup.py); mode's own replaces it with
-    # a colour handler on stdout and turns stderr writes (thread tracebacks) into one WARNING record per token.
-    class Worker(faust.Worker):
-        # mode's handlers for the stop signals (installed by the worker itself), with ours called first
-        def _on_sigterm(self) -> None:
-            if on_stop_signal is not None:
-                on_stop_signal("SIGTERM")
-            super()._on_sigterm()
-
-        def _on_sigint(self) -> None:
-            if on_stop_signal is not None:
-                on_stop_signal("SIGINT")
-            super()._on_sigint()
-
-    worker = Worker(app, loglevel=loglevel, quiet=True, override_logging=False)
-    worker.spinner = None  # its progress spinner writes escape codes (ESC[?25h) to stdout, terminal or not
+    worker = make_worker(app, loglevel, on_stop_signal)
     log.info("detect app %s: %d partition(s), store %s/%s", app_id, n, settings.clickhouse_dsn, settings.database)
     try:
         worker.execute_from_commandline()
