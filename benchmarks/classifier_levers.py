@@ -66,6 +66,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "sampling_free_no_ppu": {"drop_features": (*SAMPLING_FEATURES, "power_per_util")},
     "profile_sync_free": {"drop_features": tuple(f for f in SAMPLING_FEATURES if not f.startswith("std_"))},
     "leaves7_min80_young": {f"{GBM}max_leaf_nodes": 7, f"{GBM}min_samples_leaf": 80, YOUNG: True},
+    # 6.1's kind support on confident training calls too (shipped: not_training calls only)
+    "kind_training": {"kind_bands": ("not_training", "training")},
 }
 KNN_SCALES = (0.727, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)
 
