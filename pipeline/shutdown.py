@@ -30,7 +30,7 @@ class StopWatchdog:
     def __init__(self, budget_s: float) -> None:
         self.budget_s = budget_s
         self._timer: threading.Timer | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # arm() runs in signal handlers: a second signal may arrive inside it
         self._clean = False
         self.why = ""
 
