@@ -50,3 +50,27 @@ def test_a_process_that_stops_by_itself_is_left_alone() -> None:
     rc, err, took = _run("30", "mid-stop", "exit")
     assert rc == 0 and "still running" not in err, err
     assert took < 25
+
+
+def test_the_faust_workers_stop_signals_arm_the_watchdog(tmp_path: Path) -> None:
+    # mode installs the worker's own methods as the loop's signal handlers, and make_worker extends them: if mode
+    # renamed them, a detect worker's stop would silently go unbounded
+    import inspect
+    import signal
+    import uuid
+
+    import faust
+    import mode
+
+    from pipeline.detect.worker import make_worker
+
+    src = inspect.getsource(mode.Worker)
+    for sig, name in (("SIGTERM", "_on_sigterm"), ("SIGINT", "_on_sigint")):
+        assert f"add_signal_handler(signal.{sig}, self.{name})" in src
+    got: list = []
+    app = faust.App(f"t-{uuid.uuid4().hex[:8]}", broker="kafka://127.0.0.1:1", store="memory://", datadir=tmp_path)
+    worker = make_worker(app, "WARNING", got.append)
+    worker._schedule_shutdown = lambda sig: got.append(sig)  # what mode's handler does next: stop the worker
+    worker._on_sigterm()
+    worker._on_sigint()
+    assert got == ["SIGTERM", signal.SIGTERM, "SIGINT", signal.SIGINT]  # ours first, then faust's stop
