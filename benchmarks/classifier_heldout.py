@@ -15,7 +15,7 @@ The histories are the ones `HistoryBuilder` builds now (the detect stage's own, 
 Results go, with commit and date, under `heldout_families` of the results file (written after every family, so a
 run cut short keeps what it measured; `complete` says whether all were done).
 
-    nice -n 10 .venv/bin/python -m benchmarks.classifier_heldout [--families a,b] [--out FILE]
+    nice -n 10 .venv/bin/python -m benchmarks.classifier_heldout [--families a,b] [--recipe NAME] [--out FILE]
 """
 
 from __future__ import annotations
@@ -55,7 +55,13 @@ def main() -> None:
     ap.add_argument("--test-seed", type=int, default=11)
     ap.add_argument("--cache", type=Path, default=None, help="keep the simulated datasets here (pickle) for reruns")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON (its other keys are kept)")
+    ap.add_argument("--recipe", default="base", help="a recipe of benchmarks/classifier_levers.py (base: the shipped "
+                    "one, written under heldout_families; another under heldout_families_<recipe>)")
     args = ap.parse_args()
+    from benchmarks.classifier_levers import RECIPES  # (it imports this module)
+
+    params = RECIPES[args.recipe]
+    key = "heldout_families" if args.recipe == "base" else f"heldout_families_{args.recipe}"
     fams = tuple(f for f in args.families.split(",") if f)
     t0 = time.perf_counter()
     train, test = (_dataset(seed, args.scale, args.cache) for seed in (args.train_seed, args.test_seed))
@@ -65,19 +71,21 @@ def main() -> None:
                 "per held-out family on the eval "
                 f"scenario seed {args.train_seed} without it, scored on seed {args.test_seed} (scale {args.scale}); "
                 "histories from HistoryBuilder driving the detect stage (settled windows); not the shipped artifact",
-        "command": "nice -n 10 python -m benchmarks.classifier_heldout",
+        "command": "nice -n 10 python -m benchmarks.classifier_heldout"
+                   + ("" if args.recipe == "base" else f" --recipe {args.recipe}"),
+        "recipe": args.recipe, "params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
         "simulate_s": round(time.perf_counter() - t0, 1),
         "families": {}, "complete": False,
     }
     for fam in fams:
         t1 = time.perf_counter()
-        res = heldout_family(train, test, fam, fams)
+        res = heldout_family(train, test, fam, fams, params)
         block["families"][fam] = {**res, "elapsed_s": round(time.perf_counter() - t1, 1)}
-        _write(args.out, block)
+        _write(args.out, key, block)
         print(f"{fam}: {json.dumps(block['families'][fam])}", flush=True)
     block["complete"] = True
     block["elapsed_s"] = round(time.perf_counter() - t0, 1)
-    _write(args.out, block)
+    _write(args.out, key, block)
 
 
 def _dataset(seed: int, scale: float, cache: Path | None) -> Dataset:
@@ -92,13 +100,14 @@ def _dataset(seed: int, scale: float, cache: Path | None) -> Dataset:
     return ds
 
 
-def heldout_family(train: Dataset, test: Dataset, fam: str, fams: tuple[str, ...]) -> dict[str, Any]:
+def heldout_family(train: Dataset, test: Dataset, fam: str, fams: tuple[str, ...],
+                   params: dict[str, Any] | None = None) -> dict[str, Any]:
     """`fam` held out of `train` (its base archetype stays when a variant is held out); scored on `test`'s histories
     of it and on `test`'s known kinds (none of `fams`), full DCGM, as pipeline.model_eval.heldout_families does,
     plus the covered F1 with and without the guard."""
     tr = train.subset(train.archetypes != fam)
     te_m = test.archetypes == fam
-    model = build_model().fit(tr.histories, tr.y, tr.groups, tr.archetypes)
+    model = build_model(params).fit(tr.histories, tr.y, tr.groups, tr.archetypes)
     f = model.featurizer_
     X = f.transform([test.histories[i] for i in np.flatnonzero(te_m)])
     known = ~te_m & ~np.isin(test.archetypes, fams)
@@ -128,9 +137,9 @@ def heldout_family(train: Dataset, test: Dataset, fam: str, fams: tuple[str, ...
     }
 
 
-def _write(path: Path, block: dict[str, Any]) -> None:
+def _write(path: Path, key: str, block: dict[str, Any]) -> None:
     data = json.loads(path.read_text()) if path.is_file() else {}
-    data["heldout_families"] = block
+    data[key] = block
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
