@@ -58,6 +58,10 @@ class Detector:
     #: True: on a CIP record the engine also calls `update` / `detect` once per live run of the account, with that
     #: run's context (for a detector whose outcome depends on the customer's foreign status, which may come late).
     reevaluates_runs_on_cip: ClassVar[bool] = False
+    #: True: its detection is dated by the first qualifying event the account has seen, so one re-found dated
+    #: earlier (that event was fetched late: topics are read in fetch order) supersedes the one emitted under its id,
+    #: as the replay, which read it in order, would have dated it; one dated later is the same finding, not emitted.
+    dated_by_first_event: ClassVar[bool] = False
 
     def update(self, state: DetectContext, event: Any) -> None:
         """Fold `event` into state this detector keeps (in `state.account`); `detect` then only reads it.

@@ -23,7 +23,9 @@ corrected history no longer makes stands (`redecided["stood"]`). Owner sums get 
 values replace; the owner's log re-decides its crossing, detectors/owner_aggregate.py). Older corrections replace the
 window's figures and the decisions stand. A first delivery that comes after later inputs of its account (a window or
 an allocation fetched late) goes back to its event-time place the same way (`_late_at`): decisions come out as if it
-had come in order. The journal survives a restart (`journal_to_dict` / `load_journal`, in the account's part of the
+had come in order; past the journal it is applied where it comes, and only a detector dated by its first event
+(`Detector.dated_by_first_event`: special measures) re-dates what it emitted, to the earlier event (never later). The
+journal survives a restart (`journal_to_dict` / `load_journal`, in the account's part of the
 split state): the snapshot of its oldest step and every step's inputs; a restored engine retakes the other steps'
 snapshots by applying the inputs again silently, only for an account a correction reaches (`_ready`). Several
 corrections of one account at once (`on_corrections`, a batch's) roll back once, to the earliest,
@@ -318,8 +320,35 @@ class DetectEngine:
                 continue
             if ctx.run is not None:
                 self._note_own_case(ctx.run, found)  # found, not only emitted: a re-applied claim still claims
-            out += [det for det in found if self._emit(det)]
+            if d.dated_by_first_event:  # emitted again only dated earlier, and remembered when it is
+                out += [det for det in found
+                        if (self._redated(det) if det.detection_id in self.emitted else self._emit(det))]
+                self._note_dated(ctx.account, found)
+            else:
+                out += [det for det in found if self._emit(det)]
         return out
+
+    def _redated(self, det: Detection) -> bool:
+        """A detection of a detector dated by its first event (Detector.dated_by_first_event), emitted before,
+        re-found dated earlier than it was emitted: it supersedes, as the replay would have dated it. Dated the same
+        or later it is the finding already emitted (also while re-deciding: the date only ever moves earlier)."""
+        acct = self.accounts.get(det.account_id)
+        was = acct.dated.get(det.detection_id) if acct is not None else None
+        if self._redo is not None:
+            self._redo.pop(det.detection_id, None)  # made again: not one that stood
+        if self._silent or was is None or det.event_time >= was:
+            return False
+        self.redecided["superseded"] += 1
+        self._note_emitted(det.detection_id, _fingerprint(det))
+        return True
+
+    @staticmethod
+    def _note_dated(acct: AccountState | None, found: list[Detection]) -> None:
+        if acct is None:
+            return
+        for det in found:  # state, so also while rebuilding silently
+            was = acct.dated.get(det.detection_id)
+            acct.dated[det.detection_id] = det.event_time if was is None else min(was, det.event_time)
 
     def _note_own_case(self, run: RunState, dets: list[Detection]) -> None:
         """A detection its detector claims as the run's own case (Detector.claims_run) takes the run out of its
@@ -498,10 +527,14 @@ class DetectEngine:
         for rid in [k for k, r in self.runs.items() if r.account_id == aid]:
             self.runs.pop(rid)
         self.runs.update(d["runs"])
+        live = self.accounts.get(aid)
         if d["account"] is None:
             self.accounts.pop(aid, None)
         else:
             self.accounts[aid] = d["account"]
+        if live is not None and live.dated:  # dates emitted (Detector.dated_by_first_event) stay, like `emitted`
+            acct = self._account(aid)  # the inputs applied again begin with this account's: it is made anyway
+            acct.dated = {k: min(v, acct.dated.get(k, v)) for k, v in live.dated.items()}
         if d["cip"] is None:
             self.cips.pop(aid, None)
         else:
@@ -701,7 +734,7 @@ class DetectEngine:
     def _apply_allocation(self, ev: AllocationEvent) -> list[Detection]:
         self._touch(ev.account_id, (ev.workload_id, ev.job_id))
         acct = self._account(ev.account_id)
-        acct.note_event(ev.ts)
+        acct.note_event(ev.ts, self.window_s)
         self.watermark = max(self.watermark, ev.ts)
         is_resv = ev.kind in RESERVATION_KINDS or ev.kind == "reservation_released"
         key = ev.workload_id or ev.job_id or ("reservation" if is_resv else ev.event_id)
@@ -737,7 +770,7 @@ class DetectEngine:
         start, end = _num(_g(w, "window_start")), _num(_g(w, "window_end"))
         self._touch(aid, (wid,))
         acct = self._account(aid)
-        acct.note_event(start)
+        acct.note_event(start, self.window_s)
         self.watermark = max(self.watermark, end)
         job = _g(w, "job_id")
         label = _g(w, "run_label") or acct.labels.get(wid) or (acct.labels.get(job) if job else None)

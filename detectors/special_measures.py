@@ -35,10 +35,8 @@ def first_event_after(state: DetectContext, event: Any, after: float) -> float |
         return event.ts if event.ts >= after else None
     if hasattr(event, "window_start") and hasattr(event, "window_end"):
         return max(float(event.window_start), after) if float(event.window_end) > after else None
-    # Re-evaluation (e.g. the CIP arrived after the telemetry): the earliest remembered event after it.
-    recent = state.account.recent_events if state.account is not None else []
-    later = [max(e, after) for e in recent if e + state.window_s > after]
-    return min(later) if later else None
+    # Re-evaluation (the CIP record came after the telemetry): the first remembered event after it.
+    return state.account.first_active_after(after, state.window_s) if state.account is not None else None
 
 
 class SpecialMeasures(Detector):
@@ -47,6 +45,7 @@ class SpecialMeasures(Detector):
     severity = "critical"
     maturity = "test"
     description = "Account of a customer or owner in a jurisdiction (or a person) named under special measures."
+    dated_by_first_event = True  # knowledge from the first event after the record, in whatever order events came
 
     def detect(self, state: DetectContext, event: Any) -> list[Detection]:
         if state.cip is None:

@@ -20,7 +20,8 @@ SEEN_K = 8192
 #: lateness, 1 h, plus a window). One older than this whose key is forgotten is not counted again: a replay of
 #: offsets must never add a window twice (exactly once where totals are summed).
 REPLACE_HORIZON_S = 3660.0
-RECENT_EVENTS_K = 64
+#: disjoint stretches of activity an account remembers (AccountState.active): its oldest are forgotten past this
+ACTIVE_SPANS_K = 64
 SOURCE_WINDOWS_K = 32
 RUN_IDS_K = 16  # job / workload ids (and accelerator models) kept in a run's description: the newest
 NAMES_K = 16  # out-of-distribution features / missing fields kept in a run's verdict summary (the first named)
@@ -297,7 +298,13 @@ class AccountState(_Plain):
     reservations: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> ts, until, count, model
     labels: dict[str, str] = field(default_factory=dict)  # workload/job id -> scheduler run_label
     footprints: dict[str, list[Any]] = field(default_factory=dict)  # workload id -> [[model, count]]
-    recent_events: list[float] = field(default_factory=list)
+    #: the account's activity as [first, last] event times of runs of events less than a window apart (an event
+    #: covers [t, t + window)), oldest first: special measures dates a CIP record that came late by the first event
+    #: at or after it, however many events came before the record did (detectors/special_measures.py)
+    active: list[list[float]] = field(default_factory=list)
+    #: detection id -> the event time it was emitted with, for detectors dated by their first event
+    #: (Detector.dated_by_first_event): one re-found dated earlier (an event that came late) supersedes it
+    dated: dict[str, float] = field(default_factory=dict)
     first_event: float | None = None
     last_event: float = 0.0
     potential: float = 0.0  # maximum possible compute of the reservations now held
@@ -312,13 +319,30 @@ class AccountState(_Plain):
         ends = [r["until"] for r in self.reservations.values() if r.get("until") is not None]
         return max(ends) if ends else None
 
-    def note_event(self, t: float) -> None:
+    def note_event(self, t: float, window_s: float) -> None:
         self.first_event = t if self.first_event is None else min(self.first_event, t)
         self.last_event = max(self.last_event, t)
-        self.recent_events.append(t)
-        if len(self.recent_events) > RECENT_EVENTS_K:
-            self.recent_events.sort()
-            del self.recent_events[: len(self.recent_events) - RECENT_EVENTS_K]
+        sp = self.active
+        lo = 0
+        while lo < len(sp) and sp[lo][1] + window_s < t:
+            lo += 1
+        hi = lo
+        while hi < len(sp) and sp[hi][0] <= t + window_s:  # the spans [t, t + window) touches, merged with it
+            hi += 1
+        sp[lo:hi] = [[min([t] + [x[0] for x in sp[lo:hi]]), max([t] + [x[1] for x in sp[lo:hi]])]]
+        del sp[: max(0, len(sp) - ACTIVE_SPANS_K)]
+
+    def first_active_after(self, after: float, window_s: float) -> float | None:
+        """The event time of the first event at or after `after` (`after` itself when an event's window covers it)."""
+        later = [max(s, after) for s, e in self.active if e + window_s > after]
+        return min(later) if later else None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AccountState:
+        a: AccountState = _Plain.from_dict.__func__(cls, d)  # type: ignore[attr-defined]
+        if "recent_events" in d and "active" not in d:  # the format before 2026-12-06: single events
+            a.active = [[t, t] for t in sorted(d["recent_events"])][-ACTIVE_SPANS_K:]
+        return a
 
 
 #: How far back in event time (behind the newest input) an input still re-decides, in an account's journal

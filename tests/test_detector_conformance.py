@@ -25,7 +25,7 @@ def contexts() -> list[DetectContext]:
                         held={"r": {"accelerator": "H100", "count": 256, "interconnect_gbps": 400,
                                     "datacenter": "dc1"}},
                         activity={"runs": {"old": {"first": T0 - 9000, "band": "not_training", "crossed": False}}},
-                        recent_events=[T0 + W])
+                        active=[[T0 + W, T0 + W]])
     crossed = {"at": T0 + 2 * W, "reason": "compute_used", "used": 2e18, "projected": None}
     run = RunState("run-c", "acct-c", used=2e18, used_low=1e18, used_high=4e18, started_at=T0, last_end=T0 + 3 * W,
                    crossed=crossed, verdict={"band": "training", "p_training": 0.9, "since": T0})

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from detectors.engine import DetectEngine
+from detectors.state import AccountState
 from schemas.detection import Detection
 from tests.detector_builders import INFERENCE, T0, W, alloc, cip, demo, owner, window
 
@@ -105,3 +106,62 @@ def test_a_late_window_long_after_an_owners_crossing_leaves_it_where_it_was() ->
     (oa,) = [d for d in dets if d.reason == "owner_aggregate"]
     assert T0 + 83 * W < ref.event_time < T0 + 84 * W and oa.event_time == ref.event_time
     assert eng.owners["own-x"].crossed["at"] == ref.event_time and eng.redecided["late_inputs"] == 1
+
+
+def test_special_measures_re_dated_by_an_allocation_older_than_the_horizon() -> None:
+    """The demo's acct-sm in a chaos run: a broker kill held the allocations topic back ~20 min of event time (past
+    the journal), its reservation came after the windows, and the case was dated at the first window. The finding is
+    dated by the first event after the record (Detector.dated_by_first_event): the earlier one supersedes."""
+    rec = cip("acct-kp", country="KP", updated_at=T0 - 3600)
+    resv = alloc("acct-kp", "reserved", T0 - 300, count=8, reserved_until=T0 + 3600)
+    wins = [window("wl-kp", "acct-kp", i, flop=1e10, features=INFERENCE) for i in range(6)]
+    in_order, _ = run([rec, resv, *wins], redecide_s=2 * W)
+    late, eng = run([rec, *wins, resv], redecide_s=2 * W)
+    assert eng.redecided["late_inputs"] == 0  # past the horizon: not re-decided, re-dated
+    sm = [d for d in late if d.reason == "special_measures"]
+    assert [d.event_time for d in sm] == [T0, T0 - 300]  # the first window's, then the reservation's, superseding
+    assert latest(late) == latest(in_order)
+    # a later event re-finds it dated later: the same finding, not emitted again
+    assert run([rec, *wins, resv, window("wl-kp", "acct-kp", 9, flop=1e10, features=INFERENCE)],
+               redecide_s=2 * W)[0] == late
+
+
+def test_special_measures_a_record_after_many_events_dates_the_first_of_them() -> None:
+    """A CIP record that comes after more windows than an account remembered single events for (64) was dated at
+    the oldest one remembered; the account's activity is kept as spans, so the first event is never forgotten."""
+    wins = [window("wl-kp", "acct-kp", i, flop=1e10, features=INFERENCE) for i in range(80)]
+    rec = cip("acct-kp", country="KP", updated_at=T0 - 3600)
+    late, eng = run([*wins, rec])
+    assert [d.event_time for d in late if d.reason == "special_measures"] == [T0]
+    assert eng.accounts["acct-kp"].active == [[T0, T0 + 79 * W]]
+    assert AccountState.from_dict({"account_id": "a", "recent_events": [T0 + W, T0]}).active == [[T0, T0], [T0 + W,
+                                                                                                        T0 + W]]
+    # a record dated inside the activity: the moment it names (a window covers it); after a gap: the next event
+    gap = [*wins[:10], *wins[20:30]]
+    for at, want in ((T0 + 5 * W + 7, T0 + 5 * W + 7), (T0 + 12 * W, T0 + 20 * W)):
+        got, _ = run([*gap, cip("acct-kp", country="KP", updated_at=at)])
+        assert [d.event_time for d in got if d.reason == "special_measures"] == [want]
+
+
+def test_a_re_decision_never_moves_special_measures_later_again() -> None:
+    """Re-deciding replays the journal from a snapshot before the late reservation's date was emitted: the finding,
+    re-found at the first window first, is not emitted again later (it was, and the case flapped)."""
+    rec = cip("acct-kp", country="KP", updated_at=T0 - 3600)
+    resv = alloc("acct-kp", "reserved", T0 - 300, count=8, reserved_until=T0 + 3600)
+    wins = [window("wl-kp", "acct-kp", i, flop=1e10, features=INFERENCE) for i in range(6)]
+    _, eng = run([rec, *wins, resv], redecide_s=3 * W)
+    corrected = window("wl-kp", "acct-kp", 4, flop=2e10, features=INFERENCE)  # a late partial of a journaled window
+    assert eng.on_window(corrected) == [] and eng.redecided["corrections"] == 1
+
+
+def test_special_measures_re_dated_when_the_record_and_the_reservation_come_after_the_first_windows() -> None:
+    """Re-deciding from before the account's first input (its state is dropped there) keeps the date emitted: the
+    late reservation, put back in its place, dates the finding earlier, as in order."""
+    rec = cip("acct-kp", country="KP", updated_at=T0 - 3600)
+    resv = alloc("acct-kp", "reserved", T0 - 300, count=8, reserved_until=T0 + 3600)
+    wins = [window("wl-kp", "acct-kp", i, flop=1e10, features=INFERENCE) for i in range(6)]
+    in_order, _ = run([rec, resv, *wins])
+    late, eng = run([*wins[:3], rec, resv, *wins[3:]])
+    assert eng.redecided["late_inputs"] == 1
+    assert [d.event_time for d in late if d.reason == "special_measures"] == [T0, T0 - 300]
+    assert latest(late) == latest(in_order)
