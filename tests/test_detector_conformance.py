@@ -15,7 +15,7 @@ from tests.detector_builders import T0, W, alloc, cip, demo, window
 POLICY = demo()
 #: What the engine may call on a detector besides `detect`: declared on the base class (detectors/base.py).
 HOOKS = ("update", "claims_run")
-FLAGS = ("owner_level", "reevaluates_runs_on_cip")
+FLAGS = ("owner_level", "reevaluates_runs_on_cip", "dated_by_first_event")
 
 
 def contexts() -> list[DetectContext]:
