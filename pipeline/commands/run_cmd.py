@@ -79,8 +79,11 @@ def register(app: typer.Typer) -> None:
             from pipeline.faults import store_down_while
 
             store_down_while(fault_store_down_file)
-        # `kill -USR1 PID` prints every thread's stack to stderr: what a worker that will not stop is waiting on
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        if stage in (StageName.ingest, StageName.dlq):
+            # `kill -USR1 PID` prints every thread's stack to stderr: what a stage that will not stop waits on. Not
+            # for detect / all: faust's worker installs its own SIGUSR1 handler over it (mode's `cry`: every thread's
+            # and task's stack, through its event loop); there the stop watchdog also dumps them at its deadline.
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
         logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger().setLevel(loglevel.upper())  # basicConfig is a no-op under the CLI's log_setup handler
         settings = load_settings(config)
