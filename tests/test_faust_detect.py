@@ -225,6 +225,46 @@ def test_kill_and_restart_gives_the_same_cases_once(tmp_path: Path, kafka_bootst
     assert {m["message_id"] for m in feed} == set(got["ids"]), "feed (after dedup) != case events"
 
 
+def test_allocations_fetched_past_the_journal_date_special_measures_as_the_replay(
+        tmp_path: Path, kafka_bootstrap: str, unique_topic, store) -> None:
+    """Topics are read in fetch order: a broker failover held the allocations partition back ~20 min of event time in
+    a chaos run, past the re-decide journal, and acct-sm's special-measures case was dated at its first window, not
+    at its reservation 300 s before (detectors/special_measures.py). Here its allocations come after every window:
+    the case is dated as the replay dates it, and every other case is the replay's."""
+    folder = simulate("demo", tmp_path / "demo")
+    items = delivery_order(folder)
+    held = [x for x in items if x[0] == "allocations" and x[1] == b"acct-sm"]
+    assert held and any(b'"reserved"' in v for _, _, v in held)
+    app_id, db = f"fl-{uuid.uuid4().hex[:10]}", f"faust_{uuid.uuid4().hex[:10]}"
+    topics = stage_topics(unique_topic, kafka_bootstrap, "fl", app_id)
+    dsn = f"chdb://{tmp_path / 'worker-store'}"
+    env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "TRAINWATCH_POLICY": "demo",
+           "TRAINWATCH_CLICKHOUSE_DSN": dsn, "TRAINWATCH_DATABASE": db, "TRAINWATCH_DATA_DIR": str(tmp_path / "var"),
+           "TRAINWATCH_MODEL_PATH": "rule", **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
+    env.pop("TRAINWATCH_CONFIG", None)
+    produce(kafka_bootstrap, topics, [x for x in items if x not in held])
+    log_path = tmp_path / "worker.log"
+    chain = [topics["windows"], topics["cip"], topics["allocations"], owners_topic(app_id), topics["detections"]]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--stage", "detect", "--app-id", app_id],
+                                env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: lag(kafka_bootstrap, app_id, chain) == 0, "consumer lag 0", proc, log_path,
+                     2 * DEADLINE_S)
+            produce(kafka_bootstrap, topics, held)  # the allocations partition back, hours of event time late
+            wait_for(lambda: lag(kafka_bootstrap, app_id, chain) == 0, "consumer lag 0", proc, log_path,
+                     2 * DEADLINE_S)
+            assert stop(proc, 30) == 0
+        finally:
+            reap(proc)
+    InProcessPipeline(store, load_policy("demo"), rule()).run(read_folder(folder))
+    expected = case_rows(store)
+    got = {tuple(c) for c in worker_cases(dsn, db)["cases"]}
+    sm = [c for c in expected if c[2] == "special_measures" and c[3] == "acct-sm"]
+    assert len(sm) == 1 and sm[0][4] == 1740963300.0  # the reservation's time (the simulator's demo, seed 0)
+    assert got == expected, (got ^ expected, log_path.read_text(errors="replace")[-3000:])
+
+
 def test_owner_accounts_on_different_partitions_are_summed(tmp_path: Path, kafka_bootstrap: str, unique_topic,
                                                           store) -> None:
     """The demo's split owner (own-shared-7: acct-split-a and acct-split-b, each below the threshold alone) with its
