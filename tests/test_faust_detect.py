@@ -150,11 +150,16 @@ def stop(proc: subprocess.Popen, timeout_s: float = 60) -> int:
     return proc.wait(timeout_s)
 
 
-def drain_and_stop(bootstrap: str, app_id: str, topics: dict[str, str], proc: subprocess.Popen, log: Path) -> None:
-    """Wait until the worker has committed every input (detect's, the owners', the cases'), then stop it."""
+def drained(bootstrap: str, app_id: str, topics: dict[str, str], proc: subprocess.Popen, log: Path) -> None:
+    """Wait until the worker has committed every input (detect's, the owners', the cases')."""
     inputs = [topics["windows"], topics["cip"], topics["allocations"], owners_topic(app_id), topics["detections"]]
     wait_for(lambda: lag(bootstrap, app_id, inputs) == 0, "consumer lag 0", proc, log, 2 * DEADLINE_S)
-    assert stop(proc, 30) is not None
+
+
+def drain_and_stop(bootstrap: str, app_id: str, topics: dict[str, str], proc: subprocess.Popen, log: Path) -> int:
+    """`drained`, then stop it; its exit code."""
+    drained(bootstrap, app_id, topics, proc, log)
+    return stop(proc, 30)
 
 
 def reap(proc: subprocess.Popen) -> None:
@@ -244,17 +249,13 @@ def test_allocations_fetched_past_the_journal_date_special_measures_as_the_repla
     env.pop("TRAINWATCH_CONFIG", None)
     produce(kafka_bootstrap, topics, [x for x in items if x not in held])
     log_path = tmp_path / "worker.log"
-    chain = [topics["windows"], topics["cip"], topics["allocations"], owners_topic(app_id), topics["detections"]]
     with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--stage", "detect", "--app-id", app_id],
                                 env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_for(lambda: lag(kafka_bootstrap, app_id, chain) == 0, "consumer lag 0", proc, log_path,
-                     2 * DEADLINE_S)
+            drained(kafka_bootstrap, app_id, topics, proc, log_path)
             produce(kafka_bootstrap, topics, held)  # the allocations partition back, hours of event time late
-            wait_for(lambda: lag(kafka_bootstrap, app_id, chain) == 0, "consumer lag 0", proc, log_path,
-                     2 * DEADLINE_S)
-            assert stop(proc, 30) == 0
+            assert drain_and_stop(kafka_bootstrap, app_id, topics, proc, log_path) == 0
         finally:
             reap(proc)
     InProcessPipeline(store, load_policy("demo"), rule()).run(read_folder(folder))
@@ -293,11 +294,7 @@ def test_owner_accounts_on_different_partitions_are_summed(tmp_path: Path, kafka
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--stage", "detect", "--app-id", app_id],
                                 env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
-            chain = [topics["windows"], topics["cip"], topics["allocations"], owners_topic(app_id),
-                     topics["detections"]]
-            wait_for(lambda: lag(kafka_bootstrap, app_id, chain) == 0, "consumer lag 0", proc, log_path,
-                     2 * DEADLINE_S)
-            assert stop(proc, 30) == 0
+            assert drain_and_stop(kafka_bootstrap, app_id, topics, proc, log_path) == 0
         finally:
             reap(proc)
 
