@@ -441,6 +441,29 @@ def test_a_redecided_detection_moves_knowledge_later_once_and_a_redelivery_chang
     assert not CaseBook(BIS, [case]).apply([first, later], {}, NOW + 240)
 
 
+def test_special_measures_keeps_its_earliest_date_whatever_order_its_versions_come_in():
+    """A finding dated by its first event (Detector.dated_by_first_event): after a restart the engine can make its
+    later dating again (from state before the earlier event was read again), which on Kafka dated the demo's acct-sm
+    case 300 s late (test_faust_detect, CI at 2324641). A later version is received and kept out; an earlier one
+    dates the case earlier, as any earlier finding does."""
+    sm = {"run": None, "reason": "special_measures", "detector": "special_measures", "evidence": {"matches": ["x"]}}
+    early, late = det(t=T0, **sm), det(t=T0 + 300, **sm)
+    assert early.detection_id == late.detection_id
+    book = CaseBook(BIS)
+    assert only(book.apply([early], {}, NOW)).knowledge_at == T0
+    out = book.apply([late], {}, NOW + 60)
+    case = only(out)
+    assert case.knowledge_at == T0 and case.due_at == T0 + 15 * DAY and case.status == "open"
+    assert case.evidence["detections"][early.detection_id]["event_time"] == T0
+    (event,) = out.events
+    assert event.action == "evidence_added" and event.details["kept"]["event_time"] == T0
+    assert not book.apply([late], {}, NOW + 120) and not book.apply([early], {}, NOW + 180)  # redeliveries
+    other = CaseBook(BIS)  # the other order: the later dating first, then the earlier one
+    assert only(other.apply([late], {}, NOW)).knowledge_at == T0 + 300
+    assert only(other.apply([early], {}, NOW + 60)).knowledge_at == T0
+    assert not other.apply([late], {}, NOW + 120)
+
+
 def test_a_redecided_detection_dates_the_case_from_the_other_findings_still_counted():
     book = CaseBook(BIS)
     used = det(t=T0)

@@ -19,7 +19,10 @@ Rules (ARCHITECTURE.md "Case semantics" 6-7):
   version replaces the old in the evidence; when the old one dated the case, knowledge_at is taken again from the
   latest version of each finding counted since the clock started, so it can move later (due_at with it): the
   event is `redecided` with knowledge_at / due_at from -> to, `why` and `supersedes` (the replaced version). A
-  detection the corrected history no longer makes is not withdrawn by the engine: it stands.
+  detection the corrected history no longer makes is not withdrawn by the engine: it stands. A finding dated by
+  its first event (special measures, `Detector.dated_by_first_event`) is the exception: a version dated later is
+  kept as received and changes nothing, so its date is the earliest of its versions in any arrival order (after a
+  restart the engine can make the later dating again before the earlier event is read again).
 - **Upgrades.** needs_review + reportable -> open ("confirmed"); monitored + needs_review/reportable -> that status
   ("escalated", e.g. a CIP update showed a foreign owner). The pipeline never downgrades a case (but see
   Revisions): only an analyst dismisses. acknowledged and reported cases take new evidence without a status change.
@@ -60,6 +63,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from detectors.foreign_person import determine
+from detectors.registry import registered
 from schemas import serde
 from schemas.case import LABEL_REASON_CODES, REPORTABLE_STATUSES, Case, CaseEvent, CaseLabel
 from schemas.cip import CipRecord
@@ -128,6 +132,13 @@ def case_id_for(det: Detection) -> str:
 def fingerprint(det: Detection) -> str:
     """Content hash of a whole detection: equal for a replay, different for any new figure."""
     return content_id("det", serde.dumps(det.model_dump(mode="json"), sort_keys=True).decode())
+
+
+def _dated_by_first_event(det: Detection) -> bool:
+    """Its detector dates it by the first qualifying event (Detector.dated_by_first_event): its versions' earliest
+    date holds, in whatever order they come (special measures; detectors/engine.py re-emits one only earlier)."""
+    cls = registered().get(det.detector_id)
+    return cls is not None and cls.dated_by_first_event
 
 
 def due_at(knowledge_at: float | None, reporting: Reporting) -> float | None:
@@ -456,6 +467,13 @@ class CaseBook:
         evidence = copy.deepcopy(case.evidence)
         # A detection id seen before with other content: the engine re-decided it; this version replaces the other.
         prev = evidence.setdefault("detections", {}).get(det.detection_id)
+        if prev is not None and _dated_by_first_event(det) and det.event_time >= prev["event_time"]:
+            # A finding dated by its first event is never dated later by another version: one made again after a
+            # restart, from state before the earlier event was read, is its first dating again (received, kept out)
+            evidence["versions"] = _with_version(evidence.get("versions", {}), det.detection_id, fp)
+            new = case.model_copy(update={"evidence": evidence})
+            return new, self._event(new, det, fp, "evidence_added", case.status, case.status, now,
+                                    {"kept": {"event_time": prev["event_time"], "why": "dated_by_first_event"}})
         evidence["detections"][det.detection_id] = _detection_entry(det, fp)
         evidence["versions"] = _with_version(evidence.get("versions", {}), det.detection_id, fp)
         status, knowledge, action = case.status, case.knowledge_at, "evidence_added"
