@@ -322,14 +322,14 @@ class AccountState(_Plain):
     def note_event(self, t: float, window_s: float) -> None:
         self.first_event = t if self.first_event is None else min(self.first_event, t)
         self.last_event = max(self.last_event, t)
-        sp = self.active
-        lo = 0
-        while lo < len(sp) and sp[lo][1] + window_s < t:
-            lo += 1
-        hi = lo
-        while hi < len(sp) and sp[hi][0] <= t + window_s:  # the spans [t, t + window) touches, merged with it
-            hi += 1
-        sp[lo:hi] = [[min([t] + [x[0] for x in sp[lo:hi]]), max([t] + [x[1] for x in sp[lo:hi]])]]
+        sp = self.active  # from the newest: an event in order touches the last span, one step
+        hi = len(sp)
+        while hi and sp[hi - 1][0] > t + window_s:
+            hi -= 1
+        lo = hi
+        while lo and sp[lo - 1][1] + window_s >= t:  # the spans [t, t + window) touches, merged with it
+            lo -= 1
+        sp[lo:hi] = [[min(t, sp[lo][0]), max(t, sp[hi - 1][1])] if lo < hi else [t, t]]
         del sp[: max(0, len(sp) - ACTIVE_SPANS_K)]
 
     def first_active_after(self, after: float, window_s: float) -> float | None:

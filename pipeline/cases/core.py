@@ -60,6 +60,7 @@ import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 
 from detectors.foreign_person import determine
@@ -134,10 +135,11 @@ def fingerprint(det: Detection) -> str:
     return content_id("det", serde.dumps(det.model_dump(mode="json"), sort_keys=True).decode())
 
 
-def _dated_by_first_event(det: Detection) -> bool:
+@cache
+def _dated_by_first_event(detector_id: str) -> bool:
     """Its detector dates it by the first qualifying event (Detector.dated_by_first_event): its versions' earliest
     date holds, in whatever order they come (special measures; detectors/engine.py re-emits one only earlier)."""
-    cls = registered().get(det.detector_id)
+    cls = registered().get(detector_id)
     return cls is not None and cls.dated_by_first_event
 
 
@@ -467,7 +469,7 @@ class CaseBook:
         evidence = copy.deepcopy(case.evidence)
         # A detection id seen before with other content: the engine re-decided it; this version replaces the other.
         prev = evidence.setdefault("detections", {}).get(det.detection_id)
-        if prev is not None and _dated_by_first_event(det) and det.event_time >= prev["event_time"]:
+        if prev is not None and _dated_by_first_event(det.detector_id) and det.event_time >= prev["event_time"]:
             # A finding dated by its first event is never dated later by another version: one made again after a
             # restart, from state before the earlier event was read, is its first dating again (received, kept out)
             evidence["versions"] = _with_version(evidence.get("versions", {}), det.detection_id, fp)
