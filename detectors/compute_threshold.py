@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from detectors.base import DetectContext, Detector, inquiry_text
@@ -33,6 +33,38 @@ def crossing(used_before: float, used: float, window_start: float, window_end: f
             return {"at": window_end, "reason": "compute_projected", "used": used, "projected": projected,
                     "rate_flops": rate, "reserved_until": reserved_until, "window_end": window_end,
                     "basis_of_time": "window end"}
+    return None
+
+
+def projected_after(seen: Mapping[str, Sequence[float]], used: float, after: float,
+                    reservations: Iterable[Mapping[str, Any]], *, threshold: float,
+                    window_s: float) -> dict[str, Any] | None:
+    """The projected crossing an in-order run makes once a reservation at `after` is known: at the first window end
+    t > after (a record at t acts after the windows ending by t) where used(t) + rate(t) x (reserved until - t)
+    reaches the threshold, the reservations known by then counted, as `crossing` would have found it; None when the
+    run's used compute reaches it first, or never. From the windows the run still remembers (`RunState.seen`,
+    "workload|start" -> [flop, ...]): used(t) is the run's total less what came after t."""
+    by_end: dict[float, float] = {}
+    for key, flop in seen.items():
+        end = float(key.rsplit("|", 1)[1]) + window_s
+        by_end[end] = by_end.get(end, 0.0) + float(flop[0])
+    resv = [(float(r["ts"]), float(r["until"])) for r in reservations if r.get("until") is not None]
+    later = 0.0
+    used_at: dict[float, float] = {}
+    for end in sorted(by_end, reverse=True):
+        used_at[end] = used - later
+        later += by_end[end]
+    for end in sorted(e for e in by_end if e > after):
+        if used_at[end] >= threshold:
+            return None  # the used crossing comes first here, as it does in `crossing`
+        until = max((u for ts, u in resv if ts < end), default=None)
+        if until is None:
+            continue
+        rate = by_end[end] / window_s
+        projected = used_at[end] + rate * max(0.0, until - end)
+        if projected >= threshold:
+            return {"at": end, "reason": "compute_projected", "used": used_at[end], "projected": projected,
+                    "rate_flops": rate, "reserved_until": until, "window_end": end, "basis_of_time": "window end"}
     return None
 
 

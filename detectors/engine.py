@@ -44,7 +44,7 @@ from typing import Any
 from detectors import registry
 from detectors.base import DetectContext, Detector
 from detectors.classifier_base import RuleClassifier, Verdict, WorkloadClassifier
-from detectors.compute_threshold import crossing
+from detectors.compute_threshold import crossing, projected_after
 from detectors.fields import field_of as _g
 from detectors.fields import finite_or_zero as _num
 from detectors.foreign_person import ForeignDetermination, determine
@@ -239,9 +239,10 @@ class DetectEngine:
         #: (pipeline/detect/tables.py); with it the journal's windows are persisted as references.
         self.window_source: Callable[[Mapping[str, Any]], Any] | None = None
         #: what re-deciding did: corrections re-decided, inputs applied again, detections re-emitted with other
-        #: content (superseding), detections the corrected history no longer makes (they stand), corrections too old
+        #: content (superseding), detections the corrected history no longer makes (they stand), corrections too old,
+        #: crossings re-dated by a reservation read after the windows past the journal (`_late_reservation`)
         self.redecided: dict[str, int] = {"corrections": 0, "rollbacks": 0, "inputs": 0, "superseded": 0, "stood": 0,
-                                          "too_old": 0, "late_inputs": 0}
+                                          "too_old": 0, "late_inputs": 0, "late_reservation": 0}
         self._verdicts: OrderedDict[bytes, Verdict] = OrderedDict()
 
     @property
@@ -761,7 +762,31 @@ class DetectEngine:
             acct.potential_prev = acct.potential
             acct.potential = sum(r["potential"] for r in acct.reservations.values())
             acct.potential_at = ev.ts
-        return self._run(self._ctx(ev.account_id), ev)
+        out = self._run(self._ctx(ev.account_id), ev)
+        if ev.kind in RESERVATION_KINDS and ev.reserved_until is not None:
+            out += self._late_reservation(ev, acct)
+        return out
+
+    def _late_reservation(self, ev: AllocationEvent, acct: AccountState) -> list[Detection]:
+        """A reservation applied after windows that end after it (read late, past the journal: in order, or put back
+        in its place by a re-decision, no window after it has been applied yet): each run of the account gets the
+        projected crossing the in-order run made (`projected_after`) when that is earlier than its own, and its
+        compute finding is made again, dated there (it supersedes under the same id)."""
+        th = self.policy.thresholds
+        out: list[Detection] = []
+        if not th.count_projected:
+            return out
+        for run in [r for r in self.runs.values() if r.account_id == ev.account_id and r.last_end > ev.ts]:
+            c = projected_after(run.seen, run.used, ev.ts, acct.reservations.values(), threshold=th.training_ops,
+                                window_s=self.window_s)
+            if c is None or (run.crossed is not None and c["at"] >= run.crossed.get("window_end", run.crossed["at"])):
+                continue
+            self.redecided["late_reservation"] += 1
+            run.crossed = c
+            verdict = Verdict.from_dict(run.verdict) if run.verdict else None
+            out += self._run(self._ctx(ev.account_id, run=run, verdict=verdict), ev, per_run_on_cip=True)
+            self._owners_after(ev.account_id, run, run.last_end, None)
+        return out
 
     def _apply_window(self, w: Any) -> list[Detection]:
         """Apply a window on_window has checked (every window in a journal came through it)."""

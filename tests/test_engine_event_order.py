@@ -165,3 +165,51 @@ def test_special_measures_re_dated_when_the_record_and_the_reservation_come_afte
     assert eng.redecided["late_inputs"] == 1
     assert [d.event_time for d in late if d.reason == "special_measures"] == [T0, T0 - 300]
     assert latest(late) == latest(in_order)
+
+
+@pytest.mark.parametrize("resv_at", [T0 - 300, T0 + W, T0 + 2 * W + 30])
+def test_a_reservation_read_after_the_windows_past_the_journal_dates_the_projected_crossing_as_in_order(
+        resv_at: float) -> None:
+    """The demo's acct-us-fo and acct-scope with allocations held back past the journal: their reservations came
+    after the runs had crossed on used compute, and the cases opened as compute_used, minutes late. The reservation
+    now re-dates the run's crossing to the window end the in-order run projected it at (the first one after the
+    reservation), superseding under the same id."""
+    resv = alloc("acct-f", "reserved", resv_at, count=8, reserved_until=T0 + 3600)
+    wins = [window("wl-f", "acct-f", i, flop=3e17) for i in range(8)]
+    in_order, _ = run([cip("acct-f"), *[w for w in wins if w.window_end <= resv_at], resv,
+                       *[w for w in wins if w.window_end > resv_at]], redecide_s=2 * W)
+    late, eng = run([cip("acct-f"), *wins, resv], redecide_s=2 * W)
+    assert eng.redecided["late_inputs"] == 0 and eng.redecided["late_reservation"] == 1
+    want = {d.event_time for d in in_order if d.reason == "compute_projected"}
+    assert want == {max(T0 + W, (resv_at // W + 1) * W)}
+    assert [d.reason for d in late if d.detector_id == "compute_threshold"] == ["compute_used", "compute_projected"]
+    # the used crossing already emitted stands (another finding of the same run's case, dated later); the case
+    # is dated by its earliest finding, the projected one, as in order
+    extra = {k: v for k, v in latest(late).items() if k not in latest(in_order)}
+    assert [r for _, r, _ in extra.values()] == ["compute_used"] and min(t for _, _, t in extra.values()) > min(want)
+    assert {k: v for k, v in latest(late).items() if k not in extra} == latest(in_order)
+    (run_state,) = eng.runs.values()
+    assert run_state.crossed["at"] == min(want) and run_state.crossed["used"] == pytest.approx(
+        3e17 * ((min(want) - T0) / W))
+
+
+def test_a_reservation_read_after_a_run_crossed_before_it_changes_nothing() -> None:
+    """A reservation made after the run's used crossing: the in-order run crossed on used compute first too."""
+    wins = [window("wl-f", "acct-f", i, flop=3e17) for i in range(8)]
+    resv = alloc("acct-f", "reserved", T0 + 5 * W, count=8, reserved_until=T0 + 3600)
+    late, eng = run([cip("acct-f"), *wins, resv], redecide_s=2 * W)
+    in_order, _ = run([cip("acct-f"), *wins[:5], resv, *wins[5:]], redecide_s=2 * W)
+    assert eng.redecided["late_reservation"] == 0 and latest(late) == latest(in_order)
+    assert [d.reason for d in late if d.detector_id == "compute_threshold"] == ["compute_used"]
+
+
+def test_a_reservation_read_late_before_the_run_crossed_dates_it_at_once() -> None:
+    """Below the threshold on used compute, the late reservation makes the projected crossing now, dated at the
+    first window after it (not at the next window to come)."""
+    wins = [window("wl-f", "acct-f", i, flop=3e17) for i in range(3)]
+    resv = alloc("acct-f", "reserved", T0 - 300, count=8, reserved_until=T0 + 3600)
+    late, eng = run([cip("acct-f"), *wins, resv], redecide_s=W)
+    in_order, _ = run([cip("acct-f"), resv, *wins], redecide_s=W)
+    assert latest(late) == latest(in_order) and eng.redecided["late_reservation"] == 1
+    assert [(d.reason, d.event_time) for d in late if d.detector_id == "compute_threshold"] == [
+        ("compute_projected", T0 + W)]
