@@ -32,15 +32,19 @@ from pipeline.classifier_loader import load_classifier
 from pipeline.ingest.aggregate import WindowConfig
 from pipeline.runner import InProcessPipeline
 from pipeline.settings import load_settings
-from pipeline.sources import read_folder
+from pipeline.sources import held_back, read_folder
 from pipeline.store import Store
 from schemas.policy import load_policy
 settings = load_settings()
 policy = load_policy(sys.argv[4])
+records = read_folder(Path(sys.argv[1]))
+if len(sys.argv) > 6:  # one stream held back: "stream:seconds" (benchmarks/late_inputs.py)
+    stream, delay = sys.argv[6].split(":")
+    records = held_back(records, stream, float(delay))
 with Store.connect(sys.argv[2], sys.argv[3]) as store:
     res = InProcessPipeline(store, policy, load_classifier(settings.model_path, policy),
                             window=WindowConfig.from_settings(settings), batch_size=settings.ingest.batch_size,
-                            telemetry_partitions=int(sys.argv[5])).run(read_folder(Path(sys.argv[1])))
+                            telemetry_partitions=int(sys.argv[5])).run(records)
     cases = [{"case_id": c.case_id, "policy": c.policy_id, "status": c.status, "reason": c.reason,
               "subject": c.beneficial_owner_id or c.account_id, "run_id": c.run_id, "knowledge_at": c.knowledge_at,
               "due_at": c.due_at} for c in store.list_cases()]
@@ -51,12 +55,14 @@ with Store.connect(sys.argv[2], sys.argv[3]) as store:
 """
 
 
-def run(folder: Path, policy: str, partitions: int, tmp: Path) -> dict[str, Any]:
-    dsn, db = f"chdb://{tmp / f'p{partitions}'}", f"part_{partitions}"
-    res = subprocess.run([sys.executable, "-c", RUN_SCRIPT, str(folder), dsn, db, policy, str(partitions)], cwd=REPO,
-                         capture_output=True, text=True, timeout=1800)
+def run(folder: Path, policy: str, partitions: int, tmp: Path, hold: tuple[str, float] | None = None) -> dict[str, Any]:
+    """One in-process run in its own process: its cases and detections. `hold`: (stream, seconds) delivered late."""
+    name = (f"p{partitions}" + (f"_{hold[0]}_{hold[1]:g}" if hold else "")).replace(".", "_").replace("-", "m")
+    extra = [f"{hold[0]}:{hold[1]!r}"] if hold else []
+    res = subprocess.run([sys.executable, "-c", RUN_SCRIPT, str(folder), f"chdb://{tmp / name}", name, policy,
+                          str(partitions), *extra], cwd=REPO, capture_output=True, text=True, timeout=1800)
     if res.returncode != 0:
-        raise SystemExit(f"partitions={partitions} failed: {res.stderr[-2000:]}")
+        raise SystemExit(f"{name} failed: {res.stderr[-2000:]}")
     return orjson.loads(res.stdout.strip().splitlines()[-1])
 
 

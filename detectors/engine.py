@@ -56,6 +56,7 @@ from detectors.state import (
     REDECIDE_S,
     REPLACE_HORIZON_S,
     SOURCE_WINDOWS_K,
+    SPELLS_K,
     AccountState,
     OwnerState,
     RunState,
@@ -771,7 +772,9 @@ class DetectEngine:
         """A reservation applied after windows that end after it (read late, past the journal: in order, or put back
         in its place by a re-decision, no window after it has been applied yet): each run of the account gets the
         projected crossing the in-order run made (`projected_after`) when that is earlier than its own, and its
-        compute finding is made again, dated there (it supersedes under the same id)."""
+        compute finding is made again, dated there, on the verdict the run had then and on each one since
+        (`RunState.spells`): a young run's `uncertain` opens needs_review as it did in order, though the run is
+        confidently not_training by now."""
         th = self.policy.thresholds
         out: list[Detection] = []
         if not th.count_projected:
@@ -783,8 +786,13 @@ class DetectEngine:
                 continue
             self.redecided["late_reservation"] += 1
             run.crossed = c
-            verdict = Verdict.from_dict(run.verdict) if run.verdict else None
-            out += self._run(self._ctx(ev.account_id, run=run, verdict=verdict), ev, per_run_on_cip=True)
+            # decided as the in-order run was: on the verdict of the crossing's time, then each one after it
+            now = run.verdict
+            for v in run.verdicts_from(c["at"]) or [now]:
+                run.verdict = v
+                ctx = self._ctx(ev.account_id, run=run, verdict=Verdict.from_dict(v) if v else None)
+                out += self._run(ctx, ev, per_run_on_cip=True)
+            run.verdict = now
             self._owners_after(ev.account_id, run, run.last_end, None)
         return out
 
@@ -878,6 +886,7 @@ class DetectEngine:
         judged = VerdictSummary.from_dict(old.judged)  # the young run's parts are the newer ones
         judged.merge(VerdictSummary.from_dict(run.judged))
         run.judged = judged.to_dict()
+        run.spells = sorted(run.spells + old.spells, key=lambda sp: sp["t"])[-SPELLS_K:]
         run.history = sorted(run.history + old.history, key=lambda h: h["window_start"])[-HISTORY_K:]
         run.source_windows = (run.source_windows + [w for w in old.source_windows
                                                     if w not in run.source_windows])[-SOURCE_WINDOWS_K:]
@@ -926,6 +935,8 @@ class DetectEngine:
         since = prev.get("since") if prev.get("band") == verdict.band else (start if not prev else end)
         run.verdict = {**verdict.to_dict(), "since": since,
                        "basis": s.basis(tail, open_n)}
+        if is_new and end >= run.last_end:
+            run.note_spell(end)
         if is_new:  # windows judged per band: a corrected window was counted when it first came
             run.bands_seen[verdict.band] = run.bands_seen.get(verdict.band, 0) + 1
         return verdict

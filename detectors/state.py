@@ -23,6 +23,7 @@ REPLACE_HORIZON_S = 3660.0
 #: disjoint stretches of activity an account remembers (AccountState.active): its oldest are forgotten past this
 ACTIVE_SPANS_K = 64
 SOURCE_WINDOWS_K = 32
+SPELLS_K = 8  # a run's verdicts kept at the start of each band spell (RunState.spells): the newest
 RUN_IDS_K = 16  # job / workload ids (and accelerator models) kept in a run's description: the newest
 NAMES_K = 16  # out-of-distribution features / missing fields kept in a run's verdict summary (the first named)
 
@@ -231,6 +232,9 @@ class RunState(_Plain):
     basis: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     verdict: dict[str, Any] | None = None  # the run-level verdict (VerdictSummary.decide) and since when
+    #: the run verdict at the first window of each band spell, with that window's end `t` (the newest SPELLS_K): a
+    #: crossing re-dated into the past is decided on the verdict of its time (DetectEngine._late_reservation)
+    spells: list[dict[str, Any]] = field(default_factory=list)
     judged: dict[str, Any] = field(default_factory=dict)  # VerdictSummary: the verdicts over the whole run
     bands_seen: dict[str, int] = field(default_factory=dict)
     crossed: dict[str, Any] | None = None  # first crossing: at, reason, figures (whatever the person's status)
@@ -242,6 +246,18 @@ class RunState(_Plain):
     node_count: int = 0
     job_ids: list[str] = field(default_factory=list)
     workload_ids: list[str] = field(default_factory=list)
+
+    def note_spell(self, end: float) -> None:
+        """Record the run verdict (just set for the window ending `end`) when its band differs from the last spell's."""
+        if self.verdict is not None and (not self.spells or self.spells[-1]["band"] != self.verdict["band"]):
+            self.spells.append({**self.verdict, "t": end})
+            del self.spells[:-SPELLS_K]
+
+    def verdicts_from(self, t: float) -> list[dict[str, Any]]:
+        """The run verdicts in force from `t` on: the spell `t` falls in (the oldest kept, if `t` is older) and every
+        later one (without `t`)."""
+        k = max([i for i, sp in enumerate(self.spells) if sp["t"] <= t], default=0)
+        return [{k2: v for k2, v in sp.items() if k2 != "t"} for sp in self.spells[k:]]
 
     def describe_window(self, *, workload_id: str, job_id: str | None, accelerators: Mapping[str, Any] | None,
                         device_count: Any, node_count: Any) -> None:

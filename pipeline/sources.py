@@ -3,12 +3,14 @@
 Telemetry lines are delivered in file order — the order a stream delivers them, late and duplicated ones
 included. CIP records and allocation events are interleaved by event time: each is delivered once the telemetry
 stream's newest event time has reached it, so a CIP record dated after the telemetry also *arrives* after it.
+`held_back` delivers one stream late, as a partition a broker failover holds back would be (benchmarks/late_inputs.py).
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,3 +87,21 @@ def _ts_prefix(line: bytes) -> float | None:
         except ValueError:
             return None
     return _event_time(line, "ts")
+
+
+def held_back(records: Iterable[Record], stream: str, delay_s: float) -> Iterator[Record]:
+    """`records` with one stream delivered `delay_s` of event time late: each of its records comes once the other
+    streams have reached its event time + `delay_s` (one without an event time: `delay_s` after the newest time
+    seen when it came), the rest at the end. Each stream keeps its own order; nothing is dropped."""
+    held: deque[tuple[float, Record]] = deque()
+    newest = float("-inf")
+    for rec in records:
+        if rec.stream == stream:
+            held.append(((rec.ts if rec.ts is not None else newest) + delay_s, rec))
+            continue
+        if rec.ts is not None:
+            newest = max(newest, rec.ts)
+        while held and held[0][0] <= newest:
+            yield held.popleft()[1]
+        yield rec
+    yield from (rec for _, rec in held)

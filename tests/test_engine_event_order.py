@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from detectors.classifier_base import Verdict
 from detectors.engine import DetectEngine
 from detectors.state import AccountState
 from schemas.detection import Detection
@@ -213,3 +214,33 @@ def test_a_reservation_read_late_before_the_run_crossed_dates_it_at_once() -> No
     assert latest(late) == latest(in_order) and eng.redecided["late_reservation"] == 1
     assert [(d.reason, d.event_time) for d in late if d.detector_id == "compute_threshold"] == [
         ("compute_projected", T0 + W)]
+
+
+class _YoungUncertain:
+    """Uncertain on a run's first 3 windows (as the shipped model's short-history rule), then confidently and
+    explainedly not_training: a not_training that closes the question under the demo policy."""
+
+    def predict(self, history: Any) -> Verdict:
+        if len(history) < 4:
+            return Verdict(0.5, "uncertain", [], "young", "", reasons=("short_history",), in_distribution=True)
+        return Verdict(0.01, "not_training", [("mean_gpu_util", -0.4)], "young", "", in_distribution=True)
+
+
+def test_a_reservation_read_late_decides_the_re_dated_crossing_on_the_verdict_of_its_time() -> None:
+    """The scope scenario's reservation-growth accounts with allocations delayed 1500 s: the runs were projected over
+    the threshold at their first window, uncertain then (needs_review in order); read late, the reservation found
+    them confidently not_training and the case was lost. The re-dated crossing is decided on the verdict the run had
+    at its time, and on each one after it."""
+    resv = alloc("acct-f", "reserved", T0 - 300, count=8, reserved_until=T0 + 20 * 3600)
+    wins = [window("wl-f", "acct-f", i, flop=1e15, features=INFERENCE) for i in range(10)]
+    in_order, _ = run([cip("acct-f"), resv, *wins], classifier=_YoungUncertain())
+    late, eng = run([cip("acct-f"), *wins, resv], classifier=_YoungUncertain(), redecide_s=2 * W)
+    assert [(d.outcome, d.reason, d.event_time) for d in in_order if d.detector_id == "compute_threshold"] == [
+        ("needs_review", "compute_projected", T0 + W)]
+    def compute(dets: list[Detection]) -> dict[str, tuple[str, str, float]]:
+        return latest([d for d in dets if d.detector_id == "compute_threshold"])
+
+    # (the reservation's change in scope, an info finding, is not re-decided past the journal)
+    assert eng.redecided["late_reservation"] == 1 and compute(late) == compute(in_order)
+    (r,) = eng.runs.values()
+    assert [sp["band"] for sp in r.spells] == ["uncertain", "not_training"] and r.verdict["band"] == "not_training"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import orjson
 
-from pipeline.sources import read_folder
+from pipeline.sources import Record, held_back, read_folder
 
 T0 = 1_740_960_000.0
 
@@ -33,3 +33,18 @@ def test_a_jump_that_two_lines_confirm_is_taken(tmp_path: Path) -> None:
     ts = [T0 + 10 * i for i in range(10)] + [T0 + 7200 + 10 * i for i in range(10)]
     _write(tmp_path, ts, T0 + 3600)
     assert _cip_position(tmp_path) == 11  # released as the jump's second line comes, not held to the end
+
+
+def test_held_back_delivers_one_stream_late_and_keeps_every_record() -> None:
+    recs = [Record("telemetry", i, b"", 100.0 + 10 * i) for i in range(10)]
+    recs[3:3] = [Record("allocations", 0, b"", 105.0), Record("allocations", 1, b"", None)]
+    recs.insert(6, Record("cip", 0, b"", 120.0))
+    got = list(held_back(recs, "allocations", 30.0))
+    assert sorted(got, key=id) == sorted(recs, key=id)
+    order = [(r.stream, r.offset) for r in got]
+    # 105 + 30 = 135: just before the telemetry at 140 passes it (as read_folder releases side records); the one
+    # without a time: 120 (the newest when it came) + 30, before the telemetry at 150
+    assert order.index(("allocations", 0)) == order.index(("telemetry", 4)) - 1
+    assert order.index(("allocations", 1)) == order.index(("telemetry", 5)) - 1
+    assert [r.offset for r in got if r.stream == "telemetry"] == list(range(10))
+    assert [r.stream for r in held_back(recs, "allocations", 1e9)][-2:] == ["allocations", "allocations"]
