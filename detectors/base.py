@@ -62,6 +62,10 @@ class Detector:
     #: earlier (that event was fetched late: topics are read in fetch order) supersedes the one emitted under its id,
     #: as the replay, which read it in order, would have dated it; one dated later is the same finding, not emitted.
     dated_by_first_event: ClassVar[bool] = False
+    #: True: its `detect` reads a run's crossing (`ctx.run.crossed`), so when a reservation read late re-dates the
+    #: crossing (DetectEngine._late_reservation) the engine calls `detect(ctx, None)` again (not `update`: the
+    #: reservation was folded in already) with the run's context, once per verdict the run has had since then.
+    reads_run_crossing: ClassVar[bool] = False
 
     def update(self, state: DetectContext, event: Any) -> None:
         """Fold `event` into state this detector keeps (in `state.account`); `detect` then only reads it.
@@ -71,7 +75,8 @@ class Detector:
         """
 
     def detect(self, state: DetectContext, event: Any) -> list[Detection]:
-        """The detections `event` (a window, CIP record or allocation; None from the owner aggregator) causes."""
+        """The detections `event` (a window, CIP record or allocation; None from the owner aggregator, or for a run
+        whose crossing was re-dated: `reads_run_crossing`) causes."""
         raise NotImplementedError
 
     def claims_run(self, det: Detection) -> bool:

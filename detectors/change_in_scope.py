@@ -38,6 +38,7 @@ class ChangeInScope(Detector):
     maturity = "experimental"
     description = "An account's use grows from below the training threshold to above it, or leaves its baseline."
     example_params: ClassVar[dict[str, Any]] = {"min_baseline_s": 1800.0, "dwell": 3}
+    reads_run_crossing = True  # scope_grew: a run crossing after use below the threshold
 
     def __init__(self, **params: Any) -> None:
         self.params = ScopeParams(**params)

@@ -96,6 +96,7 @@ class ComputeThreshold(Detector):
     maturity = "test"
     description = "A run's used or projected compute reaches the policy's training threshold ('could result in')."
     reevaluates_runs_on_cip = True  # a late CIP record can make a crossed run's customer foreign (rule 6)
+    reads_run_crossing = True
 
     def claims_run(self, det: Detection) -> bool:
         """A reportable or needs_review run case is the run's own: it leaves its owners' sums (rule 4)."""

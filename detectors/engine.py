@@ -24,7 +24,8 @@ values replace; the owner's log re-decides its crossing, detectors/owner_aggrega
 window's figures and the decisions stand. A first delivery that comes after later inputs of its account (a window or
 an allocation fetched late) goes back to its event-time place the same way (`_late_at`): decisions come out as if it
 had come in order; past the journal it is applied where it comes, and only a detector dated by its first event
-(`Detector.dated_by_first_event`: special measures) re-dates what it emitted, to the earlier event (never later). The
+(`Detector.dated_by_first_event`: special measures) re-dates what it emitted, to the earlier event (never later), and
+a reservation re-dates a run's projected crossing to where the in-order run made it (`_late_reservation`). The
 journal survives a restart (`journal_to_dict` / `load_journal`, in the account's part of the
 split state): the snapshot of its oldest step and every step's inputs; a restored engine retakes the other steps'
 snapshots by applying the inputs again silently, only for an account a correction reaches (`_ready`). Several
@@ -307,15 +308,19 @@ class DetectEngine:
                              self.cips.get(account_id), acct, run, list(rec.workloads) if rec else [],
                              list(rec.stitched) if rec else [], owner, verdict, acct.foreign_since)
 
-    def _run(self, ctx: DetectContext, event: Any, per_run_on_cip: bool = False) -> list[Detection]:
-        """Each account-level detector (or only those that `reevaluates_runs_on_cip`) over (ctx, event): `update`,
-        then `detect`. One detector's exception is counted and the rest still run."""
+    def _run(self, ctx: DetectContext, event: Any, per_run_on_cip: bool = False,
+             crossing_again: bool = False) -> list[Detection]:
+        """Each account-level detector (or only those that `reevaluates_runs_on_cip`, or `detect` alone of those that
+        `reads_run_crossing` with `crossing_again`) over (ctx, event): `update`, then `detect`. One detector's
+        exception is counted and the rest still run."""
         out: list[Detection] = []
         for d in self.detectors:
-            if d.owner_level or (per_run_on_cip and not d.reevaluates_runs_on_cip):
+            if d.owner_level or (per_run_on_cip and not d.reevaluates_runs_on_cip) or (
+                    crossing_again and not d.reads_run_crossing):
                 continue
             try:
-                d.update(ctx, event)  # state a detector keeps is folded in first; detect only reads
+                if not crossing_again:
+                    d.update(ctx, event)  # state a detector keeps is folded in first; detect only reads
                 found = d.detect(ctx, event)
             except Exception:  # errors are data: count it per detector, never stop the stream
                 self.errors[d.id] = self.errors.get(d.id, 0) + 1
@@ -791,7 +796,7 @@ class DetectEngine:
             for v in run.verdicts_from(c["at"]) or [now]:
                 run.verdict = v
                 ctx = self._ctx(ev.account_id, run=run, verdict=Verdict.from_dict(v) if v else None)
-                out += self._run(ctx, ev, per_run_on_cip=True)
+                out += self._run(ctx, None, crossing_again=True)
             run.verdict = now
             self._owners_after(ev.account_id, run, run.last_end, None)
         return out

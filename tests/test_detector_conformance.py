@@ -15,7 +15,7 @@ from tests.detector_builders import T0, W, alloc, cip, demo, window
 POLICY = demo()
 #: What the engine may call on a detector besides `detect`: declared on the base class (detectors/base.py).
 HOOKS = ("update", "claims_run")
-FLAGS = ("owner_level", "reevaluates_runs_on_cip", "dated_by_first_event")
+FLAGS = ("owner_level", "reevaluates_runs_on_cip", "dated_by_first_event", "reads_run_crossing")
 
 
 def contexts() -> list[DetectContext]:
@@ -81,6 +81,8 @@ def test_detector_declares_its_hooks(det_id):
     for ctx in contexts():  # fresh contexts: update may write into ctx.account
         for ev in events():
             assert d.update(ctx, ev) is None
+        if cls.reads_run_crossing:  # called with no event when a late reservation re-dates a run's crossing
+            assert all(det.detector_id == cls.id for det in d.detect(ctx, None))
 
 
 def test_registry_is_the_one_list():
