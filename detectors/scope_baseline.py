@@ -23,6 +23,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+#: Levels of use kept for a reservation read late (ScopeBaseline.levels): the first and the newest moves.
+LEVELS_K = 32
+#: A move of the baseline's log scale that is kept as a new level (5 %: the reservation test is x-fold).
+LEVEL_STEP = 0.05
 RATE_FLOOR = 1e12  # FLOP/s: below this a rate is "idle", so x-fold from nothing is not a change
 
 
@@ -133,6 +137,11 @@ class ScopeBaseline:
     #: Dips under p_low held in the open dwell (grown devices, P flickering): bounded by `dwell`, so a run that stays
     #: under p_low still ends the dwell and is folded as before. 0 in state saved before this field existed.
     held: int = 0
+    #: [window end, log scale] where the established baseline's scale first stood and then moved by LEVEL_STEP (the
+    #: first and the newest LEVELS_K - 1), and when it became established: a reservation read after later windows
+    #: (held back past the engine's journal) is compared with the use of its own time, as in order.
+    levels: list[list[float]] = field(default_factory=list)
+    established_at: float | None = None
 
     # -- plain data ------------------------------------------------------------------------------------------
 
@@ -148,8 +157,9 @@ class ScopeBaseline:
         kw = {k: v for k, v in d.items() if k in names}
         if "pending" in kw:
             kw["pending"] = {k: {w: list(x) for w, x in v.items()} for k, v in kw["pending"].items()}
-        if "candidate" in kw:
-            kw["candidate"] = [list(c) for c in kw["candidate"]]
+        for k in ("candidate", "levels"):
+            if k in kw:
+                kw[k] = [list(c) for c in kw[k]]
         return cls(**kw)
 
     # -- views ----------------------------------------------------------------------------------------------
@@ -188,20 +198,42 @@ class ScopeBaseline:
         # A bucket is closed once a later window end is seen (the ingest emits windows in watermark order).
         for k in sorted((k for k in self.pending if float(k) < self.latest_end), key=float):
             out += self._judge(float(k), window_s, self.pending.pop(k), params, known_at=self.latest_end)
+            self._note_level(float(k), params)
         return out
+
+    def _note_level(self, end: float, params: ScopeParams) -> None:
+        if not self.established(params):
+            return
+        if self.established_at is None:
+            self.established_at = end
+        if not self.levels or abs(self.levels[-1][1] - self.log_scale) >= LEVEL_STEP:
+            self.levels.append([end, self.log_scale])
+            if len(self.levels) > LEVELS_K:
+                del self.levels[1]
+
+    def _scale_at(self, t: float) -> float | None:
+        """The established baseline's scale at event time `t` (None: not established then), from `levels`: as the
+        buckets judged before `t` left it (in order a bucket is judged once a later window end is seen)."""
+        if self.established_at is None or t <= self.established_at or not self.levels:
+            return None
+        return math.exp(max((lv for lv in self.levels if lv[0] < t), key=lambda lv: lv[0],
+                            default=self.levels[0])[1])
 
     def observe_reservation(self, *, t: float, reserved_devices: float, params: ScopeParams) -> Change | None:
         """Reserved devices now; a reservation x-fold the established use (and the previous reservation)."""
         before = self.reserved
         self.reserved = max(0.0, reserved_devices)
-        if not self.established(params):
+        # read after later windows (past the engine's journal): the use of its own time, as in order
+        scale = self._scale_at(t) if t < self.latest_end else (self.scale if self.established(params) else None)
+        if scale is None:
             return None
-        ref = max(before, self.scale, 1.0)
+        ref = max(before, scale, 1.0)
         if self.reserved < params.scale_factor * ref or self.reserved - ref < params.min_devices_added:
             return None
         self.changes += 1
         change = {"what": "reserved_devices", "before": ref, "after": self.reserved, "factor": self.reserved / ref}
-        return Change("reservation", t, t, [change], self.level(), {"reserved_devices": self.reserved})
+        return Change("reservation", t, t, [change], {**self.level(), "devices": scale},
+                      {"reserved_devices": self.reserved})
 
     # -- the change test ------------------------------------------------------------------------------------
 

@@ -242,3 +242,21 @@ def test_a_reservation_read_late_decides_the_re_dated_crossing_on_the_verdict_of
     assert eng.redecided["late_reservation"] == 1 and latest(late) == latest(in_order)
     (r,) = eng.runs.values()
     assert [sp["band"] for sp in r.spells] == ["uncertain", "not_training"] and r.verdict["band"] == "not_training"
+
+
+def test_a_reservation_read_late_is_compared_with_the_use_of_its_own_time() -> None:
+    """The demo's acct-scope with allocations 1500 s late: its reservation grew while the account used a few devices
+    (reservation_outgrew_use in order), but it was read after the use had grown too, and nothing was found. The
+    scope baseline keeps its levels of use (ScopeBaseline.levels), so the reservation meets the use of its time."""
+    resv = alloc("acct-g", "reserved", T0 + 40 * W - 30, count=64, reserved_until=T0 + 7200)
+    wins = [window("wl-g", "acct-g", i, flop=1e12, devices=2 if i < 45 else 64, nodes=1 if i < 45 else 8)
+            for i in range(60)]
+    in_order, _ = run([cip("acct-g"), *wins[:40], resv, *wins[40:]])
+    late, eng = run([cip("acct-g"), *wins, resv], redecide_s=2 * W)
+
+    def outgrew(dets: list[Detection]) -> list[float]:
+        return [d.event_time for d in dets if d.reason == "reservation_outgrew_use"]
+
+    assert outgrew(in_order) == [T0 + 40 * W - 30]
+    assert outgrew(late) == outgrew(in_order) and eng.redecided["late_inputs"] == 0
+    assert latest(late) == latest(in_order)
