@@ -794,7 +794,7 @@ class DetectEngine:
             # decided as the in-order run was: on the verdict of the crossing's time, then each one after it
             now = run.verdict
             for v in run.verdicts_from(c["at"]) or [now]:
-                run.verdict = v
+                run.verdict = {**(now or {}), **(v or {})} or None
                 ctx = self._ctx(ev.account_id, run=run, verdict=Verdict.from_dict(v) if v else None)
                 out += self._run(ctx, None, crossing_again=True)
             run.verdict = now

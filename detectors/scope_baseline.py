@@ -202,6 +202,7 @@ class ScopeBaseline:
         return out
 
     def _note_level(self, end: float, params: ScopeParams) -> None:
+        """Keep the established level after the bucket ending at `end` was judged, when it moved (`levels`)."""
         if not self.established(params):
             return
         if self.established_at is None:

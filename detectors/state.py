@@ -248,9 +248,10 @@ class RunState(_Plain):
     workload_ids: list[str] = field(default_factory=list)
 
     def note_spell(self, end: float) -> None:
-        """Record the run verdict (just set for the window ending `end`) when its band differs from the last spell's."""
+        """Record the run verdict (just set for the window ending `end`) when its band differs from the last spell's;
+        without its `basis` (the blocks it was judged on: half its size, and no detector decides on it)."""
         if self.verdict is not None and (not self.spells or self.spells[-1]["band"] != self.verdict["band"]):
-            self.spells.append({**self.verdict, "t": end})
+            self.spells.append({**{k: v for k, v in self.verdict.items() if k != "basis"}, "t": end})
             del self.spells[:-SPELLS_K]
 
     def verdicts_from(self, t: float) -> list[dict[str, Any]]:
