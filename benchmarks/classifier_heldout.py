@@ -16,6 +16,9 @@ Results go, with commit and date, under `heldout_families` of the results file (
 run cut short keeps what it measured; `complete` says whether all were done).
 
     nice -n 10 .venv/bin/python -m benchmarks.classifier_heldout [--families a,b] [--recipe NAME] [--out FILE]
+
+`--loso` instead runs `pipeline.model_eval.loso_simulated` with the recipe (the table "seed 11, each source family
+held out whole" of the model card: as sent, full DCGM, nvidia-smi only), under `loso_<recipe>`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 import numpy as np
 
 import pipeline
-from pipeline.model_eval import HELDOUT_FAMILIES, _outcomes, _smi_view, binary_metrics
+from pipeline.model_eval import HELDOUT_FAMILIES, _outcomes, _smi_view, binary_metrics, loso_simulated
 from pipeline.model_train import Dataset, build_model, simulated_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "classifier_lofo.json"
@@ -57,6 +60,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON (its other keys are kept)")
     ap.add_argument("--recipe", default="base", help="a recipe of benchmarks/classifier_levers.py (base: the shipped "
                     "one, written under heldout_families; another under heldout_families_<recipe>)")
+    ap.add_argument("--loso", action="store_true", help="instead: leave-one-family-out on the test seed "
+                    "(pipeline.model_eval.loso_simulated: as sent, full DCGM, nvidia-smi only), under loso_<recipe>")
     args = ap.parse_args()
     from benchmarks.classifier_levers import RECIPES  # (it imports this module)
 
@@ -64,6 +69,9 @@ def main() -> None:
     key = "heldout_families" if args.recipe == "base" else f"heldout_families_{args.recipe}"
     fams = tuple(f for f in args.families.split(",") if f)
     t0 = time.perf_counter()
+    if args.loso:
+        _loso(args, params, t0)
+        return
     train, test = (_dataset(seed, args.scale, args.cache) for seed in (args.train_seed, args.test_seed))
     block: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": _commit(),
@@ -86,6 +94,20 @@ def main() -> None:
     block["complete"] = True
     block["elapsed_s"] = round(time.perf_counter() - t0, 1)
     _write(args.out, key, block)
+
+
+def _loso(args: argparse.Namespace, params: dict[str, Any], t0: float) -> None:
+    """`loso_simulated` with the recipe on the test seed's histories: every source family held out in turn."""
+    res = loso_simulated(_dataset(args.test_seed, args.scale, args.cache), params)
+    block = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": _commit(),
+             "command": f"nice -n 10 python -m benchmarks.classifier_heldout --loso --recipe {args.recipe}",
+             "recipe": args.recipe, "params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
+             "seed": args.test_seed, "scale": args.scale,
+             **{k: {"confident": res[k]["confident"], "stakes": res[k]["stakes"], "confusion": res[k]["confusion"]}
+                for k in ("as_sent", "full_dcgm", "smi_only")},
+             "elapsed_s": round(time.perf_counter() - t0, 1)}
+    _write(args.out, f"loso_{args.recipe}", block)
+    print(json.dumps({k: block[k]["confident"] for k in ("as_sent", "full_dcgm", "smi_only")}), flush=True)
 
 
 def _dataset(seed: int, scale: float, cache: Path | None) -> Dataset:

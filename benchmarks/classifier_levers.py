@@ -68,6 +68,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "leaves7_min80_young": {f"{GBM}max_leaf_nodes": 7, f"{GBM}min_samples_leaf": 80, YOUNG: True},
     # 6.1's kind support on confident training calls too (shipped: not_training calls only)
     "kind_training": {"kind_bands": ("not_training", "training")},
+    # ... on the nvidia-smi tier's training calls only (the full-DCGM figure cannot move; real traces are smi-level)
+    "kind_training_smi": {"kind_bands": ("not_training", "smi:training")},
 }
 KNN_SCALES = (0.727, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)
 

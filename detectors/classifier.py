@@ -570,7 +570,8 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
     training, `groups` the source each history came from (a whole group is held out per calibration fold), `kinds`
     (optional) the kind of work each is (e.g. "serving:low_load"): with it and `kind_quantile`, each tier also
     fits a `KindSupport`, and a confident call in `kind_bands` that rests on a kind the run is unlike becomes
-    uncertain (default: not_training only; on training calls it cost the leave-one-family-out F1 0.951 -> 0.911).
+    uncertain. An entry is a band (every tier) or `tier:band` (that tier only). Default: not_training only; on the
+    full tier's training calls it cost the leave-one-family-out F1 0.951 -> 0.911 (`kind_bands_of`).
 
     `estimator` is the per-tier model, cloned once per tier (as `CalibratedClassifierCV(estimator=...)` does): a
     `TierModel` (its calibration and band settings and its own inner classifier), or a bare scikit-learn classifier
@@ -755,9 +756,9 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
             # members on the tier's own rows (masked copies too); conformity on the histories as they were
             kinds_of = {"full": (np.tile(kd[has_dcgm], 1 + self.augment_copies), int(has_dcgm.sum())),
                         "smi": (kd, len(kd))}
-            classes = tuple(int(b == "training") for b in self.kind_bands)
             for t, (Xt, yt, gt) in tier_rows.items():
                 kt, n0 = kinds_of[t]
+                classes = tuple(int(b == "training") for b in self.kind_bands_of(t))
                 self.supports_[t] = KindSupport(quantile=self.kind_quantile, classes=classes,
                                                 random_state=self.random_state).fit(
                     self.tiers_[t], Xt, yt, kt, self.guards_[t]._z(Xt[:n0]), kt[:n0], gt[:n0])
@@ -922,12 +923,26 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         out.sort(key=lambda d: d["row"])
         return out
 
+    def kind_bands_of(self, tier: str) -> tuple[str, ...]:
+        """The bands whose confident calls the kind support checks on `tier` (`kind_bands`: "band" for every
+        tier, "tier:band" for one)."""
+        out = []
+        for entry in self.kind_bands:
+            t, _, band = entry.rpartition(":")
+            if band not in ("training", "not_training") or t not in ("", *TIERS):
+                raise ValueError(f"kind_bands entry {entry!r}: expected 'band' or 'tier:band' with a band of "
+                                 f"training / not_training and a tier of {', '.join(TIERS)}")
+            if t in ("", tier):
+                out.append(band)
+        return tuple(dict.fromkeys(out))
+
     def _withdraw_unlike(self, entries: list[dict[str, Any]], Xt: np.ndarray, support: KindSupport, tier: TierModel,
                          guard: OodGuard) -> None:
         """A confident call in `kind_bands` (asymmetric stakes: by default not_training only) that rests on a kind
         of work the run is unlike becomes uncertain, the kinds named (detectors/kind_support.py). `entries` are
         the tier's verdicts in the order of its input rows `Xt`."""
-        pick = [j for j, d in enumerate(entries) if d["band"] in self.kind_bands]
+        checked = self.kind_bands_of(entries[0]["tier"]) if entries else ()
+        pick = [j for j, d in enumerate(entries) if d["band"] in checked]
         if not pick:
             return
         bands = [entries[j]["band"] for j in pick]

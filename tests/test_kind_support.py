@@ -131,3 +131,37 @@ def test_a_withdrawn_call_is_uncertain_names_its_kinds_and_stays_in_distribution
         assert d1["out_features"] and all(n.startswith("kind:") for n in d1["out_features"])
     # training calls untouched; with kind_bands covering training they too would be withdrawn
     assert all(d1["band"] == "training" for d0, d1 in zip(before, after, strict=True) if d0["band"] == "training")
+
+
+def test_kind_bands_can_name_a_tier_and_reject_what_they_cannot_mean(models):
+    _, _, H, y = models
+    kinds = np.array(["train", "inference", "hpc", "mining"])[np.arange(len(y)) % 4]
+    kinds[(kinds == "train") & (np.arange(len(y)) % 8 == 0)] = "finetune"
+    model = GbmWorkloadClassifier(TierModel(default_gbm().set_params(max_iter=30, min_samples_leaf=10), cv_folds=3),
+                                  kind_bands=("not_training", "smi:training")).fit(H, y, np.arange(len(y)) % 3, kinds)
+    assert model.kind_bands_of("full") == ("not_training",)
+    assert model.kind_bands_of("smi") == ("not_training", "training")
+    # a tier's support holds members only for the classes it checks
+    assert model.supports_["full"].kinds_ == ["hpc", "inference", "mining"]
+    assert model.supports_["smi"].kinds_ == ["finetune", "hpc", "inference", "mining", "train"]
+    X = model.featurizer_.transform(H)
+    Xs = X.copy()
+    Xs[:, model.featurizer_.dcgm_columns_] = np.nan  # what an nvidia-smi-only provider sends: the smi tier
+    before = model.assess(np.vstack([X, Xs]))
+    saved = {t: (dict(s.threshold_), s.reach) for t, s in model.supports_.items()}
+    try:
+        for s in model.supports_.values():  # every kind near and unlike every run: each flip withdraws the call
+            s.threshold_, s.reach = dict.fromkeys(s.threshold_, 1e-9), 1e15
+        after = model.assess(np.vstack([X, Xs]))
+    finally:
+        for t, s in model.supports_.items():
+            s.threshold_, s.reach = saved[t]
+    trained = [(d0, d1) for d0, d1 in zip(before, after, strict=True) if d0["band"] == "training"]
+    assert {d0["tier"] for d0, _ in trained} == {"full", "smi"}
+    assert all(d1["band"] == "training" for d0, d1 in trained if d0["tier"] == "full")  # not checked there
+    withdrawn = [d1 for d0, d1 in trained if d0["tier"] == "smi" and d1["band"] == "uncertain"]
+    assert withdrawn and all(UNLIKE_KIND in d["reasons"] for d in withdrawn)
+    assert {k for d in withdrawn for k in d["out_features"]} <= {"kind:train", "kind:finetune"}
+    for bad in (("training:smi",), ("gpu:training",), ("uncertain",)):
+        with pytest.raises(ValueError, match="kind_bands entry"):
+            GbmWorkloadClassifier(kind_bands=bad).kind_bands_of("full")
