@@ -70,6 +70,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "kind_training": {"kind_bands": ("not_training", "training")},
     # ... on the nvidia-smi tier's training calls only (the full-DCGM figure cannot move; real traces are smi-level)
     "kind_training_smi": {"kind_bands": ("not_training", "smi:training")},
+    "kind_training_smi_q99": {"kind_bands": ("not_training", "smi:training"), "kind_training_quantile": 0.99},
 }
 KNN_SCALES = (0.727, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)
 

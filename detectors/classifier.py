@@ -572,6 +572,7 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
     fits a `KindSupport`, and a confident call in `kind_bands` that rests on a kind the run is unlike becomes
     uncertain. An entry is a band (every tier) or `tier:band` (that tier only). Default: not_training only; on the
     full tier's training calls it cost the leave-one-family-out F1 0.951 -> 0.911 (`kind_bands_of`).
+    `kind_training_quantile`: a training kind's conformity quantile, when it should differ from `kind_quantile`.
 
     `estimator` is the per-tier model, cloned once per tier (as `CalibratedClassifierCV(estimator=...)` does): a
     `TierModel` (its calibration and band settings and its own inner classifier), or a bare scikit-learn classifier
@@ -591,6 +592,7 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         drop_features: tuple[str, ...] = (),
         kind_quantile: float | None = 0.95,
         kind_bands: tuple[str, ...] = ("not_training",),
+        kind_training_quantile: float | None = None,
         top_k: int = 5,
         random_state: int = 0,
         model_id: str = "trainwatch-workload-gbm",
@@ -605,6 +607,7 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
         self.drop_features = drop_features
         self.kind_quantile = kind_quantile
         self.kind_bands = kind_bands
+        self.kind_training_quantile = kind_training_quantile
         self.top_k = top_k
         self.random_state = random_state
         self.model_id = model_id
@@ -760,6 +763,7 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
                 kt, n0 = kinds_of[t]
                 classes = tuple(int(b == "training") for b in self.kind_bands_of(t))
                 self.supports_[t] = KindSupport(quantile=self.kind_quantile, classes=classes,
+                                                training_quantile=self.kind_training_quantile,
                                                 random_state=self.random_state).fit(
                     self.tiers_[t], Xt, yt, kt, self.guards_[t]._z(Xt[:n0]), kt[:n0], gt[:n0])
         return self

@@ -54,10 +54,11 @@ class KindSupport(BaseEstimator):
     """
 
     def __init__(self, k: int = 5, quantile: float = 0.95, reach: float = 2.0, classes: tuple[int, ...] = (0, 1),
-                 max_ref: int = 300, random_state: int = 0):
+                 max_ref: int = 300, training_quantile: float | None = None, random_state: int = 0):
         self.k = k
         self.classes = classes
         self.quantile = quantile
+        self.training_quantile = training_quantile  # a training kind's conformity quantile (None: `quantile`)
         self.reach = reach
         self.max_ref = max_ref
         self.random_state = random_state
@@ -87,7 +88,8 @@ class KindSupport(BaseEstimator):
                 scores = [knn_mean_loo(Zk, self.k)]
             s = np.concatenate(scores)
             s = s[np.isfinite(s)]
-            self.threshold_[kind] = float(np.quantile(s, self.quantile)) if s.size else float("inf")
+            q = self.training_quantile if cls == 1 and self.training_quantile is not None else self.quantile
+            self.threshold_[kind] = float(np.quantile(s, q)) if s.size else float("inf")
             pick = np.sort(rng.permutation(len(Zk))[: self.max_ref])
             self.ref_[kind] = Zk[pick]
         return self

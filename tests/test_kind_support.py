@@ -165,3 +165,14 @@ def test_kind_bands_can_name_a_tier_and_reject_what_they_cannot_mean(models):
     for bad in (("training:smi",), ("gpu:training",), ("uncertain",)):
         with pytest.raises(ValueError, match="kind_bands entry"):
             GbmWorkloadClassifier(kind_bands=bad).kind_bands_of("full")
+
+
+def test_a_training_kind_can_have_its_own_conformity_quantile(fitted):
+    tier, support = fitted
+    X, y, kinds, groups = _blobs(np.random.default_rng(0))
+    wider = KindSupport(training_quantile=0.99).fit(tier, X, y, kinds, X, kinds, groups)
+    for kind, t in support.threshold_.items():
+        if support.class_[kind] == 1:
+            assert wider.threshold_[kind] > t  # the 99th percentile of a kind's spread, not its 95th
+        else:
+            assert wider.threshold_[kind] == t
