@@ -18,7 +18,8 @@ that rests on kinds the row resembles, is untouched.
 Measured on the simulator's families held out whole (model card, version 6.1): held-out input-bound LoRA called
 `not_training` 0.25 -> 0.06 as sent, 0.06 -> 0 nvidia-smi only; every kind's own provider-held-out rows keep their
 calls except ~4 % more `uncertain` not-training ones. Consulting every member, and kinds at any distance, withdrew
-half as many calls again for no held-out gain.
+half as many calls again for no held-out gain. Version 6.2 checks the nvidia-smi tier's training calls too
+(`GbmWorkloadClassifier.kind_bands`): held-out low-load serving called training there 0.67 -> 0.04.
 """
 
 from __future__ import annotations

@@ -278,3 +278,19 @@ def test_the_packaged_models_first_window_of_a_pretraining_run_reads_near_the_pr
     # missing history is no evidence: P near the base rate, above the scope baseline's p_low (0.2), still uncertain
     assert v.band == "uncertain" and 0.2 < v.p_training < fit["prior"]
     assert meta.metrics["young_runs"]["smi"]["shrink"]["weights"] == fit["weights"]
+
+
+def test_the_packaged_model_checks_smi_training_calls_against_the_kinds_they_rest_on():
+    """Version 6.2: on the nvidia-smi tier (the tier customers' traces reach) a confident training call is checked by
+    the kind support too, with a member for each training kind; the full tier's training calls are not (model card)."""
+    from detectors.model_artifact import load_artifact
+
+    model, meta = load_artifact(None)
+    assert model.kind_bands_of("smi") == ("not_training", "training")
+    assert model.kind_bands_of("full") == ("not_training",)
+    smi, full = model.supports_["smi"], model.supports_["full"]
+    assert {smi.class_[k] for k in smi.kinds_} == {0, 1}
+    assert set(full.class_.values()) == {0}
+    # the full tier's kinds are the smi tier's not-training kinds: only the checked class gained members
+    assert full.kinds_ == [k for k in smi.kinds_ if smi.class_[k] == 0]
+    assert meta.params["kind_bands"] == ["not_training", "smi:training"]
