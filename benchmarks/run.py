@@ -24,7 +24,7 @@ import orjson
 from schemas.serde import dumps
 
 RESULTS = Path(__file__).parent / "results"
-ORDER = ("ingest", "latency", "memory", "scaling", "store", "simulator")
+ORDER = ("ingest", "latency", "memory", "scaling", "store", "simulator", "verdict")
 PACKAGES = ("confluent-kafka", "faust-streaming", "aiokafka", "numpy", "orjson", "clickhouse-connect", "chdb",
             "pydantic", "scikit-learn")
 

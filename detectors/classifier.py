@@ -48,6 +48,7 @@ from threadpoolctl import ThreadpoolController
 from detectors.catalog import load_catalog
 from detectors.classifier_base import Verdict
 from detectors.fields import field_of as _attr
+from detectors.flat_trees import proba_one
 from detectors.kind_support import KindSupport
 from detectors.neighbours import distances, knn_mean, knn_mean_loo
 from detectors.state import combine_verdicts
@@ -442,7 +443,7 @@ class TierModel(BaseEstimator):
     def raw_proba(self, X: np.ndarray) -> np.ndarray:
         if self.estimator_ is None:
             return np.full(len(X), self.prior_)
-        return self.estimator_.predict_proba(X[:, self.columns_])[:, 1]
+        return proba_one(self.estimator_, X[:, self.columns_])  # scikit-learn's P, all trees walked at once
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return self.calibrator_.predict(self.raw_proba(X))

@@ -31,6 +31,7 @@ from weakref import WeakKeyDictionary
 import numpy as np
 from sklearn.base import BaseEstimator
 
+from detectors.flat_trees import proba_one
 from detectors.neighbours import distances, knn_mean, knn_mean_loo
 
 
@@ -133,7 +134,7 @@ class KindSupport(BaseEstimator):
             if not rows.size:
                 continue
             m = self.members_[self.kinds_.index(kind)]
-            p = tier.calibrator_.predict(m.predict_proba(Xt[rows][:, tier.columns_])[:, 1])
+            p = tier.calibrator_.predict(proba_one(m, Xt[rows][:, tier.columns_]))
             flips = p < tier.t_high_ if self.class_[kind] else p > tier.t_low_
             for r in rows[flips]:
                 out[r].append(kind)

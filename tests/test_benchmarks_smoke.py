@@ -27,6 +27,18 @@ def test_bench_store_quick_prints_its_figures() -> None:
     assert all(t["key"] in figures for t in result["targets"])
 
 
+def test_bench_verdict_quick_prints_both_paths_and_the_same_bands() -> None:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_verdict", "--quick", "--json"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = orjson.loads(proc.stdout.strip().splitlines()[-1])
+    for view in ("as_sent", "smi"):
+        for key in (f"verdict.ms_{view}", f"verdict.ms_{view}_per_tree"):
+            assert result["figures"][key] > 0, (key, result["figures"])
+    assert sum(result["params"]["bands"]["smi"].values()) == result["params"]["histories"]
+    assert all(t["key"] in result["figures"] and t["baseline"] in result["figures"] for t in result["targets"])
+
+
 def test_render_markdown_shows_values_baselines_and_misses() -> None:
     figures = {"scaling.two_consumers_samples_per_s": 150_000.0, "scaling.one_consumer_samples_per_s": 100_000.0,
                "latency.p99_s": 9.5, "latency.window_s": 5.0}
