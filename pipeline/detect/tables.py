@@ -17,7 +17,9 @@
   it no longer lists (left over after a kill: tombstoned by the next save). Written in place, a kill between the
   step and the account entry dropped the journal at restore, and a correction then replaced figures only: a crossing
   computed without its late rows stood (quick chaos run h-61: acct-resold dated 124 s late). A restore whose entries
-  do not match the account's entry still drops the journal (never replayed wrong).
+  do not match the account's entry still drops the journal (never replayed wrong). The partition's shared entry
+  (`p|shared`: what waits to settle, how far the stage applied) goes after every account's: a kill in between leaves
+  it older than the accounts, never newer (`_save_engine`; tests/test_journal_restore.py kills a save anywhere).
 - `OwnersTables`: the owners agent's state (table `owners`): per owner its state and clock, per owners partition the
   source partitions' latest marks (key `*|k`).
 
@@ -197,15 +199,15 @@ class StageTables:
                     self.partials.send_changelog(p, key, None)
 
     def _save_engine(self, p: int, st: DetectStage) -> None:
-        """Entries `p|shared` and `p|a|<account>`: only the accounts the engine marked since the last save are
+        """Entries `p|a|<account>` and `p|shared`: only the accounts the engine marked since the last save are
         serialised (`split_dirty`); accounts gone from the state are tombstoned. Journal entries copy-on-write
-        (module docstring): new entries, then the account's entry, then the tombstones of those it no longer lists."""
+        (module docstring): new entries, then the account's entry, then (after the shared entry) the tombstones of
+        those it no longer lists."""
         prefix = f"{p}|".encode()
         shared, parts, deleted = split_dirty(st.engine)
         if shared is not None or p not in self.shared:
             self.shared[p] = shared if shared is not None else split_shared(st.engine)
-        entries = {prefix + b"shared": dumps({**self.shared[p], "stage_watermark": st.watermark,
-                                              "held": st.held_to_list()})}
+        entries: dict[bytes, bytes] = {}
         gone = [prefix + b"a|" + aid.encode() for aid in deleted]
         gone += [k for aid in deleted for k in sorted(self.step_keys.pop(prefix + b"a|" + aid.encode(), set()))]
         later: list[bytes] = []  # tombstones that must follow the entries (copy-on-write)
@@ -230,6 +232,13 @@ class StageTables:
                 self.step_keys[akey] = set(keep)
             entries |= keep
             entries[akey] = dumps(part)
+        # The shared entry last: it holds what waits to settle and how far the stage has applied. Written before
+        # the accounts, a kill between them restored a stage that had released windows its accounts never got: their
+        # input, read in the batch before, is not read again (2 windows, settle_s, lost from a run's sum: a crossing
+        # dated late, an owner's sum that never crossed). Written after, a kill leaves it older than the accounts,
+        # and what it releases again is applied again, idempotently (a window as already counted changes nothing).
+        entries[prefix + b"shared"] = dumps({**self.shared[p], "stage_watermark": st.watermark,
+                                             "held": st.held_to_list()})
         for k in gone:
             self._tombstone(p, k)
         for k, v in entries.items():
