@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from detectors.classifier_base import RuleClassifier
 from detectors.engine import DetectEngine
 from detectors.snapshot import from_split, split
@@ -349,3 +351,28 @@ def _applied(data: dict[bytes, bytes], msgs: list[tuple[int | None, bytes, bytes
         else:
             data[k] = v
     return data
+
+
+def test_a_partial_re_read_past_the_lateness_does_not_replace_its_window_with_a_fraction():
+    """A restart whose state had gone further than the allowed lateness past the committed offset re-reads partials
+    of windows whose other partials it has forgotten (merger and partials table drop them past the lateness). One
+    merged alone would replace the window counted whole with a fraction of it (the kill fuzz: a run 1.19e16 FLOP
+    short after a late one-sample partial came again alone). The stage counts it as past the horizon and leaves the
+    window as counted."""
+    settings = Settings(model_path="rule")
+    tabs = StageTables(_Table(), _Table(), settings, demo(), None)
+    _batch(tabs, [cip("acct-c", updated_at=T0 - 10)])
+    late = _partial(2, 0, 1e15).model_copy(update={"window_id": "late-2", "sample_count": 1, "revision": 3})
+    for i in range(6):
+        _batch(tabs, [_partial(i, 0, 1.5e17), *([late] if i == 4 else [])])
+    lateness = settings.ingest.allowed_lateness_s
+    for i in range(6, 8 + int(lateness // W)):  # the stream goes on past the lateness
+        _batch(tabs, [_partial(i, 0, 1.5e17)])
+    restarted = StageTables(_Table(tabs.engine.data), _Table(tabs.partials.data), settings, demo(), None)
+    before = _sums(restarted)
+    applied = 6 + lateness // W  # all but the 2 windows still settling
+    assert sum(used for used, _ in before.values()) == pytest.approx(applied * 1.5e17 + 1e15, rel=1e-9)
+    assert not any(k.startswith(b"0|wl-c|" + repr(T0 + 2 * W).encode()) for k in restarted.partials.data)
+    _batch(restarted, [late])  # read again after a restart: its window's first partial is long forgotten
+    st, _ = restarted.stage(0)
+    assert _sums(restarted) == before and st.engine.errors["partial_past_horizon"] == 1
