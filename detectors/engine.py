@@ -192,6 +192,15 @@ def _fingerprint(det: Detection) -> str:
     return content_id("fp", serde.dumps(det.model_dump(mode="json"), sort_keys=True).decode())
 
 
+def _incomplete(w: Any, counted_flop: float) -> bool:
+    """Whether `w` holds less FLOP than the delivery of its window already counted. A window's partials are disjoint
+    rows and its merge only grows as they arrive, so less is a merge missing partials it had: after a restart whose
+    state had gone past the committed offset, a re-read partial whose window's other partials were already dropped
+    (past the allowed lateness; or tombstoned by a save whose engine entries a kill -9 lost: the partials are another
+    topic). Counted again as that fraction, the window would lose the rest (kill fuzz: a run 1.19e16 FLOP short)."""
+    return _num(_g(w, "flop")) < counted_flop
+
+
 def _window_sig(w: Any) -> tuple[float, ...]:
     """What a re-delivery of a window may change: its figures (equal: a replay, nothing to decide again)."""
     return (_num(_g(w, "flop")), _num(_g(w, "flop_low")), _num(_g(w, "flop_high")), _num(_g(w, "device_count")),
@@ -417,14 +426,15 @@ class DetectEngine:
 
     def _correction(self, aid: str, key: tuple[Any, float], w: Any) -> tuple[int, int, Any] | tuple[()] | None:
         """Where `w` (a window of the account's journal) was first delivered: (step, input index, w); () when `w`
-        is that window as already applied (a replay: nothing changes); None when the journal does not hold it."""
+        is that window as already applied (a replay) or less of it (`_incomplete`): nothing changes; None when the
+        journal does not hold it."""
         steps = self._journal.get(aid, [])
         held = [si for si in range(self._live_from(steps), len(steps)) if key in steps[si].keys]
         if not held:
             return None
         latest = [x for kind, x in steps[held[-1]].inputs if kind == "win"
                   and (_g(x, "workload_id"), _num(_g(x, "window_start"))) == key][-1]
-        if _window_sig(latest) == _window_sig(w):
+        if _window_sig(latest) == _window_sig(w) or _incomplete(w, _num(_g(latest, "flop"))):
             return ()
         return (held[0], next(ii for ii, (kind, x) in enumerate(steps[held[0]].inputs) if kind == "win"
                               and (_g(x, "workload_id"), _num(_g(x, "window_start"))) == key), w)
@@ -821,6 +831,9 @@ class DetectEngine:
         flop = (_num(_g(w, "flop")), _num(_g(w, "flop_low")), _num(_g(w, "flop_high")))
         if run is not None and run.seen.get(f"{wid}|{start!r}") == list(flop):
             return []  # this workload-window exactly as already counted (a replay): nothing changes
+        if run is not None and _incomplete(w, run.seen.get(f"{wid}|{start!r}", [0.0])[0]):
+            self.errors["window_merge_incomplete"] = self.errors.get("window_merge_incomplete", 0) + 1
+            return []
         if run is None:
             run = self.runs[rid] = RunState(rid, aid, started_at=start)
         is_new = f"{wid}|{start!r}" not in run.seen  # a window not counted before (not a correction)

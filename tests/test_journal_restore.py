@@ -357,8 +357,8 @@ def test_a_partial_re_read_past_the_lateness_does_not_replace_its_window_with_a_
     """A restart whose state had gone further than the allowed lateness past the committed offset re-reads partials
     of windows whose other partials it has forgotten (merger and partials table drop them past the lateness). One
     merged alone would replace the window counted whole with a fraction of it (the kill fuzz: a run 1.19e16 FLOP
-    short after a late one-sample partial came again alone). The stage counts it as past the horizon and leaves the
-    window as counted."""
+    short after a late one-sample partial came again alone). The engine leaves the window as counted: the delivery
+    holds less than counted, an incomplete merge (a window's merge only grows as its partials arrive)."""
     settings = Settings(model_path="rule")
     tabs = StageTables(_Table(), _Table(), settings, demo(), None)
     _batch(tabs, [cip("acct-c", updated_at=T0 - 10)])
@@ -375,4 +375,21 @@ def test_a_partial_re_read_past_the_lateness_does_not_replace_its_window_with_a_
     assert not any(k.startswith(b"0|wl-c|" + repr(T0 + 2 * W).encode()) for k in restarted.partials.data)
     _batch(restarted, [late])  # read again after a restart: its window's first partial is long forgotten
     st, _ = restarted.stage(0)
-    assert _sums(restarted) == before and st.engine.errors["partial_past_horizon"] == 1
+    assert _sums(restarted) == before and st.engine.errors["window_merge_incomplete"] == 1
+
+
+def test_a_window_delivered_with_less_than_counted_changes_nothing_inside_the_journal_too():
+    """Inside the re-decide horizon an incomplete merge (less FLOP than the window's delivery counted) is no
+    correction: nothing is rolled back or re-decided, and the sums stay."""
+    eng = DetectEngine(demo())
+    eng.on_cip(cip("acct-c"))
+    for i in range(6):
+        feed(eng, [window("wl-c", "acct-c", i, flop=3e17)])
+    (run,) = eng.runs.values()
+    used = run.used
+    feed(eng, [window("wl-c", "acct-c", 4, flop=1e15)])  # window 4 again, merged from one late partial alone
+    (run,) = eng.runs.values()  # (a re-decision would have replaced the run's state object)
+    assert run.used == used and eng.redecided["corrections"] == 0 and eng.redecided["rollbacks"] == 0
+    feed(eng, [window("wl-c", "acct-c", 4, flop=3.1e17)])  # a real correction (more rows) still re-decides
+    (run,) = eng.runs.values()
+    assert run.used == pytest.approx(used + 1e16) and eng.redecided["corrections"] == 1

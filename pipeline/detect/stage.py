@@ -132,13 +132,6 @@ class DetectStage:
 
     def on_window(self, w: WindowAggregate) -> DetectOutput:
         key = (w.workload_id, w.window_start)
-        if w.window_end < self.watermark - self.merger.horizon_s and not self.merger.has(key):
-            # Past the allowed lateness, its window's other partials forgotten: merged alone it would replace the
-            # window counted whole with a fraction of it. Only a re-read after a restart whose state had gone further
-            # than the lateness past the committed offset brings one here (ingest letters older data): that state has
-            # counted the window already.
-            self.engine.errors["partial_past_horizon"] = self.engine.errors.get("partial_past_horizon", 0) + 1
-            return DetectOutput()
         applied_before = self.merger.has(key) and key not in self._settling
         # A partial seen before (a replay) hands over the same merge again: the engine skips a workload-window it
         # holds as is, and restores one its state lost (a crash between the partials and the engine checkpoint).
