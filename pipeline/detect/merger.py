@@ -8,6 +8,8 @@ partial seen before (same window_id: a replay or a duplicate delivery) changes n
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from detectors.windows import WorkloadWindow, merge_partials
 from schemas.windows import WindowAggregate
 
@@ -41,10 +43,11 @@ class WindowMerger:
         """Whether a partial of the workload-window (workload id, window start) has been seen (and not expired)."""
         return bool(self._parts.get(key))
 
-    def expire(self, watermark: float) -> int:
-        """Forget windows that ended more than the horizon before `watermark` (event time). Returns how many."""
+    def expire(self, watermark: float, keep: Collection[tuple[str, float]] = ()) -> int:
+        """Forget windows that ended more than the horizon before `watermark` (event time), except those of `keep`
+        (windows still to be applied from their partials). Returns how many."""
         old = [k for k, parts in self._parts.items()
-               if next(iter(parts.values())).window_end < watermark - self.horizon_s]
+               if next(iter(parts.values())).window_end < watermark - self.horizon_s and k not in keep]
         for k in old:
             del self._parts[k]
         return len(old)

@@ -221,7 +221,9 @@ class DetectStage:
         """Let idle state expire at the event-time watermark (held records stay held)."""
         if self.watermark == float("-inf"):
             return DetectOutput()
-        self.merger.expire(self.watermark)
+        # A window still settling keeps its partials, however far behind (one waiting for a telemetry partition that
+        # lags more than the lateness in event time: a fast replay's restart): forgotten, it would apply as nothing.
+        self.merger.expire(self.watermark, keep=self._settling)
         self.engine.on_time(self.watermark)
         return self._routed([])
 

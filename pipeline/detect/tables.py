@@ -183,9 +183,9 @@ class StageTables:
     def _save_partials(self, p: int, st: DetectStage) -> None:
         # Partials older than the allowed lateness can no longer change a window: dropped (tombstones), unless a
         # re-decide journal still holds their window (rebuilt from them after a restart: an account lagging the
-        # partition's watermark keeps windows older than the lateness in its journal).
+        # partition's watermark keeps windows older than the lateness in its journal) or it still waits to settle.
         horizon = st.watermark - self.settings.ingest.allowed_lateness_s - self.settings.window_s
-        horizon = min(horizon, st.engine.journal_oldest_window())
+        horizon = min(horizon, st.engine.journal_oldest_window(), *(start for _, start in st.settling))
         idx = self.index.setdefault(p, {})
         for key, w in self.touched.pop(p, {}).items():
             if w.window_start >= horizon:
