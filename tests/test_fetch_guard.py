@@ -182,3 +182,42 @@ def test_a_batch_that_completes_is_acknowledged() -> None:
 def _ledger() -> InputLedger:
     """Tracking nothing as contiguous: only the batches' outstanding offsets cap the commit."""
     return InputLedger(lambda topic: False)
+
+
+def test_no_commit_once_a_table_write_has_failed() -> None:
+    """faust only logs a changelog write that failed; a commit after it would cover state that is not in the
+    changelog (lost on a restart while its input is not read again). The local store records the failure and the
+    commit refuses."""
+    from types import SimpleNamespace
+
+    from pipeline.detect.local_store import LocalStore
+
+    store = SimpleNamespace(send_failed=None, table=SimpleNamespace(name="engine"), app=None, acked=0)
+    loop = asyncio.new_event_loop()
+    try:
+        fut: asyncio.Future[Any] = loop.create_future()
+        fut.set_exception(ConnectionError("broker gone"))
+        LocalStore._sent(store, b"0|a|acct", b"{}", fut)  # type: ignore[arg-type]  # no running loop: no crash task
+        fut.exception()  # retrieved: no "exception never retrieved" at collection
+    finally:
+        loop.close()
+    assert isinstance(store.send_failed, ConnectionError) and store.acked == 0
+
+    producer = type("P", (), {})()
+    producer.buffer = Buffer([], [])
+
+    async def flush() -> None:
+        pass
+
+    producer.flush = flush
+    c, commits = Consumer(), []
+
+    async def commit(offsets: dict[str, int]) -> bool:
+        commits.append(offsets)
+        return True
+
+    c._commit = commit  # type: ignore[attr-defined]
+    commit_after_state(c, lambda: producer, lambda: store.send_failed)
+    with pytest.raises(RuntimeError, match="table write failed"):
+        asyncio.run(c._commit({"windows-0": 42}))  # type: ignore[attr-defined]
+    assert commits == []

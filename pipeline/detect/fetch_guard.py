@@ -28,7 +28,9 @@ the next commit moves past messages that were never given to an agent. Logged wi
   changelogs: engine state, partials, owners) go through that buffer (`send_soon`), and faust's own flush before a
   commit gives up after 0.1 s without a send (`ProducerBuffer.flush_atmost`), which a broker outage or a full
   producer makes likely ("producer buffer full" in the chaos logs): the commit could then land with the batch's
-  state still in memory, and a kill -9 lose it while its input is not read again.
+  state still in memory, and a kill -9 lose it while its input is not read again. Nor is an offset committed
+  once a table write has failed (faust only logs one; `LocalStore.send_failed`): the state behind it is not all in
+  the changelogs, and the worker stops.
 """
 
 from __future__ import annotations
@@ -124,8 +126,10 @@ async def hand_over(p: Any) -> int:
     return max(0, before - buf.size)
 
 
-def commit_after_state(consumer: Any, producer: Callable[[], Any]) -> None:
-    """Each offset commit first empties the producer buffer (table writes) and flushes the producer."""
+def commit_after_state(consumer: Any, producer: Callable[[], Any],
+                       failed: Callable[[], BaseException | None] = lambda: None) -> None:
+    """Each offset commit first empties the producer buffer (table writes) and flushes the producer; none is made
+    once a table write has failed (`failed`: a write the flush completed with an error is not in the changelog)."""
     commit: Callable[[Any], Awaitable[bool]] = consumer._commit
 
     async def _commit(offsets: Any) -> bool:
@@ -138,6 +142,9 @@ def commit_after_state(consumer: Any, producer: Callable[[], Any]) -> None:
         t1 = time.monotonic()
         await p.flush()
         t2 = time.monotonic()
+        if (exc := failed()) is not None:
+            raise RuntimeError(f"offset commit refused: a table write failed ({exc!r}); the state behind these "
+                               "offsets is not all in the changelogs")
         ok = await commit(offsets)
         if (took := time.monotonic() - t0) > SLOW_COMMIT_S:
             log.warning("offset commit took %.1f s: %d table writes sent in %.1f s, producer flush %.1f s, "
@@ -184,6 +191,14 @@ def track_inputs(consumer: Any, ledger: InputLedger) -> None:
     consumer.perform_seek, consumer._commit = perform_seek, _commit
 
 
+def _write_failure(app: Any) -> BaseException | None:
+    """The first failed changelog write of the app's tables (LocalStore.send_failed), if any."""
+    for table in app.tables.values():
+        if (exc := getattr(table.data, "send_failed", None)) is not None:
+            return exc
+    return None
+
+
 def guard_consumer(app: Any, ledger: InputLedger) -> None:
     """The guards on the app's consumer, installed as faust creates it (before any assignment). The ledger's seek
     hook goes on first, so that it knows where reading starts before the deferred partitions resume."""
@@ -194,7 +209,7 @@ def guard_consumer(app: Any, ledger: InputLedger) -> None:
         track_inputs(c, ledger)
         defer_resume_until_seek(c)
         refuse_gaps(c, ledger.contiguous)
-        commit_after_state(c, lambda: app.producer)
+        commit_after_state(c, lambda: app.producer, lambda: _write_failure(app))
         return c
 
     app._new_consumer = _new_consumer
