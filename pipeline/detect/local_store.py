@@ -119,12 +119,14 @@ class LocalStore(memory.Store):
     # -- faust's hooks
     def _sent(self, key: Any, value: Any, fut: Any) -> None:
         """A changelog message the broker acknowledged: into its partition's DB with its offset."""
-        if fut.cancelled() or fut.exception() is not None:
+        if fut.cancelled():  # the producer stopping (a stop): not in the changelog, never in the DB
+            return
+        if fut.exception() is not None:
             # Not in the changelog: never in the DB, and no offset may be committed from now on (the state that
             # covers it is lost on a restart; faust only logs a failed send). fetch_guard.commit_after_state refuses
             # to commit, and the worker stops: a restart reads again from the last commit.
             if self.send_failed is None:
-                self.send_failed = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+                self.send_failed = fut.exception()
                 log.error("local store %s: a changelog write failed (%r): no offset is committed from now on; "
                           "stopping the worker", self.table.name, self.send_failed)
                 with contextlib.suppress(RuntimeError):  # no running loop: the commit still refuses
