@@ -108,16 +108,6 @@ def outcome(tabs: StageTables, out: list[Detection]) -> tuple[dict[str, Any], di
     return dets, runs
 
 
-def persisted(data: dict[bytes, bytes], msgs: list[tuple[int | None, bytes, bytes | None]]) -> dict[bytes, bytes]:
-    data = dict(data)
-    for _, k, v in msgs:
-        if v is None:
-            data.pop(k, None)
-        else:
-            data[k] = v
-    return data
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--accounts", default="acct-resold,acct-sm", help="comma-separated; 'all' for every account")
@@ -158,7 +148,7 @@ def main() -> None:
         feed(tabs, batches[n], out)  # its outputs were acknowledged before its state was queued (faust_app.py)
         em, pm = tabs.engine.sent[e0:], tabs.partials.sent[p0:]
         ce, cp = rng.randint(0, len(em)), rng.randint(0, len(pm))
-        restarted = tables(persisted(engine, em[:ce]), persisted(partials, pm[:cp]))
+        restarted = tables(MemoryTable.after(engine, em[:ce]), MemoryTable.after(partials, pm[:cp]))
         for b in batches[max(0, n - lag):]:
             feed(restarted, b, out)
         dets, runs = outcome(restarted, out)

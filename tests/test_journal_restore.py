@@ -232,12 +232,7 @@ def test_a_kill_between_any_two_messages_of_a_save_leaves_a_journal_that_restore
         msgs = tabs.engine.sent[sent:]
         journals = []
         for k in range(len(msgs) + 1):
-            data = dict(before)
-            for _, key, value in msgs[:k]:
-                if value is None:
-                    data.pop(key, None)
-                else:
-                    data[key] = value
+            data = _Table.after(before, msgs[:k])
             st, _ = StageTables(_Table(data), _Table(tabs.partials.data), settings, demo(), None).stage(0)
             journals.append("acct-c" in st.engine._journal)
         if journals[0]:  # a journal saved before this save survives a kill anywhere in it
@@ -330,7 +325,7 @@ def test_a_kill_anywhere_in_a_save_restarts_to_the_runs_sums_and_detections_of_n
         em, pm = tabs.engine.sent[e0:], tabs.partials.sent[p0:]
         for ce in range(len(em) + 1):
             for cp in sorted({0, len(pm) // 2, len(pm)}):
-                restarted = StageTables(_Table(_applied(engine, em[:ce])), _Table(_applied(partials, pm[:cp])),
+                restarted = StageTables(_Table(_Table.after(engine, em[:ce])), _Table(_Table.after(partials, pm[:cp])),
                                         settings, demo(), None)
                 got = list(out)
                 for i in range(kill, n):
@@ -340,17 +335,6 @@ def test_a_kill_anywhere_in_a_save_restarts_to_the_runs_sums_and_detections_of_n
                 assert {d.detection_id: _dump([d]) for d in got} == want, (kill, ce, cp)
                 cases += 1
     assert cases >= 60
-
-
-def _applied(data: dict[bytes, bytes], msgs: list[tuple[int | None, bytes, bytes | None]]) -> dict[bytes, bytes]:
-    """A table's data after these changelog messages."""
-    data = dict(data)
-    for _, k, v in msgs:
-        if v is None:
-            data.pop(k, None)
-        else:
-            data[k] = v
-    return data
 
 
 def test_a_partial_re_read_past_the_lateness_does_not_replace_its_window_with_a_fraction():

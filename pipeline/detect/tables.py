@@ -63,6 +63,18 @@ class MemoryTable:
     def send_changelog(self, partition: int | None, key: bytes, value: bytes | None) -> None:
         self.sent.append((partition, key, value))
 
+    @staticmethod
+    def after(data: dict[bytes, bytes], msgs: list[tuple[int | None, bytes, bytes | None]]) -> dict[bytes, bytes]:
+        """What a table holds once these changelog messages (as `sent` records them) are applied to `data`: a restart
+        from the messages that reached the broker before a kill."""
+        data = dict(data)
+        for _, k, v in msgs:
+            if v is None:
+                data.pop(k, None)
+            else:
+                data[k] = v
+        return data
+
 
 def dumps(d: Any) -> bytes:
     # stdlib json: the state holds ±inf (an unset watermark), which orjson would turn into null.
