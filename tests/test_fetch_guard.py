@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from faust.types.tuples import Message
 
 from pipeline.detect.fetch_guard import (
     GAP_WARNING,
     commit_after_state,
     defer_resume_until_seek,
     refuse_gaps,
+    track_inputs,
     withhold_acks_on_failure,
 )
 from pipeline.detect.input_ledger import InputLedger
@@ -147,8 +149,6 @@ class Acks:
 
 
 def _batch(n: int) -> list[Event]:
-    from faust.types.tuples import Message
-
     return [Event(Message("windows", 0, off, 0.0, 0, None, b"k", b"v", None)) for off in range(n)]
 
 
@@ -221,3 +221,42 @@ def test_no_commit_once_a_table_write_has_failed() -> None:
     with pytest.raises(RuntimeError, match="table write failed"):
         asyncio.run(c._commit({"windows-0": 42}))  # type: ignore[attr-defined]
     assert commits == []
+
+
+@dataclass
+class Fetching:
+    """faust's fetch side: `getmany` yields what was fetched, `_drain_messages` drops below `_read_offset`."""
+    fetched: list[tuple[TP, int]]
+    _read_offset: dict[TP, int | None] = field(default_factory=dict)
+    perform_seek: Any = None
+    _commit: Any = None
+
+    async def getmany(self, timeout: float) -> Any:
+        for tp, offset in self.fetched:
+            yield tp, Message(tp.topic, tp.partition, offset, 0.0, 0, None, b"k", b"v", None, tp=tp)
+
+    async def drain(self) -> list[int]:
+        """faust's `_drain_messages` rule: a message below the partition's read offset is dropped as already read."""
+        out = []
+        async for tp, m in self.getmany(timeout=1.0):
+            r = self._read_offset.get(tp)
+            if r is None or m.offset >= r:
+                out.append(m.offset)
+                self._read_offset[tp] = m.offset
+        return out
+
+
+def test_the_offset_sought_back_is_delivered_whatever_read_offset_stale_messages_left() -> None:
+    """A fetch in flight during the seek back delivers stale messages after it (faust's read offset moves to 9);
+    faust would then drop the re-read from 0 as already read. The fetch path clears the read offset for it."""
+    w1 = TP("windows", 1)
+    led = InputLedger(lambda topic: topic == "windows")
+    led.start({w1: 0})
+    led.admit([Event(Message("windows", 1, 5, 0.0, 0, None, b"k", b"v", None, tp=w1))], 0.0)
+    assert led.rewinding == {w1: 0}
+    consumer = Fetching([(w1, 8), (w1, 9), (w1, 0), (w1, 1), (w1, 2)], {w1: None})
+    bare = asyncio.run(Fetching(list(consumer.fetched), {w1: None}).drain())
+    assert bare == [8, 9]  # without the guard the re-read is lost
+    track_inputs(consumer, led)
+    assert asyncio.run(consumer.drain()) == [8, 9, 0, 1, 2]
+    assert led.refetched == {w1} and led.overdue(100.0) == {}

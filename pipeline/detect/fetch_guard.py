@@ -23,7 +23,9 @@ the next commit moves past messages that were never given to an agent. Logged wi
   while a batch waited for the store). A batch that fails is marked so that faust's ack of it counts nothing: the
   commit stops below it and a restart reads it again.
 - `track_inputs`: the agents' own record of which offsets they took (pipeline/detect/input_ledger.py) learns where
-  reading starts at each seek and caps each commit.
+  reading starts at each seek and caps each commit; the fetch path tells it when an offset it sought back to is
+  fetched again, and faust's read offset for that partition is cleared then: messages of a fetch in flight during
+  the seek move it past the offset sought back, and faust would drop the re-read as already read.
 - `commit_after_state`: an offset commit waits until faust's producer buffer is empty. Table writes (the
   changelogs: engine state, partials, owners) go through that buffer (`send_soon`), and faust's own flush before a
   commit gives up after 0.1 s without a send (`ProducerBuffer.flush_atmost`), which a broker outage or a full
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -188,7 +190,15 @@ def track_inputs(consumer: Any, ledger: InputLedger) -> None:
                              len(held), held)
         return await commit(capped)
 
-    consumer.perform_seek, consumer._commit = perform_seek, _commit
+    getmany: Callable[..., AsyncIterator[tuple[Any, Any]]] = consumer.getmany
+
+    async def fetched(*args: Any, **kwargs: Any) -> AsyncIterator[tuple[Any, Any]]:
+        async for tp, message in getmany(*args, **kwargs):
+            if ledger.fetched(tp, message.offset):
+                consumer._read_offset[tp] = None  # deliver it: faust drops what lies below its read offset
+            yield tp, message
+
+    consumer.perform_seek, consumer._commit, consumer.getmany = perform_seek, _commit, fetched
 
 
 def _write_failure(app: Any) -> BaseException | None:

@@ -8,10 +8,15 @@ truthiness, so a partition without a committed offset, or committed at 0, has no
 first is taken as the start, and the first commit covers every offset below it. Rather than trust that bookkeeping,
 the ledger knows where reading must start (the committed offset, or the log start where there is none: `start`), takes
 each batch's messages in order (`admit`), holds back every message of a partition after a hole and asks for a
-seek back to it, and caps each commit at the next offset it expects (`cap`). A seek back is asked again until reading
-reaches it (`overdue`): faust's fetcher goes on delivering what it fetched before the seek, each such message moves
-faust's read offset past the offsets sought back, and faust then drops them as already read; the partition would
-stall (seen once in tests/test_detect_stop_mid_batch.py: no commit lost, no input taken for 120 s).
+seek back to it, and caps each commit at the next offset it expects (`cap`). Messages of the partition still
+queued from before the seek keep coming, held, while the re-read follows them; the offset sought back is taken
+whenever it comes, also in a batch behind held ones (holding it with them stalled the partition: its re-read
+swallowed behind its own stale messages at each seek, while each new seek queued another copy behind more of them;
+the quick chaos run, Dec 6: windows[1] took no input for 16-40 s after restarts, one restart wholly). faust drops a
+message below its read offset, and stale messages of an in-flight fetch move that past the offsets sought back: the
+consumer's fetch path reports each fetch of the offset sought back (`fetched`; fetch_guard.py then clears faust's
+read offset so the re-read is delivered). A seek back whose offset has not been fetched again within
+`RESEEK_AFTER_S` is asked again (`overdue`: the seek failed, or was undone).
 
 Only topics this project's idempotent producers write are tracked (the `contiguous` predicate, as fetch_guard's
 `refuse_gaps`): the CIP and allocations topics are the provider's, where compaction or transactions make real gaps.
@@ -50,6 +55,8 @@ class InputLedger:
     rewinding: dict[Any, int] = field(default_factory=dict)
     #: partition -> when (monotonic seconds) that seek back was last asked
     asked_at: dict[Any, float] = field(default_factory=dict)
+    #: partitions whose offset sought back has been fetched again (on its way to the agents: not asked again)
+    refetched: set[Any] = field(default_factory=set)
     #: partition (any topic) -> offsets handed to an agent whose batch has not completed
     outstanding: dict[Any, set[int]] = field(default_factory=dict)
 
@@ -71,27 +78,36 @@ class InputLedger:
     def _reached(self, tp: Any) -> None:
         self.rewinding.pop(tp, None)
         self.asked_at.pop(tp, None)
+        self.refetched.discard(tp)
+
+    def fetched(self, tp: Any, offset: int) -> bool:
+        """The consumer fetched this message: True when it is the offset a seek back asked for (the caller makes sure
+        faust delivers it, whatever read offset stale messages left), which stops that seek being asked again."""
+        if self.rewinding.get(tp) != offset:
+            return False
+        self.refetched.add(tp)
+        return True
 
     def admit(self, events: Sequence[Any], now: float) -> tuple[list[Any], dict[Any, int]]:
         """The events to process now, in order, and the partitions to seek back (partition -> offset).
 
         A message at or below the next expected offset is taken (below: read again after a seek, harmless: every
-        input is idempotent); one above it means the offsets in between were never delivered, so it and every later
-        message of its partition in this batch are held back: marked acknowledged without telling the consumer
-        (faust's ack is then a no-op, nothing is committed for them) and read again after the seek back."""
+        input is idempotent); one above it means the offsets in between were never delivered, so it is held back:
+        marked acknowledged without telling the consumer (faust's ack is then a no-op, nothing is committed for it)
+        and read again after the seek back. The batch's later messages of the partition are taken only from the
+        expected offset on, so order is kept."""
         take: list[Any] = []
         rewind: dict[Any, int] = {}
-        held: set[Any] = set()
         for ev in events:
             tp, offset = ev.message.tp, ev.message.offset
             want = self.next.get(tp)
             tracked = want is not None and self.contiguous(tp.topic)
-            if tracked and (tp in held or offset > want):
-                held.add(tp)
+            if tracked and offset > want:
                 ev.message.acked = True
                 if self.rewinding.get(tp) != want:
                     self.rewinding[tp] = rewind[tp] = want
                     self.asked_at[tp] = now
+                    self.refetched.discard(tp)
                     log.warning("%s: %s[%d] offset %d delivered while %d was next; reading it again from %d",
                                 REWIND_WARNING, tp.topic, tp.partition, offset, want, want)
                 continue
@@ -110,9 +126,12 @@ class InputLedger:
                 left.discard(ev.message.offset)
 
     def overdue(self, now: float) -> dict[Any, int]:
-        """The seeks back asked `RESEEK_AFTER_S` ago or more that reading has not reached: to ask again (also when
-        nothing is delivered at all, the partition having no newer input: the transport calls this on a timer)."""
-        due = {tp: o for tp, o in self.rewinding.items() if now - self.asked_at.get(tp, now) >= RESEEK_AFTER_S}
+        """The seeks back asked `RESEEK_AFTER_S` ago or more whose offset has not been fetched again: to ask again
+        (also when nothing is delivered at all, the partition having no newer input: the transport calls this on a
+        timer). One fetched again is on its way behind what was queued before the seek: asking again would only queue
+        another copy of the re-read behind it."""
+        due = {tp: o for tp, o in self.rewinding.items()
+               if tp not in self.refetched and now - self.asked_at.get(tp, now) >= RESEEK_AFTER_S}
         for tp, o in due.items():
             self.asked_at[tp] = now
             log.info("input ledger: %s[%d] not read again from %d yet: seeking back again", tp.topic, tp.partition, o)
