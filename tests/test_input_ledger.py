@@ -10,7 +10,7 @@ from typing import Any
 
 from faust.types.tuples import TP, Message
 
-from pipeline.detect.input_ledger import RESEEK_AFTER_S, InputLedger
+from pipeline.detect.input_ledger import RESEEK_AFTER_S, RESEEK_FETCHED_AFTER_S, InputLedger
 
 W0, W1, CIP = TP("windows", 0), TP("windows", 1), TP("cip", 0)
 
@@ -181,4 +181,7 @@ def test_a_seek_back_fetched_again_is_not_asked_again_while_its_queue_drains() -
     # a new hole is a new seek back, asked again until its own offset is fetched
     assert led.admit(events(W0, 9), 12 * RESEEK_AFTER_S)[1] == {W0: 2}
     assert led.overdue(13 * RESEEK_AFTER_S) == {W0: 2}
-    assert not led.fetched(W0, 0) and led.fetched(W0, 2) and led.overdue(20 * RESEEK_AFTER_S) == {}
+    assert not led.fetched(W0, 0) and led.fetched(W0, 2) and led.overdue(14 * RESEEK_AFTER_S) == {}
+    # fetched again but never reaching the agents (lost on its way): asked again, much later
+    t = 13 * RESEEK_AFTER_S
+    assert led.overdue(t + RESEEK_FETCHED_AFTER_S) == {W0: 2} and led.refetched == set()

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 REWIND_WARNING = "input ledger: delivered past unread input"
 #: how long a seek back may take to show before it is asked again (seconds)
 RESEEK_AFTER_S = 2.0
+#: the same once its offset was fetched again: the re-read waits behind what was queued before the seek (19 s once,
+#: a broker outage blocking the agent meanwhile); asked again only in case it was lost on its way to the agents
+RESEEK_FETCHED_AFTER_S = 30.0
 
 
 @dataclass
@@ -128,12 +131,15 @@ class InputLedger:
     def overdue(self, now: float) -> dict[Any, int]:
         """The seeks back asked `RESEEK_AFTER_S` ago or more whose offset has not been fetched again: to ask again
         (also when nothing is delivered at all, the partition having no newer input: the transport calls this on a
-        timer). One fetched again is on its way behind what was queued before the seek: asking again would only queue
-        another copy of the re-read behind it."""
-        due = {tp: o for tp, o in self.rewinding.items()
-               if tp not in self.refetched and now - self.asked_at.get(tp, now) >= RESEEK_AFTER_S}
+        timer). One fetched again is on its way behind what was queued before the seek: asking again at once would
+        only queue another copy of the re-read behind it, so it waits `RESEEK_FETCHED_AFTER_S`."""
+        def after(tp: Any) -> float:
+            return RESEEK_FETCHED_AFTER_S if tp in self.refetched else RESEEK_AFTER_S
+
+        due = {tp: o for tp, o in self.rewinding.items() if now - self.asked_at.get(tp, now) >= after(tp)}
         for tp, o in due.items():
             self.asked_at[tp] = now
+            self.refetched.discard(tp)
             log.info("input ledger: %s[%d] not read again from %d yet: seeking back again", tp.topic, tp.partition, o)
         return due
 
