@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -672,9 +673,11 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
     # these topics, and one counted as acknowledged would commit past unread input), and the seeks back the agents'
     # ledger made when a message came past unread input (pipeline/detect/input_ledger.py)
     from pipeline.detect.fetch_guard import GAP_WARNING
-    from pipeline.detect.input_ledger import REWIND_WARNING
+    from pipeline.detect.input_ledger import REREAD_WARNING, REWIND_WARNING
     worker_log = (tmp / f"{plan.scenario}-worker.log").read_text(errors="replace")
     gaps, rewinds = worker_log.count(GAP_WARNING), worker_log.count(REWIND_WARNING)
+    # how long each seek back kept its partition from taking input (until the offset sought back was taken)
+    reread_s = [float(x) for x in re.findall(re.escape(REREAD_WARNING) + r" \d+ on \S+, ([0-9.]+) s after", worker_log)]
     kills = [f.recovery for f in faults if f.kind == "kill"]
     rec = {k: [r.get(k) for r in kills] for k in ("ingest", "detect", "detect_first_take")}
     return {
@@ -686,7 +689,7 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
         "worker_own_exits": worker.own_exits, "final_stop_rc": rc,
         "worker_import_s": import_s, "load_average_1m": round(load, 1), "first_start_s": first,
         "faults": [f.__dict__ for f in faults], "dead_letters_by_reason": reasons, "faust_offset_gaps": gaps,
-        "input_rewinds": rewinds,
+        "input_rewinds": rewinds, "input_reread_s": {"n": len(reread_s), "max": max(reread_s, default=None)},
         "recovery_after_kill_s": {k: {"values": v, "max": max((x for x in v if x is not None), default=None),
                                       "median": statistics.median([x for x in v if x is not None]) if any(
                                           x is not None for x in v) else None,

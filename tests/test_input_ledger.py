@@ -10,7 +10,7 @@ from typing import Any
 
 from faust.types.tuples import TP, Message
 
-from pipeline.detect.input_ledger import RESEEK_AFTER_S, RESEEK_FETCHED_AFTER_S, InputLedger
+from pipeline.detect.input_ledger import REREAD_WARNING, RESEEK_AFTER_S, RESEEK_FETCHED_AFTER_S, InputLedger
 
 W0, W1, CIP = TP("windows", 0), TP("windows", 1), TP("cip", 0)
 
@@ -185,3 +185,16 @@ def test_a_seek_back_fetched_again_is_not_asked_again_while_its_queue_drains() -
     # fetched again but never reaching the agents (lost on its way): asked again, much later
     t = 13 * RESEEK_AFTER_S
     assert led.overdue(t + RESEEK_FETCHED_AFTER_S) == {W0: 2} and led.refetched == set()
+
+
+def test_the_end_of_a_seek_back_is_logged_with_how_long_the_partition_waited(caplog: Any) -> None:
+    """benchmarks/chaos.py reports the longest (`input_reread_s`): the time a partition took no input."""
+    led = ledger()
+    led.start({W0: 0})
+    with caplog.at_level("WARNING", logger="pipeline.detect.input_ledger"):
+        led.admit(events(W0, 4), 10.0)
+        led.admit(events(W0, 5), 11.0)  # still stale: the seek back's start stays at 10.0
+        assert led.overdue(12.5) == {W0: 0}  # asked again: still measured from the first ask
+        led.admit(events(W0, 0, 1), 17.3)
+    ends = [r.getMessage() for r in caplog.records if REREAD_WARNING in r.getMessage()]
+    assert ends == [f"{REREAD_WARNING} 0 on windows[0], 7.3 s after the seek back"] and led.since == {}

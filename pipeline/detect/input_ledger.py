@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: the warning each seek back logs (benchmarks/chaos.py counts it in the worker's log)
 REWIND_WARNING = "input ledger: delivered past unread input"
+#: the warning each seek back's end logs, with the seconds it took (benchmarks/chaos.py reports the longest)
+REREAD_WARNING = "input ledger: read again from"
 #: how long a seek back may take to show before it is asked again (seconds)
 RESEEK_AFTER_S = 2.0
 #: the same once its offset was fetched again: the re-read waits behind what was queued before the seek (19 s once,
@@ -60,6 +62,8 @@ class InputLedger:
     asked_at: dict[Any, float] = field(default_factory=dict)
     #: partitions whose offset sought back has been fetched again (on its way to the agents: not asked again)
     refetched: set[Any] = field(default_factory=set)
+    #: partition -> when its seek back was first asked (the partition takes no input until it is read again)
+    since: dict[Any, float] = field(default_factory=dict)
     #: partition (any topic) -> offsets handed to an agent whose batch has not completed
     outstanding: dict[Any, set[int]] = field(default_factory=dict)
 
@@ -82,6 +86,7 @@ class InputLedger:
         self.rewinding.pop(tp, None)
         self.asked_at.pop(tp, None)
         self.refetched.discard(tp)
+        self.since.pop(tp, None)
 
     def fetched(self, tp: Any, offset: int) -> bool:
         """The consumer fetched this message: True when it is the offset a seek back asked for (the caller makes sure
@@ -110,6 +115,7 @@ class InputLedger:
                 if self.rewinding.get(tp) != want:
                     self.rewinding[tp] = rewind[tp] = want
                     self.asked_at[tp] = now
+                    self.since.setdefault(tp, now)
                     self.refetched.discard(tp)
                     log.warning("%s: %s[%d] offset %d delivered while %d was next; reading it again from %d",
                                 REWIND_WARNING, tp.topic, tp.partition, offset, want, want)
@@ -117,6 +123,9 @@ class InputLedger:
             take.append(ev)
             self.outstanding.setdefault(tp, set()).add(offset)
             if tracked and offset == want:
+                if tp in self.since:
+                    log.warning("%s %d on %s[%d], %.1f s after the seek back", REREAD_WARNING, want, tp.topic,
+                                tp.partition, now - self.since[tp])
                 self.next[tp] = want + 1
                 self._reached(tp)
         return take, rewind | self.overdue(now)
