@@ -15,6 +15,9 @@ feed are compared with the replay: cases lost / extra (by case id, and by policy
 moved by more than a window, duplicate case events (raw vs FINAL), duplicate feed messages, compute totals per
 account, and the time from each kill until the restarted worker writes windows again (ingest) and commits (detect).
 
+`--store-outages N --kill-after-store S` is the variant that found a lost owner case (Dec 6): N store outages, each
+followed within S seconds by a kill -9, while batches that waited out the outage save their state.
+
 Nothing here asserts: tests/test_chaos_smoke.py runs --quick and asserts the properties that must hold.
 """
 
@@ -111,6 +114,10 @@ class Plan:
     broker_kill: bool
     store_outage_s: float
     stream_s: float  # how long producing the folder takes (paced)
+    store_outages: int = 1
+    #: kill -9 the worker within this many seconds after each store outage ends (None: no such kill). A batch that
+    #: waited out the outage is then mid-save: the restart that lost an owner case on Dec 6 (README, "Chaos run")
+    kill_after_store_s: float | None = None
 
 
 @dataclass
@@ -543,7 +550,7 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
     worker.start()
     producer.start()
     kinds = ["kill"] * plan.kills + (["broker"] if plan.broker_kill else [])
-    kinds += ["store"] if plan.store_outage_s else []
+    kinds += ["store"] * plan.store_outages if plan.store_outage_s else []
     rng.shuffle(kinds)
     faults: list[Fault] = []
 
@@ -604,6 +611,11 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
             down.unlink()
             f.note = (f"store failed every call for {plan.store_outage_s:.0f} s; worker exits meanwhile: "
                       f"{len(worker.own_exits) - exits_before}")
+            if plan.kill_after_store_s is not None:
+                time.sleep(rng.uniform(0, plan.kill_after_store_s))
+                worker.kill9()
+                worker.start()
+                f.note += f"; killed {time.monotonic() - end:.1f} s after it ended"
             f.recovery = wait_resumed(progress(), time.monotonic())
         faults.append(f)
         print(f"[chaos] {plan.scenario} {f.kind} at {f.at_s}s -> resumed {f.recovery} {f.note}", file=sys.stderr)
@@ -770,6 +782,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dynamic", action="store_true",
                     help="no group.instance.id (dynamic membership): the recovery baseline static membership beats")
     ap.add_argument("--scenario", choices=("demo", "scope"), default=None, help="run only this scenario")
+    ap.add_argument("--store-outages", type=int, default=None, help="this many store outages instead of one")
+    ap.add_argument("--kill-after-store", type=float, default=None, metavar="S",
+                    help="also kill -9 the worker within S seconds after each store outage ends")
     ap.add_argument("--keep", type=Path, default=None,
                     help="folder to keep each scenario's replay and Kafka store summaries, feed and worker log in")
     args = ap.parse_args(argv)
@@ -790,6 +805,10 @@ def main(argv: list[str] | None = None) -> None:
                                                                                           scenario=args.scenario)]
     if args.stream_s:
         plans = [dataclasses.replace(p, stream_s=args.stream_s) for p in plans]
+    if args.store_outages is not None:
+        plans = [dataclasses.replace(p, store_outages=args.store_outages) for p in plans]
+    if args.kill_after_store is not None:
+        plans = [dataclasses.replace(p, kill_after_store_s=args.kill_after_store) for p in plans]
     t0 = time.monotonic()
     home = Path(tempfile.mkdtemp(prefix="tw-chaos-kafka-"))
     cluster = Cluster(args.port, home)
@@ -797,6 +816,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "machine": f"{os.cpu_count()} CPUs", "seed": args.seed, "quick": args.quick,
                               "clean": args.clean, "only": args.only, "static_membership": not args.dynamic,
+                              "store_outages": args.store_outages, "kill_after_store_s": args.kill_after_store,
                               "classifier": os.environ.get("TRAINWATCH_MODEL_PATH") or "packaged",
                               "cluster": {"brokers": 3, "replication_factor": 3, "min_insync_replicas": 2,
                                           "partitions": PARTITIONS},
@@ -822,11 +842,13 @@ def main(argv: list[str] | None = None) -> None:
     name = "chaos" + ("-quick" if args.quick else "") + ("-clean" if args.clean else "")
     name += ("-dynamic" if args.dynamic else "") + (f"-only-{args.only}" if args.only else "")
     name += f"-{args.scenario}" if args.scenario else ""
+    name += "-store-kill" if args.kill_after_store is not None or args.store_outages is not None else ""
     out = args.out or RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     print(_table(result))
-    if not (args.quick or args.clean or args.dynamic or args.only or args.scenario) and args.out is None:
+    variant = args.only or args.scenario or args.store_outages is not None or args.kill_after_store is not None
+    if not (args.quick or args.clean or args.dynamic or variant) and args.out is None:
         _readme(result)
 
 
