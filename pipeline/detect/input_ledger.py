@@ -1,22 +1,23 @@
-"""Which offsets of each input partition the agents have taken, on topics without gaps: the commit never passes one
-they have not taken, and a message delivered past one they have not read is not processed but read again in order.
+"""Which offsets of each input partition the agents have taken, on topics without gaps: the commit never passes one they
+have not taken, and a message delivered past one they have not read is not processed but read again in order.
 
-faust tracks this itself (acked offsets, gap detection), and the quick chaos run still lost window partials after
-the fixes of fetch_guard.py: offsets 4-11 and 12-50 of windows[1] (the partition whose accounts start last), each
-after a kill soon after its first messages, no gap logged. A path in faust's code that fits: its guards test
-truthiness, so a partition without a committed offset, or committed at 0, has no read offset, whatever is delivered
-first is taken as the start, and the first commit covers every offset below it. Rather than trust that bookkeeping,
-the ledger knows where reading must start (the committed offset, or the log start where there is none: `start`), takes
-each batch's messages in order (`admit`), holds back every message of a partition after a hole and asks for a
-seek back to it, and caps each commit at the next offset it expects (`cap`). Messages of the partition still
+faust tracks this itself (acked offsets, gap detection), and the quick chaos run still lost window partials after the
+fixes of fetch_guard.py: offsets 4-11 and 12-50 of windows[1] (the partition whose accounts start last), each after a
+kill soon after its first messages, no gap logged. A path in faust's code that fits: its guards test truthiness, so a
+partition without a committed offset, or committed at 0, has no read offset, whatever is delivered first is taken as
+the start, and the first commit covers every offset below it. Rather than trust that bookkeeping, the ledger knows
+where reading must start (the committed offset, or the log start where there is none: `start`), takes each batch's
+messages in order (`admit`), holds back a partition's messages past the next offset it expects and asks for a seek
+back to that offset, and caps each commit at the next offset it expects (`cap`). Messages of the partition still
 queued from before the seek keep coming, held, while the re-read follows them; the offset sought back is taken
-whenever it comes, also in a batch behind held ones (holding it with them stalled the partition: its re-read
-swallowed behind its own stale messages at each seek, while each new seek queued another copy behind more of them;
-the quick chaos run, Dec 6: windows[1] took no input for 16-40 s after restarts, one restart wholly). faust drops a
-message below its read offset, and stale messages of an in-flight fetch move that past the offsets sought back: the
-consumer's fetch path reports each fetch of the offset sought back (`fetched`; fetch_guard.py then clears faust's
-read offset so the re-read is delivered). A seek back whose offset has not been fetched again within
-`RESEEK_AFTER_S` is asked again (`overdue`: the seek failed, or was undone).
+whenever it comes, also in a batch behind held ones (holding it with them stalled the partition: its re-read swallowed
+behind its own stale messages at each seek, while each new seek queued another copy behind more of them; the quick
+chaos run, Dec 6: windows[1] took no input for 2-40 s after restarts, one restart wholly). faust drops a message
+below its read offset, and stale messages of an in-flight fetch move that past the offsets sought back: the consumer's
+fetch path reports each fetch of the offset sought back (`fetched`; fetch_guard.py then clears faust's read offset so
+the re-read is delivered). A seek back whose offset has not been fetched again within `RESEEK_AFTER_S` is asked again
+(`overdue`: the seek failed, or was undone), and one fetched again but not taken within `RESEEK_FETCHED_AFTER_S` too
+(lost on its way to the agents).
 
 Only topics this project's idempotent producers write are tracked (the `contiguous` predicate, as fetch_guard's
 `refuse_gaps`): the CIP and allocations topics are the provider's, where compaction or transactions make real gaps.
