@@ -12,7 +12,7 @@ back to that offset, and caps each commit at the next offset it expects (`cap`).
 queued from before the seek keep coming, held, while the re-read follows them; the offset sought back is taken
 whenever it comes, also in a batch behind held ones (holding it with them stalled the partition: its re-read swallowed
 behind its own stale messages at each seek, while each new seek queued another copy behind more of them; the quick
-chaos run, Dec 6: windows[1] took no input for 2-40 s after restarts, one restart wholly). faust drops a message
+chaos run, Dec 6: windows[1] took no input for 4-40 s after restarts, some restarts wholly). faust drops a message
 below its read offset, and stale messages of an in-flight fetch move that past the offsets sought back: the consumer's
 fetch path reports each fetch of the offset sought back (`fetched`; fetch_guard.py then clears faust's read offset so
 the re-read is delivered). A seek back whose offset has not been fetched again within `RESEEK_AFTER_S` is asked again
