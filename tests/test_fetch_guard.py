@@ -259,4 +259,4 @@ def test_the_offset_sought_back_is_delivered_whatever_read_offset_stale_messages
     assert bare == [8, 9]  # without the guard the re-read is lost
     track_inputs(consumer, led)
     assert asyncio.run(consumer.drain()) == [8, 9, 0, 1, 2]
-    assert led.refetched == {w1} and led.overdue(10.0) == {}
+    assert led.seeks[w1].refetched and led.overdue(10.0) == {}

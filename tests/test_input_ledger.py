@@ -177,14 +177,14 @@ def test_a_seek_back_fetched_again_is_not_asked_again_while_its_queue_drains() -
     assert led.fetched(W0, 0)
     assert led.overdue(10 * RESEEK_AFTER_S) == {}
     assert offsets(led.admit(events(W0, 16, 0, 1), 11 * RESEEK_AFTER_S)[0]) == [(0, 0), (0, 1)]
-    assert led.rewinding == {} and led.refetched == set()
+    assert led.rewinding == {} and led.seeks == {}
     # a new hole is a new seek back, asked again until its own offset is fetched
     assert led.admit(events(W0, 9), 12 * RESEEK_AFTER_S)[1] == {W0: 2}
     assert led.overdue(13 * RESEEK_AFTER_S) == {W0: 2}
     assert not led.fetched(W0, 0) and led.fetched(W0, 2) and led.overdue(14 * RESEEK_AFTER_S) == {}
     # fetched again but never reaching the agents (lost on its way): asked again, much later
     t = 13 * RESEEK_AFTER_S
-    assert led.overdue(t + RESEEK_FETCHED_AFTER_S) == {W0: 2} and led.refetched == set()
+    assert led.overdue(t + RESEEK_FETCHED_AFTER_S) == {W0: 2} and not led.seeks[W0].refetched
 
 
 def test_the_end_of_a_seek_back_is_logged_with_how_long_the_partition_waited(caplog: Any) -> None:
@@ -197,4 +197,4 @@ def test_the_end_of_a_seek_back_is_logged_with_how_long_the_partition_waited(cap
         assert led.overdue(12.5) == {W0: 0}  # asked again: still measured from the first ask
         led.admit(events(W0, 0, 1), 17.3)
     ends = [r.getMessage() for r in caplog.records if REREAD_WARNING in r.getMessage()]
-    assert ends == [f"{REREAD_WARNING} 0 on windows[0], 7.3 s after the seek back"] and led.since == {}
+    assert ends == [f"{REREAD_WARNING} 0 on windows[0], 7.3 s after the seek back"] and led.seeks == {}

@@ -53,18 +53,25 @@ RESEEK_FETCHED_AFTER_S = 30.0
 
 
 @dataclass
+class SeekBack:
+    """One partition's seek back, from when it is first asked until reading reaches `offset` again."""
+
+    offset: int
+    #: when (monotonic seconds) it was first asked: the partition takes no input until it is read again
+    since: float
+    #: when it was last asked
+    asked_at: float
+    #: its offset has been fetched again (on its way to the agents behind what was queued: not asked again soon)
+    refetched: bool = False
+
+
+@dataclass
 class InputLedger:
     contiguous: Callable[[str], bool]
     #: partition (faust TP) -> the next offset the agents must take
     next: dict[Any, int] = field(default_factory=dict)
-    #: partition -> the offset a seek back was asked for (until reading reaches it again)
-    rewinding: dict[Any, int] = field(default_factory=dict)
-    #: partition -> when (monotonic seconds) that seek back was last asked
-    asked_at: dict[Any, float] = field(default_factory=dict)
-    #: partitions whose offset sought back has been fetched again (on its way to the agents: not asked again)
-    refetched: set[Any] = field(default_factory=set)
-    #: partition -> when its seek back was first asked (the partition takes no input until it is read again)
-    since: dict[Any, float] = field(default_factory=dict)
+    #: partition -> its seek back, until reading reaches the offset sought again
+    seeks: dict[Any, SeekBack] = field(default_factory=dict)
     #: partition (any topic) -> offsets handed to an agent whose batch has not completed
     outstanding: dict[Any, set[int]] = field(default_factory=dict)
 
@@ -84,17 +91,20 @@ class InputLedger:
             self._reached(tp)
 
     def _reached(self, tp: Any) -> None:
-        self.rewinding.pop(tp, None)
-        self.asked_at.pop(tp, None)
-        self.refetched.discard(tp)
-        self.since.pop(tp, None)
+        self.seeks.pop(tp, None)
+
+    @property
+    def rewinding(self) -> dict[Any, int]:
+        """partition -> the offset its seek back asked for"""
+        return {tp: s.offset for tp, s in self.seeks.items()}
 
     def fetched(self, tp: Any, offset: int) -> bool:
         """The consumer fetched this message: True when it is the offset a seek back asked for (the caller makes sure
         faust delivers it, whatever read offset stale messages left), which stops that seek being asked again."""
-        if self.rewinding.get(tp) != offset:
+        seek = self.seeks.get(tp)
+        if seek is None or seek.offset != offset:
             return False
-        self.refetched.add(tp)
+        seek.refetched = True
         return True
 
     def admit(self, events: Sequence[Any], now: float) -> tuple[list[Any], dict[Any, int]]:
@@ -113,20 +123,19 @@ class InputLedger:
             tracked = want is not None and self.contiguous(tp.topic)
             if tracked and offset > want:
                 ev.message.acked = True
-                if self.rewinding.get(tp) != want:
-                    self.rewinding[tp] = rewind[tp] = want
-                    self.asked_at[tp] = now
-                    self.since.setdefault(tp, now)
-                    self.refetched.discard(tp)
+                seek = self.seeks.get(tp)
+                if seek is None or seek.offset != want:
+                    rewind[tp] = want
+                    self.seeks[tp] = SeekBack(want, seek.since if seek else now, now)
                     log.warning("%s: %s[%d] offset %d delivered while %d was next; reading it again from %d",
                                 REWIND_WARNING, tp.topic, tp.partition, offset, want, want)
                 continue
             take.append(ev)
             self.outstanding.setdefault(tp, set()).add(offset)
             if tracked and offset == want:
-                if tp in self.since:
+                if tp in self.seeks:
                     log.warning("%s %d on %s[%d], %.1f s after the seek back", REREAD_WARNING, want, tp.topic,
-                                tp.partition, now - self.since[tp])
+                                tp.partition, now - self.seeks[tp].since)
                 self.next[tp] = want + 1
                 self._reached(tp)
         return take, rewind | self.overdue(now)
@@ -143,14 +152,13 @@ class InputLedger:
         (also when nothing is delivered at all, the partition having no newer input: the transport calls this on a
         timer). One fetched again is on its way behind what was queued before the seek: asking again at once would
         only queue another copy of the re-read behind it, so it waits `RESEEK_FETCHED_AFTER_S`."""
-        def after(tp: Any) -> float:
-            return RESEEK_FETCHED_AFTER_S if tp in self.refetched else RESEEK_AFTER_S
-
-        due = {tp: o for tp, o in self.rewinding.items() if now - self.asked_at.get(tp, now) >= after(tp)}
-        for tp, o in due.items():
-            self.asked_at[tp] = now
-            self.refetched.discard(tp)
-            log.info("input ledger: %s[%d] not read again from %d yet: seeking back again", tp.topic, tp.partition, o)
+        due = {}
+        for tp, seek in self.seeks.items():
+            if now - seek.asked_at >= (RESEEK_FETCHED_AFTER_S if seek.refetched else RESEEK_AFTER_S):
+                due[tp] = seek.offset
+                seek.asked_at, seek.refetched = now, False
+                log.info("input ledger: %s[%d] not read again from %d yet: seeking back again", tp.topic,
+                         tp.partition, seek.offset)
         return due
 
     def cap(self, offsets: Mapping[Any, int]) -> dict[Any, int]:
