@@ -695,7 +695,8 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
     return {
         "scenario": plan.scenario, "messages": counts.get("produced"), "undelivered": counts.get("undelivered"),
         "tick_rounds": counts.get("tick_rounds"),
-        "stream_s": plan.stream_s, "replay_s": round(replay_s, 1), "drain_s": round(drained_s, 1),
+        "stream_s": plan.stream_s, "store_outage_s": plan.store_outage_s,
+        "replay_s": round(replay_s, 1), "drain_s": round(drained_s, 1),
         "drain_lag_left": d_lag, "drain_cap_s": cap_s, "detect_owner_idle_s": idle_s, "detect_source_quiet_s": quiet_s,
         "wall_s": round(time.monotonic() - t_begin, 1), "worker_starts": worker.starts,
         "worker_own_exits": worker.own_exits, "final_stop_rc": rc,
@@ -732,6 +733,11 @@ def phases_since(log: Path, t_kill: float) -> dict[str, list[float]]:
     return {k: [round(at - t_kill, 2), cpu] for k, (at, cpu) in sorted(phases(text).items(), key=lambda kv: kv[1])}
 
 
+def _outages(n: int, seconds: float) -> str:
+    """The table's store outage cell: how many, how long each (results before the key say 30 s: all were)."""
+    return "-" if not n else f"{seconds:.0f} s" if n == 1 else f"{n} x {seconds:.0f} s"
+
+
 def _table(result: dict) -> str:
     rows = ["| scenario | kills | broker kill | store outage | cases replay / kafka | lost | extra | knowledge moved "
             "| dup events | dup feed | compute max rel (to last window) | recovery after kill, max s (ingest / detect) "
@@ -743,7 +749,8 @@ def _table(result: dict) -> str:
         r = s["recovery_after_kill_s"]
         rows.append(
             f"| {s['scenario']} | {kinds.count('kill')} | {kinds.count('broker')} | "
-            f"{'30 s' if 'store' in kinds else '-'} | {s['cases_replay']} / {s['cases_kafka']} | "
+            f"{_outages(kinds.count('store'), s.get('store_outage_s', 30.0))} | "
+            f"{s['cases_replay']} / {s['cases_kafka']} | "
             f"{len(s['lost_reportable'])} reportable ({len(s['lost_case_ids'])} ids) | "
             f"{len(s['extra_reportable'])} reportable ({len(s['extra_case_ids'])} ids) | "
             f"{len(s['knowledge_at_moved'])} | "

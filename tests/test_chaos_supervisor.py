@@ -40,3 +40,9 @@ def test_a_worker_that_ran_a_while_is_restarted_at_once(tmp_path: Path, monkeypa
     w.supervise()
     assert w.starts == 2 and w.own_exits[0]["restart_after_s"] == 0.0
     w.proc.wait(30)
+
+
+def test_the_results_table_says_how_many_store_outages_and_how_long() -> None:
+    assert chaos._outages(0, 30.0) == "-"
+    assert chaos._outages(1, 30.0) == "30 s"
+    assert chaos._outages(3, 12.0) == "3 x 12 s"
