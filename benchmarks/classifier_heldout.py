@@ -36,7 +36,7 @@ import numpy as np
 
 import pipeline
 from pipeline.model_eval import HELDOUT_FAMILIES, _outcomes, _smi_view, binary_metrics, loso_simulated
-from pipeline.model_train import Dataset, build_model, simulated_dataset
+from pipeline.model_train import TRAIN_SCENARIO, Dataset, build_model, simulated_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "classifier_lofo.json"
 
@@ -112,10 +112,10 @@ def _loso(args: argparse.Namespace, params: dict[str, Any], t0: float) -> None:
 
 def _dataset(seed: int, scale: float, cache: Path | None) -> Dataset:
     """The eval scenario's histories; with `cache`, pickled there once (simulating is most of the run's time)."""
-    path = cache / f"eval-{seed}-{scale}.pkl" if cache else None
+    path = cache / f"eval-{seed}-{scale}-twins.pkl" if cache else None
     if path and path.is_file():
         return pickle.loads(path.read_bytes())  # written by this script into a folder the caller chose
-    ds = simulated_dataset("eval", seed, scale=scale)
+    ds = simulated_dataset("eval", seed, scale=scale, coarse_twins=TRAIN_SCENARIO["coarse_twins"])
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(pickle.dumps(ds))
@@ -128,11 +128,11 @@ def heldout_family(train: Dataset, test: Dataset, fam: str, fams: tuple[str, ...
     of it and on `test`'s known kinds (none of `fams`), full DCGM, as pipeline.model_eval.heldout_families does,
     plus the covered F1 with and without the guard."""
     tr = train.subset(train.archetypes != fam)
-    te_m = test.archetypes == fam
+    te_m = (test.archetypes == fam) & test.scored
     model = build_model(params).fit(tr.histories, tr.y, tr.groups, tr.archetypes)
     f = model.featurizer_
     X = f.transform([test.histories[i] for i in np.flatnonzero(te_m)])
-    known = ~te_m & ~np.isin(test.archetypes, fams)
+    known = ~te_m & ~np.isin(test.archetypes, fams) & test.scored
     ak = model.assess(f.transform([test.histories[i] for i in np.flatnonzero(known)]))
     full = np.array([d["tier"] for d in ak]) == "full"
     yk = test.y[known][full]

@@ -37,6 +37,7 @@ from pipeline.model_train import (
     GBM,
     HISTORIES_PER_WORKLOAD,
     TIER,
+    TRAIN_SCENARIO,
     Dataset,
     build_model,
     dataset_from_entries,
@@ -46,6 +47,9 @@ from pipeline.model_train import (
 
 #: A recipe key (not a model parameter): fit the young-run rules per fold (`GbmWorkloadClassifier.fit_young`).
 YOUNG = "fit_young"
+#: A recipe key: train on the coarse-sampled twins too (pipeline/model_train.py `simulated_entries`; never scored).
+#: Absent: as the shipped recipe does (TRAIN_SCENARIO).
+TWINS = "coarse_twins"
 #: Recipes: parameter changes over the shipped recipe (nested set_params names). Both tiers get them; the full-DCGM
 #: figure reads the full tier only.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -71,6 +75,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # ... on the nvidia-smi tier's training calls only (the full-DCGM figure cannot move; real traces are smi-level)
     "kind_training_smi": {"kind_bands": ("not_training", "smi:training")},
     "kind_training_smi_q99": {"kind_bands": ("not_training", "smi:training"), "kind_training_quantile": 0.99},
+    # the shipped recipe with and without coarse-sampled twins in each fold's training data (2026-12-07)
+    "base_twins": {TWINS: True},
+    "base_no_twins": {TWINS: False},
 }
 KNN_SCALES = (0.727, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)
 
@@ -83,11 +90,12 @@ def fold_rows(ds: Dataset, params: dict[str, Any], prefixes: tuple[list[Any], np
     run's start here: `sample_histories` takes the entries up to a delivery). With `train_ds` (another seed), each
     fold fits on its histories of the other families and `prefixes` / `family` are that seed's."""
     young = bool(params.get(YOUNG))
-    params = {k: v for k, v in params.items() if k != YOUNG}
+    params = {k: v for k, v in params.items() if k not in (YOUNG, TWINS)}
     out = []
     for held in _fold_plan(ds.groups, 8):
-        test = np.isin(ds.groups, held)
-        train = ds.subset(~test) if train_ds is None else train_ds.subset(~np.isin(train_ds.groups, held))
+        test = np.isin(ds.groups, held) & ds.scored  # coarse twins train with their family, never scored
+        other = ~np.isin(ds.groups, held)
+        train = ds.subset(other) if train_ds is None else train_ds.subset(~np.isin(train_ds.groups, held))
         t0 = time.perf_counter()
         model = build_model(params).fit(train.histories, train.y, train.groups, train.archetypes)
         if young and prefixes is not None and family is not None:
@@ -119,16 +127,26 @@ def fold_rows(ds: Dataset, params: dict[str, Any], prefixes: tuple[list[Any], np
 
 
 def _entries(seed: int, scale: float, cache: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The eval scenario's history entries and truth per workload; with `cache`, pickled there once."""
-    path = cache / f"entries-{seed}-{scale}.pkl" if cache else None
+    """The eval scenario's history entries and truth per workload, coarse-sampled twins included (a recipe without
+    them drops them: `_recipe_data`); with `cache`, pickled there once."""
+    path = cache / f"entries-{seed}-{scale}-twins.pkl" if cache else None
     if path and path.is_file():
         entries, truth, _ = pickle.loads(path.read_bytes())  # written by this script into a folder the caller chose
         return entries, truth
-    entries, truth, digest = simulated_entries("eval", seed, scale=scale)
+    entries, truth, digest = simulated_entries("eval", seed, **{**TRAIN_SCENARIO, "scale": scale, TWINS: True})
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(pickle.dumps((entries, truth, digest)))
     return entries, truth
+
+
+def _recipe_data(ds: Dataset, params: dict[str, Any]) -> Dataset:
+    """The histories a recipe trains on: with the twins or without them (the scored rows are the same)."""
+    return ds if params.get(TWINS, TRAIN_SCENARIO[TWINS]) else ds.subset(ds.scored)
+
+
+def _originals(entries: dict[str, Any], truth: dict[str, Any]) -> dict[str, Any]:
+    return {w: e for w, e in entries.items() if not truth.get(w, {}).get("twin_of")}
 
 
 def _band_from_p(p: float, cut: tuple[float, float]) -> str:
@@ -202,13 +220,13 @@ def young_training_precision(params: dict[str, Any], fit_seed: int, seeds: tuple
     many were not training, precision. Would a young-run rule for training calls, measured as 5.1's is for
     not_training, hold back a 1-2-window run's training call?"""
     entries, truth = _entries(fit_seed, scale, cache)
-    ds = dataset_from_entries(entries, truth, "", fit_seed, HISTORIES_PER_WORKLOAD)
-    model = build_model({k: v for k, v in params.items() if k != YOUNG})
+    ds = _recipe_data(dataset_from_entries(entries, truth, "", fit_seed, HISTORIES_PER_WORKLOAD), params)
+    model = build_model({k: v for k, v in params.items() if k not in (YOUNG, TWINS)})
     model.fit(ds.histories, ds.y, ds.groups, ds.archetypes)
     out: dict[str, Any] = {}
     for seed in seeds:
         e, t = _entries(seed, scale, cache)
-        H, y, _ = run_prefixes(e, t)
+        H, y, _ = run_prefixes(_originals(e, t), t)
         X = model.featurizer_.transform(H)
         n = X[:, model.featurizer_.feature_names_out_.index("history_windows")]
         for tier in model.tiers_:
@@ -258,7 +276,7 @@ def main() -> None:
     if args.train_seed is not None and args.train_seed != args.seed:
         entries, truth = _entries(args.train_seed, args.scale, args.cache)
         train_ds = dataset_from_entries(entries, truth, "", args.train_seed, HISTORIES_PER_WORKLOAD)
-    prefixes = run_prefixes(entries, truth)
+    prefixes = run_prefixes(_originals(entries, truth), truth)
     family = {w: str(t.get("source_family")) for w, t in truth.items()}
     split = f"seed{args.seed}" if train_ds is None else f"train{args.train_seed}_test{args.seed}"
     block: dict[str, Any] = {
@@ -276,7 +294,8 @@ def main() -> None:
         if path and path.is_file():
             folds = pickle.loads(path.read_bytes())  # written by this script into a folder the caller chose
         else:
-            folds = fold_rows(ds, RECIPES[name], prefixes, family, train_ds)
+            rd = None if train_ds is None else _recipe_data(train_ds, RECIPES[name])
+            folds = fold_rows(_recipe_data(ds, RECIPES[name]), RECIPES[name], prefixes, family, rd)
             if path:
                 path.write_bytes(pickle.dumps(folds))
         block["recipes"][name] = {"params": dict(RECIPES[name]), **figures(folds),

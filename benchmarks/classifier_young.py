@@ -67,7 +67,7 @@ def main(out_path: str) -> dict[str, Any]:
     table = model.fit_young(*run_prefixes(e7, t7)[:2])
     base = copy.copy(model)
     base.young_shrink_ = {}  # version 5.1: the same trees, bands and short-history rule, P as the tier gives it
-    e11, t11, _ = simulated_entries("eval", 11, **TRAIN_SCENARIO)
+    e11, t11, _ = simulated_entries("eval", 11, **{**TRAIN_SCENARIO, "coarse_twins": False})  # scored: no twins
     H, y, wl = run_prefixes(e11, t11)
     X = model.featurizer_.transform(H)
     n = X[:, model.featurizer_.feature_names_out_.index("history_windows")]

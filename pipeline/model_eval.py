@@ -128,14 +128,15 @@ def _fold_plan(groups: np.ndarray, max_folds: int) -> list[list[str]]:
 
 
 def loso_simulated(ds: Dataset, params: dict[str, Any] | None = None, max_folds: int = 8) -> dict[str, Any]:
-    """Leave-one-source-out over source families. Returns figures per tier, overall and per archetype."""
+    """Leave-one-source-out over source families. Returns figures per tier, overall and per archetype. Twins
+    (`Dataset.twin`) are trained on with their family, never scored."""
     n = len(ds.y)
     p_full, b_full, t_full = np.full(n, np.nan), np.full(n, "uncertain", dtype=object), np.full(n, "", dtype=object)
     p_smi, b_smi = np.full(n, np.nan), np.full(n, "uncertain", dtype=object)
     folds = []
     for held in _fold_plan(ds.groups, max_folds):
-        test = np.isin(ds.groups, held)
-        train = ds.subset(~test)
+        train = ds.subset(~np.isin(ds.groups, held))  # the other families' coarse twins train too
+        test = np.isin(ds.groups, held) & ds.scored
         if len(set(train.y.tolist())) < 2:
             continue
         model = build_model(params).fit(train.histories, train.y, train.groups, train.archetypes)
@@ -181,14 +182,14 @@ def heldout_families(train: Dataset, test: Dataset, families: tuple[str, ...] = 
     out: dict[str, Any] = {}
     for fam in families:
         tr = train.subset(train.archetypes != fam)
-        te_m = test.archetypes == fam
+        te_m = (test.archetypes == fam) & test.scored
         if not te_m.any() or len(set(tr.y.tolist())) < 2:
             continue
         model = build_model(params).fit(tr.histories, tr.y, tr.groups, tr.archetypes)
         f = model.featurizer_
         X = f.transform([test.histories[i] for i in np.flatnonzero(te_m)])
         Xs = _smi_view(model, X)
-        known = ~te_m & ~np.isin(test.archetypes, families)
+        known = ~te_m & ~np.isin(test.archetypes, families) & test.scored
         Xk = f.transform([test.histories[i] for i in np.flatnonzero(known)])
         ak = model.assess(Xk)
         bk = np.array([d["band"] for d in ak])

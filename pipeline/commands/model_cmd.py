@@ -61,11 +61,12 @@ def run_evaluation(scenario_scale: float, seed: int, mig_dir: Path, model_dir: P
     results: dict[str, Any] = {}
     ds = None
     if not real_only:
-        ds = simulated_dataset("eval", seed, scale=scenario_scale)
+        twins = TRAIN_SCENARIO["coarse_twins"]  # the folds train as the shipped model does; twins are never scored
+        ds = simulated_dataset("eval", seed, scale=scenario_scale, coarse_twins=twins)
         results = {"scenario": "eval", "seed": seed, "scenario_scale": scenario_scale,
                    "data": dataset_summary(ds), "simulated": loso_simulated(ds)}
     if heldout and ds is not None:  # families held out whole: fitted on the training seed without them, scored
-        train = simulated_dataset("eval", 7, scale=scenario_scale)
+        train = simulated_dataset("eval", 7, scale=scenario_scale, coarse_twins=twins)
         results["heldout_families"] = heldout_families(train, ds)
     # The real runs are never trained on: score them with a model fitted on all simulated data.
     model = train_model(ds) if model_dir is None and ds is not None else load_artifact(model_dir)[0]
