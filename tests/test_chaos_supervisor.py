@@ -26,6 +26,7 @@ def test_a_worker_exiting_at_once_is_restarted_after_a_growing_delay(tmp_path: P
     first = _supervise_until(w, 2, 10)
     w.proc.wait(30)
     second = _supervise_until(w, 3, 10)
+    w.proc.wait(30)  # the third start, reaped here rather than left to the garbage collector
     assert w.starts == 3
     assert [e["rc"] for e in w.own_exits] == [3, 3]
     assert [e["restart_after_s"] for e in w.own_exits] == [0.2, 0.4]
