@@ -69,3 +69,14 @@ def test_leave_one_family_out_trains_on_twins_and_scores_only_originals(small_ev
     scored = sum(f["n"] for f in res["folds"])
     assert scored == int((~ds.twin).sum()) < len(ds.y)
     assert res["as_sent"]["n"] == scored
+
+
+def test_families_held_out_whole_score_no_twin(small_eval) -> None:
+    from pipeline.model_eval import heldout_families
+
+    (_plain, _t0, _), (entries, truth, _) = small_eval
+    ds = dataset_from_entries(entries, truth, "", 3, 4)
+    small = {f"{GBM}max_iter": 8, f"{GBM}min_samples_leaf": 5, f"{TIER}cv_folds": 2, "kind_bands": ()}
+    fam = next(a for a in ("serving", "pretrain", "finetune_full") if ((ds.archetypes == a) & ds.twin).any())
+    res = heldout_families(ds, ds, (fam,), small)
+    assert res[fam]["held_out_as_sent"]["n"] == int(((ds.archetypes == fam) & ~ds.twin).sum())
