@@ -685,7 +685,7 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
     # these topics, and one counted as acknowledged would commit past unread input), and the seeks back the agents'
     # ledger made when a message came past unread input (pipeline/detect/input_ledger.py)
     from pipeline.detect.fetch_guard import GAP_WARNING
-    from pipeline.detect.input_ledger import REREAD_WARNING, REWIND_WARNING
+    from pipeline.detect.input_ledger import REREAD_WARNING, REWIND_WARNING, STALL_WARNING
     worker_log = (tmp / f"{plan.scenario}-worker.log").read_text(errors="replace")
     gaps, rewinds = worker_log.count(GAP_WARNING), worker_log.count(REWIND_WARNING)
     # how long each seek back kept its partition from taking input (until the offset sought back was taken)
@@ -703,6 +703,8 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
         "worker_import_s": import_s, "load_average_1m": round(load, 1), "first_start_s": first,
         "faults": [f.__dict__ for f in faults], "dead_letters_by_reason": reasons, "faust_offset_gaps": gaps,
         "input_rewinds": rewinds, "input_reread_s": {"n": len(reread_s), "max": max(reread_s, default=None)},
+        # partitions behind their log end of which nothing was fetched for 30 s (logged once a minute each)
+        "input_stalls": worker_log.count(STALL_WARNING),
         "recovery_after_kill_s": {k: {"values": v, "max": max((x for x in v if x is not None), default=None),
                                       "median": statistics.median([x for x in v if x is not None]) if any(
                                           x is not None for x in v) else None,

@@ -198,3 +198,19 @@ def test_the_end_of_a_seek_back_is_logged_with_how_long_the_partition_waited(cap
         led.admit(events(W0, 0, 1), 17.3)
     ends = [r.getMessage() for r in caplog.records if REREAD_WARNING in r.getMessage()]
     assert ends == [f"{REREAD_WARNING} 0 on windows[0], 7.3 s after the seek back"] and led.seeks == {}
+
+
+def test_a_partition_behind_its_log_end_with_nothing_fetched_is_reported() -> None:
+    led = ledger()
+    led.start({W0: 10, W1: 0, CIP: 0}, now=0.0)  # CIP is not tracked (a topic that may have gaps)
+    led.fetched(W0, 10, now=5.0)
+    led.admit(events(W0, 10, 11), 5.0)
+    ends = {W0: 40, W1: 7, CIP: 99}
+    assert led.stalled(ends, 20.0) == []  # nothing has waited 30 s yet
+    assert led.stalled(ends, 31.0) == [(W1, 0, 7, 31.0)]  # W1 never fetched since reading started there
+    assert led.stalled(ends, 40.0, after_s=30.0) == [(W0, 12, 40, 35.0), (W1, 0, 7, 40.0)]
+    assert led.stalled({W0: 12, W1: 0}, 100.0) == []  # at its log end: caught up, not stalled
+    led.fetched(W1, 0, now=95.0)
+    assert led.stalled(ends, 100.0) == [(W0, 12, 40, 95.0)]
+    led.forget([W0])
+    assert led.stalled(ends, 200.0) == [(W1, 0, 7, 105.0)]

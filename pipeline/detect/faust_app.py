@@ -29,8 +29,8 @@ from detectors.classifier_base import WorkloadClassifier
 from detectors.owner_aggregate import ALL_OWNERS, QUIET, partition_mark
 from pipeline.detect import batch
 from pipeline.detect.config import faust_config
-from pipeline.detect.fetch_guard import guard_consumer, hand_over, withhold_acks_on_failure
-from pipeline.detect.input_ledger import InputLedger
+from pipeline.detect.fetch_guard import faust_state, guard_consumer, hand_over, withhold_acks_on_failure
+from pipeline.detect.input_ledger import STALL_AFTER_S, STALL_WARNING, InputLedger
 from pipeline.detect.runtime import DetectRuntime, idle_partitions, tick_watermark
 from pipeline.detect.startup import phase
 from pipeline.detect.tables import OwnersTables, StageTables, dumps
@@ -86,6 +86,27 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     async def reseek() -> None:
         """Seeks back that reading has not reached, asked again (input_ledger.py: faust may drop the re-read)."""
         await seek_back(ledger.overdue(time.monotonic()))
+
+    stall_logged: dict[Any, float] = {}
+
+    @app.timer(STALL_AFTER_S / 3)
+    async def stalled_inputs() -> None:
+        """A tracked partition behind its log end of which nothing is fetched is logged with faust's state of it,
+        once a minute while it lasts (input_ledger.py STALL_WARNING: a stall seen once, cause not yet known)."""
+        if app.rebalancing or app.in_recovery or not ledger.next:
+            return
+        try:
+            ends = await app.consumer.highwaters(*ledger.next)
+        except Exception as exc:  # the broker did not answer: nothing to compare with
+            log.debug("input ledger: no log ends: %s", exc)
+            return
+        now = time.monotonic()
+        for tp, nxt, end, idle in ledger.stalled(ends, now):
+            if now - stall_logged.get(tp, float("-inf")) >= 60.0:
+                stall_logged[tp] = now
+                log.warning("%s: %s[%d] %d message(s) behind (next %d, log end %d), none fetched for %.0f s; "
+                            "faust: %s", STALL_WARNING, tp.topic, tp.partition, end - nxt, nxt, end, idle,
+                            faust_state(app, tp))
     inputs = app.topic(topics.windows, topics.cip, topics.allocations, **raw)
     detections, feed = app.topic(topics.detections, **raw), app.topic(topics.cases, **raw)
     # Owner messages, repartitioned by beneficial owner: one owner's accounts may sit on any input partition.

@@ -175,7 +175,7 @@ def track_inputs(consumer: Any, ledger: InputLedger) -> None:
                 log.warning("input ledger: no log start for %d partition(s), not tracked until the next seek: %s",
                             len(rest), exc)
                 ledger.forget(rest)
-        ledger.start(starts)
+        ledger.start(starts, time.monotonic())
         return out
 
     logged = 0
@@ -194,11 +194,25 @@ def track_inputs(consumer: Any, ledger: InputLedger) -> None:
 
     async def fetched(*args: Any, **kwargs: Any) -> AsyncIterator[tuple[Any, Any]]:
         async for tp, message in getmany(*args, **kwargs):
-            if ledger.fetched(tp, message.offset):
+            if ledger.fetched(tp, message.offset, time.monotonic()):
                 consumer._read_offset[tp] = None  # deliver it: faust drops what lies below its read offset
             yield tp, message
 
     consumer.perform_seek, consumer._commit, consumer.getmany = perform_seek, _commit, fetched
+
+
+def faust_state(app: Any, tp: Any) -> str:
+    """What faust's consumer holds of a partition (private attributes, read for a log line: whether it fetches it)."""
+    c = app.consumer
+
+    def has(name: str) -> Any:
+        got = getattr(c, name, None)
+        return None if got is None else tp in got
+
+    return (f"active={has('_active_partitions')} paused={has('_paused_partitions')} "
+            f"buffered={has('_buffered_partitions')} flow_active={getattr(c, 'flow_active', None)} "
+            f"flow_control={app.flow_control.is_active()} read_offset={getattr(c, '_read_offset', {}).get(tp)} "
+            f"assigned={tp in c.assignment()}")
 
 
 def _write_failure(app: Any) -> BaseException | None:
