@@ -42,6 +42,13 @@ class StageMetrics:
         self.case_events: Counter[str] = Counter()
         self.event_time: dict[str, float] = {}
         self.batches: Counter[str] = Counter()
+        self.stalled: dict[tuple[str, int], float] = {}
+
+    def observe_stalled(self, stalled: Iterable[tuple[str, int, float]]) -> None:
+        """The input partitions (topic, partition, seconds since their last fetch) behind their log end of which
+        nothing is fetched (input_ledger.InputLedger.stalled), as of the last check: the gauge shows only these."""
+        with self._lock:
+            self.stalled = {(t, p): s for t, p, s in stalled}
 
     def observe_detections(self, detections: Iterable[Any]) -> None:
         """Detections (schemas.detection.Detection) emitted by the detect stage, each emission (re-emissions too)."""
@@ -68,7 +75,7 @@ class StageMetrics:
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             dets, events = dict(self.detections), dict(self.case_events)
-            times, batches = dict(self.event_time), dict(self.batches)
+            times, batches, stalled = dict(self.event_time), dict(self.batches), dict(self.stalled)
         now = self.clock()
         fam = CounterMetricFamily("trainwatch_detections", "Detection emissions, per detector and outcome (a "
                                   "re-decided detection re-emitted under its id counts again; distinct findings: "
@@ -93,6 +100,12 @@ class StageMetrics:
             lag.add_metric([stage], max(0.0, now - t))
         yield et
         yield lag
+        fam = GaugeMetricFamily("trainwatch_input_stalled_seconds", "Seconds since anything was fetched of an input "
+                                "partition behind its log end (only such partitions; none: reading keeps up)",
+                                labels=["topic", "partition"])
+        for (topic, partition), idle in sorted(stalled.items()):
+            fam.add_metric([topic, str(partition)], idle)
+        yield fam
 
 
 class CaseStoreCollector:

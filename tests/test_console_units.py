@@ -117,6 +117,16 @@ def test_stage_metrics_count_detections_and_report_event_time_lag() -> None:
     assert 'stage="cases"' not in text.split("trainwatch_stage_event_time_seconds")[-1]
 
 
+def test_stalled_input_partitions_are_a_gauge_of_the_last_check_only():
+    m = StageMetrics()
+    m.observe_stalled([("windows", 2, 45.0), ("windows", 3, 31.5)])
+    text = generate_latest(registry_for(stage=m)).decode()
+    assert 'trainwatch_input_stalled_seconds{partition="2",topic="windows"} 45.0' in text
+    assert 'trainwatch_input_stalled_seconds{partition="3",topic="windows"} 31.5' in text
+    m.observe_stalled([])  # reading caught up: the series go away
+    assert "trainwatch_input_stalled_seconds{" not in generate_latest(registry_for(stage=m)).decode()
+
+
 def test_login_redirects_stay_on_this_site() -> None:
     assert _local("/cases/c1?as_of=1") == "/cases/c1?as_of=1"
     for evil in ("//evil.example/", "/\\evil.example", "https://evil.example/", "evil", "/\r\nSet-Cookie: x"):

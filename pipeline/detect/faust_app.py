@@ -101,7 +101,9 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
             log.debug("input ledger: no log ends: %s", exc)
             return
         now = time.monotonic()
-        for tp, nxt, end, idle in ledger.stalled(ends, now):
+        stalled = ledger.stalled(ends, now)
+        rt.metrics.observe_stalled((tp.topic, tp.partition, idle) for tp, _n, _e, idle in stalled)
+        for tp, nxt, end, idle in stalled:
             if now - stall_logged.get(tp, float("-inf")) >= 60.0:
                 stall_logged[tp] = now
                 log.warning("%s: %s[%d] %d message(s) behind (next %d, log end %d), none fetched for %.0f s; "
