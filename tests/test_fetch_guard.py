@@ -260,3 +260,18 @@ def test_the_offset_sought_back_is_delivered_whatever_read_offset_stale_messages
     track_inputs(consumer, led)
     assert asyncio.run(consumer.drain()) == [8, 9, 0, 1, 2]
     assert led.seeks[w1].refetched and led.overdue(10.0) == {}
+
+
+def test_faust_state_names_whether_faust_fetches_a_partition() -> None:
+    from types import SimpleNamespace
+
+    from pipeline.detect.fetch_guard import faust_state
+
+    w0, w1 = TP("windows", 0), TP("windows", 1)
+    consumer = SimpleNamespace(_active_partitions={w1}, _paused_partitions=set(), _buffered_partitions={w0},
+                               flow_active=True, _read_offset={w0: 17}, assignment=lambda: {w0, w1})
+    app = SimpleNamespace(consumer=consumer, flow_control=SimpleNamespace(is_active=lambda: True))
+    assert faust_state(app, w0) == ("active=False paused=False buffered=True flow_active=True flow_control=True "
+                                    "read_offset=17 assigned=True")
+    bare = SimpleNamespace(consumer=SimpleNamespace(assignment=set), flow_control=SimpleNamespace(is_active=bool))
+    assert faust_state(bare, w0).startswith("active=None paused=None buffered=None flow_active=None")
