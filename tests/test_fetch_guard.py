@@ -275,3 +275,22 @@ def test_faust_state_names_whether_faust_fetches_a_partition() -> None:
                                     "read_offset=17 assigned=True")
     bare = SimpleNamespace(consumer=SimpleNamespace(assignment=set), flow_control=SimpleNamespace(is_active=bool))
     assert faust_state(bare, w0).startswith("active=None paused=None buffered=None flow_active=None")
+
+
+def test_refetch_reactivates_only_a_dropped_partition_nothing_pauses() -> None:
+    from types import SimpleNamespace
+
+    from pipeline.detect.fetch_guard import refetch
+
+    w0, w1, w2, w3 = (TP("windows", p) for p in range(4))
+    flow = SimpleNamespace(active=True)
+    consumer = SimpleNamespace(_active_partitions={w1}, _paused_partitions={w2}, _buffered_partitions={w0},
+                               flow_active=True, assignment=lambda: {w0, w1, w2})
+    app = SimpleNamespace(consumer=consumer, flow_control=SimpleNamespace(is_active=lambda: flow.active))
+    assert not refetch(app, w1)  # fetched already
+    assert not refetch(app, w2)  # paused (a recovery): left to faust
+    assert not refetch(app, w3)  # not assigned here
+    flow.active = False
+    assert not refetch(app, w0)  # flow suspended (a rebalance): left to faust
+    flow.active = True
+    assert refetch(app, w0) and w0 in consumer._active_partitions and w0 not in consumer._buffered_partitions

@@ -29,7 +29,7 @@ from detectors.classifier_base import WorkloadClassifier
 from detectors.owner_aggregate import ALL_OWNERS, QUIET, partition_mark
 from pipeline.detect import batch
 from pipeline.detect.config import faust_config
-from pipeline.detect.fetch_guard import faust_state, guard_consumer, hand_over, withhold_acks_on_failure
+from pipeline.detect.fetch_guard import faust_state, guard_consumer, hand_over, refetch, withhold_acks_on_failure
 from pipeline.detect.input_ledger import STALL_AFTER_S, STALL_WARNING, InputLedger
 from pipeline.detect.runtime import DetectRuntime, idle_partitions, tick_watermark
 from pipeline.detect.startup import phase
@@ -109,6 +109,9 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                 log.warning("%s: %s[%d] %d message(s) behind (next %d, log end %d), none fetched for %.0f s; "
                             "faust: %s", STALL_WARNING, tp.topic, tp.partition, end - nxt, nxt, end, idle,
                             faust_state(app, tp))
+                if refetch(app, tp):
+                    log.warning("input ledger: %s[%d] was assigned and not paused but out of faust's active set: "
+                                "fetched again", tp.topic, tp.partition)
     inputs = app.topic(topics.windows, topics.cip, topics.allocations, **raw)
     detections, feed = app.topic(topics.detections, **raw), app.topic(topics.cases, **raw)
     # Owner messages, repartitioned by beneficial owner: one owner's accounts may sit on any input partition.

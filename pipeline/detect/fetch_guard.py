@@ -215,6 +215,20 @@ def faust_state(app: Any, tp: Any) -> str:
             f"assigned={tp in c.assignment()}")
 
 
+def refetch(app: Any, tp: Any) -> bool:
+    """Make faust fetch an assigned partition again that it has dropped from its active set while nothing pauses it
+    (no recovery pause, flow active): what a full stream buffer does until its pressure-drop callback comes
+    (`Consumer.on_buffer_full` / `on_buffer_drop`). True when it was dropped so (the stall watch logs it)."""
+    c = app.consumer
+    active, paused = getattr(c, "_active_partitions", None), getattr(c, "_paused_partitions", None)
+    if active is None or paused is None or tp in active or tp in paused or tp not in c.assignment() \
+            or not getattr(c, "flow_active", False) or not app.flow_control.is_active():
+        return False
+    getattr(c, "_buffered_partitions", set()).discard(tp)
+    active.add(tp)
+    return True
+
+
 def _write_failure(app: Any) -> BaseException | None:
     """The first failed changelog write of the app's tables (LocalStore.send_failed), if any."""
     for table in app.tables.values():
