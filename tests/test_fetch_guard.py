@@ -290,7 +290,9 @@ def test_refetch_reactivates_only_a_dropped_partition_nothing_pauses() -> None:
     assert not refetch(app, w1)  # fetched already
     assert not refetch(app, w2)  # paused (a recovery): left to faust
     assert not refetch(app, w3)  # not assigned here
+    assert not refetch(app, w0)  # buffered: faust's backpressure, lifted when its stream buffer drains
+    consumer._buffered_partitions.clear()
     flow.active = False
     assert not refetch(app, w0)  # flow suspended (a rebalance): left to faust
     flow.active = True
-    assert refetch(app, w0) and w0 in consumer._active_partitions and w0 not in consumer._buffered_partitions
+    assert refetch(app, w0) and w0 in consumer._active_partitions

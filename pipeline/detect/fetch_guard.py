@@ -216,15 +216,15 @@ def faust_state(app: Any, tp: Any) -> str:
 
 
 def refetch(app: Any, tp: Any) -> bool:
-    """Make faust fetch an assigned partition again that it has dropped from its active set while nothing pauses it
-    (no recovery pause, flow active): what a full stream buffer does until its pressure-drop callback comes
-    (`Consumer.on_buffer_full` / `on_buffer_drop`). True when it was dropped so (the stall watch logs it)."""
+    """Make faust fetch an assigned partition again that it has dropped from its active set with no reason it keeps:
+    not paused (a recovery), not buffered (a full stream buffer: backpressure while the agent is busy, e.g. retrying
+    the store, lifted by its pressure-drop callback), the flow active. True when it was dropped so."""
     c = app.consumer
     active, paused = getattr(c, "_active_partitions", None), getattr(c, "_paused_partitions", None)
     if active is None or paused is None or tp in active or tp in paused or tp not in c.assignment() \
-            or not getattr(c, "flow_active", False) or not app.flow_control.is_active():
+            or tp in getattr(c, "_buffered_partitions", ()) or not getattr(c, "flow_active", False) \
+            or not app.flow_control.is_active():
         return False
-    getattr(c, "_buffered_partitions", set()).discard(tp)
     active.add(tp)
     return True
 
