@@ -11,7 +11,8 @@ faust events into plain messages, call the batch code (pipeline/detect/batch.py)
   re-read window, a replay to that state, would never make it again (a case dated later, or lost).
 - `owners` applies owner messages in event time (EventTimeOwners, table `owners`) across partitions.
 - `cases` applies detections with CaseService and publishes the feed (at start: case events the feed lacks).
-- Timers: quiet partitions (held records released, marked QUIET to the owners), the deadline monitor. Telemetry
+- Timers: quiet partitions (held records released, marked QUIET to the owners), the deadline monitor, the input
+  ledger's seeks back asked again, input partitions behind their log end and not fetched (logged, exported). Telemetry
   partitions quiet for `detect.source_quiet_s` are left out of settling in the batches (`batch.QuietSources`), not
   by a timer: a timer's outputs could interleave with a batch's and its mark overtake owner messages it covers.
 """
