@@ -214,3 +214,18 @@ def test_a_partition_behind_its_log_end_with_nothing_fetched_is_reported() -> No
     assert led.stalled(ends, 100.0) == [(W0, 12, 40, 95.0)]
     led.forget([W0])
     assert led.stalled(ends, 200.0) == [(W1, 0, 7, 105.0)]
+
+
+def test_a_stalled_partition_is_sought_back_to_its_next_offset_and_read_again(caplog) -> None:
+    led = ledger()
+    led.start({W0: 0}, now=0.0)
+    assert led.stalled({W0: 6}, 31.0) == [(W0, 0, 6, 31.0)]  # e.g. faust's position moved past 0..5 unread
+    assert led.seek_stalled(W0, 31.0) == {W0: 0} and led.rewinding == {W0: 0}
+    assert led.seek_stalled(W0, 41.0) == {}  # under way: the ledger asks again itself
+    assert led.overdue(32.0) == {} and led.overdue(33.5) == {W0: 0}  # not fetched within 2 s: asked again
+    assert led.fetched(W0, 0, now=34.0)  # the offset sought back came: faust's read offset is cleared for it
+    with caplog.at_level("WARNING"):
+        take, rewind = led.admit(events(W0, 0, 1, 2), 34.5)
+    assert offsets(take) == [(0, 0), (0, 1), (0, 2)] and rewind == {} and led.seeks == {}
+    assert any(f"{REREAD_WARNING} 0 on windows[0], 3.5 s after the seek back" in r.message for r in caplog.records)
+    assert led.seek_stalled(TP("windows", 7), 50.0) == {}  # not tracked: nothing to seek to

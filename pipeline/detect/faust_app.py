@@ -30,7 +30,14 @@ from detectors.classifier_base import WorkloadClassifier
 from detectors.owner_aggregate import ALL_OWNERS, QUIET, partition_mark
 from pipeline.detect import batch
 from pipeline.detect.config import faust_config
-from pipeline.detect.fetch_guard import faust_state, guard_consumer, hand_over, refetch, withhold_acks_on_failure
+from pipeline.detect.fetch_guard import (
+    faust_buffered,
+    faust_state,
+    guard_consumer,
+    hand_over,
+    refetch,
+    withhold_acks_on_failure,
+)
 from pipeline.detect.input_ledger import STALL_AFTER_S, STALL_WARNING, InputLedger
 from pipeline.detect.runtime import DetectRuntime, idle_partitions, tick_watermark
 from pipeline.detect.startup import phase
@@ -113,6 +120,10 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                 if refetch(app, tp):
                     log.warning("input ledger: %s[%d] was assigned and not paused but out of faust's active set: "
                                 "fetched again", tp.topic, tp.partition)
+                # sought back as a gap is (a full stream buffer is backpressure, not a fetch position past input)
+                if not faust_buffered(app, tp) and (rewind := ledger.seek_stalled(tp, now)):
+                    log.warning("input ledger: %s[%d] sought back to %d", tp.topic, tp.partition, nxt)
+                    await seek_back(rewind)
     inputs = app.topic(topics.windows, topics.cip, topics.allocations, **raw)
     detections, feed = app.topic(topics.detections, **raw), app.topic(topics.cases, **raw)
     # Owner messages, repartitioned by beneficial owner: one owner's accounts may sit on any input partition.

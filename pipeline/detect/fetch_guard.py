@@ -215,6 +215,11 @@ def faust_state(app: Any, tp: Any) -> str:
             f"assigned={tp in c.assignment()}")
 
 
+def faust_buffered(app: Any, tp: Any) -> bool:
+    """Whether faust holds the partition back because its stream buffer is full (the agent is busy)."""
+    return tp in getattr(app.consumer, "_buffered_partitions", ())
+
+
 def refetch(app: Any, tp: Any) -> bool:
     """Make faust fetch an assigned partition again that it has dropped from its active set with no reason it keeps:
     not paused (a recovery), not buffered (a full stream buffer: backpressure while the agent is busy, e.g. retrying
@@ -222,7 +227,7 @@ def refetch(app: Any, tp: Any) -> bool:
     c = app.consumer
     active, paused = getattr(c, "_active_partitions", None), getattr(c, "_paused_partitions", None)
     if active is None or paused is None or tp in active or tp in paused or tp not in c.assignment() \
-            or tp in getattr(c, "_buffered_partitions", ()) or not getattr(c, "flow_active", False) \
+            or faust_buffered(app, tp) or not getattr(c, "flow_active", False) \
             or not app.flow_control.is_active():
         return False
     active.add(tp)
