@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -204,12 +204,25 @@ def ends(c: Consumer, topics: list[str]) -> int:
         return -1
 
 
+def _log_end(c: Consumer, topic: str, p: int, tries: int = 10) -> int:
+    """A partition's log end. Retried: after a broker kill the client may ask a node that is no longer the leader
+    (NOT_LEADER_FOR_PARTITION; seen once, Dec 7, ending a quick run with a traceback before its results)."""
+    for i in range(tries):
+        try:
+            return int(c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
+        except KafkaException:
+            if i == tries - 1:
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
 def read_all(bootstrap: str, topic: str, parse: bool | str = True) -> list[Any]:
     """Every message of `topic` (parsed JSON; "pos": with its partition `_p` and offset `_o`; with parse=False the
     dead letters' reason headers)."""
     c = _consumer(bootstrap, f"chaos-read-{uuid.uuid4().hex}")
     try:
-        want = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(PARTITIONS)}
+        want = {p: _log_end(c, topic, p) for p in range(PARTITIONS)}
         want = {p: hi for p, hi in want.items() if hi > 0}
         c.assign([TopicPartition(topic, p, 0) for p in want])
         out: list[dict] = []

@@ -47,3 +47,24 @@ def test_the_results_table_says_how_many_store_outages_and_how_long() -> None:
     assert chaos._outages(0, 30.0) == "-"
     assert chaos._outages(1, 30.0) == "30 s"
     assert chaos._outages(3, 12.0) == "3 x 12 s"
+
+
+def test_reading_a_topic_retries_a_log_end_a_moved_leader_refused(monkeypatch) -> None:
+    import pytest
+    from confluent_kafka import KafkaError, KafkaException
+
+    monkeypatch.setattr(chaos.time, "sleep", lambda s: None)
+
+    class Refusing:
+        def __init__(self, refusals: int) -> None:
+            self.refusals = refusals
+
+        def get_watermark_offsets(self, tp, timeout):
+            if self.refusals:
+                self.refusals -= 1
+                raise KafkaException(KafkaError(KafkaError.NOT_LEADER_FOR_PARTITION))
+            return (0, 42)
+
+    assert chaos._log_end(Refusing(2), "t", 0) == 42
+    with pytest.raises(KafkaException):
+        chaos._log_end(Refusing(20), "t", 0, tries=3)
