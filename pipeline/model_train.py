@@ -348,8 +348,10 @@ def simulated_entries(scenario: str, seed: int, coarse_twins: bool = False,
     core, hb = IngestCore(window), HistoryBuilder(window)
     twin_core, twin_hb = (IngestCore(window), HistoryBuilder(window)) if coarse_twins else (core, hb)
     iv = sc.interval_by_wl.astype(float)
-    target = np.random.default_rng([seed, 0xC0A]).choice(COARSE_TWIN_INTERVALS, len(sc.workloads))
-    k = np.maximum(np.rint(target / iv), 1).astype(np.int64) if coarse_twins else np.ones(len(iv), dtype=np.int64)
+    k = np.ones(len(iv), dtype=np.int64)  # each workload's twin: every k-th sample (1: no twin)
+    if coarse_twins:
+        target = np.random.default_rng([seed, 0xC0A]).choice(COARSE_TWIN_INTERVALS, len(sc.workloads))
+        k = np.maximum(np.rint(target / iv), 1).astype(np.int64)
     starts = np.array([w.start for w in sc.workloads], dtype=float)
     twin_params = {"coarse_twins": True} if coarse_twins else {}
     h = hashlib.sha256(f"{scenario}/{seed}/{sorted({**params, **twin_params}.items())}".encode())
