@@ -272,9 +272,39 @@ def test_faust_state_names_whether_faust_fetches_a_partition() -> None:
                                flow_active=True, _read_offset={w0: 17}, assignment=lambda: {w0, w1})
     app = SimpleNamespace(consumer=consumer, flow_control=SimpleNamespace(is_active=lambda: True))
     assert faust_state(app, w0) == ("active=False paused=False buffered=True flow_active=True flow_control=True "
-                                    "read_offset=17 assigned=True")
+                                    "read_offset=17 assigned=True; kafka: none")
     bare = SimpleNamespace(consumer=SimpleNamespace(assignment=set), flow_control=SimpleNamespace(is_active=bool))
     assert faust_state(bare, w0).startswith("active=None paused=None buffered=None flow_active=None")
+
+
+def test_kafka_state_names_what_aiokafka_holds_of_a_partition() -> None:
+    """The stall line says whether aiokafka would fetch the partition: its position, a pause or a pending reset
+    there, and a buffered result (a partition with one is not fetched again until it is drained)."""
+    from types import SimpleNamespace
+
+    from aiokafka.consumer.fetcher import OffsetResetStrategy
+    from aiokafka.consumer.subscription_state import Assignment
+    from aiokafka.structs import TopicPartition
+
+    from pipeline.detect.fetch_guard import kafka_state
+
+    w0, w1, w9 = TopicPartition("windows", 0), TopicPartition("windows", 1), TopicPartition("windows", 9)
+
+    async def state() -> tuple[str, str, str]:
+        assignment = Assignment({w0, w1})
+        assignment.state_value(w0).reset_to(42)
+        assignment.state_value(w1).pause()
+        assignment.state_value(w1).await_reset(OffsetResetStrategy.EARLIEST)
+        fetcher = SimpleNamespace(_records={w0: object()}, _in_flight={1})
+        kafka = SimpleNamespace(_fetcher=fetcher, _subscription=SimpleNamespace(
+            subscription=SimpleNamespace(assignment=assignment)))
+        app = SimpleNamespace(consumer=SimpleNamespace(_thread=SimpleNamespace(_consumer=kafka)))
+        return kafka_state(app, w0), kafka_state(app, w1), kafka_state(app, w9)
+
+    s0, s1, s9 = asyncio.run(state())
+    assert s0 == "position=42 paused=False awaiting_reset=False records=object in_flight=1"
+    assert s1 == "position=None paused=True awaiting_reset=True records=NoneType in_flight=1"
+    assert s9.startswith("unassigned")
 
 
 def test_refetch_reactivates_only_a_dropped_partition_nothing_pauses() -> None:

@@ -212,7 +212,27 @@ def faust_state(app: Any, tp: Any) -> str:
     return (f"active={has('_active_partitions')} paused={has('_paused_partitions')} "
             f"buffered={has('_buffered_partitions')} flow_active={getattr(c, 'flow_active', None)} "
             f"flow_control={app.flow_control.is_active()} read_offset={getattr(c, '_read_offset', {}).get(tp)} "
-            f"assigned={tp in c.assignment()}")
+            f"assigned={tp in c.assignment()}; kafka: {kafka_state(app, tp)}")
+
+
+def kafka_state(app: Any, tp: Any) -> str:
+    """What aiokafka, under faust, holds of a partition (private attributes, for the same log line): its fetch
+    position, whether it is paused or awaiting an offset reset there, and what its fetcher keeps buffered for it (a
+    partition with a buffered result is not fetched again until that is drained)."""
+    kafka = getattr(getattr(app.consumer, "_thread", None), "_consumer", None)
+    fetcher, subs = getattr(kafka, "_fetcher", None), getattr(kafka, "_subscription", None)
+    assignment = getattr(getattr(subs, "subscription", None), "assignment", None)
+    if fetcher is None or assignment is None:
+        return "none"
+    try:
+        state = assignment.state_value(tp)
+    except Exception:  # a log line: whatever aiokafka's internals hold, say the partition is not there
+        state = None
+    if state is None:
+        return f"unassigned records={type(fetcher._records.get(tp)).__name__}"
+    position = state.position if state.has_valid_position else None
+    return (f"position={position} paused={state.paused} awaiting_reset={state.awaiting_reset} "
+            f"records={type(fetcher._records.get(tp)).__name__} in_flight={len(fetcher._in_flight)}")
 
 
 def faust_buffered(app: Any, tp: Any) -> bool:
