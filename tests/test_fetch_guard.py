@@ -186,22 +186,28 @@ def _ledger() -> InputLedger:
 
 def test_no_commit_once_a_table_write_has_failed() -> None:
     """faust only logs a changelog write that failed; a commit after it would cover state that is not in the
-    changelog (lost on a restart while its input is not read again). The local store records the failure and the
-    commit refuses."""
+    changelog (lost on a restart while its input is not read again). The write is recorded, the worker is told to
+    stop once, and the commit refuses."""
     from types import SimpleNamespace
 
-    from pipeline.detect.local_store import LocalStore
+    from pipeline.detect.changelog_writes import ChangelogWrites
 
-    store = SimpleNamespace(send_failed=None, table=SimpleNamespace(name="engine"), app=None, acked=0)
+    stops: list[BaseException] = []
+    writes = ChangelogWrites(stops.append)
     loop = asyncio.new_event_loop()
     try:
-        fut: asyncio.Future[Any] = loop.create_future()
-        fut.set_exception(ConnectionError("broker gone"))
-        LocalStore._sent(store, b"0|a|acct", b"{}", fut)  # type: ignore[arg-type]  # no running loop: no crash task
-        fut.exception()  # retrieved: no "exception never retrieved" at collection
+        futs = [loop.create_future() for _ in range(3)]
+        table = SimpleNamespace(name="engine", send_changelog=lambda p, k, v: futs.pop(0))
+        writes.watch(table)
+        sent = [table.send_changelog(0, b"0|a|acct", b"{}") for _ in range(3)]
+        sent[0].set_result(None)
+        sent[1].set_exception(ConnectionError("broker gone"))
+        sent[2].set_exception(ValueError("too large"))
+        loop.run_until_complete(asyncio.sleep(0))  # the done callbacks run
     finally:
         loop.close()
-    assert isinstance(store.send_failed, ConnectionError) and store.acked == 0
+    assert isinstance(writes.failed, ConnectionError) and writes.refused == 2
+    assert stops == [writes.failed]  # told to stop once, with the first failure
 
     producer = type("P", (), {})()
     producer.buffer = Buffer([], [])
@@ -217,7 +223,7 @@ def test_no_commit_once_a_table_write_has_failed() -> None:
         return True
 
     c._commit = commit  # type: ignore[attr-defined]
-    commit_after_state(c, lambda: producer, lambda: store.send_failed)
+    commit_after_state(c, lambda: producer, lambda: writes.failed)
     with pytest.raises(RuntimeError, match="table write failed"):
         asyncio.run(c._commit({"windows-0": 42}))  # type: ignore[attr-defined]
     assert commits == []
@@ -326,3 +332,71 @@ def test_refetch_reactivates_only_a_dropped_partition_nothing_pauses() -> None:
     assert not refetch(app, w0)  # flow suspended (a rebalance): left to faust
     flow.active = True
     assert refetch(app, w0) and w0 in consumer._active_partitions
+
+
+@dataclass
+class Dropping:
+    """faust's fetch path as far as `redeliver_dropped` sees it: `getmany` takes a fetch's records (aiokafka's position
+    is past them then) and yields those of each partition up to `upto`, dropping the rest as a flow stop does."""
+    records: dict[TP, list[int]]
+    upto: dict[TP, int]
+    assigned: set[TP]
+    flow_active: bool = False
+    should_stop: bool = False
+    _active_partitions: set[TP] = field(default_factory=set)
+    delivered: list[tuple[str, int, int]] = field(default_factory=list)
+    seeks: list[tuple[str, int, int]] = field(default_factory=list)
+
+    async def _wait_next_records(self, timeout: float) -> Any:
+        from types import SimpleNamespace
+        return {tp: [SimpleNamespace(offset=o) for o in offs] for tp, offs in self.records.items()}, None
+
+    async def getmany(self, timeout: float) -> Any:
+        records, _ = await self._wait_next_records(timeout)
+        for tp, recs in records.items():
+            for r in recs:
+                if r.offset <= self.upto.get(tp, -1):
+                    yield tp, Message(tp.topic, tp.partition, r.offset, 0.0, 0, None, b"k", b"v", None, tp=tp)
+
+    async def callback(self, message: Message) -> None:
+        self.delivered.append((message.topic, message.partition, message.offset))
+
+    async def seek(self, tp: TP, offset: int) -> None:
+        self.seeks.append((tp.topic, tp.partition, offset))
+
+    def assignment(self) -> set[TP]:
+        return self.assigned
+
+    def _is_changelog_tp(self, tp: TP) -> bool:
+        return tp.topic.endswith("-changelog")
+
+    async def drain(self) -> None:
+        """faust's `_drain_messages`: each message fetched is handed over through the callback."""
+        async for _tp, message in self.getmany(timeout=1.0):
+            await self.callback(message)
+
+
+def test_records_faust_fetched_and_did_not_deliver_are_fetched_again(caplog: pytest.LogCaptureFixture) -> None:
+    """The restart after a refused changelog write (tests/test_faust_changelog_refused.py): a fetch's CIP records all
+    dropped (the flow stopped), its windows cut part-way; nothing later would show either hole."""
+    from pipeline.detect.fetch_guard import DROP_WARNING, redeliver_dropped
+
+    cip, win, log_tp, gone, done = (TP("cip", 0), TP("windows", 0), TP("app-engine-changelog", 0), TP("allocations", 1),
+                                    TP("windows", 1))
+    consumer = Dropping(records={cip: [0, 1, 2], win: [40, 41, 42, 43], log_tp: [7, 8], gone: [5], done: [3, 4]},
+                        upto={win: 41, done: 4}, assigned={cip, win, log_tp, done})
+    bare = Dropping(**{k: getattr(consumer, k) for k in ("records", "upto", "assigned")})
+    asyncio.run(bare.drain())
+    assert bare.seeks == []  # without the guard the dropped records are never read again
+    redeliver_dropped(consumer)
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(consumer.drain())
+    assert consumer.delivered == [("windows", 0, 40), ("windows", 0, 41), ("windows", 1, 3), ("windows", 1, 4)]
+    # CIP from its first record, windows from the first not delivered; not the changelog (faust's recovery seeks
+    # it), not a partition no longer assigned (its next owner reads from the commit), not one delivered whole
+    assert sorted(consumer.seeks) == [("cip", 0, 0), ("windows", 0, 42)]
+    assert sum(DROP_WARNING in r.getMessage() for r in caplog.records) == 2
+    consumer.should_stop = True  # a worker stopping reads from the commit when it starts again: no seek
+    consumer.seeks.clear()
+    asyncio.run(consumer.drain())
+    assert consumer.seeks == []

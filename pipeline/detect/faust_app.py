@@ -29,6 +29,7 @@ import faust
 from detectors.classifier_base import WorkloadClassifier
 from detectors.owner_aggregate import ALL_OWNERS, QUIET, partition_mark
 from pipeline.detect import batch
+from pipeline.detect.changelog_writes import ChangelogWrites
 from pipeline.detect.config import faust_config
 from pipeline.detect.fetch_guard import (
     faust_buffered,
@@ -75,7 +76,9 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     own = {topics.windows, topics.detections, owners_topic(app_id)}
     # a restart never commits past unread input, nor processes past it (fetch_guard.py, input_ledger.py)
     ledger = InputLedger(own.__contains__)
-    guard_consumer(app, ledger)
+    # a table write the changelog refused stops the worker, and no offset is committed over it
+    writes = ChangelogWrites(lambda exc: asyncio.get_running_loop().create_task(app.crash(exc)))
+    guard_consumer(app, ledger, writes)
 
     async def admitted(events: list[Any]) -> list[Any]:
         """The batch's events the ledger takes in order; partitions delivered past unread input are sought back."""
@@ -96,6 +99,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
         await seek_back(ledger.overdue(time.monotonic()))
 
     stall_logged: dict[Any, float] = {}
+
 
     @app.timer(STALL_AFTER_S / 3)
     async def stalled_inputs() -> None:
@@ -131,6 +135,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     # Compacting changelogs (pipeline/topics.py) where faust creates them itself: a restart replays state, not history.
     table = {n: app.Table(n, partitions=partitions, key_type=bytes, value_type=bytes,
                           extra_topic_configs=CHANGELOG_CONFIG) for n in TABLES}
+    for t in table.values():
+        writes.watch(t)
     rt.tables = tabs = StageTables(table["engine"], table["partials"], settings, rt.policy, rt.classifier)
     owner_tabs = OwnersTables(table["owners"], rt.owners)
     within_s, started, lateness_s = settings.detect.batch_within_s, time.monotonic(), settings.ingest.allowed_lateness_s

@@ -26,13 +26,21 @@ the next commit moves past messages that were never given to an agent. Logged wi
   reading starts at each seek and caps each commit; the fetch path tells it when an offset it sought back to is
   fetched again, and faust's read offset for that partition is cleared then: messages of a fetch in flight during
   the seek move it past the offset sought back, and faust would drop the re-read as already read.
+- `redeliver_dropped`: faust takes a fetch's records from aiokafka (whose position moves past them) and then drops
+  those it does not hand to an agent: all of them when the flow is stopped, the rest when the flow stops or the
+  consumer generation changes part-way, a partition's when it is not active, a message whose delivery a flow stop
+  cancels (`Consumer.getmany`, `_drain_messages`). Nothing later shows the hole on a partition that gets no newer
+  message, and a partition with no committed offset is not sought at the next seek either (aiokafka
+  `seek_to_committed` skips it): a real worker restarted after a refused changelog write never read its CIP and
+  allocation partitions again, 2 times in 4 (tests/test_faust_changelog_refused.py). The first record of a fetch
+  not delivered is where that partition is sought back to.
 - `commit_after_state`: an offset commit waits until faust's producer buffer is empty. Table writes (the
   changelogs: engine state, partials, owners) go through that buffer (`send_soon`), and faust's own flush before a
   commit gives up after 0.1 s without a send (`ProducerBuffer.flush_atmost`), which a broker outage or a full
   producer makes likely ("producer buffer full" in the chaos logs): the commit could then land with the batch's
   state still in memory, and a kill -9 lose it while its input is not read again. Nor is an offset committed
-  once a table write has failed (faust only logs one; `LocalStore.send_failed`): the state behind it is not all in
-  the changelogs, and the worker stops.
+  once a table write has failed (faust only logs one; pipeline/detect/changelog_writes.py): the state behind it is
+  not all in the changelogs, and the worker stops.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from contextlib import contextmanager
 from typing import Any
 
+from pipeline.detect.changelog_writes import ChangelogWrites
 from pipeline.detect.input_ledger import InputLedger
 from pipeline.detect.startup import phase
 
@@ -53,6 +62,8 @@ STARTUP_COMMITS = 12  # the first commits of a process are logged with what the 
 
 #: the warning each gap logs (benchmarks/chaos.py counts it in the worker's log)
 GAP_WARNING = "faust offset gap"
+#: the warning each fetch faust left partly undelivered logs (`redeliver_dropped`)
+DROP_WARNING = "fetched, not delivered"
 
 
 def defer_resume_until_seek(consumer: Any) -> None:
@@ -201,6 +212,54 @@ def track_inputs(consumer: Any, ledger: InputLedger) -> None:
     consumer.perform_seek, consumer._commit, consumer.getmany = perform_seek, _commit, fetched
 
 
+def redeliver_dropped(consumer: Any) -> None:
+    """Each fetch's records that faust did not deliver (see the module doc) are fetched again: once faust's `getmany`
+    ends, a partition still assigned is sought back to its first record not delivered. Delivered means faust's
+    callback (the hand-over to the agents' streams) completed for it. Changelog partitions are left to faust's
+    recovery, which seeks them itself."""
+    wait_next: Callable[[float], Awaitable[tuple[Any, Any]]] = consumer._wait_next_records
+    getmany: Callable[..., AsyncIterator[tuple[Any, Any]]] = consumer.getmany
+    callback: Callable[[Any], Awaitable[Any]] = consumer.callback
+    fetched: dict[Any, list[int]] = {}
+    delivered: set[tuple[Any, int]] = set()
+
+    async def _wait_next_records(timeout: float) -> tuple[Any, Any]:
+        records, active = await wait_next(timeout)
+        fetched.clear()
+        delivered.clear()
+        for tp, recs in (records or {}).items():
+            if recs and not consumer._is_changelog_tp(tp):
+                fetched[tp] = [r.offset for r in recs]
+        return records, active
+
+    async def on_message(message: Any) -> Any:
+        out = await callback(message)
+        delivered.add((message.tp, message.offset))
+        return out
+
+    async def getmany_(*args: Any, **kwargs: Any) -> AsyncIterator[tuple[Any, Any]]:
+        async for item in getmany(*args, **kwargs):
+            yield item
+        left = {tp: [o for o in offsets if (tp, o) not in delivered] for tp, offsets in fetched.items()}
+        fetched.clear()
+        if consumer.should_stop:
+            return
+        assigned = consumer.assignment()
+        for tp, offsets in left.items():
+            if not offsets or tp not in assigned:  # not assigned: its next owner reads from the commit
+                continue
+            why = ("flow stopped" if not consumer.flow_active else
+                   "not active" if tp not in (consumer._active_partitions or ()) else "not delivered")
+            log.warning("%s: %s[%d] %d message(s) from %d (%s): sought back", DROP_WARNING, tp.topic, tp.partition,
+                        len(offsets), offsets[0], why)
+            try:
+                await consumer.seek(tp, offsets[0])
+            except Exception as exc:  # e.g. revoked meanwhile: its next owner reads from the commit
+                log.warning("seek back of %s[%d] to %d failed: %s", tp.topic, tp.partition, offsets[0], exc)
+
+    consumer._wait_next_records, consumer.callback, consumer.getmany = _wait_next_records, on_message, getmany_
+
+
 def faust_state(app: Any, tp: Any) -> str:
     """What faust's consumer holds of a partition (private attributes, read for a log line: whether it fetches it)."""
     c = app.consumer
@@ -254,15 +313,7 @@ def refetch(app: Any, tp: Any) -> bool:
     return True
 
 
-def _write_failure(app: Any) -> BaseException | None:
-    """The first failed changelog write of the app's tables (LocalStore.send_failed), if any."""
-    for table in app.tables.values():
-        if (exc := getattr(table.data, "send_failed", None)) is not None:
-            return exc
-    return None
-
-
-def guard_consumer(app: Any, ledger: InputLedger) -> None:
+def guard_consumer(app: Any, ledger: InputLedger, writes: ChangelogWrites) -> None:
     """The guards on the app's consumer, installed as faust creates it (before any assignment). The ledger's seek
     hook goes on first, so that it knows where reading starts before the deferred partitions resume."""
     new_consumer = app._new_consumer
@@ -270,9 +321,10 @@ def guard_consumer(app: Any, ledger: InputLedger) -> None:
     def _new_consumer() -> Any:
         c = new_consumer()
         track_inputs(c, ledger)
+        redeliver_dropped(c)
         defer_resume_until_seek(c)
         refuse_gaps(c, ledger.contiguous)
-        commit_after_state(c, lambda: app.producer, lambda: _write_failure(app))
+        commit_after_state(c, lambda: app.producer, lambda: writes.failed)
         return c
 
     app._new_consumer = _new_consumer

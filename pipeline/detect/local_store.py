@@ -24,7 +24,6 @@ Tables must have bytes keys and values (the detect app's tables do). Selected by
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import time
@@ -65,8 +64,6 @@ class LocalStore(memory.Store):
         #: acknowledged changelog messages not yet in their DB, per partition, in ack order: (key, value, offset)
         self._acked: dict[int, list[tuple[bytes, bytes | None, int]]] = {}
         self._flush_due = False
-        #: the first changelog write that failed (fetch_guard.commit_after_state commits nothing after one)
-        self.send_failed: BaseException | None = None
         self.writes = 0  # RocksDB write batches made, and acknowledged changelog messages written by them
         self.acked = 0
         table = self.table
@@ -121,16 +118,7 @@ class LocalStore(memory.Store):
         """A changelog message the broker acknowledged: into its partition's DB with its offset."""
         if fut.cancelled():  # the producer stopping (a stop): not in the changelog, never in the DB
             return
-        if fut.exception() is not None:
-            # Not in the changelog: never in the DB, and no offset may be committed from now on (the state that
-            # covers it is lost on a restart; faust only logs a failed send). fetch_guard.commit_after_state refuses
-            # to commit, and the worker stops: a restart reads again from the last commit.
-            if self.send_failed is None:
-                self.send_failed = fut.exception()
-                log.error("local store %s: a changelog write failed (%r): no offset is committed from now on; "
-                          "stopping the worker", self.table.name, self.send_failed)
-                with contextlib.suppress(RuntimeError):  # no running loop: the commit still refuses
-                    asyncio.get_running_loop().create_task(self.app.crash(self.send_failed))
+        if fut.exception() is not None:  # not in the changelog: never in the DB (changelog_writes.py stops the worker)
             return
         res = fut.result()
         self.acked += 1
