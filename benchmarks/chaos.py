@@ -697,7 +697,7 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
     # offsets faust saw missing on an input partition (pipeline/detect/fetch_guard.py logs each: none are real on
     # these topics, and one counted as acknowledged would commit past unread input), and the seeks back the agents'
     # ledger made when a message came past unread input (pipeline/detect/input_ledger.py)
-    from pipeline.detect.fetch_guard import GAP_WARNING
+    from pipeline.detect.fetch_guard import DROP_WARNING, GAP_WARNING
     from pipeline.detect.input_ledger import REREAD_WARNING, REWIND_WARNING, STALL_WARNING
     worker_log = (tmp / f"{plan.scenario}-worker.log").read_text(errors="replace")
     gaps, rewinds = worker_log.count(GAP_WARNING), worker_log.count(REWIND_WARNING)
@@ -718,6 +718,8 @@ def run_scenario(plan: Plan, cluster: Cluster, rng: random.Random, tmp: Path, st
         "input_rewinds": rewinds, "input_reread_s": {"n": len(reread_s), "max": max(reread_s, default=None)},
         # partitions behind their log end of which nothing was fetched for 30 s (logged once a minute each)
         "input_stalls": worker_log.count(STALL_WARNING),
+        # partitions of a fetch faust took and did not deliver, sought back at once (fetch_guard.redeliver_dropped)
+        "input_redelivered": worker_log.count(DROP_WARNING),
         "recovery_after_kill_s": {k: {"values": v, "max": max((x for x in v if x is not None), default=None),
                                       "median": statistics.median([x for x in v if x is not None]) if any(
                                           x is not None for x in v) else None,
