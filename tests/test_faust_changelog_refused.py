@@ -43,8 +43,11 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 SMALL = "300"  # bytes: below any engine state of the demo (a few KB), above nothing the worker must write first
 
 
+@pytest.mark.parametrize("table_store", ["memory", "local"])
 def test_a_refused_changelog_write_stops_the_worker_and_loses_nothing(tmp_path: Path, kafka_bootstrap: str,
-                                                                      unique_topic, store) -> None:
+                                                                      unique_topic, store, table_store: str) -> None:
+    """On either table store: in memory (no group instance id, the default) and the local RocksDB copy (a stable
+    worker id), whose restart loads what its DB holds and replays the changelog's tail."""
     folder = simulate("demo", tmp_path / "demo")
     app_id, db = f"fr-{uuid.uuid4().hex[:10]}", f"faust_{uuid.uuid4().hex[:10]}"
     topics = stage_topics(unique_topic, kafka_bootstrap, "fr", app_id)
@@ -57,6 +60,8 @@ def test_a_refused_changelog_write_stops_the_worker_and_loses_nothing(tmp_path: 
            "TRAINWATCH_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'worker-store'}", "TRAINWATCH_DATABASE": db,
            "TRAINWATCH_DATA_DIR": str(tmp_path / "var"), "TRAINWATCH_MODEL_PATH": "rule",
            **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
+    if table_store == "local":
+        env["TRAINWATCH_KAFKA__GROUP_INSTANCE_ID"] = app_id
     env.pop("TRAINWATCH_CONFIG", None)
     cmd = [sys.executable, "-m", "pipeline", "run", "--stage", "detect", "--app-id", app_id]
     log_path = tmp_path / "worker.log"
