@@ -364,6 +364,9 @@ class Dropping:
     async def seek(self, tp: TP, offset: int) -> None:
         self.seeks.append((tp.topic, tp.partition, offset))
 
+    async def perform_seek(self) -> None:
+        self.seeks.append(("to the commit", -1, -1))
+
     def assignment(self) -> set[TP]:
         return self.assigned
 
@@ -400,3 +403,40 @@ def test_records_faust_fetched_and_did_not_deliver_are_fetched_again(caplog: pyt
     consumer.seeks.clear()
     asyncio.run(consumer.drain())
     assert consumer.seeks == []
+
+
+def test_a_fetch_cut_by_a_rebalance_is_left_to_its_seek_to_the_commit() -> None:
+    """A rebalance's seek to the commit placed every partition after the fetch (faust cleared its stream buffers,
+    the commit is where reading restarts): a seek back to the fetch's first undelivered record would skip them."""
+    from pipeline.detect.fetch_guard import redeliver_dropped
+
+    win = TP("windows", 0)
+    consumer = Dropping(records={win: [40, 41, 42]}, upto={win: 40}, assigned={win})
+    redeliver_dropped(consumer)
+    callback = consumer.callback
+
+    async def rebalanced(message: Message) -> None:
+        await consumer.perform_seek()  # the rebalance's seek, while the fetch is being handed over
+        await callback(message)
+
+    consumer.callback = rebalanced
+    asyncio.run(consumer.drain())
+    assert consumer.seeks == [("to the commit", -1, -1)]
+
+
+def test_partitions_with_no_commit_are_sought_to_their_log_start_after_the_seek_to_the_commit() -> None:
+    """aiokafka's seek to the committed offsets leaves a partition with none where it is (past what faust fetched and
+    cleared in a rebalance); such an input partition is read from its log start, as at a first assignment."""
+    from pipeline.detect.fetch_guard import seek_uncommitted_to_start
+
+    cip, win, log_tp = TP("cip", 0), TP("windows", 0), TP("app-engine-changelog", 0)
+    consumer = Dropping(records={}, upto={}, assigned={cip, win, log_tp})
+    consumer._committed_offset = {win: 120}  # type: ignore[attr-defined]
+
+    async def earliest_offsets(*tps: TP) -> dict[TP, int]:
+        return {tp: 7 for tp in tps}
+
+    consumer.earliest_offsets = earliest_offsets  # type: ignore[attr-defined]
+    seek_uncommitted_to_start(consumer)
+    asyncio.run(consumer.perform_seek())
+    assert consumer.seeks == [("to the commit", -1, -1), ("cip", 0, 7)]  # not the committed one, nor a changelog

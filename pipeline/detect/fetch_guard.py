@@ -33,7 +33,10 @@ the next commit moves past messages that were never given to an agent. Logged wi
   message, and a partition with no committed offset is not sought at the next seek either (aiokafka
   `seek_to_committed` skips it): a real worker restarted after a refused changelog write never read its CIP and
   allocation partitions again, 2 times in 4 (tests/test_faust_changelog_refused.py). The first record of a fetch
-  not delivered is where that partition is sought back to.
+  not delivered is where that partition is sought back to, unless a rebalance's seek to the commit came between.
+- `seek_uncommitted_to_start`: that seek to the commit, after a rebalance, is how faust reads again what it cleared
+  from its stream buffers; a partition with no committed offset it leaves where it is. Such a partition is sought
+  to its log start, as at a first assignment.
 - `commit_after_state`: an offset commit waits until faust's producer buffer is empty. Table writes (the
   changelogs: engine state, partials, owners) go through that buffer (`send_soon`), and faust's own flush before a
   commit gives up after 0.1 s without a send (`ProducerBuffer.flush_atmost`), which a broker outage or a full
@@ -220,13 +223,20 @@ def redeliver_dropped(consumer: Any) -> None:
     wait_next: Callable[[float], Awaitable[tuple[Any, Any]]] = consumer._wait_next_records
     getmany: Callable[..., AsyncIterator[tuple[Any, Any]]] = consumer.getmany
     callback: Callable[[Any], Awaitable[Any]] = consumer.callback
+    seek: Callable[[], Awaitable[Any]] = consumer.perform_seek
     fetched: dict[Any, list[int]] = {}
     delivered: set[tuple[Any, int]] = set()
+    seeks = [0, 0]  # seeks to the commit begun: in all, and when the fetch was taken
+
+    async def perform_seek() -> Any:
+        seeks[0] += 1
+        return await seek()
 
     async def _wait_next_records(timeout: float) -> tuple[Any, Any]:
         records, active = await wait_next(timeout)
         fetched.clear()
         delivered.clear()
+        seeks[1] = seeks[0]
         for tp, recs in (records or {}).items():
             if recs and not consumer._is_changelog_tp(tp):
                 fetched[tp] = [r.offset for r in recs]
@@ -244,6 +254,10 @@ def redeliver_dropped(consumer: Any) -> None:
         fetched.clear()
         if consumer.should_stop:
             return
+        if seeks[0] != seeks[1]:  # a rebalance's seek to the commit came between: it placed every partition already
+            log.info("%d partition(s) of a fetch not all delivered, left to the seek to the commit since",
+                     sum(1 for offsets in left.values() if offsets))
+            return
         assigned = consumer.assignment()
         for tp, offsets in left.items():
             if not offsets or tp not in assigned:  # not assigned: its next owner reads from the commit
@@ -258,6 +272,31 @@ def redeliver_dropped(consumer: Any) -> None:
                 log.warning("seek back of %s[%d] to %d failed: %s", tp.topic, tp.partition, offsets[0], exc)
 
     consumer._wait_next_records, consumer.callback, consumer.getmany = _wait_next_records, on_message, getmany_
+    consumer.perform_seek = perform_seek
+
+
+def seek_uncommitted_to_start(consumer: Any) -> None:
+    """After faust's seek to the committed offsets, each input partition with none committed is sought to its log
+    start. aiokafka's `seek_to_committed` leaves such a partition where it is, which after a rebalance is past
+    whatever faust fetched and then cleared from its stream buffers (faust relies on that seek to read them again):
+    a partition never committed is read from its start at every assignment, as at the first."""
+    seek: Callable[[], Awaitable[Any]] = consumer.perform_seek
+
+    async def perform_seek() -> Any:
+        out = await seek()
+        rest = [tp for tp in consumer.assignment()
+                if not consumer._is_changelog_tp(tp) and not consumer._committed_offset.get(tp)]
+        if rest:
+            try:
+                starts = await consumer.earliest_offsets(*rest)
+            except Exception as exc:  # the broker did not answer: left where they are (redeliver_dropped still holds)
+                log.warning("no log start for %d uncommitted partition(s): not sought: %s", len(rest), exc)
+                return out
+            for tp, offset in starts.items():
+                await consumer.seek(tp, int(offset))
+        return out
+
+    consumer.perform_seek = perform_seek
 
 
 def faust_state(app: Any, tp: Any) -> str:
@@ -320,6 +359,7 @@ def guard_consumer(app: Any, ledger: InputLedger, writes: ChangelogWrites) -> No
 
     def _new_consumer() -> Any:
         c = new_consumer()
+        seek_uncommitted_to_start(c)
         track_inputs(c, ledger)
         redeliver_dropped(c)
         defer_resume_until_seek(c)
