@@ -43,6 +43,13 @@ class StageMetrics:
         self.event_time: dict[str, float] = {}
         self.batches: Counter[str] = Counter()
         self.stalled: dict[tuple[str, int], float] = {}
+        self.redelivered: Counter[str] = Counter()
+
+    def observe_redelivered(self, topic: str, messages: int) -> None:
+        """Messages of `topic` faust fetched and did not hand to an agent, sought back to be fetched again
+        (fetch_guard.redeliver_dropped)."""
+        with self._lock:
+            self.redelivered[topic] += messages
 
     def observe_stalled(self, stalled: Iterable[tuple[str, int, float]]) -> None:
         """The input partitions (topic, partition, seconds since their last fetch) behind their log end of which
@@ -76,6 +83,7 @@ class StageMetrics:
         with self._lock:
             dets, events = dict(self.detections), dict(self.case_events)
             times, batches, stalled = dict(self.event_time), dict(self.batches), dict(self.stalled)
+            redelivered = dict(self.redelivered)
         now = self.clock()
         fam = CounterMetricFamily("trainwatch_detections", "Detection emissions, per detector and outcome (a "
                                   "re-decided detection re-emitted under its id counts again; distinct findings: "
@@ -105,6 +113,12 @@ class StageMetrics:
                                 labels=["topic", "partition"])
         for (topic, partition), idle in sorted(stalled.items()):
             fam.add_metric([topic, str(partition)], idle)
+        yield fam
+        fam = CounterMetricFamily("trainwatch_input_redelivered_messages", "Input messages faust fetched and did not "
+                                  "hand to an agent, sought back and fetched again (a restart's first fetch, a flow "
+                                  "stop)", labels=["topic"])
+        for topic, n in sorted(redelivered.items()):
+            fam.add_metric([topic], n)
         yield fam
 
 

@@ -127,6 +127,16 @@ def test_stalled_input_partitions_are_a_gauge_of_the_last_check_only():
     assert "trainwatch_input_stalled_seconds{" not in generate_latest(registry_for(stage=m)).decode()
 
 
+def test_messages_faust_fetched_and_did_not_deliver_are_counted_per_topic():
+    m = StageMetrics()
+    m.observe_redelivered("windows", 438)
+    m.observe_redelivered("cip", 12)
+    m.observe_redelivered("windows", 2)
+    text = generate_latest(registry_for(stage=m)).decode()
+    assert 'trainwatch_input_redelivered_messages_total{topic="windows"} 440.0' in text
+    assert 'trainwatch_input_redelivered_messages_total{topic="cip"} 12.0' in text
+
+
 def test_login_redirects_stay_on_this_site() -> None:
     assert _local("/cases/c1?as_of=1") == "/cases/c1?as_of=1"
     for evil in ("//evil.example/", "/\\evil.example", "https://evil.example/", "evil", "/\r\nSet-Cookie: x"):

@@ -391,9 +391,11 @@ def test_records_faust_fetched_and_did_not_deliver_are_fetched_again(caplog: pyt
     bare = Dropping(**{k: getattr(consumer, k) for k in ("records", "upto", "assigned")})
     asyncio.run(bare.drain())
     assert bare.seeks == []  # without the guard the dropped records are never read again
-    redeliver_dropped(consumer)
+    counted: list[tuple[str, int]] = []
+    redeliver_dropped(consumer, lambda topic, n: counted.append((topic, n)))
     with caplog.at_level(logging.WARNING):
         asyncio.run(consumer.drain())
+    assert sorted(counted) == [("cip", 3), ("windows", 2)]  # trainwatch_input_redelivered_messages_total
     assert consumer.delivered == [("windows", 0, 40), ("windows", 0, 41), ("windows", 1, 3), ("windows", 1, 4)]
     # CIP from its first record, windows from the first not delivered; not the changelog (faust's recovery seeks
     # it), not a partition no longer assigned (its next owner reads from the commit), not one delivered whole

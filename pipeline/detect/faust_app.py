@@ -78,7 +78,7 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     ledger = InputLedger(own.__contains__)
     # a table write the changelog refused stops the worker, and no offset is committed over it
     writes = ChangelogWrites(lambda exc: asyncio.get_running_loop().create_task(app.crash(exc)))
-    guard_consumer(app, ledger, writes)
+    guard_consumer(app, ledger, writes, rt.metrics.observe_redelivered)
 
     async def admitted(events: list[Any]) -> list[Any]:
         """The batch's events the ledger takes in order; partitions delivered past unread input are sought back."""

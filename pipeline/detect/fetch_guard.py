@@ -215,11 +215,11 @@ def track_inputs(consumer: Any, ledger: InputLedger) -> None:
     consumer.perform_seek, consumer._commit, consumer.getmany = perform_seek, _commit, fetched
 
 
-def redeliver_dropped(consumer: Any) -> None:
+def redeliver_dropped(consumer: Any, counted: Callable[[str, int], None] = lambda topic, n: None) -> None:
     """Each fetch's records that faust did not deliver (see the module doc) are fetched again: once faust's `getmany`
     ends, a partition still assigned is sought back to its first record not delivered. Delivered means faust's
     callback (the hand-over to the agents' streams) completed for it. Changelog partitions are left to faust's
-    recovery, which seeks them itself."""
+    recovery, which seeks them itself. `counted(topic, n)` is told of each partition's n messages sought back."""
     wait_next: Callable[[float], Awaitable[tuple[Any, Any]]] = consumer._wait_next_records
     getmany: Callable[..., AsyncIterator[tuple[Any, Any]]] = consumer.getmany
     callback: Callable[[Any], Awaitable[Any]] = consumer.callback
@@ -270,6 +270,8 @@ def redeliver_dropped(consumer: Any) -> None:
                 await consumer.seek(tp, offsets[0])
             except Exception as exc:  # e.g. revoked meanwhile: its next owner reads from the commit
                 log.warning("seek back of %s[%d] to %d failed: %s", tp.topic, tp.partition, offsets[0], exc)
+                continue
+            counted(tp.topic, len(offsets))
 
     consumer._wait_next_records, consumer.callback, consumer.getmany = _wait_next_records, on_message, getmany_
     consumer.perform_seek = perform_seek
@@ -352,7 +354,8 @@ def refetch(app: Any, tp: Any) -> bool:
     return True
 
 
-def guard_consumer(app: Any, ledger: InputLedger, writes: ChangelogWrites) -> None:
+def guard_consumer(app: Any, ledger: InputLedger, writes: ChangelogWrites,
+                   redelivered: Callable[[str, int], None] = lambda topic, n: None) -> None:
     """The guards on the app's consumer, installed as faust creates it (before any assignment). The ledger's seek
     hook goes on first, so that it knows where reading starts before the deferred partitions resume."""
     new_consumer = app._new_consumer
@@ -361,7 +364,7 @@ def guard_consumer(app: Any, ledger: InputLedger, writes: ChangelogWrites) -> No
         c = new_consumer()
         seek_uncommitted_to_start(c)
         track_inputs(c, ledger)
-        redeliver_dropped(c)
+        redeliver_dropped(c, redelivered)
         defer_resume_until_seek(c)
         refuse_gaps(c, ledger.contiguous)
         commit_after_state(c, lambda: app.producer, lambda: writes.failed)
