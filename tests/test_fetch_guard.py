@@ -316,7 +316,7 @@ def test_kafka_state_names_what_aiokafka_holds_of_a_partition() -> None:
 def test_refetch_reactivates_only_a_dropped_partition_nothing_pauses() -> None:
     from types import SimpleNamespace
 
-    from pipeline.detect.fetch_guard import refetch
+    from pipeline.detect.fetch_guard import faust_buffered_any, refetch
 
     w0, w1, w2, w3 = (TP("windows", p) for p in range(4))
     flow = SimpleNamespace(active=True)
@@ -327,7 +327,9 @@ def test_refetch_reactivates_only_a_dropped_partition_nothing_pauses() -> None:
     assert not refetch(app, w2)  # paused (a recovery): left to faust
     assert not refetch(app, w3)  # not assigned here
     assert not refetch(app, w0)  # buffered: faust's backpressure, lifted when its stream buffer drains
+    assert faust_buffered_any(app)  # its fetch loop waits on that stream: the stall watch stands aside
     consumer._buffered_partitions.clear()
+    assert not faust_buffered_any(app)
     flow.active = False
     assert not refetch(app, w0)  # flow suspended (a rebalance): left to faust
     flow.active = True

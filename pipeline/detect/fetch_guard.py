@@ -340,6 +340,12 @@ def faust_buffered(app: Any, tp: Any) -> bool:
     return tp in getattr(app.consumer, "_buffered_partitions", ())
 
 
+def faust_buffered_any(app: Any) -> bool:
+    """Whether faust holds any partition back for a full stream buffer: its fetch loop then waits on that stream, so
+    no partition is fetched until the agent drains it."""
+    return bool(getattr(app.consumer, "_buffered_partitions", None))
+
+
 def refetch(app: Any, tp: Any) -> bool:
     """Make faust fetch an assigned partition again that it has dropped from its active set with no reason it keeps:
     not paused (a recovery), not buffered (a full stream buffer: backpressure while the agent is busy, e.g. retrying
