@@ -25,7 +25,7 @@ class ChangelogWrites:
 
     def __init__(self, on_failure: Callable[[BaseException], None]) -> None:
         self.failed: BaseException | None = None
-        self.refused = 0  # writes that failed (after the first too: the log says how many)
+        self.refused = 0  # writes that failed, the first and any after it (only the first is logged)
         self._on_failure = on_failure
 
     def watch(self, table: Any) -> None:

@@ -101,11 +101,12 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
 
     stall_logged: dict[Any, float] = {}
 
-
     @app.timer(STALL_AFTER_S / 3)
     async def stalled_inputs() -> None:
         """A tracked partition behind its log end of which nothing is fetched is logged with faust's state of it,
-        once a minute while it lasts (input_ledger.py STALL_WARNING: a stall seen once, cause not yet known)."""
+        once a minute while it lasts, and sought back to its next offset (input_ledger.py STALL_WARNING; the stalls
+        seen came from fetches faust dropped, which fetch_guard.redeliver_dropped now reads again at once: this is
+        the check behind it)."""
         if app.rebalancing or app.in_recovery or not ledger.next:
             return
         if faust_buffered_any(app):
