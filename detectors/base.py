@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from detectors.classifier_base import Verdict
 from detectors.foreign_person import ForeignDetermination
-from detectors.state import AccountState, OwnerState, RunState
+from detectors.state import WORKLOAD_IDS_K, AccountState, OwnerState, RunState
 from schemas.cip import CipRecord
 from schemas.detection import Detection, Outcome, Severity
 from schemas.ids import content_id
@@ -90,14 +90,20 @@ class Detector:
     def detection(self, ctx: DetectContext, *, outcome: Outcome, reason: str, event_time: float, summary: str,
                   evidence: dict[str, Any], run_id: str | None = None, beneficial_owner_id: str | None = None,
                   workload_ids: list[str] | None = None, source_windows: list[str] | None = None,
-                  severity: Severity | None = None) -> Detection:
-        """A Detection with a content-derived id and the provenance every detection carries."""
+                  severity: Severity | None = None, workloads_total: int | None = None) -> Detection:
+        """A Detection with a content-derived id and the provenance every detection carries. At most
+        `WORKLOAD_IDS_K` workload ids are listed (the first); with more (`workloads_total`, when the caller knows
+        more than it lists) the evidence says how many (`workload_ids_total`)."""
         p = ctx.policy
+        ids = list(workload_ids or [])
+        total = max(len(ids), workloads_total or 0)
         did = content_id("det", self.id, p.id, p.version, ctx.account_id, beneficial_owner_id, run_id, outcome,
                          reason)
         ev = {"detector": {"id": self.id, "version": self.version, "maturity": self.maturity},
               "policy": {"id": p.id, "version": p.version, "demo": p.demo},
               "foreign_person": ctx.determination.to_dict(), **evidence}
+        if total > WORKLOAD_IDS_K or total > len(ids):
+            ev["workload_ids_total"] = total
         if ctx.verdict is not None:
             ev.setdefault("classifier", ctx.verdict.to_dict())
         if ctx.account is not None and ctx.account.cip_notes:
@@ -105,7 +111,7 @@ class Detector:
         return Detection(detection_id=did, detector_id=self.id, detector_version=self.version,
                          severity=severity or self.severity, policy_id=p.id, policy_version=p.version,
                          outcome=outcome, reason=reason, account_id=ctx.account_id,
-                         beneficial_owner_id=beneficial_owner_id, run_id=run_id, workload_ids=workload_ids or [],
+                         beneficial_owner_id=beneficial_owner_id, run_id=run_id, workload_ids=ids[:WORKLOAD_IDS_K],
                          event_time=float(event_time), summary=summary, evidence=ev,
                          source_windows=source_windows or [])
 

@@ -58,6 +58,7 @@ from detectors.state import (
     REPLACE_HORIZON_S,
     SOURCE_WINDOWS_K,
     SPELLS_K,
+    WORKLOAD_IDS_K,
     AccountState,
     OwnerState,
     RunState,
@@ -985,7 +986,8 @@ class DetectEngine:
             entry = {"account_id": aid, "used": run.used, "used_low": run.used_low, "used_high": run.used_high,
                      "rate": run.rate, "t": run.last_end, "reserved_until": acct.reserved_until,
                      "own_case": run.own_case, "band": (run.verdict or {}).get("band", "uncertain"),
-                     "workloads": list(rec.workloads) if rec else [], "run": run.describe(),
+                     "workloads": list(rec.workloads[:WORKLOAD_IDS_K]) if rec else [],
+                     "workload_count": len(rec.workloads) if rec else 0, "run": run.describe(),
                      "basis": dict(run.basis)}
             out.append(contribution(oid, aid, run.run_id, entry, t=end, start=start, foreign_since=acct.foreign_since,
                                     determination=det.to_dict(), cip_notes=list(acct.cip_notes)))

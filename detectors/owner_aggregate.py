@@ -101,11 +101,14 @@ class OwnerAggregate(Detector):
         if outcome == "needs_review":
             evidence["suggested_inquiry"] = inquiry_text(state.account_id, None, c["used"], c["projected"])
         workloads = sorted({w for r in c["runs"].values() for w in r.get("workloads", [])})
+        # a run lists its first WORKLOAD_IDS_K workloads and counts them all (a contribution before the count: its list)
+        total = sum(r.get("workload_count", len(r.get("workloads", []))) for r in c["runs"].values())
         summary = (f"beneficial owner {owner.owner_id}: {len(c['runs'])} runs over {len(owner.accounts)} accounts "
                    f"{'used' if c['basis'] == 'used' else 'are projected to use'} "
                    f">= {state.policy.thresholds.training_ops:.3g} FLOP -> {outcome}")
         return [self.detection(state, outcome=outcome, reason="owner_aggregate", event_time=c["at"], summary=summary,
-                               evidence=evidence, beneficial_owner_id=owner.owner_id, workload_ids=workloads)]
+                               evidence=evidence, beneficial_owner_id=owner.owner_id, workload_ids=workloads,
+                               workloads_total=total)]
 
 
 def contribution(owner_id: str, account_id: str, run_id: str, entry: dict[str, Any], *, t: float,

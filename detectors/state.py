@@ -25,6 +25,9 @@ ACTIVE_SPANS_K = 64
 SOURCE_WINDOWS_K = 32
 SPELLS_K = 8  # a run's verdicts kept at the start of each band spell (RunState.spells): the newest
 RUN_IDS_K = 16  # job / workload ids (and accelerator models) kept in a run's description: the newest
+#: Workload ids a detection or an owner contribution lists (the first; beyond, a count): a message stays far below the
+#: topics' limit whatever the run's size (ids are at most 1024 characters, schemas/telemetry.py MAX_ID_CHARS).
+WORKLOAD_IDS_K = 256
 NAMES_K = 16  # out-of-distribution features / missing fields kept in a run's verdict summary (the first named)
 
 

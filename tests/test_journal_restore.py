@@ -12,7 +12,7 @@ import pytest
 from detectors.classifier_base import RuleClassifier
 from detectors.engine import DetectEngine
 from detectors.snapshot import from_split, split
-from pipeline.detect.tables import MemoryTable, StageTables
+from pipeline.detect.tables import MemoryTable, StageTables, unpack
 from pipeline.settings import Settings
 from schemas.detection import Detection
 from schemas.windows import WindowAggregate
@@ -242,7 +242,7 @@ def test_a_kill_between_any_two_messages_of_a_save_leaves_a_journal_that_restore
     # what a save leaves over after a kill (entries no account lists) is tombstoned by the next save
     st, _ = tabs.stage(0)
     listed = {key for key in tabs.engine.data if key.startswith((b"0|s|", b"0|j|"))}
-    assert len(listed) == len(json.loads(tabs.engine.data[b"0|a|acct-c"])["journal"]) + 1
+    assert len(listed) == len(unpack(tabs.engine.data[b"0|a|acct-c"])["journal"]) + 1
 
 
 def test_a_restored_journal_whose_partials_are_gone_replaces_figures_only():

@@ -76,6 +76,15 @@ def test_report_has_every_identity_field_and_the_draft_banner():
         assert text in md, text
 
 
+
+def test_a_run_with_more_workloads_than_a_detection_lists_says_how_many() -> None:
+    """A detection lists its first WORKLOAD_IDS_K workloads (a message stays under the topics' limit) and counts them
+    all: the report lists those and says of how many."""
+    rep = draft_report(_case(evidence={**RUN_EVIDENCE, "workload_ids_total": 3000}), BIS)
+    assert rep["training_run"]["workload_count"] == 3000 and rep["training_run"]["workloads"] == ["acct-1-wl-1"]
+    assert "acct-1-wl-1 (the first 1 of 3000)" in render_markdown(rep)
+    assert draft_report(_case(), BIS)["training_run"]["workload_count"] == 1
+
 def test_demo_policy_gets_the_demo_banner_and_missing_identity_is_flagged():
     demo = load_policy("demo")
     bare = cip().model_copy(update={"address": None, "phones": [], "ip_addresses": []})

@@ -135,6 +135,9 @@ def _training_run(case: Case, entries: list[dict[str, Any]]) -> dict[str, Any]:
         "end_utc": utc(end),
         "duration_s": duration,
         "workloads": workloads,
+        # a detection lists its first workloads and counts them all (detectors/base.py WORKLOAD_IDS_K)
+        "workload_count": max([len(workloads)] + [int((e.get("evidence") or {}).get("workload_ids_total") or 0)
+                                                  for e in entries]),
         "jobs": desc.get("job_ids") or [],
     }
     accel = ", ".join(f"{n} x {m}" for m, n in sorted(run["accelerators"].items())) or "accelerators " + _ABSENT
@@ -326,7 +329,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Devices: {_v(run['device_count'])}; nodes: {_v(run['node_count'])}",
         f"- From {_v(run['start_utc'])} to {_v(run['end_utc'])}"
         + (f" ({run['duration_s'] / 3600:.1f} h)" if run["duration_s"] is not None else ""),
-        f"- Workloads: {_v(', '.join(run['workloads']))}",
+        f"- Workloads: {_v(', '.join(run['workloads']))}"
+        + (f" (the first {len(run['workloads'])} of {run['workload_count']})"
+           if run["workload_count"] > len(run["workloads"]) else ""),
         f"- Jobs: {_v(', '.join(map(str, run['jobs'])))}",
     ]
     if run["run_ids"]:

@@ -50,5 +50,8 @@ def faust_config(settings: Settings, app_id: str, partitions: int) -> dict[str, 
         # A killed worker's partitions move after the session timeout; with a group instance id (static
         # membership) a restarted worker takes them back at once.
         broker_session_timeout=kafka.session_timeout_s, broker_heartbeat_interval=min(3.0, kafka.session_timeout_s / 3),
+        # One message may be as large as the topics accept (settings.topic_config.max_message_bytes, 8 MiB; faust's
+        # own default is 1,000,000 bytes): a table entry or output the producer refused would stop the worker.
+        producer_max_request_size=settings.topic_config.max_message_bytes,
         consumer_group_instance_id=f"{kafka.group_instance_id}-detect" if kafka.group_instance_id else None,
     )

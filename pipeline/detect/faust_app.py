@@ -141,8 +141,10 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
     # Owner messages, repartitioned by beneficial owner: one owner's accounts may sit on any input partition.
     owner_topic = app.topic(owners_topic(app_id), partitions=partitions, internal=True, **raw)
     # Compacting changelogs (pipeline/topics.py) where faust creates them itself: a restart replays state, not history.
+    # ... and as large a message as the topics `topics create` makes (the producer's request size is set to it)
+    changelog = {**CHANGELOG_CONFIG, "max.message.bytes": str(settings.topic_config.max_message_bytes)}
     table = {n: app.Table(n, partitions=partitions, key_type=bytes, value_type=bytes,
-                          extra_topic_configs=CHANGELOG_CONFIG) for n in TABLES}
+                          extra_topic_configs=changelog) for n in TABLES}
     for t in table.values():
         writes.watch(t)
     rt.tables = tabs = StageTables(table["engine"], table["partials"], settings, rt.policy, rt.classifier)

@@ -81,6 +81,26 @@ def dumps(d: Any) -> bytes:
     return json.dumps(d, separators=(",", ":")).encode()
 
 
+#: A table value longer than this is written zlib-compressed, marked by a leading `Z` (JSON never starts with one).
+#: One changelog message must fit the producer's request size (faust's default 1,000,000 bytes, checked before
+#: compression): a refused write stops the worker, and it would be refused again after every restart. A large run's
+#: account entry grows with its workloads and the windows it remembers (`RunState.seen`, up to 8192): 256 workloads
+#: with 60-character ids over 40 windows made a 966 KB entry; compressed, about 9x smaller (tests/test_table_values.py).
+PACK_ABOVE = 16 * 1024
+_PACKED = b"Z"
+
+
+def pack(d: Any) -> bytes:
+    """A table value: JSON, compressed when long."""
+    raw = dumps(d)
+    return raw if len(raw) <= PACK_ABOVE else _PACKED + zlib.compress(raw, 1)
+
+
+def unpack(v: bytes) -> Any:
+    """A table value as `pack` wrote it (plain JSON too: entries written before values were compressed)."""
+    return json.loads(zlib.decompress(v[1:]) if v[:1] == _PACKED else v)
+
+
 class StageTables:
     def __init__(self, engine: Table, partials: Table, settings: Settings, policy: Policy,
                  classifier: WorkloadClassifier | None) -> None:
@@ -109,8 +129,8 @@ class StageTables:
         mine = {k: v for k, v in self.engine.data.items() if k.startswith(prefix)}
         shared = mine.pop(prefix + b"shared", None)
         if shared is not None:
-            sh = json.loads(shared)
-            parts = {k[len(prefix) + 2:].decode(): json.loads(v) for k, v in mine.items()
+            sh = unpack(shared)
+            parts = {k[len(prefix) + 2:].decode(): unpack(v) for k, v in mine.items()
                      if k.startswith(prefix + b"a|")}
             # every journal entry of each account, listed or left over (one pass): the next save tombstones what
             # it no longer lists. Keys: p|s|<account>|<t>|<crc>, p|j|<account>|<t>
@@ -155,7 +175,7 @@ class StageTables:
         if not index:
             return None
         base = mine.get(self._base_key(prefix, aid, index[0][0]))
-        b = json.loads(base) if base is not None else None
+        b = unpack(base) if base is not None else None
         if b is None or b["t"] != index[0][0]:
             return None
         steps = []
@@ -163,7 +183,7 @@ class StageTables:
             raw = mine.get(self._step_key(prefix, aid, t, crc))
             if raw is None or zlib.crc32(raw) != crc:
                 return None
-            steps.append(json.loads(raw))
+            steps.append(unpack(raw))
         return {"base": b["base"], "steps": steps}
 
     def before_window(self, p: int, st: DetectStage, w: WindowAggregate) -> None:
@@ -176,7 +196,7 @@ class StageTables:
     def _load_partials(self, p: int, st: DetectStage, mkey: tuple[str, float]) -> None:
         idx = self.index.setdefault(p, {})
         if mkey not in st.merger._parts and idx.get(mkey):
-            st.merger._parts[mkey] = {x.window_id: x for x in (WindowAggregate.model_validate(json.loads(
+            st.merger._parts[mkey] = {x.window_id: x for x in (WindowAggregate.model_validate(unpack(
                 self.partials.data[k])) for k in idx[mkey] if k in self.partials.data)}
 
     def _merged(self, p: int, st: DetectStage, ref: Any) -> Any:
@@ -201,7 +221,7 @@ class StageTables:
         idx = self.index.setdefault(p, {})
         for key, w in self.touched.pop(p, {}).items():
             if w.window_start >= horizon:
-                val = dumps(w.model_dump(mode="json"))
+                val = pack(w.model_dump(mode="json"))
                 self.partials.data[key] = val
                 self.partials.send_changelog(p, key, val)
                 idx.setdefault((w.workload_id, w.window_start), []).append(key)
@@ -231,11 +251,11 @@ class StageTables:
                 base, t0 = journal["base"], journal["steps"][0]["t"]
                 jkey = self._base_key(prefix, aid, t0)
                 if self.bases.get(jkey) is not base:  # a new base (the engine's object changes with it)
-                    keep[jkey] = dumps({"t": t0, "base": base})
+                    keep[jkey] = pack({"t": t0, "base": base})
                     self.bases[jkey] = base
                 else:
-                    keep[jkey] = self.written.get(jkey) or self.engine.data.get(jkey) or dumps({"t": t0, "base": base})
-                raws = [dumps(s) for s in journal["steps"]]
+                    keep[jkey] = self.written.get(jkey) or self.engine.data.get(jkey) or pack({"t": t0, "base": base})
+                raws = [pack(s) for s in journal["steps"]]
                 part["journal"] = [[s["t"], zlib.crc32(v)] for s, v in zip(journal["steps"], raws, strict=True)]
                 keep |= {self._step_key(prefix, aid, t, crc): v
                          for (t, crc), v in zip(part["journal"], raws, strict=True)}
@@ -243,14 +263,14 @@ class StageTables:
             if keep:
                 self.step_keys[akey] = set(keep)
             entries |= keep
-            entries[akey] = dumps(part)
+            entries[akey] = pack(part)
         # The shared entry last: it holds what waits to settle and how far the stage has applied. Written before
         # the accounts, a kill between them restored a stage that had released windows its accounts never got: their
         # input, read in the batch before, is not read again (2 windows, settle_s, lost from a run's sum: a crossing
         # dated late, an owner's sum that never crossed). Written after, a kill leaves it older than the accounts,
         # and what it releases again is applied again, idempotently (a window as already counted changes nothing).
-        entries[prefix + b"shared"] = dumps({**self.shared[p], "stage_watermark": st.watermark,
-                                             "held": st.held_to_list()})
+        entries[prefix + b"shared"] = pack({**self.shared[p], "stage_watermark": st.watermark,
+                                           "held": st.held_to_list()})
         for k in gone:
             self._tombstone(p, k)
         for k, v in entries.items():
@@ -275,7 +295,7 @@ class StageTables:
         """Partition -> event time its checkpoint had applied (DetectStage.applied_to, kept in its held list: it
         follows the slowest telemetry partition, not simply the watermark less settle_s), for partitions this
         process has not met yet."""
-        return {int(k.split(b"|", 1)[0]): DetectStage.applied_in(json.loads(v).get("held", []))
+        return {int(k.split(b"|", 1)[0]): DetectStage.applied_in(unpack(v).get("held", []))
                 for k, v in list(self.engine.data.items()) if k.endswith(b"|shared")}
 
 
@@ -295,14 +315,14 @@ class OwnersTables:
         if oid not in self.touched:
             packed = self.table.data.get(oid.encode())
             if packed is not None:
-                self.owners.load_owner(oid, json.loads(packed))
+                self.owners.load_owner(oid, unpack(packed))
         self.touched[oid] = k
 
     def receive(self, m: dict[str, Any], k: int) -> list[Any]:
         """One owner message from owners partition k. A partition mark reaches every owner of k with held messages,
         re-derived from the table (after a kill -9 that is all that releases them)."""
         if str(k) not in self.owners.parts and (pk := self.table.data.get(f"{ALL_OWNERS}|{k}".encode())):
-            self.owners.load_parts(k, json.loads(pk))
+            self.owners.load_parts(k, unpack(pk))
         if m["owner_id"] == ALL_OWNERS:
             for oid in self.held(k):
                 self.load(oid, k)
@@ -319,7 +339,7 @@ class OwnersTables:
                 continue
             hit = self._held_cache.get(key)
             if hit is None or hit[0] is not v:
-                clock = (json.loads(v) or {}).get("clock") or {}
+                clock = (unpack(v) or {}).get("clock") or {}
                 hit = (v, clock.get("k") if clock.get("pending") else None)
             seen[key] = hit
         self._held_cache = seen
@@ -328,11 +348,11 @@ class OwnersTables:
     def save(self) -> None:
         for k in self.marked:
             key = f"{ALL_OWNERS}|{k}".encode()
-            self.table.data[key] = dumps(self.owners.parts_to_dict(k))
+            self.table.data[key] = pack(self.owners.parts_to_dict(k))
             self.table.send_changelog(k, key, self.table.data[key])
         for oid, k in self.touched.items():
             d = self.owners.owner_to_dict(oid)
-            val = dumps(d) if d is not None else None
+            val = pack(d) if d is not None else None
             if val is None:
                 self.table.data.pop(oid.encode(), None)
             else:

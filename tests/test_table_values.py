@@ -1,0 +1,87 @@
+"""A large run never makes a message the broker refuses (a refused changelog write or output stops the detect worker,
+and it would be refused again after every restart: a stage stopped for good by the runs it exists to find).
+
+An account's engine entry grows with its run's workloads and the windows it remembers: table values longer than
+`PACK_ABOVE` are written compressed, and read back as written; a detection lists at most `WORKLOAD_IDS_K` workloads
+and counts the rest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from detectors.base import DetectContext, Detector
+from detectors.foreign_person import determine
+from detectors.state import WORKLOAD_IDS_K
+from pipeline.detect.batch import Msg, feed_partition
+from pipeline.detect.tables import PACK_ABOVE, MemoryTable, StageTables, dumps, pack, unpack
+from pipeline.settings import Settings
+from schemas.detection import Detection
+from schemas.serde import encode
+from schemas.windows import WindowAggregate
+from tests.detector_builders import T0, W, cip, demo
+
+#: faust's default producer request size: a plain value over it was refused before values were compressed
+PRODUCER_DEFAULT = 1_000_000
+
+
+def test_values_round_trip_short_ones_plain_long_ones_compressed() -> None:
+    small = {"watermark": float("-inf"), "held": [1, 2]}
+    assert pack(small) == dumps(small) and unpack(pack(small)) == small  # entries written before read as they were
+    big = {"seen": {f"wl-{i}|{T0 + i}": [1e17, 9e16, 2e17] for i in range(2000)}, "w": float("inf")}
+    raw, packed = dumps(big), pack(big)
+    assert len(raw) > PACK_ABOVE and packed[:1] == b"Z" and len(packed) < len(raw) / 4
+    assert unpack(packed) == big
+
+
+def _window(wid: str, i: int) -> WindowAggregate:
+    start = T0 + i * W
+    return WindowAggregate(window_id=f"w-{wid}-{i}", workload_id=wid, account_id="acct-x", run_label="run-big",
+                           partition=0, window_start=start, window_end=start + W, sample_count=48, device_count=8,
+                           node_count=1, devices=[f"{wid}-gpu{d}" for d in range(8)], nodes=[f"n-{wid}"],
+                           device_seconds=8 * W, flop=2e17, flop_low=1.8e17, flop_high=4e17, basis="tensor_active",
+                           accelerators={"H100": 8})
+
+
+def test_a_large_runs_account_entry_fits_one_message_and_restores() -> None:
+    """64 workloads with 600-character ids (the schema allows 1024) over 24 windows: as JSON the account entry is
+    over the producer's default request size; as written it is far below, and a restart restores the same engine."""
+    settings, topics = Settings(model_path="rule"), Settings().topics
+    engine, partials = MemoryTable(), MemoryTable()
+    tabs = StageTables(engine, partials, settings, demo(), None)
+    ids = [(f"pod-{n:03d}-" + hashlib.sha256(str(n).encode()).hexdigest() * 10)[:600] for n in range(64)]
+    off = iter(range(10**6))
+    st = feed_partition(tabs, 0, [Msg(topics.cip, 0, next(off), encode(cip("acct-x")))], topics, at=0.0).stage
+    for i in range(24):
+        msgs = [Msg(topics.windows, 0, next(off), encode(_window(wid, i))) for wid in ids]
+        st = feed_partition(tabs, 0, msgs, topics, at=0.0).stage
+        tabs.save(0, st)
+    entry = engine.data[b"0|a|acct-x"]
+    assert len(dumps(unpack(entry))) > PRODUCER_DEFAULT  # what was refused
+    assert max(len(v or b"") for _, _, v in engine.sent) < PRODUCER_DEFAULT / 4
+    restored, _ = StageTables(MemoryTable(engine.data), MemoryTable(partials.data), settings, demo(), None).stage(0)
+    assert json.dumps(restored.engine.to_dict(), sort_keys=True) == json.dumps(st.engine.to_dict(), sort_keys=True)
+
+
+class _Any(Detector):
+    id = "test_any"
+
+    def detect(self, state: DetectContext, event: object) -> list:
+        return []
+
+
+def _detection(ids: list[str], total: int | None = None) -> Detection:
+    policy = demo()
+    ctx = DetectContext(policy, 60.0, "acct-x", determine(cip("acct-x"), policy), cip("acct-x"))
+    return _Any().detection(ctx, outcome="reportable", reason="compute_used", event_time=T0, summary="s",
+                            evidence={}, run_id="run-big", workload_ids=ids, workloads_total=total)
+
+
+def test_a_detection_lists_the_first_workloads_and_counts_them_all() -> None:
+    ids = [f"pod-{n:05d}" for n in range(WORKLOAD_IDS_K + 50)]
+    det = _detection(ids)
+    assert det.workload_ids == ids[:WORKLOAD_IDS_K] and det.evidence["workload_ids_total"] == len(ids)
+    few = _detection(ids[:3])
+    assert few.workload_ids == ids[:3] and "workload_ids_total" not in few.evidence
+    # an owner's runs list their first workloads only: the count the caller knows is kept
+    assert _detection(ids[:3], total=900).evidence["workload_ids_total"] == 900
