@@ -23,7 +23,7 @@ from pipeline.ingest.aggregate import WindowConfig
 from pipeline.ingest.kafka_stage import KafkaIngestStage
 from pipeline.ingest.stage import IngestCore, SourceMessage
 from pipeline.settings import IngestSettings, KafkaSettings, Settings, TopicSettings
-from schemas.serde import decode
+from schemas.serde import decode, encode
 from schemas.windows import WindowAggregate
 
 pytestmark = pytest.mark.kafka
@@ -306,3 +306,25 @@ def test_a_5mb_message_is_dead_lettered_cut_and_ingest_commits_past_it(kafka_boo
         assert len(again) == 2 and {x.key() for x in again} == {m.key()}
     finally:
         admin.delete_topics([tel])
+
+
+def test_the_window_of_a_24k_gpu_workload_is_written(kafka_bootstrap: str, unique_topic) -> None:
+    """One workload on 3,072 nodes x 8 GPUs, one telemetry partition: its window lists 24,576 devices, over 1 MB. The
+    topics `trainwatch topics create` makes take 8 MiB; librdkafka's producer refused anything over 1,000,000 bytes
+    (MSG_SIZE_TOO_LARGE at produce), so the stage stopped on the run that matters most, again after every restart."""
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    out = f"huge-win-{uuid.uuid4().hex[:12]}"
+    admin.create_topics([NewTopic(out, num_partitions=1, replication_factor=1,
+                                  config={"max.message.bytes": str(8 * 2**20)})])[out].result(timeout=30)
+    tel, dlq = unique_topic("huge-tel"), unique_topic("huge-dlq")
+    try:
+        spec = synth.WorkloadSpec("pretrain-" + "x" * 40, nodes=3072, gpus_per_node=8)
+        pairs = synth.columnar(synth.samples([spec], T0, 60, 30.0))
+        produce(kafka_bootstrap, tel, pairs)
+        n = len(pairs) + close_windows(kafka_bootstrap, tel, 1, T0 + 60, "columnar")
+        stage = run_stage(make_settings(kafka_bootstrap, tel, out, dlq, batch=5000), n)
+        big = [w for w in windows(kafka_bootstrap, out) if w.workload_id == spec.workload_id]
+        assert [w.device_count for w in big] == [24_576] and len(encode(big[0])) > 1_000_000
+        assert stage.stats.dead_letters == 0 and read_all(kafka_bootstrap, dlq) == []
+    finally:
+        admin.delete_topics([out])

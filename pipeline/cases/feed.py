@@ -71,9 +71,13 @@ def feed_messages(cases: Iterable[Case], events: Iterable[CaseEvent], policy: Po
 class CaseFeedProducer:
     """Publishes feed messages and waits for every delivery (commit-after-write: callers commit after publish)."""
 
-    def __init__(self, kafka: KafkaSettings, topic: str, *, flush_timeout_s: float = 30.0):
-        # Idempotent producer: a retried send never duplicates within a session; consumers dedup on message_id.
-        self._producer = Producer(kafka.client_config(**{"enable.idempotence": True, "linger.ms": 20}))
+    def __init__(self, kafka: KafkaSettings, topic: str, *, flush_timeout_s: float = 30.0,
+                 max_message_bytes: int = 8 * 1024 * 1024):
+        # Idempotent producer: a retried send never duplicates within a session; consumers dedup on message_id. A
+        # message may be as large as the topic takes (settings.topic_config.max_message_bytes; librdkafka's own
+        # default is 1,000,000 bytes): a case carries its evidence and draft report.
+        self._producer = Producer(kafka.client_config(**{"enable.idempotence": True, "linger.ms": 20,
+                                                         "message.max.bytes": max_message_bytes}))
         self.topic = topic
         self.flush_timeout_s = flush_timeout_s
 
@@ -145,7 +149,8 @@ def publish_case_changes(settings: Settings, store: Store, case_ids: Iterable[st
                          key=lambda e: (e.at, e.recorded_at, e.event_id))
         messages += feed_messages([case], missing, policy_for(case))
     if messages:
-        producer = CaseFeedProducer(settings.kafka, topic, flush_timeout_s=timeout_s)
+        producer = CaseFeedProducer(settings.kafka, topic, flush_timeout_s=timeout_s,
+                                    max_message_bytes=settings.topic_config.max_message_bytes)
         try:
             producer.publish(messages)
         except FeedError as exc:

@@ -130,6 +130,10 @@ class KafkaIngestStage:
             "enable.idempotence": True,
             "linger.ms": 20,
             "compression.type": "lz4",
+            # As large a message as the topics take (`trainwatch topics create`: 8 MiB). librdkafka's own default,
+            # 1,000,000 bytes before compression, refused the window of a 24,576-GPU workload (its device list),
+            # and the stage stopped on it after every restart (tests/test_ingest_kafka.py).
+            "message.max.bytes": settings.topic_config.max_message_bytes,
         }))
 
     # --- partition ownership: restore the watermark recorded with the committed offset --------------------------
@@ -219,6 +223,14 @@ class KafkaIngestStage:
             except BufferError:  # local queue full: serve delivery reports until there is room
                 self._pause()
                 self.producer.poll(0.1)
+            except KafkaException as exc:
+                if exc.args and exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    # not a record to skip (a window is data): stop with what to change, never commit past it
+                    raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, (
+                        f"a {len(value)}-byte message for {topic} is over message.max.bytes="
+                        f"{self.settings.topic_config.max_message_bytes}: raise topic_config.max_message_bytes and "
+                        "the topic's max.message.bytes"))) from exc
+                raise
         if len(self.producer) > self.max_queued:
             self._pause()
         self.producer.poll(0)
