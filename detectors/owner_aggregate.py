@@ -94,7 +94,10 @@ class OwnerAggregate(Detector):
             "threshold_ops": state.policy.thresholds.training_ops, "beneficial_owner_id": owner.owner_id,
             "accounts": list(owner.accounts), "used_flop": c["used"], "used_flop_low": c["used_low"],
             "used_flop_high": c["used_high"], "projected_flop": c["projected"], "crossing": c["basis"],
-            "basis": combined_basis(c["runs"]), "run": combined_run(c["runs"]), "runs": c["runs"],
+            "basis": combined_basis(c["runs"]), "run": combined_run(c["runs"]),
+            # each run's own first workloads only: the detection lists the owner's (up to WORKLOAD_IDS_K), and one
+            # message must stay bounded however many accounts an owner splits its runs over
+            "runs": {k: {**r, "workloads": list(r.get("workloads") or [])[:RUN_IDS_K]} for k, r in c["runs"].items()},
         }
         if c.get("redecided_from"):  # a contribution out of event-time order moved the crossing made before
             evidence["redecided_from"] = c["redecided_from"]
