@@ -13,7 +13,6 @@ fetch_guard.redeliver_dropped seeks such records back.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -36,6 +35,7 @@ from tests.test_faust_detect import (
     rule,
     stage_topics,
     worker_cases,
+    worker_env,
 )
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -56,13 +56,9 @@ def test_a_refused_changelog_write_stops_the_worker_and_loses_nothing(tmp_path: 
     small = {"cleanup.policy": "compact", "max.message.bytes": SMALL}
     admin.create_topics([NewTopic(engine_log, 1, 1, config=small)])[engine_log].result(30)
     produce(kafka_bootstrap, topics, delivery_order(folder))
-    env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "TRAINWATCH_POLICY": "demo",
-           "TRAINWATCH_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'worker-store'}", "TRAINWATCH_DATABASE": db,
-           "TRAINWATCH_DATA_DIR": str(tmp_path / "var"), "TRAINWATCH_MODEL_PATH": "rule",
-           **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
+    env = worker_env(kafka_bootstrap, tmp_path, db, topics)
     if table_store == "local":
         env["TRAINWATCH_KAFKA__GROUP_INSTANCE_ID"] = app_id
-    env.pop("TRAINWATCH_CONFIG", None)
     cmd = [sys.executable, "-m", "pipeline", "run", "--stage", "detect", "--app-id", app_id]
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:

@@ -169,6 +169,17 @@ def reap(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
+def worker_env(bootstrap: str, tmp_path: Path, db: str, topics: dict[str, str]) -> dict[str, str]:
+    """The environment of a detect worker on these topics: policy demo, the rule classifier, its own chDB store and
+    data directory under tmp_path, no config file."""
+    env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "TRAINWATCH_POLICY": "demo",
+           "TRAINWATCH_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'worker-store'}", "TRAINWATCH_DATABASE": db,
+           "TRAINWATCH_DATA_DIR": str(tmp_path / "var"), "TRAINWATCH_MODEL_PATH": "rule",
+           **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
+    env.pop("TRAINWATCH_CONFIG", None)
+    return env
+
+
 def worker_cases(dsn: str, db: str) -> dict:
     """A worker's cases and case-event ids, read in a subprocess (chDB allows one path per process)."""
     script = ("import sys, orjson; from pipeline.store import Store\n"
@@ -242,11 +253,8 @@ def test_allocations_fetched_past_the_journal_date_special_measures_as_the_repla
     assert held and any(b'"reserved"' in v for _, _, v in held)
     app_id, db = f"fl-{uuid.uuid4().hex[:10]}", f"faust_{uuid.uuid4().hex[:10]}"
     topics = stage_topics(unique_topic, kafka_bootstrap, "fl", app_id)
-    dsn = f"chdb://{tmp_path / 'worker-store'}"
-    env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "TRAINWATCH_POLICY": "demo",
-           "TRAINWATCH_CLICKHOUSE_DSN": dsn, "TRAINWATCH_DATABASE": db, "TRAINWATCH_DATA_DIR": str(tmp_path / "var"),
-           "TRAINWATCH_MODEL_PATH": "rule", **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
-    env.pop("TRAINWATCH_CONFIG", None)
+    env = worker_env(kafka_bootstrap, tmp_path, db, topics)
+    dsn = env["TRAINWATCH_CLICKHOUSE_DSN"]
     produce(kafka_bootstrap, topics, [x for x in items if x not in held])
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
@@ -284,11 +292,8 @@ def test_owner_accounts_on_different_partitions_are_summed(tmp_path: Path, kafka
         p.produce(topics[stream], None, b"acct-x", partition=0)
         p.produce(topics[stream], b"{not json", b"acct-x", partition=1)
     assert p.flush(30) == 0
-    dsn = f"chdb://{tmp_path / 'worker-store'}"
-    env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "TRAINWATCH_POLICY": "demo",
-           "TRAINWATCH_CLICKHOUSE_DSN": dsn, "TRAINWATCH_DATABASE": db, "TRAINWATCH_DATA_DIR": str(tmp_path / "var"),
-           "TRAINWATCH_MODEL_PATH": "rule", **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
-    env.pop("TRAINWATCH_CONFIG", None)
+    env = worker_env(kafka_bootstrap, tmp_path, db, topics)
+    dsn = env["TRAINWATCH_CLICKHOUSE_DSN"]
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--stage", "detect", "--app-id", app_id],

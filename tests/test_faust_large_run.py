@@ -8,7 +8,6 @@ write stopped the worker (pipeline/detect/changelog_writes.py), and it was refus
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from schemas.case import REPORTABLE_STATUSES
 from schemas.policy import load_policy
 from schemas.serde import encode
 from tests.detector_builders import T0, cip
-from tests.test_faust_detect import REPO, drain_and_stop, reap, rule, stage_topics, worker_cases
+from tests.test_faust_detect import REPO, drain_and_stop, reap, rule, stage_topics, worker_cases, worker_env
 from tests.test_table_values import _window
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -53,11 +52,7 @@ def _through_worker(tmp_path: Path, bootstrap: str, unique_topic, items: list[tu
         p.produce(topics[stream], value, key)
         p.poll(0)
     assert p.flush(30) == 0
-    env = {**os.environ, "TRAINWATCH_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "TRAINWATCH_POLICY": "demo",
-           "TRAINWATCH_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'worker-store'}", "TRAINWATCH_DATABASE": db,
-           "TRAINWATCH_DATA_DIR": str(tmp_path / "var"), "TRAINWATCH_MODEL_PATH": "rule",
-           **{f"TRAINWATCH_TOPICS__{s.upper()}": t for s, t in topics.items()}}
-    env.pop("TRAINWATCH_CONFIG", None)
+    env = worker_env(bootstrap, tmp_path, db, topics)
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--stage", "detect", "--app-id", app_id],
