@@ -14,8 +14,14 @@ from detectors.classifier_base import Verdict
 
 HISTORY_K = 16  # windows the classifier sees
 #: (workload, window) keys remembered so a re-delivered or corrected window replaces, not adds: every key of a window
-#: that can still be delivered (within `REPLACE_HORIZON_S` of the run's latest window end) is kept, up to this bound
-SEEN_K = 8192
+#: that can still be delivered (within `REPLACE_HORIZON_S` of the run's latest window end) is kept, up to this bound:
+#: 61 windows of a run of 1,074 workloads. It was 8192 (134 workloads): the keys of a larger run's windows were
+#: forgotten inside the horizon, and a late correction of one counted the whole window again.
+SEEN_K = 65_536
+#: Keys past the horizon are dropped once there are this many, and only when the oldest is this many windows past it:
+#: checking every key on every window made each window cost O(keys) (2.7 ms a window for a 256-workload run).
+SEEN_PRUNE_FROM = 1024
+SEEN_PRUNE_SLACK_WINDOWS = 8
 #: How far behind a run's latest window a window may still arrive and be counted (the ingest stage's allowed
 #: lateness, 1 h, plus a window). One older than this whose key is forgotten is not counted again: a replay of
 #: offsets must never add a window twice (exactly once where totals are summed).
@@ -34,6 +40,11 @@ NAMES_K = 16  # out-of-distribution features / missing fields kept in a run's ve
 def _cap_dict(d: dict[str, Any], k: int) -> None:
     while len(d) > k:
         d.pop(next(iter(d)))
+
+
+def _start(seen_key: str) -> float:
+    """The window start a `RunState.seen` key ("workload|start") ends in."""
+    return float(seen_key.rsplit("|", 1)[1])
 
 
 def _int(v: Any) -> int:
@@ -232,6 +243,9 @@ class RunState(_Plain):
     rate: float = 0.0  # FLOP/s in the window ending at last_end (contract rule 3)
     window_flop: dict[str, float] = field(default_factory=dict)  # str(window_end) -> run FLOP in that window
     seen: dict[str, list[float]] = field(default_factory=dict)  # "workload|start" -> [flop, low, high]
+    #: the latest window end among keys forgotten inside the horizon (SEEN_K reached): a window that old and not
+    #: remembered is not counted, as one past the horizon is not (it may have been counted already)
+    seen_floor: float = 0.0
     basis: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     verdict: dict[str, Any] | None = None  # the run-level verdict (VerdictSummary.decide) and since when
@@ -290,15 +304,20 @@ class RunState(_Plain):
         the horizon and not remembered (a re-delivery of a window forgotten, or data past the allowed lateness):
         not counted, since it may have been counted already."""
         old = self.seen.get(key)
-        if old is None and window_end < self.last_end - horizon_s:
+        if old is None and (window_end < self.last_end - horizon_s or window_end <= self.seen_floor):
             return False
         old = old or [0.0, 0.0, 0.0]
         d = [flop[i] - old[i] for i in range(3)]
         self.seen[key] = list(flop)
-        if len(self.seen) > SEEN_K // 2:  # forget windows past the horizon (keys end in the window start)
-            cut = self.last_end - horizon_s - window_s
-            self.seen = {k: v for k, v in self.seen.items() if float(k.rsplit("|", 1)[1]) >= cut}
-        _cap_dict(self.seen, SEEN_K)
+        # Keys end in the window start; the oldest inserted comes first (a correction keeps its key's place).
+        cut = self.last_end - horizon_s - window_s
+        slack = SEEN_PRUNE_SLACK_WINDOWS * window_s
+        if len(self.seen) > SEEN_PRUNE_FROM and _start(next(iter(self.seen))) < cut - slack:
+            self.seen = {k: v for k, v in self.seen.items() if _start(k) >= cut}
+        while len(self.seen) > SEEN_K:
+            gone = next(iter(self.seen))
+            del self.seen[gone]
+            self.seen_floor = max(self.seen_floor, _start(gone) + window_s)
         self.used += d[0]
         self.used_low += d[1]
         self.used_high += d[2]
