@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -328,3 +329,44 @@ def test_the_window_of_a_24k_gpu_workload_is_written(kafka_bootstrap: str, uniqu
         assert stage.stats.dead_letters == 0 and read_all(kafka_bootstrap, dlq) == []
     finally:
         admin.delete_topics([out])
+
+
+def test_a_missing_dlq_holds_the_letters_not_the_windows(kafka_bootstrap: str, unique_topic) -> None:
+    """The DLQ topic is missing (deleted by mistake, or misnamed) and one message is bad: the stage reads on and writes
+    every window of the good data, holds the letter and commits nothing past it; once the topic exists the letter is
+    written and the offsets move past it. Before: the batch's flush raised after 30 s and the stage stopped on it
+    (again after every restart), 100 of 963 messages read."""
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    tel, out, dlq = unique_topic("held-tel"), unique_topic("held-win"), f"held-dlq-{uuid.uuid4().hex[:12]}"
+    pairs = synth.native(synth.samples(SPECS, T0, 600, 10.0))
+    pairs = [*pairs[:100], (b"node-x", b"{not json"), *pairs[100:]]
+    produce(kafka_bootstrap, tel, pairs)
+    n = len(pairs) + close_windows(kafka_bootstrap, tel, 1, T0 + 600)
+    group = f"held-{uuid.uuid4().hex}"
+    stage = KafkaIngestStage(make_settings(kafka_bootstrap, tel, out, dlq, batch=50), group_id=group)
+    created = threading.Event()
+
+    def done() -> bool:
+        return created.is_set() and stage.stats.outputs_held == 0 and stage.stats.last_commit.get(f"{tel}:0", 0) > 101
+
+    runner = threading.Thread(target=stage.run, kwargs={"max_seconds": DEADLINE_S, "stop": done})
+    runner.start()
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while stage.stats.messages < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert stage.stats.messages == n and stage.stats.outputs_held == 1
+        want = reference([v for _, v in pairs], "native")
+        assert totals(windows(kafka_bootstrap, out)) == pytest.approx(want, rel=1e-9)  # every window of good data
+        assert _committed(kafka_bootstrap, group, tel, 1) <= 100  # nothing past the held letter
+        admin.create_topics([NewTopic(dlq, num_partitions=1, replication_factor=1)])[dlq].result(timeout=30)
+        created.set()
+        runner.join(DEADLINE_S)
+        assert not runner.is_alive() and done(), stage.stats
+        letters = read_all(kafka_bootstrap, dlq)
+        assert [dict(m.headers())["dlq.offset"] for m in letters] == [b"100"]
+        assert _committed(kafka_bootstrap, group, tel, 1) > 101  # past the letter (open windows hold the rest back)
+    finally:
+        created.set()
+        runner.join(DEADLINE_S)
+        admin.delete_topics([dlq])

@@ -72,6 +72,7 @@ def test_metrics_report_samples_dead_letters_windows_event_time_and_lag(kafka_bo
     assert m[("trainwatch_ingest_dead_letters_total", (("reason", "malformed_json"),))] == 1
     assert m[("trainwatch_ingest_dead_letters_total", (("reason", "out_of_range"),))] == 1
     assert m[("trainwatch_ingest_windows_total", ())] == stage.stats.windows > 0
+    assert m[("trainwatch_ingest_outputs_held", ())] == 0  # every output written (tests/test_ingest_kafka.py: held)
     assert m[("trainwatch_ingest_event_time_seconds", (("partition", "0"), ("topic", tel)))] == T0 + 420
     assert m[("trainwatch_ingest_committed_offset", (("partition", "0"), ("topic", tel)))] > 0
     assert m[("process_resident_memory_bytes", ())] > 0

@@ -20,6 +20,8 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -34,6 +36,13 @@ from schemas.serde import dumps, encode, loads
 
 log = logging.getLogger(__name__)
 LAG_EVERY_S = 1.0  # how often the consumer lag (for the metrics endpoint) is refreshed
+#: Outputs refused because their topic is missing are written again this often (a topic deleted by mistake comes
+#: back when recreated).
+HELD_RETRY_S = 10.0
+#: Beyond this many bytes of held outputs the stage reads nothing more until they are written (backpressure).
+MAX_HELD_BYTES = 256 * 1024 * 1024
+#: What a missing topic looks like to the producer: the broker's answer, or librdkafka's once it knows.
+MISSING_TOPIC = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC)
 
 
 def commit_metadata(progress: Progress | float) -> str:
@@ -85,6 +94,8 @@ class StageStats:
     dead_letters: int = 0
     commits: int = 0
     pauses: int = 0
+    #: outputs (windows, dead letters) whose topic is missing, kept and written again: offsets wait for them
+    outputs_held: int = 0
     last_commit: dict[str, int] = field(default_factory=dict)
 
 
@@ -104,6 +115,16 @@ class KafkaIngestStage:
                                dlq_max_value_bytes=settings.ingest.dlq_max_value_bytes)
         self.stats = StageStats()
         self._delivery_errors: list[KafkaError] = []
+        # Outputs whose topic is missing, in order: (topic, key, value, headers), written again every HELD_RETRY_S.
+        # The stage goes on (a missing DLQ never stops the windows of good data); no offset is committed while any is
+        # held (a restart re-reads from the last commit and makes them again).
+        self._held: list[tuple[str, bytes | None, bytes, list | None]] = []
+        self._held_topics: set[str] = set()
+        self._held_bytes = 0
+        self._held_since: float | None = None
+        self._held_retried = -math.inf
+        self._held_logged = -math.inf
+        self._held_error: KafkaError | None = None
         self._paused = False
         self._last_commit: dict[tuple[str, int], TopicPartition] = {}
         #: messages behind each assigned partition's end, refreshed every LAG_EVERY_S (read by the metrics endpoint)
@@ -134,6 +155,9 @@ class KafkaIngestStage:
             # 1,000,000 bytes before compression, refused the window of a 24,576-GPU workload (its device list),
             # and the stage stopped on it after every restart (tests/test_ingest_kafka.py).
             "message.max.bytes": settings.topic_config.max_message_bytes,
+            # A topic the broker does not know is taken as missing after 5 s (librdkafka's default waits 30 s, for
+            # topics just created): its outputs are then held, not the batch (`_hold`).
+            "topic.metadata.propagation.max.ms": 5000,
         }))
 
     # --- partition ownership: restore the watermark recorded with the committed offset --------------------------
@@ -157,6 +181,11 @@ class KafkaIngestStage:
     # --- one batch -----------------------------------------------------------------------------------------------
     def step(self, timeout: float = 1.0) -> int:
         """Consume one batch, process, write, flush, commit. Returns the number of messages consumed."""
+        if self._held_bytes > MAX_HELD_BYTES:  # backpressure: read nothing more until their topics take them
+            self._flush()
+            self._commit()
+            time.sleep(timeout)
+            return 0
         msgs = self.consumer.consume(self.batch_size, timeout)
         by_part: dict[tuple[str, int], list] = {}
         parts = [(m.topic(), m.partition()) for m in msgs]
@@ -216,14 +245,22 @@ class KafkaIngestStage:
         self.lag = lag
 
     def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list | None = None) -> None:
+        if topic in self._held_topics:  # behind outputs held for this topic: after them, in order
+            self._hold(topic, key, value, headers, self._held_error)
+            return
         while True:
             try:
-                self.producer.produce(topic, value, key, headers=headers, on_delivery=self._delivered)
+                # a delivery report carries no headers: a letter's (its provenance) are kept for writing it again
+                report = self._delivered if headers is None else partial(self._delivered, headers=headers)
+                self.producer.produce(topic, value, key, headers=headers, on_delivery=report)
                 break
             except BufferError:  # local queue full: serve delivery reports until there is room
                 self._pause()
                 self.producer.poll(0.1)
             except KafkaException as exc:
+                if exc.args and exc.args[0].code() in MISSING_TOPIC:  # refused at once (known missing): held
+                    self._hold(topic, key, value, headers, exc.args[0])
+                    break
                 if exc.args and exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
                     # not a record to skip (a window is data): stop with what to change, never commit past it
                     raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, (
@@ -241,11 +278,49 @@ class KafkaIngestStage:
             self._paused = True
             self.stats.pauses += 1
 
-    def _delivered(self, err: KafkaError | None, _msg: object) -> None:
-        if err is not None:
-            self._delivery_errors.append(err)
+    def _delivered(self, err: KafkaError | None, msg: Any, headers: list | None = None) -> None:
+        if err is None:
+            return
+        if msg is not None and err.code() in MISSING_TOPIC:
+            self._hold(msg.topic(), msg.key(), msg.value() or b"", headers, err)
+            return
+        self._delivery_errors.append(err)
+
+    def _hold(self, topic: str, key: bytes | None, value: bytes, headers: list | None, err: Any) -> None:
+        """An output whose topic is missing (deleted, or a misconfigured DLQ): held and written again, so that the
+        stage goes on (dead letters never stop the windows of good data). Offsets wait for it (`_commit`)."""
+        self._held.append((topic, key, value, headers))
+        self._held_topics.add(topic)
+        self._held_bytes += len(value)
+        self._held_since = self._held_since or time.monotonic()
+        self._held_error = err
+
+    def _held_again(self, now: float) -> None:
+        """The held outputs written again, in order (at most every HELD_RETRY_S); a refused one comes back held,
+        and so do the ones after it for its topic."""
+        if not self._held or now - self._held_retried < HELD_RETRY_S:
+            return
+        self._held_retried = now
+        again, self._held, self._held_topics, self._held_bytes = self._held, [], set(), 0
+        for topic, key, value, headers in again:
+            self._produce(topic, key, value, headers)
+
+    def _report_held(self, now: float) -> None:
+        self.stats.outputs_held = len(self._held)
+        if not self._held:
+            if self._held_since is not None:
+                log.warning("every held output written: offsets are committed again")
+            self._held_since = None
+            return
+        if now - self._held_logged >= 60.0:
+            self._held_logged = now
+            log.warning("topic(s) %s missing (%s): %d output(s) held (%d bytes) for %.0f s, written again every "
+                        "%.0f s; the stage goes on, no offset is committed until they are written",
+                        ", ".join(sorted(self._held_topics)), self._held_error, len(self._held), self._held_bytes,
+                        now - (self._held_since or now), HELD_RETRY_S)
 
     def _flush(self) -> None:
+        self._held_again(time.monotonic())
         remaining = self.producer.flush(60)
         if remaining or self._delivery_errors:
             # Not written => not committed: raising here makes a supervisor restart us and re-read the batch.
@@ -256,6 +331,9 @@ class KafkaIngestStage:
             self._paused = False
 
     def _commit(self) -> None:
+        self._report_held(time.monotonic())
+        if self._held:  # commit-after-write: a held output is not written yet
+            return
         assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
         offsets = []
         for (topic, part), (off, max_ts) in self.core.commit_points().items():

@@ -49,6 +49,9 @@ class IngestCollector:
             yield CounterMetricFamily(f"trainwatch_ingest_{name}", doc, value=value)
         yield GaugeMetricFamily("trainwatch_ingest_open_windows", "Window units not yet emitted",
                                 value=sum(p.open_units for p in parts))
+        yield GaugeMetricFamily("trainwatch_ingest_outputs_held",
+                                "Outputs whose topic is missing, held and written again (no commit meanwhile)",
+                                value=st.stats.outputs_held)
         event_time = GaugeMetricFamily("trainwatch_ingest_event_time_seconds",
                                        "Confirmed event time (the watermark basis), per partition (unix seconds)",
                                        labels=_PART)
