@@ -7,6 +7,7 @@ from typing import Any
 
 from detectors.base import DetectContext, Detector, inquiry_text
 from detectors.classifier_base import Verdict
+from detectors.state import seen_window_start
 from schemas.detection import Detection, Outcome
 
 
@@ -46,7 +47,7 @@ def projected_after(seen: Mapping[str, Sequence[float]], used: float, after: flo
     "workload|start" -> [flop, ...]): used(t) is the run's total less what came after t."""
     by_end: dict[float, float] = {}
     for key, flop in seen.items():
-        end = float(key.rsplit("|", 1)[1]) + window_s
+        end = seen_window_start(key) + window_s
         by_end[end] = by_end.get(end, 0.0) + float(flop[0])
     resv = [(float(r["ts"]), float(r["until"])) for r in reservations if r.get("until") is not None]
     later = 0.0

@@ -63,6 +63,7 @@ from detectors.state import (
     OwnerState,
     RunState,
     VerdictSummary,
+    seen_window_start,
 )
 from detectors.windows import WorkloadWindow
 from schemas import serde
@@ -894,9 +895,9 @@ class DetectEngine:
         run = self.runs.get(into)
         if run is None:
             run = self.runs[into] = RunState(into, old.account_id, started_at=old.started_at)
-        for key, flop in sorted(old.seen.items(), key=lambda kv: float(kv[0].rsplit("|", 1)[1])):
-            run.add_window(key, float(key.rsplit("|", 1)[1]) + self.window_s, (flop[0], flop[1], flop[2]),
-                           self.window_s)
+        for key, flop in sorted(old.seen.items(), key=lambda kv: seen_window_start(kv[0])):
+            run.add_window(key, seen_window_start(key) + self.window_s, (flop[0], flop[1], flop[2]), self.window_s)
+        run.seen_floor = max(run.seen_floor, old.seen_floor)  # what the stitched run forgot stays uncounted
         run.started_at = old.started_at if run.started_at is None else min(run.started_at, old.started_at or 0.0)
         for b, n in old.basis.items():
             run.basis[b] = run.basis.get(b, 0) + n

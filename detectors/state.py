@@ -42,7 +42,7 @@ def _cap_dict(d: dict[str, Any], k: int) -> None:
         d.pop(next(iter(d)))
 
 
-def _start(seen_key: str) -> float:
+def seen_window_start(seen_key: str) -> float:
     """The window start a `RunState.seen` key ("workload|start") ends in."""
     return float(seen_key.rsplit("|", 1)[1])
 
@@ -312,12 +312,12 @@ class RunState(_Plain):
         # Keys end in the window start; the oldest inserted comes first (a correction keeps its key's place).
         cut = self.last_end - horizon_s - window_s
         slack = SEEN_PRUNE_SLACK_WINDOWS * window_s
-        if len(self.seen) > SEEN_PRUNE_FROM and _start(next(iter(self.seen))) < cut - slack:
-            self.seen = {k: v for k, v in self.seen.items() if _start(k) >= cut}
+        if len(self.seen) > SEEN_PRUNE_FROM and seen_window_start(next(iter(self.seen))) < cut - slack:
+            self.seen = {k: v for k, v in self.seen.items() if seen_window_start(k) >= cut}
         while len(self.seen) > SEEN_K:
             gone = next(iter(self.seen))
             del self.seen[gone]
-            self.seen_floor = max(self.seen_floor, _start(gone) + window_s)
+            self.seen_floor = max(self.seen_floor, seen_window_start(gone) + window_s)
         self.used += d[0]
         self.used_low += d[1]
         self.used_high += d[2]
