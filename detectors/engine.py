@@ -22,8 +22,9 @@ again (it supersedes: the store keeps the latest per id, the case book takes it 
 corrected history no longer makes stands (`redecided["stood"]`). Owner sums get the re-decided figures (latest
 values replace; the owner's log re-decides its crossing, detectors/owner_aggregate.py). Older corrections replace the
 window's figures and the decisions stand. A first delivery that comes after later inputs of its account (a window or
-an allocation fetched late) goes back to its event-time place the same way (`_late_at`): decisions come out as if it
-had come in order; past the journal it is applied where it comes, and only a detector dated by its first event
+an allocation fetched late) goes back to its event-time place the same way (`_late_at`; a CIP record by its
+`updated_at`, before the journal's first live step when older: `_late_cip_at`): decisions come out as if it had come
+in order; past the journal it is applied where it comes, and only a detector dated by its first event
 (`Detector.dated_by_first_event`: special measures) re-dates what it emitted, to the earlier event (never later), and
 a reservation re-dates a run's projected crossing to where the in-order run made it (`_late_reservation`). The
 journal survives a restart (`journal_to_dict` / `load_journal`, in the account's part of the
@@ -110,6 +111,15 @@ class _Step:
         #: runs of the account that expired (on_time) during the step: (inputs applied before, run id); a rebuild of
         #: the journal drops them where the live engine did
         self.expired: list[tuple[int, str]] = []
+
+
+class _LateCip:
+    """A CIP record put back in its place by a re-decision (`_late_cip_at`): re-applied at its own time."""
+
+    __slots__ = ("cip",)
+
+    def __init__(self, cip: CipRecord) -> None:
+        self.cip = cip
 
 
 def _clone(obj: Any) -> Any:
@@ -448,7 +458,7 @@ class DetectEngine:
         if self.redecide_s <= 0:
             return self._apply(kind, x)
         steps = self._journal.setdefault(aid, [])
-        si = self._late_at(steps, t)
+        si = self._late_cip_at(aid, steps, x) if kind == "cip" else self._late_at(steps, t)
         if si is not None and self._ready(aid, si):
             self.redecided["late_inputs"] += 1
             return self._redecide(aid, {}, (si, kind, x))
@@ -479,6 +489,19 @@ class DetectEngine:
             return None
         si = next(i for i, step in enumerate(steps) if step.t > t)
         return si if si >= self._live_from(steps) else None
+
+    def _late_cip_at(self, aid: str, steps: list[_Step], cip: CipRecord) -> int | None:
+        """The step a CIP record dated before inputs its account's journal applied belongs before (the cip topic read
+        behind the windows, as at a worker's start): the replay applies it in `updated_at` order, so its customer's
+        status decided the crossings after it. One dated before every live step goes before the first (decisions
+        older than the horizon stand). None: in order, a re-application, or a record that changes nothing (a
+        redelivery or an older one: `_apply_cip` notes it where it comes)."""
+        prev = self.cips.get(aid)
+        if (not steps or self._redo is not None or self._silent or cip.updated_at >= steps[-1].t or (
+                prev is not None and (cip.updated_at, cip.model_dump_json()) <= (prev.updated_at,
+                                                                                 prev.model_dump_json()))):
+            return None
+        return max(next(i for i, step in enumerate(steps) if step.t > cip.updated_at), self._live_from(steps))
 
     def _live_from(self, steps: list[_Step]) -> int:
         """The first step a correction still re-decides from: the newest one that began before the horizon
@@ -588,7 +611,7 @@ class DetectEngine:
         inputs: list[tuple[str, Any]] = []
         for n, (kind, x) in enumerate(i for step in gone for i in step.inputs):
             if insert and n == offset[insert[0]]:
-                inputs.append((insert[1], insert[2]))
+                inputs.append((insert[1], insert[2] if insert[1] != "cip" else _LateCip(insert[2])))
             key = (_g(x, "workload_id"), _num(_g(x, "window_start"))) if kind == "win" else None
             if key in fixes:
                 if n == at[key]:
@@ -606,7 +629,10 @@ class DetectEngine:
         self._redo = redo
         try:
             for kind, x in inputs:
-                t = None if kind == "cip" else (x.ts if kind == "alloc" else _num(_g(x, "window_end")))
+                if isinstance(x, _LateCip):  # a step of its own at its time (before the step it was placed in)
+                    x, t = x.cip, x.cip.updated_at
+                else:  # any other CIP record joins the step before it, as it did (a clock ahead opens no step)
+                    t = None if kind == "cip" else (x.ts if kind == "alloc" else _num(_g(x, "window_end")))
                 out += self._journaled(aid, kind, x, t)
         finally:
             self._redo = None

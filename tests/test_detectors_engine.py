@@ -848,7 +848,7 @@ def _stream(deliver_partial: bool, redecide_s: float | None = None, n: int = 8,
         out += feed(eng, [_half(w) if deliver_partial and i == late else w, window("wl-o", "acct-o", i, flop=1e16)])
         if i == late + 1:
             out += eng.on_allocation(alloc("acct-c", "reserved", T0 + i * W + W, reserved_until=T0 + 7200))
-            out += eng.on_cip(cip("acct-o", updated_at=T0 + i))
+            out += eng.on_cip(cip("acct-o", updated_at=T0 + i * W + W))  # in order (not a late input)
         if deliver_partial and i == late + 2:
             out += feed(eng, [window("wl-c", "acct-c", late, flop=3e17)])  # the late rows, merged: the whole window
     return eng, out
@@ -915,7 +915,7 @@ def _two_late(batched: bool) -> tuple[DetectEngine, list[Detection]]:
         out += feed(eng, [_half(w) if i in (3, 4) else w, window("wl-o", "acct-o", i, flop=1e16)])
         if i == 4:
             out += eng.on_allocation(alloc("acct-c", "reserved", T0 + i * W + W, reserved_until=T0 + 7200))
-            out += eng.on_cip(cip("acct-o", updated_at=T0 + i))
+            out += eng.on_cip(cip("acct-o", updated_at=T0 + i * W + W))  # in order (not a late input)
         if i == 6:
             late = [window("wl-c", "acct-c", 3, flop=3e17), window("wl-o", "acct-o", 6, flop=1e16),
                     window("wl-c", "acct-c", 4, flop=3e17)]

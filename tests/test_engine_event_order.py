@@ -157,13 +157,13 @@ def test_a_re_decision_never_moves_special_measures_later_again() -> None:
 
 def test_special_measures_re_dated_when_the_record_and_the_reservation_come_after_the_first_windows() -> None:
     """Re-deciding from before the account's first input (its state is dropped there) keeps the date emitted: the
-    late reservation, put back in its place, dates the finding earlier, as in order."""
+    late CIP record and reservation, each put back in its place, date the finding earlier, as in order."""
     rec = cip("acct-kp", country="KP", updated_at=T0 - 3600)
     resv = alloc("acct-kp", "reserved", T0 - 300, count=8, reserved_until=T0 + 3600)
     wins = [window("wl-kp", "acct-kp", i, flop=1e10, features=INFERENCE) for i in range(6)]
     in_order, _ = run([rec, resv, *wins])
     late, eng = run([*wins[:3], rec, resv, *wins[3:]])
-    assert eng.redecided["late_inputs"] == 1
+    assert eng.redecided["late_inputs"] == 2
     assert [d.event_time for d in late if d.reason == "special_measures"] == [T0, T0 - 300]
     assert latest(late) == latest(in_order)
 

@@ -27,10 +27,13 @@ Rules (ARCHITECTURE.md "Case semantics" 6-7):
   ("escalated", e.g. a CIP update showed a foreign owner). The pipeline never downgrades a case (but see
   Revisions): only an analyst dismisses. acknowledged and reported cases take new evidence without a status change.
 - **Revisions.** The one change the pipeline makes downwards: a case opened (open / needs_review) only while the
-  customer was unknown and counted as foreign, when a CIP record that arrived late shows a U.S. person: a run
-  judged training becomes `monitored` (action `revised`), one the classifier was unsure of is withdrawn (action
-  `withdrawn`, dismissed by the pipeline: a U.S. person's uncertain run opens no case); knowledge_at and due_at
-  are cleared. Owner cases and acknowledged or reported cases only record the new evidence.
+  customer was unknown and counted as foreign, when a CIP record that arrived late shows a U.S. person: a run over
+  the threshold becomes `monitored` (action `revised`) unless it was judged not training (a U.S. person's run is
+  monitored then, `outcome_for`); findings that open no case for a U.S. person (that not_training verdict, a
+  reservation) are withdrawn (action `withdrawn`, dismissed by the pipeline); knowledge_at and due_at are cleared.
+  The record may reach the book before such a finding (on Kafka the identity update and the detections travel
+  apart): the finding is then revised as it is applied, so both orders end the same. Owner cases and acknowledged
+  or reported cases only record the new evidence.
 - **Dismissed cases reopen only on new, stronger evidence**: a detection not applied before, whose outcome ranks
   above every outcome the analyst saw when dismissing (info < monitored < needs_review < reportable), or that has
   the top outcome seen with a reason not seen then (e.g. compute_used after a dismissed compute_projected).
@@ -427,6 +430,14 @@ class CaseBook:
                 _fold(case.evidence["versions"], det.detection_id, earlier[det.detection_id])
             working[cid] = case
             events.append(event)
+        for cid, case in working.items():
+            # A finding made while the customer was unknown, applied after the book learnt the CIP record that shows
+            # a U.S. person (on Kafka the identity update and the detections travel apart): the revision that
+            # record makes when it comes after (`refresh_identity`), so either arrival order ends the same
+            cip = cips.get(case.account_id)
+            if cip is not None and _stood_on_unknown(case) and determine(cip, self.policy).status == "us_person":
+                working[cid], event = self._revision(case, cip, now)
+                events.append(event)
         out = CaseChanges(events=events)
         for cid, case in working.items():
             case = self._with_inquiry(case, events, now)
@@ -605,21 +616,31 @@ class CaseBook:
         return out
 
     def _withdraw(self, case: Case, cip: CipRecord, now: float) -> CaseChanges:
-        """Revisions (module docstring): a case that stood only on "unknown counts as foreign", the customer now a
-        U.S. person. A run judged training becomes `monitored` (the detector's re-judgement says so too); one only
-        unsure of is withdrawn (dismissed by the pipeline: a U.S. person's uncertain run opens no case)."""
-        training = any(e["outcome"] == "reportable" for e in case.evidence.get("detections", {}).values())
-        to, action = ("monitored", "revised") if training else ("dismissed", "withdrawn")
+        """Revisions (module docstring), as a new version of the stored case."""
+        new, event = self._revision(case, cip, now)
+        new = new.model_copy(update={"version": case.version + 1, "updated_at": now})
+        self._cases[case.case_id] = new
+        return CaseChanges([new], [event])
+
+    def _revision(self, case: Case, cip: CipRecord, now: float) -> tuple[Case, CaseEvent]:
+        """A case that stood only on "unknown counts as foreign", the customer now a U.S. person: what the detectors
+        make of its findings for a U.S. person (`outcome_for`). A run over the threshold judged training or not
+        judged not training becomes `monitored` (action `revised`); findings that open no case for a U.S. person (a
+        not_training verdict that only a foreign customer's policy kept open, a reservation) are withdrawn (dismissed
+        by the pipeline). The case, not yet versioned, and its audit event."""
+        monitored = any(e["outcome"] == "reportable" or (
+            e.get("detector_id") == "compute_threshold"
+            and ((e.get("evidence") or {}).get("classifier") or {}).get("band") != "not_training")
+            for e in case.evidence.get("detections", {}).values() if e["outcome"] in ("reportable", "needs_review"))
+        to, action = ("monitored", "revised") if monitored else ("dismissed", "withdrawn")
         updates: dict[str, Any] = {"status": to, "knowledge_at": None, "due_at": None, "suggested_inquiry": None}
         if to == "dismissed":
             updates["dismiss_reason"] = f"withdrawn: the CIP record of {cip.updated_at} shows a U.S. person"
             updates["evidence"] = self._with_dismissal(case, cip.updated_at)
-        new = case.model_copy(update={**updates, "version": case.version + 1, "updated_at": now})
-        self._cases[case.case_id] = new
+        new = case.model_copy(update=updates)
         details = {"cip_updated_at": cip.updated_at, "knowledge_at": {"from": case.knowledge_at, "to": None},
                    "why": "cip_shows_us_person"}
-        return CaseChanges([new], [self._action_event(new, PIPELINE_ACTOR, cip.updated_at, now, action, case.status,
-                                                      to, details)])
+        return new, self._action_event(new, PIPELINE_ACTOR, cip.updated_at, now, action, case.status, to, details)
 
     # ---- analyst actions -----------------------------------------------------------------------------------------
 
