@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -90,18 +91,28 @@ def _ts_prefix(line: bytes) -> float | None:
 
 
 def held_back(records: Iterable[Record], stream: str, delay_s: float) -> Iterator[Record]:
-    """`records` with one stream delivered `delay_s` of event time late: each of its records comes once the other
-    streams have reached its event time + `delay_s` (one without an event time: `delay_s` after the newest time
-    seen when it came), the rest at the end. Each stream keeps its own order; nothing is dropped."""
-    held: deque[tuple[float, Record]] = deque()
+    """`records` with one stream delivered `delay_s` of event time late (a topic read behind the others): each of
+    its records comes once the other streams have reached `delay_s` past where it came (its event time, or the
+    newest time seen when it came if that is later: a CIP record dated long before the telemetry came with it, not
+    a month earlier; one that came before any time, from the first time seen), the rest at the end. Each stream
+    keeps its own order; nothing is dropped."""
+    held: deque[list[Any]] = deque()  # [release time (None: until a time is seen), record]
     newest = float("-inf")
+
+    def release(rec: Record) -> float | None:
+        came = max(rec.ts if rec.ts is not None else newest, newest)
+        return came + delay_s if newest > float("-inf") else None
+
     for rec in records:
         if rec.stream == stream:
-            held.append(((rec.ts if rec.ts is not None else newest) + delay_s, rec))
+            held.append([release(rec), rec])
             continue
         if rec.ts is not None:
             newest = max(newest, rec.ts)
-        while held and held[0][0] <= newest:
+            for h in held:
+                if h[0] is None:
+                    h[0] = release(h[1])
+        while held and held[0][0] is not None and held[0][0] <= newest:
             yield held.popleft()[1]
         yield rec
     yield from (rec for _, rec in held)

@@ -39,12 +39,15 @@ def test_held_back_delivers_one_stream_late_and_keeps_every_record() -> None:
     recs = [Record("telemetry", i, b"", 100.0 + 10 * i) for i in range(10)]
     recs[3:3] = [Record("allocations", 0, b"", 105.0), Record("allocations", 1, b"", None)]
     recs.insert(6, Record("cip", 0, b"", 120.0))
+    recs.insert(0, Record("allocations", 2, b"", 40.0))  # dated long before the telemetry, came before any of it
     got = list(held_back(recs, "allocations", 30.0))
     assert sorted(got, key=id) == sorted(recs, key=id)
     order = [(r.stream, r.offset) for r in got]
-    # 105 + 30 = 135: just before the telemetry at 140 passes it (as read_folder releases side records); the one
-    # without a time: 120 (the newest when it came) + 30, before the telemetry at 150
-    assert order.index(("allocations", 0)) == order.index(("telemetry", 4)) - 1
+    # 100 (the first time seen) + 30: just before the telemetry at 130 passes it (as read_folder releases side
+    # records), not at once; the ones that came after the telemetry at 120 (dated 105, and without a time): 120 + 30,
+    # before the telemetry at 150, in their order
+    assert order.index(("allocations", 2)) == order.index(("telemetry", 3)) - 1
+    assert order.index(("allocations", 0)) == order.index(("telemetry", 5)) - 2
     assert order.index(("allocations", 1)) == order.index(("telemetry", 5)) - 1
     assert [r.offset for r in got if r.stream == "telemetry"] == list(range(10))
-    assert [r.stream for r in held_back(recs, "allocations", 1e9)][-2:] == ["allocations", "allocations"]
+    assert [r.stream for r in held_back(recs, "allocations", 1e9)][-3:] == ["allocations"] * 3
