@@ -115,7 +115,7 @@ def step(state: dict[str, Any] | None, obs: Observation, params: ScopeParams) ->
     else:
         c = base.observe_reservation(t=obs.t, reserved_devices=obs.devices, params=params)
         changes = [c] if c else []
-    return base.to_dict(), changes
+    return base.fields(), changes  # `base` is this call's own: from_dict copied every container it holds
 
 
 @dataclass(slots=True)
@@ -146,7 +146,17 @@ class ScopeBaseline:
     # -- plain data ------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data sharing no container with this object."""
+        d = self.fields()
+        d["pending"] = {k: {w: list(x) for w, x in v.items()} for k, v in self.pending.items()}
+        d["candidate"], d["levels"] = [list(c) for c in self.candidate], [list(c) for c in self.levels]
+        return d
+
+    def fields(self) -> dict[str, Any]:
+        """Plain data holding this object's containers (no copy). `step` returns this for the object it made: the
+        deep copy `dataclasses.asdict` made on every window was O(workloads) per window (`pending` lists every
+        workload of a window end), 19 of 24 s for a 1,500-workload run's 3 windows (benchmarks/large_run.py)."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ScopeBaseline:
