@@ -17,7 +17,10 @@
   it no longer lists (left over after a kill: tombstoned by the next save). Written in place, a kill between the
   step and the account entry dropped the journal at restore, and a correction then replaced figures only: a crossing
   computed without its late rows stood (quick chaos run h-61: acct-resold dated 124 s late). A restore whose entries
-  do not match the account's entry still drops the journal (never replayed wrong). The partition's shared entry
+  do not match the account's entry still drops the journal (never replayed wrong). Any entry longer than
+  `PIECE_BYTES` is written the same way: its pieces `p|c|<crc>|<i>|<key>` first, then the entry naming them, then
+  the tombstones of the pieces it named before (a run's workloads never make a message the broker refuses).
+  The partition's shared entry
   (`p|shared`: what waits to settle, how far the stage applied) goes after every account's: a kill in between leaves
   it older than the accounts, never newer (`_save_engine`; tests/test_journal_restore.py kills a save anywhere).
 - `OwnersTables`: the owners agent's state (table `owners`): per owner its state and clock, per owners partition the
@@ -88,6 +91,13 @@ def dumps(d: Any) -> bytes:
 #: with 60-character ids over 40 windows made a 966 KB entry; compressed, about 9x smaller (tests/test_table_values.py).
 PACK_ABOVE = 16 * 1024
 _PACKED = b"Z"
+#: An engine entry longer than this, as packed, is written in pieces of this size (`p|c|<crc>|<i>|<entry key>`, crc
+#: of the whole value), then the entry naming them: however many workloads a run or a partition has, no message
+#: nears the topic's limit (8 MiB). An account entry grows ~280 bytes per workload compressed, a partition's shared
+#: entry with its settling windows: one run near 20,000 workloads stopped the worker after every restart. Below
+#: faust's default request size, so a worker left at the default takes them too.
+PIECE_BYTES = 512 * 1024
+_PIECES = "_pieces"  # the key of an entry that names its pieces ([crc, count]; no entry of the state has it)
 
 
 def pack(d: Any) -> bytes:
@@ -114,6 +124,8 @@ class StageTables:
         self.index: dict[int, dict[tuple[str, float], list[bytes]]] = {}
         self.bases: dict[bytes, Any] = {}  # journal base entries as last written (the engine's object: by identity)
         self.step_keys: dict[bytes, set[bytes]] = {}  # account entry key -> its journal's step entries written
+        self.pieces: dict[bytes, set[bytes]] = {}  # entry key -> the pieces it was written in (PIECE_BYTES)
+        self.orphans: dict[int, set[bytes]] = {}  # partition -> pieces no entry names (a kill), to tombstone
 
     def stage(self, p: int) -> tuple[DetectStage, bool]:
         """Partition p's stage, and whether it was built just now (its owner snapshot is then to be re-sent)."""
@@ -126,7 +138,7 @@ class StageTables:
         st = DetectStage(self.policy, self.classifier, self.settings.window_s,
                          self.settings.ingest.allowed_lateness_s, owners="external", partition_wait_s=float("inf"))
         prefix = f"{p}|".encode()
-        mine = {k: v for k, v in self.engine.data.items() if k.startswith(prefix)}
+        mine = self._entries(prefix)
         shared = mine.pop(prefix + b"shared", None)
         if shared is not None:
             sh = unpack(shared)
@@ -161,6 +173,58 @@ class StageTables:
         log.info("detect stage %d restored in %.2f s: %d accounts, %d engine entries, %d partials", p,
                  time.perf_counter() - t0, len(st.engine.accounts), len(mine), len(self.index[p]))
         return st, True
+
+    def _entries(self, prefix: bytes) -> dict[bytes, bytes]:
+        """The partition's entries as the stage wrote them: one written in pieces put together again. Pieces no
+        entry names now (left by a kill between an entry and the tombstones after it) are tombstoned by the next
+        save. A piece missing or not matching cannot follow from a kill (pieces go before the entry naming them,
+        and are tombstoned only after it names others): the state is damaged, and restoring without the entry
+        would lose what it holds (an account's runs, the windows waiting to settle), so the restore stops."""
+        raw = {k: v for k, v in self.engine.data.items() if k.startswith(prefix)}
+        pieces = {k for k in raw if k.startswith(prefix + b"c|")}
+        out: dict[bytes, bytes] = {}
+        for k, v in raw.items():
+            if k in pieces:
+                continue
+            if v[:1] == _PACKED or not v.startswith(b'{"' + _PIECES.encode()):
+                out[k] = v
+                continue
+            crc, n = unpack(v)[_PIECES]
+            keys = [self._piece_key(k, crc, i) for i in range(n)]
+            whole = b"".join(raw.get(x, b"") for x in keys)
+            if any(x not in raw for x in keys) or zlib.crc32(whole) != crc:
+                raise RuntimeError(f"engine table: entry {k!r} names {n} pieces (crc {crc}) that the table does not "
+                                   f"hold whole ({sum(x not in raw for x in keys)} missing): it cannot be restored")
+            out[k] = whole
+            self.pieces[k] = set(keys)
+        named = {x for keys in self.pieces.values() for x in keys}
+        self.orphans.setdefault(int(prefix[:-1]), set()).update(pieces - named)
+        return out
+
+    @staticmethod
+    def _piece_key(key: bytes, crc: int, i: int) -> bytes:
+        p, rest = key.split(b"|", 1)
+        return p + b"|c|" + str(crc).encode() + b"|" + str(i).encode() + b"|" + rest
+
+    def _write(self, p: int, k: bytes, v: bytes) -> None:
+        """One entry to the table and its changelog: in pieces when long (they go first; the pieces it named before
+        are tombstoned after it names the new ones)."""
+        old = self.pieces.pop(k, set())
+        if len(v) > PIECE_BYTES:
+            crc = zlib.crc32(v)
+            keys = [self._piece_key(k, crc, n) for n in range((len(v) + PIECE_BYTES - 1) // PIECE_BYTES)]
+            for n, x in enumerate(keys):
+                if x not in old:  # the same content's pieces are there already
+                    self.engine.data[x] = piece = v[n * PIECE_BYTES:(n + 1) * PIECE_BYTES]
+                    self.engine.send_changelog(p, x, piece)
+            self.pieces[k] = set(keys)
+            old -= set(keys)
+            v = dumps({_PIECES: [crc, len(keys)]})
+        self.engine.data[k] = v
+        self.engine.send_changelog(p, k, v)
+        for x in sorted(old):
+            self.engine.data.pop(x, None)
+            self.engine.send_changelog(p, x, None)
 
     @staticmethod
     def _step_key(prefix: bytes, aid: str, t: float, crc: int) -> bytes:
@@ -254,7 +318,7 @@ class StageTables:
                     keep[jkey] = pack({"t": t0, "base": base})
                     self.bases[jkey] = base
                 else:
-                    keep[jkey] = self.written.get(jkey) or self.engine.data.get(jkey) or pack({"t": t0, "base": base})
+                    keep[jkey] = self.written.get(jkey) or pack({"t": t0, "base": base})
                 raws = [pack(s) for s in journal["steps"]]
                 part["journal"] = [[s["t"], zlib.crc32(v)] for s, v in zip(journal["steps"], raws, strict=True)]
                 keep |= {self._step_key(prefix, aid, t, crc): v
@@ -275,10 +339,13 @@ class StageTables:
             self._tombstone(p, k)
         for k, v in entries.items():
             if self.written.get(k) != v:
-                self.written[k] = self.engine.data[k] = v
-                self.engine.send_changelog(p, k, v)
+                self.written[k] = v
+                self._write(p, k, v)
         for k in later:
             self._tombstone(p, k)
+        for k in sorted(self.orphans.pop(p, set())):
+            if self.engine.data.pop(k, None) is not None:
+                self.engine.send_changelog(p, k, None)
 
     def _tombstone(self, p: int, k: bytes) -> None:
         self.bases.pop(k, None)
@@ -286,6 +353,9 @@ class StageTables:
             self.written.pop(k, None)
             self.engine.data.pop(k, None)
             self.engine.send_changelog(p, k, None)
+        for x in sorted(self.pieces.pop(k, set())):  # after the entry that named them
+            self.engine.data.pop(x, None)
+            self.engine.send_changelog(p, x, None)
 
     def has_state(self, p: int) -> bool:
         """Whether partition p has a stage: met in this process, or checkpointed in the table."""
@@ -295,8 +365,11 @@ class StageTables:
         """Partition -> event time its checkpoint had applied (DetectStage.applied_to, kept in its held list: it
         follows the slowest telemetry partition, not simply the watermark less settle_s), for partitions this
         process has not met yet."""
-        return {int(k.split(b"|", 1)[0]): DetectStage.applied_in(unpack(v).get("held", []))
-                for k, v in list(self.engine.data.items()) if k.endswith(b"|shared")}
+        out = {}
+        for k in [k for k in self.engine.data if k.split(b"|", 1)[-1] == b"shared"]:  # not a piece of it
+            p = k.split(b"|", 1)[0]
+            out[int(p)] = DetectStage.applied_in(unpack(self._entries(p + b"|")[k]).get("held", []))
+        return out
 
 
 class OwnersTables:
