@@ -35,9 +35,10 @@ T0, W = 1_740_960_000.0, 60.0
 BATCH = 100  # the worker's batch (pipeline/detect/faust_app.py BATCH; not imported: that imports faust)
 
 
-def _window(wid: str, i: int) -> WindowAggregate:
-    start = T0 + i * W
-    return WindowAggregate(window_id=f"w-{wid}-{i}", workload_id=wid, account_id="acct-big", run_label="run-big",
+def workload_window(wid: str, i: int, account: str = "acct-big", t0: float = T0) -> WindowAggregate:
+    """Window `i` of an 8-GPU training workload of run `run-big` (also the tests' large runs)."""
+    start = t0 + i * W
+    return WindowAggregate(window_id=f"w-{wid}-{i}", workload_id=wid, account_id=account, run_label="run-big",
                            partition=0, window_start=start, window_end=start + W, sample_count=48, device_count=8,
                            node_count=1, devices=[f"{wid}-gpu{d}" for d in range(8)], nodes=[f"n-{wid}"],
                            device_seconds=8 * W, flop=2e17, flop_low=1.8e17, flop_high=4e17, basis="tensor_active",
@@ -55,7 +56,7 @@ def one(n: int, windows: int) -> dict:
     feed_partition(tabs, 0, [Msg(topics.cip, 0, next(off), orjson.dumps(cip))], topics, at=0.0)
     t0, st = time.perf_counter(), None
     for i in range(windows):
-        msgs = [Msg(topics.windows, 0, next(off), encode(_window(wid, i))) for wid in ids]
+        msgs = [Msg(topics.windows, 0, next(off), encode(workload_window(wid, i))) for wid in ids]
         for b in range(0, len(msgs), BATCH):
             st = feed_partition(tabs, 0, msgs[b:b + BATCH], topics, at=0.0).stage
             tabs.save(0, st)

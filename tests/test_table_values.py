@@ -12,6 +12,7 @@ import json
 
 import pytest
 
+from benchmarks.large_run import workload_window
 from detectors.base import DetectContext, Detector
 from detectors.foreign_person import determine
 from detectors.state import WORKLOAD_IDS_K
@@ -22,7 +23,7 @@ from pipeline.settings import Settings
 from schemas.detection import Detection
 from schemas.serde import encode
 from schemas.windows import WindowAggregate
-from tests.detector_builders import T0, W, cip, demo
+from tests.detector_builders import T0, cip, demo
 
 #: faust's default producer request size: a plain value over it was refused before values were compressed
 PRODUCER_DEFAULT = 1_000_000
@@ -38,12 +39,7 @@ def test_values_round_trip_short_ones_plain_long_ones_compressed() -> None:
 
 
 def _window(wid: str, i: int) -> WindowAggregate:
-    start = T0 + i * W
-    return WindowAggregate(window_id=f"w-{wid}-{i}", workload_id=wid, account_id="acct-x", run_label="run-big",
-                           partition=0, window_start=start, window_end=start + W, sample_count=48, device_count=8,
-                           node_count=1, devices=[f"{wid}-gpu{d}" for d in range(8)], nodes=[f"n-{wid}"],
-                           device_seconds=8 * W, flop=2e17, flop_low=1.8e17, flop_high=4e17, basis="tensor_active",
-                           accelerators={"H100": 8})
+    return workload_window(wid, i, "acct-x", T0)
 
 
 def test_a_large_runs_account_entry_fits_one_message_and_restores() -> None:
