@@ -479,29 +479,28 @@ class DetectEngine:
         finally:
             self._step_now = None
 
-    def _late_at(self, steps: list[_Step], t: float | None) -> int | None:
+    def _late_at(self, steps: list[_Step], t: float | None, *, older: bool = False) -> int | None:
         """The step a first delivery at event time `t` belongs before when it comes after later inputs (a window or
         allocation fetched late: another topic or partition read ahead): the first step after `t`, if re-decided
-        still (the replay applies inputs in event-time order; this puts it there). None: in order, too old, or a
+        still (the replay applies inputs in event-time order; this puts it there). `older`: one dated before every
+        live step goes before the first (a CIP record: its customer's status decides the crossings after it, and
+        decisions older than the horizon stand) rather than where it comes. None: in order, too old, or a
         re-application (replayed inputs keep their places)."""
-        if (t is None or not steps or t >= steps[-1].t or t < steps[-1].t - self.redecide_s or self._redo is not None
-                or self._silent):
+        if t is None or not steps or t >= steps[-1].t or self._redo is not None or self._silent:
             return None
-        si = next(i for i, step in enumerate(steps) if step.t > t)
-        return si if si >= self._live_from(steps) else None
+        if not older and t < steps[-1].t - self.redecide_s:
+            return None
+        si, live = next(i for i, step in enumerate(steps) if step.t > t), self._live_from(steps)
+        return si if si >= live else live if older else None
 
     def _late_cip_at(self, aid: str, steps: list[_Step], cip: CipRecord) -> int | None:
-        """The step a CIP record dated before inputs its account's journal applied belongs before (the cip topic read
-        behind the windows, as at a worker's start): the replay applies it in `updated_at` order, so its customer's
-        status decided the crossings after it. One dated before every live step goes before the first (decisions
-        older than the horizon stand). None: in order, a re-application, or a record that changes nothing (a
-        redelivery or an older one: `_apply_cip` notes it where it comes)."""
+        """`_late_at` for a CIP record dated before inputs its account's journal applied (the cip topic read behind
+        the windows, as at a worker's start): the replay applies it in `updated_at` order. None also for a record
+        that changes nothing (a redelivery or an older one: `_apply_cip` notes it where it comes)."""
         prev = self.cips.get(aid)
-        if (not steps or self._redo is not None or self._silent or cip.updated_at >= steps[-1].t or (
-                prev is not None and (cip.updated_at, cip.model_dump_json()) <= (prev.updated_at,
-                                                                                 prev.model_dump_json()))):
+        if prev is not None and (cip.updated_at, cip.model_dump_json()) <= (prev.updated_at, prev.model_dump_json()):
             return None
-        return max(next(i for i, step in enumerate(steps) if step.t > cip.updated_at), self._live_from(steps))
+        return self._late_at(steps, cip.updated_at, older=True)
 
     def _live_from(self, steps: list[_Step]) -> int:
         """The first step a correction still re-decides from: the newest one that began before the horizon

@@ -175,31 +175,35 @@ class StageTables:
         return st, True
 
     def _entries(self, prefix: bytes) -> dict[bytes, bytes]:
-        """The partition's entries as the stage wrote them: one written in pieces put together again. Pieces no
-        entry names now (left by a kill between an entry and the tombstones after it) are tombstoned by the next
-        save. A piece missing or not matching cannot follow from a kill (pieces go before the entry naming them,
-        and are tombstoned only after it names others): the state is damaged, and restoring without the entry
-        would lose what it holds (an account's runs, the windows waiting to settle), so the restore stops."""
+        """The partition's entries as the stage wrote them (`_whole`). Pieces no entry names now (left by a kill
+        between an entry and the tombstones after it) are tombstoned by the next save."""
         raw = {k: v for k, v in self.engine.data.items() if k.startswith(prefix)}
         pieces = {k for k in raw if k.startswith(prefix + b"c|")}
         out: dict[bytes, bytes] = {}
         for k, v in raw.items():
-            if k in pieces:
-                continue
-            if v[:1] == _PACKED or not v.startswith(b'{"' + _PIECES.encode()):
-                out[k] = v
-                continue
-            crc, n = unpack(v)[_PIECES]
-            keys = [self._piece_key(k, crc, i) for i in range(n)]
-            whole = b"".join(raw.get(x, b"") for x in keys)
-            if any(x not in raw for x in keys) or zlib.crc32(whole) != crc:
-                raise RuntimeError(f"engine table: entry {k!r} names {n} pieces (crc {crc}) that the table does not "
-                                   f"hold whole ({sum(x not in raw for x in keys)} missing): it cannot be restored")
-            out[k] = whole
-            self.pieces[k] = set(keys)
+            if k not in pieces:
+                out[k], keys = self._whole(k, v)
+                if keys:
+                    self.pieces[k] = set(keys)
         named = {x for keys in self.pieces.values() for x in keys}
         self.orphans.setdefault(int(prefix[:-1]), set()).update(pieces - named)
         return out
+
+    def _whole(self, k: bytes, v: bytes) -> tuple[bytes, list[bytes]]:
+        """Entry k as the stage wrote it, put together again when it names pieces, and the pieces' keys. A piece
+        missing or not matching cannot follow from a kill (pieces go before the entry naming them, and are
+        tombstoned only after it names others): the state is damaged, and restoring without the entry would lose
+        what it holds (an account's runs, the windows waiting to settle), so the restore stops."""
+        if v[:1] == _PACKED or not v.startswith(b'{"' + _PIECES.encode()):
+            return v, []
+        crc, n = unpack(v)[_PIECES]
+        keys = [self._piece_key(k, crc, i) for i in range(n)]
+        data = self.engine.data
+        whole = b"".join(data.get(x, b"") for x in keys)
+        if any(x not in data for x in keys) or zlib.crc32(whole) != crc:
+            raise RuntimeError(f"engine table: entry {k!r} names {n} pieces (crc {crc}) that the table does not "
+                               f"hold whole ({sum(x not in data for x in keys)} missing): it cannot be restored")
+        return whole, keys
 
     @staticmethod
     def _piece_key(key: bytes, crc: int, i: int) -> bytes:
@@ -213,10 +217,9 @@ class StageTables:
         if len(v) > PIECE_BYTES:
             crc = zlib.crc32(v)
             keys = [self._piece_key(k, crc, n) for n in range((len(v) + PIECE_BYTES - 1) // PIECE_BYTES)]
-            for n, x in enumerate(keys):
-                if x not in old:  # the same content's pieces are there already
-                    self.engine.data[x] = piece = v[n * PIECE_BYTES:(n + 1) * PIECE_BYTES]
-                    self.engine.send_changelog(p, x, piece)
+            for n, x in enumerate(keys):  # new content (`written` skips the same): new keys, by its crc
+                self.engine.data[x] = piece = v[n * PIECE_BYTES:(n + 1) * PIECE_BYTES]
+                self.engine.send_changelog(p, x, piece)
             self.pieces[k] = set(keys)
             old -= set(keys)
             v = dumps({_PIECES: [crc, len(keys)]})
@@ -366,9 +369,10 @@ class StageTables:
         follows the slowest telemetry partition, not simply the watermark less settle_s), for partitions this
         process has not met yet."""
         out = {}
-        for k in [k for k in self.engine.data if k.split(b"|", 1)[-1] == b"shared"]:  # not a piece of it
-            p = k.split(b"|", 1)[0]
-            out[int(p)] = DetectStage.applied_in(unpack(self._entries(p + b"|")[k]).get("held", []))
+        for k, v in list(self.engine.data.items()):
+            p, rest = k.split(b"|", 1)
+            if rest == b"shared":  # not a piece of it (p|c|...)
+                out[int(p)] = DetectStage.applied_in(unpack(self._whole(k, v)[0]).get("held", []))
         return out
 
 
