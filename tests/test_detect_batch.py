@@ -10,6 +10,7 @@ import orjson
 
 from detectors.owner_aggregate import QUIET, partition_mark
 from pipeline.detect.batch import (
+    CLOCK_AHEAD_APPLIED,
     Msg,
     QuietSources,
     by_partition,
@@ -25,7 +26,7 @@ from pipeline.detect.tables import MemoryTable, OwnersTables, StageTables, dumps
 from pipeline.settings import Settings, TopicSettings
 from schemas.serde import encode
 from schemas.windows import WindowAggregate
-from tests.detector_builders import T0, W, cip, demo, owner
+from tests.detector_builders import T0, W, alloc, cip, demo, owner
 from tests.test_detect_settle import handed, partial
 
 TOPICS = TopicSettings()
@@ -75,6 +76,34 @@ def test_bad_messages_become_dead_letters_and_the_rest_is_fed() -> None:
     payloads = owner_payloads(b, 0, lateness_s=3600.0)
     assert [p["kind"] for p in payloads] == kinds and all(p["partition"] == 0 for p in payloads)
     assert all(p["wm"] >= b.stage.watermark - 3600.0 for p in payloads)
+
+
+def test_a_record_dated_after_its_message_was_sent_is_applied_at_its_arrival() -> None:
+    """A CIP record or allocation whose own time is a day past its message's Kafka timestamp (a bad clock at the
+    source) would be held until the windows reach that day: its customer unknown meanwhile, and what it decides
+    dated a day late. It is applied at the message's timestamp, content as sent, with a letter that keeps the
+    message and says so; one within the bound (5 min), or without a timestamp, keeps its own time (held here: the
+    windows have not reached it)."""
+    tabs = _tables()
+    sent_at, day = T0 + W, 86_400.0
+    skewed = cip("acct-b", owners=[owner("own-x")], updated_at=sent_at + day)
+    grown = alloc("acct-b", "job_started", sent_at + day, workload="wl-b")
+    near = cip("acct-c", updated_at=sent_at + 200.0)
+    untimed = cip("acct-d", updated_at=sent_at + day)
+    msgs = [*_msgs(*((TOPICS.windows, encode(_window(i))) for i in range(4))),
+            Msg(TOPICS.cip, 0, 4, encode(skewed), sent_at), Msg(TOPICS.allocations, 0, 5, encode(grown), sent_at),
+            Msg(TOPICS.cip, 0, 6, encode(near), sent_at), Msg(TOPICS.cip, 0, 7, encode(untimed))]
+    b = feed_partition(tabs, 0, msgs, TOPICS, at=9.0, max_clock_skew_s=300.0)
+    assert [(x.reason, x.offset, x.raw, x.at) for x in b.letters] == [
+        (CLOCK_AHEAD_APPLIED, 4, encode(skewed), 9.0), (CLOCK_AHEAD_APPLIED, 5, encode(grown), 9.0)]
+    assert "86400 s ahead" in b.letters[0].detail and f"updated_at = {sent_at}" in b.letters[0].detail
+    fixed = skewed.model_copy(update={"updated_at": sent_at})
+    assert b.cips == [fixed, near, untimed]  # to the store as applied
+    assert b.out.cips == [fixed]  # applied now (behind the windows' clock), not a day later
+    assert b.stage.engine.cips["acct-b"] == fixed
+    held = b.stage.held
+    assert near in held and untimed in held and skewed not in held and fixed not in held
+    assert not any(getattr(x, "event_id", None) == grown.event_id for x in held)  # the allocation too
 
 
 def test_a_restored_stage_resends_what_its_state_implies_for_the_owners() -> None:

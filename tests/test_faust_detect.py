@@ -19,6 +19,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from detectors.classifier_base import WorkloadClassifier
 from pipeline.classifier_loader import load_classifier
+from pipeline.detect.batch import CLOCK_AHEAD_APPLIED
 from pipeline.detect.faust_app import owners_topic
 from pipeline.ingest.aggregate import WindowConfig
 from pipeline.ingest.stage import IngestCore, SourceMessage
@@ -28,6 +29,7 @@ from pipeline.sources import read_folder
 from pipeline.store import Store
 from schemas.policy import load_policy
 from schemas.serde import encode
+from tests.detector_builders import T0, cip
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -296,6 +298,10 @@ def test_owner_accounts_on_different_partitions_are_summed(tmp_path: Path, kafka
     for stream in ("windows", "cip", "allocations"):
         p.produce(topics[stream], None, b"acct-x", partition=0)
         p.produce(topics[stream], b"{not json", b"acct-x", partition=1)
+    # A CIP record from a clock two days ahead of its Kafka timestamp (set here to the demo's start, when its
+    # producer sent it): applied as of its arrival (batch.at_arrival), with a letter, not held two days.
+    skewed = encode(cip("acct-skew", updated_at=T0 + 2 * 86_400.0))
+    p.produce(topics["cip"], skewed, b"acct-skew", partition=0, timestamp=int(T0 * 1000))
     assert p.flush(30) == 0
     env = worker_env(kafka_bootstrap, tmp_path, db, topics)
     dsn = env["TRAINWATCH_CLICKHOUSE_DSN"]
@@ -314,13 +320,15 @@ def test_owner_accounts_on_different_partitions_are_summed(tmp_path: Path, kafka
               "s = Store.connect(sys.argv[1], sys.argv[2])\n"
               "print(orjson.dumps({'cases': [[c.case_id, c.status, c.reason, c.beneficial_owner_id or c.account_id,"
               " c.knowledge_at] for c in s.list_cases()], 'dead': sorted([d.topic, d.reason, d.raw.decode()]"
-              " for d in s.dead_letters())}).decode())\n")
+              " for d in s.dead_letters()), 'skew': s.get_cip('acct-skew').updated_at}).decode())\n")
     worker = orjson.loads(subprocess.run([sys.executable, "-c", script, dsn, db], cwd=REPO, capture_output=True,
                                          check=True, timeout=60).stdout)
     got = {tuple(c) for c in worker["cases"]}
     tail = log_path.read_text(errors="replace")[-3000:]
-    assert worker["dead"] == sorted([topics[s], "malformed_json", raw] for s in ("windows", "cip", "allocations")
-                                    for raw in ("", "{not json")), tail
+    assert worker["dead"] == sorted([*([topics[s], "malformed_json", raw] for s in ("windows", "cip", "allocations")
+                                       for raw in ("", "{not json")),
+                                     [topics["cip"], CLOCK_AHEAD_APPLIED, skewed.decode()]]), tail
+    assert worker["skew"] == T0  # seconds: its message's timestamp
 
     def owner_case(rows: set[tuple]) -> list[tuple]:
         return [r for r in rows if r[2] == "owner_aggregate" and r[3] == "own-shared-7"]

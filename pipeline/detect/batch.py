@@ -43,6 +43,8 @@ class Msg:
     partition: int
     offset: int
     value: bytes | None
+    #: its Kafka timestamp in seconds (CreateTime, or LogAppendTime when the topic says so); None: unknown
+    timestamp: float | None = None
 
 
 @dataclass
@@ -62,6 +64,28 @@ class PartitionBatch:
 def dead_letter(exc: InvalidMessage, m: Msg, at: float) -> DeadLetter:
     return DeadLetter(reason=exc.reason or "schema_violation", detail=str(exc)[:1000], topic=m.topic,
                       partition=m.partition, offset=m.offset, raw=m.value or b"", at=at)
+
+
+#: The reason of the letter that notes a CIP record or allocation applied at its arrival (`at_arrival`).
+CLOCK_AHEAD_APPLIED = "clock_ahead_applied"
+
+
+def at_arrival(rec: CipRecord | AllocationEvent, m: Msg, skew_s: float, at: float,
+               letters: list[DeadLetter]) -> CipRecord | AllocationEvent:
+    """`rec`, dated at its message's arrival when its own time is more than `skew_s` ahead of it: a bad clock at the
+    source (a record cannot be from after it was sent). Held until the windows reached its claimed time, it would
+    leave its customer unknown meanwhile and date what it decides late by the skew (a foreign update's cases: their
+    knowledge, their due date). Its content is used, at the latest time it can truly be from, and a letter
+    `clock_ahead_applied` keeps the message as sent and says what was done. Without a timestamp: as it is."""
+    name = "updated_at" if isinstance(rec, CipRecord) else "ts"
+    t = getattr(rec, name)
+    if m.timestamp is None or not t > m.timestamp + skew_s:
+        return rec
+    letters.append(DeadLetter.of(
+        CLOCK_AHEAD_APPLIED, f"{name} {t} is {t - m.timestamp:.0f} s ahead of its message's timestamp "
+        f"{m.timestamp} (bound {skew_s:.0f} s): applied with {name} = {m.timestamp}", m.topic, m.partition,
+        m.offset, m.value or b"").model_copy(update={"at": at}))
+    return rec.model_copy(update={name: m.timestamp})
 
 
 def by_partition(msgs: Iterable[Msg]) -> dict[int, list[Msg]]:
@@ -117,10 +141,13 @@ def _stage(tabs: StageTables, p: int) -> tuple[DetectStage, bool]:
 
 
 def feed_partition(tabs: StageTables, p: int, msgs: list[Msg], topics: TopicSettings, at: float,
-                   sources: QuietSources | None = None, now: float = 0.0) -> PartitionBatch:
+                   sources: QuietSources | None = None, now: float = 0.0,
+                   max_clock_skew_s: float = 300.0) -> PartitionBatch:
     """Partition p's messages (windows, CIP records, allocations, any order) into its stage, then (with `sources`,
     `now` on its clock) the telemetry partitions heard from are noted and the quiet ones no longer waited for, then
-    idle state expires (event time). A stage restored just now first re-sends its owner snapshot (`_stage`)."""
+    idle state expires (event time). A stage restored just now first re-sends its owner snapshot (`_stage`). A CIP
+    record or allocation dated more than `max_clock_skew_s` after its message's timestamp is applied at the latter
+    (`at_arrival`)."""
     st, _ = _stage(tabs, p)
     b = PartitionBatch(st, reached=st.engine.account_progress())
     st.begin_batch()  # an account's corrections in this batch re-decide once (DetectStage.begin_batch)
@@ -132,11 +159,12 @@ def feed_partition(tabs: StageTables, p: int, msgs: list[Msg], topics: TopicSett
                 tabs.before_window(p, st, w)
                 b.out.extend(st.on_window(w))
             elif m.topic == topics.cip:
-                cip = decode(CipRecord, m.value)
+                cip = at_arrival(decode(CipRecord, m.value), m, max_clock_skew_s, at, b.letters)
                 b.cips.append(cip)
                 b.out.extend(st.on_cip(cip))
             else:
-                b.out.extend(st.on_allocation(decode(AllocationEvent, m.value)))
+                ev = at_arrival(decode(AllocationEvent, m.value), m, max_clock_skew_s, at, b.letters)
+                b.out.extend(st.on_allocation(ev))
         except InvalidMessage as exc:
             b.letters.append(dead_letter(exc, m, at))
     b.out.extend(st.end_batch())

@@ -64,7 +64,9 @@ TICK_EVERY_S = 5.0
 
 
 def _msg(ev: Any) -> batch.Msg:
-    return batch.Msg(ev.message.topic, ev.message.partition, ev.message.offset, ev.value)
+    m = ev.message  # timestamp: seconds (faust's aiokafka driver divides the record's ms), None when it had none
+    ts = m.timestamp if m.timestamp is not None and m.timestamp_type in (0, 1) and m.timestamp > 0 else None
+    return batch.Msg(m.topic, m.partition, m.offset, ev.value, ts)
 
 
 def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partitions: int = 1,
@@ -198,7 +200,8 @@ def make_app(settings: Settings, *, app_id: str = "trainwatch-detect", partition
                     raise
                 for p, msgs in batch.by_partition(map(_msg, events)).items():
                     rt.last_input[p] = now = time.monotonic()
-                    b = batch.feed_partition(tabs, p, msgs, topics, time.time(), sources, now)
+                    b = batch.feed_partition(tabs, p, msgs, topics, time.time(), sources, now,
+                                             settings.ingest.max_clock_skew_s)
                     await rt.store_inputs(b)
                     await outputs_acked(await carry(p, b, b.stage.applied_to, len(events) < DETECT_BATCH))
                     tabs.save(p, b.stage)
