@@ -148,13 +148,18 @@ def loso_simulated(ds: Dataset, params: dict[str, Any] | None = None, max_folds:
         folds.append({"held_out": held, "n": int(test.sum())})
     done = ~np.isnan(p_full)
     full_rows = done & (t_full == "full")
-    return {
+    out = {
         "folds": folds,
         "as_sent": score_block(ds.y[done], p_full[done], b_full[done].astype(str), ds.archetypes[done]),
         "full_dcgm": score_block(ds.y[full_rows], p_full[full_rows], b_full[full_rows].astype(str),
                                  ds.archetypes[full_rows]),
         "smi_only": score_block(ds.y[done], p_smi[done], b_smi[done].astype(str), ds.archetypes[done]),
     }
+    seed_of = np.array([w.split(":", 1)[0] if ":" in w else "" for w in ds.workloads.astype(str)])
+    if len(set(seed_of.tolist())) > 1:  # a pool of seeds (model_train.simulated_pool): the figure per seed too
+        out["full_dcgm_per_seed"] = {s: binary_metrics(ds.y[r], b_full[r] == "training") for s in sorted(set(
+            seed_of.tolist())) if (r := full_rows & (seed_of == s)).any()}
+    return out
 
 
 #: Families held out whole to test the abstention: the realism variants (pipeline/simulator/workload.py VARIANTS)

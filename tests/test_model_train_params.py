@@ -52,3 +52,16 @@ def test_eval_paths_take_the_nested_params():
     assert res["auc"] is not None and res["auc"] > 0.8  # GRACT and FB separate these runs; the tier learnt it
     cross = migprofiler_cross_hardware(mig, SMALL)
     assert {k: v["n"] for k, v in cross.items()} == {"held_out_A100_80g": 20, "held_out_A100_40g": 20}
+
+
+def test_seeds_pool_into_one_dataset_with_their_workloads_apart():
+    """The shipped model trains on several simulation seeds (TRAIN_SEEDS): each seed's rows kept whole and in order,
+    its workload ids prefixed (seeds reuse ids, and a workload's histories must stay one group), the digest over all
+    of them in order."""
+    a, b = _runs(6, 1), _runs(4, 2)
+    pool = Dataset.pooled([("7:", a), ("11:", b)])
+    assert len(pool.histories) == len(pool.y) == 10 and pool.histories[6] is b.histories[0]
+    assert pool.workloads.tolist() == [f"7:{w}" for w in a.workloads] + [f"11:{w}" for w in b.workloads]
+    assert pool.y.tolist() == a.y.tolist() + b.y.tolist() and pool.groups.tolist()[6:] == b.groups.tolist()
+    assert pool.twin is None and pool.digest != Dataset.pooled([("11:", b), ("7:", a)]).digest
+    assert len(set(pool.workloads.tolist())) == len(set(a.workloads.tolist())) + len(set(b.workloads.tolist()))

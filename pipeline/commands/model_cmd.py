@@ -25,9 +25,11 @@ from pipeline.model_train import (
     DEFAULT_PARAMS,
     MIGPROFILER_DIR,
     TRAIN_SCENARIO,
+    TRAIN_SEEDS,
     dataset_summary,
     migprofiler_dataset,
     simulated_dataset,
+    simulated_pool,
     train_and_save,
     train_model,
 )
@@ -36,17 +38,24 @@ from schemas.serde import dumps
 model_app = typer.Typer(help="The workload classifier: train and evaluate.", no_args_is_help=True)
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"seeds are whole numbers separated by commas, not {text!r}") from None
+
+
 @model_app.command("train")
 def train(
     out: Path | None = typer.Option(None, "--out", help="artifact directory (default: the packaged one)"),
-    seed: int = typer.Option(7, help="simulator seed of the eval scenario"),
+    seeds: str = typer.Option(",".join(map(str, TRAIN_SEEDS)), help="simulator seeds of the eval scenario, pooled"),
     scenario_scale: float = typer.Option(TRAIN_SCENARIO["scale"], "--scenario-scale",
                                          help="scale of the eval scenario"),
 ) -> None:
-    """Simulate the `eval` scenario, train on all of it and save a versioned artifact."""
+    """Simulate the `eval` scenario at each seed, train on all of it and save a versioned artifact."""
     t0 = time.perf_counter()
     params = {"scale": scenario_scale}
-    path, model, ds = train_and_save(out, seed=seed, scenario_params=params)
+    path, model, ds = train_and_save(out, seeds=_seeds(seeds), scenario_params=params)
     typer.echo(f"trained on {len(ds.y)} histories ({int(ds.y.sum())} training) in {time.perf_counter() - t0:.1f} s")
     for tier, t in model.explain_tiers().items():
         typer.echo(f"  tier {tier:5} bands: not_training <= {t['t_low']:.3f} < uncertain < {t['t_high']:.3f} <= "
@@ -54,16 +63,17 @@ def train(
     typer.echo(f"artifact: {path}")
 
 
-def run_evaluation(scenario_scale: float, seed: int, mig_dir: Path, model_dir: Path | None,
+def run_evaluation(scenario_scale: float, seeds: tuple[int, ...], mig_dir: Path, model_dir: Path | None,
                    heldout: bool = False, real_only: bool = False) -> dict[str, Any]:
-    """All evaluation figures as one JSON-able dict. `real_only`: no simulation, the real sets scored with the
-    packaged (or `model_dir`) artifact."""
+    """All evaluation figures as one JSON-able dict. Leave-one-family-out over the pooled seeds (each fold fitted on
+    every seed's other families, as the shipped model is trained on the pool). `real_only`: no simulation, the real
+    sets scored with the packaged (or `model_dir`) artifact."""
     results: dict[str, Any] = {}
     ds = None
+    twins = TRAIN_SCENARIO["coarse_twins"]  # the folds train as the shipped model does; twins are never scored
     if not real_only:
-        twins = TRAIN_SCENARIO["coarse_twins"]  # the folds train as the shipped model does; twins are never scored
-        ds = simulated_dataset("eval", seed, scale=scenario_scale, coarse_twins=twins)
-        results = {"scenario": "eval", "seed": seed, "scenario_scale": scenario_scale,
+        ds = simulated_pool("eval", seeds, scale=scenario_scale, coarse_twins=twins)[0]
+        results = {"scenario": "eval", "seeds": list(seeds), "scenario_scale": scenario_scale,
                    "data": dataset_summary(ds), "simulated": loso_simulated(ds)}
     if heldout and ds is not None:  # families held out whole: fitted on the training seed without them, scored
         train = simulated_dataset("eval", 7, scale=scenario_scale, coarse_twins=twins)
@@ -95,7 +105,8 @@ def run_evaluation(scenario_scale: float, seed: int, mig_dir: Path, model_dir: P
 def evaluate(
     json_out: bool = typer.Option(False, "--json", help="print the results JSON instead of the table"),
     scenario_scale: float = typer.Option(3.0, "--scenario-scale", help="scale of the simulated eval scenario"),
-    seed: int = typer.Option(11, help="simulator seed (differs from training's)"),
+    seeds: str = typer.Option(",".join(map(str, TRAIN_SEEDS)),
+                              help="simulator seeds, pooled (leave-one-family-out: every seed's family held out)"),
     out: Path = typer.Option(Path("var/model_eval.json"), "--out", help="where the results JSON is written"),
     mig_dir: Path = typer.Option(MIGPROFILER_DIR, "--migprofiler", help="MIGProfiler data folder"),
     model_dir: Path | None = typer.Option(None, "--model", help="score real runs with this artifact, not a refit"),
@@ -115,7 +126,7 @@ def evaluate(
         _evaluate_labels(json_out, export, store_dsn, database)
         return
     t0 = time.perf_counter()
-    results = run_evaluation(scenario_scale, seed, mig_dir, model_dir, heldout, real_only)
+    results = run_evaluation(scenario_scale, _seeds(seeds), mig_dir, model_dir, heldout, real_only)
     results["elapsed_s"] = round(time.perf_counter() - t0, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(dumps(results) + b"\n")
