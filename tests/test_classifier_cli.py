@@ -78,13 +78,17 @@ def test_classify_nvidia_smi_csv_several_workloads_out_of_order_and_unknown_part
 
 def test_model_evaluate_small_scenario(tmp_path):
     out = tmp_path / "eval.json"
-    res = runner.invoke(app, ["model", "evaluate", "--scenario-scale", "0.4", "--out", str(out),
+    # two seeds pooled, as the shipped model is trained (each at half the scale one seed had here: the same cost)
+    res = runner.invoke(app, ["model", "evaluate", "--scenario-scale", "0.2", "--seeds", "1,2", "--out", str(out),
                               "--migprofiler", str(tmp_path / "absent")])
     assert res.exit_code == 0, res.output
     assert "sim LOSO full_dcgm" in res.stdout and "MIGProfiler: skipped" in res.stdout
     doc = loads(out.read_bytes())
     sim = doc["simulated"]
     assert len(sim["folds"]) >= 2 and all(len(f["held_out"]) == 1 for f in sim["folds"])  # whole families out
+    per_seed = sim["full_dcgm_per_seed"]  # every full-DCGM row scored once, under the seed it came from
+    assert doc["seeds"] == [1, 2] and set(per_seed) == {"1", "2"}
+    assert sum(m["tp"] + m["fp"] + m["fn"] + m["tn"] for m in per_seed.values()) == sim["full_dcgm"]["n"]
     for tier in ("full_dcgm", "smi_only"):
         block = sim[tier]
         assert block["coverage"] + block["uncertain_share"] == pytest.approx(1.0)
