@@ -39,6 +39,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from pipeline.model_train import Dataset, dataset_from_entries, histories_from_messages
 from schemas.serde import dumps
 
@@ -163,3 +165,42 @@ def capture_dataset(folder: Path = CAPTURE_DIR, *, tier: Tier = "full",
     entries, _ = capture_entries(folder, tier=tier, tensor=tensor)
     digest = hashlib.sha256((folder / "samples.jsonl").read_bytes()).hexdigest()
     return dataset_from_entries(entries, truth(folder), digest, 0, per_workload=1)
+
+
+#: `stretch_run`'s warm-up cut: at most this many seconds (or a fifth of the run) from its start.
+WARMUP_S = 10.0
+
+
+def stretch_run(samples: list[dict[str, Any]], minutes: float, *, interval_s: float = 10.0, devices: int = 1,
+                accelerator: str | None = "NVIDIA H200", seed: int = 0) -> list[dict[str, Any]]:
+    """A capture run continued as a long multi-GPU job would run: its steady part (the warm-up cut) played
+    forwards and backwards (no seam: a jump from the end back to the start would read as a change of phase) for
+    `minutes`, sampled every `interval_s` on each of `devices` GPUs, in step as a data-parallel job's are (one
+    point of the run for all, each GPU's sample drawn up to 1 s apart, so each keeps its own noise), with the
+    accelerator named or not (None). The capture's runs last 36-85 s, so on their own every window judged is
+    a young run's; this is what the classifier says of the same work lasting long enough to be judged whole.
+    The energy counter is dropped (replayed, it would run backwards)."""
+    ts = np.array([s["ts"] for s in samples])
+    keep = ts >= ts[0] + min(WARMUP_S, 0.2 * (ts[-1] - ts[0]))
+    steady = [s for s, k in zip(samples, keep, strict=True) if k]
+    rel = ts[keep] - ts[keep][0]
+    span = max(float(rel[-1]), 1e-9)
+    rng = np.random.default_rng(seed)
+    grid = np.arange(0.0, minutes * 60.0, interval_s)
+    t0 = float(samples[0]["ts"])
+    out: list[dict[str, Any]] = []
+    phase = rng.uniform(0.0, span)
+    for d in range(devices):
+        u = (grid + phase + rng.uniform(0.0, 1.0, grid.size)) % (2.0 * span)
+        u = np.where(u > span, 2.0 * span - u, u)
+        for g, i in zip(grid, np.searchsorted(rel, u).clip(0, len(rel) - 1), strict=True):
+            s = {k: v for k, v in steady[i].items() if k != "energy_mj"}
+            s.update(ts=t0 + float(g) + float(rng.uniform(0.0, 0.05)), device=f"{s['device']}-{d}", gpu_index=d,
+                     interval_s=interval_s)
+            if accelerator is None:
+                s.pop("accelerator", None)
+            else:
+                s["accelerator"] = accelerator
+            out.append(s)
+    out.sort(key=lambda s: s["ts"])
+    return out
