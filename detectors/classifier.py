@@ -119,6 +119,18 @@ SHORT_HISTORY = "short_history"
 #: A confident call that leaves its band when one kind of work is left out of training, for a run unlike that kind
 #: (detectors/kind_support.py); the kinds are named in `out_features` as "kind:<name>".
 UNLIKE_KIND = "rests_on_unlike_kind"
+#: A not_training call for a run under more sustained load than the training runs the model learnt from (issue 14,
+#: benchmarks/real_stretch.py): the real H200 captures' training and LoRA runs, continued to a length judged whole,
+#: drew 0.99 of TDP at 99.5 % utilisation, beyond every simulated training run (power <= ~0.75 of TDP), and model 6.3
+#: called 90-100 % of them not_training at P 0.000, in distribution. Load past what training was seen at is no
+#: evidence of not training, so the call is withdrawn (`uncertain`, the statistics named in `out_features`). The
+#: bound per statistic is the `LOAD_QUANTILE` of the tier's training kinds' reference rows (kind support).
+BUSIER = "busier_than_training"
+#: Power and tensor activity only: a run pinned at 100 % utilisation (engine, SM) is no busier in the sense that
+#: matters (hashing keeps every engine busy with no matrix math; with utilisation in the set every simulated mining
+#: history and most busy-flat serving lost its not_training call: 82 of 299 on eval seed 3).
+LOAD_FEATURES = tuple(f"mean_{m}__{s}" for m in ("power", "tensor") for s in ("mean", "min"))
+LOAD_QUANTILE = 0.995
 #: Young runs' P (issue 14: "missing information is never evidence"): the tiers' calibration was fitted on whole
 #: histories, so on a run's first windows P is not calibrated (version 5.1's smi tier read a new 32-GPU pretraining
 #: run P 0.000 on its first window, which delayed the change-in-scope call). `fit_young` fits per tier and history
@@ -554,6 +566,27 @@ class OodGuard(BaseEstimator):
         return env.any(axis=1) | far, names, score
 
 
+def training_load_bounds(support: KindSupport, guard: OodGuard, names: Sequence[str]) -> dict[int, float]:
+    """Per `LOAD_FEATURES` statistic the guard standardises (by its column in the tier input `names`): the
+    `LOAD_QUANTILE` of the training kinds' reference rows, put back in the feature's units. Derived, not stored."""
+    hit = _LOAD_BOUNDS.get(support)
+    if hit is not None and hit[0] is support.ref_:
+        return hit[1]
+    ref = [support.ref_[k] for k in support.kinds_ if support.class_[k] == 1]
+    bounds: dict[int, float] = {}
+    if ref:
+        X = np.vstack(ref) * guard.scale_ + guard.center_
+        for j, name in enumerate(guard.names_):
+            if name in LOAD_FEATURES and np.isfinite(X[:, j]).any():
+                with np.errstate(all="ignore"), _quiet():
+                    bounds[list(names).index(name)] = float(np.nanquantile(X[:, j], LOAD_QUANTILE))
+    _LOAD_BOUNDS[support] = (support.ref_, bounds)
+    return bounds
+
+
+#: KindSupport -> (its reference rows, `training_load_bounds`): weak, so a dropped model takes its entry along.
+_LOAD_BOUNDS: WeakKeyDictionary[KindSupport, tuple[Any, dict[int, float]]] = WeakKeyDictionary()
+
 #: HistoryFeaturizer -> (its column_metric_, the smi core columns' mask), likewise.
 _SMI_CORE_COLS: WeakKeyDictionary[HistoryFeaturizer, tuple[Any, np.ndarray]] = WeakKeyDictionary()
 
@@ -926,6 +959,7 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
                             "in_distribution": not is_ood})
             if support is not None and guard is not None:
                 self._withdraw_unlike(out[len(out) - len(rows) :], Xt, support, m, guard)
+                self._withdraw_busier(out[len(out) - len(rows) :], Xt, variants, t, support, guard)
         out.sort(key=lambda d: d["row"])
         return out
 
@@ -956,6 +990,28 @@ class GbmWorkloadClassifier(ClassifierMixin, BaseEstimator):
             if kinds:
                 entries[j].update(band="uncertain", reasons=(UNLIKE_KIND,),
                                   out_features=tuple(f"kind:{k}" for k in kinds))
+
+    def _withdraw_busier(self, entries: list[dict[str, Any]], Xt: np.ndarray,
+                         variants: Sequence[np.ndarray | None] | None, tier: str, support: KindSupport,
+                         guard: OodGuard) -> None:
+        """A not_training call for a run under more load than the tier's training runs (`BUSIER`): withdrawn. A
+        row bounded from its readings (unknown part: `variants`) is checked at its busiest candidate."""
+        bounds = training_load_bounds(support, guard, self.featurizer_.feature_names_out_)
+        if not bounds:
+            return
+        cols = np.fromiter(bounds, dtype=int)
+        lim = np.fromiter(bounds.values(), dtype=float)
+        names = self.featurizer_.feature_names_out_
+        for j, d in enumerate(entries):
+            if d["band"] != "not_training":
+                continue
+            alt = variants[d["row"]] if variants is not None else None
+            rows = self._tier_input(alt, tier) if alt is not None and len(alt) else Xt[j : j + 1]
+            with np.errstate(all="ignore"), _quiet():
+                top = np.nanmax(rows[:, cols], axis=0)
+            over = [names[c] for c, v, b in zip(cols, top, lim, strict=True) if np.isfinite(v) and v > b]
+            if over:
+                d.update(band="uncertain", reasons=(BUSIER,), out_features=tuple(over))
 
     def score_matrix(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(calibrated P(training), band, tier) for a feature matrix (abstention included)."""

@@ -38,6 +38,7 @@ REASONS = (
     "between_bands",  # calibrated P between the confident thresholds
     "short_history",  # a run's first windows, fewer than its tier was measured to need for a not_training call
     "rests_on_unlike_kind",  # the call leaves its band without one kind of work, and the run is unlike that kind
+    "busier_than_training",  # not_training for a run under more load than every training run the model learnt from
 )
 
 

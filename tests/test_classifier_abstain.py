@@ -299,3 +299,36 @@ def test_the_packaged_model_checks_training_calls_against_the_kinds_they_rest_on
         assert {support.class_[k] for k in support.kinds_} == {0, 1}
     assert meta.params["kind_bands"] == ["not_training", "training"]
     assert meta.params["seeds"] == [7, 11, 1, 2] and meta.model_version == "6.3"
+
+
+def test_a_not_training_call_is_withdrawn_when_the_run_is_busier_than_any_training_run() -> None:
+    """Issue 14 (benchmarks/real_stretch.py): the real captures' training runs, judged whole, drew 0.99 of TDP, past
+    every simulated training run, and 6.3 closed them as not_training at P 0.000. The same history of a real idle
+    GPU, its power alone raised past the training runs' range: the not_training call is withdrawn and says why; the
+    rule off, the call stands (so it is the rule, not P, that moved)."""
+    from detectors.classifier import BUSIER, training_load_bounds
+    from detectors.model_artifact import load_artifact
+    from pipeline.gpu_capture import CAPTURE_DIR, capture_runs, stretch_run
+    from pipeline.model_train import histories_from_messages
+    from schemas.serde import dumps
+
+    if not (CAPTURE_DIR / "samples.jsonl").is_file():
+        pytest.skip("capture not in this checkout")
+    model, _ = load_artifact(None)
+    names = model.featurizer_.feature_names_out_
+    bounds = {names[k]: v for k, v in training_load_bounds(model.supports_["smi"], model.guards_["smi"],
+                                                            names).items()}
+    assert 0.3 < bounds["mean_power__mean"] < 0.9 and bounds["mean_power__min"] <= bounds["mean_power__mean"]
+    idle = stretch_run(capture_runs(tier="smi")["h200-idle"], 20, interval_s=10.0, devices=4)
+    hb, _ = histories_from_messages((dumps(s) for s in idle), idle[-1]["ts"] + 3600.0)
+    x = model.featurizer_.transform([hb.entries["h200-idle"][-16:]])
+    old = np.array([False])
+    assert model.assess(x, young=old)[0]["band"] == "not_training"
+    busy = x.copy()
+    for f in ("mean_power__mean", "mean_power__min"):
+        busy[0, names.index(f)] = 0.99
+    a = model.assess(busy, young=old)[0]
+    assert a["band"] == "uncertain" and a["reasons"] == (BUSIER,) and a["in_distribution"]
+    assert set(a["out_features"]) == {"mean_power__mean", "mean_power__min"}
+    model._withdraw_busier = lambda *args, **kw: None  # this object only (the artifact is loaded afresh per call)
+    assert model.assess(busy, young=old)[0]["band"] == "not_training"
