@@ -127,8 +127,8 @@ UNLIKE_KIND = "rests_on_unlike_kind"
 #: bound per statistic is the `LOAD_QUANTILE` of the tier's training kinds' reference rows (kind support).
 BUSIER = "busier_than_training"
 #: Power and tensor activity only: a run pinned at 100 % utilisation (engine, SM) is no busier in the sense that
-#: matters (hashing keeps every engine busy with no matrix math; with utilisation in the set every simulated mining
-#: history and most busy-flat serving lost its not_training call: 82 of 299 on eval seed 3).
+#: matters (hashing keeps every engine busy with no matrix math; with utilisation, engine and SM in the set every
+#: simulated mining history lost its not_training call: 82 of 299 withdrawn on eval seed 3, against 19 without them).
 LOAD_FEATURES = tuple(f"mean_{m}__{s}" for m in ("power", "tensor") for s in ("mean", "min"))
 LOAD_QUANTILE = 0.995
 #: Young runs' P (issue 14: "missing information is never evidence"): the tiers' calibration was fitted on whole
