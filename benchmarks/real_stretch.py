@@ -32,6 +32,7 @@ import numpy as np
 
 from detectors.model_artifact import load_artifact
 from pipeline.gpu_capture import CAPTURES, capture_runs, stretch_run, truth
+from pipeline.model_eval import _safe_div, stakes
 from pipeline.model_train import histories_from_messages
 from pipeline.settings import load_settings
 from schemas.serde import dumps
@@ -51,18 +52,12 @@ def judge(model: Any, samples: list[dict[str, Any]], workload: str) -> Any:
     return model.predict(hb.entries[workload])
 
 
-def stakes(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    y = np.array([r["is_training"] for r in rows])
+def set_stakes(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """`model_eval.stakes` of one set's stretched runs, with how many training variants were called training."""
+    y = np.array([r["is_training"] for r in rows], dtype=int)
     band = np.array([r["band"] for r in rows])
-    called = band == "training"
-    return {
-        "n": len(rows),
-        "training_called_not_training": round(float((band[y] == "not_training").mean()), 4) if y.any() else None,
-        "confident_training_precision": round(float(y[called].mean()), 4) if called.any() else None,
-        "fpr": round(float(called[~y].mean()), 4) if (~y).any() else None,
-        "uncertain_share": round(float((band == "uncertain").mean()), 4),
-        "training_called_training": round(float(called[y].mean()), 4) if y.any() else None,
-    }
+    return {"n": len(rows), **stakes(y, band),
+            "training_called_training": _safe_div(int(((y == 1) & (band == "training")).sum()), int(y.sum()))}
 
 
 def run(model_dir: Path | None = None, quick: bool = False, load_check: bool = True) -> dict[str, Any]:
@@ -92,12 +87,12 @@ def run(model_dir: Path | None = None, quick: bool = False, load_check: bool = T
             per_run[wid] = {"is_training": tr[wid]["is_training"], "bands": dict(Counter(r["band"] for r in mine)),
                             "reasons": dict(Counter(x for r in mine for x in r["reasons"])),
                             "p_median": round(float(np.median(ps)), 4), "p_min": min(ps), "p_max": max(ps)}
-        out["sets"][f"{cname}/{view}"] = {"stakes": stakes(rows), "per_run": per_run}
-    all_rows_smi = [s["stakes"] for k, s in out["sets"].items() if k.endswith("smi_only")]
+        out["sets"][f"{cname}/{view}"] = {"stakes": set_stakes(rows), "per_run": per_run}
+    smi_sets = [s["stakes"] for k, s in out["sets"].items() if k.endswith("smi_only")]
     out["figures"] = {f"real_stretch.{k.replace('/', '.')}.{m}": v for k, s in out["sets"].items()
                       for m, v in s["stakes"].items() if m != "n"}
     out["figures"]["real_stretch.smi_worst_training_called_not_training"] = max(
-        (s["training_called_not_training"] or 0.0) for s in all_rows_smi)
+        (s["training_called_not_training"] or 0.0) for s in smi_sets)
     return out
 
 

@@ -64,6 +64,19 @@ def reliability(p: np.ndarray, y: np.ndarray, bins: int = RELIABILITY_BINS) -> l
     return out
 
 
+def stakes(y: np.ndarray, band: np.ndarray) -> dict[str, Any]:
+    """The figures issue 14 sets targets on (real traces: training called not_training <= 5 %, confident-training
+    precision >= 0.95 with FPR <= 2 %, the rest uncertain); y 1 = training."""
+    return {
+        "training_called_not_training": _safe_div(int(((y == 1) & (band == "not_training")).sum()),
+                                                  int((y == 1).sum())),
+        "confident_training_precision": _safe_div(int(((y == 1) & (band == "training")).sum()),
+                                                  int((band == "training").sum())),
+        "fpr": _safe_div(int(((y == 0) & (band == "training")).sum()), int((y == 0).sum())),
+        "uncertain_share": round(float((band == "uncertain").mean()), 4),
+    }
+
+
 def score_block(y: np.ndarray, p: np.ndarray, band: np.ndarray, archetypes: np.ndarray) -> dict[str, Any]:
     """Every figure for one set of verdicts."""
     n = len(y)
@@ -85,15 +98,7 @@ def score_block(y: np.ndarray, p: np.ndarray, band: np.ndarray, archetypes: np.n
             for truth, tv in (("training", 1), ("not_training", 0))
         },
         "reliability": reliability(p, y),
-        # the figures issue 14 sets targets on (real traces: <= 5 %, >= 0.95 with FPR <= 2 %, the rest uncertain)
-        "stakes": {
-            "training_called_not_training": _safe_div(int(((y == 1) & (band == "not_training")).sum()),
-                                                      int((y == 1).sum())),
-            "confident_training_precision": _safe_div(int(((y == 1) & (band == "training")).sum()),
-                                                      int((band == "training").sum())),
-            "fpr": _safe_div(int(((y == 0) & (band == "training")).sum()), int((y == 0).sum())),
-            "uncertain_share": round(float((~confident).mean()), 4),
-        },
+        "stakes": stakes(y, band),
     }
     per: dict[str, Any] = {}
     for a in sorted(set(archetypes.tolist())):
